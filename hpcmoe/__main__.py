@@ -1,0 +1,94 @@
+"""Command line: `hpcmoe run CONFIG [--set a.b=value ...] [--output PATH]`.
+
+The config is validated before MPI or torch is imported, so a bad config fails at once with
+the same one-line message on every rank and a non-zero exit, and no file is created.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from hpcmoe.config import load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> "NoReturn":
+    sys.stderr.write(f"hpcmoe: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="hpcmoe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run inference over the MPI ranks and write one HDF5 file")
+    run.add_argument("config", help="YAML file with sections model / parallel / run / output")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
+    run.add_argument("--output", help="output HDF5 path (overrides output.path)")
+    return parser.parse_args(argv)
+
+
+def check_output_path(path: str) -> None:
+    """The nearest existing ancestor of the output file must be a writable directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"output.path: {path!r}: cannot create a file under {parent}")
+    if os.path.isdir(path):
+        raise ValueError(f"output.path: {path!r} is a directory; expected a file name such as run.h5")
+
+
+def command_run(args) -> int:
+    try:
+        config = load_config(args.config, args.set)
+        if args.output:
+            config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
+        check_output_path(config.output.path)
+    except ValueError as e:
+        fail(str(e))
+    from hpcmoe.topology import init_mpi
+    world = init_mpi()
+    from hpcmoe.layout import ParallelLayout
+    try:
+        layout = ParallelLayout.from_config(config, world.Get_size())
+    except ValueError as e:
+        fail(str(e))
+    import torch
+    from hpcmoe.engine import run
+    from hpcmoe.topology import build_topology, default_threads
+    topo = build_topology(world, config.parallel.ranks_per_node)
+    torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
+    metrics = run(config, topo, layout)
+    if topo.rank == 0:
+        print(summary(config, topo, layout, metrics), flush=True)
+    return 0
+
+
+def summary(config, topo, layout, metrics: dict) -> str:
+    r = config.run
+    prompts = config.prompts
+    return "\n".join([
+        f"hpcmoe: {topo.size} ranks on {topo.num_nodes} node(s), layout {config.parallel.layout}, "
+        f"placement {layout.placement().mode}, {len(prompts)} requests, "
+        f"{sum(map(len, prompts))} prompt tokens, {r.max_new_tokens} new tokens each",
+        f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
+        f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
+        f"tps {metrics['tps']:.0f} tok/s",
+        f"wrote {config.output.path}",
+    ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.command == "run":
+        return command_run(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

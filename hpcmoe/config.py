@@ -1,0 +1,265 @@
+"""Run configuration: one YAML file with sections model / parallel / run / output.
+
+Pure Python (no torch, no MPI) so that a bad config fails in milliseconds, identically on
+every rank, before any communicator or file exists. Every user error is a ValueError whose
+one line names the key path, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A seconds-long model for tests and the README's first command.
+    "debug": dict(vocab=512, hidden=64, num_layers=3, dense_layers=1, heads=8, kv_heads=4,
+                  head_dim=8, num_experts=4, top_k=2, expert_hidden=128, dense_hidden=256,
+                  norm_topk_prob=True, rope_theta=10000.0, norm_eps=1e-6, dtype="float32", seed=0),
+}
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only MoE transformer; a preset fills every field not given."""
+    preset: Optional[str] = None
+    vocab: int = 0
+    hidden: int = 0
+    num_layers: int = 0
+    dense_layers: int = 0       # the first `dense_layers` layers use a dense SwiGLU MLP
+    heads: int = 0              # query heads
+    kv_heads: int = 0           # key/value heads (GQA)
+    head_dim: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    expert_hidden: int = 0
+    dense_hidden: int = 0
+    norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to one
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    seed: int = 0               # weights are seeded per tensor name from this
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_layers - self.dense_layers
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks
+    placement: str = "auto"                # auto | packed | one_per_rank
+    experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
+    ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
+    threads: Optional[int] = None          # torch threads per rank (default: cores per rank)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    batch: int = 4                          # synthetic workload: number of requests
+    prompt_len: int = 16                    # synthetic workload: longest prompt
+    prompt_len_min: Optional[int] = None    # synthetic workload: shortest prompt (default prompt_len)
+    seed: int = 0                           # synthetic workload seed
+    prompt_ids: Optional[list[list[int]]] = None  # explicit prompts; replace the synthetic workload
+    max_new_tokens: int = 8
+    fail_rank: Optional[int] = None         # testing: this rank raises ...
+    fail_at_layer: int = 0                  # ... in this layer ...
+    fail_at_step: int = 0                   # ... of this step
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = "hpcmoe_run.h5"
+    save_logits: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        """The prompts of this run: run.prompt_ids, or the seeded synthetic workload."""
+        if self.run.prompt_ids is not None:
+            return [list(p) for p in self.run.prompt_ids]
+        return synthetic_prompts(self.run, self.model.vocab)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def synthetic_prompts(run: RunConfig, vocab: int) -> list[list[int]]:
+    """Seeded random prompts, lengths uniform in [prompt_len_min, prompt_len]; same on every rank."""
+    import random
+    rng = random.Random(run.seed)
+    shortest = run.prompt_len if run.prompt_len_min is None else run.prompt_len_min
+    lengths = [rng.randint(shortest, run.prompt_len) for _ in range(run.batch)]
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or nothing), apply `a.b=value` overrides, validate, return the Config."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return build_config(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b=value` override in place; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. model.num_experts=8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: value {text!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(raw: dict) -> Config:
+    """Turn the raw nested dict into a validated Config (unknown keys and wrong types rejected)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name in raw:
+        if name not in sections:
+            raise ValueError(f"unknown config section {name!r}: expected one of {', '.join(sections)}")
+    built = {}
+    for name, f in sections.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{name}: expected a mapping, got {section!r}")
+        cls = typing.get_type_hints(Config)[name]
+        if name == "model":
+            section = resolve_preset(section)
+        built[name] = build_section(cls, section, name)
+    config = Config(**built)
+    validate(config)
+    return config
+
+
+def resolve_preset(section: dict) -> dict:
+    """Model fields: preset values first, then what the user set."""
+    preset = section.get("preset")
+    if preset is None:
+        raise ValueError("model.preset: not set; expected one of: " + ", ".join(PRESETS))
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: {preset!r} is not a preset; expected one of: " + ", ".join(PRESETS))
+    return {**PRESETS[preset], **section}
+
+
+def build_section(cls, section: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in section.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {path}.{key}: expected one of {', '.join(known)}")
+        values[key] = check_type(value, hints[key], f"{path}.{key}")
+    return cls(**values)
+
+
+def check_type(value, annotation, path: str):
+    """Return `value` as `annotation` or raise naming the path; YAML 1.1 '1e-3' strings become floats."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return check_type(value, next(a for a in args if a is not type(None)), path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        return [check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {annotation}")  # a bug in this file, not user input
+
+
+# ---------------------------------------------------------------- relations between fields
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(config: Config) -> None:
+    """Check relations that hold whatever the rank count (the layout checks the rest)."""
+    m, p, r = config.model, config.parallel, config.run
+    for name in ("vocab", "hidden", "num_layers", "heads", "kv_heads", "head_dim", "num_experts",
+                 "top_k", "expert_hidden", "dense_hidden"):
+        require(getattr(m, name) >= 1, f"model.{name}: expected an integer >= 1, got {getattr(m, name)}")
+    require(0 <= m.dense_layers <= m.num_layers,
+            f"model.dense_layers: {m.dense_layers} must be between 0 and model.num_layers ({m.num_layers})")
+    require(m.top_k <= m.num_experts,
+            f"model.top_k: {m.top_k} must be <= model.num_experts ({m.num_experts})")
+    require(m.heads % m.kv_heads == 0,
+            f"model.heads: {m.heads} must be a multiple of model.kv_heads ({m.kv_heads})")
+    require(m.head_dim % 2 == 0, f"model.head_dim: {m.head_dim} must be even (RoPE rotates pairs)")
+    require(m.dtype in DTYPES, f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    require(p.layout == "ep", f"parallel.layout: {p.layout!r} is not supported; expected ep")
+    require(p.placement in ("auto", "packed", "one_per_rank"),
+            f"parallel.placement: {p.placement!r} is not supported; expected auto, packed or one_per_rank")
+    for name in ("experts_per_rank", "ranks_per_node", "threads"):
+        value = getattr(p, name)
+        require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
+    require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
+    require(0 <= r.fail_at_layer < m.num_layers,
+            f"run.fail_at_layer: {r.fail_at_layer} must be between 0 and {m.num_layers - 1}")
+    require(0 <= r.fail_at_step < r.max_new_tokens,
+            f"run.fail_at_step: {r.fail_at_step} must be between 0 and {r.max_new_tokens - 1}")
+    if r.prompt_ids is not None:
+        require(len(r.prompt_ids) >= 1, "run.prompt_ids: expected at least one prompt, got []")
+        for i, prompt in enumerate(r.prompt_ids):
+            require(len(prompt) >= 1, f"run.prompt_ids[{i}]: expected at least one token, got []")
+            bad = [t for t in prompt if not 0 <= t < m.vocab]
+            require(not bad, f"run.prompt_ids[{i}]: token {bad[:1]} outside the vocabulary [0, {m.vocab})")
+    else:
+        require(r.batch >= 1, f"run.batch: expected an integer >= 1, got {r.batch}")
+        require(r.prompt_len >= 1, f"run.prompt_len: expected an integer >= 1, got {r.prompt_len}")
+        shortest = r.prompt_len_min
+        require(shortest is None or 1 <= shortest <= r.prompt_len,
+                f"run.prompt_len_min: {shortest} must be between 1 and run.prompt_len ({r.prompt_len})")

@@ -1,0 +1,222 @@
+"""The generate loop of the ep layout: prefill, greedy decode, per-step records to rank 0.
+
+Each rank runs attention and dense layers for its own contiguous block of requests and hosts
+its experts of every MoE layer; a MoE layer is route -> plan -> counts -> dispatch -> experts ->
+combine, with every wait going through comm.wait_until.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcmoe import __version__
+from hpcmoe.comm import Where, tag_for, wait_all, wait_until
+from hpcmoe.config import Config
+from hpcmoe.dispatch import (combine_tokens, group_by_slot, make_plan, post_combine, post_counts,
+                             post_dispatch, received_counts, split_rows)
+from hpcmoe.layout import ParallelLayout, request_range
+from hpcmoe.model import Block, StepInputs, Transformer, build_model
+from hpcmoe.output import RunWriter, Timer, compute_metrics
+from hpcmoe.placement import Placement
+from hpcmoe.router import tokens_per_expert
+from hpcmoe.topology import Topology
+
+RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
+
+
+@dataclass
+class StepStats:
+    routing: np.ndarray  # [moe_layers, experts] token slots this rank sent to each expert
+    traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
+
+
+class EPEngine:
+    """One rank's share of the model and the schedule that runs it."""
+
+    def __init__(self, config: Config, topo: Topology, placement: Placement, timer: Timer):
+        self.config, self.topo, self.placement, self.timer = config, topo, placement, timer
+        self.comm, self.rank = topo.world, topo.rank
+        self.my_experts = placement.experts_of_rank(self.rank)
+        self.model: Transformer = build_model(config.model, self.my_experts)
+        self.step = 0
+
+    @torch.no_grad()
+    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
+        """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
+        phase, model, step = self.timer.phase, self.model, self.step
+        with phase("embed", step):
+            x = model.embed(inputs.tokens)
+        for layer, block in enumerate(model.layers):
+            self.maybe_fail(layer)
+            with phase("attention", step, layer):
+                x = x + block.attn(block.attn_norm(x), cache, layer, inputs)
+                h = block.ffn_norm(x)[inputs.valid]
+            if block.is_moe:
+                out = self.moe_layer(block, layer, h, stats)
+            else:
+                with phase("mlp", step, layer):
+                    out = block.mlp(h)
+            x[inputs.valid] += out
+        with phase("lm_head", step):
+            return model.logits(x, inputs)
+
+    def moe_layer(self, block: Block, layer: int, h: torch.Tensor, stats: StepStats) -> torch.Tensor:
+        """h: [n, H] this rank's tokens -> [n, H] weighted expert outputs, in token order."""
+        phase, step, comm = self.timer.phase, self.step, self.comm
+        moe_index = layer - self.config.model.dense_layers
+        ranks = range(comm.Get_size())
+        peers = tuple(r for r in ranks if r != self.rank)
+        tag = lambda kind: tag_for(kind, layer, 0, 1)
+        where = lambda name: Where(step, layer, 0, name, peers)
+        with phase("route", step, layer):
+            expert_ids, weights = block.route(h)
+            plan = make_plan(expert_ids, self.placement)
+            stats.routing[moe_index] = tokens_per_expert(expert_ids, self.config.model.num_experts).numpy()
+            stats.traffic[moe_index] = np.array(plan.rank_counts) * h.shape[1] * h.element_size()
+        with phase("dispatch_counts", step, layer):
+            counts = received_counts(post_counts(comm, plan, self.placement, tag(0)).wait(where("dispatch_counts")))
+        with phase("dispatch_post", step, layer):
+            dispatch = post_dispatch(comm, h[plan.source_token], plan, counts, tag(1))
+        with phase("dispatch_wait", step, layer):
+            received = dispatch.wait(where("dispatch_wait"))
+        with phase("experts", step, layer):
+            rows = torch.cat([received[r] for r in ranks])
+            by_expert = group_by_slot(counts)
+            outputs = torch.empty_like(rows)
+            outputs[by_expert] = block.run_experts(rows[by_expert], self.my_experts, counts.sum(0).tolist())
+        with phase("combine_post", step, layer):
+            combine = post_combine(comm, split_rows(outputs, counts.sum(1).tolist()), plan, tag(2))
+        with phase("combine_wait", step, layer):
+            returned = combine.wait(where("combine_wait"))
+        with phase("combine", step, layer):
+            return combine_tokens(plan, torch.cat([returned[r] for r in ranks]), weights)
+
+    def maybe_fail(self, layer: int):
+        run = self.config.run
+        if run.fail_rank == self.rank and run.fail_at_layer == layer and run.fail_at_step == self.step:
+            raise RuntimeError(f"injected failure (run.fail_rank={self.rank}) at step {self.step} layer {layer}")
+
+
+class RootGather:
+    """Per-step records from every rank to rank 0 with Isend and matched probes (no collective)."""
+
+    def __init__(self, comm):
+        self.comm, self.pending = comm, []
+
+    def __call__(self, record, where: Where):
+        comm = self.comm
+        if comm.Get_rank() != 0:
+            wait_all(self.pending, where)  # the previous record is out: one in flight at most
+            self.pending = [comm.isend(record, dest=0, tag=RECORD_TAG)]
+            return None
+        records = [record]
+        for source in range(1, comm.Get_size()):
+            found = []
+
+            def arrived() -> bool:
+                found.append(comm.improbe(source=source, tag=RECORD_TAG))
+                return found[-1] is not None
+
+            wait_until(arrived, Where(where.step, where.layer, 0, where.phase, (source,)))
+            records.append(found[-1].recv())
+        return records
+
+    def close(self, where: Where):
+        wait_all(self.pending, where)
+
+
+class Progress:
+    """Rank 0's progress: a bar on a terminal, a plain line now and then under a batch system."""
+
+    def __init__(self, steps: int):
+        self.steps, self.tty = steps, sys.stderr.isatty()
+
+    def update(self, step: int, seconds: float):
+        done = step + 1
+        kind = "prefill" if step == 0 else "decode"
+        if self.tty:
+            bar = "#" * (30 * done // self.steps)
+            sys.stderr.write(f"\r[{bar:<30}] step {done}/{self.steps} {kind} {1e3 * seconds:.1f} ms")
+            sys.stderr.write("\n" if done == self.steps else "")
+        elif step % max(1, self.steps // 10) == 0 or done == self.steps:
+            sys.stderr.write(f"hpcmoe: step {done}/{self.steps} ({kind}) {1e3 * seconds:.1f} ms\n")
+        sys.stderr.flush()
+
+
+def run(config: Config, topo: Topology, layout: ParallelLayout, device: str = "cpu") -> dict:
+    """Generate for every request of the config; rank 0 writes the run file. Returns the metrics."""
+    rank, size = topo.rank, topo.size
+    placement = layout.placement()
+    prompts = config.prompts
+    steps, model_cfg = config.run.max_new_tokens, config.model
+    local = [prompts[i] for i in request_range(len(prompts), size, rank)]
+    writer = None
+    if rank == 0:
+        attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
+                 "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
+                 "layout": config.parallel.layout, "device": device}
+        writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
+                           size, model_cfg.num_experts, config.output.save_logits)
+    try:
+        metrics = generate(config, topo, placement, local, prompts, writer)
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    return metrics
+
+
+def generate(config: Config, topo: Topology, placement: Placement, local: list[list[int]],
+             prompts: list[list[int]], writer) -> dict:
+    rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
+    topo.world.Barrier()  # the common start of every timing row
+    timer = Timer(rank, time.perf_counter())
+    engine = EPEngine(config, topo, placement, timer)
+    if writer is not None:
+        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, "uniform")
+    cache = engine.model.new_cache(len(local), max(map(len, prompts)) + steps)
+    cached = torch.zeros(len(local), dtype=torch.int64)
+    new_tokens = local
+    gather, progress = RootGather(topo.world), Progress(steps) if rank == 0 else None
+    for step in range(steps):
+        engine.step = step
+        stats = StepStats(np.zeros((model_cfg.moe_layers, model_cfg.num_experts), np.int64),
+                          np.zeros((model_cfg.moe_layers, topo.size), np.int64))
+        started = time.perf_counter()
+        with timer.phase("step", step):
+            inputs = StepInputs.build(new_tokens, cached)
+            logits = engine.forward(inputs, cache, stats)
+            chosen = logits.argmax(dim=-1)
+        seconds = time.perf_counter() - started
+        cached += inputs.valid.sum(1)
+        new_tokens = [[t] for t in chosen.tolist()]
+        with timer.phase("output", step):
+            record = (chosen.numpy(), logits.numpy() if config.output.save_logits else None, stats, timer.take())
+            records = gather(record, Where(step, -1, 0, "output"))
+            if records is not None:
+                write_step(writer, step, records)
+                progress.update(step, seconds)
+    records = gather((None, None, None, timer.take()), Where(steps, -1, 0, "output"))
+    gather.close(Where(steps, -1, 0, "output"))
+    if records is None:
+        return {}
+    writer.append_timings(np.concatenate([r[3] for r in records]))
+    timings = writer.file["timings"][:]
+    prompt_tokens = sum(map(len, prompts))
+    metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), steps)
+    writer.finish(metrics, spans)
+    return metrics
+
+
+def write_step(writer: RunWriter, step: int, records: list) -> None:
+    """records: per rank (tokens [b_r], logits [b_r, vocab] or None, StepStats, timing rows)."""
+    tokens = np.concatenate([r[0] for r in records])
+    logits = np.concatenate([r[1] for r in records]) if records[0][1] is not None else None
+    routing = np.stack([r[2].routing for r in records], axis=1)   # [moe_layers, ranks, experts]
+    traffic = np.stack([r[2].traffic for r in records], axis=1)   # [moe_layers, src, dst]
+    writer.append_step(step, tokens, logits, routing, traffic)
+    writer.append_timings(np.concatenate([r[3] for r in records]))

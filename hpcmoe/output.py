@@ -1,0 +1,134 @@
+"""The run file: HDF5 schema, per-phase timings, metrics, crash-safe writing.
+
+Rank 0 writes into `<path>.tmp` beside the target, appends as steps finish (memory stays
+bounded), sets the root attribute `complete` last and renames with os.replace: a crash leaves
+at most a `.tmp` file whose `complete` is false, never a file that looks finished.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+TIMING_DTYPE = np.dtype([("rank", "i4"), ("layer", "i4"), ("micro_batch", "i4"), ("step", "i4"),
+                         ("phase", "S16"), ("start", "f8"), ("end", "f8")])
+
+
+class Timer:
+    """Collects (rank, layer, micro_batch, step, phase, start, end) rows, seconds since `t0`."""
+
+    def __init__(self, rank: int, t0: float):
+        self.rank, self.t0, self.rows = rank, t0, []
+
+    @contextmanager
+    def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.rows.append((self.rank, layer, micro_batch, step, name.encode(),
+                              start - self.t0, time.perf_counter() - self.t0))
+
+    def take(self) -> np.ndarray:
+        """The rows collected since the last call."""
+        rows, self.rows = self.rows, []
+        return np.array(rows, dtype=TIMING_DTYPE)
+
+
+def compute_metrics(timings: np.ndarray, prompt_tokens: int, batch: int, steps: int) -> dict[str, float]:
+    """From the `step` rows of all ranks: a step lasts from its first start to its last end."""
+    rows = timings[timings["phase"] == b"step"]
+    spans = np.array([rows["end"][rows["step"] == s].max() - rows["start"][rows["step"] == s].min()
+                      for s in range(steps)])
+    decode_tokens = batch * (steps - 1)
+    total = rows["end"].max() - rows["start"].min()
+    return {
+        "ttft_ms": 1e3 * spans[0],
+        "tpot_ms": 1e3 * spans[1:].mean() if steps > 1 else float("nan"),
+        "prefill_tokens_per_s": prompt_tokens / spans[0],
+        "decode_tokens_per_s": decode_tokens / spans[1:].sum() if steps > 1 else float("nan"),
+        "tps": (prompt_tokens + decode_tokens) / total,
+        "total_s": total,
+    }, spans
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class RunWriter:
+    """Rank 0's handle on the run file; every array carries its axis names in attribute `axes`."""
+
+    def __init__(self, path: str, attrs: dict, prompts: list[list[int]], steps: int, vocab: int,
+                 moe_layers: int, num_ranks: int, num_experts: int, save_logits: bool):
+        import h5py
+        self.path, self.tmp = path, path + ".tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        self.file.attrs.update({**attrs, "started": now(), "complete": False})
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        padded = np.full((batch, longest), -1, dtype=np.int64)
+        for i, p in enumerate(prompts):
+            padded[i, :len(p)] = p
+        self.array("prompt_ids", data=padded, axes=["request", "position"], padding=-1)
+        self.array("prompt_lengths", data=np.array([len(p) for p in prompts], np.int64), axes=["request"])
+        self.array("generated", shape=(batch, steps), dtype=np.int64, fillvalue=-1,
+                   axes=["request", "new_token"])
+        if save_logits:
+            self.array("logits", shape=(batch, steps, vocab), dtype=np.float32, chunks=(batch, 1, vocab),
+                       axes=["request", "new_token", "vocab"])
+        self.array("routing", shape=(steps, moe_layers, num_ranks, num_experts), dtype=np.int64,
+                   axes=["step", "moe_layer", "source_rank", "expert"], units="token slots")
+        self.array("traffic", shape=(steps, moe_layers, num_ranks, num_ranks), dtype=np.int64,
+                   axes=["step", "moe_layer", "src_rank", "dst_rank"], units="bytes (dispatch payload)")
+        self.array("timings", shape=(0,), maxshape=(None,), dtype=TIMING_DTYPE, chunks=(4096,),
+                   axes=["row"], units="seconds since the common start barrier")
+
+    def array(self, name: str, axes: list[str], **attrs_and_args):
+        attrs = {k: attrs_and_args.pop(k) for k in ("units", "padding") if k in attrs_and_args}
+        dataset = self.file.create_dataset(name, **attrs_and_args)
+        dataset.attrs.update({"axes": axes, **attrs})
+        return dataset
+
+    def write_placement(self, expert_ranks: list[list[int]], moe_layers: int, mode: str, source: str):
+        """expert_ranks: [experts][replicas] -> /placement [moe_layer, expert, replica] (-1 pads)."""
+        width = max(len(r) for r in expert_ranks)
+        table = np.full((moe_layers, len(expert_ranks), width), -1, dtype=np.int64)
+        for e, ranks in enumerate(expert_ranks):
+            table[:, e, :len(ranks)] = ranks
+        dataset = self.array("placement", data=table, axes=["moe_layer", "expert", "replica"], padding=-1)
+        dataset.attrs.update({"mode": mode, "source": source})
+
+    def append_step(self, step: int, tokens: np.ndarray, logits, routing: np.ndarray, traffic: np.ndarray):
+        """tokens: [batch]; logits: [batch, vocab] or None; routing: [moe_layers, ranks, experts]."""
+        self.file["generated"][:, step] = tokens
+        if logits is not None and "logits" in self.file:
+            self.file["logits"][:, step] = logits
+        self.file["routing"][step] = routing
+        self.file["traffic"][step] = traffic
+        self.file.flush()
+
+    def append_timings(self, rows: np.ndarray):
+        table = self.file["timings"]
+        table.resize((table.shape[0] + len(rows),))
+        table[-len(rows):] = rows
+
+    def finish(self, metrics: dict, step_seconds: np.ndarray):
+        group = self.file.create_group("metrics")
+        group.attrs.update(metrics)
+        group.create_dataset("step_seconds", data=step_seconds).attrs["axes"] = ["step"]
+        self.file.attrs["finished"] = now()
+        self.file.attrs["complete"] = True  # last: only now does the file claim to be whole
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        """After an error: close and delete the temporary file, so nothing half-written remains."""
+        try:
+            self.file.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)

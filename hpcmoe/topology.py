@@ -1,0 +1,76 @@
+"""MPI lifecycle and communicators that mirror the machine (node, node leaders).
+
+One function owns the MPI lifecycle (PyFR's mpiutil): an uncaught exception on any rank
+prints that rank and its traceback, then aborts the whole job non-zero, so no peer is left
+blocked. Everything hierarchical reads the communicators built here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+
+def init_mpi():
+    """Initialize MPI and install the abort-on-exception hook; returns COMM_WORLD."""
+    from mpi4py import MPI  # importing initializes MPI
+    world = MPI.COMM_WORLD
+
+    def abort_on_exception(kind, value, tb):
+        text = "".join(traceback.format_exception(kind, value, tb))
+        sys.stderr.write(f"hpcmoe: rank {world.Get_rank()}: unhandled {kind.__name__}, aborting the job\n{text}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        world.Abort(1)
+
+    sys.excepthook = abort_on_exception
+    return world
+
+
+@dataclass
+class Topology:
+    """This rank's place in the machine: world, node and node-leader communicators."""
+    world: "MPI.Comm"
+    node: "MPI.Comm"        # ranks of my (possibly emulated) node
+    leaders: Optional["MPI.Comm"]  # rank 0 of every node; None on the other ranks
+    node_index: int
+    num_nodes: int
+    node_sizes: tuple[int, ...]
+    host_size: int          # ranks sharing this rank's real machine (they share its cores)
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.world.Get_size()
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max(self.node_sizes)
+
+
+def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
+    """Node comm from shared memory, or blocks of `ranks_per_node` consecutive ranks when given."""
+    from mpi4py import MPI
+    rank = world.Get_rank()
+    host = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    node = world.Split(color=rank // ranks_per_node, key=rank) if ranks_per_node else host
+    is_leader = node.Get_rank() == 0
+    leaders = world.Split(color=0 if is_leader else MPI.UNDEFINED, key=rank)
+    leaders = None if leaders == MPI.COMM_NULL else leaders
+    # nodes are numbered by their leader's world rank
+    leader_rank = node.bcast(rank if is_leader else None, root=0)
+    sizes = dict(world.allgather((leader_rank, node.Get_size())))
+    leader_ranks = sorted(sizes)
+    return Topology(world, node, leaders, leader_ranks.index(leader_rank), len(leader_ranks),
+                    tuple(sizes[r] for r in leader_ranks), host.Get_size())
+
+
+def default_threads(node_size: int) -> int:
+    """Cores per rank on this node (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // node_size)
