@@ -50,7 +50,7 @@ def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Te
     n, k = weights.shape
     by_slot = torch.empty_like(returned)
     by_slot[plan.order] = returned
-    mixed = (by_slot.view(n, k, -1).float() * weights[..., None]).sum(dim=1)
+    mixed = (by_slot.view(n, k, returned.shape[1]).float() * weights[..., None]).sum(dim=1)
     return mixed.to(returned.dtype)
 
 

@@ -213,3 +213,19 @@ def forward_local(model: Transformer, inputs: StepInputs, cache: KVCache) -> tor
         out = moe_local(block, h) if block.is_moe else block.mlp(h)
         x[inputs.valid] += out
     return model.logits(x, inputs)
+
+
+@torch.no_grad()
+def generate_local(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation in one process: -> (tokens [b, steps] int64, logits [b, steps, vocab] float32)."""
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + steps)
+    cached = torch.zeros(len(prompts), dtype=torch.int64)
+    new_tokens, tokens, logits = prompts, [], []
+    for _ in range(steps):
+        inputs = StepInputs.build(new_tokens, cached)
+        step_logits = forward_local(model, inputs, cache)
+        cached += inputs.valid.sum(1)
+        tokens.append(step_logits.argmax(-1))
+        logits.append(step_logits)
+        new_tokens = [[t] for t in tokens[-1].tolist()]
+    return torch.stack(tokens, 1), torch.stack(logits, 1)

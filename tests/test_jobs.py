@@ -1,0 +1,115 @@
+"""Whole jobs under `timeout 120 mpiexec -n K python -m hpcmoe run ...`: equality with the 1-rank
+run, the run file's schema, clear errors on every rank, and a failing rank ending the job."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import WORKLOADS, assert_same_run, read_run, run_job
+
+_runs = {}
+
+
+def finished_run(tmp_path_factory, ranks, workload, *extra):
+    """Run (once per session) and return the path of a completed run file."""
+    key = (ranks, workload, extra)
+    if key not in _runs:
+        path = tmp_path_factory.mktemp("runs") / f"n{ranks}_{workload}.h5"
+        result = run_job(ranks, path, *WORKLOADS[workload], *extra)
+        assert result.returncode == 0, result.stderr
+        assert os.path.exists(path) and not os.path.exists(f"{path}.tmp")
+        _runs[key] = path
+    return _runs[key]
+
+
+@pytest.mark.parametrize("ranks, workload", [(2, "debug"), (4, "debug"), (4, "small_batch")])
+def test_n_ranks_equal_one_rank(tmp_path_factory, ranks, workload):
+    reference = read_run(finished_run(tmp_path_factory, 1, workload))
+    assert_same_run(read_run(finished_run(tmp_path_factory, ranks, workload)), reference)
+
+
+@pytest.mark.parametrize("ranks, extra", [(2, ()), (3, ()), (4, ("parallel.experts_per_rank=3",)),
+                                          (8, ())])
+def test_packed_placement_equals_one_expert_per_rank(tmp_path_factory, ranks, extra):
+    """8 experts: 4+4, 3+3+2 and 3+3+2+0 experts per rank against 8 ranks with one each."""
+    one_each = finished_run(tmp_path_factory, 8, "eight_experts")
+    with h5py.File(one_each) as f:
+        assert (f["placement"][0, :, 0] == np.arange(8)).all()
+    packed = finished_run(tmp_path_factory, ranks, "eight_experts", *extra)
+    assert_same_run(read_run(packed), read_run(one_each))
+    assert_same_run(read_run(packed), read_run(finished_run(tmp_path_factory, 1, "eight_experts")))
+
+
+def test_run_file_has_the_whole_schema(tmp_path_factory):
+    path = finished_run(tmp_path_factory, 4, "debug")
+    with h5py.File(path) as f:
+        for name in ("config", "hpcmoe_version", "world_size", "ranks_per_node", "layout", "device",
+                     "started", "finished", "complete"):
+            assert name in f.attrs, name
+        assert f.attrs["complete"] and f.attrs["world_size"] == 4 and f.attrs["layout"] == "ep"
+        config = f.attrs["config"]
+        assert "num_experts: 4" in config and "preset: debug" in config
+        lengths, prompts = f["prompt_lengths"][:], f["prompt_ids"][:]
+        batch, steps = 6, 16
+        assert prompts.shape == (batch, lengths.max()) and prompts.dtype == np.int64
+        assert all((prompts[i, n:] == -1).all() and (prompts[i, :n] >= 0).all() for i, n in enumerate(lengths))
+        assert f["generated"].shape == (batch, steps) and (f["generated"][:] >= 0).all()
+        logits = f["logits"][:]
+        assert logits.shape == (batch, steps, 512) and logits.dtype == np.float32
+        assert (logits.argmax(-1) == f["generated"][:]).all()  # logits[:, j] chose generated[:, j]
+        routing = f["routing"][:]
+        assert routing.shape == (steps, 2, 4, 4)
+        tokens_per_step = np.array([lengths.sum()] + [batch] * (steps - 1))
+        assert (routing.sum(axis=(2, 3)) == tokens_per_step[:, None] * 2).all()  # tokens x top_k
+        traffic = f["traffic"][:]
+        assert traffic.shape == (steps, 2, 4, 4)
+        # one expert per rank: bytes to rank d = slots sent to expert d x hidden x 4 bytes
+        assert (traffic == routing * 64 * 4).all()
+        assert (f["placement"][:] == np.arange(4).reshape(1, 4, 1)).all()
+        for name in ("prompt_ids", "prompt_lengths", "generated", "logits", "routing", "traffic",
+                     "placement", "timings"):
+            assert len(f[name].attrs["axes"]) == f[name].ndim, name
+        timings = f["timings"][:]
+        assert set(timings.dtype.names) == {"rank", "layer", "micro_batch", "step", "phase", "start", "end"}
+        assert set(timings["rank"]) == {0, 1, 2, 3} and set(timings["step"]) == set(range(steps))
+        assert {b"attention", b"route", b"dispatch_wait", b"experts", b"combine_wait", b"step"} <= set(timings["phase"])
+        assert (timings["end"] >= timings["start"]).all() and (timings["start"] >= 0).all()
+        metrics = dict(f["metrics"].attrs)
+        for name in ("ttft_ms", "tpot_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "tps"):
+            assert metrics[name] > 0, name
+        steps_s = f["metrics/step_seconds"][:]
+        assert np.isclose(metrics["ttft_ms"], 1e3 * steps_s[0])
+        assert np.isclose(metrics["tpot_ms"], 1e3 * steps_s[1:].mean())
+        assert np.isclose(metrics["prefill_tokens_per_s"], lengths.sum() / steps_s[0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["model.hiddn=3"], "hpcmoe: error: unknown config key model.hiddn"),
+    (["model.hidden=wide"], "hpcmoe: error: model.hidden: expected an integer, got 'wide'"),
+    (["model.num_experts=2", "model.top_k=1"], "hpcmoe: error: world size (4) > model.num_experts (2)"),
+])
+def test_bad_input_fails_on_every_rank_with_one_line_and_no_file(tmp_path, settings, message):
+    output = tmp_path / "out.h5"
+    result = run_job(4, output, *settings)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr
+    assert lines[0].startswith(message)
+    assert os.listdir(tmp_path) == []
+
+
+def test_exception_on_one_rank_ends_the_whole_job(tmp_path):
+    output = tmp_path / "out.h5"
+    result = run_job(4, output, "run.fail_rank=2", "run.fail_at_layer=1", "run.fail_at_step=1", timeout=60)
+    assert result.returncode not in (0, 124), "the job must abort, not hang until the timeout"
+    assert "hpcmoe: rank 2: unhandled RuntimeError" in result.stderr
+    assert "injected failure (run.fail_rank=2) at step 1 layer 1" in result.stderr
+    assert not os.path.exists(output)
+    for leftover in tmp_path.iterdir():  # at most the temporary file, never one that claims completeness
+        assert leftover.name == "out.h5.tmp"
+        try:
+            with h5py.File(leftover, "r", locking=False) as f:
+                assert not f.attrs["complete"]
+        except OSError:
+            pass  # killed in the middle of a write: unreadable, which claims nothing either

@@ -1,0 +1,78 @@
+"""The model in one process: caching, padding, seeding, and the margins equality relies on."""
+import pytest
+import torch
+
+from hpcmoe.config import load_config
+from hpcmoe.model import Block, StepInputs, build_model, forward_local, generate_local
+from hpcmoe.router import score_gap
+from tests.conftest import DEBUG_CONFIG, WORKLOADS
+
+torch.set_num_threads(1)
+
+
+def debug_model(*settings):
+    config = load_config(DEBUG_CONFIG, list(settings))
+    return config, build_model(config.model, list(range(config.model.num_experts)))
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_greedy_and_router_margins_are_wide_enough(workload, monkeypatch):
+    """Equality of n-rank and 1-rank tokens must not rest on luck: logit gap >= 1e-3, router gap >= 1e-5."""
+    config, model = debug_model(*WORKLOADS[workload])
+    router_gaps = []
+    route = Block.route
+
+    def recording_route(block, h):
+        router_gaps.append(score_gap(torch.softmax(block.gate(h).float(), -1), block.cfg.top_k).min())
+        return route(block, h)
+
+    monkeypatch.setattr(Block, "route", recording_route)
+    _, logits = generate_local(model, config.prompts, config.run.max_new_tokens)
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() >= 1e-3
+    assert min(router_gaps) >= 1e-5
+
+
+def test_kv_cache_decode_equals_recomputing_the_whole_sequence():
+    config, model = debug_model()
+    prompts = config.prompts[:3]
+    tokens, logits = generate_local(model, prompts, 5)
+    for i, prompt in enumerate(prompts):
+        sequence = prompt + tokens[i, :-1].tolist()
+        for j in range(5):
+            upto = sequence[:len(prompt) + j]
+            inputs = StepInputs.build([upto], torch.zeros(1, dtype=torch.int64))
+            full = forward_local(model, inputs, model.new_cache(1, len(upto)))
+            torch.testing.assert_close(logits[i, j], full[0], atol=1e-4, rtol=0)
+
+
+def test_each_request_is_computed_as_if_it_ran_alone():
+    config, model = debug_model()
+    prompts = config.prompts
+    assert len({len(p) for p in prompts}) > 1
+    tokens, logits = generate_local(model, prompts, 4)
+    for i, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = generate_local(model, [prompt], 4)
+        assert torch.equal(alone_tokens[0], tokens[i])
+        torch.testing.assert_close(alone_logits[0], logits[i], atol=1e-5, rtol=0)
+
+
+def test_weights_depend_only_on_the_tensor_name():
+    config, everything = debug_model()
+    one = build_model(config.model, [2])
+    assert list(one.layers[1].experts) == ["2"]
+    assert torch.equal(one.layers[1].experts["2"].w1.weight, everything.layers[1].experts["2"].w1.weight)
+    assert torch.equal(one.embed.weight, everything.embed.weight)
+    assert not torch.equal(everything.layers[1].experts["1"].w1.weight, everything.layers[1].experts["2"].w1.weight)
+    _, other_seed = debug_model("model.seed=1")
+    assert not torch.equal(other_seed.embed.weight, everything.embed.weight)
+
+
+def test_bfloat16_model_generates_close_to_float32():
+    config, model = debug_model()
+    _, bf16 = debug_model("model.dtype=bfloat16")
+    assert bf16.embed.weight.dtype == torch.bfloat16
+    _, logits32 = generate_local(model, config.prompts[:2], 2)
+    _, logits16 = generate_local(bf16, config.prompts[:2], 2)
+    assert logits16.dtype == torch.float32
+    assert (logits16[:, 0] - logits32[:, 0]).abs().max() < 0.25  # bf16 keeps ~3 significant digits
