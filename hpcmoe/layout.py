@@ -1,4 +1,4 @@
-"""The parallel layout: rank count, nodes and placement, validated before any communicator exists.
+"""The parallel layout: rank count and placement, validated before any communicator exists.
 
 Like torchtitan's ParallelDims: a frozen dataclass whose errors name every factor, buildable and
 testable without MPI.
@@ -15,22 +15,18 @@ from hpcmoe import placement as placements
 @dataclass(frozen=True)
 class ParallelLayout:
     world_size: int
-    ranks_per_node: int
     num_experts: int
     placement_mode: str                 # auto | packed | one_per_rank as configured
     experts_per_rank: Optional[int]
 
     def __post_init__(self):
         w, e = self.world_size, self.num_experts
-        if self.ranks_per_node > w:
-            raise ValueError(f"parallel.ranks_per_node ({self.ranks_per_node}) must be <= "
-                             f"world size ({w})")
         if self.placement_mode == "one_per_rank" and e != w:
             raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == "
                              f"world size ({w})")
         if w > e:
-            raise ValueError(f"world size ({w}) > model.num_experts ({e}): every rank hosts at least "
-                             f"one expert and replicas are not available yet; run with at most {e} ranks")
+            raise ValueError(f"world size ({w}) > model.num_experts ({e}): more ranks than experts needs "
+                             f"expert replicas, which are not available yet; run with at most {e} ranks")
         if self.experts_per_rank is not None:
             if self.placement_mode == "one_per_rank":
                 raise ValueError("parallel.experts_per_rank applies to packed placement, "
@@ -38,24 +34,14 @@ class ParallelLayout:
             self.placement()  # raises with the numbers when k * ranks < experts
 
     @classmethod
-    def from_config(cls, config: Config, world_size: int, ranks_per_node: Optional[int] = None):
-        """ranks_per_node: the config's override, else what the caller measured, else all ranks."""
+    def from_config(cls, config: Config, world_size: int):
         p = config.parallel
-        layout = cls(world_size=world_size,
-                     ranks_per_node=p.ranks_per_node or ranks_per_node or world_size,
-                     num_experts=config.model.num_experts, placement_mode=p.placement,
+        layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                      experts_per_rank=p.experts_per_rank)
         if config.run.fail_rank is not None and not 0 <= config.run.fail_rank < world_size:
             raise ValueError(f"run.fail_rank: {config.run.fail_rank} must be between 0 and "
                              f"world size - 1 ({world_size - 1})")
         return layout
-
-    @property
-    def num_nodes(self) -> int:
-        return -(-self.world_size // self.ranks_per_node)
-
-    def node_of(self, rank: int) -> int:
-        return rank // self.ranks_per_node
 
     def placement(self) -> placements.Placement:
         e, w = self.num_experts, self.world_size

@@ -42,7 +42,6 @@ def test_auto_placement_follows_the_rank_count():
     (8, [], r"world size \(8\) > model.num_experts \(4\)"),
     (2, ["parallel.placement=one_per_rank"], r"needs model.num_experts \(4\) == world size \(2\)"),
     (2, ["parallel.experts_per_rank=1"], r"ceil\(num_experts \(4\) / 1\) = 4 ranks, have 2"),
-    (2, ["parallel.ranks_per_node=4"], r"parallel.ranks_per_node \(4\) must be <= world size \(2\)"),
     (2, ["run.fail_rank=2"], r"run.fail_rank: 2 must be between 0 and world size - 1 \(1\)"),
 ])
 def test_layouts_that_do_not_fit_name_the_numbers(ranks, settings, message):

@@ -1,0 +1,69 @@
+"""In-process MPI tests: run with `mpiexec -n K python -m pytest --with-mpi -m mpi` (K = 2, 4).
+
+Each holds at any rank count up to the debug model's 4 experts.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import DEBUG_CONFIG, LOGIT_TOLERANCE, assert_same_run, read_run
+
+pytestmark = pytest.mark.mpi(min_size=2)
+torch.set_num_threads(1)
+
+
+def setup_run(comm, *settings, output="unused.h5"):
+    from hpcmoe.config import load_config
+    from hpcmoe.layout import ParallelLayout
+    from hpcmoe.topology import build_topology
+    config = load_config(DEBUG_CONFIG, list(settings) + [f"output.path={output}"])
+    return config, build_topology(comm, config.parallel.ranks_per_node), ParallelLayout.from_config(config, comm.Get_size())
+
+
+def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
+    from mpi4py import MPI
+    from hpcmoe.engine import EPEngine, StepStats
+    from hpcmoe.model import build_model, moe_local
+    from hpcmoe.output import Timer
+    config, topo, layout = setup_run(MPI.COMM_WORLD)
+    engine = EPEngine(config, topo, layout.placement(), Timer(topo.rank, 0.0))
+    everything = build_model(config.model, list(range(config.model.num_experts)))
+    tokens = [0, 7, 1, 30][topo.rank % 4]  # uneven, and one rank sends nothing
+    h = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(topo.rank))
+    stats = StepStats(np.zeros((2, 4), np.int64), np.zeros((2, topo.size), np.int64))
+    for layer in (1, 2):
+        out = engine.moe_layer(engine.model.layers[layer], layer, h, stats)
+        torch.testing.assert_close(out, moe_local(everything.layers[layer], h), atol=1e-5, rtol=0)
+        assert stats.routing[layer - 1].sum() == tokens * config.model.top_k
+
+
+def test_node_communicators_follow_ranks_per_node():
+    from mpi4py import MPI
+    _, topo, _ = setup_run(MPI.COMM_WORLD, "parallel.ranks_per_node=2")
+    size, rank = topo.size, topo.rank
+    assert topo.num_nodes == (size + 1) // 2 and topo.node_index == rank // 2
+    assert topo.node.Get_size() == min(2, size - 2 * (rank // 2))
+    assert (topo.leaders is not None) == (rank % 2 == 0)
+    if topo.leaders is not None:
+        assert topo.leaders.Get_size() == topo.num_nodes
+        assert topo.leaders.allgather(rank) == list(range(0, size, 2))
+
+
+@pytest.mark.parametrize("settings", [[], ["parallel.ranks_per_node=2"], ["run.batch=1"]])
+def test_generate_over_the_world_equals_each_rank_alone(mpi_tmp_path, settings):
+    """Every rank runs the whole job alone on COMM_SELF, then all run it together."""
+    from mpi4py import MPI
+    from hpcmoe.engine import run
+    world = MPI.COMM_WORLD
+    alone = mpi_tmp_path / f"alone_{world.Get_rank()}.h5"
+    run(*setup_run(MPI.COMM_SELF, *settings, "run.max_new_tokens=6", output=str(alone)))
+    together = mpi_tmp_path / "together.h5"
+    metrics = run(*setup_run(world, *settings, "run.max_new_tokens=6", output=str(together)))
+    world.Barrier()
+    if world.Get_rank() == 0:
+        assert metrics["ttft_ms"] > 0
+        assert_same_run(read_run(together), read_run(alone))
+    else:
+        assert metrics == {}
