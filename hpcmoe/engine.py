@@ -142,7 +142,7 @@ class Progress:
             bar = "#" * (30 * done // self.steps)
             sys.stderr.write(f"\r[{bar:<30}] step {done}/{self.steps} {kind} {1e3 * seconds:.1f} ms")
             sys.stderr.write("\n" if done == self.steps else "")
-        elif step % max(1, self.steps // 10) == 0 or done == self.steps:
+        elif step % -(-self.steps // 10) == 0 or done == self.steps:
             sys.stderr.write(f"hpcmoe: step {done}/{self.steps} ({kind}) {1e3 * seconds:.1f} ms\n")
         sys.stderr.flush()
 
