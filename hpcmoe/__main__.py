@@ -58,15 +58,50 @@ def command_run(args) -> int:
         layout = ParallelLayout.from_config(config, world.Get_size())
     except ValueError as e:
         fail(str(e))
+    try:
+        load = check_model(config, layout, world.Get_rank() == 0)
+    except ValueError as e:
+        fail(str(e))
     import torch
     from hpcmoe.engine import run
     from hpcmoe.topology import build_topology, default_threads
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
-    metrics = run(config, topo, layout)
+    metrics = run(config, topo, layout, load)
     if topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
     return 0
+
+
+def check_model(config, layout, is_root: bool):
+    """Check the checkpoint's tensors (headers only) and that this rank's share fits in memory.
+
+    Returns the checkpoint loader, or None for seeded random weights."""
+    from hpcmoe.layout import request_range
+    from hpcmoe.model import cache_bytes_per_token, expected_tensors, parameter_bytes
+    from hpcmoe.topology import available_memory_per_rank
+    m = config.model
+    load = None
+    if m.checkpoint:
+        from hpcmoe.checkpoint import check_tensors, tensor_loader
+        load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m)))
+    placement = layout.placement()
+    experts = max(len(placement.experts_of_rank(r)) for r in range(layout.world_size))
+    whole, weights = parameter_bytes(m, experts)
+    prompts = config.prompts
+    requests = len(request_range(len(prompts), layout.world_size, 0))
+    cache = requests * (max(map(len, prompts)) + config.run.max_new_tokens) * cache_bytes_per_token(m)
+    available = available_memory_per_rank()
+    gib = 2 ** 30
+    if is_root:
+        print(f"hpcmoe: model {whole / gib:.2f} GiB in {m.dtype}; per rank about {(weights + cache) / gib:.2f} GiB "
+              f"({weights / gib:.2f} GiB weights with {experts} expert(s) per MoE layer, {cache / gib:.3f} GiB KV cache)"
+              f"; {available / gib:.1f} GiB available per rank", file=sys.stderr, flush=True)
+    if weights + cache > available:
+        raise ValueError(f"the model needs about {(weights + cache) / gib:.1f} GiB per rank but only "
+                         f"{available / gib:.1f} GiB is available per rank; use more ranks, fewer layers "
+                         f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N)")
+    return load
 
 
 def summary(config, topo, layout, metrics: dict) -> str:

@@ -13,35 +13,66 @@ from typing import Any, Optional
 
 import yaml
 
+DEBUG = dict(attention="gqa", router="softmax", vocab=512, hidden=64, num_layers=3, dense_layers=1,
+             heads=8, kv_heads=4, head_dim=8, num_experts=4, top_k=2, expert_hidden=128, dense_hidden=256,
+             norm_topk_prob=True, rope_theta=10000.0, norm_eps=1e-6, dtype="float32", seed=0)
 PRESETS: dict[str, dict[str, Any]] = {
     # A seconds-long model for tests and the README's first command.
-    "debug": dict(vocab=512, hidden=64, num_layers=3, dense_layers=1, heads=8, kv_heads=4,
-                  head_dim=8, num_experts=4, top_k=2, expert_hidden=128, dense_hidden=256,
-                  norm_topk_prob=True, rope_theta=10000.0, norm_eps=1e-6, dtype="float32", seed=0),
+    "debug": DEBUG,
+    # DeepSeek-V3's published config.json (its weights are FP8; here seeded random, bfloat16).
+    "deepseek-v3": dict(
+        attention="mla", router="sigmoid", vocab=129280, hidden=7168, num_layers=61, dense_layers=3,
+        heads=128, kv_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=256, top_k=8,
+        expert_hidden=2048, dense_hidden=18432, shared_experts=1, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        norm_eps=1e-6, dtype="bfloat16", seed=0),
+    # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
+    "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
+                     dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,
+                     expert_hidden=16384, dense_hidden=16384, rope_theta=10000.0, dtype="float32", seed=0),
 }
 DTYPES = ("float32", "bfloat16")
+ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                     "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the decoder-only MoE transformer; a preset fills every field not given."""
+    """Shape of the decoder-only MoE transformer; a preset or a checkpoint fills every field."""
     preset: Optional[str] = None
+    checkpoint: Optional[str] = None   # a local Hugging Face directory: config.json + *.safetensors
+    attention: str = "gqa"             # gqa (Mixtral, debug) | mla (DeepSeek-V3)
+    router: str = "softmax"            # softmax top-k | sigmoid: DeepSeek-V3 group-limited with correction bias
     vocab: int = 0
     hidden: int = 0
     num_layers: int = 0
-    dense_layers: int = 0       # the first `dense_layers` layers use a dense SwiGLU MLP
-    heads: int = 0              # query heads
-    kv_heads: int = 0           # key/value heads (GQA)
-    head_dim: int = 0
+    dense_layers: int = 0              # the first `dense_layers` layers use a dense SwiGLU MLP
+    heads: int = 0                     # query heads
+    kv_heads: int = 0                  # key/value heads (gqa)
+    head_dim: int = 0                  # gqa
+    q_lora_rank: int = 0               # mla: 0 = no low-rank query projection
+    kv_lora_rank: int = 0              # mla: latent size, what the cache keeps per token
+    qk_nope_head_dim: int = 0          # mla
+    qk_rope_head_dim: int = 0          # mla: decoupled rotary key, shared by all heads
+    v_head_dim: int = 0                # mla
+    rope_interleave: bool = False      # rotate interleaved pairs (DeepSeek checkpoints)
     num_experts: int = 0
     top_k: int = 0
     expert_hidden: int = 0
     dense_hidden: int = 0
-    norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to one
+    shared_experts: int = 0            # always-on experts added to the routed output
+    n_group: int = 1                   # sigmoid router: expert groups ...
+    topk_group: int = 1                # ... of which each token may use this many
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True        # renormalize the top-k router weights to sum to one
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # YaRN: {rope_type: yarn, factor, original_max_position_embeddings, ...}
     norm_eps: float = 1e-6
     dtype: str = "float32"
-    seed: int = 0               # weights are seeded per tensor name from this
+    seed: int = 0                      # random weights are seeded per tensor name from this
 
     @property
     def moe_layers(self) -> int:
@@ -155,18 +186,29 @@ def build_config(raw: dict) -> Config:
             raise ValueError(f"{name}: expected a mapping, got {section!r}")
         cls = typing.get_type_hints(Config)[name]
         if name == "model":
-            section = resolve_preset(section)
+            section = resolve_model(section)
         built[name] = build_section(cls, section, name)
     config = Config(**built)
     validate(config)
     return config
 
 
-def resolve_preset(section: dict) -> dict:
-    """Model fields: preset values first, then what the user set."""
-    preset = section.get("preset")
+def resolve_model(section: dict) -> dict:
+    """Model fields: a checkpoint's config.json, or a preset overlaid by what the user set."""
+    checkpoint, preset = section.get("checkpoint"), section.get("preset")
+    if checkpoint is not None:
+        if preset is not None:
+            raise ValueError("model.preset and model.checkpoint: set one, not both")
+        extra = sorted(set(section) - {"checkpoint", "dtype"})
+        if extra:
+            raise ValueError(f"model.{extra[0]}: comes from the checkpoint's config.json; with model.checkpoint "
+                             f"only model.dtype may be set")
+        if not isinstance(checkpoint, str):
+            raise ValueError(f"model.checkpoint: expected a directory path, got {checkpoint!r}")
+        from hpcmoe.checkpoint import model_fields
+        return {**model_fields(checkpoint), **section}
     if preset is None:
-        raise ValueError("model.preset: not set; expected one of: " + ", ".join(PRESETS))
+        raise ValueError("model.preset: not set; expected one of: " + ", ".join(PRESETS) + " (or model.checkpoint)")
     if preset not in PRESETS:
         raise ValueError(f"model.preset: {preset!r} is not a preset; expected one of: " + ", ".join(PRESETS))
     return {**PRESETS[preset], **section}
@@ -194,6 +236,10 @@ def check_type(value, annotation, path: str):
         if not isinstance(value, list):
             raise ValueError(f"{path}: expected a list, got {value!r}")
         return [check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{path}: expected true or false, got {value!r}")
@@ -225,21 +271,50 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def validate_model(m: ModelConfig) -> None:
+    positive = ["vocab", "hidden", "num_layers", "heads", "num_experts", "top_k", "expert_hidden", "dense_hidden"]
+    positive += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"] if m.attention == "mla" \
+        else ["kv_heads", "head_dim"]
+    for name in positive:
+        require(getattr(m, name) >= 1, f"model.{name}: expected an integer >= 1, got {getattr(m, name)}")
+    for name in ("q_lora_rank", "shared_experts"):
+        require(getattr(m, name) >= 0, f"model.{name}: expected an integer >= 0, got {getattr(m, name)}")
+    require(m.attention in ("gqa", "mla"), f"model.attention: {m.attention!r} is not supported; expected gqa or mla")
+    require(m.router in ("softmax", "sigmoid"), f"model.router: {m.router!r} is not supported; expected softmax or sigmoid")
+    require(0 <= m.dense_layers <= m.num_layers,
+            f"model.dense_layers: {m.dense_layers} must be between 0 and model.num_layers ({m.num_layers})")
+    require(m.top_k <= m.num_experts, f"model.top_k: {m.top_k} must be <= model.num_experts ({m.num_experts})")
+    if m.attention == "gqa":
+        require(m.heads % m.kv_heads == 0, f"model.heads: {m.heads} must be a multiple of model.kv_heads ({m.kv_heads})")
+    rotary = m.qk_rope_head_dim if m.attention == "mla" else m.head_dim
+    require(rotary % 2 == 0, f"model.{'qk_rope_head_dim' if m.attention == 'mla' else 'head_dim'}: {rotary} "
+                             f"must be even (RoPE rotates pairs)")
+    require(m.n_group >= 1 and m.num_experts % m.n_group == 0,
+            f"model.n_group: {m.n_group} must divide model.num_experts ({m.num_experts})")
+    require(1 <= m.topk_group <= m.n_group, f"model.topk_group: {m.topk_group} must be between 1 and model.n_group ({m.n_group})")
+    require(m.top_k <= m.topk_group * (m.num_experts // m.n_group),
+            f"model.top_k: {m.top_k} must be <= topk_group ({m.topk_group}) x experts per group "
+            f"({m.num_experts // m.n_group})")
+    require(m.router == "sigmoid" or m.n_group == 1, "model.n_group: group-limited routing needs model.router: sigmoid")
+    require(m.dtype in DTYPES, f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    if m.rope_scaling is not None:
+        unknown = sorted(set(m.rope_scaling) - set(ROPE_SCALING_KEYS))
+        require(not unknown, f"model.rope_scaling.{unknown[0] if unknown else ''}: unknown key; expected "
+                             f"{', '.join(ROPE_SCALING_KEYS)}")
+        kind = m.rope_scaling.get("rope_type")
+        require(kind == "yarn", f"model.rope_scaling.rope_type: {kind!r} is not supported; expected yarn "
+                                f"(or no rope_scaling for plain RoPE)")
+        for key in ("factor", "original_max_position_embeddings"):
+            value = m.rope_scaling.get(key)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                    f"model.rope_scaling.{key}: expected a number > 0, got {value!r}")
+
+
 def validate(config: Config) -> None:
     """Check relations that hold whatever the rank count (the layout checks the rest)."""
     m, p, r = config.model, config.parallel, config.run
-    for name in ("vocab", "hidden", "num_layers", "heads", "kv_heads", "head_dim", "num_experts",
-                 "top_k", "expert_hidden", "dense_hidden"):
-        require(getattr(m, name) >= 1, f"model.{name}: expected an integer >= 1, got {getattr(m, name)}")
-    require(0 <= m.dense_layers <= m.num_layers,
-            f"model.dense_layers: {m.dense_layers} must be between 0 and model.num_layers ({m.num_layers})")
-    require(m.top_k <= m.num_experts,
-            f"model.top_k: {m.top_k} must be <= model.num_experts ({m.num_experts})")
-    require(m.heads % m.kv_heads == 0,
-            f"model.heads: {m.heads} must be a multiple of model.kv_heads ({m.kv_heads})")
-    require(m.head_dim % 2 == 0, f"model.head_dim: {m.head_dim} must be even (RoPE rotates pairs)")
-    require(m.dtype in DTYPES, f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-    require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    validate_model(m)
     require(p.layout == "ep", f"parallel.layout: {p.layout!r} is not supported; expected ep")
     require(p.placement in ("auto", "packed", "one_per_rank"),
             f"parallel.placement: {p.placement!r} is not supported; expected auto, packed or one_per_rank")

@@ -19,7 +19,8 @@ from hpcmoe.config import Config
 from hpcmoe.dispatch import (combine_tokens, group_by_slot, make_plan, post_combine, post_counts,
                              post_dispatch, received_counts, split_rows)
 from hpcmoe.layout import ParallelLayout, request_range
-from hpcmoe.model import Block, StepInputs, Transformer, build_model
+from hpcmoe.attention import StepInputs
+from hpcmoe.model import MoE, Transformer, build_model
 from hpcmoe.output import RunWriter, Timer, compute_metrics
 from hpcmoe.placement import Placement
 from hpcmoe.router import tokens_per_expert
@@ -37,11 +38,11 @@ class StepStats:
 class EPEngine:
     """One rank's share of the model and the schedule that runs it."""
 
-    def __init__(self, config: Config, topo: Topology, placement: Placement, timer: Timer):
+    def __init__(self, config: Config, topo: Topology, placement: Placement, timer: Timer, load=None):
         self.config, self.topo, self.placement, self.timer = config, topo, placement, timer
         self.comm, self.rank = topo.world, topo.rank
         self.my_experts = placement.experts_of_rank(self.rank)
-        self.model: Transformer = build_model(config.model, self.my_experts)
+        self.model: Transformer = build_model(config.model, self.my_experts, load)
         self.step = 0
 
     @torch.no_grad()
@@ -49,14 +50,14 @@ class EPEngine:
         """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
         phase, model, step = self.timer.phase, self.model, self.step
         with phase("embed", step):
-            x = model.embed(inputs.tokens)
-        for layer, block in enumerate(model.layers):
+            x = model.embed_tokens(inputs.tokens)
+        for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
             self.maybe_fail(layer)
             with phase("attention", step, layer):
-                x = x + block.attn(block.attn_norm(x), cache, layer, inputs)
-                h = block.ffn_norm(x)[inputs.valid]
+                x = block.attend(x, layer_cache, inputs)
+                h = block.post_attention_layernorm(x)[inputs.valid]
             if block.is_moe:
-                out = self.moe_layer(block, layer, h, stats)
+                out = self.moe_layer(block.mlp, layer, h, stats)
             else:
                 with phase("mlp", step, layer):
                     out = block.mlp(h)
@@ -64,8 +65,8 @@ class EPEngine:
         with phase("lm_head", step):
             return model.logits(x, inputs)
 
-    def moe_layer(self, block: Block, layer: int, h: torch.Tensor, stats: StepStats) -> torch.Tensor:
-        """h: [n, H] this rank's tokens -> [n, H] weighted expert outputs, in token order."""
+    def moe_layer(self, moe: MoE, layer: int, h: torch.Tensor, stats: StepStats) -> torch.Tensor:
+        """h: [n, H] this rank's tokens -> [n, H] weighted expert outputs (plus shared experts), in token order."""
         phase, step, comm = self.timer.phase, self.step, self.comm
         moe_index = layer - self.config.model.dense_layers
         ranks = range(comm.Get_size())
@@ -73,7 +74,7 @@ class EPEngine:
         tag = lambda kind: tag_for(kind, layer, 0, 1)
         where = lambda name: Where(step, layer, 0, name, peers)
         with phase("route", step, layer):
-            expert_ids, weights = block.route(h)
+            expert_ids, weights = moe.gate(h)
             plan = make_plan(expert_ids, self.placement)
             stats.routing[moe_index] = tokens_per_expert(expert_ids, self.config.model.num_experts).numpy()
             stats.traffic[moe_index] = np.array(plan.rank_counts) * h.shape[1] * h.element_size()
@@ -81,19 +82,22 @@ class EPEngine:
             counts = received_counts(post_counts(comm, plan, self.placement, tag(0)).wait(where("dispatch_counts")))
         with phase("dispatch_post", step, layer):
             dispatch = post_dispatch(comm, h[plan.source_token], plan, counts, tag(1))
+        with phase("shared_experts", step, layer):  # while the tokens travel
+            shared = moe.shared(h)
         with phase("dispatch_wait", step, layer):
             received = dispatch.wait(where("dispatch_wait"))
         with phase("experts", step, layer):
             rows = torch.cat([received[r] for r in ranks])
             by_expert = group_by_slot(counts)
             outputs = torch.empty_like(rows)
-            outputs[by_expert] = block.run_experts(rows[by_expert], self.my_experts, counts.sum(0).tolist())
+            outputs[by_expert] = moe.run_experts(rows[by_expert], self.my_experts, counts.sum(0).tolist())
         with phase("combine_post", step, layer):
             combine = post_combine(comm, split_rows(outputs, counts.sum(1).tolist()), plan, tag(2))
         with phase("combine_wait", step, layer):
             returned = combine.wait(where("combine_wait"))
         with phase("combine", step, layer):
-            return combine_tokens(plan, torch.cat([returned[r] for r in ranks]), weights)
+            routed = combine_tokens(plan, torch.cat([returned[r] for r in ranks]), weights)
+            return routed if shared is None else routed + shared
 
     def maybe_fail(self, layer: int):
         run = self.config.run
@@ -147,7 +151,7 @@ class Progress:
         sys.stderr.flush()
 
 
-def run(config: Config, topo: Topology, layout: ParallelLayout, device: str = "cpu") -> dict:
+def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, device: str = "cpu") -> dict:
     """Generate for every request of the config; rank 0 writes the run file. Returns the metrics."""
     rank, size = topo.rank, topo.size
     placement = layout.placement()
@@ -162,7 +166,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, device: str = "c
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
     try:
-        metrics = generate(config, topo, placement, local, prompts, writer)
+        metrics = generate(config, topo, placement, local, prompts, writer, load)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -171,11 +175,11 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, device: str = "c
 
 
 def generate(config: Config, topo: Topology, placement: Placement, local: list[list[int]],
-             prompts: list[list[int]], writer) -> dict:
+             prompts: list[list[int]], writer, load) -> dict:
     rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
     topo.world.Barrier()  # the common start of every timing row
     timer = Timer(rank, time.perf_counter())
-    engine = EPEngine(config, topo, placement, timer)
+    engine = EPEngine(config, topo, placement, timer, load)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, "uniform")
     cache = engine.model.new_cache(len(local), max(map(len, prompts)) + steps)

@@ -1,20 +1,21 @@
 """The decoder-only MoE transformer in reading order (pure torch: no MPI in here).
 
-The engine runs the layers itself so that the MoE exchange stays outside the math; the pure
-`forward_local` at the bottom runs every expert in this process and is the oracle the tests use.
-Shapes: b = requests, t = new tokens per request this step, s = cached positions, H = hidden.
+Parameter names follow transformers' DeepSeek-V3 model (`layers.3.mlp.experts.7.gate_proj.weight`),
+so a checkpoint maps onto them with a short rename table. The engine runs the layers itself so that
+the MoE exchange stays outside the math; `forward_local` at the bottom runs every expert in this
+process and is the oracle the tests use.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcmoe.attention import GQAttention, MLAttention, PositionCache, RMSNorm, StepInputs
 from hpcmoe.config import ModelConfig
-from hpcmoe.router import softmax_topk
+from hpcmoe.router import sigmoid_group_topk, softmax_topk
 
 
 def seeded_normal(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
@@ -24,151 +25,86 @@ def seeded_normal(name: str, shape: tuple[int, ...], std: float, seed: int) -> t
     return torch.randn(shape, generator=generator) * std
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # computed in float32 and cast back, as Hugging Face does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [b, t] -> cos, sin: [b, 1, t, head_dim] (half-split layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, heads, t, head_dim] rotated by position (computed in float32)."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
-@dataclass
-class StepInputs:
-    """One forward step of a batch of requests, right-padded to t tokens."""
-    tokens: torch.Tensor      # [b, t] int64, pads are 0
-    positions: torch.Tensor   # [b, t] int64, each request's own positions (start at 0)
-    valid: torch.Tensor       # [b, t] bool, False on padding
-    attend: torch.Tensor      # [b, 1, t, s] bool, key position visible to query
-
-    @classmethod
-    def build(cls, tokens: list[list[int]], cached: torch.Tensor) -> "StepInputs":
-        """tokens: b lists of new tokens; cached: [b] positions already in the cache."""
-        b, t = len(tokens), max((len(x) for x in tokens), default=1)
-        padded = torch.zeros(b, t, dtype=torch.int64)
-        valid = torch.zeros(b, t, dtype=torch.bool)
-        for i, row in enumerate(tokens):
-            padded[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-            valid[i, :len(row)] = True
-        positions = cached[:, None] + torch.arange(t)
-        new_lengths = valid.sum(1)
-        keys = torch.arange(int((cached + new_lengths).max()) if b else 1)
-        attend = (keys <= positions[..., None]) & (keys < (cached + new_lengths)[:, None, None])
-        return cls(padded, positions, valid, attend[:, None])
-
-
-class KVCache:
-    """Per-layer keys and values: [b, kv_heads, max_len, head_dim]; rows fill at their own positions."""
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs):
-        """k, v: [b, kv_heads, t, d] -> the cached [b, kv_heads, s, d] including them."""
-        rows = torch.arange(k.shape[0])[:, None].expand_as(inputs.positions)
-        self.keys[layer][rows, :, inputs.positions] = k.transpose(1, 2)
-        self.values[layer][rows, :, inputs.positions] = v.transpose(1, 2)
-        s = inputs.attend.shape[-1]
-        return self.keys[layer][:, :, :s], self.values[layer][:, :, :s]
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with RoPE and a KV cache."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta
-        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
-
-    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, inputs: StepInputs) -> torch.Tensor:
-        """x: [b, t, H] -> [b, t, H]."""
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(inputs.positions, self.head_dim, self.theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.update(layer, k, v, inputs)
-        group = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend)
-        return self.wo(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-
-
 class MLP(nn.Module):
-    """SwiGLU feed-forward; a dense layer's MLP and every expert."""
+    """SwiGLU feed-forward: a dense layer's MLP, every routed expert and the shared experts."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, inner, bias=False)  # gate
-        self.w3 = nn.Linear(hidden, inner, bias=False)  # up
-        self.w2 = nn.Linear(inner, hidden, bias=False)  # down
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm block: attention, then a dense MLP or a MoE layer of which this rank hosts `experts`."""
+class Router(nn.Module):
+    """Softmax top-k (Mixtral) or sigmoid with correction bias and group-limited top-k (DeepSeek-V3)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int]):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg, self.is_moe = cfg, layer >= cfg.dense_layers
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        if self.is_moe:
-            self.gate = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
-            self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
-        else:
-            self.mlp = MLP(cfg.hidden, cfg.dense_hidden)
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden))
+        if cfg.router == "sigmoid":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))  # kept in float32
 
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: [n, H] -> (expert_ids [n, k], weights [n, k] float32)."""
-        return softmax_topk(self.gate(h), self.cfg.top_k, self.cfg.norm_topk_prob)
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [n, H] -> (expert_ids [n, k] int64, weights [n, k] float32)."""
+        c = self.cfg
+        if c.router == "softmax":
+            return softmax_topk(F.linear(h, self.weight), c.top_k, c.norm_topk_prob)
+        logits = F.linear(h.float(), self.weight.float())
+        return sigmoid_group_topk(logits, self.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
+                                  c.norm_topk_prob, c.routed_scaling_factor)
+
+
+class MoE(nn.Module):
+    """A MoE layer's local part: the router, the routed experts this rank hosts, the shared experts."""
+
+    def __init__(self, cfg: ModelConfig, experts: list[int]):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
+        if cfg.shared_experts:
+            self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
 
     def run_experts(self, rows: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """rows: [m, H] grouped by expert, counts[i] rows for experts[i] -> [m, H] outputs."""
         outputs = [self.experts[str(e)](chunk) for e, chunk in zip(experts, rows.split(counts)) if len(chunk)]
         return torch.cat(outputs) if outputs else rows.new_zeros(rows.shape)
 
+    def shared(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.shared_experts(h) if hasattr(self, "shared_experts") else None
+
+
+class Block(nn.Module):
+    """Pre-norm block: attention, then a dense MLP or a MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int]):
+        super().__init__()
+        self.is_moe = layer >= cfg.dense_layers
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = MoE(cfg, experts) if self.is_moe else MLP(cfg.hidden, cfg.dense_hidden)
+
+    def attend(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
+        """x: [b, t, H] -> x plus attention, the residual stream after the attention half."""
+        return x + self.self_attn(self.input_layernorm(x), cache, inputs)
+
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, hosted_experts: list[int]):
+    def __init__(self, cfg: ModelConfig, hosted_experts: list[int], layers: range | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts) for i in (layers or range(cfg.num_layers)))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.cfg
-        return KVCache(c.num_layers, batch, c.kv_heads, max_len, c.head_dim, self.embed.weight.dtype)
+    def new_cache(self, batch: int, max_len: int) -> list[list[PositionCache]]:
+        dtype = self.embed_tokens.weight.dtype
+        return [block.self_attn.new_cache(batch, max_len, dtype) for block in self.layers]
 
     def logits(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> [b, vocab] float32 at each request's last new token."""
@@ -176,42 +112,101 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x[torch.arange(x.shape[0]), last])).float()
 
 
-def build_model(cfg: ModelConfig, hosted_experts: list[int]) -> Transformer:
-    """Random weights seeded per tensor name (norms start at one); only `hosted_experts` are built."""
-    dtype = getattr(torch, cfg.dtype)
-    model = Transformer(cfg, hosted_experts)
+def init_seeded(model: Transformer, seed: int) -> None:
+    """Random weights seeded per tensor name; norms start at one."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                std = 1.0 if name == "embed.weight" else param.shape[-1] ** -0.5
-                param.copy_(seeded_normal(name, tuple(param.shape), std, cfg.seed))
-    return model.to(dtype).eval()
+                std = 1.0 if name == "embed_tokens.weight" else param.shape[-1] ** -0.5
+                param.copy_(seeded_normal(name, tuple(param.shape), std, seed))
+
+
+def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Transformer:
+    """The model with only `hosted_experts` built; weights from `load(names) -> {name: tensor}`
+    (a checkpoint) or seeded per tensor name."""
+    model = Transformer(cfg, hosted_experts)
+    if load is None:
+        init_seeded(model, cfg.seed)
+    else:
+        tensors = load([name for name, _ in model.named_parameters()])
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(tensors[name])
+    model = model.to(getattr(torch, cfg.dtype)).eval()
+    for block in model.layers:  # the DeepSeek router bias stays in float32, as in transformers
+        if block.is_moe and hasattr(block.mlp.gate, "e_score_correction_bias"):
+            block.mlp.gate.e_score_correction_bias.data = block.mlp.gate.e_score_correction_bias.data.float()
+    return model
+
+
+# ---------------------------------------------------------------- sizes without building
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the whole model (all experts) and its shape, from one-layer meta models."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        for layer in sorted({0, cfg.dense_layers} & set(range(cfg.num_layers))):
+            block = Block(cfg, layer, [0])
+            kind = [(n, tuple(p.shape)) for n, p in block.named_parameters()]
+            for i in range(cfg.dense_layers) if layer < cfg.dense_layers else range(cfg.dense_layers, cfg.num_layers):
+                for name, shape in kind:
+                    if ".experts.0." in name:
+                        for e in range(cfg.num_experts):
+                            shapes[f"layers.{i}.{name.replace('.experts.0.', f'.experts.{e}.')}"] = shape
+                    else:
+                        shapes[f"layers.{i}.{name}"] = shape
+    shapes["embed_tokens.weight"] = (cfg.vocab, cfg.hidden)
+    shapes["norm.weight"] = (cfg.hidden,)
+    shapes["lm_head.weight"] = (cfg.vocab, cfg.hidden)
+    return shapes
+
+
+def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
+    """-> (bytes of the whole model, bytes on a rank hosting `experts_per_rank` experts per MoE layer)."""
+    itemsize = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    total = routed = 0
+    for name, shape in expected_tensors(cfg).items():
+        count = 1
+        for n in shape:
+            count *= n
+        total += count
+        routed += count if ".experts." in name else 0
+    per_expert_layer = routed // max(cfg.num_experts, 1)
+    return total * itemsize, (total - routed + per_expert_layer * experts_per_rank) * itemsize
+
+
+def cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """KV cache bytes per token over all layers."""
+    itemsize = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    attention = MLAttention if cfg.attention == "mla" else GQAttention
+    return cfg.num_layers * attention.cache_bytes_per_token(cfg, itemsize)
 
 
 # ---------------------------------------------------------------- the single-process oracle
 
-def moe_local(block: Block, h: torch.Tensor) -> torch.Tensor:
-    """h: [n, H] -> [n, H], every expert in this process (needs them all hosted)."""
-    expert_ids, weights = block.route(h)
+def moe_local(moe: MoE, h: torch.Tensor) -> torch.Tensor:
+    """h: [n, H] -> [n, H], every routed expert in this process (needs them all hosted)."""
+    expert_ids, weights = moe.gate(h)
     out = torch.zeros(h.shape, dtype=torch.float32)
-    for e in range(block.cfg.num_experts):
+    for e in range(moe.gate.cfg.num_experts):
         token, slot = (expert_ids == e).nonzero(as_tuple=True)
         if len(token):
-            out[token] += weights[token, slot, None] * block.experts[str(e)](h[token]).float()
-    return out.to(h.dtype)
+            out[token] += weights[token, slot, None] * moe.experts[str(e)](h[token]).float()
+    out = out.to(h.dtype)
+    shared = moe.shared(h)
+    return out if shared is None else out + shared
 
 
 @torch.no_grad()
-def forward_local(model: Transformer, inputs: StepInputs, cache: KVCache) -> torch.Tensor:
+def forward_local(model: Transformer, inputs: StepInputs, cache) -> torch.Tensor:
     """One step with every expert local: [b, t] tokens -> [b, vocab] float32 logits."""
-    x = model.embed(inputs.tokens)
-    for layer, block in enumerate(model.layers):
-        x = x + block.attn(block.attn_norm(x), cache, layer, inputs)
-        h = block.ffn_norm(x)[inputs.valid]
-        out = moe_local(block, h) if block.is_moe else block.mlp(h)
-        x[inputs.valid] += out
+    x = model.embed_tokens(inputs.tokens)
+    for block, layer_cache in zip(model.layers, cache):
+        x = block.attend(x, layer_cache, inputs)
+        h = block.post_attention_layernorm(x)[inputs.valid]
+        x[inputs.valid] += moe_local(block.mlp, h) if block.is_moe else block.mlp(h)
     return model.logits(x, inputs)
 
 

@@ -74,3 +74,23 @@ def default_threads(node_size: int) -> int:
     """Cores per rank on this node (at least one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // node_size)
+
+
+def ranks_on_this_host() -> int:
+    """Ranks sharing this machine, from the launcher's environment (before any communicator exists)."""
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "PMI_SIZE"):
+        value = os.environ.get(name, "").split("(")[0]
+        if value.isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def available_memory_per_rank() -> int:
+    """MemAvailable of this machine (bytes) shared among the ranks on it."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 2 ** 62  # unknown: do not refuse
+    return available // ranks_on_this_host()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hpcmoe.config import load_config
-from hpcmoe.model import Block, StepInputs, build_model, forward_local, generate_local
+from hpcmoe.model import StepInputs, build_model, forward_local, generate_local
 from hpcmoe.router import score_gap
 from tests.conftest import DEBUG_CONFIG, WORKLOADS
 
@@ -15,22 +15,30 @@ def debug_model(*settings):
     return config, build_model(config.model, list(range(config.model.num_experts)))
 
 
+def recording_margins(monkeypatch) -> list:
+    """Record the margin of every top-k choice the routers make (expert and group choices)."""
+    from hpcmoe import router
+    margins, choose = [], router.topk_lower_index_first
+
+    def recording(scores, k):
+        if len(scores):
+            margins.append(float(score_gap(scores, k).min()))
+        return choose(scores, k)
+
+    monkeypatch.setattr(router, "topk_lower_index_first", recording)
+    return margins
+
+
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
 def test_greedy_and_router_margins_are_wide_enough(workload, monkeypatch):
     """Equality of n-rank and 1-rank tokens must not rest on luck: logit gap >= 1e-3, router gap >= 1e-5."""
     config, model = debug_model(*WORKLOADS[workload])
-    router_gaps = []
-    route = Block.route
-
-    def recording_route(block, h):
-        router_gaps.append(score_gap(torch.softmax(block.gate(h).float(), -1), block.cfg.top_k).min())
-        return route(block, h)
-
-    monkeypatch.setattr(Block, "route", recording_route)
+    router_margins = recording_margins(monkeypatch)
     _, logits = generate_local(model, config.prompts, config.run.max_new_tokens)
     top2 = logits.topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() >= 1e-3
-    assert min(router_gaps) >= 1e-5
+    assert len(router_margins) == config.run.max_new_tokens * config.model.moe_layers
+    assert min(router_margins) >= 1e-5
 
 
 def test_kv_cache_decode_equals_recomputing_the_whole_sequence():
@@ -60,18 +68,19 @@ def test_each_request_is_computed_as_if_it_ran_alone():
 def test_weights_depend_only_on_the_tensor_name():
     config, everything = debug_model()
     one = build_model(config.model, [2])
-    assert list(one.layers[1].experts) == ["2"]
-    assert torch.equal(one.layers[1].experts["2"].w1.weight, everything.layers[1].experts["2"].w1.weight)
-    assert torch.equal(one.embed.weight, everything.embed.weight)
-    assert not torch.equal(everything.layers[1].experts["1"].w1.weight, everything.layers[1].experts["2"].w1.weight)
+    experts = lambda model: model.layers[1].mlp.experts
+    assert list(experts(one)) == ["2"]
+    assert torch.equal(experts(one)["2"].gate_proj.weight, experts(everything)["2"].gate_proj.weight)
+    assert torch.equal(one.embed_tokens.weight, everything.embed_tokens.weight)
+    assert not torch.equal(experts(everything)["1"].gate_proj.weight, experts(everything)["2"].gate_proj.weight)
     _, other_seed = debug_model("model.seed=1")
-    assert not torch.equal(other_seed.embed.weight, everything.embed.weight)
+    assert not torch.equal(other_seed.embed_tokens.weight, everything.embed_tokens.weight)
 
 
 def test_bfloat16_model_generates_close_to_float32():
     config, model = debug_model()
     _, bf16 = debug_model("model.dtype=bfloat16")
-    assert bf16.embed.weight.dtype == torch.bfloat16
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
     _, logits32 = generate_local(model, config.prompts[:2], 2)
     _, logits16 = generate_local(bf16, config.prompts[:2], 2)
     assert logits16.dtype == torch.float32

@@ -1,0 +1,230 @@
+"""Attention: RoPE (default and YaRN), grouped-query attention, and DeepSeek's multi-head latent
+attention (MLA) with a latent KV cache. Pure torch.
+
+Shapes: b = requests, t = new tokens this step, s = visible cached positions, h = heads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepInputs:
+    """One forward step of a batch of requests, right-padded to t tokens."""
+    tokens: torch.Tensor      # [b, t] int64, pads are 0
+    positions: torch.Tensor   # [b, t] int64, each request's own positions (start at 0)
+    valid: torch.Tensor       # [b, t] bool, False on padding
+    attend: torch.Tensor      # [b, 1, t, s] bool, key position visible to query
+
+    @classmethod
+    def build(cls, tokens: list[list[int]], cached: torch.Tensor) -> "StepInputs":
+        """tokens: b lists of new tokens; cached: [b] positions already in the cache."""
+        b, t = len(tokens), max((len(x) for x in tokens), default=1)
+        padded = torch.zeros(b, t, dtype=torch.int64)
+        valid = torch.zeros(b, t, dtype=torch.bool)
+        for i, row in enumerate(tokens):
+            padded[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+            valid[i, :len(row)] = True
+        positions = cached[:, None] + torch.arange(t)
+        ends = cached + valid.sum(1)
+        keys = torch.arange(int(ends.max()) if b else 1)
+        attend = (keys <= positions[..., None]) & (keys < ends[:, None, None])
+        return cls(padded, positions, valid, attend[:, None])
+
+
+class PositionCache:
+    """A cached tensor per position: [b, max_len, *features]; each row fills at its own positions."""
+
+    def __init__(self, batch: int, max_len: int, features: tuple[int, ...], dtype):
+        self.data = torch.zeros((batch, max_len, *features), dtype=dtype)
+
+    def update(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """x: [b, t, *features] -> every visible position [b, s, *features], x included."""
+        rows = torch.arange(x.shape[0])[:, None].expand_as(inputs.positions)
+        self.data[rows, inputs.positions] = x
+        return self.data[:, :inputs.attend.shape[-1]]
+
+
+# ---------------------------------------------------------------- rotary position embedding
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of `dim` channels; YaRN when scaling is given (as transformers computes it)."""
+    dim: int
+    theta: float
+    interleaved: bool = False        # DeepSeek: rotate (x0, x1), (x2, x3), ... pairs
+    scaling: tuple = ()               # sorted (key, value) pairs of a YaRN rope_scaling mapping
+
+    def inverse_frequencies(self) -> tuple[torch.Tensor, float]:
+        """-> (inv_freq [dim / 2], attention factor multiplying cos and sin)."""
+        base = self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+        if not self.scaling:
+            return 1.0 / base, 1.0
+        p = dict(self.scaling)
+        factor, original = p["factor"], p["original_max_position_embeddings"]
+        attention_factor = p.get("attention_factor")
+        if attention_factor is None:
+            if p.get("mscale") and p.get("mscale_all_dim"):
+                attention_factor = yarn_mscale(factor, p["mscale"]) / yarn_mscale(factor, p["mscale_all_dim"])
+            else:
+                attention_factor = yarn_mscale(factor)
+        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return self.dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = (1.0 / (factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
+        return inv_freq, attention_factor
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [b, t] -> cos, sin: [b, 1, t, dim / 2] float32."""
+        inv_freq, attention_factor = self.inverse_frequencies()
+        angles = positions.float()[..., None] * inv_freq
+        return (angles.cos() * attention_factor)[:, None], (angles.sin() * attention_factor)[:, None]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [b, h, t, dim] -> rotated; interleaved pairs come out half-split, as in transformers."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x[..., :self.dim // 2], x[..., self.dim // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # computed in float32 and cast back, as transformers does
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---------------------------------------------------------------- grouped-query attention
+
+class GQAttention(nn.Module):
+    """Grouped-query attention (Mixtral, the debug model): cache [b, s, kv_heads, head_dim] x 2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, False, rope_scaling_items(cfg))
+        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+
+    def new_cache(self, batch: int, max_len: int, dtype) -> list[PositionCache]:
+        return [PositionCache(batch, max_len, (self.kv_heads, self.head_dim), dtype) for _ in range(2)]
+
+    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
+        """x: [b, t, H] -> [b, t, H]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope.cos_sin(inputs.positions)
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        keys = cache[0].update(k.transpose(1, 2), inputs).transpose(1, 2)
+        values = cache[1].update(self.v_proj(x).view(b, t, self.kv_heads, self.head_dim), inputs).transpose(1, 2)
+        group = self.heads // self.kv_heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    @staticmethod
+    def cache_bytes_per_token(cfg, itemsize: int) -> int:
+        return 2 * cfg.kv_heads * cfg.head_dim * itemsize
+
+
+# ---------------------------------------------------------------- multi-head latent attention
+
+class MLAttention(nn.Module):
+    """DeepSeek MLA. The cache keeps only the normalized latent [b, s, kv_lora_rank] and the
+    rotated shared key [b, s, qk_rope_head_dim]; at decode the key and value up-projections are
+    absorbed into the query and the output, so no per-head key or value is ever built."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.rank = cfg.heads, cfg.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rope = Rope(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_interleave, rope_scaling_items(cfg))
+        scaling = (self.nope + self.rope_dim) ** -0.5
+        if cfg.rope_scaling and cfg.rope_scaling.get("mscale_all_dim"):
+            scaling *= yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"]) ** 2
+        self.scaling = scaling
+        q_out = cfg.heads * (self.nope + self.rope_dim)
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.hidden, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # transformers uses the default eps here
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, cfg.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.heads * self.v_dim, cfg.hidden, bias=False)
+
+    def new_cache(self, batch: int, max_len: int, dtype) -> list[PositionCache]:
+        return [PositionCache(batch, max_len, (self.rank,), dtype), PositionCache(batch, max_len, (self.rope_dim,), dtype)]
+
+    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
+                absorb: bool | None = None) -> torch.Tensor:
+        """x: [b, t, H] -> [b, t, H]; absorb=None absorbs at decode (t == 1) only."""
+        b, t, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = q.view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        cos, sin = self.rope.cos_sin(inputs.positions)
+        q_rope = self.rope.apply(q_rope, cos, sin)
+        k_rope = self.rope.apply(k_rope[:, None], cos, sin)[:, 0]
+        latent = cache[0].update(self.kv_a_layernorm(latent), inputs)[:, None]   # [b, 1, s, rank]
+        k_rope = cache[1].update(k_rope, inputs)[:, None]                         # [b, 1, s, rope]
+        s = latent.shape[2]
+        w_kv = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        w_k, w_v = w_kv.split([self.nope, self.v_dim], dim=1)    # [h, nope, rank], [h, v, rank]
+        if absorb if absorb is not None else t == 1:
+            query = torch.cat([q_nope @ w_k, q_rope], dim=-1)                     # [b, h, t, rank + rope]
+            keys = torch.cat([latent, k_rope], dim=-1).expand(b, self.heads, s, -1)
+            out = F.scaled_dot_product_attention(query, keys, latent.expand(b, self.heads, s, -1),
+                                                 attn_mask=inputs.attend, scale=self.scaling)
+            out = out @ w_v.transpose(1, 2)                                        # [b, h, t, v]
+        else:
+            kv = self.kv_b_proj(latent[:, 0]).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
+            k_nope, values = kv.split([self.nope, self.v_dim], dim=-1)
+            keys = torch.cat([k_nope, k_rope.expand(b, self.heads, s, -1)], dim=-1)
+            out = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], dim=-1), keys, values,
+                                                 attn_mask=inputs.attend, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
+
+    @staticmethod
+    def cache_bytes_per_token(cfg, itemsize: int) -> int:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+
+    @staticmethod
+    def full_cache_bytes_per_token(cfg, itemsize: int) -> int:
+        """What a per-head key and value cache would hold instead."""
+        return cfg.heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * itemsize
+
+
+def rope_scaling_items(cfg) -> tuple:
+    return tuple(sorted(cfg.rope_scaling.items())) if cfg.rope_scaling else ()
