@@ -92,16 +92,22 @@ def check_model(config, layout, is_root: bool):
     requests = len(request_range(len(prompts), layout.world_size, 0))
     cache = requests * (max(map(len, prompts)) + config.run.max_new_tokens) * cache_bytes_per_token(m)
     available = available_memory_per_rank()
-    gib = 2 ** 30
     if is_root:
-        print(f"hpcmoe: model {whole / gib:.2f} GiB in {m.dtype}; per rank about {(weights + cache) / gib:.2f} GiB "
-              f"({weights / gib:.2f} GiB weights with {experts} expert(s) per MoE layer, {cache / gib:.3f} GiB KV cache)"
-              f"; {available / gib:.1f} GiB available per rank", file=sys.stderr, flush=True)
+        print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype}; per rank about {human_bytes(weights + cache)} "
+              f"({human_bytes(weights)} weights with {experts} expert(s) per MoE layer, {human_bytes(cache)} KV cache)"
+              f"; {human_bytes(available)} available per rank", file=sys.stderr, flush=True)
     if weights + cache > available:
-        raise ValueError(f"the model needs about {(weights + cache) / gib:.1f} GiB per rank but only "
-                         f"{available / gib:.1f} GiB is available per rank; use more ranks, fewer layers "
+        raise ValueError(f"the model needs about {human_bytes(weights + cache)} per rank but only "
+                         f"{human_bytes(available)} is available per rank; use more ranks, fewer layers "
                          f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N)")
     return load
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
 
 
 def summary(config, topo, layout, metrics: dict) -> str:

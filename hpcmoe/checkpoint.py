@@ -14,8 +14,7 @@ import struct
 from dataclasses import dataclass
 
 SUPPORTED = ("deepseek_v3", "mixtral")
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "F8_E4M3": "float8_e4m3fn", "I64": "int64", "I32": "int32", "U8": "uint8"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def read_config(directory: str) -> dict:
@@ -49,6 +48,10 @@ def model_fields(directory: str) -> dict:
     if kind not in SUPPORTED:
         raise ValueError(f"model.checkpoint: {where}: model_type {kind!r} is not supported; "
                          f"expected one of {', '.join(SUPPORTED)}")
+    if c.get("quantization_config"):
+        method = c["quantization_config"].get("quant_method")
+        raise ValueError(f"model.checkpoint: {where}: quantized checkpoints ({method}) are not supported; "
+                         f"dequantize to bfloat16 first")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"model.checkpoint: {where}: hidden_act {c['hidden_act']!r} is not supported; expected silu")
     common = dict(vocab=c["vocab_size"], hidden=c["hidden_size"], num_layers=c["num_hidden_layers"],
@@ -156,20 +159,17 @@ def check_tensors(directory: str, expected: dict[str, tuple[int, ...]]) -> dict[
 
 
 def tensor_loader(directory: str, index: dict[str, TensorEntry]):
-    """-> load(names) -> {name: float32 tensor}, reading only those tensors' bytes."""
+    """-> load(name) -> float32 tensor, reading only that tensor's bytes (one at a time keeps the peak low)."""
     import torch
     config = read_config(directory)
 
-    def load(names: list[str]) -> dict:
-        tensors = {}
-        for name in names:
-            entry = index[checkpoint_name(name, config)]
-            with open(entry.file, "rb") as f:
-                f.seek(entry.start)
-                data = bytearray(f.read(entry.end - entry.start))
-            dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
-            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            tensors[name] = tensor.reshape(entry.shape).float()
-        return tensors
+    def load(name: str):
+        entry = index[checkpoint_name(name, config)]
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            data = bytearray(f.read(entry.end - entry.start))
+        dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
+        tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return tensor.reshape(entry.shape).float()
 
     return load

@@ -204,7 +204,7 @@ def generate(config: Config, topo: Topology, placement: Placement, local: list[l
             if records is not None:
                 write_step(writer, step, records)
                 progress.update(step, seconds)
-    records = gather((None, None, None, timer.take()), Where(steps, -1, 0, "output"))
+    records = gather((peak_rss_bytes(), None, None, timer.take()), Where(steps, -1, 0, "output"))
     gather.close(Where(steps, -1, 0, "output"))
     if records is None:
         return {}
@@ -212,8 +212,14 @@ def generate(config: Config, topo: Topology, placement: Placement, local: list[l
     timings = writer.file["timings"][:]
     prompt_tokens = sum(map(len, prompts))
     metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), steps)
-    writer.finish(metrics, spans)
+    writer.finish(metrics, spans, per_rank={"peak_rss_bytes": np.array([r[0] for r in records], np.int64)})
     return metrics
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_step(writer: RunWriter, step: int, records: list) -> None:

@@ -46,7 +46,8 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden))
         if cfg.router == "sigmoid":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))  # kept in float32
+            # float32 whatever the model dtype, as transformers keeps it
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [n, H] -> (expert_ids [n, k] int64, weights [n, k] float32)."""
@@ -124,21 +125,23 @@ def init_seeded(model: Transformer, seed: int) -> None:
 
 
 def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Transformer:
-    """The model with only `hosted_experts` built; weights from `load(names) -> {name: tensor}`
-    (a checkpoint) or seeded per tensor name."""
-    model = Transformer(cfg, hosted_experts)
+    """The model with only `hosted_experts` built; weights from `load(name) -> tensor` (a
+    checkpoint) or seeded per tensor name."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, cfg.dtype))
+    try:  # built on the meta device in the target dtype: no float32 copy, no wasted random init
+        with torch.device("meta"):
+            model = Transformer(cfg, hosted_experts)
+        model = model.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(previous)
     if load is None:
         init_seeded(model, cfg.seed)
     else:
-        tensors = load([name for name, _ in model.named_parameters()])
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(tensors[name])
-    model = model.to(getattr(torch, cfg.dtype)).eval()
-    for block in model.layers:  # the DeepSeek router bias stays in float32, as in transformers
-        if block.is_moe and hasattr(block.mlp.gate, "e_score_correction_bias"):
-            block.mlp.gate.e_score_correction_bias.data = block.mlp.gate.e_score_correction_bias.data.float()
-    return model
+                param.copy_(load(name))
+    return model.eval()
 
 
 # ---------------------------------------------------------------- sizes without building

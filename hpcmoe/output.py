@@ -38,7 +38,7 @@ class Timer:
         return np.array(rows, dtype=TIMING_DTYPE)
 
 
-def compute_metrics(timings: np.ndarray, prompt_tokens: int, batch: int, steps: int) -> dict[str, float]:
+def compute_metrics(timings: np.ndarray, prompt_tokens: int, batch: int, steps: int) -> tuple[dict, np.ndarray]:
     """From the `step` rows of all ranks: a step lasts from its first start to its last end."""
     rows = timings[timings["phase"] == b"step"]
     spans = np.array([rows["end"][rows["step"] == s].max() - rows["start"][rows["step"] == s].min()
@@ -116,10 +116,12 @@ class RunWriter:
         table.resize((table.shape[0] + len(rows),))
         table[-len(rows):] = rows
 
-    def finish(self, metrics: dict, step_seconds: np.ndarray):
+    def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray]):
         group = self.file.create_group("metrics")
         group.attrs.update(metrics)
         group.create_dataset("step_seconds", data=step_seconds).attrs["axes"] = ["step"]
+        for name, values in per_rank.items():
+            group.create_dataset(name, data=values).attrs["axes"] = ["rank"]
         self.file.attrs["finished"] = now()
         self.file.attrs["complete"] = True  # last: only now does the file claim to be whole
         self.file.close()

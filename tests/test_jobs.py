@@ -78,10 +78,21 @@ def test_run_file_has_the_whole_schema(tmp_path_factory):
         metrics = dict(f["metrics"].attrs)
         for name in ("ttft_ms", "tpot_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "tps"):
             assert metrics[name] > 0, name
+        assert f["metrics/peak_rss_bytes"].shape == (4,) and (f["metrics/peak_rss_bytes"][:] > 2 ** 20).all()
         steps_s = f["metrics/step_seconds"][:]
         assert np.isclose(metrics["ttft_ms"], 1e3 * steps_s[0])
         assert np.isclose(metrics["tpot_ms"], 1e3 * steps_s[1:].mean())
         assert np.isclose(metrics["prefill_tokens_per_s"], lengths.sum() / steps_s[0])
+
+
+def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_factory):
+    """bfloat16 is outside the equality contract: payloads travel as raw 2-byte values."""
+    bf16 = finished_run(tmp_path_factory, 2, "debug", "model.dtype=bfloat16")
+    fp32 = finished_run(tmp_path_factory, 2, "debug")
+    with h5py.File(bf16) as f, h5py.File(fp32) as g:
+        assert f["traffic"][:].sum() == f["routing"][:].sum() * 64 * 2  # token slots x hidden x 2 bytes
+        assert g["traffic"][:].sum() == g["routing"][:].sum() * 64 * 4
+        assert np.abs(f["logits"][:, 0] - g["logits"][:, 0]).max() < 0.25
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -34,8 +34,8 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     h = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(topo.rank))
     stats = StepStats(np.zeros((2, 4), np.int64), np.zeros((2, topo.size), np.int64))
     for layer in (1, 2):
-        out = engine.moe_layer(engine.model.layers[layer], layer, h, stats)
-        torch.testing.assert_close(out, moe_local(everything.layers[layer], h), atol=1e-5, rtol=0)
+        out = engine.moe_layer(engine.model.layers[layer].mlp, layer, h, stats)
+        torch.testing.assert_close(out, moe_local(everything.layers[layer].mlp, h), atol=1e-5, rtol=0)
         assert stats.routing[layer - 1].sum() == tokens * config.model.top_k
 
 
