@@ -36,12 +36,23 @@ class StepInputs:
         attend = (keys <= positions[..., None]) & (keys < ends[:, None, None])
         return cls(padded, positions, valid, attend[:, None])
 
+    def rows(self, start: int, stop: int) -> "StepInputs":
+        """The requests [start, stop) of this step (views)."""
+        return StepInputs(self.tokens[start:stop], self.positions[start:stop], self.valid[start:stop],
+                          self.attend[start:stop])
+
 
 class PositionCache:
     """A cached tensor per position: [b, max_len, *features]; each row fills at its own positions."""
 
     def __init__(self, batch: int, max_len: int, features: tuple[int, ...], dtype):
         self.data = torch.zeros((batch, max_len, *features), dtype=dtype)
+
+    def rows(self, start: int, stop: int) -> "PositionCache":
+        """The cache of requests [start, stop): a view, so updates land in this cache."""
+        view = PositionCache.__new__(PositionCache)
+        view.data = self.data[start:stop]
+        return view
 
     def update(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, *features] -> every visible position [b, s, *features], x included."""

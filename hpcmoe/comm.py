@@ -1,19 +1,26 @@
-"""Point-to-point primitives shared by dispatch and the engine.
+"""Point-to-point messaging shared by dispatch and the engine.
 
 Every wait in a run goes through `wait_until`: it tests, yields the core while nothing has
 arrived (ranks may outnumber cores), and knows where it is (step, layer, micro-batch, phase,
-peers), so that a watchdog can name a stuck rank. No blocking collective is used inside the
-generate loop: a blocking call can neither time out nor say whom it waits for.
+peers). No blocking collective is used inside the generate loop: a blocking call can neither
+time out nor say whom it waits for.
+
+An optional emulated inter-node link (`parallel.link`) makes one machine behave like a small
+cluster: a message between ranks of different (possibly emulated) nodes is delivered no earlier
+than its send time + latency + bytes / bandwidth, and a rank's inter-node messages queue one
+after another on its link. The delivery time travels in an 8-byte header; waiting for it sleeps.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from mpi4py import MPI
+
+HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
 
 
 @dataclass(frozen=True)
@@ -38,50 +45,101 @@ def wait_until(done: Callable[[], bool], where: Where) -> None:
         pause = min(pause * 2, 1e-3)
 
 
-def wait_all(requests: list[MPI.Request], where: Where) -> None:
+def wait_all(requests: list, where: Where) -> None:
     if requests:
         wait_until(lambda: MPI.Request.Testall(requests), where)
 
 
-def as_buffer(t: torch.Tensor) -> list:
-    """A contiguous tensor as a raw-byte MPI buffer (bf16 has no MPI type; bytes need none)."""
-    return [t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8), MPI.BYTE]
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor's raw bytes (bf16 has no MPI type; bytes need none)."""
+    return t.contiguous().view(torch.uint8).numpy().reshape(-1) if t.numel() else np.empty(0, np.uint8)
 
 
 @dataclass
-class Exchange:
-    """Messages in flight between this rank and its peers; `received[peer]` fills on completion."""
-    received: dict[int, torch.Tensor]
-    requests: list[MPI.Request]
-    sent: list[torch.Tensor] = field(default_factory=list)  # keep send buffers alive until done
+class Link:
+    """This rank's outgoing inter-node link: emulated when bandwidth_gbps is set."""
+    node_of_rank: tuple[int, ...]
+    bandwidth_gbps: Optional[float] = None
+    latency_us: float = 0.0
+    free_at: float = 0.0  # when the last queued message leaves the wire
 
-    def wait(self, where: Where) -> dict[int, torch.Tensor]:
-        wait_all(self.requests, where)
-        return self.received
+    def emulated(self, me: int, peer: int) -> bool:
+        return self.bandwidth_gbps is not None and self.node_of_rank[me] != self.node_of_rank[peer]
+
+    def delivery_time(self, nbytes: int) -> float:
+        """Queue `nbytes` on the link now; -> when the receiver may see them."""
+        start = max(time.monotonic(), self.free_at)
+        self.free_at = start + nbytes * 8 / (self.bandwidth_gbps * 1e9)
+        return self.free_at + self.latency_us * 1e-6
 
 
-def post_exchange(comm: MPI.Comm, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor],
-                  tag: int) -> Exchange:
-    """Post one Irecv per entry of `recv` (preallocated) and one Isend per entry of `send`.
+class Receives:
+    """Receives posted into preallocated tensors, one per peer; `arrived()` tells which are in."""
 
-    The entry for this rank itself is copied, not sent. Empty messages are skipped: both sides
-    know the sizes from an earlier counts exchange.
-    """
-    me = comm.Get_rank()
-    requests, kept = [], []
-    for peer, buffer in recv.items():
-        if peer != me and buffer.numel():
-            requests.append(comm.Irecv(as_buffer(buffer), source=peer, tag=tag))
-    for peer, data in send.items():
-        data = data.contiguous()
+    def __init__(self, comm, buffers: dict[int, torch.Tensor], tag: int, link: Link):
+        me = comm.Get_rank()
+        self.received, self.requests, self.raw, self.done = buffers, {}, {}, set()
+        for peer, buffer in buffers.items():
+            if buffer.numel() == 0:
+                self.done.add(peer)
+            elif peer != me:  # this rank's own share is copied in by Sender.send
+                header = HEADER if link.emulated(me, peer) else 0  # else receive straight into the tensor
+                raw = np.empty(buffer.numel() * buffer.element_size() + header, np.uint8) if header else as_bytes(buffer)
+                self.raw[peer] = (raw, header)
+                self.requests[peer] = comm.Irecv([raw, MPI.BYTE], source=peer, tag=tag)
+
+    def arrived(self) -> set[int]:
+        """Peers whose message is complete (and, on an emulated link, delivered)."""
+        now = None
+        for peer in list(self.requests):
+            if self.requests[peer].Test():
+                raw, header = self.raw[peer]
+                if header:
+                    now = now or time.monotonic()
+                    if now < raw[:HEADER].view(np.float64)[0]:
+                        continue  # still on the emulated wire: test again later (a completed request stays complete)
+                    self.received[peer].view(-1).view(torch.uint8).copy_(torch.from_numpy(raw[header:]))
+                del self.requests[peer], self.raw[peer]
+                self.done.add(peer)
+        return self.done
+
+    def complete(self) -> bool:
+        return len(self.arrived()) == len(self.received)
+
+
+@dataclass
+class Sender:
+    """Posts this rank's sends and keeps them (and their buffers) until MPI completes them."""
+    comm: object
+    link: Link
+    in_flight: list = field(default_factory=list)
+    bytes_sent: int = 0
+
+    def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[Receives] = None) -> None:
+        """Isend `data` to `peer`; to this rank itself it is copied into `own` instead."""
+        me = self.comm.Get_rank()
         if peer == me:
-            recv[me].copy_(data)
-        elif data.numel():
-            kept.append(data)
-            requests.append(comm.Isend(as_buffer(data), dest=peer, tag=tag))
-    return Exchange(recv, requests, kept)
+            if data.numel():
+                own.received[me].copy_(data)
+            own.done.add(me)
+            return
+        if data.numel() == 0:
+            return  # the receiver knows the size is zero from an earlier counts exchange
+        payload = as_bytes(data)
+        if self.link.emulated(me, peer):
+            header = np.array([self.link.delivery_time(len(payload))], np.float64).view(np.uint8)
+            payload = np.concatenate([header, payload])
+        self.in_flight.append((self.comm.Isend([payload, MPI.BYTE], dest=peer, tag=tag), payload))
+        self.bytes_sent += len(payload)
+
+    def test(self) -> None:
+        self.in_flight = [(r, b) for r, b in self.in_flight if not r.Test()]
+
+    def wait(self, where: Where) -> None:
+        wait_all([r for r, _ in self.in_flight], where)
+        self.in_flight = []
 
 
 def tag_for(kind: int, layer: int, micro_batch: int, micro_batches: int) -> int:
     """Distinct tags per (layer, micro-batch, message kind) so exchanges in flight never cross."""
-    return (kind + 4 * (micro_batch + micro_batches * max(layer, 0))) % 32000 + 100
+    return (kind + 8 * (micro_batch + micro_batches * max(layer, 0))) % 32000 + 100

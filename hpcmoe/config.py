@@ -80,12 +80,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LinkConfig:
+    """An emulated inter-node link (testing schedules on one machine): Gbit/s and microseconds."""
+    bandwidth_gbps: float = 0.0
+    latency_us: float = 0.0
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks
     placement: str = "auto"                # auto | packed | one_per_rank
     experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
     threads: Optional[int] = None          # torch threads per rank (default: cores per rank)
+    link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class RunConfig:
     seed: int = 0                           # synthetic workload seed
     prompt_ids: Optional[list[list[int]]] = None  # explicit prompts; replace the synthetic workload
     max_new_tokens: int = 8
+    micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
     fail_rank: Optional[int] = None         # testing: this rank raises ...
     fail_at_layer: int = 0                  # ... in this layer ...
     fail_at_step: int = 0                   # ... of this step
@@ -236,6 +245,10 @@ def check_type(value, annotation, path: str):
         if not isinstance(value, list):
             raise ValueError(f"{path}: expected a list, got {value!r}")
         return [check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return build_section(annotation, value, path)
     if annotation is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{path}: expected a mapping, got {value!r}")
@@ -322,6 +335,10 @@ def validate(config: Config) -> None:
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
+    require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
+    if p.link is not None:
+        require(p.link.bandwidth_gbps > 0, f"parallel.link.bandwidth_gbps: expected a number > 0, got {p.link.bandwidth_gbps}")
+        require(p.link.latency_us >= 0, f"parallel.link.latency_us: expected a number >= 0, got {p.link.latency_us}")
     require(0 <= r.fail_at_layer < m.num_layers,
             f"run.fail_at_layer: {r.fail_at_layer} must be between 0 and {m.num_layers - 1}")
     require(0 <= r.fail_at_step < r.max_new_tokens,

@@ -1,17 +1,16 @@
 """Token dispatch and combine for one MoE layer (Megatron's pre / comm / post split).
 
-Pure math first (plan, grouping, combine weighting: testable without MPI), then the two
-exchanges: counts (one small message per peer, so each side knows every size) and payloads
-(one message per (source, destination) pair with tokens, grouped by destination expert).
+Pure math first (plan, replica choice, combine weighting, bytes on the wire: testable without
+MPI), then the exchanges: counts (one small message per peer, so each side knows every size)
+and payloads (one message per (source, destination) pair, tokens grouped by destination slot).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from mpi4py import MPI
 
-from hpcmoe.comm import Exchange, post_exchange
+from hpcmoe.comm import Link, Receives, Sender
 from hpcmoe.placement import Placement
 
 
@@ -22,27 +21,42 @@ class DispatchPlan:
     source_token: torch.Tensor  # [n*k] token row of each sorted slot
     slot_counts: torch.Tensor   # [slots] int64, token slots sent to each physical slot
     rank_counts: list[int]      # [ranks] token slots sent to each rank (rows of its message)
+    slots: torch.Tensor         # [n, k] physical slot chosen for each (token, choice)
 
 
-def make_plan(expert_ids: torch.Tensor, placement: Placement) -> DispatchPlan:
-    """expert_ids: [n, k] logical experts per token -> the plan (one slot per expert for now)."""
-    expert_slots = placement.expert_slots()
-    assert all(len(s) == 1 for s in expert_slots), "replicas need a replica choice rule"
-    expert_to_slot = torch.tensor([s[0] for s in expert_slots], dtype=torch.int64)
-    slots = expert_to_slot[expert_ids.flatten()]
-    order = torch.argsort(slots, stable=True)
-    slot_counts = torch.bincount(slots, minlength=len(placement.slot_rank))
+def candidate_slots(placement: Placement, source_rank: int, node_of_rank: tuple[int, ...]) -> list[list[int]]:
+    """[experts][candidates]: the replicas a source may use, those on its own node if any."""
+    node = node_of_rank[source_rank]
+    candidates = []
+    for slots in placement.expert_slots():
+        near = [p for p in slots if node_of_rank[placement.slot_rank[p]] == node]
+        candidates.append(near or slots)
+    return candidates
+
+
+def choose_slots(expert_ids: torch.Tensor, placement: Placement, source_rank: int,
+                 node_of_rank: tuple[int, ...]) -> torch.Tensor:
+    """expert_ids: [n, k] -> [n, k] physical slots. The i-th token slot of this source for expert e
+    goes to candidate (i + source_rank) % candidates: deterministic, the same on every rank."""
+    flat = expert_ids.flatten()
+    slots = torch.empty_like(flat)
+    for e, candidates in enumerate(candidate_slots(placement, source_rank, node_of_rank)):
+        where = (flat == e).nonzero(as_tuple=True)[0]
+        if len(where):
+            pick = (torch.arange(len(where)) + source_rank) % len(candidates)
+            slots[where] = torch.tensor(candidates, dtype=torch.int64)[pick]
+    return slots.view(expert_ids.shape)
+
+
+def make_plan(expert_ids: torch.Tensor, placement: Placement, source_rank: int = 0,
+              node_of_rank: tuple[int, ...] | None = None) -> DispatchPlan:
+    """expert_ids: [n, k] logical experts per token -> the plan for this source rank."""
+    node_of_rank = node_of_rank or (0,) * placement.num_ranks
+    slots = choose_slots(expert_ids, placement, source_rank, node_of_rank)
+    order = torch.argsort(slots.flatten(), stable=True)
+    slot_counts = torch.bincount(slots.flatten(), minlength=len(placement.slot_rank))
     rank_counts = [int(slot_counts[list(placement.slots_of_rank(r))].sum()) for r in range(placement.num_ranks)]
-    return DispatchPlan(order, order // expert_ids.shape[1], slot_counts, rank_counts)
-
-
-def group_by_slot(recv_counts: torch.Tensor) -> torch.Tensor:
-    """recv_counts: [sources, my_slots] -> [m] permutation of the received rows (concatenated in
-    source order, each source's rows grouped by slot) that groups them by slot instead."""
-    starts = torch.cumsum(recv_counts.flatten(), 0).view(recv_counts.shape) - recv_counts
-    pieces = [torch.arange(int(starts[s, j]), int(starts[s, j] + recv_counts[s, j]))
-              for j in range(recv_counts.shape[1]) for s in range(recv_counts.shape[0])]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    return DispatchPlan(order, order // expert_ids.shape[1], slot_counts, rank_counts, slots)
 
 
 def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -59,33 +73,35 @@ def split_rows(rows: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]
     return dict(enumerate(rows.split(counts)))
 
 
-# ---------------------------------------------------------------- the exchanges
+def internode_bytes(plan: DispatchPlan, placement: Placement, source_rank: int, node_of_rank, row_bytes: int) -> int:
+    """Payload bytes this source's flat dispatch puts on inter-node links (each token slot travels)."""
+    me = node_of_rank[source_rank]
+    return sum(c * row_bytes for r, c in enumerate(plan.rank_counts) if node_of_rank[r] != me)
 
-def post_counts(comm: MPI.Comm, plan: DispatchPlan, placement: Placement, tag: int) -> Exchange:
-    """Send each peer how many token slots go to each of its expert slots; receive the same."""
+
+# ---------------------------------------------------------------- the flat exchanges
+
+def post_counts(comm, sender: Sender, link: Link, plan: DispatchPlan, placement: Placement, tag: int) -> Receives:
+    """Send each peer how many token slots go to each of its slots; receive the same from every peer."""
     ranks, me = range(comm.Get_size()), comm.Get_rank()
-    mine = placement.slots_of_rank(me)
-    send = {r: plan.slot_counts[list(placement.slots_of_rank(r))].clone() for r in ranks}
-    recv = {r: torch.zeros(len(mine), dtype=torch.int64) for r in ranks}
-    return post_exchange(comm, send, recv, tag)
+    mine = len(placement.slots_of_rank(me))
+    receives = Receives(comm, {r: torch.zeros(mine, dtype=torch.int64) for r in ranks}, tag, link)
+    for r in ranks:
+        sender.send(r, plan.slot_counts[list(placement.slots_of_rank(r))].clone(), tag, receives)
+    return receives
 
 
-def received_counts(exchange_result: dict[int, torch.Tensor]) -> torch.Tensor:
-    """{source: [my_slots]} -> [sources, my_slots] (a rank hosting no slot gets [sources, 0])."""
-    return torch.stack([exchange_result[r] for r in sorted(exchange_result)])
-
-
-def post_dispatch(comm: MPI.Comm, tokens_sorted: torch.Tensor, plan: DispatchPlan,
-                  recv_counts: torch.Tensor, tag: int) -> Exchange:
-    """tokens_sorted: [n*k, H] rows in plan order -> received rows per source."""
+def post_dispatch(comm, sender: Sender, link: Link, tokens_sorted: torch.Tensor, plan: DispatchPlan,
+                  recv_counts: dict[int, torch.Tensor], tag: int) -> Receives:
+    """tokens_sorted: [n*k, H] rows in plan order -> their experts' ranks; receives every source's rows."""
     hidden = tokens_sorted.shape[1]
-    recv = {r: tokens_sorted.new_empty(int(c), hidden) for r, c in enumerate(recv_counts.sum(1))}
-    return post_exchange(comm, split_rows(tokens_sorted, plan.rank_counts), recv, tag)
+    receives = Receives(comm, {r: tokens_sorted.new_empty(int(c.sum()), hidden) for r, c in recv_counts.items()},
+                        tag, link)
+    for r, rows in split_rows(tokens_sorted, plan.rank_counts).items():
+        sender.send(r, rows, tag, receives)
+    return receives
 
 
-def post_combine(comm: MPI.Comm, outputs: dict[int, torch.Tensor], plan: DispatchPlan, tag: int) -> Exchange:
-    """outputs: {source: expert outputs for its rows} -> this rank's rows back, in plan order."""
-    hidden = next(iter(outputs.values())).shape[1]
-    dtype = next(iter(outputs.values())).dtype
-    recv = {r: torch.empty(c, hidden, dtype=dtype) for r, c in enumerate(plan.rank_counts)}
-    return post_exchange(comm, outputs, recv, tag)
+def post_returns(comm, link: Link, plan: DispatchPlan, hidden: int, dtype, tag: int) -> Receives:
+    """Receives for this rank's token slots coming back from every expert rank, in plan order."""
+    return Receives(comm, {r: torch.empty(c, hidden, dtype=dtype) for r, c in enumerate(plan.rank_counts)}, tag, link)

@@ -1,38 +1,80 @@
 """The generate loop of the ep layout: prefill, greedy decode, per-step records to rank 0.
 
 Each rank runs attention and dense layers for its own contiguous block of requests and hosts
-its experts of every MoE layer; a MoE layer is route -> plan -> counts -> dispatch -> experts ->
-combine, with every wait going through comm.wait_until.
+its experts of every MoE layer. A step splits the rank's requests into `run.micro_batches`
+micro-batches; each is a generator that computes and yields what it waits for (`Pending`), and
+one scheduler resumes whichever micro-batch can go on, so the exchange of one overlaps the
+compute of another, across layers, with no whole-batch barrier. When none can go on, the
+scheduler sleeps in comm.wait_until, the one place a rank waits.
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 from hpcmoe import __version__
-from hpcmoe.comm import Where, tag_for, wait_all, wait_until
-from hpcmoe.config import Config
-from hpcmoe.dispatch import (combine_tokens, group_by_slot, make_plan, post_combine, post_counts,
-                             post_dispatch, received_counts, split_rows)
-from hpcmoe.layout import ParallelLayout, request_range
 from hpcmoe.attention import StepInputs
+from hpcmoe.comm import Link, Receives, Sender, Where, tag_for, wait_all, wait_until
+from hpcmoe.config import Config
+from hpcmoe.dispatch import combine_tokens, make_plan, post_counts, post_dispatch, post_returns
+from hpcmoe.layout import ParallelLayout, request_range
 from hpcmoe.model import MoE, Transformer, build_model
-from hpcmoe.output import RunWriter, Timer, compute_metrics
+from hpcmoe.output import RunWriter, Timer, compute_metrics, overlap_and_busy
 from hpcmoe.placement import Placement
 from hpcmoe.router import tokens_per_expert
 from hpcmoe.topology import Topology
 
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
+COUNTS, DISPATCH, RETURNS = 0, 1, 2  # message kinds within a layer and micro-batch
 
 
 @dataclass
 class StepStats:
     routing: np.ndarray  # [moe_layers, experts] token slots this rank sent to each expert
     traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
+
+
+@dataclass
+class Pending:
+    """What a micro-batch waits for: every receive, or (any_of) at least one of these peers."""
+    receives: Receives
+    where: Where
+    any_of: Optional[set] = None
+
+    def poll(self):
+        """None while nothing to resume for; else True (all) or the set of newly arrived peers."""
+        arrived = self.receives.arrived()
+        if self.any_of is None:
+            return True if len(arrived) == len(self.receives.received) else None
+        return (arrived & self.any_of) or None
+
+
+def run_concurrently(generators: list, timer: Timer, step: int, sender: Sender) -> list:
+    """Drive micro-batch generators to completion; -> their return values in order."""
+    results, waiting = [None] * len(generators), {i: None for i in range(len(generators))}
+    while waiting:
+        progressed = False
+        for i in sorted(waiting):
+            pending = waiting[i]
+            got = None if pending is None else pending.poll()
+            if pending is None or got is not None:
+                try:
+                    waiting[i] = generators[i].send(got)
+                except StopIteration as finished:
+                    results[i] = finished.value
+                    del waiting[i]
+                progressed = True
+        sender.test()
+        if waiting and not progressed:  # nothing can run: sleep until something arrives
+            first = waiting[min(waiting)].where
+            with timer.phase(first.phase, step, first.layer, first.micro_batch):
+                wait_until(lambda: any(p.poll() is not None for p in waiting.values()), first)
+    return results
 
 
 class EPEngine:
@@ -43,60 +85,82 @@ class EPEngine:
         self.comm, self.rank = topo.world, topo.rank
         self.my_experts = placement.experts_of_rank(self.rank)
         self.model: Transformer = build_model(config.model, self.my_experts, load)
+        link = config.parallel.link
+        self.link = Link(topo.node_of_rank, link.bandwidth_gbps if link else None, link.latency_us if link else 0.0)
+        self.sender = Sender(self.comm, self.link)
+        self.micro_batches = config.run.micro_batches
         self.step = 0
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
         """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
+        b = inputs.tokens.shape[0]
+        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
+        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
+                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
+                      for i, r in enumerate(blocks)]
+        logits = run_concurrently(generators, self.timer, self.step, self.sender)
+        self.sender.wait(Where(self.step, -1, 0, "send_wait"))
+        return torch.cat(logits)
+
+    def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
+        """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits."""
         phase, model, step = self.timer.phase, self.model, self.step
-        with phase("embed", step):
+        with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
         for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
             self.maybe_fail(layer)
-            with phase("attention", step, layer):
+            with phase("attention", step, layer, mb):
                 x = block.attend(x, layer_cache, inputs)
                 h = block.post_attention_layernorm(x)[inputs.valid]
             if block.is_moe:
-                out = self.moe_layer(block.mlp, layer, h, stats)
+                out = yield from self.moe_layer(block.mlp, layer, mb, h, stats)
             else:
-                with phase("mlp", step, layer):
+                with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
             x[inputs.valid] += out
-        with phase("lm_head", step):
+        with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
 
-    def moe_layer(self, moe: MoE, layer: int, h: torch.Tensor, stats: StepStats) -> torch.Tensor:
-        """h: [n, H] this rank's tokens -> [n, H] weighted expert outputs (plus shared experts), in token order."""
-        phase, step, comm = self.timer.phase, self.step, self.comm
-        moe_index = layer - self.config.model.dense_layers
-        ranks = range(comm.Get_size())
-        peers = tuple(r for r in ranks if r != self.rank)
-        tag = lambda kind: tag_for(kind, layer, 0, 1)
-        where = lambda name: Where(step, layer, 0, name, peers)
-        with phase("route", step, layer):
+    def moe_layer(self, moe: MoE, layer: int, mb: int, h: torch.Tensor, stats: StepStats):
+        """Generator: h [n, H] -> [n, H] weighted expert outputs (plus shared experts), in token order.
+
+        Experts start on each source's tokens as its message arrives and send the results
+        straight back, so sources never wait for the slowest peer before compute begins."""
+        phase, step, comm, sender, link = self.timer.phase, self.step, self.comm, self.sender, self.link
+        tag = lambda kind: tag_for(kind, layer, mb, self.micro_batches)
+        peers = tuple(r for r in range(comm.Get_size()) if r != self.rank)
+        where = lambda name, waiting=peers: Where(step, layer, mb, name, tuple(sorted(waiting)))
+        with phase("route", step, layer, mb):
             expert_ids, weights = moe.gate(h)
-            plan = make_plan(expert_ids, self.placement)
-            stats.routing[moe_index] = tokens_per_expert(expert_ids, self.config.model.num_experts).numpy()
-            stats.traffic[moe_index] = np.array(plan.rank_counts) * h.shape[1] * h.element_size()
-        with phase("dispatch_counts", step, layer):
-            counts = received_counts(post_counts(comm, plan, self.placement, tag(0)).wait(where("dispatch_counts")))
-        with phase("dispatch_post", step, layer):
-            dispatch = post_dispatch(comm, h[plan.source_token], plan, counts, tag(1))
-        with phase("shared_experts", step, layer):  # while the tokens travel
+            plan = make_plan(expert_ids, self.placement, self.rank, self.topo.node_of_rank)
+            moe_index = layer - self.config.model.dense_layers
+            stats.routing[moe_index] += tokens_per_expert(expert_ids, self.config.model.num_experts).numpy()
+            stats.traffic[moe_index] += np.array(plan.rank_counts) * h.shape[1] * h.element_size()
+            counts = post_counts(comm, sender, link, plan, self.placement, tag(COUNTS))
+        posted = time.perf_counter()
+        yield Pending(counts, where("counts_wait"))
+        self.timer.add("counts_comm", step, layer, mb, posted)
+        with phase("dispatch_post", step, layer, mb):
+            posted = time.perf_counter()
+            dispatch = post_dispatch(comm, sender, link, h[plan.source_token], plan, counts.received, tag(DISPATCH))
+            returns = post_returns(comm, link, plan, h.shape[1], h.dtype, tag(RETURNS))
+        with phase("shared_experts", step, layer, mb):  # while the tokens travel
             shared = moe.shared(h)
-        with phase("dispatch_wait", step, layer):
-            received = dispatch.wait(where("dispatch_wait"))
-        with phase("experts", step, layer):
-            rows = torch.cat([received[r] for r in ranks])
-            by_expert = group_by_slot(counts)
-            outputs = torch.empty_like(rows)
-            outputs[by_expert] = moe.run_experts(rows[by_expert], self.my_experts, counts.sum(0).tolist())
-        with phase("combine_post", step, layer):
-            combine = post_combine(comm, split_rows(outputs, counts.sum(1).tolist()), plan, tag(2))
-        with phase("combine_wait", step, layer):
-            returned = combine.wait(where("combine_wait"))
-        with phase("combine", step, layer):
-            routed = combine_tokens(plan, torch.cat([returned[r] for r in ranks]), weights)
+        sources = set(dispatch.received)
+        while sources:
+            arrived = yield Pending(dispatch, where("dispatch_wait", sources), any_of=sources)
+            for source in sorted(arrived):
+                with phase("experts", step, layer, mb):
+                    out = moe.run_experts(dispatch.received[source], self.my_experts,
+                                          counts.received[source].tolist())
+                    sender.send(source, out, tag(RETURNS), returns)
+            sources -= arrived
+        self.timer.add("dispatch_comm", step, layer, mb, posted)
+        yield Pending(returns, where("combine_wait"))
+        self.timer.add("combine_comm", step, layer, mb, posted)
+        with phase("combine", step, layer, mb):
+            routed = combine_tokens(plan, torch.cat([returns.received[r] for r in sorted(returns.received)]), weights)
             return routed if shared is None else routed + shared
 
     def maybe_fail(self, layer: int):
@@ -212,7 +276,11 @@ def generate(config: Config, topo: Topology, placement: Placement, local: list[l
     timings = writer.file["timings"][:]
     prompt_tokens = sum(map(len, prompts))
     metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), steps)
-    writer.finish(metrics, spans, per_rank={"peak_rss_bytes": np.array([r[0] for r in records], np.int64)})
+    per_rank = overlap_and_busy(timings, topo.size, config.model.num_layers)
+    metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
+    metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
+    per_rank["peak_rss_bytes"] = np.array([r[0] for r in records], np.int64)
+    writer.finish(metrics, spans, per_rank)
     return metrics
 
 

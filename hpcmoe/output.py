@@ -32,6 +32,11 @@ class Timer:
             self.rows.append((self.rank, layer, micro_batch, step, name.encode(),
                               start - self.t0, time.perf_counter() - self.t0))
 
+    def add(self, name: str, step: int, layer: int, micro_batch: int, start: float) -> None:
+        """A row from `start` (a perf_counter value) until now: for spans that no `with` encloses."""
+        self.rows.append((self.rank, layer, micro_batch, step, name.encode(), start - self.t0,
+                          time.perf_counter() - self.t0))
+
     def take(self) -> np.ndarray:
         """The rows collected since the last call."""
         rows, self.rows = self.rows, []
@@ -53,6 +58,67 @@ def compute_metrics(timings: np.ndarray, prompt_tokens: int, batch: int, steps: 
         "tps": (prompt_tokens + decode_tokens) / total,
         "total_s": total,
     }, spans
+
+
+NOT_COMPUTE = (b"step", b"output", b"send_wait")  # besides *_wait (idle) and *_comm (in flight)
+
+
+def is_comm(phase: bytes) -> bool:
+    return phase.endswith(b"_comm")
+
+
+def is_compute(phase: bytes) -> bool:
+    return not (phase.endswith(b"_wait") or is_comm(phase) or phase in NOT_COMPUTE)
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merge overlapping [start, end) intervals."""
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(m) for m in merged]
+
+
+def length(intervals) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def intersection(a, b) -> float:
+    """Total length of the intersection of two merged interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def overlap_and_busy(timings: np.ndarray, ranks: int, layers: int) -> dict[str, np.ndarray]:
+    """overlap = |communication in flight ∩ compute| / |communication| per rank and layer, and
+    busy = |compute| / |steps| per rank (compute of any layer or micro-batch counts)."""
+    overlap = np.full((ranks, layers), np.nan)
+    overlap_rank, busy = np.full(ranks, np.nan), np.zeros(ranks)
+    for rank in range(ranks):
+        rows = timings[timings["rank"] == rank]
+        compute = union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])])
+        steps = union([(r["start"], r["end"]) for r in rows if r["phase"] == b"step"])
+        busy[rank] = intersection(compute, steps) / max(length(steps), 1e-12)
+        comm_all = []
+        for layer in range(layers):
+            comm = union([(r["start"], r["end"]) for r in rows if is_comm(r["phase"]) and r["layer"] == layer])
+            comm_all += comm
+            if length(comm) > 0:
+                overlap[rank, layer] = intersection(comm, compute) / length(comm)
+        comm_all = union(comm_all)
+        if length(comm_all) > 0:
+            overlap_rank[rank] = intersection(comm_all, compute) / length(comm_all)
+    return {"overlap_fraction_per_rank": overlap_rank, "overlap_fraction_per_layer": overlap,
+            "busy_fraction_per_rank": busy}
 
 
 def now() -> str:
@@ -121,7 +187,7 @@ class RunWriter:
         group.attrs.update(metrics)
         group.create_dataset("step_seconds", data=step_seconds).attrs["axes"] = ["step"]
         for name, values in per_rank.items():
-            group.create_dataset(name, data=values).attrs["axes"] = ["rank"]
+            group.create_dataset(name, data=values).attrs["axes"] = ["rank", "layer"][:values.ndim]
         self.file.attrs["finished"] = now()
         self.file.attrs["complete"] = True  # last: only now does the file claim to be whole
         self.file.close()

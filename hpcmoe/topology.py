@@ -39,6 +39,7 @@ class Topology:
     num_nodes: int
     node_sizes: tuple[int, ...]
     host_size: int          # ranks sharing this rank's real machine (they share its cores)
+    node_of_rank: tuple[int, ...]  # [world ranks] node index of every rank
 
     @property
     def rank(self) -> int:
@@ -66,8 +67,9 @@ def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
     leader_rank = node.bcast(rank if is_leader else None, root=0)
     sizes = dict(world.allgather((leader_rank, node.Get_size())))
     leader_ranks = sorted(sizes)
+    node_of_rank = tuple(leader_ranks.index(r) for r in world.allgather(leader_rank))
     return Topology(world, node, leaders, leader_ranks.index(leader_rank), len(leader_ranks),
-                    tuple(sizes[r] for r in leader_ranks), host.Get_size())
+                    tuple(sizes[r] for r in leader_ranks), host.Get_size(), node_of_rank)
 
 
 def default_threads(node_size: int) -> int:

@@ -24,7 +24,8 @@ def setup_run(comm, *settings, output="unused.h5"):
 
 def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
-    from hpcmoe.engine import EPEngine, StepStats
+    from hpcmoe.comm import Where
+    from hpcmoe.engine import EPEngine, StepStats, run_concurrently
     from hpcmoe.model import build_model, moe_local
     from hpcmoe.output import Timer
     config, topo, layout = setup_run(MPI.COMM_WORLD)
@@ -34,7 +35,12 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     h = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(topo.rank))
     stats = StepStats(np.zeros((2, 4), np.int64), np.zeros((2, topo.size), np.int64))
     for layer in (1, 2):
-        out = engine.moe_layer(engine.model.layers[layer].mlp, layer, h, stats)
+        halves = h[: len(h) // 2], h[len(h) // 2:]  # two micro-batches in flight at once
+        engine.micro_batches = 2
+        outs = run_concurrently([engine.moe_layer(engine.model.layers[layer].mlp, layer, mb, part, stats)
+                                 for mb, part in enumerate(halves)], engine.timer, 0, engine.sender)
+        engine.sender.wait(Where())
+        out = torch.cat(outs)
         torch.testing.assert_close(out, moe_local(everything.layers[layer].mlp, h), atol=1e-5, rtol=0)
         assert stats.routing[layer - 1].sum() == tokens * config.model.top_k
 
@@ -51,7 +57,9 @@ def test_node_communicators_follow_ranks_per_node():
         assert topo.leaders.allgather(rank) == list(range(0, size, 2))
 
 
-@pytest.mark.parametrize("settings", [[], ["parallel.ranks_per_node=2"], ["run.batch=1"]])
+@pytest.mark.parametrize("settings", [[], ["parallel.ranks_per_node=2"], ["run.batch=1"],
+                                      ["run.micro_batches=3", "parallel.ranks_per_node=1",
+                                       "parallel.link={bandwidth_gbps: 10, latency_us: 50}"]])
 def test_generate_over_the_world_equals_each_rank_alone(mpi_tmp_path, settings):
     """Every rank runs the whole job alone on COMM_SELF, then all run it together."""
     from mpi4py import MPI
