@@ -60,6 +60,10 @@ def command_run(args) -> int:
         fail(str(e))
     try:
         load = check_model(config, layout, world.Get_rank() == 0)
+        routing = None
+        if config.parallel.placement_from:
+            from hpcmoe.output import read_routing
+            routing = read_routing(config.parallel.placement_from, config.model.num_experts)
     except ValueError as e:
         fail(str(e))
     import torch
@@ -67,7 +71,7 @@ def command_run(args) -> int:
     from hpcmoe.topology import build_topology, default_threads
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
-    metrics = run(config, topo, layout, load)
+    metrics = run(config, topo, layout, load, routing)
     if topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
     return 0
@@ -85,7 +89,7 @@ def check_model(config, layout, is_root: bool):
     if m.checkpoint:
         from hpcmoe.checkpoint import check_tensors, tensor_loader
         load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m)))
-    placement = layout.placement()
+    placement = layout.placement((0,) * layout.world_size)  # node-independent slot counts
     experts = max(len(placement.experts_of_rank(r)) for r in range(layout.world_size))
     whole, weights = parameter_bytes(m, experts)
     prompts = config.prompts
@@ -115,7 +119,7 @@ def summary(config, topo, layout, metrics: dict) -> str:
     prompts = config.prompts
     return "\n".join([
         f"hpcmoe: {topo.size} ranks on {topo.num_nodes} node(s), layout {config.parallel.layout}, "
-        f"placement {layout.placement().mode}, {len(prompts)} requests, "
+        f"placement {layout.mode}, {len(prompts)} requests, "
         f"{sum(map(len, prompts))} prompt tokens, {r.max_new_tokens} new tokens each",
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "

@@ -89,11 +89,12 @@ class LinkConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks
-    placement: str = "auto"                # auto | packed | one_per_rank
+    placement: str = "auto"                # auto | packed | one_per_rank | replicated | topology_aware
     experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
     threads: Optional[int] = None          # torch threads per rank (default: cores per rank)
     link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
+    placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,9 @@ def validate(config: Config) -> None:
     m, p, r = config.model, config.parallel, config.run
     validate_model(m)
     require(p.layout == "ep", f"parallel.layout: {p.layout!r} is not supported; expected ep")
-    require(p.placement in ("auto", "packed", "one_per_rank"),
-            f"parallel.placement: {p.placement!r} is not supported; expected auto, packed or one_per_rank")
+    placements = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
+    require(p.placement in placements,
+            f"parallel.placement: {p.placement!r} is not supported; expected one of {', '.join(placements)}")
     for name in ("experts_per_rank", "ranks_per_node", "threads"):
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")

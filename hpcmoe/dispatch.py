@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcmoe.comm import Link, Receives, Sender
-from hpcmoe.placement import Placement
+from hpcmoe.placement import Placement, replica_split
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,10 @@ class DispatchPlan:
 
 def candidate_slots(placement: Placement, source_rank: int, node_of_rank: tuple[int, ...]) -> list[list[int]]:
     """[experts][candidates]: the replicas a source may use, those on its own node if any."""
-    node = node_of_rank[source_rank]
     candidates = []
     for slots in placement.expert_slots():
-        near = [p for p in slots if node_of_rank[placement.slot_rank[p]] == node]
-        candidates.append(near or slots)
+        ranks = replica_split([placement.slot_rank[p] for p in slots], source_rank, list(node_of_rank))
+        candidates.append([p for p in slots if placement.slot_rank[p] in ranks])
     return candidates
 
 

@@ -24,7 +24,7 @@ from hpcmoe.config import Config
 from hpcmoe.dispatch import combine_tokens, make_plan, post_counts, post_dispatch, post_returns
 from hpcmoe.layout import ParallelLayout, request_range
 from hpcmoe.model import MoE, Transformer, build_model
-from hpcmoe.output import RunWriter, Timer, compute_metrics, overlap_and_busy
+from hpcmoe.output import RunWriter, Timer, compute_metrics, overlap_and_busy, rank_load_imbalance
 from hpcmoe.placement import Placement
 from hpcmoe.router import tokens_per_expert
 from hpcmoe.topology import Topology
@@ -215,10 +215,13 @@ class Progress:
         sys.stderr.flush()
 
 
-def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, device: str = "cpu") -> dict:
-    """Generate for every request of the config; rank 0 writes the run file. Returns the metrics."""
+def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routing=None, device: str = "cpu") -> dict:
+    """Generate for every request of the config; rank 0 writes the run file. Returns the metrics.
+
+    routing: an earlier run's /routing to place experts by (parallel.placement_from)."""
     rank, size = topo.rank, topo.size
-    placement = layout.placement()
+    placement = layout.placement(topo.node_of_rank, routing)
+    source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
     steps, model_cfg = config.run.max_new_tokens, config.model
     local = [prompts[i] for i in request_range(len(prompts), size, rank)]
@@ -230,7 +233,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, devic
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
     try:
-        metrics = generate(config, topo, placement, local, prompts, writer, load)
+        metrics = generate(config, topo, placement, source, local, prompts, writer, load)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -238,14 +241,14 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, devic
     return metrics
 
 
-def generate(config: Config, topo: Topology, placement: Placement, local: list[list[int]],
+def generate(config: Config, topo: Topology, placement: Placement, source: str, local: list[list[int]],
              prompts: list[list[int]], writer, load) -> dict:
     rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
     topo.world.Barrier()  # the common start of every timing row
     timer = Timer(rank, time.perf_counter())
     engine = EPEngine(config, topo, placement, timer, load)
     if writer is not None:
-        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, "uniform")
+        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
     cache = engine.model.new_cache(len(local), max(map(len, prompts)) + steps)
     cached = torch.zeros(len(local), dtype=torch.int64)
     new_tokens = local
@@ -279,6 +282,7 @@ def generate(config: Config, topo: Topology, placement: Placement, local: list[l
     per_rank = overlap_and_busy(timings, topo.size, config.model.num_layers)
     metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
+    metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:])
     per_rank["peak_rss_bytes"] = np.array([r[0] for r in records], np.int64)
     writer.finish(metrics, spans, per_rank)
     return metrics

@@ -12,26 +12,31 @@ from hpcmoe.config import Config
 from hpcmoe import placement as placements
 
 
+PLACEMENTS = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     world_size: int
     num_experts: int
-    placement_mode: str                 # auto | packed | one_per_rank as configured
-    experts_per_rank: Optional[int]
+    placement_mode: str                 # as configured: one of PLACEMENTS
+    experts_per_rank: Optional[int]     # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
 
     def __post_init__(self):
-        w, e = self.world_size, self.num_experts
-        if self.placement_mode == "one_per_rank" and e != w:
-            raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == "
-                             f"world size ({w})")
-        if w > e:
-            raise ValueError(f"world size ({w}) > model.num_experts ({e}): more ranks than experts needs "
-                             f"expert replicas, which are not available yet; run with at most {e} ranks")
-        if self.experts_per_rank is not None:
-            if self.placement_mode == "one_per_rank":
-                raise ValueError("parallel.experts_per_rank applies to packed placement, "
-                                 "not parallel.placement=one_per_rank")
-            self.placement()  # raises with the numbers when k * ranks < experts
+        w, e, k, mode = self.world_size, self.num_experts, self.experts_per_rank, self.mode
+        if mode == "one_per_rank" and e != w:
+            raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == world size ({w})")
+        if mode == "topology_aware" and e > w:
+            raise ValueError(f"parallel.placement=topology_aware puts at most one expert on a rank: it needs "
+                             f"model.num_experts ({e}) <= world size ({w})")
+        if mode == "packed" and w > e and k is None:
+            raise ValueError(f"parallel.placement=packed with world size ({w}) > model.num_experts ({e}) leaves "
+                             f"ranks without experts; use parallel.placement=replicated (or auto)")
+        if k is not None and mode in ("one_per_rank", "topology_aware"):
+            raise ValueError(f"parallel.experts_per_rank applies to packed and replicated placement, "
+                             f"not parallel.placement={mode}")
+        if mode in ("packed", "replicated"):
+            self.placement((0,) * w)  # raises with the numbers when k x ranks cannot hold the experts
 
     @classmethod
     def from_config(cls, config: Config, world_size: int):
@@ -43,12 +48,29 @@ class ParallelLayout:
                              f"world size - 1 ({world_size - 1})")
         return layout
 
-    def placement(self) -> placements.Placement:
+    @property
+    def mode(self) -> str:
+        """The placement `auto` stands for: one per rank, packed, or replicated by the rank count."""
+        if self.placement_mode != "auto":
+            return self.placement_mode
         e, w = self.num_experts, self.world_size
-        if self.placement_mode == "one_per_rank" or (self.placement_mode == "auto" and e == w
-                                                     and self.experts_per_rank is None):
+        if e == w and self.experts_per_rank is None:
+            return "one_per_rank"
+        return "packed" if e >= w else "replicated"
+
+    def placement(self, node_of_rank: tuple[int, ...], routing=None) -> placements.Placement:
+        """routing: a run's /routing [steps, moe_layers, sources, experts] to place by, else uniform load."""
+        e, w, mode = self.num_experts, self.world_size, self.mode
+        nodes = max(node_of_rank) + 1
+        tokens_from_node, load = (placements.load_from_routing(routing, list(node_of_rank)) if routing is not None
+                                  else ([[1.0] * e for _ in range(nodes)], None))
+        if mode == "one_per_rank":
             return placements.one_per_rank(e, w)
-        return placements.packed(e, w, self.experts_per_rank)
+        if mode == "packed":
+            return placements.packed(e, w, self.experts_per_rank)
+        if mode == "replicated":
+            return placements.replicated(e, w, self.experts_per_rank or -(-e // w), load)
+        return placements.topology_aware(tokens_from_node, list(node_of_rank))
 
 
 def request_range(batch: int, num_ranks: int, rank: int) -> range:

@@ -121,6 +121,28 @@ def overlap_and_busy(timings: np.ndarray, ranks: int, layers: int) -> dict[str, 
             "busy_fraction_per_rank": busy}
 
 
+def read_routing(path: str, num_experts: int) -> np.ndarray:
+    """An earlier complete run's /routing [steps, moe_layers, sources, experts], for placement_from."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise ValueError(f"parallel.placement_from: {path} is not a complete run file")
+            routing = f["routing"][:]
+    except (OSError, KeyError) as e:
+        raise ValueError(f"parallel.placement_from: cannot read /routing from {path}: {e}") from None
+    if routing.shape[-1] != num_experts:
+        raise ValueError(f"parallel.placement_from: {path} routed to {routing.shape[-1]} experts, "
+                         f"model.num_experts is {num_experts}")
+    return routing
+
+
+def rank_load_imbalance(traffic: np.ndarray) -> float:
+    """max / mean over ranks of the payload each rank's experts received (traffic [.., src, dst])."""
+    received = traffic.sum(axis=tuple(range(traffic.ndim - 1)))
+    return float(received.max() / received.mean()) if received.mean() > 0 else float("nan")
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

@@ -98,7 +98,8 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
 @pytest.mark.parametrize("settings, message", [
     (["model.hiddn=3"], "hpcmoe: error: unknown config key model.hiddn"),
     (["model.hidden=wide"], "hpcmoe: error: model.hidden: expected an integer, got 'wide'"),
-    (["model.num_experts=2", "model.top_k=1"], "hpcmoe: error: world size (4) > model.num_experts (2)"),
+    (["model.num_experts=2", "model.top_k=1", "parallel.placement=one_per_rank"],
+     "hpcmoe: error: parallel.placement=one_per_rank needs model.num_experts (2) == world size (4)"),
 ])
 def test_bad_input_fails_on_every_rank_with_one_line_and_no_file(tmp_path, settings, message):
     output = tmp_path / "out.h5"

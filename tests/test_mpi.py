@@ -29,7 +29,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from hpcmoe.model import build_model, moe_local
     from hpcmoe.output import Timer
     config, topo, layout = setup_run(MPI.COMM_WORLD)
-    engine = EPEngine(config, topo, layout.placement(), Timer(topo.rank, 0.0))
+    engine = EPEngine(config, topo, layout.placement(topo.node_of_rank), Timer(topo.rank, 0.0))
     everything = build_model(config.model, list(range(config.model.num_experts)))
     tokens = [0, 7, 1, 30][topo.rank % 4]  # uneven, and one rank sends nothing
     h = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(topo.rank))

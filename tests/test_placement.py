@@ -38,14 +38,23 @@ def layout(ranks, *settings):
     return ParallelLayout.from_config(load_config(DEBUG_CONFIG, list(settings)), ranks)
 
 
+def test_auto_placement_replicates_when_ranks_outnumber_experts():
+    placement = layout(6).placement((0, 0, 0, 1, 1, 1))
+    assert placement.mode == "replicated" and len(placement.slot_expert) == 6
+    assert sorted(set(placement.slot_expert)) == [0, 1, 2, 3]
+    assert layout(4, "parallel.placement=topology_aware").placement((0, 0, 1, 1)).mode == "topology_aware"
+
+
 def test_auto_placement_follows_the_rank_count():
-    assert layout(4).placement().mode == "one_per_rank"
-    assert layout(2).placement().mode == "packed"
-    assert layout(4, "parallel.experts_per_rank=2").placement().experts_of_rank(2) == []
+    assert layout(4).placement((0,) * 4).mode == "one_per_rank"
+    assert layout(2).placement((0,) * 2).mode == "packed"
+    assert layout(4, "parallel.experts_per_rank=2").placement((0,) * 4).experts_of_rank(2) == []
 
 
 @pytest.mark.parametrize("ranks, settings, message", [
-    (8, [], r"world size \(8\) > model.num_experts \(4\)"),
+    (8, ["parallel.placement=packed"], r"placement=packed with world size \(8\) > model.num_experts \(4\)"),
+    (2, ["parallel.placement=topology_aware"], r"needs model.num_experts \(4\) <= world size \(2\)"),
+    (4, ["parallel.placement=replicated", "parallel.experts_per_rank=5"], r"slots_per_rank \(5\) <= num_experts \(4\)"),
     (2, ["parallel.placement=one_per_rank"], r"needs model.num_experts \(4\) == world size \(2\)"),
     (2, ["parallel.experts_per_rank=1"], r"ceil\(num_experts \(4\) / 1\) = 4 ranks, have 2"),
     (2, ["run.fail_rank=2"], r"run.fail_rank: 2 must be between 0 and world size - 1 \(1\)"),
