@@ -93,6 +93,7 @@ class ParallelConfig:
     experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
     threads: Optional[int] = None          # torch threads per rank (default: cores per rank)
+    dispatch: str = "flat"                 # flat | two_stage: cross to each other node once per token
     link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
 
@@ -333,6 +334,8 @@ def validate(config: Config) -> None:
     placements = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
     require(p.placement in placements,
             f"parallel.placement: {p.placement!r} is not supported; expected one of {', '.join(placements)}")
+    require(p.dispatch in ("flat", "two_stage"),
+            f"parallel.dispatch: {p.dispatch!r} is not supported; expected flat or two_stage")
     for name in ("experts_per_rank", "ranks_per_node", "threads"):
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")

@@ -1,8 +1,9 @@
-"""Token dispatch and combine for one MoE layer (Megatron's pre / comm / post split).
+"""Token dispatch and combine math for one MoE layer (Megatron's pre / comm / post split).
 
-Pure math first (plan, replica choice, combine weighting, bytes on the wire: testable without
-MPI), then the exchanges: counts (one small message per peer, so each side knows every size)
-and payloads (one message per (source, destination) pair, tokens grouped by destination slot).
+Pure functions on tensors, testable without MPI: the plan (which physical slot each (token,
+choice) goes to, grouped by destination), deterministic replica choice, per-node groups and
+packing for two-stage dispatch, combine weighting, bytes on inter-node links. The exchanges
+that move these tensors are in moe_layer.py.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcmoe.comm import Link, Receives, Sender
 from hpcmoe.placement import Placement, replica_split
 
 
@@ -47,21 +47,55 @@ def choose_slots(expert_ids: torch.Tensor, placement: Placement, source_rank: in
     return slots.view(expert_ids.shape)
 
 
+def plan_from_slots(slots: torch.Tensor, placement: Placement) -> DispatchPlan:
+    """slots: [n, k] physical slot per (token, choice), -1 where that choice is not sent -> the plan."""
+    flat, total = slots.flatten(), len(placement.slot_rank)
+    valid = flat >= 0
+    order = torch.argsort(torch.where(valid, flat, total), stable=True)[: int(valid.sum())]
+    slot_counts = torch.bincount(flat[valid], minlength=total)
+    rank_counts = [int(slot_counts[list(placement.slots_of_rank(r))].sum()) for r in range(placement.num_ranks)]
+    return DispatchPlan(order, order // max(slots.shape[1], 1), slot_counts, rank_counts, slots)
+
+
 def make_plan(expert_ids: torch.Tensor, placement: Placement, source_rank: int = 0,
               node_of_rank: tuple[int, ...] | None = None) -> DispatchPlan:
-    """expert_ids: [n, k] logical experts per token -> the plan for this source rank."""
+    """expert_ids: [n, k] logical experts per token -> the flat plan for this source rank."""
     node_of_rank = node_of_rank or (0,) * placement.num_ranks
-    slots = choose_slots(expert_ids, placement, source_rank, node_of_rank)
-    order = torch.argsort(slots.flatten(), stable=True)
-    slot_counts = torch.bincount(slots.flatten(), minlength=len(placement.slot_rank))
-    rank_counts = [int(slot_counts[list(placement.slots_of_rank(r))].sum()) for r in range(placement.num_ranks)]
-    return DispatchPlan(order, order // expert_ids.shape[1], slot_counts, rank_counts, slots)
+    return plan_from_slots(choose_slots(expert_ids, placement, source_rank, node_of_rank), placement)
+
+
+def node_groups(slots: torch.Tensor, weights: torch.Tensor, placement: Placement, node_of_rank) -> list:
+    """Per node: (tokens [t] with a choice there, their slots [t, k] (-1 elsewhere), weights [t, k] (0 elsewhere))."""
+    slot_node = torch.tensor([node_of_rank[r] for r in placement.slot_rank], dtype=torch.int64)[slots]
+    groups = []
+    for node in range(max(node_of_rank) + 1):
+        here = slot_node == node
+        tokens = here.any(dim=1).nonzero(as_tuple=True)[0]
+        groups.append((tokens, torch.where(here[tokens], slots[tokens], -1),
+                       torch.where(here[tokens], weights[tokens], 0.0)))
+    return groups
+
+
+def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows [t, H], slots [t, k] int64, weights [t, k] -> one uint8 message, row by row."""
+    parts = [rows.contiguous(), slots.contiguous(), weights.float().contiguous()]
+    return torch.cat([p.view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts],
+                     dim=1).flatten()
+
+
+def unpack_rows(messages: list[torch.Tensor], hidden: int, dtype, k: int):
+    """The inverse of pack_rows over several messages -> (rows [m, H], slots [m, k], weights [m, k])."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    data = torch.cat(messages).view(-1, hidden * item + 12 * k)
+    rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)
+    return (rows.contiguous().view(dtype), slots.contiguous().view(torch.int64),
+            weights.contiguous().view(torch.float32))
 
 
 def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """returned: [n*k, H] expert outputs in plan order; weights: [n, k] -> [n, H] in token order."""
     n, k = weights.shape
-    by_slot = torch.empty_like(returned)
+    by_slot = returned.new_zeros(n * k, returned.shape[1])  # choices not sent (-1) stay zero
     by_slot[plan.order] = returned
     mixed = (by_slot.view(n, k, returned.shape[1]).float() * weights[..., None]).sum(dim=1)
     return mixed.to(returned.dtype)
@@ -72,35 +106,12 @@ def split_rows(rows: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]
     return dict(enumerate(rows.split(counts)))
 
 
-def internode_bytes(plan: DispatchPlan, placement: Placement, source_rank: int, node_of_rank, row_bytes: int) -> int:
-    """Payload bytes this source's flat dispatch puts on inter-node links (each token slot travels)."""
-    me = node_of_rank[source_rank]
-    return sum(c * row_bytes for r, c in enumerate(plan.rank_counts) if node_of_rank[r] != me)
-
-
-# ---------------------------------------------------------------- the flat exchanges
-
-def post_counts(comm, sender: Sender, link: Link, plan: DispatchPlan, placement: Placement, tag: int) -> Receives:
-    """Send each peer how many token slots go to each of its slots; receive the same from every peer."""
-    ranks, me = range(comm.Get_size()), comm.Get_rank()
-    mine = len(placement.slots_of_rank(me))
-    receives = Receives(comm, {r: torch.zeros(mine, dtype=torch.int64) for r in ranks}, tag, link)
-    for r in ranks:
-        sender.send(r, plan.slot_counts[list(placement.slots_of_rank(r))].clone(), tag, receives)
-    return receives
-
-
-def post_dispatch(comm, sender: Sender, link: Link, tokens_sorted: torch.Tensor, plan: DispatchPlan,
-                  recv_counts: dict[int, torch.Tensor], tag: int) -> Receives:
-    """tokens_sorted: [n*k, H] rows in plan order -> their experts' ranks; receives every source's rows."""
-    hidden = tokens_sorted.shape[1]
-    receives = Receives(comm, {r: tokens_sorted.new_empty(int(c.sum()), hidden) for r, c in recv_counts.items()},
-                        tag, link)
-    for r, rows in split_rows(tokens_sorted, plan.rank_counts).items():
-        sender.send(r, rows, tag, receives)
-    return receives
-
-
-def post_returns(comm, link: Link, plan: DispatchPlan, hidden: int, dtype, tag: int) -> Receives:
-    """Receives for this rank's token slots coming back from every expert rank, in plan order."""
-    return Receives(comm, {r: torch.empty(c, hidden, dtype=dtype) for r, c in enumerate(plan.rank_counts)}, tag, link)
+def internode_bytes(slots: torch.Tensor, placement: Placement, source_rank: int, node_of_rank,
+                    row_bytes: int, two_stage: bool) -> int:
+    """Bytes a source puts on inter-node links for one layer: flat sends every (token, choice) on
+    another node; two-stage sends each token once per other node, with k slots and weights."""
+    me, k = node_of_rank[source_rank], slots.shape[1]
+    if not two_stage:
+        return sum(row_bytes for s in slots.flatten().tolist() if s >= 0 and node_of_rank[placement.slot_rank[s]] != me)
+    groups = node_groups(slots, torch.zeros(slots.shape), placement, node_of_rank)
+    return sum(len(tokens) * (row_bytes + 12 * k) for node, (tokens, _, _) in enumerate(groups) if node != me)

@@ -12,46 +12,28 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
 from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
-from hpcmoe.comm import Link, Receives, Sender, Where, tag_for, wait_all, wait_until
+from hpcmoe import moe_layer
+from hpcmoe.comm import Link, Sender, Where, wait_all, wait_until
 from hpcmoe.config import Config
-from hpcmoe.dispatch import combine_tokens, make_plan, post_counts, post_dispatch, post_returns
 from hpcmoe.layout import ParallelLayout, request_range
-from hpcmoe.model import MoE, Transformer, build_model
+from hpcmoe.model import Transformer, build_model
 from hpcmoe.output import RunWriter, Timer, compute_metrics, overlap_and_busy, rank_load_imbalance
 from hpcmoe.placement import Placement
-from hpcmoe.router import tokens_per_expert
 from hpcmoe.topology import Topology
 
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
-COUNTS, DISPATCH, RETURNS = 0, 1, 2  # message kinds within a layer and micro-batch
 
 
 @dataclass
 class StepStats:
     routing: np.ndarray  # [moe_layers, experts] token slots this rank sent to each expert
     traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
-
-
-@dataclass
-class Pending:
-    """What a micro-batch waits for: every receive, or (any_of) at least one of these peers."""
-    receives: Receives
-    where: Where
-    any_of: Optional[set] = None
-
-    def poll(self):
-        """None while nothing to resume for; else True (all) or the set of newly arrived peers."""
-        arrived = self.receives.arrived()
-        if self.any_of is None:
-            return True if len(arrived) == len(self.receives.received) else None
-        return (arrived & self.any_of) or None
 
 
 def run_concurrently(generators: list, timer: Timer, step: int, sender: Sender) -> list:
@@ -89,6 +71,7 @@ class EPEngine:
         self.link = Link(topo.node_of_rank, link.bandwidth_gbps if link else None, link.latency_us if link else 0.0)
         self.sender = Sender(self.comm, self.link)
         self.micro_batches = config.run.micro_batches
+        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
         self.step = 0
 
     @torch.no_grad()
@@ -114,54 +97,13 @@ class EPEngine:
                 x = block.attend(x, layer_cache, inputs)
                 h = block.post_attention_layernorm(x)[inputs.valid]
             if block.is_moe:
-                out = yield from self.moe_layer(block.mlp, layer, mb, h, stats)
+                out = yield from self.exchange(self, block.mlp, layer, mb, h, stats)
             else:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
             x[inputs.valid] += out
         with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
-
-    def moe_layer(self, moe: MoE, layer: int, mb: int, h: torch.Tensor, stats: StepStats):
-        """Generator: h [n, H] -> [n, H] weighted expert outputs (plus shared experts), in token order.
-
-        Experts start on each source's tokens as its message arrives and send the results
-        straight back, so sources never wait for the slowest peer before compute begins."""
-        phase, step, comm, sender, link = self.timer.phase, self.step, self.comm, self.sender, self.link
-        tag = lambda kind: tag_for(kind, layer, mb, self.micro_batches)
-        peers = tuple(r for r in range(comm.Get_size()) if r != self.rank)
-        where = lambda name, waiting=peers: Where(step, layer, mb, name, tuple(sorted(waiting)))
-        with phase("route", step, layer, mb):
-            expert_ids, weights = moe.gate(h)
-            plan = make_plan(expert_ids, self.placement, self.rank, self.topo.node_of_rank)
-            moe_index = layer - self.config.model.dense_layers
-            stats.routing[moe_index] += tokens_per_expert(expert_ids, self.config.model.num_experts).numpy()
-            stats.traffic[moe_index] += np.array(plan.rank_counts) * h.shape[1] * h.element_size()
-            counts = post_counts(comm, sender, link, plan, self.placement, tag(COUNTS))
-        posted = time.perf_counter()
-        yield Pending(counts, where("counts_wait"))
-        self.timer.add("counts_comm", step, layer, mb, posted)
-        with phase("dispatch_post", step, layer, mb):
-            posted = time.perf_counter()
-            dispatch = post_dispatch(comm, sender, link, h[plan.source_token], plan, counts.received, tag(DISPATCH))
-            returns = post_returns(comm, link, plan, h.shape[1], h.dtype, tag(RETURNS))
-        with phase("shared_experts", step, layer, mb):  # while the tokens travel
-            shared = moe.shared(h)
-        sources = set(dispatch.received)
-        while sources:
-            arrived = yield Pending(dispatch, where("dispatch_wait", sources), any_of=sources)
-            for source in sorted(arrived):
-                with phase("experts", step, layer, mb):
-                    out = moe.run_experts(dispatch.received[source], self.my_experts,
-                                          counts.received[source].tolist())
-                    sender.send(source, out, tag(RETURNS), returns)
-            sources -= arrived
-        self.timer.add("dispatch_comm", step, layer, mb, posted)
-        yield Pending(returns, where("combine_wait"))
-        self.timer.add("combine_comm", step, layer, mb, posted)
-        with phase("combine", step, layer, mb):
-            routed = combine_tokens(plan, torch.cat([returns.received[r] for r in sorted(returns.received)]), weights)
-            return routed if shared is None else routed + shared
 
     def maybe_fail(self, layer: int):
         run = self.config.run

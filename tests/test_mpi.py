@@ -26,6 +26,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
     from hpcmoe.comm import Where
     from hpcmoe.engine import EPEngine, StepStats, run_concurrently
+    from hpcmoe.moe_layer import flat
     from hpcmoe.model import build_model, moe_local
     from hpcmoe.output import Timer
     config, topo, layout = setup_run(MPI.COMM_WORLD)
@@ -37,7 +38,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     for layer in (1, 2):
         halves = h[: len(h) // 2], h[len(h) // 2:]  # two micro-batches in flight at once
         engine.micro_batches = 2
-        outs = run_concurrently([engine.moe_layer(engine.model.layers[layer].mlp, layer, mb, part, stats)
+        outs = run_concurrently([flat(engine, engine.model.layers[layer].mlp, layer, mb, part, stats)
                                  for mb, part in enumerate(halves)], engine.timer, 0, engine.sender)
         engine.sender.wait(Where())
         out = torch.cat(outs)
