@@ -49,4 +49,5 @@ WORKLOADS = {
     "debug": [],                                          # batch 6, prompts of 8..24 tokens
     "small_batch": ["run.batch=3", "run.seed=2"],          # fewer requests than 4 ranks
     "eight_experts": ["model.num_experts=8", "run.seed=2"],
+    "sixteen_experts": ["model.num_experts=16", "run.seed=2", "run.batch=16", "run.max_new_tokens=8"],
 }

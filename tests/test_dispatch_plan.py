@@ -1,7 +1,8 @@
 """The dispatch plan and combine math, with R ranks simulated in one process (pure)."""
 import torch
 
-from hpcmoe.dispatch import choose_slots, combine_tokens, make_plan, split_rows
+from hpcmoe.dispatch import (choose_slots, combine_tokens, internode_bytes, make_plan, node_groups, pack_rows,
+                             split_rows, unpack_rows)
 from hpcmoe.placement import Placement
 from hpcmoe.placement import one_per_rank, packed
 
@@ -62,3 +63,28 @@ def test_dispatch_and_combine_round_trip_equals_direct_computation():
             scale = (expert_ids[r] + 1.0) * weights[r]
             expected = tokens[r] * scale.sum(1, keepdim=True)
             torch.testing.assert_close(results[r], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bytes_crossing_nodes_match_a_hand_count_and_deduplication_lowers_them():
+    # 2 nodes x 2 ranks, one expert per rank: experts 0, 1 on node 0; experts 2, 3 on node 1
+    placement, nodes = one_per_rank(4, 4), (0, 0, 1, 1)
+    slots = torch.tensor([[2, 3],    # both choices on node 1: flat sends 2 rows, two-stage 1
+                          [0, 2],    # one on each node: 1 row either way
+                          [0, 1]])   # all on node 0: nothing crosses
+    row = 64 * 4
+    assert internode_bytes(slots, placement, 0, nodes, row, two_stage=False) == 3 * row
+    assert internode_bytes(slots, placement, 0, nodes, row, two_stage=True) == 2 * (row + 2 * 12)
+    # seen from a source on node 1, expert 0 and 1 choices cross instead
+    assert internode_bytes(slots, placement, 2, nodes, row, two_stage=False) == 3 * row
+
+
+def test_node_groups_split_each_token_by_node_and_pack_round_trips():
+    placement, nodes = one_per_rank(4, 4), (0, 0, 1, 1)
+    slots, weights = torch.tensor([[2, 3], [0, 2], [0, 1]]), torch.tensor([[.6, .4], [.7, .3], [.5, .5]])
+    (t0, s0, w0), (t1, s1, w1) = node_groups(slots, weights, placement, nodes)
+    assert t0.tolist() == [1, 2] and s0.tolist() == [[0, -1], [0, 1]]
+    assert torch.equal(w0, torch.tensor([[.7, 0], [.5, .5]]))
+    assert t1.tolist() == [0, 1] and s1.tolist() == [[2, 3], [-1, 2]]
+    rows = torch.randn(2, 8).to(torch.bfloat16)
+    back = unpack_rows([pack_rows(rows[:1], s1[:1], w1[:1]), pack_rows(rows[1:], s1[1:], w1[1:])], 8, torch.bfloat16, 2)
+    assert torch.equal(back[0], rows) and torch.equal(back[1], s1) and torch.equal(back[2], w1)

@@ -16,7 +16,7 @@ def finished_run(tmp_path_factory, ranks, workload, *extra):
     key = (ranks, workload, extra)
     if key not in _runs:
         path = tmp_path_factory.mktemp("runs") / f"n{ranks}_{workload}.h5"
-        result = run_job(ranks, path, *WORKLOADS[workload], *extra)
+        result = run_job(ranks, path, *WORKLOADS[workload], *extra, timeout=300 if ranks > 8 else 120)
         assert result.returncode == 0, result.stderr
         assert os.path.exists(path) and not os.path.exists(f"{path}.tmp")
         _runs[key] = path
@@ -39,6 +39,53 @@ def test_packed_placement_equals_one_expert_per_rank(tmp_path_factory, ranks, ex
     packed = finished_run(tmp_path_factory, ranks, "eight_experts", *extra)
     assert_same_run(read_run(packed), read_run(one_each))
     assert_same_run(read_run(packed), read_run(finished_run(tmp_path_factory, 1, "eight_experts")))
+
+
+LARGE_EP = [  # (ranks, settings): every placement mode, replicas, micro-batches, flat and two-stage
+    (4, ["parallel.ranks_per_node=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
+         "parallel.dispatch=two_stage"]),
+    (4, ["parallel.ranks_per_node=2", "parallel.placement=topology_aware", "run.micro_batches=3"]),
+    (4, ["parallel.ranks_per_node=2", "parallel.placement=packed", "parallel.experts_per_rank=2",
+         "parallel.dispatch=two_stage"]),
+    # more micro-batches than any rank has requests, over an emulated inter-node link
+    (4, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4",
+         "parallel.link={bandwidth_gbps: 5, latency_us: 50}"]),
+    (6, ["parallel.ranks_per_node=2"]),  # auto: 6 ranks, 4 experts -> replicated
+    (6, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=2"]),
+    (6, ["parallel.ranks_per_node=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
+         "parallel.dispatch=two_stage", "run.micro_batches=2"]),
+]
+
+
+@pytest.mark.parametrize("ranks, settings", LARGE_EP, ids=[f"n{r}-" + "-".join(s[1:]) for r, s in LARGE_EP])
+def test_large_ep_schedules_equal_one_rank(tmp_path_factory, ranks, settings):
+    path = finished_run(tmp_path_factory, ranks, "debug", *settings)
+    assert_same_run(read_run(path), read_run(finished_run(tmp_path_factory, 1, "debug")))
+    with h5py.File(path) as f:
+        metrics = f["metrics"].attrs
+        assert 0 <= metrics["overlap_fraction"] <= 1 and 0 < metrics["busy_fraction"] <= 1
+        assert f["metrics/busy_fraction_per_rank"].shape == (ranks,)
+        assert f["placement"].attrs["source"] == "uniform"
+
+
+def test_sixteen_ranks_on_four_nodes_equal_one_rank(tmp_path_factory):
+    """EP 16, the seeds' large-EP threshold: one expert per rank, 4 (emulated) nodes of 4."""
+    reference = read_run(finished_run(tmp_path_factory, 1, "sixteen_experts"))
+    for dispatch in ("flat", "two_stage"):
+        path = finished_run(tmp_path_factory, 16, "sixteen_experts", "parallel.ranks_per_node=4",
+                            f"parallel.dispatch={dispatch}")
+        with h5py.File(path) as f:
+            assert f.attrs["num_nodes"] == 4 and f["placement"].attrs["mode"] == "one_per_rank"
+        assert_same_run(read_run(path), reference)
+
+
+def test_placement_from_an_earlier_run_uses_its_routing(tmp_path_factory):
+    earlier = finished_run(tmp_path_factory, 1, "debug")
+    path = finished_run(tmp_path_factory, 4, "debug", "parallel.placement=replicated",
+                        "parallel.experts_per_rank=2", f"parallel.placement_from={earlier}")
+    with h5py.File(path) as f:
+        assert f["placement"].attrs["source"] == f"routing of {earlier}"
+    assert_same_run(read_run(path), read_run(earlier))
 
 
 def test_run_file_has_the_whole_schema(tmp_path_factory):
@@ -76,7 +123,8 @@ def test_run_file_has_the_whole_schema(tmp_path_factory):
         assert {b"attention", b"route", b"dispatch_post", b"experts", b"combine", b"step"} <= set(timings["phase"])
         assert (timings["end"] >= timings["start"]).all() and (timings["start"] >= 0).all()
         metrics = dict(f["metrics"].attrs)
-        for name in ("ttft_ms", "tpot_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "tps"):
+        for name in ("ttft_ms", "tpot_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "tps", "busy_fraction",
+                     "overlap_fraction", "rank_load_max_over_mean"):
             assert metrics[name] > 0, name
         assert f["metrics/peak_rss_bytes"].shape == (4,) and (f["metrics/peak_rss_bytes"][:] > 2 ** 20).all()
         steps_s = f["metrics/step_seconds"][:]

@@ -60,14 +60,17 @@ def test_node_communicators_follow_ranks_per_node():
 
 @pytest.mark.parametrize("settings", [[], ["parallel.ranks_per_node=2"], ["run.batch=1"],
                                       ["run.micro_batches=3", "parallel.ranks_per_node=1",
-                                       "parallel.link={bandwidth_gbps: 10, latency_us: 50}"]])
+                                       "parallel.link={bandwidth_gbps: 10, latency_us: 50}"],
+                                      ["parallel.dispatch=two_stage", "parallel.ranks_per_node=1",
+                                       "parallel.placement=replicated", "parallel.experts_per_rank=2"]])
 def test_generate_over_the_world_equals_each_rank_alone(mpi_tmp_path, settings):
     """Every rank runs the whole job alone on COMM_SELF, then all run it together."""
     from mpi4py import MPI
     from hpcmoe.engine import run
     world = MPI.COMM_WORLD
     alone = mpi_tmp_path / f"alone_{world.Get_rank()}.h5"
-    run(*setup_run(MPI.COMM_SELF, *settings, "run.max_new_tokens=6", output=str(alone)))
+    one_rank = [s for s in settings if not s.startswith("parallel.")]  # the layout of one rank is its own
+    run(*setup_run(MPI.COMM_SELF, *one_rank, "run.max_new_tokens=6", output=str(alone)))
     together = mpi_tmp_path / "together.h5"
     metrics = run(*setup_run(world, *settings, "run.max_new_tokens=6", output=str(together)))
     world.Barrier()
