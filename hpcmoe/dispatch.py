@@ -47,6 +47,23 @@ def choose_slots(expert_ids: torch.Tensor, placement: Placement, source_rank: in
     return slots.view(expert_ids.shape)
 
 
+def apply_capacity(slots: torch.Tensor, capacity_factor: float, num_slots: int) -> torch.Tensor:
+    """slots: [n, k] -> the same with choices beyond a slot's capacity set to -1 (dropped).
+
+    Capacity per physical slot is ceil(capacity_factor * n * k / num_slots) for this source; earlier
+    tokens keep their place (token order, then choice order). Dropped choices contribute nothing
+    and the remaining weights are not renormalized: a lossy option, outside the equality contract."""
+    capacity = -(-int(capacity_factor * slots.numel()) // num_slots)
+    flat = slots.flatten().clone()
+    seen = torch.zeros(num_slots, dtype=torch.int64)
+    for i, slot in enumerate(flat.tolist()):
+        if slot >= 0:
+            seen[slot] += 1
+            if seen[slot] > capacity:
+                flat[i] = -1
+    return flat.view(slots.shape)
+
+
 def plan_from_slots(slots: torch.Tensor, placement: Placement) -> DispatchPlan:
     """slots: [n, k] physical slot per (token, choice), -1 where that choice is not sent -> the plan."""
     flat, total = slots.flatten(), len(placement.slot_rank)

@@ -23,7 +23,8 @@ from hpcmoe.comm import Link, Sender, Where, wait_all, wait_until
 from hpcmoe.config import Config
 from hpcmoe.layout import ParallelLayout, request_range
 from hpcmoe.model import Transformer, build_model
-from hpcmoe.output import RunWriter, Timer, compute_metrics, overlap_and_busy, rank_load_imbalance
+from hpcmoe.output import (RunWriter, Timer, compute_metrics, overlap_and_busy, previous_imbalance,
+                           rank_load_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import Topology
 
@@ -34,6 +35,7 @@ RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
 class StepStats:
     routing: np.ndarray  # [moe_layers, experts] token slots this rank sent to each expert
     traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
+    dropped: int = 0     # token slots over capacity (parallel.capacity_factor)
 
 
 def run_concurrently(generators: list, timer: Timer, step: int, sender: Sender) -> list:
@@ -195,6 +197,7 @@ def generate(config: Config, topo: Topology, placement: Placement, source: str, 
     cached = torch.zeros(len(local), dtype=torch.int64)
     new_tokens = local
     gather, progress = RootGather(topo.world), Progress(steps) if rank == 0 else None
+    dropped = 0
     for step in range(steps):
         engine.step = step
         stats = StepStats(np.zeros((model_cfg.moe_layers, model_cfg.num_experts), np.int64),
@@ -212,6 +215,7 @@ def generate(config: Config, topo: Topology, placement: Placement, source: str, 
             records = gather(record, Where(step, -1, 0, "output"))
             if records is not None:
                 write_step(writer, step, records)
+                dropped += sum(r[2].dropped for r in records)
                 progress.update(step, seconds)
     records = gather((peak_rss_bytes(), None, None, timer.take()), Where(steps, -1, 0, "output"))
     gather.close(Where(steps, -1, 0, "output"))
@@ -225,6 +229,9 @@ def generate(config: Config, topo: Topology, placement: Placement, source: str, 
     metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:])
+    metrics["dropped_token_slots"] = dropped
+    if config.parallel.placement_from:  # the load balance before this placement, for comparison
+        metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["peak_rss_bytes"] = np.array([r[0] for r in records], np.int64)
     writer.finish(metrics, spans, per_rank)
     return metrics

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hpcmoe.comm import Receives, Where, tag_for
-from hpcmoe.dispatch import (DispatchPlan, choose_slots, combine_tokens, node_groups, pack_rows, plan_from_slots,
+from hpcmoe.dispatch import (DispatchPlan, apply_capacity, choose_slots, combine_tokens, node_groups, pack_rows, plan_from_slots,
                              split_rows, unpack_rows)
 from hpcmoe.router import tokens_per_expert
 
@@ -92,6 +92,10 @@ def route(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
         slots = choose_slots(expert_ids, ctx.placement, ctx.rank, ctx.topo.node_of_rank)
         stats.routing[layer - ctx.config.model.dense_layers] += tokens_per_expert(
             expert_ids, ctx.config.model.num_experts).numpy()
+        factor = ctx.config.parallel.capacity_factor
+        if factor is not None:
+            slots = apply_capacity(slots, factor, len(ctx.placement.slot_rank))
+            stats.dropped += int((slots < 0).sum())
     return slots, weights
 
 

@@ -143,6 +143,13 @@ def rank_load_imbalance(traffic: np.ndarray) -> float:
     return float(received.max() / received.mean()) if received.mean() > 0 else float("nan")
 
 
+def previous_imbalance(path: str) -> float:
+    """The rank load max/mean of an earlier run file."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return rank_load_imbalance(f["traffic"][:])
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

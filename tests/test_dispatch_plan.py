@@ -1,7 +1,7 @@
 """The dispatch plan and combine math, with R ranks simulated in one process (pure)."""
 import torch
 
-from hpcmoe.dispatch import (choose_slots, combine_tokens, internode_bytes, make_plan, node_groups, pack_rows,
+from hpcmoe.dispatch import (apply_capacity, choose_slots, combine_tokens, internode_bytes, make_plan, node_groups, pack_rows,
                              split_rows, unpack_rows)
 from hpcmoe.placement import Placement
 from hpcmoe.placement import one_per_rank, packed
@@ -88,3 +88,10 @@ def test_node_groups_split_each_token_by_node_and_pack_round_trips():
     rows = torch.randn(2, 8).to(torch.bfloat16)
     back = unpack_rows([pack_rows(rows[:1], s1[:1], w1[:1]), pack_rows(rows[1:], s1[1:], w1[1:])], 8, torch.bfloat16, 2)
     assert torch.equal(back[0], rows) and torch.equal(back[1], s1) and torch.equal(back[2], w1)
+
+
+def test_capacity_keeps_the_earliest_tokens_of_each_slot():
+    slots = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0]])
+    # 8 choices over 4 slots at factor 1.0: capacity 2 each; slot 0's third and fourth choices drop
+    assert apply_capacity(slots, 1.0, 4).tolist() == [[0, 1], [0, 2], [-1, 1], [3, -1]]
+    assert apply_capacity(slots, 2.0, 4).tolist() == slots.tolist()

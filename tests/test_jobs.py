@@ -85,7 +85,18 @@ def test_placement_from_an_earlier_run_uses_its_routing(tmp_path_factory):
                         "parallel.experts_per_rank=2", f"parallel.placement_from={earlier}")
     with h5py.File(path) as f:
         assert f["placement"].attrs["source"] == f"routing of {earlier}"
+        assert f["metrics"].attrs["placement_from_rank_load_max_over_mean"] >= 1
     assert_same_run(read_run(path), read_run(earlier))
+
+
+def test_capacity_limit_drops_overflow_and_says_how_much(tmp_path_factory):
+    """Lossy, so outside the equality contract: only the bookkeeping is checked."""
+    path = finished_run(tmp_path_factory, 2, "debug", "parallel.capacity_factor=0.5")
+    with h5py.File(path) as f:
+        dropped = f["metrics"].attrs["dropped_token_slots"]
+        routed = f["routing"][:].sum()
+        sent = f["traffic"][:].sum() // (64 * 4)
+        assert dropped > 0 and sent == routed - dropped
 
 
 def test_run_file_has_the_whole_schema(tmp_path_factory):
