@@ -97,6 +97,7 @@ class ParallelConfig:
     link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
+    wait: str = "yield"                    # yield: sleep while waiting (ranks may share cores) | spin
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ def validate(config: Config) -> None:
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
+    require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")
     require(p.capacity_factor is None or p.capacity_factor > 0,
             f"parallel.capacity_factor: expected a number > 0, got {p.capacity_factor}")
     if p.link is not None:

@@ -18,6 +18,7 @@ import torch
 
 from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
+import hpcmoe.comm
 from hpcmoe import moe_layer
 from hpcmoe.comm import Link, Sender, Where, wait_all, wait_until
 from hpcmoe.config import Config
@@ -72,6 +73,7 @@ class EPEngine:
         link = config.parallel.link
         self.link = Link(topo.node_of_rank, link.bandwidth_gbps if link else None, link.latency_us if link else 0.0)
         self.sender = Sender(self.comm, self.link)
+        hpcmoe.comm.SPIN = config.parallel.wait == "spin"  # one policy per process
         self.micro_batches = config.run.micro_batches
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
         self.step = 0
