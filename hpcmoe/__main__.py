@@ -29,7 +29,51 @@ def parse_args(argv):
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
+    bench = commands.add_parser("bench", help="benchmarks: medians of interleaved repetitions, ratios in one run")
+    benches = bench.add_subparsers(dest="benchmark", required=True)
+    from hpcmoe.bench import SCENARIOS
+    for name, (what, goal, _) in SCENARIOS.items():
+        scenario = benches.add_parser(name, help=what)
+        scenario.add_argument("config")
+        scenario.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dispatch = benches.add_parser("dispatch", help="our dispatch + combine against raw Alltoallv of the same bytes")
+    dispatch.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
+    dispatch.add_argument("--hidden", type=int, default=1024)
+    dispatch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    dispatch.add_argument("--top-k", type=int, default=2)
+    dispatch.add_argument("--wait", default="yield", choices=["yield", "spin"], help="as parallel.wait")
+    versus = benches.add_parser("transformers", help="one rank against transformers on a checkpoint")
+    versus.add_argument("--checkpoint", required=True)
+    versus.add_argument("--batch", type=int, default=4)
+    versus.add_argument("--prompt-len", type=int, default=32)
+    versus.add_argument("--steps", type=int, default=16)
+    for sub in list(benches.choices.values()):
+        sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
+        sub.add_argument("--out", help="store the results as JSON here")
     return parser.parse_args(argv)
+
+
+def command_bench(args) -> int:
+    """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
+    from hpcmoe import bench
+    if args.benchmark in bench.SCENARIOS:
+        try:
+            load_config(args.config, args.set)
+        except ValueError as e:
+            fail(str(e))
+    from hpcmoe.topology import init_mpi
+    init_mpi()
+    import torch
+    torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
+    if args.benchmark == "dispatch":
+        import hpcmoe.comm
+        hpcmoe.comm.SPIN = args.wait == "spin"
+        bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out)
+    elif args.benchmark == "transformers":
+        bench.bench_transformers(args.checkpoint, args.batch, args.prompt_len, args.steps, args.reps, args.out)
+    else:
+        bench.run_scenario(args.benchmark, args.config, args.set, args.reps, args.out)
+    return 0
 
 
 def check_output_path(path: str) -> None:
@@ -132,6 +176,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "run":
         return command_run(args)
+    if args.command == "bench":
+        return command_bench(args)
     return 1
 
 

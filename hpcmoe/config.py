@@ -68,6 +68,7 @@ class ModelConfig:
     topk_group: int = 1                # ... of which each token may use this many
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True        # renormalize the top-k router weights to sum to one
+    router_skew: float = 0.0           # synthetic skew for benchmarks: expert e's logit += skew * (1 - e / (E - 1))
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # YaRN: {rope_type: yarn, factor, original_max_position_embeddings, ...}
     norm_eps: float = 1e-6

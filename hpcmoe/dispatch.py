@@ -112,10 +112,17 @@ def unpack_rows(messages: list[torch.Tensor], hidden: int, dtype, k: int):
 def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """returned: [n*k, H] expert outputs in plan order; weights: [n, k] -> [n, H] in token order."""
     n, k = weights.shape
-    by_slot = returned.new_zeros(n * k, returned.shape[1])  # choices not sent (-1) stay zero
-    by_slot[plan.order] = returned
-    mixed = (by_slot.view(n, k, returned.shape[1]).float() * weights[..., None]).sum(dim=1)
-    return mixed.to(returned.dtype)
+    if len(plan.order) == n * k:  # every choice was sent: a gather through the inverse permutation
+        inverse = torch.empty_like(plan.order)
+        inverse[plan.order] = torch.arange(n * k)
+        by_slot = returned[inverse]
+    else:  # choices not sent (-1) contribute zero
+        by_slot = returned.new_zeros(n * k, returned.shape[1])
+        by_slot[plan.order] = returned
+    by_slot = by_slot.view(n, k, returned.shape[1])
+    if by_slot.dtype != torch.float32:
+        by_slot = by_slot.float()
+    return torch.bmm(weights.float().unsqueeze(1), by_slot).squeeze(1).to(returned.dtype)
 
 
 def split_rows(rows: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:

@@ -52,9 +52,10 @@ class Router(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [n, H] -> (expert_ids [n, k] int64, weights [n, k] float32)."""
         c = self.cfg
+        skew = c.router_skew * (1 - torch.arange(c.num_experts) / max(c.num_experts - 1, 1)) if c.router_skew else 0
         if c.router == "softmax":
-            return softmax_topk(F.linear(h, self.weight), c.top_k, c.norm_topk_prob)
-        logits = F.linear(h.float(), self.weight.float())
+            return softmax_topk(F.linear(h, self.weight) + skew, c.top_k, c.norm_topk_prob)
+        logits = F.linear(h.float(), self.weight.float()) + skew
         return sigmoid_group_topk(logits, self.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
                                   c.norm_topk_prob, c.routed_scaling_factor)
 

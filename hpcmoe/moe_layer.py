@@ -60,7 +60,8 @@ def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: 
     posted = time.perf_counter()
     counts = exchange_counts(ctx, plan, peers, counts_tag)
     with phase("dispatch_post", step, layer, mb):
-        returns = Receives(ctx.comm, {r: rows.new_empty(plan.rank_counts[r], rows.shape[1]) for r in peers},
+        answers = rows.new_empty(sum(plan.rank_counts[r] for r in peers), rows.shape[1])  # in plan order
+        returns = Receives(ctx.comm, dict(zip(peers, answers.split([plan.rank_counts[r] for r in peers]))),
                            returns_tag, ctx.link)
         outgoing = split_rows(rows[plan.source_token], plan.rank_counts)
         for r in peers:
@@ -82,7 +83,7 @@ def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: 
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     yield Pending(returns, where("combine_wait", peers))
     ctx.timer.add("combine_comm", step, layer, mb, posted)
-    return torch.cat([returns.received[r] for r in peers])
+    return answers
 
 
 def route(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):

@@ -1,0 +1,237 @@
+"""Benchmarks: ratios measured in one run, medians of interleaved repetitions (`hpcmoe bench ...`).
+
+Each benchmark runs its variants in turn, rep after rep (A B A B ...), so drifting machine load
+hits every variant alike; it prints a table and stores it as JSON (`--out`). None is a pass/fail
+test: goals are printed beside the measured ratios. Points with more ranks than cores are
+labelled oversubscribed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+SCENARIOS = {
+    # name: (what it shows, goal, {variant: [--set overrides]}); the first variant is the baseline
+    "placement": ("one expert per rank against the packed baseline (same model, workload, ranks)",
+                  "one_per_rank tokens/s > packed",
+                  {"packed": ["parallel.placement=packed", "parallel.experts_per_rank=2"],
+                   "one_per_rank": ["parallel.placement=one_per_rank"]}),
+    "overlap": ("4 micro-batches against 1 over the configured (emulated) link",
+                ">= 80% of the wire time hidden in prefill with 4 micro-batches",
+                {"micro_batches_1": ["run.micro_batches=1"], "micro_batches_4": ["run.micro_batches=4"]}),
+    "skew": ("skewed routing without and with replicas placed from the observed load",
+             "replicated lowers max/mean rank load and raises tokens/s",
+             {"packed": ["parallel.placement=packed"],
+              "replicated": ["parallel.placement=replicated", "parallel.experts_per_rank=2"]}),
+    "wait": ("waiting ranks yield the core against spinning", "yield >= spin when ranks outnumber cores",
+             {"spin": ["parallel.wait=spin"], "yield": ["parallel.wait=yield"]}),
+    "dispatch_mode": ("two-stage node-aware dispatch against flat", "two_stage sends fewer inter-node bytes",
+                      {"flat": ["parallel.dispatch=flat"], "two_stage": ["parallel.dispatch=two_stage"]}),
+}
+
+
+def oversubscribed(world) -> bool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return world.Get_size() > cores
+
+
+def report(name: str, rows: dict, baseline: str, goal: str, meta: dict, out: str | None) -> dict:
+    """Print medians and ratios against the baseline; store them as JSON."""
+    keys = sorted({k for r in rows.values() for k in r})
+    result = {"benchmark": name, "goal": goal, **meta, "median": {}, "ratio_to_" + baseline: {}}
+    print(f"hpcmoe bench {name}: {meta.get('what', '')}" + ("  [oversubscribed]" if meta.get("oversubscribed") else ""))
+    print(f"  {'variant':<18}" + "".join(f"{k:>22}" for k in keys))
+    for variant, samples in rows.items():
+        medians = {k: float(np.median(samples[k])) for k in keys if k in samples}
+        result["median"][variant] = medians
+        result["ratio_to_" + baseline][variant] = {k: medians[k] / rows_median(rows[baseline], k)
+                                                    for k in medians if rows_median(rows[baseline], k)}
+        print(f"  {variant:<18}" + "".join(f"{medians.get(k, float('nan')):>22.4g}" for k in keys))
+    print(f"  goal: {goal}")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"  wrote {out}")
+    return result
+
+
+def rows_median(samples: dict, key: str) -> float:
+    return float(np.median(samples[key])) if key in samples else float("nan")
+
+
+def run_scenario(name: str, config_path: str, settings: list[str], reps: int, out: str | None):
+    """Engine runs of each variant, interleaved; metrics read back from each run file."""
+    import h5py
+    from mpi4py import MPI
+    from hpcmoe.config import load_config
+    from hpcmoe.engine import run
+    from hpcmoe.layout import ParallelLayout
+    from hpcmoe.output import overlap_and_busy
+    from hpcmoe.topology import build_topology
+    what, goal, variants = SCENARIOS[name]
+    world = MPI.COMM_WORLD
+    directory = world.bcast(tempfile.mkdtemp(prefix=f"hpcmoe-bench-{name}-") if world.Get_rank() == 0 else None)
+    rows = {v: {} for v in variants}
+    topo = None
+    if name == "skew":  # replicas are placed from the load a first (packed) run observed
+        observed = os.path.join(directory, "observed.h5")
+        config = load_config(config_path, settings + variants["packed"] + [f"output.path={observed}"])
+        topo = build_topology(world, config.parallel.ranks_per_node)
+        run(config, topo, ParallelLayout.from_config(config, world.Get_size()))
+        variants = {**variants, "replicated": variants["replicated"] + [f"parallel.placement_from={observed}"]}
+    for rep in range(reps):
+        for variant, extra in variants.items():
+            path = os.path.join(directory, f"{variant}.h5")
+            config = load_config(config_path, settings + extra + [f"output.path={path}"])
+            topo = topo or build_topology(world, config.parallel.ranks_per_node)
+            metrics = run(config, topo, ParallelLayout.from_config(config, world.Get_size()))
+            if world.Get_rank() == 0:
+                with h5py.File(path) as f:
+                    timings, traffic = f["timings"][:], f["traffic"][:]
+                prefill = overlap_and_busy(timings[timings["step"] == 0], world.Get_size(), config.model.num_layers)
+                sample = {k: metrics[k] for k in ("ttft_ms", "tpot_ms", "tps", "overlap_fraction", "busy_fraction",
+                                                  "rank_load_max_over_mean")}
+                sample["prefill_overlap_fraction"] = float(np.nanmean(prefill["overlap_fraction_per_rank"]))
+                sample["internode_bytes"] = internode_traffic(traffic, topo.node_of_rank)
+                for k, v in sample.items():
+                    rows[variant].setdefault(k, []).append(v)
+    if world.Get_rank() == 0:
+        meta = {"what": what, "config": config_path, "settings": settings, "ranks": world.Get_size(),
+                "reps": reps, "oversubscribed": oversubscribed(world)}
+        return report(name, rows, next(iter(variants)), goal, meta, out)
+
+
+def internode_traffic(traffic: np.ndarray, node_of_rank) -> float:
+    """Bytes of /traffic [steps, layers, src, dst] between ranks of different nodes."""
+    nodes = np.array(node_of_rank)
+    return float(traffic[..., nodes[:, None] != nodes[None, :]].sum())
+
+
+# ---------------------------------------------------------------- dispatch against raw Alltoallv
+
+class IdentityMoE:
+    """Experts that return their input, routed by fixed expert ids: measures the exchange alone."""
+
+    def __init__(self, expert_ids, weights):
+        self.expert_ids, self.weights = expert_ids, weights
+
+    def gate(self, h):
+        return self.expert_ids, self.weights
+
+    def run_experts(self, rows, experts, counts):
+        return rows
+
+    def shared(self, h):
+        return None
+
+
+def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None):
+    """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts)."""
+    import torch
+    from mpi4py import MPI
+    from hpcmoe.comm import Link, Sender, Where
+    from hpcmoe.config import load_config
+    from hpcmoe.engine import StepStats, run_concurrently
+    from hpcmoe.moe_layer import flat
+    from hpcmoe.output import Timer
+    from hpcmoe.placement import one_per_rank
+    from hpcmoe.topology import build_topology
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    config = load_config(None, ["model.preset=debug", f"model.num_experts={size}", f"model.top_k={min(top_k, size)}",
+                                "model.dense_layers=0"])
+    topo = build_topology(world, None)
+    generator = torch.Generator().manual_seed(rank)
+    h = torch.randn(tokens, hidden, generator=generator).to(getattr(torch, dtype))
+    ids = torch.stack([torch.randperm(size, generator=generator)[:config.model.top_k] for _ in range(tokens)])
+    moe = IdentityMoE(ids, torch.full(ids.shape, 1.0 / ids.shape[1]))
+    link = Link(topo.node_of_rank)
+    ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, placement=one_per_rank(size, size),
+                          topo=topo, timer=Timer(rank, 0.0), step=0, micro_batches=1, my_experts=[rank], rank=rank,
+                          config=config)
+
+    def ours():
+        stats = StepStats(np.zeros((1, size), np.int64), np.zeros((1, size), np.int64))
+        run_concurrently([flat(ctx, moe, 0, 0, h, stats)], ctx.timer, 0, ctx.sender)
+        ctx.sender.wait(Where())
+        ctx.timer.take()
+
+    dest = ids.flatten().sort(stable=True)
+    rows = h[dest.indices // ids.shape[1]]
+    send_counts = np.bincount(dest.values.numpy(), minlength=size) * hidden * h.element_size()
+
+    def raw():
+        recv_counts = np.empty(size, np.int64)
+        world.Alltoall(send_counts, recv_counts)
+        send = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
+        received = np.empty(recv_counts.sum(), np.uint8)
+        world.Alltoallv([send, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE],
+                        [received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE])
+        back = np.empty_like(send)
+        world.Alltoallv([received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
+                        [back, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE])
+
+    samples = {"ours": {"seconds": []}, "raw_alltoallv": {"seconds": []}}
+    for rep in range(reps + 1):  # the first round warms up and is not counted
+        for name, fn in (("ours", ours), ("raw_alltoallv", raw)):
+            world.Barrier()
+            start = time.perf_counter()
+            fn()
+            seconds = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            if rep:
+                samples[name]["seconds"].append(seconds)
+    if rank == 0:
+        meta = {"what": f"dispatch+combine of {tokens} tokens/rank x top-{config.model.top_k}, hidden {hidden}, "
+                        f"{dtype}, {size} ranks", "ranks": size, "reps": reps, "oversubscribed": oversubscribed(world),
+                "bytes_per_rank_each_way": int(send_counts.sum())}
+        return report("dispatch", samples, "raw_alltoallv", "ours <= 1.2x raw_alltoallv at >= 1024 tokens/rank",
+                      meta, out)
+
+
+# ---------------------------------------------------------------- one rank against transformers
+
+def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int, reps: int, out: str | None):
+    """hpcmoe on one rank against transformers' generate on the same checkpoint and thread count."""
+    import torch
+    from mpi4py import MPI
+    from transformers import AutoModelForCausalLM
+    from hpcmoe.config import load_config
+    from hpcmoe.engine import run
+    from hpcmoe.layout import ParallelLayout
+    from hpcmoe.topology import build_topology
+    directory = tempfile.mkdtemp(prefix="hpcmoe-bench-transformers-")
+    config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.batch={batch}", f"run.prompt_len={prompt_len}",
+                                f"run.max_new_tokens={steps}", f"output.path={directory}/run.h5"])
+    prompts = torch.tensor(config.prompts)  # equal lengths: no padding on either side
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    topo = build_topology(MPI.COMM_SELF, None)
+    layout = ParallelLayout.from_config(config, 1)
+    samples = {"transformers": {}, "hpcmoe": {}}
+
+    def add(variant, key, value):
+        samples[variant].setdefault(key, []).append(value)
+
+    for rep in range(reps + 1):  # the first round warms up
+        metrics = run(config, topo, layout)
+        with torch.no_grad():
+            start = time.perf_counter()
+            reference(prompts, use_cache=True)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            reference.generate(prompts, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            total = time.perf_counter() - start
+        if rep:
+            add("hpcmoe", "prefill_tokens_per_s", metrics["prefill_tokens_per_s"])
+            add("hpcmoe", "decode_tokens_per_s", metrics["decode_tokens_per_s"])
+            add("transformers", "prefill_tokens_per_s", prompts.numel() / prefill)
+            add("transformers", "decode_tokens_per_s", batch * (steps - 1) / max(total - prefill, 1e-9))
+    meta = {"what": f"{checkpoint}: {batch} prompts of {prompt_len} tokens, {steps} new tokens, "
+                    f"{torch.get_num_threads()} threads", "ranks": 1, "reps": reps, "oversubscribed": False}
+    return report("transformers", samples, "transformers", "hpcmoe >= 1.0x transformers tokens/s", meta, out)
