@@ -239,6 +239,12 @@ def build_section(cls, section: dict, path: str):
     return cls(**values)
 
 
+SIMPLE_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)),
+                int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                str: ("a string", lambda v: isinstance(v, str)),
+                dict: ("a mapping", lambda v: isinstance(v, dict))}
+
+
 def check_type(value, annotation, path: str):
     """Return `value` as `annotation` or raise naming the path; YAML 1.1 '1e-3' strings become floats."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -250,22 +256,6 @@ def check_type(value, annotation, path: str):
         if not isinstance(value, list):
             raise ValueError(f"{path}: expected a list, got {value!r}")
         return [check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return build_section(annotation, value, path)
-    if annotation is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: expected an integer, got {value!r}")
-        return value
     if annotation is float:
         if isinstance(value, str):
             try:
@@ -275,10 +265,13 @@ def check_type(value, annotation, path: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {value!r}")
         return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a string, got {value!r}")
-        return value
+    if dataclasses.is_dataclass(annotation):
+        return build_section(annotation, check_type(value, dict, path), path)
+    if annotation in SIMPLE_TYPES:
+        expected, accepts = SIMPLE_TYPES[annotation]
+        if not accepts(value):
+            raise ValueError(f"{path}: expected {expected}, got {value!r}")
+        return dict(value) if annotation is dict else value
     raise TypeError(f"{path}: unsupported annotation {annotation}")  # a bug in this file, not user input
 
 

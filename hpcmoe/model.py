@@ -142,7 +142,7 @@ def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Trans
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(load(name))
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
 
 
 # ---------------------------------------------------------------- sizes without building

@@ -71,7 +71,7 @@ def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: 
     ctx.timer.add("counts_comm", step, layer, mb, posted)
     incoming = Receives(ctx.comm, {r: rows.new_empty(int(c.sum()), rows.shape[1]) for r, c in counts.received.items()},
                         dispatch_tag, ctx.link)
-    sender.send(ctx.rank, outgoing[ctx.rank], dispatch_tag, incoming)
+    incoming.keep_own(outgoing[ctx.rank])
     sources = set(peers)
     while sources:
         arrived = yield Pending(incoming, where("dispatch_wait", sources), any_of=sources)

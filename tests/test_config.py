@@ -26,6 +26,11 @@ def test_overrides_parse_values_as_yaml():
     assert config.prompts == [[1, 2, 3], [4]] and config.output.save_logits is False
 
 
+def test_link_mapping_sets_the_nested_section():
+    config = load_config(DEBUG_CONFIG, ["parallel.link={bandwidth_gbps: 1, latency_us: 100}"])
+    assert (config.parallel.link.bandwidth_gbps, config.parallel.link.latency_us) == (1.0, 100.0)
+
+
 def test_mapping_override_sets_a_whole_section():
     config = load_config(None, ["model={preset: debug, num_experts: 6, top_k: 3}"])
     assert (config.model.num_experts, config.model.top_k, config.model.hidden) == (6, 3, 64)
@@ -65,6 +70,13 @@ def test_synthetic_prompts_are_seeded_and_within_bounds():
     (["run.fail_at_layer=3"], "run.fail_at_layer: 3 must be between 0 and 2"),
     (["run.prompt_len_min=100"], "run.prompt_len_min: 100 must be between 1 and run.prompt_len (24)"),
     (["model=3"], "model: expected a mapping, got 3"),
+    (["parallel.link={bandwidth: 1}"], "unknown config key parallel.link.bandwidth: expected one of bandwidth_gbps"),
+    (["parallel.link={bandwidth_gbps: fast}"], "parallel.link.bandwidth_gbps: expected a number, got 'fast'"),
+    (["parallel.link={bandwidth_gbps: 0}"], "parallel.link.bandwidth_gbps: expected a number > 0, got 0.0"),
+    (["parallel.dispatch=alltoall"], "parallel.dispatch: 'alltoall' is not supported; expected flat or two_stage"),
+    (["parallel.capacity_factor=-1"], "parallel.capacity_factor: expected a number > 0, got -1.0"),
+    (["run.micro_batches=0"], "run.micro_batches: expected an integer >= 1, got 0"),
+    (["model.checkpoint=/x", "model.hidden=3"], "model.preset and model.checkpoint: set one, not both"),
     (["model.hidden"], "--set 'model.hidden': expected KEY=VALUE"),
 ])
 def test_bad_settings_name_the_key_value_and_expectation(settings, message):
