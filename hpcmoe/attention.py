@@ -144,22 +144,30 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
 
-    def new_cache(self, batch: int, max_len: int, dtype) -> list[PositionCache]:
-        return [PositionCache(batch, max_len, (self.kv_heads, self.head_dim), dtype) for _ in range(2)]
+    def new_cache(self, batch: int, max_len: int, dtype, heads: range | None = None) -> list[PositionCache]:
+        kv = kv_heads_for(heads or range(self.heads), self.heads, self.kv_heads)
+        return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype) for _ in range(2)]
 
-    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
-        """x: [b, t, H] -> [b, t, H]."""
+    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
+                heads: range | None = None) -> torch.Tensor:
+        """x: [b, t, H] -> [b, t, H]; with `heads`, only those query heads: a partial sum of the output
+        projection (attention/MoE separation adds the partials of all attention ranks)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        heads = heads or range(self.heads)
+        kv = kv_heads_for(heads, self.heads, self.kv_heads)
+        d = self.head_dim
+        q = F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]).view(b, t, len(heads), d).transpose(1, 2)
+        k = F.linear(x, self.k_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d).transpose(1, 2)
+        v = F.linear(x, self.v_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d)
         cos, sin = self.rope.cos_sin(inputs.positions)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         keys = cache[0].update(k.transpose(1, 2), inputs).transpose(1, 2)
-        values = cache[1].update(self.v_proj(x).view(b, t, self.kv_heads, self.head_dim), inputs).transpose(1, 2)
+        values = cache[1].update(v, inputs).transpose(1, 2)
         group = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        uses = torch.tensor([h // group - kv.start for h in heads])  # the kv head each query head reads
+        keys, values = keys.index_select(1, uses), values.index_select(1, uses)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return F.linear(out.transpose(1, 2).reshape(b, t, len(heads) * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
 
     @staticmethod
     def cache_bytes_per_token(cfg, itemsize: int) -> int:
@@ -239,3 +247,18 @@ class MLAttention(nn.Module):
 
 def rope_scaling_items(cfg) -> tuple:
     return tuple(sorted(cfg.rope_scaling.items())) if cfg.rope_scaling else ()
+
+
+def split_heads(heads: int, ranks: int) -> list[range]:
+    """Query heads over ranks as evenly as possible, the larger shares first (32 on 12: 8 x 3 + 4 x 2)."""
+    if heads < ranks:
+        raise ValueError(f"model.heads ({heads}) must be >= attention ranks per replica ({ranks})")
+    sizes = [heads // ranks + (r < heads % ranks) for r in range(ranks)]
+    starts = [sum(sizes[:r]) for r in range(ranks)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def kv_heads_for(heads: range, num_heads: int, num_kv_heads: int) -> range:
+    """The key/value heads that query heads `heads` read (GQA: head h reads kv head h // group)."""
+    group = num_heads // num_kv_heads
+    return range(heads.start // group, (heads.stop - 1) // group + 1)

@@ -89,7 +89,10 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks
+    layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks | ma
+    attention_ranks: Optional[int] = None  # ma: world ranks 0..A-1 run attention ...
+    moe_ranks: Optional[int] = None        # ma: ... the other M ranks own the experts
+    attention_replicas: int = 1            # ma: attention groups, each serving a slice of the requests
     placement: str = "auto"                # auto | packed | one_per_rank | replicated | topology_aware
     experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
@@ -322,11 +325,29 @@ def validate_model(m: ModelConfig) -> None:
                     f"model.rope_scaling.{key}: expected a number > 0, got {value!r}")
 
 
+def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
+    """Attention/MoE separation: the relations that do not need the rank count."""
+    a, e, r = p.attention_ranks, p.moe_ranks, p.attention_replicas
+    require(a is not None and a >= 1 and e is not None and e >= 1,
+            f"parallel.layout=ma needs parallel.attention_ranks and parallel.moe_ranks >= 1, got {a} and {e}")
+    require(r >= 1 and a % r == 0, f"parallel.attention_ranks ({a}) must be a multiple of "
+                                   f"parallel.attention_replicas ({r})")
+    require(m.heads >= a // r, f"model.heads ({m.heads}) must be >= attention ranks per replica ({a // r})")
+    require(m.num_experts >= e, f"model.num_experts ({m.num_experts}) must be >= parallel.moe_ranks ({e})")
+    require(m.attention == "gqa", "parallel.layout=ma splits query heads of gqa attention; model.attention=mla "
+                                  "is not supported there yet (use parallel.layout=ep)")
+    require(p.dispatch == "flat", "parallel.layout=ma sends tokens straight to the MoE ranks: use parallel.dispatch=flat")
+    require(p.placement in ("auto", "packed"), f"parallel.layout=ma packs experts over the MoE ranks: "
+                                               f"parallel.placement must be auto or packed, got {p.placement}")
+
+
 def validate(config: Config) -> None:
     """Check relations that hold whatever the rank count (the layout checks the rest)."""
     m, p, r = config.model, config.parallel, config.run
     validate_model(m)
-    require(p.layout == "ep", f"parallel.layout: {p.layout!r} is not supported; expected ep")
+    require(p.layout in ("ep", "ma"), f"parallel.layout: {p.layout!r} is not supported; expected ep or ma")
+    if p.layout == "ma":
+        validate_ma(m, p)
     placements = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
     require(p.placement in placements,
             f"parallel.placement: {p.placement!r} is not supported; expected one of {', '.join(placements)}")

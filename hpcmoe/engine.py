@@ -76,7 +76,16 @@ class EPEngine:
         hpcmoe.comm.SPIN = config.parallel.wait == "spin"  # one policy per process
         self.micro_batches = config.run.micro_batches
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+        self.peers = list(range(topo.size))  # the ranks this one exchanges tokens with
+        self.reports = True                  # whether this rank's tokens go into the run file
         self.step = 0
+
+    def requests(self, batch: int) -> range:
+        """The requests this rank computes: a contiguous block."""
+        return request_range(batch, self.topo.size, self.rank)
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.model.new_cache(batch, max_len)
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
@@ -170,7 +179,6 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
     steps, model_cfg = config.run.max_new_tokens, config.model
-    local = [prompts[i] for i in request_range(len(prompts), size, rank)]
     writer = None
     if rank == 0:
         attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
@@ -179,7 +187,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
     try:
-        metrics = generate(config, topo, placement, source, local, prompts, writer, load)
+        metrics = generate(config, topo, layout, placement, source, prompts, writer, load)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -187,15 +195,20 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     return metrics
 
 
-def generate(config: Config, topo: Topology, placement: Placement, source: str, local: list[list[int]],
+def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
              prompts: list[list[int]], writer, load) -> dict:
     rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
     topo.world.Barrier()  # the common start of every timing row
     timer = Timer(rank, time.perf_counter())
-    engine = EPEngine(config, topo, placement, timer, load)
+    if config.parallel.layout == "ma":
+        from hpcmoe.ma import ma_engine
+        engine = ma_engine(config, topo, placement, timer, layout, load)
+    else:
+        engine = EPEngine(config, topo, placement, timer, load)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
-    cache = engine.model.new_cache(len(local), max(map(len, prompts)) + steps)
+    local = [prompts[i] for i in engine.requests(len(prompts))]
+    cache = engine.new_cache(len(local), max(map(len, prompts)) + steps)
     cached = torch.zeros(len(local), dtype=torch.int64)
     new_tokens = local
     gather, progress = RootGather(topo.world), Progress(steps) if rank == 0 else None
@@ -213,7 +226,9 @@ def generate(config: Config, topo: Topology, placement: Placement, source: str, 
         cached += inputs.valid.sum(1)
         new_tokens = [[t] for t in chosen.tolist()]
         with timer.phase("output", step):
-            record = (chosen.numpy(), logits.numpy() if config.output.save_logits else None, stats, timer.take())
+            reported = slice(None) if engine.reports else slice(0)
+            record = (chosen[reported].numpy(), logits[reported].numpy() if config.output.save_logits else None,
+                      stats, timer.take())
             records = gather(record, Where(step, -1, 0, "output"))
             if records is not None:
                 write_step(writer, step, records)
@@ -230,6 +245,10 @@ def generate(config: Config, topo: Topology, placement: Placement, source: str, 
     per_rank = overlap_and_busy(timings, topo.size, config.model.num_layers)
     metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
+    if config.parallel.layout == "ma":
+        busy, attention = per_rank["busy_fraction_per_rank"], config.parallel.attention_ranks
+        metrics["busy_fraction_attention"] = float(busy[:attention].mean())
+        metrics["busy_fraction_moe"] = float(busy[attention:].mean())
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:])
     metrics["dropped_token_slots"] = dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison

@@ -41,6 +41,12 @@ class ParallelLayout:
     @classmethod
     def from_config(cls, config: Config, world_size: int):
         p = config.parallel
+        if p.layout == "ma":
+            if p.attention_ranks + p.moe_ranks != world_size:
+                raise ValueError(f"world size ({world_size}) must equal parallel.attention_ranks "
+                                 f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})")
+            return MALayout(world_size, config.model.num_experts, p.attention_ranks, p.moe_ranks,
+                            p.attention_replicas)
         layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                      experts_per_rank=p.experts_per_rank)
         if config.run.fail_rank is not None and not 0 <= config.run.fail_rank < world_size:
@@ -71,6 +77,38 @@ class ParallelLayout:
         if mode == "replicated":
             return placements.replicated(e, w, self.experts_per_rank or -(-e // w), load)
         return placements.topology_aware(tokens_from_node, list(node_of_rank))
+
+
+@dataclass(frozen=True)
+class MALayout:
+    """Attention/MoE separation: world ranks 0..A-1 attend (R groups of A/R), the M others hold experts."""
+    world_size: int
+    num_experts: int
+    attention_ranks: int
+    moe_ranks: int
+    replicas: int
+    mode = "packed"
+
+    @property
+    def group_size(self) -> int:
+        return self.attention_ranks // self.replicas
+
+    def is_attention(self, rank: int) -> bool:
+        return rank < self.attention_ranks
+
+    def group_ranks(self, rank: int) -> list[int]:
+        """The attention ranks of `rank`'s group."""
+        first = rank // self.group_size * self.group_size
+        return list(range(first, first + self.group_size))
+
+    def group_requests(self, batch: int, rank: int) -> range:
+        return request_range(batch, self.replicas, rank // self.group_size)
+
+    def placement(self, node_of_rank=None, routing=None) -> placements.Placement:
+        """Experts packed over the MoE ranks (E/M each, uneven when they do not divide)."""
+        moe = placements.packed(self.num_experts, self.moe_ranks)
+        return placements.Placement(moe.slot_expert, tuple(r + self.attention_ranks for r in moe.slot_rank),
+                                    self.world_size, "packed")
 
 
 def request_range(batch: int, num_ranks: int, rank: int) -> range:

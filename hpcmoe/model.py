@@ -94,6 +94,10 @@ class Block(nn.Module):
         """x: [b, t, H] -> x plus attention, the residual stream after the attention half."""
         return x + self.self_attn(self.input_layernorm(x), cache, inputs)
 
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP, or every routed expert in this process (the one-process oracle)."""
+        return moe_local(self.mlp, h) if self.is_moe else self.mlp(h)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, hosted_experts: list[int], layers: range | None = None):
@@ -104,9 +108,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
 
-    def new_cache(self, batch: int, max_len: int) -> list[list[PositionCache]]:
+    def new_cache(self, batch: int, max_len: int, heads: range | None = None) -> list[list[PositionCache]]:
+        """heads: a shard of the query heads (attention/MoE separation) keeps only the kv heads they read."""
         dtype = self.embed_tokens.weight.dtype
-        return [block.self_attn.new_cache(batch, max_len, dtype) for block in self.layers]
+        shard = {} if heads is None else {"heads": heads}
+        return [block.self_attn.new_cache(batch, max_len, dtype, **shard) for block in self.layers]
 
     def logits(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> [b, vocab] float32 at each request's last new token."""
@@ -210,7 +216,7 @@ def forward_local(model: Transformer, inputs: StepInputs, cache) -> torch.Tensor
     for block, layer_cache in zip(model.layers, cache):
         x = block.attend(x, layer_cache, inputs)
         h = block.post_attention_layernorm(x)[inputs.valid]
-        x[inputs.valid] += moe_local(block.mlp, h) if block.is_moe else block.mlp(h)
+        x[inputs.valid] += block.ffn(h)
     return model.logits(x, inputs)
 
 

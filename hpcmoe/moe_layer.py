@@ -71,7 +71,8 @@ def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: 
     ctx.timer.add("counts_comm", step, layer, mb, posted)
     incoming = Receives(ctx.comm, {r: rows.new_empty(int(c.sum()), rows.shape[1]) for r, c in counts.received.items()},
                         dispatch_tag, ctx.link)
-    incoming.keep_own(outgoing[ctx.rank])
+    if ctx.rank in peers:
+        incoming.keep_own(outgoing[ctx.rank])
     sources = set(peers)
     while sources:
         arrived = yield Pending(incoming, where("dispatch_wait", sources), any_of=sources)
@@ -108,8 +109,7 @@ def flat(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
     stats.traffic[layer - ctx.config.model.dense_layers] += np.array(plan.rank_counts) * h.shape[1] * h.element_size()
     with ctx.timer.phase("shared_experts", ctx.step, layer, mb):  # computed while the tokens travel
         shared = moe.shared(h)
-    everyone = list(range(ctx.comm.Get_size()))
-    returned = yield from dispatch_and_serve(ctx, moe, plan, h, everyone, (COUNTS, DISPATCH, RETURNS), where, layer, mb)
+    returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.peers, (COUNTS, DISPATCH, RETURNS), where, layer, mb)
     with ctx.timer.phase("combine", ctx.step, layer, mb):
         routed = combine_tokens(plan, returned, weights)
         return routed if shared is None else routed + shared

@@ -1,0 +1,147 @@
+"""Attention/MoE separation (parallel.layout: ma, seeds 002/003).
+
+World ranks 0..A-1 run attention in R groups; each group serves a contiguous slice of the
+requests and splits the query heads over its ranks (unevenly when they do not divide). Every
+group rank keeps the group's whole residual stream: it computes its heads' partial output
+projection, the group sums the partials hierarchically (node leader, then across leaders, then
+back), each rank routes only its slice of the tokens to the MoE ranks, and the group all-gathers
+the slices. The M MoE ranks own the experts and serve every (layer, micro-batch) exchange as its
+tokens arrive. Sums go through point-to-point messages in a fixed order, so every group rank
+holds bit-identical states and picks the same greedy tokens, and interleaved micro-batches
+cannot mismatch collectives.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hpcmoe import moe_layer
+from hpcmoe.attention import StepInputs, split_heads
+from hpcmoe.comm import Receives, Where, tag_for
+from hpcmoe.engine import EPEngine, StepStats, run_concurrently
+from hpcmoe.layout import MALayout, request_range
+
+SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER = 3, 4, 5, 6  # message kinds beside flat's 0..2
+
+
+def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
+    """Generator: x [..] float32 on every rank of `group` -> the sum over the group, bit-identical on
+    all of them: node leaders sum their node in rank order, leaders sum the node sums in node
+    order, and send the total back inside their node (a node of one rank skips both node stages)."""
+    node = ctx.topo.node_of_rank
+    mine = [r for r in group if node[r] == node[ctx.rank]]
+    leaders = sorted({min(r for r in group if node[r] == node[s]) for s in group})
+    leader = mine[0]
+    if ctx.rank != leader:
+        back = Receives(ctx.comm, {leader: torch.empty_like(x)}, tag(SUM_BACK), ctx.link)
+        ctx.sender.send(leader, x, tag(SUM_TO_LEADER))
+        yield moe_layer.Pending(back, where("reduce_wait", [leader]))
+        return back.received[leader]
+    members = Receives(ctx.comm, {r: torch.empty_like(x) for r in mine if r != leader}, tag(SUM_TO_LEADER), ctx.link)
+    yield moe_layer.Pending(members, where("reduce_wait", mine))
+    node_sum = x.clone()
+    for r in mine[1:]:
+        node_sum += members.received[r]
+    others = Receives(ctx.comm, {r: torch.empty_like(x) for r in leaders if r != leader}, tag(SUM_ACROSS_LEADERS),
+                      ctx.link)
+    for r in leaders:
+        if r != leader:
+            ctx.sender.send(r, node_sum, tag(SUM_ACROSS_LEADERS))
+    yield moe_layer.Pending(others, where("reduce_wait", leaders))
+    total = torch.zeros_like(x)
+    for r in leaders:
+        total += node_sum if r == leader else others.received[r]
+    for r in mine[1:]:
+        ctx.sender.send(r, total, tag(SUM_BACK))
+    return total
+
+
+def all_gather_rows(ctx, rows: torch.Tensor, group: list[int], counts: list[int], tag, where):
+    """Generator: each group rank's rows [counts[i], H] -> all of them in group order on every rank."""
+    everything = rows.new_empty(sum(counts), rows.shape[1])
+    parts = dict(zip(group, everything.split(counts)))
+    receives = Receives(ctx.comm, parts, tag(GATHER), ctx.link)
+    for r in group:
+        ctx.sender.send(r, rows, tag(GATHER), receives)
+    yield moe_layer.Pending(receives, where("gather_wait", group))
+    return everything
+
+
+class AttentionEngine(EPEngine):
+    """An attention rank: its group's requests, its share of the query heads, no experts."""
+
+    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
+        super().__init__(config, topo, placement, timer, load)
+        self.layout, self.group = layout, layout.group_ranks(self.rank)
+        self.heads = split_heads(config.model.heads, len(self.group))[self.group.index(self.rank)]
+        self.peers = list(range(layout.attention_ranks, layout.world_size))  # tokens go to MoE ranks only
+        self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
+
+    def requests(self, batch: int) -> range:
+        return self.layout.group_requests(batch, self.rank)
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.model.new_cache(batch, max_len, self.heads)
+
+    def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
+        """Generator: the group's micro-batch through every layer -> [b_mb, vocab] logits (same on all group ranks)."""
+        phase, model, step = self.timer.phase, self.model, self.step
+        tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.micro_batches)
+        where = lambda layer: lambda name, waiting: Where(step, layer, mb, name,
+                                                          tuple(sorted(set(waiting) - {self.rank})))
+        with phase("embed", step, micro_batch=mb):
+            x = model.embed_tokens(inputs.tokens)
+        tokens = int(inputs.valid.sum())
+        slices = [request_range(tokens, len(self.group), i) for i in range(len(self.group))]
+        mine = slices[self.group.index(self.rank)]
+        for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
+            self.maybe_fail(layer)
+            with phase("attention", step, layer, mb):
+                partial = block.self_attn(block.input_layernorm(x), layer_cache, inputs, self.heads).float()
+            posted = time.perf_counter()
+            total = yield from hierarchical_sum(self, partial, self.group, tag(layer), where(layer))
+            self.timer.add("reduce_comm", step, layer, mb, posted)
+            with phase("attention", step, layer, mb):
+                x = x + total.to(x.dtype)
+                h = block.post_attention_layernorm(x)[inputs.valid][mine.start:mine.stop]
+            if block.is_moe:
+                out = yield from self.exchange(self, block.mlp, layer, mb, h, stats)
+            else:
+                with phase("mlp", step, layer, mb):
+                    out = block.mlp(h)
+            posted = time.perf_counter()
+            everything = yield from all_gather_rows(self, out, self.group, [len(s) for s in slices], tag(layer),
+                                                    where(layer))
+            self.timer.add("gather_comm", step, layer, mb, posted)
+            x[inputs.valid] += everything
+        with phase("lm_head", step, micro_batch=mb):
+            return model.logits(x, inputs)
+
+
+class MoEEngine(EPEngine):
+    """A MoE rank: no requests; serves every (MoE layer, micro-batch) exchange of a step as tokens arrive."""
+
+    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
+        super().__init__(config, topo, placement, timer, load)
+        self.peers = list(range(layout.attention_ranks))  # tokens come from attention ranks only
+        self.reports = False
+
+    def requests(self, batch: int) -> range:
+        return range(0)
+
+    @torch.no_grad()
+    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
+        hidden, dtype = self.config.model.hidden, self.model.embed_tokens.weight.dtype
+        nothing = torch.empty(0, hidden, dtype=dtype)
+        generators = [self.exchange(self, block.mlp, layer, mb, nothing, stats)
+                      for layer, block in enumerate(self.model.layers) if block.is_moe
+                      for mb in range(self.micro_batches)]
+        run_concurrently(generators, self.timer, self.step, self.sender)
+        self.sender.wait(Where(self.step, -1, 0, "send_wait"))
+        return torch.empty(0, self.config.model.vocab)
+
+
+def ma_engine(config, topo, placement, timer, layout: MALayout, load=None) -> EPEngine:
+    cls = AttentionEngine if layout.is_attention(topo.rank) else MoEEngine
+    return cls(config, topo, placement, timer, layout, load)
