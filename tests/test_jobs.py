@@ -68,6 +68,27 @@ def test_large_ep_schedules_equal_one_rank(tmp_path_factory, ranks, settings):
         assert f["placement"].attrs["source"] == "uniform"
 
 
+MA = [  # attention/MoE separation: 3 + 1, the same on 2 emulated nodes (3+1 across them), 2 x 2 + 1
+    (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
+    (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1", "parallel.ranks_per_node=2",
+         "run.micro_batches=2"]),
+    (5, ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2"]),
+]
+
+
+@pytest.mark.parametrize("ranks, settings", MA, ids=[f"n{r}-" + "-".join(s[1:]) for r, s in MA])
+def test_attention_moe_separation_equals_one_rank(tmp_path_factory, ranks, settings):
+    path = finished_run(tmp_path_factory, ranks, "debug", *settings)
+    assert_same_run(read_run(path), read_run(finished_run(tmp_path_factory, 1, "debug")))
+    with h5py.File(path) as f:
+        metrics = f["metrics"].attrs
+        assert f.attrs["layout"] == "ma" and metrics["tpot_ms"] > 0 and metrics["tps"] > 0
+        assert 0 < metrics["busy_fraction_attention"] <= 1 and 0 < metrics["busy_fraction_moe"] <= 1
+        moe_ranks = range(ranks - 1, ranks)
+        assert set(f["placement"][0, :, 0]) == set(moe_ranks)  # every expert lives on the MoE rank
+        assert f["routing"][:, :, ranks - 1].sum() == 0       # MoE ranks route nothing themselves
+
+
 def test_sixteen_ranks_on_four_nodes_equal_one_rank(tmp_path_factory):
     """EP 16, the seeds' large-EP threshold: one expert per rank, 4 (emulated) nodes of 4."""
     reference = read_run(finished_run(tmp_path_factory, 1, "sixteen_experts"))
@@ -157,6 +178,10 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
 @pytest.mark.parametrize("settings, message", [
     (["model.hiddn=3"], "hpcmoe: error: unknown config key model.hiddn"),
     (["model.hidden=wide"], "hpcmoe: error: model.hidden: expected an integer, got 'wide'"),
+    (["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=2"],
+     "hpcmoe: error: world size (4) must equal parallel.attention_ranks (3) + parallel.moe_ranks (2)"),
+    (["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2", "model.heads=1", "model.kv_heads=1"],
+     "hpcmoe: error: model.heads (1) must be >= attention ranks per replica (2)"),
     (["model.num_experts=2", "model.top_k=1", "parallel.placement=one_per_rank"],
      "hpcmoe: error: parallel.placement=one_per_rank needs model.num_experts (2) == world size (4)"),
 ])

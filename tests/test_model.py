@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hpcmoe.config import load_config
+from hpcmoe.attention import kv_heads_for, split_heads
 from hpcmoe.model import StepInputs, build_model, forward_local, generate_local
 from hpcmoe.router import score_gap
 from tests.conftest import DEBUG_CONFIG, WORKLOADS
@@ -85,3 +86,30 @@ def test_bfloat16_model_generates_close_to_float32():
     _, logits16 = generate_local(bf16, config.prompts[:2], 2)
     assert logits16.dtype == torch.float32
     assert (logits16[:, 0] - logits32[:, 0]).abs().max() < 0.25  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("heads, kv_heads, ranks", [(32, 8, 12), (8, 4, 3), (8, 2, 5), (7, 7, 3), (16, 1, 16), (6, 3, 4)])
+def test_uneven_head_splits_cover_every_head_once_with_the_kv_heads_they_need(heads, kv_heads, ranks):
+    shards = split_heads(heads, ranks)
+    assert [h for shard in shards for h in shard] == list(range(heads))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    for shard in shards:
+        kv = kv_heads_for(shard, heads, kv_heads)
+        assert {h // (heads // kv_heads) for h in shard} == set(kv)
+    if (heads, ranks) == (32, 12):
+        assert [len(s) for s in shards] == [3] * 8 + [2] * 4
+    if (heads, ranks) == (8, 3):
+        assert [len(s) for s in shards] == [3, 3, 2]
+
+
+def test_partial_attention_of_head_shards_sums_to_the_whole():
+    """A KV head read by two ranks (8 heads, 4 kv heads, 3 ranks: head 5 and 6 share kv head 2... split 3+3+2)."""
+    config, model = debug_model()
+    attention = model.layers[0].self_attn
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    inputs = StepInputs.build([[1] * 5, [1] * 3], torch.zeros(2, dtype=torch.int64))
+    whole = attention(x, attention.new_cache(2, 5, torch.float32), inputs)
+    parts = [attention(x, attention.new_cache(2, 5, torch.float32, shard), inputs, shard) for shard in split_heads(8, 3)]
+    torch.testing.assert_close(sum(parts), whole, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"model.heads \(8\) must be >= attention ranks per replica \(9\)"):
+        split_heads(8, 9)

@@ -79,3 +79,30 @@ def test_generate_over_the_world_equals_each_rank_alone(mpi_tmp_path, settings):
         assert_same_run(read_run(together), read_run(alone))
     else:
         assert metrics == {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype):
+    """Nodes of 3 and 1 at -n 4 (of 2 at -n 2); bfloat16 inputs are summed in float32."""
+    from types import SimpleNamespace
+    from mpi4py import MPI
+    from hpcmoe.comm import Link, Sender, Where, tag_for
+    from hpcmoe.engine import run_concurrently
+    from hpcmoe.ma import hierarchical_sum
+    from hpcmoe.output import Timer
+    from hpcmoe.topology import build_topology
+    world = MPI.COMM_WORLD
+    topo = build_topology(world, 3)
+    link = Link(topo.node_of_rank)
+    ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, topo=topo, rank=topo.rank)
+    x = torch.randn(7, 33, generator=torch.Generator().manual_seed(topo.rank)).to(getattr(torch, dtype)).float()
+    flat = np.empty_like(x.numpy())
+    world.Allreduce(x.numpy(), flat, op=MPI.SUM)
+    tag = lambda kind: tag_for(kind, 0, 0, 1)
+    where = lambda name, waiting: Where(0, 0, 0, name, tuple(waiting))
+    [total] = run_concurrently([hierarchical_sum(ctx, x, list(range(topo.size)), tag, where)], Timer(0, 0.0), 0,
+                               ctx.sender)
+    ctx.sender.wait(Where())
+    np.testing.assert_allclose(total.numpy(), flat, rtol=1e-6, atol=1e-6)
+    everyone = world.allgather(total.numpy())
+    assert all(np.array_equal(everyone[0], other) for other in everyone)  # bit-identical on every rank
