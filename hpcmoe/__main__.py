@@ -50,7 +50,38 @@ def parse_args(argv):
     for sub in list(benches.choices.values()):
         sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
         sub.add_argument("--out", help="store the results as JSON here")
+    predict = commands.add_parser("predict", help="the attention/MoE time predictor")
+    predictions = predict.add_subparsers(dest="action", required=True)
+    train = predictions.add_parser("train", help="train on the /timings of run files")
+    train.add_argument("runs", nargs="+")
+    train.add_argument("--out", default="predictor.pt")
+    train.add_argument("--test", nargs="*", default=[], help="unseen run files to report the error on")
+    train.add_argument("--epochs", type=int, default=3000)
+    propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
+    propose.add_argument("predictor")
+    propose.add_argument("config")
+    propose.add_argument("--ranks", type=int, required=True)
+    propose.add_argument("--threshold", type=float, default=0.05, help="flag rebalancing above this mismatch")
+    propose.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
+
+
+def command_predict(args) -> int:
+    from hpcmoe import predict
+    if args.action == "train":
+        predict.command_train(args.runs, args.out, args.test, args.epochs)
+        return 0
+    try:
+        config = load_config(args.config, args.set)
+    except ValueError as e:
+        fail(str(e))
+    model, machine = predict.load(args.predictor)
+    proposal = predict.propose(model, config, args.ranks, machine, args.threshold)
+    print(f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
+          f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, predicted "
+          f"{proposal['predicted_attention_ms']:.2f} ms attention vs {proposal['predicted_moe_ms']:.2f} ms MoE, "
+          f"mismatch {proposal['mismatch']:.3f}" + (" -> rebalance" if proposal["rebalance"] else ""))
+    return 0
 
 
 def command_bench(args) -> int:
@@ -178,6 +209,8 @@ def main(argv=None) -> int:
         return command_run(args)
     if args.command == "bench":
         return command_bench(args)
+    if args.command == "predict":
+        return command_predict(args)
     return 1
 
 
