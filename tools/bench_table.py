@@ -18,7 +18,8 @@ for r in results:
               f"{'oversubscribed' if r['oversubscribed'] else ''} |")
 
 keys = ["ttft_ms", "tpot_ms", "tps", "overlap_fraction", "prefill_overlap_fraction", "busy_fraction",
-        "rank_load_max_over_mean", "internode_bytes"]
+        "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
+        "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
     if r["benchmark"] in ("dispatch", "transformers"):
         continue
