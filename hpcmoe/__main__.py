@@ -42,6 +42,10 @@ def parse_args(argv):
     dispatch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     dispatch.add_argument("--top-k", type=int, default=2)
     dispatch.add_argument("--wait", default="yield", choices=["yield", "spin"], help="as parallel.wait")
+    reduce = benches.add_parser("reduce", help="the hierarchical sum of ma against a flat Allreduce")
+    reduce.add_argument("--tokens", type=int, default=256)
+    reduce.add_argument("--hidden", type=int, default=4096)
+    reduce.add_argument("--ranks-per-node", type=int, default=2)
     versus = benches.add_parser("transformers", help="one rank against transformers on a checkpoint")
     versus.add_argument("--checkpoint", required=True)
     versus.add_argument("--batch", type=int, default=4)
@@ -100,6 +104,8 @@ def command_bench(args) -> int:
         import hpcmoe.comm
         hpcmoe.comm.SPIN = args.wait == "spin"
         bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out)
+    elif args.benchmark == "reduce":
+        bench.bench_reduce(args.tokens, args.hidden, args.ranks_per_node, args.reps, args.out)
     elif args.benchmark == "transformers":
         bench.bench_transformers(args.checkpoint, args.batch, args.prompt_len, args.steps, args.reps, args.out)
     else:

@@ -213,6 +213,45 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
                       meta, out)
 
 
+def bench_reduce(tokens: int, hidden: int, ranks_per_node: int, reps: int, out: str | None):
+    """The hierarchical sum of attention partials (point to point) against a flat MPI Allreduce."""
+    import torch
+    from mpi4py import MPI
+    from hpcmoe.comm import Link, Sender, Where, tag_for
+    from hpcmoe.engine import run_concurrently
+    from hpcmoe.ma import hierarchical_sum
+    from hpcmoe.output import Timer
+    from hpcmoe.topology import build_topology
+    world = MPI.COMM_WORLD
+    topo = build_topology(world, ranks_per_node)
+    link = Link(topo.node_of_rank)
+    ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, topo=topo, rank=topo.rank)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(topo.rank))
+    tag, where = (lambda kind: tag_for(kind, 0, 0, 1)), (lambda name, waiting: Where(0, 0, 0, name, tuple(waiting)))
+
+    def hierarchical():
+        run_concurrently([hierarchical_sum(ctx, x, list(range(topo.size)), tag, where)], Timer(0, 0.0), 0, ctx.sender)
+        ctx.sender.wait(Where())
+
+    def flat():
+        world.Allreduce(x.numpy(), np.empty_like(x.numpy()), op=MPI.SUM)
+
+    samples = {"flat_allreduce": {"seconds": []}, "hierarchical": {"seconds": []}}
+    for rep in range(reps + 1):
+        for name, fn in (("flat_allreduce", flat), ("hierarchical", hierarchical)):
+            world.Barrier()
+            start = time.perf_counter()
+            fn()
+            seconds = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            if rep:
+                samples[name]["seconds"].append(seconds)
+    if world.Get_rank() == 0:
+        meta = {"what": f"sum of [{tokens}, {hidden}] float32 over {world.Get_size()} ranks on {topo.num_nodes} nodes",
+                "ranks": world.Get_size(), "reps": reps, "oversubscribed": oversubscribed(world)}
+        return report("reduce", samples, "flat_allreduce", "hierarchical equals flat (tested); time for reference",
+                      meta, out)
+
+
 # ---------------------------------------------------------------- one rank against transformers
 
 def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int, reps: int, out: str | None):

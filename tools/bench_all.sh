@@ -16,6 +16,7 @@ run mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml --out $out/wait_n4.json
 run mpiexec -n 4 hpcmoe bench dispatch_mode inputs/bench_ep.yaml --set parallel.ranks_per_node=2 \
   --set 'parallel.link={bandwidth_gbps: 1, latency_us: 100}' --out $out/dispatch_mode_n4.json
 run mpiexec -n 4 hpcmoe bench ma inputs/bench_ma.yaml --out $out/ma_n4.json
+run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --out $out/reduce_n4.json
 checkpoint=$(mktemp -d)/mixtral
 python tools/make_tiny_checkpoint.py mixtral "$checkpoint" --set hidden_size=256 --set intermediate_size=512 \
   --set num_hidden_layers=4 --set num_local_experts=8 --set vocab_size=1024 --set num_attention_heads=8 \

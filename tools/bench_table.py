@@ -21,7 +21,14 @@ keys = ["ttft_ms", "tpot_ms", "tps", "overlap_fraction", "prefill_overlap_fracti
         "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
         "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
-    if r["benchmark"] in ("dispatch", "transformers"):
+    if r["benchmark"] == "reduce":
+        flat, hierarchical = (r["median"][v]["seconds"] for v in ("flat_allreduce", "hierarchical"))
+        print(f"\n### reduce: {r['what']}\n")
+        print(f"flat Allreduce {1e3 * flat:.2f} ms, hierarchical point-to-point sum {1e3 * hierarchical:.2f} ms "
+              f"(ratio {hierarchical / flat:.2f}{', oversubscribed' if r['oversubscribed'] else ''})")
+
+for r in results:
+    if r["benchmark"] in ("dispatch", "transformers", "reduce"):
         continue
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
     print(f"{r['ranks']} ranks{' (oversubscribed)' if r['oversubscribed'] else ''}, config `{r['config']}` "
