@@ -93,6 +93,7 @@ class ParallelConfig:
     attention_ranks: Optional[int] = None  # ma: world ranks 0..A-1 run attention ...
     moe_ranks: Optional[int] = None        # ma: ... the other M ranks own the experts
     attention_replicas: int = 1            # ma: attention groups, each serving a slice of the requests
+    attention_standby: bool = False        # ma: each head shard on two ranks, the second a bit-identical standby
     placement: str = "auto"                # auto | packed | one_per_rank | replicated | topology_aware
     experts_per_rank: Optional[int] = None  # packed: k experts on each of the first ceil(E/k) ranks
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
@@ -332,7 +333,10 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
             f"parallel.layout=ma needs parallel.attention_ranks and parallel.moe_ranks >= 1, got {a} and {e}")
     require(r >= 1 and a % r == 0, f"parallel.attention_ranks ({a}) must be a multiple of "
                                    f"parallel.attention_replicas ({r})")
-    require(m.heads >= a // r, f"model.heads ({m.heads}) must be >= attention ranks per replica ({a // r})")
+    shards = a // r // (2 if p.attention_standby else 1)
+    require(not p.attention_standby or (a // r) % 2 == 0,
+            f"parallel.attention_standby pairs ranks: attention ranks per replica ({a // r}) must be even")
+    require(m.heads >= shards, f"model.heads ({m.heads}) must be >= attention ranks per replica ({shards})")
     require(m.num_experts >= e, f"model.num_experts ({m.num_experts}) must be >= parallel.moe_ranks ({e})")
     require(m.attention == "gqa", "parallel.layout=ma splits query heads of gqa attention; model.attention=mla "
                                   "is not supported there yet (use parallel.layout=ep)")

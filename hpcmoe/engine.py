@@ -234,7 +234,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                 write_step(writer, step, records)
                 dropped += sum(r[2].dropped for r in records)
                 progress.update(step, seconds)
-    records = gather((peak_rss_bytes(), None, None, timer.take()), Where(steps, -1, 0, "output"))
+    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), Where(steps, -1, 0, "output"))
     gather.close(Where(steps, -1, 0, "output"))
     if records is None:
         return {}
@@ -253,9 +253,20 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     metrics["dropped_token_slots"] = dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
-    per_rank["peak_rss_bytes"] = np.array([r[0] for r in records], np.int64)
+    per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
+    per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
     writer.finish(metrics, spans, per_rank)
     return metrics
+
+
+def cache_digest(cache) -> str:
+    """sha256 of this rank's whole KV cache: replicas that must agree bit for bit can be compared."""
+    import hashlib
+    digest = hashlib.sha256()
+    for layer in cache:
+        for part in layer:
+            digest.update(part.data.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def peak_rss_bytes() -> int:

@@ -46,7 +46,7 @@ class ParallelLayout:
                 raise ValueError(f"world size ({world_size}) must equal parallel.attention_ranks "
                                  f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})")
             return MALayout(world_size, config.model.num_experts, p.attention_ranks, p.moe_ranks,
-                            p.attention_replicas)
+                            p.attention_replicas, p.attention_standby)
         layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                      experts_per_rank=p.experts_per_rank)
         if config.run.fail_rank is not None and not 0 <= config.run.fail_rank < world_size:
@@ -87,6 +87,7 @@ class MALayout:
     attention_ranks: int
     moe_ranks: int
     replicas: int
+    standby: bool = False   # the second half of each group mirrors the first, shard for shard
     mode = "packed"
 
     @property
@@ -100,6 +101,23 @@ class MALayout:
         """The attention ranks of `rank`'s group."""
         first = rank // self.group_size * self.group_size
         return list(range(first, first + self.group_size))
+
+    def primaries(self, rank: int) -> list[int]:
+        """The ranks of `rank`'s group that own a head shard (all of it without standbys)."""
+        group = self.group_ranks(rank)
+        return group[:len(group) // 2] if self.standby else group
+
+    def twin(self, rank: int) -> int | None:
+        """The standby of a primary, the primary of a standby, or None."""
+        if not self.standby:
+            return None
+        group = self.group_ranks(rank)
+        half = len(group) // 2
+        index = group.index(rank)
+        return group[index + half] if index < half else group[index - half]
+
+    def all_primaries(self) -> list[int]:
+        return [r for r in range(self.attention_ranks) if r in self.primaries(r)]
 
     def group_requests(self, batch: int, rank: int) -> range:
         return request_range(batch, self.replicas, rank // self.group_size)

@@ -22,7 +22,7 @@ from hpcmoe.comm import Receives, Where, tag_for
 from hpcmoe.engine import EPEngine, StepStats, run_concurrently
 from hpcmoe.layout import MALayout, request_range
 
-SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER = 3, 4, 5, 6  # message kinds beside flat's 0..2
+SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER, TO_STANDBY = 3, 4, 5, 6, 7  # beside flat's 0..2
 
 
 def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
@@ -57,15 +57,24 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
     return total
 
 
-def all_gather_rows(ctx, rows: torch.Tensor, group: list[int], counts: list[int], tag, where):
-    """Generator: each group rank's rows [counts[i], H] -> all of them in group order on every rank."""
-    everything = rows.new_empty(sum(counts), rows.shape[1])
-    parts = dict(zip(group, everything.split(counts)))
-    receives = Receives(ctx.comm, parts, tag(GATHER), ctx.link)
-    for r in group:
-        ctx.sender.send(r, rows, tag(GATHER), receives)
-    yield moe_layer.Pending(receives, where("gather_wait", group))
+def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], hidden: int, dtype,
+                    tag, where):
+    """Generator: each sender's rows [counts[i], H] -> all of them in sender order on every group rank
+    (a standby sends nothing and receives everything)."""
+    everything = torch.empty(sum(counts), hidden, dtype=dtype)
+    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(GATHER), ctx.link)
+    if ctx.rank in senders:
+        for r in group:
+            ctx.sender.send(r, rows, tag(GATHER), receives)
+    yield moe_layer.Pending(receives, where("gather_wait", senders))
     return everything
+
+
+def from_twin(ctx, like: torch.Tensor, twin: int, tag, where):
+    """Generator: a standby receives its primary's total."""
+    receives = Receives(ctx.comm, {twin: torch.empty_like(like)}, tag(TO_STANDBY), ctx.link)
+    yield moe_layer.Pending(receives, where("reduce_wait", [twin]))
+    return receives.received[twin]
 
 
 class AttentionEngine(EPEngine):
@@ -74,8 +83,12 @@ class AttentionEngine(EPEngine):
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
         super().__init__(config, topo, placement, timer, load)
         self.layout, self.group = layout, layout.group_ranks(self.rank)
-        self.heads = split_heads(config.model.heads, len(self.group))[self.group.index(self.rank)]
-        self.peers = list(range(layout.attention_ranks, layout.world_size))  # tokens go to MoE ranks only
+        self.primaries, self.twin = layout.primaries(self.rank), layout.twin(self.rank)
+        self.standby = self.rank not in self.primaries
+        self.shard = self.primaries.index(self.twin if self.standby else self.rank)
+        self.heads = split_heads(config.model.heads, len(self.primaries))[self.shard]
+        # tokens go to MoE ranks only, and only from primaries: a standby mirrors and waits
+        self.peers = [] if self.standby else list(range(layout.attention_ranks, layout.world_size))
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
 
     def requests(self, batch: int) -> range:
@@ -93,26 +106,32 @@ class AttentionEngine(EPEngine):
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
         tokens = int(inputs.valid.sum())
-        slices = [request_range(tokens, len(self.group), i) for i in range(len(self.group))]
-        mine = slices[self.group.index(self.rank)]
+        slices = [request_range(tokens, len(self.primaries), i) for i in range(len(self.primaries))]
+        mine = slices[self.shard]
         for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
             self.maybe_fail(layer)
             with phase("attention", step, layer, mb):
                 partial = block.self_attn(block.input_layernorm(x), layer_cache, inputs, self.heads).float()
             posted = time.perf_counter()
-            total = yield from hierarchical_sum(self, partial, self.group, tag(layer), where(layer))
+            if self.standby:
+                total = yield from from_twin(self, partial, self.twin, tag(layer), where(layer))
+            else:
+                total = yield from hierarchical_sum(self, partial, self.primaries, tag(layer), where(layer))
+                if self.twin is not None:
+                    self.sender.send(self.twin, total, tag(layer)(TO_STANDBY))
             self.timer.add("reduce_comm", step, layer, mb, posted)
             with phase("attention", step, layer, mb):
                 x = x + total.to(x.dtype)
                 h = block.post_attention_layernorm(x)[inputs.valid][mine.start:mine.stop]
-            if block.is_moe:
+            out = None
+            if block.is_moe and not self.standby:
                 out = yield from self.exchange(self, block.mlp, layer, mb, h, stats)
-            else:
+            elif not self.standby:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
             posted = time.perf_counter()
-            everything = yield from all_gather_rows(self, out, self.group, [len(s) for s in slices], tag(layer),
-                                                    where(layer))
+            everything = yield from all_gather_rows(self, out, self.primaries, self.group, [len(s) for s in slices],
+                                                    x.shape[-1], x.dtype, tag(layer), where(layer))
             self.timer.add("gather_comm", step, layer, mb, posted)
             x[inputs.valid] += everything
         with phase("lm_head", step, micro_batch=mb):
@@ -124,7 +143,7 @@ class MoEEngine(EPEngine):
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
         super().__init__(config, topo, placement, timer, load)
-        self.peers = list(range(layout.attention_ranks))  # tokens come from attention ranks only
+        self.peers = layout.all_primaries()  # tokens come from primary attention ranks only
         self.reports = False
 
     def requests(self, batch: int) -> range:

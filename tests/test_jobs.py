@@ -89,6 +89,16 @@ def test_attention_moe_separation_equals_one_rank(tmp_path_factory, ranks, setti
         assert f["routing"][:, :, ranks - 1].sum() == 0       # MoE ranks route nothing themselves
 
 
+def test_attention_standby_pairs_agree_bit_for_bit(tmp_path_factory):
+    """2 primaries + their 2 standbys + 1 MoE rank: same tokens, each standby's KV cache equals its primary's."""
+    path = finished_run(tmp_path_factory, 5, "debug", "parallel.layout=ma", "parallel.attention_ranks=4",
+                        "parallel.moe_ranks=1", "parallel.attention_standby=true")
+    assert_same_run(read_run(path), read_run(finished_run(tmp_path_factory, 1, "debug")))
+    with h5py.File(path) as f:
+        digest = f["metrics/kv_cache_digest"][:]
+    assert digest[0] == digest[2] and digest[1] == digest[3] and digest[0] != digest[1]
+
+
 def test_sixteen_ranks_on_four_nodes_equal_one_rank(tmp_path_factory):
     """EP 16, the seeds' large-EP threshold: one expert per rank, 4 (emulated) nodes of 4."""
     reference = read_run(finished_run(tmp_path_factory, 1, "sixteen_experts"))
