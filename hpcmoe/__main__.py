@@ -54,6 +54,9 @@ def parse_args(argv):
     for sub in list(benches.choices.values()):
         sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
         sub.add_argument("--out", help="store the results as JSON here")
+    report = commands.add_parser("report", help="text summary and PNG plots of one or more run files")
+    report.add_argument("runs", nargs="+", help="run files (HDF5)")
+    report.add_argument("--out", help="directory for the plots (default: next to the first run)")
     predict = commands.add_parser("predict", help="the attention/MoE time predictor")
     predictions = predict.add_subparsers(dest="action", required=True)
     train = predictions.add_parser("train", help="train on the /timings of run files")
@@ -217,6 +220,12 @@ def main(argv=None) -> int:
         return command_bench(args)
     if args.command == "predict":
         return command_predict(args)
+    if args.command == "report":
+        from hpcmoe.report import main as report_main
+        try:
+            return report_main(args.runs, args.out)
+        except ValueError as e:
+            fail(str(e))
     return 1
 
 

@@ -183,6 +183,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     if rank == 0:
         attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
                  "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
+                 "node_of_rank": np.array(topo.node_of_rank, np.int64),
                  "layout": config.parallel.layout, "device": device}
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
