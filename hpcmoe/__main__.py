@@ -156,7 +156,9 @@ def command_run(args) -> int:
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
     metrics = run(config, topo, layout, load, routing)
-    if topo.rank == 0:
+    if topo.rank == 0 and "stopped_at_step" in metrics:
+        print(f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}", flush=True)
+    elif topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
     return 0
 

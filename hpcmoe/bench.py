@@ -173,7 +173,7 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
     link = Link(topo.node_of_rank)
     ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, placement=one_per_rank(size, size),
                           topo=topo, timer=Timer(rank, 0.0), step=0, micro_batches=1, my_experts=[rank], rank=rank,
-                          config=config, peers=list(range(size)))
+                          config=config, peers=list(range(size)), maybe_stall=lambda: None)
 
     def ours():
         stats = StepStats(np.zeros((1, size), np.int64), np.zeros((1, size), np.int64))

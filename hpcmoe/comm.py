@@ -12,6 +12,7 @@ after another on its link. The delivery time travels in an 8-byte header; waitin
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -37,16 +38,28 @@ class Where:
                 f"phase {self.phase} for rank {','.join(map(str, self.peers)) or '-'}")
 
 
-SPIN = False  # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
+SPIN = False        # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
+WATCHDOG_S = None   # run.timeout_s: a wait longer than this names itself and aborts the job
 
 
-def wait_until(done: Callable[[], bool], where: Where) -> None:
-    """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms)."""
-    pause = 20e-6
+def wait_until(done: Callable[[], bool], where) -> None:
+    """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms).
+
+    where: a Where, or a function returning one (so that it can name the peers still missing)."""
+    pause, start = 20e-6, time.monotonic()
     while not done():
+        if WATCHDOG_S is not None and time.monotonic() - start > WATCHDOG_S:
+            watchdog(where() if callable(where) else where, time.monotonic() - start)
         if not SPIN:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
+
+
+def watchdog(where: Where, waited: float) -> None:
+    """One line naming this rank, where it waits and for whom; then the whole job ends."""
+    sys.stderr.write(f"rank {MPI.COMM_WORLD.Get_rank()}: watchdog: waited {waited:.1f} s in {where}\n")
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(3)
 
 
 def wait_all(requests: list, where: Where) -> None:

@@ -114,6 +114,8 @@ class RunConfig:
     prompt_ids: Optional[list[list[int]]] = None  # explicit prompts; replace the synthetic workload
     max_new_tokens: int = 8
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
+    timeout_s: float = 300.0                # watchdog: a rank waiting longer than this aborts the job
+    stall_rank: Optional[int] = None        # testing: this rank sleeps before its first dispatch in step 0
     fail_rank: Optional[int] = None         # testing: this rank raises ...
     fail_at_layer: int = 0                  # ... in this layer ...
     fail_at_step: int = 0                   # ... of this step
@@ -362,6 +364,7 @@ def validate(config: Config) -> None:
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
+    require(r.timeout_s > 0, f"run.timeout_s: expected a number > 0, got {r.timeout_s}")
     require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")
     require(p.capacity_factor is None or p.capacity_factor > 0,
             f"parallel.capacity_factor: expected a number > 0, got {p.capacity_factor}")

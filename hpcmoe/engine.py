@@ -27,7 +27,7 @@ from hpcmoe.model import Transformer, build_model
 from hpcmoe.output import (RunWriter, Timer, compute_metrics, overlap_and_busy, previous_imbalance,
                            rank_load_imbalance)
 from hpcmoe.placement import Placement
-from hpcmoe.topology import Topology
+from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
 
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
 
@@ -56,9 +56,9 @@ def run_concurrently(generators: list, timer: Timer, step: int, sender: Sender) 
                 progressed = True
         sender.test()
         if waiting and not progressed:  # nothing can run: sleep until something arrives
-            first = waiting[min(waiting)].where
-            with timer.phase(first.phase, step, first.layer, first.micro_batch):
-                wait_until(lambda: any(p.poll() is not None for p in waiting.values()), first)
+            first = waiting[min(waiting)]
+            with timer.phase(first.where.phase, step, first.where.layer, first.where.micro_batch):
+                wait_until(lambda: any(p.poll() is not None for p in waiting.values()), first.missing)
     return results
 
 
@@ -74,6 +74,7 @@ class EPEngine:
         self.link = Link(topo.node_of_rank, link.bandwidth_gbps if link else None, link.latency_us if link else 0.0)
         self.sender = Sender(self.comm, self.link)
         hpcmoe.comm.SPIN = config.parallel.wait == "spin"  # one policy per process
+        hpcmoe.comm.WATCHDOG_S = config.run.timeout_s
         self.micro_batches = config.run.micro_batches
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
         self.peers = list(range(topo.size))  # the ranks this one exchanges tokens with
@@ -118,6 +119,12 @@ class EPEngine:
         with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
 
+    def maybe_stall(self):
+        """run.stall_rank: sleep (far past the watchdog) before the first dispatch of step 0."""
+        if self.config.run.stall_rank == self.rank and self.step == 0 and not getattr(self, "stalled", False):
+            self.stalled = True
+            time.sleep(4 * self.config.run.timeout_s)
+
     def maybe_fail(self, layer: int):
         run = self.config.run
         if run.fail_rank == self.rank and run.fail_at_layer == layer and run.fail_at_step == self.step:
@@ -150,6 +157,26 @@ class RootGather:
 
     def close(self, where: Where):
         wait_all(self.pending, where)
+
+
+class StopSignal:
+    """The ranks agree to stop: SIGUSR1 may reach them at different steps, so at every step boundary
+    they reduce the flag (non-blocking, on a communicator of its own) and stop together."""
+
+    def __init__(self, world):
+        self.comm = world.Dup()
+        listen_for_stop()  # in-process callers did not go through init_mpi
+
+    def agreed(self, step: int) -> bool:
+        from mpi4py import MPI
+        flag, anyone = np.array([int(STOP_REQUESTED[0])]), np.zeros(1, dtype=int)
+        request = self.comm.Iallreduce(flag, anyone, op=MPI.MAX)
+        wait_all([request], Where(step, -1, 0, "stop_agree"))
+        return bool(anyone[0])
+
+    def close(self):
+        STOP_REQUESTED[0] = False
+        self.comm.Free()
 
 
 class Progress:
@@ -210,10 +237,25 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
     local = [prompts[i] for i in engine.requests(len(prompts))]
     cache = engine.new_cache(len(local), max(map(len, prompts)) + steps)
-    cached = torch.zeros(len(local), dtype=torch.int64)
-    new_tokens = local
     gather, progress = RootGather(topo.world), Progress(steps) if rank == 0 else None
-    dropped = 0
+    stop = StopSignal(topo.world)
+    try:
+        dropped = run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop)
+    finally:
+        stop.close()
+    done = engine.step + 1
+    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), Where(steps, -1, 0, "output"))
+    gather.close(Where(steps, -1, 0, "output"))
+    if records is None:
+        return {}
+    return finish(config, topo, writer, records, prompts, done, dropped)
+
+
+def run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop) -> int:
+    """Prefill and decode until max_new_tokens, or until the ranks agree to stop; -> dropped token slots."""
+    steps, model_cfg = config.run.max_new_tokens, config.model
+    cached = torch.zeros(len(local), dtype=torch.int64)
+    new_tokens, dropped = local, 0
     for step in range(steps):
         engine.step = step
         stats = StepStats(np.zeros((model_cfg.moe_layers, model_cfg.num_experts), np.int64),
@@ -235,14 +277,17 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                 write_step(writer, step, records)
                 dropped += sum(r[2].dropped for r in records)
                 progress.update(step, seconds)
-    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), Where(steps, -1, 0, "output"))
-    gather.close(Where(steps, -1, 0, "output"))
-    if records is None:
-        return {}
+        if step + 1 < steps and stop.agreed(step):
+            break
+    return dropped
+
+
+def finish(config, topo, writer, records, prompts, done: int, dropped: int) -> dict:
+    """Rank 0: metrics over the `done` steps, then the file is complete (or partial when stopped early)."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
     timings = writer.file["timings"][:]
     prompt_tokens = sum(map(len, prompts))
-    metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), steps)
+    metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), done)
     per_rank = overlap_and_busy(timings, topo.size, config.model.num_layers)
     metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
@@ -256,7 +301,10 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
-    writer.finish(metrics, spans, per_rank)
+    stopped = done < config.run.max_new_tokens
+    if stopped:
+        metrics["stopped_at_step"] = done
+    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not stopped)
     return metrics
 
 

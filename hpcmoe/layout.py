@@ -40,7 +40,11 @@ class ParallelLayout:
 
     @classmethod
     def from_config(cls, config: Config, world_size: int):
-        p = config.parallel
+        p, r = config.parallel, config.run
+        for name in ("fail_rank", "stall_rank"):
+            value = getattr(r, name)
+            if value is not None and not 0 <= value < world_size:
+                raise ValueError(f"run.{name}: {value} must be between 0 and world size - 1 ({world_size - 1})")
         if p.layout == "ma":
             if p.attention_ranks + p.moe_ranks != world_size:
                 raise ValueError(f"world size ({world_size}) must equal parallel.attention_ranks "
@@ -49,9 +53,6 @@ class ParallelLayout:
                             p.attention_replicas, p.attention_standby)
         layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                      experts_per_rank=p.experts_per_rank)
-        if config.run.fail_rank is not None and not 0 <= config.run.fail_rank < world_size:
-            raise ValueError(f"run.fail_rank: {config.run.fail_rank} must be between 0 and "
-                             f"world size - 1 ({world_size - 1})")
         return layout
 
     @property

@@ -33,6 +33,12 @@ class Pending:
     where: Where
     any_of: Optional[set] = None
 
+    def missing(self) -> Where:
+        """The same place, naming only the peers whose messages have not arrived."""
+        late = set(self.any_of if self.any_of is not None else self.receives.received) - self.receives.arrived()
+        return Where(self.where.step, self.where.layer, self.where.micro_batch, self.where.phase,
+                     tuple(sorted(late - {self.receives.me})))
+
     def poll(self):
         """None while nothing to resume for; else True (all) or the set of newly arrived peers."""
         arrived = self.receives.arrived()
@@ -89,6 +95,7 @@ def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: 
 
 def route(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
     """-> (slots [n, k], weights [n, k]) and this rank's routing statistics."""
+    ctx.maybe_stall()
     with ctx.timer.phase("route", ctx.step, layer, mb):
         expert_ids, weights = moe.gate(h)
         slots = choose_slots(expert_ids, ctx.placement, ctx.rank, ctx.topo.node_of_rank)

@@ -211,16 +211,22 @@ class RunWriter:
         table.resize((table.shape[0] + len(rows),))
         table[-len(rows):] = rows
 
-    def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray]):
+    def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray],
+               complete: bool = True) -> str:
+        """Close the file under its name, or, stopped early, under NAME.partial.h5 with complete false."""
         group = self.file.create_group("metrics")
         group.attrs.update(metrics)
         group.create_dataset("step_seconds", data=step_seconds).attrs["axes"] = ["step"]
         for name, values in per_rank.items():
             group.create_dataset(name, data=values).attrs["axes"] = ["rank", "layer"][:values.ndim]
         self.file.attrs["finished"] = now()
-        self.file.attrs["complete"] = True  # last: only now does the file claim to be whole
+        path = self.path if complete else os.path.splitext(self.path)[0] + ".partial.h5"
+        if not complete:
+            self.file.attrs["stopped_at_step"] = metrics["stopped_at_step"]
+        self.file.attrs["complete"] = complete  # last: only now may the file claim to be whole
         self.file.close()
-        os.replace(self.tmp, self.path)
+        os.replace(self.tmp, path)
+        return path
 
     def discard(self):
         """After an error: close and delete the temporary file, so nothing half-written remains."""

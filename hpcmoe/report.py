@@ -1,5 +1,253 @@
-"""Offline analysis of run files: `hpcmoe report RUN.h5 [MORE.h5 ...] [--out DIR]` (to be written)."""
+"""Offline analysis of run files: `hpcmoe report RUN.h5 [MORE.h5 ...] [--out DIR]`: a text summary
+per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png` (+ `compare.png`)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import yaml
+
+from hpcmoe.output import is_comm, is_compute, length, union
+
+DATASETS = ("generated", "prompt_lengths", "routing", "traffic", "placement", "timings", "metrics")
+METRICS = ("ttft_ms", "tpot_ms", "tps", "prefill_tokens_per_s", "decode_tokens_per_s",
+           "overlap_fraction", "busy_fraction", "busy_fraction_attention", "busy_fraction_moe")
+
+
+def load(path: str) -> dict:
+    """Everything the report needs from one run file; ValueError if it is not a complete run."""
+    import h5py
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise ValueError(f"{path}: not an HDF5 file") from None
+    with f:
+        missing = [name for name in DATASETS if name not in f] + \
+                  [name for name in ("config", "world_size", "node_of_rank") if name not in f.attrs]
+        if missing or not f.attrs.get("complete", False):
+            why = f"missing {', '.join(missing)}" if missing else "complete is not set"
+            raise ValueError(f"{path}: not a complete hpcmoe run file ({why})")
+        try:
+            parallel = yaml.safe_load(f.attrs["config"])["parallel"]
+        except (yaml.YAMLError, KeyError, TypeError):
+            raise ValueError(f"{path}: not a complete hpcmoe run file (unreadable config)") from None
+        return {"path": path, "stem": os.path.splitext(os.path.basename(path))[0],
+                "parallel": parallel, "world_size": int(f.attrs["world_size"]),
+                "node_of_rank": np.asarray(f.attrs["node_of_rank"]),
+                "routing": f["routing"][:], "traffic": f["traffic"][:], "timings": f["timings"][:],
+                "placement": f["placement"][:], "placement_attrs": dict(f["placement"].attrs),
+                "metrics": {k: float(v) for k, v in f["metrics"].attrs.items()
+                            if isinstance(v, (int, float, np.number))}}
+
+
+def roles(run: dict) -> list[tuple[str, list[int]]]:
+    """(name, ranks) of each role: all ranks for ep; attention and moe ranks for ma."""
+    ranks = list(range(run["world_size"]))
+    if run["parallel"]["layout"] != "ma":
+        return [("all ranks", ranks)]
+    attention = run["parallel"]["attention_ranks"]
+    return [("attention", ranks[:attention]), ("moe", ranks[attention:])]
+
+
+def phase_seconds(timings: np.ndarray, ranks: list[int]) -> dict[str, float]:
+    """Total seconds of each phase summed over `ranks`, divided by their number, longest first."""
+    rows = timings[np.isin(timings["rank"], ranks)]
+    totals = {}
+    for phase in np.unique(rows["phase"]):
+        mine = rows[rows["phase"] == phase]
+        totals[phase.decode()] = float((mine["end"] - mine["start"]).sum()) / len(ranks)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def kind_seconds(timings: np.ndarray, ranks: list[int]) -> dict[str, float]:
+    """Mean per rank of the merged compute, communication-in-flight and wait time."""
+    kinds = {"compute": is_compute, "comm": is_comm, "wait": lambda p: p.endswith(b"_wait")}
+    totals = dict.fromkeys(kinds, 0.0)
+    for rank in ranks:
+        rows = timings[timings["rank"] == rank]
+        for kind, test in kinds.items():
+            totals[kind] += length(union([(r["start"], r["end"]) for r in rows if test(r["phase"])]))
+    return {kind: total / len(ranks) for kind, total in totals.items()}
+
+
+def summary(run: dict) -> str:
+    """The text summary of one run, one `key: value` per line."""
+    p, m = run["parallel"], run["metrics"]
+    lines = [f"run: {run['path']}", f"layout: {p['layout']}", f"world_size: {run['world_size']}",
+             f"num_nodes: {len(np.unique(run['node_of_rank']))}", "metrics:"]
+    for key in METRICS:
+        if key in m:
+            lines.append(f"  {key}: {m[key]:.4f}" if "fraction" in key else f"  {key}: {m[key]:.3f}")
+    for name, ranks in roles(run):
+        which = f"ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"rank {ranks[0]}"
+        lines.append(f"phase seconds per rank, {name} ({which}):")
+        lines += [f"  {phase}: {s:.6f}" for phase, s in phase_seconds(run["timings"], ranks).items()]
+        merged = kind_seconds(run["timings"], ranks)
+        lines.append("  merged: " + ", ".join(f"{kind} {s:.6f}" for kind, s in merged.items()))
+    slots = run["routing"].sum(axis=(0, 1, 2))  # token slots per expert: all steps, layers, sources
+    lines += ["load imbalance:", f"  rank_load_max_over_mean: {m.get('rank_load_max_over_mean', np.nan):.4f}",
+              f"  expert_slots_max: {slots.max()}", f"  expert_slots_mean: {slots.mean():.3f}",
+              f"  expert_slots_max_over_mean: {slots.max() / max(slots.mean(), 1e-12):.4f}"]
+    attrs = run["placement_attrs"]
+    lines.append(f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}")
+    for expert, replicas in enumerate(run["placement"][0]):
+        lines.append(f"  expert {expert} -> ranks {' '.join(str(r) for r in replicas if r >= 0)}")
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported only when plotting."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("hpcmoe report needs matplotlib: pip install 'hpcmoe[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def phase_styles(phases: list[bytes], plt) -> dict[bytes, tuple[dict, int]]:
+    """(bar style, lane) per phase: compute solid and waits hatched grey in lane 0, comm phases in thin lanes 1..."""
+    colours = [plt.get_cmap("tab10")(i) for i in range(10)] + \
+              [plt.get_cmap("tab20")(2 * i + 1) for i in range(10)]
+    hatches = ["//", "\\\\", "xx", "..", "++", "oo"]
+    compute = [p for p in phases if is_compute(p) or p == b"output"]
+    waits = [p for p in phases if p.endswith(b"_wait") and p not in compute]
+    comms = [p for p in phases if is_comm(p)]
+    styles = {p: ({"facecolors": colours[i % 20]}, 0) for i, p in enumerate(compute)}
+    styles.update({p: ({"facecolors": "0.85", "edgecolor": "0.4", "hatch": hatches[i % 6], "linewidth": 0}, 0)
+                   for i, p in enumerate(waits)})
+    styles.update({p: ({"facecolors": plt.get_cmap("Dark2")(i % 8)}, 1 + i) for i, p in enumerate(comms)})
+    return styles
+
+
+def plot_timeline(run: dict, path: str) -> None:
+    """Per-rank bars of the phases of step 1 (step 0 if there is no decode step)."""
+    plt = pyplot()
+    timings = run["timings"]
+    step = 1 if (timings["step"] >= 1).any() else 0
+    rows = timings[(timings["step"] == step) & (timings["phase"] != b"step")]
+    t0 = timings[timings["step"] == step]["start"].min()
+    styles = phase_styles(sorted(np.unique(rows["phase"])), plt)
+    lanes = max([lane for _, lane in styles.values()] + [1])
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.8 * run["world_size"]))
+    for phase, (style, lane) in styles.items():
+        for rank in range(run["world_size"]):
+            mine = rows[(rows["phase"] == phase) & (rows["rank"] == rank)]
+            spans = [(1e3 * (s - t0), 1e3 * (e - s)) for s, e in zip(mine["start"], mine["end"])]
+            y, height = (rank - 0.45, 0.55) if lane == 0 else (rank + 0.12 + 0.3 * (lane - 1) / lanes, 0.3 / lanes)
+            ax.broken_barh(spans, (y, height), label=phase.decode(), **style)
+    ax.set_yticks(range(run["world_size"]), [f"rank {r}" for r in range(run["world_size"])])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms since the start of step {step}")
+    ax.set_title(f"{run['stem']}: phases of step {step} (hatched: waits; thin lanes: communication in flight)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    save(fig, path)
+
+
+def heatmap(ax, values: np.ndarray, fig, label: str) -> None:
+    """imshow with a colour bar, integer ticks, and the numbers in the cells when there are few."""
+    from matplotlib.ticker import MaxNLocator
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if values.size <= 256:
+        middle = (values.max() + values.min()) / 2
+        for (i, j), v in np.ndenumerate(values):
+            text = f"{v:.0f}" if v < 1e4 else f"{v / 1e3:.0f}k" if v < 1e7 else f"{v / 1e6:.0f}M"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if v > middle else "white")
+
+
+def plot_expert_load(run: dict, path: str) -> None:
+    """Heatmap of token slots [moe_layer, expert], summed over steps and source ranks."""
+    plt = pyplot()
+    load = run["routing"].sum(axis=(0, 2))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * load.shape[1] + 3), max(3, 0.5 * load.shape[0] + 2)))
+    heatmap(ax, load, fig, "token slots")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{run['stem']}: token slots per expert (all steps)")
+    save(fig, path)
+
+
+def plot_traffic(run: dict, path: str) -> None:
+    """Heatmap of dispatch bytes [src_rank, dst_rank] with each node's block outlined."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+    traffic = run["traffic"].sum(axis=(0, 1))
+    ranks = run["world_size"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * ranks + 3), max(5, 0.5 * ranks + 2)))
+    heatmap(ax, traffic, fig, "bytes")
+    nodes = run["node_of_rank"]
+    start = 0
+    for rank in range(1, ranks + 1):  # one square per run of consecutive ranks on one node
+        if rank == ranks or nodes[rank] != nodes[start]:
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), rank - start, rank - start,
+                                   fill=False, edgecolor="red", linewidth=2))
+            start = rank
+    ax.set_xlabel("destination rank")
+    ax.set_ylabel("source rank")
+    ax.set_title(f"{run['stem']}: dispatch bytes (red: ranks of one node)")
+    save(fig, path)
+
+
+def plot_compare(runs: list[dict], path: str) -> None:
+    """Bars of tps, ttft_ms and tpot_ms, one bar per run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.5 * len(runs), 4))
+    names = [run["stem"] for run in runs]
+    for ax, key, unit in zip(axes, ("tps", "ttft_ms", "tpot_ms"), ("tokens/s", "ms", "ms")):
+        values = [run["metrics"].get(key, np.nan) for run in runs]
+        bars = ax.bar(names, values, color=plt.get_cmap("tab10")(range(len(runs))))
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(key)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle("hpcmoe runs compared")
+    save(fig, path)
+
+
+def save(fig, path: str) -> None:
+    """Write the figure as PNG and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def plot_paths(runs: list[dict], out: str | None) -> list[tuple]:
+    """(plot function, argument, path) of every plot; ValueError if two would share a path."""
+    plots = []
+    for run in runs:
+        folder = out or os.path.dirname(os.path.abspath(run["path"]))
+        for name, function in (("timeline", plot_timeline), ("expert_load", plot_expert_load),
+                               ("traffic", plot_traffic)):
+            plots.append((function, run, os.path.join(folder, f"{run['stem']}.{name}.png")))
+    if len(runs) > 1:
+        folder = out or os.path.dirname(os.path.abspath(runs[0]["path"]))
+        plots.append((plot_compare, runs, os.path.join(folder, "compare.png")))
+    paths = [path for _, _, path in plots]
+    if len(set(paths)) < len(paths):
+        raise ValueError("two runs would write the same plot files: give runs with distinct file names")
+    return plots
 
 
 def main(runs: list[str], out: str | None) -> int:
-    raise ValueError("hpcmoe report is not written yet")
+    """Print the summary of each run, write the plots and print their paths."""
+    loaded = [load(path) for path in runs]
+    plots = plot_paths(loaded, out)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: not a directory")
+    pyplot()  # fail before printing anything when matplotlib is missing
+    for run in loaded:
+        print(summary(run), end="\n\n")
+    if out:
+        os.makedirs(out, exist_ok=True)
+    for function, argument, path in plots:
+        function(argument, path)
+        print(f"wrote {path}")
+    return 0

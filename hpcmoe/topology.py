@@ -7,16 +7,30 @@ blocked. Everything hierarchical reads the communicators built here.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Optional
 
 
+STOP_REQUESTED = [False]  # set by SIGUSR1 at any time; the ranks agree on it at step boundaries
+
+
+def request_stop(signum, frame):
+    STOP_REQUESTED[0] = True
+
+
+def listen_for_stop() -> None:
+    """SIGUSR1 (Slurm's --signal=USR1@N) asks for a clean stop; remember it from now on."""
+    signal.signal(signal.SIGUSR1, request_stop)
+
+
 def init_mpi():
-    """Initialize MPI and install the abort-on-exception hook; returns COMM_WORLD."""
+    """Initialize MPI, listen for SIGUSR1 and install the abort-on-exception hook; returns COMM_WORLD."""
     from mpi4py import MPI  # importing initializes MPI
     world = MPI.COMM_WORLD
+    listen_for_stop()  # first thing: a signal during start-up must not be lost
 
     def abort_on_exception(kind, value, tb):
         text = "".join(traceback.format_exception(kind, value, tb))
