@@ -7,6 +7,7 @@ one line names the key path, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -240,7 +241,9 @@ def build_section(cls, section: dict, path: str):
     values = {}
     for key, value in section.items():
         if key not in known:
-            raise ValueError(f"unknown config key {path}.{key}: expected one of {', '.join(known)}")
+            close = difflib.get_close_matches(str(key), known, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"expected one of {', '.join(known)}"
+            raise ValueError(f"unknown config key {path}.{key}: {hint}")
         values[key] = check_type(value, hints[key], f"{path}.{key}")
     return cls(**values)
 

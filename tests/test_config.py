@@ -52,7 +52,7 @@ def test_synthetic_prompts_are_seeded_and_within_bounds():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["model.hiddn=3"], "unknown config key model.hiddn"),
+    (["model.hiddn=3"], "unknown config key model.hiddn: did you mean hidden"),
     (["modle.hidden=3"], "unknown config section 'modle'"),
     (["model.hidden=wide"], "model.hidden: expected an integer, got 'wide'"),
     (["model.hidden=2.5"], "model.hidden: expected an integer, got 2.5"),
@@ -76,7 +76,8 @@ def test_synthetic_prompts_are_seeded_and_within_bounds():
      "model.num_experts (4) must be >= parallel.moe_ranks (5)"),
     (["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=1", "model.preset=deepseek-v3"],
      "model.attention=mla is not supported there yet"),
-    (["parallel.link={bandwidth: 1}"], "unknown config key parallel.link.bandwidth: expected one of bandwidth_gbps"),
+    (["parallel.link={bandwidth: 1}"], "unknown config key parallel.link.bandwidth: did you mean bandwidth_gbps?"),
+    (["run.xyz=1"], "unknown config key run.xyz: expected one of batch, prompt_len"),
     (["parallel.link={bandwidth_gbps: fast}"], "parallel.link.bandwidth_gbps: expected a number, got 'fast'"),
     (["parallel.link={bandwidth_gbps: 0}"], "parallel.link.bandwidth_gbps: expected a number > 0, got 0.0"),
     (["parallel.dispatch=alltoall"], "parallel.dispatch: 'alltoall' is not supported; expected flat or two_stage"),
