@@ -134,6 +134,22 @@ def internode_traffic(traffic: np.ndarray, node_of_rank) -> float:
 
 # ---------------------------------------------------------------- dispatch against raw Alltoallv
 
+def time_interleaved(world, variants: dict, reps: int) -> dict:
+    """{name: fn} -> {name: {"seconds": [...]}}: each fn timed on all ranks (slowest rank counts),
+    variants in turn, `reps` rounds after one warm-up round."""
+    from mpi4py import MPI
+    samples = {name: {"seconds": []} for name in variants}
+    for rep in range(reps + 1):
+        for name, fn in variants.items():
+            world.Barrier()
+            start = time.perf_counter()
+            fn()
+            seconds = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            if rep:
+                samples[name]["seconds"].append(seconds)
+    return samples
+
+
 class IdentityMoE:
     """Experts that return their input, routed by fixed expert ids: measures the exchange alone."""
 
@@ -196,15 +212,7 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
         world.Alltoallv([received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
                         [back, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE])
 
-    samples = {"ours": {"seconds": []}, "raw_alltoallv": {"seconds": []}}
-    for rep in range(reps + 1):  # the first round warms up and is not counted
-        for name, fn in (("ours", ours), ("raw_alltoallv", raw)):
-            world.Barrier()
-            start = time.perf_counter()
-            fn()
-            seconds = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
-            if rep:
-                samples[name]["seconds"].append(seconds)
+    samples = time_interleaved(world, {"ours": ours, "raw_alltoallv": raw}, reps)
     if rank == 0:
         meta = {"what": f"dispatch+combine of {tokens} tokens/rank x top-{config.model.top_k}, hidden {hidden}, "
                         f"{dtype}, {size} ranks", "ranks": size, "reps": reps, "oversubscribed": oversubscribed(world),
@@ -236,15 +244,7 @@ def bench_reduce(tokens: int, hidden: int, ranks_per_node: int, reps: int, out: 
     def flat():
         world.Allreduce(x.numpy(), np.empty_like(x.numpy()), op=MPI.SUM)
 
-    samples = {"flat_allreduce": {"seconds": []}, "hierarchical": {"seconds": []}}
-    for rep in range(reps + 1):
-        for name, fn in (("flat_allreduce", flat), ("hierarchical", hierarchical)):
-            world.Barrier()
-            start = time.perf_counter()
-            fn()
-            seconds = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
-            if rep:
-                samples[name]["seconds"].append(seconds)
+    samples = time_interleaved(world, {"flat_allreduce": flat, "hierarchical": hierarchical}, reps)
     if world.Get_rank() == 0:
         meta = {"what": f"sum of [{tokens}, {hidden}] float32 over {world.Get_size()} ranks on {topo.num_nodes} nodes",
                 "ranks": world.Get_size(), "reps": reps, "oversubscribed": oversubscribed(world)}
