@@ -126,9 +126,6 @@ class Receives:
         self.received[self.me] = data
         self.done.add(self.me)
 
-    def complete(self) -> bool:
-        return len(self.arrived()) == len(self.received)
-
 
 @dataclass
 class Sender:

@@ -79,6 +79,7 @@ class EPEngine:
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
         self.peers = list(range(topo.size))  # the ranks this one exchanges tokens with
         self.reports = True                  # whether this rank's tokens go into the run file
+        self.stalled = False                 # run.stall_rank has slept already
         self.step = 0
 
     def requests(self, batch: int) -> range:
@@ -121,7 +122,7 @@ class EPEngine:
 
     def maybe_stall(self):
         """run.stall_rank: sleep (far past the watchdog) before the first dispatch of step 0."""
-        if self.config.run.stall_rank == self.rank and self.step == 0 and not getattr(self, "stalled", False):
+        if self.config.run.stall_rank == self.rank and self.step == 0 and not self.stalled:
             self.stalled = True
             time.sleep(4 * self.config.run.timeout_s)
 

@@ -78,14 +78,13 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
 
 def attention_tokens(config, prompt_lengths: np.ndarray, rank: int, ranks: int) -> list[float]:
     """Per step: tokens `rank` ran attention for, times its share of the heads (0 on MoE ranks)."""
-    from hpcmoe.layout import request_range
-    p, batch, steps = config.parallel, len(prompt_lengths), config.run.max_new_tokens
-    if p.layout == "ma":
-        if rank >= p.attention_ranks:
+    from hpcmoe.layout import MALayout, ParallelLayout, request_range
+    batch, steps = len(prompt_lengths), config.run.max_new_tokens
+    layout = ParallelLayout.from_config(config, ranks)
+    if isinstance(layout, MALayout):
+        if not layout.is_attention(rank):
             return [0.0] * steps
-        group = p.attention_ranks // p.attention_replicas
-        requests = request_range(batch, p.attention_replicas, rank // group)
-        share = 1.0 / group
+        requests, share = layout.group_requests(batch, rank), 1.0 / len(layout.primaries(rank))
     else:
         requests, share = request_range(batch, ranks, rank), 1.0
     prefill = float(prompt_lengths[list(requests)].sum()) if len(requests) else 0.0
