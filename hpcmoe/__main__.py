@@ -46,6 +46,12 @@ def parse_args(argv):
     reduce.add_argument("--tokens", type=int, default=256)
     reduce.add_argument("--hidden", type=int, default=4096)
     reduce.add_argument("--ranks-per-node", type=int, default=2)
+    control = benches.add_parser("control", help="the control path per MoE layer at large rank counts (no MPI)")
+    control.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
+    control.add_argument("--experts", type=int, default=256)
+    control.add_argument("--top-k", type=int, default=8)
+    control.add_argument("--tokens", type=int, default=64, help="tokens per rank and micro-batch")
+    control.add_argument("--ranks-per-node", type=int, default=8)
     versus = benches.add_parser("transformers", help="one rank against transformers on a checkpoint")
     versus.add_argument("--checkpoint", required=True)
     versus.add_argument("--batch", type=int, default=4)
@@ -99,6 +105,10 @@ def command_bench(args) -> int:
             load_config(args.config, args.set)
         except ValueError as e:
             fail(str(e))
+    if args.benchmark == "control":  # one process, no MPI
+        bench.bench_control([int(r) for r in args.ranks.split(",")], args.experts, args.top_k, args.tokens,
+                            args.ranks_per_node, args.reps, args.out)
+        return 0
     from hpcmoe.topology import init_mpi
     init_mpi()
     import torch

@@ -5,8 +5,9 @@ Shapes: b = requests, t = new tokens this step, s = visible cached positions, h 
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,26 +21,52 @@ class StepInputs:
     positions: torch.Tensor   # [b, t] int64, each request's own positions (start at 0)
     valid: torch.Tensor       # [b, t] bool, False on padding
     attend: torch.Tensor      # [b, 1, t, s] bool, key position visible to query
+    dense: bool = False       # every position valid (decode, equal prompts): no masking of rows needed
+    rotations: dict = field(default_factory=dict, compare=False)  # (Rope, dtype) -> (cos, sin), once per step
+
+    def cos_sin(self, rope: "Rope", dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation of this step's positions in `dtype`, computed once and shared by every layer."""
+        key = (rope, dtype)
+        if key not in self.rotations:
+            self.rotations[key] = tuple(t.to(dtype) for t in rope.cos_sin(self.positions))
+        return self.rotations[key]
+
+    @property
+    def request_index(self) -> torch.Tensor:
+        """[b, t] the request row of every position (for cache writes), once per step."""
+        if "rows" not in self.rotations:
+            self.rotations["rows"] = torch.arange(len(self.positions))[:, None].expand_as(self.positions)
+        return self.rotations["rows"]
 
     @classmethod
     def build(cls, tokens: list[list[int]], cached: torch.Tensor) -> "StepInputs":
         """tokens: b lists of new tokens; cached: [b] positions already in the cache."""
         b, t = len(tokens), max((len(x) for x in tokens), default=1)
+        lengths = torch.tensor([len(x) for x in tokens], dtype=torch.int64)
+        valid = torch.arange(t) < lengths[:, None]
         padded = torch.zeros(b, t, dtype=torch.int64)
-        valid = torch.zeros(b, t, dtype=torch.bool)
-        for i, row in enumerate(tokens):
-            padded[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-            valid[i, :len(row)] = True
+        padded[valid] = torch.tensor([token for row in tokens for token in row], dtype=torch.int64)
         positions = cached[:, None] + torch.arange(t)
         ends = cached + valid.sum(1)
         keys = torch.arange(int(ends.max()) if b else 1)
         attend = (keys <= positions[..., None]) & (keys < ends[:, None, None])
-        return cls(padded, positions, valid, attend[:, None])
+        return cls(padded, positions, valid, attend[:, None], dense=bool(lengths.eq(t).all()))
 
     def rows(self, start: int, stop: int) -> "StepInputs":
         """The requests [start, stop) of this step (views)."""
         return StepInputs(self.tokens[start:stop], self.positions[start:stop], self.valid[start:stop],
-                          self.attend[start:stop])
+                          self.attend[start:stop], self.dense)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [b, t, H] -> [valid positions, H] (a view when every position is valid)."""
+        return x.view(-1, x.shape[-1]) if self.dense else x[self.valid]
+
+    def add_flat(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """x[valid positions] += rows, in place."""
+        if self.dense:
+            x.view(-1, x.shape[-1]).add_(rows)
+        else:
+            x[self.valid] += rows
 
 
 class PositionCache:
@@ -56,8 +83,7 @@ class PositionCache:
 
     def update(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, *features] -> every visible position [b, s, *features], x included."""
-        rows = torch.arange(x.shape[0])[:, None].expand_as(inputs.positions)
-        self.data[rows, inputs.positions] = x
+        self.data[inputs.request_index, inputs.positions] = x
         return self.data[:, :inputs.attend.shape[-1]]
 
 
@@ -71,8 +97,9 @@ class Rope:
     interleaved: bool = False        # DeepSeek: rotate (x0, x1), (x2, x3), ... pairs
     scaling: tuple = ()               # sorted (key, value) pairs of a YaRN rope_scaling mapping
 
+    @functools.lru_cache(maxsize=None)
     def inverse_frequencies(self) -> tuple[torch.Tensor, float]:
-        """-> (inv_freq [dim / 2], attention factor multiplying cos and sin)."""
+        """-> (inv_freq [dim / 2], attention factor multiplying cos and sin); computed once per Rope."""
         base = self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
         if not self.scaling:
             return 1.0 / base, 1.0
@@ -99,19 +126,19 @@ class Rope:
         return inv_freq, attention_factor
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [b, t] -> cos, sin: [b, 1, t, dim / 2] float32."""
+        """positions: [b, t] -> (cos, cos) and (-sin, sin) over the two halves: [b, 1, t, dim] float32."""
         inv_freq, attention_factor = self.inverse_frequencies()
         angles = positions.float()[..., None] * inv_freq
-        return (angles.cos() * attention_factor)[:, None], (angles.sin() * attention_factor)[:, None]
+        cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+        return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [b, h, t, dim] -> rotated; interleaved pairs come out half-split, as in transformers."""
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        """x: [b, h, t, dim] -> rotated: x1 cos - x2 sin | x2 cos + x1 sin over the halves x1 | x2.
+        Interleaved pairs are first gathered into halves, so they come out half-split, as in transformers."""
         if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x[..., :self.dim // 2], x[..., self.dim // 2:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+        half = self.dim // 2
+        return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -125,9 +152,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # computed in float32 and cast back, as transformers does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # computed in float32 and cast back, as transformers does
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------- grouped-query attention
@@ -159,14 +187,15 @@ class GQAttention(nn.Module):
         q = F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]).view(b, t, len(heads), d).transpose(1, 2)
         k = F.linear(x, self.k_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d).transpose(1, 2)
         v = F.linear(x, self.v_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d)
-        cos, sin = self.rope.cos_sin(inputs.positions)
+        cos, sin = inputs.cos_sin(self.rope, x.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         keys = cache[0].update(k.transpose(1, 2), inputs).transpose(1, 2)
         values = cache[1].update(v, inputs).transpose(1, 2)
         group = self.heads // self.kv_heads
-        uses = torch.tensor([h // group - kv.start for h in heads])  # the kv head each query head reads
-        keys, values = keys.index_select(1, uses), values.index_select(1, uses)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend)
+        if heads.start % group or len(heads) % group:  # a shard that cuts a kv group: pick each head's kv head
+            uses = torch.tensor([h // group - kv.start for h in heads])
+            keys, values = keys.index_select(1, uses), values.index_select(1, uses)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend, enable_gqa=True)
         return F.linear(out.transpose(1, 2).reshape(b, t, len(heads) * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
 
     @staticmethod
@@ -213,7 +242,7 @@ class MLAttention(nn.Module):
         q = q.view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        cos, sin = self.rope.cos_sin(inputs.positions)
+        cos, sin = inputs.cos_sin(self.rope, x.dtype)
         q_rope = self.rope.apply(q_rope, cos, sin)
         k_rope = self.rope.apply(k_rope[:, None], cos, sin)[:, 0]
         latent = cache[0].update(self.kv_a_layernorm(latent), inputs)[:, None]   # [b, 1, s, rank]

@@ -1,9 +1,10 @@
-"""Point-to-point messaging shared by dispatch and the engine.
+"""Messaging shared by the exchanges and the engine: the wait helper, receives, sends, counts.
 
 Every wait in a run goes through `wait_until`: it tests, yields the core while nothing has
 arrived (ranks may outnumber cores), and knows where it is (step, layer, micro-batch, phase,
 peers). No blocking collective is used inside the generate loop: a blocking call can neither
-time out nor say whom it waits for.
+time out nor say whom it waits for. Non-blocking collectives are tested like receives, and a
+`CountsGroup` lets a rank stuck in one name the members that have not joined it yet.
 
 An optional emulated inter-node link (`parallel.link`) makes one machine behave like a small
 cluster: a message between ranks of different (possibly emulated) nodes is delivered no earlier
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -36,6 +37,17 @@ class Where:
     def __str__(self):
         return (f"step {self.step} layer {self.layer} micro_batch {self.micro_batch} "
                 f"phase {self.phase} for rank {','.join(map(str, self.peers)) or '-'}")
+
+    def waiting_for(self, phase: str, peers) -> "Where":
+        return Where(self.step, self.layer, self.micro_batch, phase, tuple(sorted(peers)))
+
+
+@dataclass
+class Pending:
+    """What a coroutine waits for: poll() is None until it can resume, then the value to send in
+    (polling twice gives the same answer); where() names only the peers still missing."""
+    poll: Callable[[], Any]
+    where: Callable[[], Where]
 
 
 SPIN = False        # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
@@ -126,6 +138,17 @@ class Receives:
         self.received[self.me] = data
         self.done.add(self.me)
 
+    def all_in(self, where: Where, phase: str) -> Pending:
+        """Pending until every message is in."""
+        everyone = set(self.received)
+        return Pending(lambda: True if len(self.arrived()) == len(everyone) else None,
+                       lambda: where.waiting_for(phase, everyone - self.arrived() - {self.me}))
+
+    def any_in(self, peers: set, where: Where, phase: str) -> Pending:
+        """Pending until one of `peers` is in; resumes with the set of those that are."""
+        return Pending(lambda: (self.arrived() & peers) or None,
+                       lambda: where.waiting_for(phase, peers - self.arrived() - {self.me}))
+
 
 @dataclass
 class Sender:
@@ -155,6 +178,13 @@ class Sender:
     def test(self) -> None:
         self.in_flight = [(r, b) for r, b in self.in_flight if not r.Test()]
 
+    def settle(self, buffer: torch.Tensor, where: Where) -> None:
+        """Before `buffer` is written again: wait for the sends still reading it (done in practice:
+        a peer that answered has received)."""
+        if buffer.numel() and self.in_flight:
+            memory = as_bytes(buffer)
+            wait_all([r for r, b in self.in_flight if np.may_share_memory(b, memory)], where)
+
     def wait(self, where: Where) -> None:
         wait_all([r for r, _ in self.in_flight], where)
         self.in_flight = []
@@ -162,4 +192,70 @@ class Sender:
 
 def tag_for(kind: int, layer: int, micro_batch: int, micro_batches: int) -> int:
     """Distinct tags per (layer, micro-batch, message kind) so exchanges in flight never cross."""
-    return (kind + 8 * (micro_batch + micro_batches * max(layer, 0))) % 32000 + 100
+    return (kind + 16 * (micro_batch + micro_batches * max(layer, 0))) % 32000 + 100
+
+
+class CountsGroup:
+    """The counts of one micro-batch slot's exchanges among fixed ranks, without R^2 messages.
+
+    One non-blocking `Ialltoall` per exchange, on a communicator this slot owns, so that every
+    member issues its collectives on it in the same order (layer after layer) and the wait helper
+    can test them. A collective hides who is late, so each member also counts the collectives it
+    has posted in an RMA window that others read without its help (passive target): a member
+    stuck in one names the members whose count is behind. Created collectively by `ranks`."""
+
+    def __init__(self, comm, ranks: tuple[int, ...]):
+        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
+        self.comm, self.ranks = comm.Dup(), tuple(ranks)
+        self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
+        self.posted = np.frombuffer(self.window.tomemory(), np.int64)
+        self.posted[0] = 0
+        self.window.Lock_all()
+        self.comm.Barrier()  # every count is zero before anyone reads one
+
+    def post(self, send: np.ndarray, where: Where, phase: str = "counts_wait"):
+        """send: [G, S] int64, row i for member i -> (received [G, S], row i from member i; Pending)."""
+        self.posted[0] += 1
+        self.window.Sync()
+        number = int(self.posted[0])
+        received = np.empty_like(send)
+        request = self.comm.Ialltoall(send, received)
+        keep = (send, received)  # alive until the request completes
+        return received, Pending(lambda: True if request.Test() and keep else None,
+                                 lambda: where.waiting_for(phase, self.behind(number)))
+
+    def behind(self, number: int, patience_s: float = 0.5) -> list[int]:
+        """World ranks that have posted fewer than `number` collectives here (read without their help)."""
+        late = []
+        for member, rank in enumerate(self.ranks):
+            value = np.zeros(1, np.int64)
+            request, start = self.window.Rget([value, MPI.INT64_T], member, target=(0, 1, MPI.INT64_T)), time.monotonic()
+            while not request.Test() and time.monotonic() - start < patience_s:
+                time.sleep(1e-4)
+            if value[0] < number:
+                late.append(rank)
+        return late
+
+    def close(self) -> None:
+        self.window.Unlock_all()
+        self.window.Free()
+        self.comm.Free()
+
+
+class BufferPool:
+    """Large exchange buffers reused across layers and steps instead of allocated per layer.
+
+    get(key, rows, cols, dtype) returns a [rows, cols] view of a buffer kept for `key`, grown when
+    too small. The caller picks keys so that a buffer is never handed out while still in use
+    (e.g. one key per micro-batch slot, purpose and layer parity)."""
+
+    def __init__(self, device=None):
+        self.buffers: dict = {}
+        self.device = device
+
+    def get(self, key, rows: int, cols: int, dtype) -> torch.Tensor:
+        need = rows * cols * torch.empty(0, dtype=dtype).element_size()
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < need:
+            buffer = self.buffers[key] = torch.empty(max(need, 64), dtype=torch.uint8, device=self.device)
+        return buffer[:need].view(dtype).view(rows, cols)

@@ -1,9 +1,13 @@
 """Token dispatch and combine math for one MoE layer (Megatron's pre / comm / post split).
 
-Pure functions on tensors, testable without MPI: the plan (which physical slot each (token,
-choice) goes to, grouped by destination), deterministic replica choice, per-node groups and
-packing for two-stage dispatch, combine weighting, bytes on inter-node links. The exchanges
-that move these tensors are in moe_layer.py.
+Pure tensor functions, testable without MPI. A placement is compiled once into tensors
+(`PlacementTables`, EPLB's phy2log / log2phy as index tables); per layer, slot choice, capacity,
+per-destination counts and the send order are a handful of tensor ops (bincount, argsort,
+cumsum, index_select) over the n x k routing entries: no Python loop over ranks, experts or
+slots. The exchanges that move these tensors are in moe_layer.py.
+
+Shapes: n tokens, k choices, H hidden, E experts, P physical slots, R ranks, N nodes,
+S = most slots on one rank.
 """
 from __future__ import annotations
 
@@ -15,36 +19,87 @@ from hpcmoe.placement import Placement, replica_split
 
 
 @dataclass(frozen=True)
-class DispatchPlan:
-    """How this rank's token slots (token, k-th choice) travel to physical expert slots."""
-    order: torch.Tensor         # [n*k] slot permutation: sorted by physical slot, so by destination rank
-    source_token: torch.Tensor  # [n*k] token row of each sorted slot
-    slot_counts: torch.Tensor   # [slots] int64, token slots sent to each physical slot
-    rank_counts: list[int]      # [ranks] token slots sent to each rank (rows of its message)
-    slots: torch.Tensor         # [n, k] physical slot chosen for each (token, choice)
+class PlacementTables:
+    """A placement compiled for one source rank; built once, read by every layer."""
+    source_rank: int
+    candidates: torch.Tensor      # [E, C] slots this source may use for expert e (padded by repeating the first)
+    num_candidates: torch.Tensor  # [E] real entries of candidates[e]
+    single: bool                  # every expert has one candidate: no round robin needed
+    slot_rank: torch.Tensor       # [P] rank hosting each slot (non-decreasing)
+    slot_local: torch.Tensor      # [P] position of the slot among its rank's slots
+    rank_first_slot: torch.Tensor  # [R + 1] rank r hosts slots rank_first_slot[r] .. rank_first_slot[r + 1] - 1
+    slot_node: torch.Tensor       # [P] node of each slot's rank
+    gateway: tuple[int, ...]      # [N] the rank of each node that receives this source's tokens (two-stage)
+    slots_per_rank: tuple[int, ...]  # [R] how many slots each rank hosts
+    max_slots_per_rank: int       # S
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_rank)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rank_first_slot) - 1
 
 
-def candidate_slots(placement: Placement, source_rank: int, node_of_rank: tuple[int, ...]) -> list[list[int]]:
-    """[experts][candidates]: the replicas a source may use, those on its own node if any."""
+def gateway(source: int, node: int, node_of_rank) -> int:
+    """The rank of `node` that receives `source`'s tokens: the source itself on its own node, else
+    the rank with the same position in its node (wrapping), which spreads sources over gateways."""
+    if node_of_rank[source] == node:
+        return source
+    mine = [r for r, n in enumerate(node_of_rank) if n == node_of_rank[source]]
+    theirs = [r for r, n in enumerate(node_of_rank) if n == node]
+    return theirs[mine.index(source) % len(theirs)]
+
+
+def compile_placement(placement: Placement, source_rank: int, node_of_rank, device=None) -> PlacementTables:
+    """The tables of `placement` as seen from `source_rank`; node_of_rank: [R] node of every rank."""
+    node_of_rank = list(node_of_rank)
+    ranks = placement.num_ranks
+    if len(node_of_rank) != ranks:
+        raise ValueError(f"node_of_rank has {len(node_of_rank)} entries, placement has {ranks} ranks")
     candidates = []
-    for slots in placement.expert_slots():
-        ranks = replica_split([placement.slot_rank[p] for p in slots], source_rank, list(node_of_rank))
-        candidates.append([p for p in slots if placement.slot_rank[p] in ranks])
-    return candidates
+    for slots in placement.expert_slots():  # a source uses the replicas on its own node if any, else all
+        near = replica_split([placement.slot_rank[p] for p in slots], source_rank, node_of_rank)
+        candidates.append([p for p in slots if placement.slot_rank[p] in near])
+    width = max(map(len, candidates))
+    padded = [c + [c[0]] * (width - len(c)) for c in candidates]
+    per_rank = [0] * ranks
+    local = []
+    for r in placement.slot_rank:
+        local.append(per_rank[r])
+        per_rank[r] += 1
+    first = [0]
+    for count in per_rank:
+        first.append(first[-1] + count)
+    nodes = max(node_of_rank) + 1
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)
+    return PlacementTables(
+        source_rank=source_rank, candidates=as_tensor(padded), num_candidates=as_tensor(list(map(len, candidates))),
+        single=width == 1, slot_rank=as_tensor(placement.slot_rank), slot_local=as_tensor(local),
+        rank_first_slot=as_tensor(first), slot_node=as_tensor([node_of_rank[r] for r in placement.slot_rank]),
+        gateway=tuple(gateway(source_rank, b, node_of_rank) for b in range(nodes)),
+        slots_per_rank=tuple(per_rank), max_slots_per_rank=max(max(per_rank), 1))
 
 
-def choose_slots(expert_ids: torch.Tensor, placement: Placement, source_rank: int,
-                 node_of_rank: tuple[int, ...]) -> torch.Tensor:
+def occurrence(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """keys: [m] int64 in [0, num_keys) -> [m], how many earlier entries have the same key."""
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_keys)
+    starts = torch.cumsum(counts, 0) - counts
+    seen = torch.empty_like(keys)
+    seen[order] = torch.arange(len(keys), device=keys.device) - starts[keys[order]]
+    return seen
+
+
+def choose_slots(expert_ids: torch.Tensor, tables: PlacementTables) -> torch.Tensor:
     """expert_ids: [n, k] -> [n, k] physical slots. The i-th token slot of this source for expert e
     goes to candidate (i + source_rank) % candidates: deterministic, the same on every rank."""
-    flat = expert_ids.flatten()
-    slots = torch.empty_like(flat)
-    for e, candidates in enumerate(candidate_slots(placement, source_rank, node_of_rank)):
-        where = (flat == e).nonzero(as_tuple=True)[0]
-        if len(where):
-            pick = (torch.arange(len(where)) + source_rank) % len(candidates)
-            slots[where] = torch.tensor(candidates, dtype=torch.int64)[pick]
-    return slots.view(expert_ids.shape)
+    flat = expert_ids.reshape(-1)
+    if tables.single:
+        return tables.candidates[flat, 0].view(expert_ids.shape)
+    pick = (occurrence(flat, len(tables.num_candidates)) + tables.source_rank) % tables.num_candidates[flat]
+    return tables.candidates[flat, pick].view(expert_ids.shape)
 
 
 def apply_capacity(slots: torch.Tensor, capacity_factor: float, num_slots: int) -> torch.Tensor:
@@ -54,88 +109,120 @@ def apply_capacity(slots: torch.Tensor, capacity_factor: float, num_slots: int) 
     tokens keep their place (token order, then choice order). Dropped choices contribute nothing
     and the remaining weights are not renormalized: a lossy option, outside the equality contract."""
     capacity = -(-int(capacity_factor * slots.numel()) // num_slots)
-    flat = slots.flatten().clone()
-    seen = torch.zeros(num_slots, dtype=torch.int64)
-    for i, slot in enumerate(flat.tolist()):
-        if slot >= 0:
-            seen[slot] += 1
-            if seen[slot] > capacity:
-                flat[i] = -1
-    return flat.view(slots.shape)
+    flat = slots.reshape(-1)
+    keep = occurrence(flat, num_slots) < capacity
+    return torch.where(keep, flat, -1).view(slots.shape)
 
 
-def plan_from_slots(slots: torch.Tensor, placement: Placement) -> DispatchPlan:
+@dataclass(frozen=True)
+class DispatchPlan:
+    """How this rank's token slots (token, k-th choice) travel to physical expert slots."""
+    order: torch.Tensor         # [m] flat (token, choice) entries sent, sorted by slot, so by destination rank
+    source_token: torch.Tensor  # [m] token row of each sorted entry
+    slot_counts: torch.Tensor   # [P] int64 token slots sent to each physical slot
+    rank_counts: torch.Tensor   # [R] int64 token slots sent to each rank (rows of its message)
+    send_counts: torch.Tensor   # [R, S] slot_counts laid out per destination: what the counts exchange sends
+    slots: torch.Tensor         # [n, k] physical slot of each choice, -1 where it is not sent
+
+
+def plan_from_slots(slots: torch.Tensor, tables: PlacementTables) -> DispatchPlan:
     """slots: [n, k] physical slot per (token, choice), -1 where that choice is not sent -> the plan."""
-    flat, total = slots.flatten(), len(placement.slot_rank)
-    valid = flat >= 0
-    order = torch.argsort(torch.where(valid, flat, total), stable=True)[: int(valid.sum())]
-    slot_counts = torch.bincount(flat[valid], minlength=total)
-    rank_counts = [int(slot_counts[list(placement.slots_of_rank(r))].sum()) for r in range(placement.num_ranks)]
-    return DispatchPlan(order, order // max(slots.shape[1], 1), slot_counts, rank_counts, slots)
+    flat, total = slots.reshape(-1), tables.num_slots
+    dropped = bool((flat < 0).any()) if flat.numel() else False
+    if dropped:
+        sent = flat >= 0
+        order = torch.argsort(torch.where(sent, flat, total), stable=True)[: int(sent.sum())]
+        slot_counts = torch.bincount(flat[sent], minlength=total)
+    else:
+        order = torch.argsort(flat, stable=True)
+        slot_counts = torch.bincount(flat, minlength=total)
+    ends = torch.cumsum(slot_counts, 0)
+    ends = torch.cat([ends.new_zeros(1), ends])
+    rank_counts = ends[tables.rank_first_slot[1:]] - ends[tables.rank_first_slot[:-1]]
+    send_counts = slot_counts.new_zeros(tables.num_ranks * tables.max_slots_per_rank)
+    send_counts[tables.slot_rank * tables.max_slots_per_rank + tables.slot_local] = slot_counts
+    k = max(slots.shape[1], 1)
+    return DispatchPlan(order, torch.div(order, k, rounding_mode="floor"), slot_counts, rank_counts,
+                        send_counts.view(tables.num_ranks, tables.max_slots_per_rank), slots)
 
 
-def make_plan(expert_ids: torch.Tensor, placement: Placement, source_rank: int = 0,
-              node_of_rank: tuple[int, ...] | None = None) -> DispatchPlan:
-    """expert_ids: [n, k] logical experts per token -> the flat plan for this source rank."""
-    node_of_rank = node_of_rank or (0,) * placement.num_ranks
-    return plan_from_slots(choose_slots(expert_ids, placement, source_rank, node_of_rank), placement)
+def make_plan(expert_ids: torch.Tensor, tables: PlacementTables) -> DispatchPlan:
+    """expert_ids: [n, k] logical experts per token -> the flat plan for the tables' source rank."""
+    return plan_from_slots(choose_slots(expert_ids, tables), tables)
 
 
-def node_groups(slots: torch.Tensor, weights: torch.Tensor, placement: Placement, node_of_rank) -> list:
-    """Per node: (tokens [t] with a choice there, their slots [t, k] (-1 elsewhere), weights [t, k] (0 elsewhere))."""
-    slot_node = torch.tensor([node_of_rank[r] for r in placement.slot_rank], dtype=torch.int64)[slots]
-    groups = []
-    for node in range(max(node_of_rank) + 1):
-        here = slot_node == node
-        tokens = here.any(dim=1).nonzero(as_tuple=True)[0]
-        groups.append((tokens, torch.where(here[tokens], slots[tokens], -1),
-                       torch.where(here[tokens], weights[tokens], 0.0)))
-    return groups
+def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """returned: [m, H] expert outputs in plan order; weights: [n, k] -> [n, H] in token order.
+
+    One gather back to (token, choice) order, then the weighted sum over the k choices in choice
+    order, accumulated in float32: the same arithmetic whatever the placement or rank count."""
+    n, k = weights.shape
+    hidden = returned.shape[1]
+    if len(plan.order) == n * k:  # every choice was sent
+        inverse = torch.empty_like(plan.order)
+        inverse[plan.order] = torch.arange(n * k, device=plan.order.device)
+        by_choice = returned.index_select(0, inverse)
+    else:  # choices not sent (-1) read a zero row
+        inverse = torch.full((n * k,), len(plan.order), dtype=torch.int64, device=returned.device)
+        inverse[plan.order] = torch.arange(len(plan.order), device=returned.device)
+        by_choice = torch.cat([returned, returned.new_zeros(1, hidden)]).index_select(0, inverse)
+    by_choice = by_choice.view(n, k, hidden)
+    out = by_choice[:, 0].float() * weights[:, :1]
+    for j in range(1, k):
+        out.addcmul_(by_choice[:, j].float(), weights[:, j:j + 1])
+    return out.to(returned.dtype)
+
+
+# ---------------------------------------------------------------- two-stage: per-node groups
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """This source's tokens grouped by destination node: a token appears once per node it has a choice on."""
+    tokens: torch.Tensor       # [t] token rows, sorted by node then token
+    node_counts: torch.Tensor  # [N] rows for each node
+    slots: torch.Tensor        # [t, k] the row's slots on that node, -1 elsewhere
+    weights: torch.Tensor      # [t, k] the row's weights on that node, 0 elsewhere
+
+
+def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTables) -> NodeGroups:
+    """slots, weights: [n, k] -> the rows each node receives (one gather for all nodes)."""
+    n, nodes = slots.shape[0], len(tables.gateway)
+    slot_node = tables.slot_node[slots.clamp(min=0)].masked_fill(slots < 0, nodes)  # [n, k]; nodes = not sent
+    present = torch.zeros(n, nodes + 1, dtype=torch.bool, device=slots.device)
+    present.scatter_(1, slot_node, True)
+    node, token = present[:, :nodes].T.nonzero(as_tuple=True)
+    here = slot_node[token] == node[:, None]
+    return NodeGroups(token, torch.bincount(node, minlength=nodes),
+                      torch.where(here, slots[token], -1), torch.where(here, weights[token], 0.0))
 
 
 def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows [t, H], slots [t, k] int64, weights [t, k] -> one uint8 message, row by row."""
     parts = [rows.contiguous(), slots.contiguous(), weights.float().contiguous()]
-    return torch.cat([p.view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts],
-                     dim=1).flatten()
+    return torch.cat([p.view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts], dim=1)
 
 
-def unpack_rows(messages: list[torch.Tensor], hidden: int, dtype, k: int):
-    """The inverse of pack_rows over several messages -> (rows [m, H], slots [m, k], weights [m, k])."""
+def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
+    """The inverse of pack_rows (several messages back to back) -> (rows [m, H], slots [m, k], weights [m, k])."""
     item = torch.empty(0, dtype=dtype).element_size()
-    data = torch.cat(messages).view(-1, hidden * item + 12 * k)
+    data = data.view(-1, hidden * item + 12 * k)
     rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)
     return (rows.contiguous().view(dtype), slots.contiguous().view(torch.int64),
             weights.contiguous().view(torch.float32))
 
 
-def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """returned: [n*k, H] expert outputs in plan order; weights: [n, k] -> [n, H] in token order."""
-    n, k = weights.shape
-    if len(plan.order) == n * k:  # every choice was sent: a gather through the inverse permutation
-        inverse = torch.empty_like(plan.order)
-        inverse[plan.order] = torch.arange(n * k)
-        by_slot = returned[inverse]
-    else:  # choices not sent (-1) contribute zero
-        by_slot = returned.new_zeros(n * k, returned.shape[1])
-        by_slot[plan.order] = returned
-    by_slot = by_slot.view(n, k, returned.shape[1])
-    if by_slot.dtype != torch.float32:
-        by_slot = by_slot.float()
-    return torch.bmm(weights.float().unsqueeze(1), by_slot).squeeze(1).to(returned.dtype)
+def packed_row_bytes(hidden: int, dtype, k: int) -> int:
+    """Bytes of one packed row: the hidden state, then k slots (int64) and k weights (float32)."""
+    return hidden * torch.empty(0, dtype=dtype).element_size() + 12 * k
 
 
-def split_rows(rows: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
-    """rows: [sum(counts), H] -> {peer: [counts[peer], H]}."""
-    return dict(enumerate(rows.split(counts)))
-
-
-def internode_bytes(slots: torch.Tensor, placement: Placement, source_rank: int, node_of_rank,
-                    row_bytes: int, two_stage: bool) -> int:
+def internode_bytes(slots: torch.Tensor, tables: PlacementTables, node_of_rank, row_bytes: int,
+                    two_stage: bool) -> int:
     """Bytes a source puts on inter-node links for one layer: flat sends every (token, choice) on
     another node; two-stage sends each token once per other node, with k slots and weights."""
-    me, k = node_of_rank[source_rank], slots.shape[1]
+    me, k = node_of_rank[tables.source_rank], slots.shape[1]
     if not two_stage:
-        return sum(row_bytes for s in slots.flatten().tolist() if s >= 0 and node_of_rank[placement.slot_rank[s]] != me)
-    groups = node_groups(slots, torch.zeros(slots.shape), placement, node_of_rank)
-    return sum(len(tokens) * (row_bytes + 12 * k) for node, (tokens, _, _) in enumerate(groups) if node != me)
+        sent = slots[slots >= 0]
+        return int((tables.slot_node[sent] != me).sum()) * row_bytes
+    counts = node_groups(slots, torch.zeros(slots.shape), tables).node_counts
+    return int(counts.sum() - counts[me]) * (row_bytes + 12 * k)

@@ -1,30 +1,24 @@
-"""The generate loop of the ep layout: prefill, greedy decode, per-step records to rank 0.
+"""The generate loop: prefill, greedy decode, per-step records to rank 0, the run file.
 
-Each rank runs attention and dense layers for its own contiguous block of requests and hosts
-its experts of every MoE layer. A step splits the rank's requests into `run.micro_batches`
-micro-batches; each is a generator that computes and yields what it waits for (`Pending`), and
-one scheduler resumes whichever micro-batch can go on, so the exchange of one overlaps the
-compute of another, across layers, with no whole-batch barrier. When none can go on, the
-scheduler sleeps in comm.wait_until, the one place a rank waits.
+The rank engines (ep.py, ma.py) compute one step of their share; this loop builds them, starts
+every rank together (the common start barrier), and after each step gathers the records to
+rank 0, which appends them to the run file. The clock that TTFT and TPOT read is rank 0's: the
+time at which it holds each step's tokens, everything (records, HDF5 append, stop vote) included.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
-import hpcmoe.comm
-from hpcmoe import moe_layer
-from hpcmoe.comm import Link, Sender, Where, wait_all, wait_until
+from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
-from hpcmoe.layout import ParallelLayout, request_range
-from hpcmoe.model import Transformer, build_model
-from hpcmoe.output import (RunWriter, Timer, compute_metrics, overlap_and_busy, previous_imbalance,
+from hpcmoe.layout import ParallelLayout
+from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance,
                            rank_load_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
@@ -32,150 +26,68 @@ from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
 
 
-@dataclass
-class StepStats:
-    routing: np.ndarray  # [moe_layers, experts] token slots this rank sent to each expert
-    traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
-    dropped: int = 0     # token slots over capacity (parallel.capacity_factor)
-
-
-def run_concurrently(generators: list, timer: Timer, step: int, sender: Sender) -> list:
-    """Drive micro-batch generators to completion; -> their return values in order."""
-    results, waiting = [None] * len(generators), {i: None for i in range(len(generators))}
-    while waiting:
-        progressed = False
-        for i in sorted(waiting):
-            pending = waiting[i]
-            got = None if pending is None else pending.poll()
-            if pending is None or got is not None:
-                try:
-                    waiting[i] = generators[i].send(got)
-                except StopIteration as finished:
-                    results[i] = finished.value
-                    del waiting[i]
-                progressed = True
-        sender.test()
-        if waiting and not progressed:  # nothing can run: sleep until something arrives
-            first = waiting[min(waiting)]
-            with timer.phase(first.where.phase, step, first.where.layer, first.where.micro_batch):
-                wait_until(lambda: any(p.poll() is not None for p in waiting.values()), first.missing)
-    return results
-
-
-class EPEngine:
-    """One rank's share of the model and the schedule that runs it."""
-
-    def __init__(self, config: Config, topo: Topology, placement: Placement, timer: Timer, load=None):
-        self.config, self.topo, self.placement, self.timer = config, topo, placement, timer
-        self.comm, self.rank = topo.world, topo.rank
-        self.my_experts = placement.experts_of_rank(self.rank)
-        self.model: Transformer = build_model(config.model, self.my_experts, load)
-        link = config.parallel.link
-        self.link = Link(topo.node_of_rank, link.bandwidth_gbps if link else None, link.latency_us if link else 0.0)
-        self.sender = Sender(self.comm, self.link)
-        hpcmoe.comm.SPIN = config.parallel.wait == "spin"  # one policy per process
-        hpcmoe.comm.WATCHDOG_S = config.run.timeout_s
-        self.micro_batches = config.run.micro_batches
-        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
-        self.peers = list(range(topo.size))  # the ranks this one exchanges tokens with
-        self.reports = True                  # whether this rank's tokens go into the run file
-        self.stalled = False                 # run.stall_rank has slept already
-        self.step = 0
-
-    def requests(self, batch: int) -> range:
-        """The requests this rank computes: a contiguous block."""
-        return request_range(batch, self.topo.size, self.rank)
-
-    def new_cache(self, batch: int, max_len: int):
-        return self.model.new_cache(batch, max_len)
-
-    @torch.no_grad()
-    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
-        """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
-        b = inputs.tokens.shape[0]
-        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
-        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
-                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
-                      for i, r in enumerate(blocks)]
-        logits = run_concurrently(generators, self.timer, self.step, self.sender)
-        self.sender.wait(Where(self.step, -1, 0, "send_wait"))
-        return torch.cat(logits)
-
-    def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
-        """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits."""
-        phase, model, step = self.timer.phase, self.model, self.step
-        with phase("embed", step, micro_batch=mb):
-            x = model.embed_tokens(inputs.tokens)
-        for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
-            self.maybe_fail(layer)
-            with phase("attention", step, layer, mb):
-                x = block.attend(x, layer_cache, inputs)
-                h = block.post_attention_layernorm(x)[inputs.valid]
-            if block.is_moe:
-                out = yield from self.exchange(self, block.mlp, layer, mb, h, stats)
-            else:
-                with phase("mlp", step, layer, mb):
-                    out = block.mlp(h)
-            x[inputs.valid] += out
-        with phase("lm_head", step, micro_batch=mb):
-            return model.logits(x, inputs)
-
-    def maybe_stall(self):
-        """run.stall_rank: sleep (far past the watchdog) before the first dispatch of step 0."""
-        if self.config.run.stall_rank == self.rank and self.step == 0 and not self.stalled:
-            self.stalled = True
-            time.sleep(4 * self.config.run.timeout_s)
-
-    def maybe_fail(self, layer: int):
-        run = self.config.run
-        if run.fail_rank == self.rank and run.fail_at_layer == layer and run.fail_at_step == self.step:
-            raise RuntimeError(f"injected failure (run.fail_rank={self.rank}) at step {self.step} layer {layer}")
-
-
 class RootGather:
     """Per-step records from every rank to rank 0 with Isend and matched probes (no collective)."""
 
-    def __init__(self, comm):
-        self.comm, self.pending = comm, []
+    def __init__(self, comm, timer: Timer):
+        self.comm, self.timer, self.pending = comm, timer, []
 
-    def __call__(self, record, where: Where):
-        comm = self.comm
+    def __call__(self, record, step: int):
+        comm, where = self.comm, Where(step, -1, 0, "record_wait")
         if comm.Get_rank() != 0:
-            wait_all(self.pending, where)  # the previous record is out: one in flight at most
+            with self.timer.phase("record_wait", step):
+                wait_all(self.pending, where)  # the previous record is out: one in flight at most
             self.pending = [comm.isend(record, dest=0, tag=RECORD_TAG)]
             return None
         records = [record]
         for source in range(1, comm.Get_size()):
-            found = []
+            found = comm.improbe(source=source, tag=RECORD_TAG)
+            if found is None:
+                with self.timer.phase("record_wait", step):
+                    def arrived() -> bool:
+                        nonlocal found
+                        found = comm.improbe(source=source, tag=RECORD_TAG)
+                        return found is not None
 
-            def arrived() -> bool:
-                found.append(comm.improbe(source=source, tag=RECORD_TAG))
-                return found[-1] is not None
-
-            wait_until(arrived, Where(where.step, where.layer, 0, where.phase, (source,)))
-            records.append(found[-1].recv())
+                    wait_until(arrived, where.waiting_for("record_wait", (source,)))
+            records.append(found.recv())
         return records
 
-    def close(self, where: Where):
-        wait_all(self.pending, where)
+    def close(self, step: int):
+        wait_all(self.pending, Where(step, -1, 0, "record_wait"))
 
 
 class StopSignal:
     """The ranks agree to stop: SIGUSR1 may reach them at different steps, so at every step boundary
-    they reduce the flag (non-blocking, on a communicator of its own) and stop together."""
+    each rank posts its flag in a non-blocking reduction (on a communicator of its own) and reads
+    the reduction posted one boundary earlier, which has completed in the background meanwhile.
+    Every rank reads the same result at the same boundary, so all stop after the same step, one
+    step after the signal, and no step waits for a vote in the common case."""
 
-    def __init__(self, world):
-        self.comm = world.Dup()
+    def __init__(self, world, timer: Timer):
+        self.comm, self.timer, self.request = world.Dup(), timer, None
+        self.flag, self.anyone = np.zeros(1, dtype=int), np.zeros(1, dtype=int)
         listen_for_stop()  # in-process callers did not go through init_mpi
 
     def agreed(self, step: int) -> bool:
         from mpi4py import MPI
-        flag, anyone = np.array([int(STOP_REQUESTED[0])]), np.zeros(1, dtype=int)
-        request = self.comm.Iallreduce(flag, anyone, op=MPI.MAX)
-        wait_all([request], Where(step, -1, 0, "stop_agree"))
-        return bool(anyone[0])
+        if self.request is not None:
+            self.finish_vote(step)
+            if self.anyone[0]:
+                return True
+        self.flag[0] = int(STOP_REQUESTED[0])
+        self.request = self.comm.Iallreduce(self.flag, self.anyone, op=MPI.MAX)
+        return False
 
-    def close(self):
+    def finish_vote(self, step: int) -> None:
+        if not self.request.Test():
+            with self.timer.phase("stop_wait", step):
+                wait_all([self.request], Where(step, -1, 0, "stop_wait"))
+        self.request = None
+
+    def close(self, step: int):
+        if self.request is not None:  # every rank posted the same votes: the last completes everywhere
+            self.finish_vote(step)
         STOP_REQUESTED[0] = False
         self.comm.Free()
 
@@ -224,84 +136,91 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     return metrics
 
 
+def build_engine(config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load):
+    if config.parallel.layout == "ma":
+        from hpcmoe.ma import ma_engine
+        return ma_engine(config, topo, placement, timer, layout, load)
+    from hpcmoe.ep import EPEngine
+    return EPEngine(config, topo, placement, timer, load)
+
+
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
              prompts: list[list[int]], writer, load) -> dict:
     rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
-    topo.world.Barrier()  # the common start of every timing row
     timer = Timer(rank, time.perf_counter())
-    if config.parallel.layout == "ma":
-        from hpcmoe.ma import ma_engine
-        engine = ma_engine(config, topo, placement, timer, layout, load)
-    else:
-        engine = EPEngine(config, topo, placement, timer, load)
+    engine = build_engine(config, topo, layout, placement, timer, load)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
     local = [prompts[i] for i in engine.requests(len(prompts))]
     cache = engine.new_cache(len(local), max(map(len, prompts)) + steps)
-    gather, progress = RootGather(topo.world), Progress(steps) if rank == 0 else None
-    stop = StopSignal(topo.world)
-    try:
-        dropped = run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop)
-    finally:
-        stop.close()
-    done = engine.step + 1
-    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), Where(steps, -1, 0, "output"))
-    gather.close(Where(steps, -1, 0, "output"))
+    gather, progress = RootGather(topo.world, timer), Progress(steps) if rank == 0 else None
+    stop = StopSignal(topo.world, timer)
+    topo.world.Barrier()  # the common start: every timing row and TTFT count from here
+    timer.restart(time.perf_counter())
+    done, token_times, dropped = run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop)
+    stop.close(done)
+    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), done)
+    gather.close(done)
+    engine.close()
     if records is None:
         return {}
-    return finish(config, topo, writer, records, prompts, done, dropped)
+    return finish(config, topo, writer, records, prompts, token_times, dropped)
 
 
-def run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop) -> int:
-    """Prefill and decode until max_new_tokens, or until the ranks agree to stop; -> dropped token slots."""
-    steps, model_cfg = config.run.max_new_tokens, config.model
+def run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop):
+    """Prefill and decode until max_new_tokens, or until the ranks agree to stop.
+
+    -> (steps done, rank 0's token times [steps done] in seconds since the start, dropped token slots)."""
+    steps = config.run.max_new_tokens
     cached = torch.zeros(len(local), dtype=torch.int64)
-    new_tokens, dropped = local, 0
+    new_tokens, dropped, token_times = local, 0, []
     for step in range(steps):
         engine.step = step
-        stats = StepStats(np.zeros((model_cfg.moe_layers, model_cfg.num_experts), np.int64),
-                          np.zeros((model_cfg.moe_layers, topo.size), np.int64))
-        started = time.perf_counter()
+        stats = engine.new_stats()
         with timer.phase("step", step):
             inputs = StepInputs.build(new_tokens, cached)
             logits = engine.forward(inputs, cache, stats)
             chosen = logits.argmax(dim=-1)
-        seconds = time.perf_counter() - started
         cached += inputs.valid.sum(1)
         new_tokens = [[t] for t in chosen.tolist()]
         with timer.phase("output", step):
             reported = slice(None) if engine.reports else slice(0)
             record = (chosen[reported].numpy(), logits[reported].numpy() if config.output.save_logits else None,
-                      stats, timer.take())
-            records = gather(record, Where(step, -1, 0, "output"))
+                      (stats.routing.cpu().numpy(), stats.traffic, int(stats.dropped)), timer.take())
+            records = gather(record, step)
             if records is not None:
+                token_times.append(timer.now())  # rank 0 holds this step's tokens
                 write_step(writer, step, records)
-                dropped += sum(r[2].dropped for r in records)
-                progress.update(step, seconds)
+                dropped += sum(r[2][2] for r in records)
+                progress.update(step, token_times[-1] - (token_times[-2] if step else 0.0))
         if step + 1 < steps and stop.agreed(step):
-            break
-    return dropped
+            return step + 1, token_times, dropped
+    return steps, token_times, dropped
 
 
-def finish(config, topo, writer, records, prompts, done: int, dropped: int) -> dict:
-    """Rank 0: metrics over the `done` steps, then the file is complete (or partial when stopped early)."""
+def finish(config, topo, writer, records, prompts, token_times: list[float], dropped: int) -> dict:
+    """Rank 0: metrics over the steps done, then the file is complete (or partial when stopped early)."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
+    writer.write()
     timings = writer.file["timings"][:]
-    prompt_tokens = sum(map(len, prompts))
-    metrics, spans = compute_metrics(timings, prompt_tokens, len(prompts), done)
-    per_rank = overlap_and_busy(timings, topo.size, config.model.num_layers)
-    metrics["overlap_fraction"] = float(np.nanmean(per_rank["overlap_fraction_per_rank"]))
+    done = len(token_times)
+    metrics, spans = compute_metrics(np.array(token_times), sum(map(len, prompts)), len(prompts))
+    per_rank = busy_and_idle(timings, topo.size)
+    metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
     if config.parallel.layout == "ma":
-        busy, attention = per_rank["busy_fraction_per_rank"], config.parallel.attention_ranks
-        metrics["busy_fraction_attention"] = float(busy[:attention].mean())
-        metrics["busy_fraction_moe"] = float(busy[attention:].mean())
-    metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:])
+        attention = config.parallel.attention_ranks
+        for name in ("busy", "idle"):
+            values = per_rank[f"{name}_fraction_per_rank"]
+            metrics[f"{name}_fraction_attention"] = float(values[:attention].mean())
+            metrics[f"{name}_fraction_moe"] = float(values[attention:].mean())
+    metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:done])
     metrics["dropped_token_slots"] = dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
+    per_rank["token_time_s"] = np.array(token_times)
     stopped = done < config.run.max_new_tokens
     if stopped:
         metrics["stopped_at_step"] = done
@@ -326,10 +245,10 @@ def peak_rss_bytes() -> int:
 
 
 def write_step(writer: RunWriter, step: int, records: list) -> None:
-    """records: per rank (tokens [b_r], logits [b_r, vocab] or None, StepStats, timing rows)."""
+    """records: per rank (tokens [b_r], logits [b_r, vocab] or None, (routing, traffic, dropped), timing rows)."""
     tokens = np.concatenate([r[0] for r in records])
     logits = np.concatenate([r[1] for r in records]) if records[0][1] is not None else None
-    routing = np.stack([r[2].routing for r in records], axis=1)   # [moe_layers, ranks, experts]
-    traffic = np.stack([r[2].traffic for r in records], axis=1)   # [moe_layers, src, dst]
+    routing = np.stack([r[2][0] for r in records], axis=1)   # [moe_layers, ranks, experts]
+    traffic = np.stack([r[2][1] for r in records], axis=1)   # [moe_layers, src, dst]
     writer.append_step(step, tokens, logits, routing, traffic)
     writer.append_timings(np.concatenate([r[3] for r in records]))

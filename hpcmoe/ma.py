@@ -16,16 +16,16 @@ import time
 
 import torch
 
-from hpcmoe import moe_layer
 from hpcmoe.attention import StepInputs, split_heads
 from hpcmoe.comm import Receives, Where, tag_for
-from hpcmoe.engine import EPEngine, StepStats, run_concurrently
+from hpcmoe.ep import EPEngine
 from hpcmoe.layout import MALayout, request_range
+from hpcmoe.moe_layer import StepStats
 
-SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER, TO_STANDBY = 3, 4, 5, 6, 7  # beside flat's 0..2
+SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER, TO_STANDBY = range(4, 9)  # beside moe_layer's 0..3
 
 
-def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
+def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     """Generator: x [..] float32 on every rank of `group` -> the sum over the group, bit-identical on
     all of them: node leaders sum their node in rank order, leaders sum the node sums in node
     order, and send the total back inside their node (a node of one rank skips both node stages)."""
@@ -36,10 +36,10 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
     if ctx.rank != leader:
         back = Receives(ctx.comm, {leader: torch.empty_like(x)}, tag(SUM_BACK), ctx.link)
         ctx.sender.send(leader, x, tag(SUM_TO_LEADER))
-        yield moe_layer.Pending(back, where("reduce_wait", [leader]))
+        yield back.all_in(at, "reduce_wait")
         return back.received[leader]
     members = Receives(ctx.comm, {r: torch.empty_like(x) for r in mine if r != leader}, tag(SUM_TO_LEADER), ctx.link)
-    yield moe_layer.Pending(members, where("reduce_wait", mine))
+    yield members.all_in(at, "reduce_wait")
     node_sum = x.clone()
     for r in mine[1:]:
         node_sum += members.received[r]
@@ -48,7 +48,7 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
     for r in leaders:
         if r != leader:
             ctx.sender.send(r, node_sum, tag(SUM_ACROSS_LEADERS))
-    yield moe_layer.Pending(others, where("reduce_wait", leaders))
+    yield others.all_in(at, "reduce_wait")
     total = torch.zeros_like(x)
     for r in leaders:
         total += node_sum if r == leader else others.received[r]
@@ -58,7 +58,7 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, where):
 
 
 def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], hidden: int, dtype,
-                    tag, where):
+                    tag, at: Where):
     """Generator: each sender's rows [counts[i], H] -> all of them in sender order on every group rank
     (a standby sends nothing and receives everything)."""
     everything = torch.empty(sum(counts), hidden, dtype=dtype)
@@ -66,14 +66,14 @@ def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: lis
     if ctx.rank in senders:
         for r in group:
             ctx.sender.send(r, rows, tag(GATHER), receives)
-    yield moe_layer.Pending(receives, where("gather_wait", senders))
+    yield receives.all_in(at, "gather_wait")
     return everything
 
 
-def from_twin(ctx, like: torch.Tensor, twin: int, tag, where):
+def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
     """Generator: a standby receives its primary's total."""
     receives = Receives(ctx.comm, {twin: torch.empty_like(like)}, tag(TO_STANDBY), ctx.link)
-    yield moe_layer.Pending(receives, where("reduce_wait", [twin]))
+    yield receives.all_in(at, "reduce_wait")
     return receives.received[twin]
 
 
@@ -81,14 +81,13 @@ class AttentionEngine(EPEngine):
     """An attention rank: its group's requests, its share of the query heads, no experts."""
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
-        super().__init__(config, topo, placement, timer, load)
+        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout))
+        self.comm, self.link = topo.world, self.sender.link
         self.layout, self.group = layout, layout.group_ranks(self.rank)
         self.primaries, self.twin = layout.primaries(self.rank), layout.twin(self.rank)
         self.standby = self.rank not in self.primaries
         self.shard = self.primaries.index(self.twin if self.standby else self.rank)
         self.heads = split_heads(config.model.heads, len(self.primaries))[self.shard]
-        # tokens go to MoE ranks only, and only from primaries: a standby mirrors and waits
-        self.peers = [] if self.standby else list(range(layout.attention_ranks, layout.world_size))
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
 
     def requests(self, batch: int) -> range:
@@ -101,8 +100,7 @@ class AttentionEngine(EPEngine):
         """Generator: the group's micro-batch through every layer -> [b_mb, vocab] logits (same on all group ranks)."""
         phase, model, step = self.timer.phase, self.model, self.step
         tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.micro_batches)
-        where = lambda layer: lambda name, waiting: Where(step, layer, mb, name,
-                                                          tuple(sorted(set(waiting) - {self.rank})))
+        where = lambda layer: Where(step, layer, mb)
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
         tokens = int(inputs.valid.sum())
@@ -125,7 +123,7 @@ class AttentionEngine(EPEngine):
                 h = block.post_attention_layernorm(x)[inputs.valid][mine.start:mine.stop]
             out = None
             if block.is_moe and not self.standby:
-                out = yield from self.exchange(self, block.mlp, layer, mb, h, stats)
+                out = yield from self.exchange(self.ctx, block.mlp, where(layer), h, stats)
             elif not self.standby:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
@@ -142,8 +140,7 @@ class MoEEngine(EPEngine):
     """A MoE rank: no requests; serves every (MoE layer, micro-batch) exchange of a step as tokens arrive."""
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
-        super().__init__(config, topo, placement, timer, load)
-        self.peers = layout.all_primaries()  # tokens come from primary attention ranks only
+        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout))
         self.reports = False
 
     def requests(self, batch: int) -> range:
@@ -153,12 +150,16 @@ class MoEEngine(EPEngine):
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
         hidden, dtype = self.config.model.hidden, self.model.embed_tokens.weight.dtype
         nothing = torch.empty(0, hidden, dtype=dtype)
-        generators = [self.exchange(self, block.mlp, layer, mb, nothing, stats)
+        generators = [self.exchange(self.ctx, block.mlp, Where(self.step, layer, mb), nothing, stats)
                       for layer, block in enumerate(self.model.layers) if block.is_moe
                       for mb in range(self.micro_batches)]
-        run_concurrently(generators, self.timer, self.step, self.sender)
-        self.sender.wait(Where(self.step, -1, 0, "send_wait"))
+        self.run_step(generators)
         return torch.empty(0, self.config.model.vocab)
+
+
+def exchange_members(layout: MALayout) -> list[int]:
+    """Tokens travel between primary attention ranks and MoE ranks; a standby mirrors and waits."""
+    return layout.all_primaries() + list(range(layout.attention_ranks, layout.world_size))
 
 
 def ma_engine(config, topo, placement, timer, layout: MALayout, load=None) -> EPEngine:

@@ -33,9 +33,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # [2 * inner, H] once fused: one GEMM for both
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self) -> None:
+        """After the weights are in: gate and up projections become views of one [2 * inner, H] tensor."""
+        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        inner = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:inner], fused[inner:]
+        self.gate_up = fused
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
+        if self.gate_up is None:
+            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            act = F.silu(gate).mul_(up)
+        if out is None:
+            return F.linear(act, self.down_proj.weight)
+        return torch.mm(act, self.down_proj.weight.t(), out=out)
 
 
 class Router(nn.Module):
@@ -70,10 +86,16 @@ class MoE(nn.Module):
         if cfg.shared_experts:
             self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
 
-    def run_experts(self, rows: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
-        """rows: [m, H] grouped by expert, counts[i] rows for experts[i] -> [m, H] outputs."""
-        outputs = [self.experts[str(e)](chunk) for e, chunk in zip(experts, rows.split(counts)) if len(chunk)]
-        return torch.cat(outputs) if outputs else rows.new_zeros(rows.shape)
+    def run_experts(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: [m, H] grouped by this rank's experts in slot order, counts[i] rows for the i-th
+        -> [m, H] outputs (into `out` when given): one GEMM chain per expert over all its rows."""
+        out = torch.empty_like(rows) if out is None else out
+        start = 0
+        for expert, count in zip(self.experts.values(), counts):
+            if count:
+                expert(rows[start:start + count], out=out[start:start + count])
+            start += count
+        return out
 
     def shared(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.shared_experts(h) if hasattr(self, "shared_experts") else None
@@ -148,7 +170,12 @@ def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Trans
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(load(name))
-    return model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
+    model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MLP):
+                module.fuse()
+    return model
 
 
 # ---------------------------------------------------------------- sizes without building
@@ -215,8 +242,7 @@ def forward_local(model: Transformer, inputs: StepInputs, cache) -> torch.Tensor
     x = model.embed_tokens(inputs.tokens)
     for block, layer_cache in zip(model.layers, cache):
         x = block.attend(x, layer_cache, inputs)
-        h = block.post_attention_layernorm(x)[inputs.valid]
-        x[inputs.valid] += block.ffn(h)
+        inputs.add_flat(x, block.ffn(inputs.flat(block.post_attention_layernorm(x))))
     return model.logits(x, inputs)
 
 

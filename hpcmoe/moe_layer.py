@@ -1,189 +1,347 @@
-"""One MoE layer's exchange, as generators the engine's scheduler drives (they yield `Pending`).
+"""One MoE layer's exchange, as generators the scheduler drives (they yield `Pending`).
 
 - flat: every token slot travels straight to the rank of its expert slot.
 - two_stage: a token crosses to another node once, to a gateway rank there, however many of its
   experts live on that node; the gateway forwards it inside the node. On the way back each
   expert answers the gateway, which sums its node's weighted outputs into one row per token.
 
-Sources send counts and payloads back to back; a receiver posts its receives once it knows
-the counts. Experts start on each source's rows as they arrive and answer at once.
-`ctx` is the engine: comm, sender, link, placement, topo, timer, step, micro_batches, my_experts.
+Counts travel in one non-blocking Ialltoall per exchange (`CountsGroup`), with the payloads
+posted right behind it, so decode pays no extra round trip; a receiver posts its receives once
+the counts are in, and only for the peers that send. Experts start on each source's rows as
+they arrive and answer at once. The engine and the exchange meet through `ExchangeContext`.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from hpcmoe.comm import Receives, Where, tag_for
-from hpcmoe.dispatch import (DispatchPlan, apply_capacity, choose_slots, combine_tokens, node_groups, pack_rows, plan_from_slots,
-                             split_rows, unpack_rows)
-from hpcmoe.router import tokens_per_expert
+from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where, tag_for
+from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, node_groups,
+                             pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 
-COUNTS, DISPATCH, RETURNS, GATEWAY_COUNTS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(6)
+DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..8
+HEADERS = 9  # counts headers (parallel.counts: probe)
 
 
 @dataclass
-class Pending:
-    """What a micro-batch waits for: every receive, or (any_of) at least one of these peers."""
-    receives: Receives
-    where: Where
-    any_of: Optional[set] = None
+class StepStats:
+    """What one step's exchanges saw on this rank."""
+    routing: torch.Tensor  # [moe_layers, experts] token slots this rank sent to each expert
+    traffic: np.ndarray    # [moe_layers, ranks] payload bytes this rank sent to each rank
+    dropped: torch.Tensor  # [] token slots over capacity (parallel.capacity_factor)
 
-    def missing(self) -> Where:
-        """The same place, naming only the peers whose messages have not arrived."""
-        late = set(self.any_of if self.any_of is not None else self.receives.received) - self.receives.arrived()
-        return Where(self.where.step, self.where.layer, self.where.micro_batch, self.where.phase,
-                     tuple(sorted(late - {self.receives.me})))
-
-    def poll(self):
-        """None while nothing to resume for; else True (all) or the set of newly arrived peers."""
-        arrived = self.receives.arrived()
-        if self.any_of is None:
-            return True if len(arrived) == len(self.receives.received) else None
-        return (arrived & self.any_of) or None
+    @classmethod
+    def zeros(cls, moe_layers: int, experts: int, ranks: int, device=None) -> "StepStats":
+        return cls(torch.zeros(moe_layers, experts, dtype=torch.int64, device=device),
+                   np.zeros((moe_layers, ranks), np.int64), torch.zeros((), dtype=torch.int64, device=device))
 
 
-def exchange_counts(ctx, plan: DispatchPlan, peers: list[int], tag: int) -> Receives:
-    """Send each peer its slots' counts and receive theirs for this rank's slots."""
-    placement, me = ctx.placement, ctx.rank
-    receives = Receives(ctx.comm, {r: torch.zeros(len(placement.slots_of_rank(me)), dtype=torch.int64)
-                                   for r in peers}, tag, ctx.link)
-    for r in peers:
-        ctx.sender.send(r, plan.slot_counts[list(placement.slots_of_rank(r))].clone(), tag, receives)
-    return receives
+@dataclass(frozen=True)
+class ExchangeGroup:
+    """The ranks one kind of exchange runs among, and its counts collective per micro-batch slot."""
+    ranks: tuple[int, ...]            # world ranks, ascending
+    counts: tuple[CountsGroup, ...]   # [micro_batches]
+    index: torch.Tensor               # [G] the ranks as a tensor
+    member: torch.Tensor              # [R] int64, 1 for the group's ranks
+
+    @classmethod
+    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
+        """Collective over `comm`, whose members are exactly `ranks` in order."""
+        index = torch.tensor(ranks, dtype=torch.int64)
+        member = torch.zeros(world_size, dtype=torch.int64).index_fill_(0, index, 1)
+        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), index, member)
+
+    def destinations(self, plan: DispatchPlan):
+        """The host's part of the control path, Python work only per active peer -> (counts to send
+        [G, S] numpy, destination ranks, first row of each in plan order, rows for each)."""
+        send = plan.send_counts if len(self.ranks) == len(self.member) else plan.send_counts.index_select(0, self.index)
+        active = torch.nonzero(plan.rank_counts * self.member).flatten()
+        rows = plan.rank_counts.index_select(0, active)
+        first = (torch.cumsum(plan.rank_counts, 0).index_select(0, active) - rows)
+        return send.numpy(), active.tolist(), first.tolist(), rows.tolist()
+
+    def close(self) -> None:
+        for group in self.counts:
+            group.close()
 
 
-def dispatch_and_serve(ctx, moe, plan: DispatchPlan, rows: torch.Tensor, peers: list[int], kinds: tuple,
-                       where, layer: int, mb: int):
-    """Generator: send `rows` (one per plan entry) to the experts' ranks among `peers`, serve what
-    arrives here with this rank's experts, and return the answers in plan order."""
-    phase, step, sender = ctx.timer.phase, ctx.step, ctx.sender
-    counts_tag, dispatch_tag, returns_tag = (tag_for(k, layer, mb, ctx.micro_batches) for k in kinds)
+@dataclass(frozen=True)
+class ExchangeContext:
+    """What a MoE layer's exchange needs from its rank, and nothing else."""
+    rank: int                         # world rank
+    world: object                     # the communicator of every point-to-point message
+    sender: Sender
+    link: Link
+    tables: PlacementTables           # the placement compiled for this rank
+    group: ExchangeGroup              # the ranks tokens travel among (stage 1 of two_stage)
+    node_group: Optional[ExchangeGroup]  # two_stage: this node's ranks (stage 2)
+    timer: object
+    micro_batches: int
+    first_moe_layer: int              # layer index of MoE layer 0 (model.dense_layers)
+    capacity_factor: Optional[float]
+    pool: BufferPool
+    counts: str = "collective"        # parallel.counts: collective (Ialltoall) | probe (headers + NBX)
+    before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
+
+    def close(self) -> None:
+        self.group.close()
+        if self.node_group is not None:
+            self.node_group.close()
+
+
+def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
+    """h: [n, H] -> (slots [n, k], weights [n, k]), and this rank's routing statistics."""
+    ctx.before_dispatch(at.step)
+    with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
+        expert_ids, weights = moe.gate(h)
+        stats.routing[at.layer - ctx.first_moe_layer] += torch.bincount(expert_ids.reshape(-1),
+                                                                      minlength=stats.routing.shape[1])
+        slots = choose_slots(expert_ids, ctx.tables)
+        if ctx.capacity_factor is not None:
+            slots = apply_capacity(slots, ctx.capacity_factor, ctx.tables.num_slots)
+            stats.dropped += (slots < 0).sum()
+    return slots, weights
+
+
+def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torch.Tensor, group: ExchangeGroup,
+                       at: Where, stats: StepStats, buffers: str = ""):
+    """Generator: send `rows` (gathered in plan order) to the experts' ranks in `group`, serve what
+    arrives here with this rank's experts, and return the answers [m, H] in plan order."""
+    step, layer, mb = at.step, at.layer, at.micro_batch
+    phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
+    dispatch_tag, returns_tag, header_tag = (tag_for(kind, layer, mb, ctx.micro_batches)
+                                             for kind in (DISPATCH, RETURNS, HEADERS))
+    key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = time.perf_counter()
-    counts = exchange_counts(ctx, plan, peers, counts_tag)
     with phase("dispatch_post", step, layer, mb):
-        answers = rows.new_empty(sum(plan.rank_counts[r] for r in peers), rows.shape[1])  # in plan order
-        returns = Receives(ctx.comm, dict(zip(peers, answers.split([plan.rank_counts[r] for r in peers]))),
-                           returns_tag, ctx.link)
-        outgoing = split_rows(rows[plan.source_token], plan.rank_counts)
-        for r in peers:
-            if r != ctx.rank:
-                sender.send(r, outgoing[r], dispatch_tag)
-    yield Pending(counts, where("counts_wait", peers))
-    ctx.timer.add("counts_comm", step, layer, mb, posted)
-    incoming = Receives(ctx.comm, {r: rows.new_empty(int(c.sum()), rows.shape[1]) for r, c in counts.received.items()},
-                        dispatch_tag, ctx.link)
-    if ctx.rank in peers:
-        incoming.keep_own(outgoing[ctx.rank])
-    sources = set(peers)
-    while sources:
-        arrived = yield Pending(incoming, where("dispatch_wait", sources), any_of=sources)
+        send_counts, destinations, first, sizes = group.destinations(plan)  # the one host read of the counts
+        span = dict(zip(destinations, zip(first, sizes)))
+        part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
+        outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
+        sender.settle(outgoing, at.waiting_for("send_wait", ()))
+        torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
+        answers = ctx.pool.get(key("answers"), len(plan.order), hidden, rows.dtype)
+    if group.ranks == (me,):  # alone in the group: no counts, no messages
+        with phase("experts", step, layer, mb):
+            return moe.run_experts(outgoing, send_counts[0, :ctx.tables.slots_per_rank[me]].tolist(), answers)
+    with phase("dispatch_post", step, layer, mb):
+        own = part(outgoing, me) if me in span else None
+        if ctx.counts == "collective":
+            incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
+        else:
+            incoming = ProbedIncoming(ctx, group, send_counts, destinations, own, outgoing, at, dispatch_tag,
+                                      header_tag)
+        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * hidden * rows.element_size()
+        returns = Receives(ctx.world, {r: part(answers, r) for r in destinations}, returns_tag, ctx.link)
+        for r in destinations:
+            if r != me:
+                sender.send(r, part(outgoing, r), dispatch_tag)
+    yield from incoming.start()
+    while not incoming.finished():
+        arrived = yield incoming.pending()
         for source in sorted(arrived):
             with phase("experts", step, layer, mb):
-                out = moe.run_experts(incoming.received[source], ctx.my_experts, counts.received[source].tolist())
-                sender.send(source, out, returns_tag, returns)
-        sources -= arrived
+                out = part(answers, me) if source == me else None  # own answers land in place
+                out = moe.run_experts(incoming.rows(source), incoming.slot_counts(source), out)
+                if source != me:
+                    sender.send(source, out, returns_tag)
+            incoming.served.add(source)
+    if me in span:
+        returns.done.add(me)
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
-    yield Pending(returns, where("combine_wait", peers))
+    yield returns.all_in(at, "combine_wait")
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     return answers
 
 
-def route(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
-    """-> (slots [n, k], weights [n, k]) and this rank's routing statistics."""
-    ctx.maybe_stall()
-    with ctx.timer.phase("route", ctx.step, layer, mb):
-        expert_ids, weights = moe.gate(h)
-        slots = choose_slots(expert_ids, ctx.placement, ctx.rank, ctx.topo.node_of_rank)
-        stats.routing[layer - ctx.config.model.dense_layers] += tokens_per_expert(
-            expert_ids, ctx.config.model.num_experts).numpy()
-        factor = ctx.config.parallel.capacity_factor
-        if factor is not None:
-            slots = apply_capacity(slots, factor, len(ctx.placement.slot_rank))
-            stats.dropped += int((slots < 0).sum())
-    return slots, weights
+class CountedIncoming:
+    """Design (a): one Ialltoall of counts per exchange says who sends how many rows; receives are
+    then posted for exactly those sources (their payloads left right behind the counts)."""
+
+    def __init__(self, ctx: ExchangeContext, group: ExchangeGroup, send_counts: np.ndarray, own, like: torch.Tensor,
+                 at: Where, tag: int, key, posted: float):
+        """own: this rank's rows for itself (or None); like: a tensor of the rows' width and dtype."""
+        self.ctx, self.group, self.own, self.at, self.tag, self.key, self.posted = ctx, group, own, at, tag, key, posted
+        self.hidden, self.dtype = like.shape[1], like.dtype
+        self.counts, self.counts_in = group.counts[at.micro_batch].post(send_counts, at)
+        self.served: set[int] = set()
+
+    def start(self):
+        """Generator: wait for the counts, then post the receives."""
+        ctx, me, at = self.ctx, self.ctx.rank, self.at
+        yield self.counts_in
+        ctx.timer.add("counts_comm", at.step, at.layer, at.micro_batch, self.posted)
+        self.slots = self.counts[:, :ctx.tables.slots_per_rank[me]]        # [G, my slots] from each member
+        rows_from = self.slots.sum(1)
+        self.sources = {self.group.ranks[i]: i for i in np.flatnonzero(rows_from)}
+        starts = np.cumsum(np.concatenate([[0], rows_from]))
+        buffer = ctx.pool.get(self.key, int(starts[-1]), self.hidden, self.dtype)
+        self.receives = Receives(ctx.world, {s: buffer[starts[i]:starts[i + 1]] for s, i in self.sources.items()},
+                                 self.tag, ctx.link)
+        if me in self.sources:
+            self.receives.keep_own(self.own)
+
+    def finished(self) -> bool:
+        return len(self.served) == len(self.sources)
+
+    def pending(self) -> Pending:
+        return self.receives.any_in(set(self.sources) - self.served, self.at, "dispatch_wait")
+
+    def rows(self, source: int) -> torch.Tensor:
+        return self.receives.received[source]
+
+    def slot_counts(self, source: int) -> list[int]:
+        return self.slots[self.sources[source]].tolist()
 
 
-def flat(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
+class ProbedIncoming:
+    """Design (b): no counts collective. Each destination gets its counts in a small header message
+    sent in synchronous mode (Issend) beside the payload; a receiver finds headers with matched
+    probes, only from the peers that send. A sender whose headers have all been matched joins a
+    non-blocking barrier; when the barrier completes, every header for this rank has been matched
+    (Hoefler's NBX), so no more sources can come."""
+
+    def __init__(self, ctx: ExchangeContext, group: ExchangeGroup, send_counts: np.ndarray, destinations: list[int],
+                 own, like: torch.Tensor, at: Where, tag: int, header_tag: int):
+        from mpi4py import MPI
+        self.ctx, self.group, self.at, self.tag, self.header_tag = ctx, group, at, tag, header_tag
+        self.hidden, self.dtype = like.shape[1], like.dtype
+        me, member = ctx.rank, {r: i for i, r in enumerate(group.ranks)}
+        self.my_slots = ctx.tables.slots_per_rank[me]
+        self.headers = {r: np.ascontiguousarray(send_counts[member[r], :ctx.tables.slots_per_rank[r]])
+                        for r in destinations if r != me}
+        self.announced = [ctx.world.Issend([h, MPI.INT64_T], dest=r, tag=header_tag) for r, h in self.headers.items()]
+        self.unmatched = set(self.headers)
+        self.found: dict[int, np.ndarray] = {}
+        self.receives: dict[int, Receives] = {}
+        if own is not None:
+            self.found[me] = send_counts[member[me], :self.my_slots]
+        self.own, self.barrier, self.counts_group = own, None, group.counts[at.micro_batch]
+        self.served: set[int] = set()
+        self.status = MPI.Status()
+
+    def start(self):
+        return
+        yield
+
+    def probe(self) -> None:
+        """Take every header that has come, post the receive of its payload, and join the barrier
+        once this rank's own headers have all been matched."""
+        from mpi4py import MPI
+        world = self.ctx.world
+        while (message := world.Improbe(MPI.ANY_SOURCE, self.header_tag, self.status)) is not None:
+            source, header = self.status.Get_source(), np.empty(self.my_slots, np.int64)
+            message.Recv([header, MPI.INT64_T])
+            self.found[source] = header
+            buffer = torch.empty(int(header.sum()), self.hidden, dtype=self.dtype)
+            self.receives[source] = Receives(world, {source: buffer}, self.tag, self.ctx.link)
+        if self.barrier is None and MPI.Request.Testall(self.announced):
+            self.counts_group.posted[0] += 1
+            self.counts_group.window.Sync()
+            self.number = int(self.counts_group.posted[0])
+            self.barrier = self.counts_group.comm.Ibarrier()
+
+    def arrived(self):
+        self.probe()
+        ready = {s for s, r in self.receives.items() if s not in self.served and r.arrived()}
+        if self.own is not None and self.ctx.rank not in self.served:
+            ready.add(self.ctx.rank)
+        if ready:
+            return ready
+        if self.barrier is not None and self.barrier.Test() and self.finished():
+            return set()
+        return None
+
+    def finished(self) -> bool:
+        return self.barrier is not None and self.barrier.Test() and len(self.served) == len(self.found)
+
+    def pending(self) -> Pending:
+        def where():
+            if self.barrier is None:
+                return self.at.waiting_for("counts_wait", self.unmatched_peers())
+            return self.at.waiting_for("counts_wait", self.counts_group.behind(self.number))
+        return Pending(self.arrived, where)
+
+    def unmatched_peers(self) -> list[int]:
+        return [r for r, request in zip(self.headers, self.announced) if not request.Test()]
+
+    def rows(self, source: int) -> torch.Tensor:
+        return self.own if source == self.ctx.rank else self.receives[source].received[source]
+
+    def slot_counts(self, source: int) -> list[int]:
+        return self.found[source].tolist()
+
+
+def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """Generator: h [n, H] -> [n, H] weighted expert outputs plus shared experts, in token order."""
-    where = lambda name, waiting: Where(ctx.step, layer, mb, name, tuple(sorted(set(waiting) - {ctx.rank})))
-    slots, weights = route(ctx, moe, layer, mb, h, stats)
-    plan = plan_from_slots(slots, ctx.placement)
-    stats.traffic[layer - ctx.config.model.dense_layers] += np.array(plan.rank_counts) * h.shape[1] * h.element_size()
-    with ctx.timer.phase("shared_experts", ctx.step, layer, mb):  # computed while the tokens travel
+    slots, weights = route(ctx, moe, at, h, stats)
+    plan = plan_from_slots(slots, ctx.tables)
+    with ctx.timer.phase("shared_experts", at.step, at.layer, at.micro_batch):  # computed while the tokens travel
         shared = moe.shared(h)
-    returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.peers, (COUNTS, DISPATCH, RETURNS), where, layer, mb)
-    with ctx.timer.phase("combine", ctx.step, layer, mb):
+    returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.group, at, stats)
+    with ctx.timer.phase("combine", at.step, at.layer, at.micro_batch):
         routed = combine_tokens(plan, returned, weights)
         return routed if shared is None else routed + shared
 
 
-def two_stage(ctx, moe, layer: int, mb: int, h: torch.Tensor, stats):
+def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """Generator: as `flat`, but each token crosses to another node at most once per node."""
-    phase, step, sender, topo = ctx.timer.phase, ctx.step, ctx.sender, ctx.topo
-    where = lambda name, waiting: Where(step, layer, mb, name, tuple(sorted(set(waiting) - {ctx.rank})))
+    step, layer, mb = at.step, at.layer, at.micro_batch
+    phase, sender, me, tables = ctx.timer.phase, ctx.sender, ctx.rank, ctx.tables
     tag = lambda kind: tag_for(kind, layer, mb, ctx.micro_batches)
-    slots, weights = route(ctx, moe, layer, mb, h, stats)
-    groups = node_groups(slots, weights, ctx.placement, topo.node_of_rank)   # per node: (tokens, slots, weights)
-    gateways = [gateway(ctx.rank, node, topo.node_of_rank) for node in range(topo.num_nodes)]
-    served = [s for s in range(ctx.comm.Get_size()) if gateway(s, topo.node_index, topo.node_of_rank) == ctx.rank]
+    key = lambda purpose: ("gateway", purpose, mb, layer % 2)
+    slots, weights = route(ctx, moe, at, h, stats)
+    k, hidden, row_bytes = slots.shape[1], h.shape[1], packed_row_bytes(h.shape[1], h.dtype, slots.shape[1])
     posted = time.perf_counter()
     # stage 1: one message per destination node, to that node's gateway for this rank
-    counts = Receives(ctx.comm, {s: torch.zeros(1, dtype=torch.int64) for s in served}, tag(GATEWAY_COUNTS), ctx.link)
     with phase("dispatch_post", step, layer, mb):
-        packed = {}
-        for node, (tokens, node_slots, node_weights) in enumerate(groups):
-            sender.send(gateways[node], torch.tensor([len(tokens)]), tag(GATEWAY_COUNTS), counts)
-            packed[node] = pack_rows(h[tokens], node_slots, node_weights)
-            stats.traffic[layer - ctx.config.model.dense_layers][gateways[node]] += packed[node].numel()
-            if gateways[node] != ctx.rank:
-                sender.send(gateways[node], packed[node], tag(GATEWAY_DISPATCH))
-        returns = Receives(ctx.comm, {gateways[n]: h.new_empty(len(groups[n][0]), h.shape[1])
-                                      for n in range(topo.num_nodes)}, tag(GATEWAY_RETURNS), ctx.link)
+        groups = node_groups(slots, weights, tables)
+        node_counts = groups.node_counts.tolist()
+        node_ends = np.cumsum([0] + node_counts)
+        send = np.zeros((tables.num_ranks, 1), np.int64)
+        for node, count in enumerate(node_counts):
+            send[tables.gateway[node], 0] = count
+        counts, counts_in = ctx.group.counts[mb].post(send, at)
+        packed = pack_rows(h[groups.tokens], groups.slots, groups.weights)   # [t, row_bytes] uint8
+        returns_buffer = ctx.pool.get(key("returns"), len(groups.tokens), hidden, h.dtype)
+        active = [node for node, count in enumerate(node_counts) if count]
+        node_part = lambda t, node: t[node_ends[node]:node_ends[node + 1]]
+        returns = Receives(ctx.world, {tables.gateway[b]: node_part(returns_buffer, b) for b in active},
+                           tag(GATEWAY_RETURNS), ctx.link)
+        for node in active:
+            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * row_bytes
+            if tables.gateway[node] != me:
+                sender.send(tables.gateway[node], node_part(packed, node), tag(GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
         shared = moe.shared(h)
-    yield Pending(counts, where("counts_wait", served))
-    row_bytes = packed_row_bytes(h, slots)
-    incoming = Receives(ctx.comm, {s: torch.empty(int(counts.received[s]) * row_bytes, dtype=torch.uint8)
-                                   for s in served}, tag(GATEWAY_DISPATCH), ctx.link)
-    sender.send(ctx.rank, packed[topo.node_index], tag(GATEWAY_DISPATCH), incoming)
-    yield Pending(incoming, where("dispatch_wait", served))
+    yield counts_in
+    members = np.flatnonzero(counts[:, 0])
+    served = [ctx.group.ranks[i] for i in members]   # the sources this rank is gateway for, in rank order
+    starts = np.cumsum(np.concatenate([[0], counts[members, 0]]))
+    incoming_buffer = ctx.pool.get(key("incoming"), int(starts[-1]), row_bytes, torch.uint8)
+    incoming = Receives(ctx.world, {s: incoming_buffer[starts[i]:starts[i + 1]] for i, s in enumerate(served)},
+                        tag(GATEWAY_DISPATCH), ctx.link)
+    if me in served:
+        sender.send(me, node_part(packed, tables.gateway.index(me)), tag(GATEWAY_DISPATCH), incoming)
+    yield incoming.all_in(at, "dispatch_wait")
     # stage 2: the gateway forwards its tokens to the experts of its own node
     with phase("gateway", step, layer, mb):
-        rows, gate_slots, gate_weights = unpack_rows([incoming.received[s] for s in served], h.shape[1], h.dtype,
-                                                     slots.shape[1])
-        plan = plan_from_slots(gate_slots, ctx.placement)
-        stats.traffic[layer - ctx.config.model.dense_layers] += np.array(plan.rank_counts) * h.shape[1] * h.element_size()
-    node_ranks = [r for r, n in enumerate(topo.node_of_rank) if n == topo.node_index]
-    answered = yield from dispatch_and_serve(ctx, moe, plan, rows, node_ranks,
-                                             (COUNTS, DISPATCH, RETURNS), where, layer, mb)
+        rows, gate_slots, gate_weights = unpack_rows(incoming_buffer, hidden, h.dtype, k)
+        plan = plan_from_slots(gate_slots, tables)
+    answered = yield from dispatch_and_serve(ctx, moe, plan, rows, ctx.node_group, at, stats, buffers="node")
     with phase("gateway", step, layer, mb):
         partial = combine_tokens(plan, answered, gate_weights)  # this node's share of each token
-        for source, part in zip(served, partial.split([int(counts.received[s]) for s in served])):
-            sender.send(source, part, tag(GATEWAY_RETURNS), returns)
-    yield Pending(returns, where("combine_wait", gateways))
+        for i, source in enumerate(served):
+            sender.send(source, partial[starts[i]:starts[i + 1]], tag(GATEWAY_RETURNS), returns)
+    yield returns.all_in(at, "combine_wait")
     with phase("combine", step, layer, mb):
-        out = torch.zeros(h.shape, dtype=torch.float32)
-        for node, (tokens, _, _) in enumerate(groups):
-            out[tokens] += returns.received[gateways[node]].float()
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        for node in active:  # node order: the same sum on every run
+            tokens = groups.tokens[node_ends[node]:node_ends[node + 1]]
+            out[tokens] += node_part(returns_buffer, node).float()
         routed = out.to(h.dtype)
         return routed if shared is None else routed + shared
-
-
-def gateway(source: int, node: int, node_of_rank: tuple[int, ...]) -> int:
-    """The rank of `node` that receives `source`'s tokens: the source itself on its own node, else
-    the rank with the same position in its node (wrapping), which spreads sources over gateways."""
-    if node_of_rank[source] == node:
-        return source
-    mine = [r for r, n in enumerate(node_of_rank) if n == node_of_rank[source]]
-    theirs = [r for r, n in enumerate(node_of_rank) if n == node]
-    return theirs[mine.index(source) % len(theirs)]
-
-
-def packed_row_bytes(h: torch.Tensor, slots: torch.Tensor) -> int:
-    """Bytes of one packed row: the hidden state, then k slots (int64) and k weights (float32)."""
-    return h.shape[1] * h.element_size() + slots.shape[1] * 12

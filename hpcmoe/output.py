@@ -23,6 +23,14 @@ class Timer:
     def __init__(self, rank: int, t0: float):
         self.rank, self.t0, self.rows = rank, t0, []
 
+    def restart(self, t0: float) -> None:
+        """Count from `t0` (the common start barrier) from now on."""
+        self.t0 = t0
+
+    def now(self) -> float:
+        """Seconds since t0."""
+        return time.perf_counter() - self.t0
+
     @contextmanager
     def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0):
         start = time.perf_counter()
@@ -43,24 +51,29 @@ class Timer:
         return np.array(rows, dtype=TIMING_DTYPE)
 
 
-def compute_metrics(timings: np.ndarray, prompt_tokens: int, batch: int, steps: int) -> tuple[dict, np.ndarray]:
-    """From the `step` rows of all ranks: a step lasts from its first start to its last end."""
-    rows = timings[timings["phase"] == b"step"]
-    spans = np.array([rows["end"][rows["step"] == s].max() - rows["start"][rows["step"] == s].min()
-                      for s in range(steps)])
+def compute_metrics(token_times: np.ndarray, prompt_tokens: int, batch: int) -> tuple[dict, np.ndarray]:
+    """token_times: [steps] when rank 0 held each step's tokens, seconds since the common start.
+
+    TTFT is the first; TPOT the mean wall time between consecutive decode steps, everything
+    included (records, file appends, stop votes). -> (metrics, per-step seconds [steps])."""
+    steps = len(token_times)
+    spans = np.diff(np.concatenate([[0.0], token_times]))
     decode_tokens = batch * (steps - 1)
-    total = rows["end"].max() - rows["start"].min()
     return {
-        "ttft_ms": 1e3 * spans[0],
+        "ttft_ms": 1e3 * token_times[0],
         "tpot_ms": 1e3 * spans[1:].mean() if steps > 1 else float("nan"),
-        "prefill_tokens_per_s": prompt_tokens / spans[0],
+        "prefill_tokens_per_s": prompt_tokens / token_times[0],
         "decode_tokens_per_s": decode_tokens / spans[1:].sum() if steps > 1 else float("nan"),
-        "tps": (prompt_tokens + decode_tokens) / total,
-        "total_s": total,
+        "tps": (prompt_tokens + decode_tokens) / token_times[-1],
+        "total_s": float(token_times[-1]),
     }, spans
 
 
-NOT_COMPUTE = (b"step", b"output", b"send_wait")  # besides *_wait (idle) and *_comm (in flight)
+NOT_COMPUTE = (b"step", b"output")  # besides *_wait (idle) and *_comm (in flight)
+
+
+def is_wait(phase: bytes) -> bool:
+    return phase.endswith(b"_wait")
 
 
 def is_comm(phase: bytes) -> bool:
@@ -68,7 +81,7 @@ def is_comm(phase: bytes) -> bool:
 
 
 def is_compute(phase: bytes) -> bool:
-    return not (phase.endswith(b"_wait") or is_comm(phase) or phase in NOT_COMPUTE)
+    return not (is_wait(phase) or is_comm(phase) or phase in NOT_COMPUTE)
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -86,39 +99,18 @@ def length(intervals) -> float:
     return sum(end - start for start, end in intervals)
 
 
-def intersection(a, b) -> float:
-    """Total length of the intersection of two merged interval lists."""
-    total, i, j = 0.0, 0, 0
-    while i < len(a) and j < len(b):
-        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
-def overlap_and_busy(timings: np.ndarray, ranks: int, layers: int) -> dict[str, np.ndarray]:
-    """overlap = |communication in flight ∩ compute| / |communication| per rank and layer, and
-    busy = |compute| / |steps| per rank (compute of any layer or micro-batch counts)."""
-    overlap = np.full((ranks, layers), np.nan)
-    overlap_rank, busy = np.full(ranks, np.nan), np.zeros(ranks)
+def busy_and_idle(timings: np.ndarray, ranks: int) -> dict[str, np.ndarray]:
+    """Per rank, as shares of its loop (from the common start to its last row):
+    busy = |compute|, idle = |waiting with nothing runnable| (the `*_wait` phases)."""
+    busy, idle = np.zeros(ranks), np.zeros(ranks)
     for rank in range(ranks):
         rows = timings[timings["rank"] == rank]
-        compute = union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])])
-        steps = union([(r["start"], r["end"]) for r in rows if r["phase"] == b"step"])
-        busy[rank] = intersection(compute, steps) / max(length(steps), 1e-12)
-        comm_all = []
-        for layer in range(layers):
-            comm = union([(r["start"], r["end"]) for r in rows if is_comm(r["phase"]) and r["layer"] == layer])
-            comm_all += comm
-            if length(comm) > 0:
-                overlap[rank, layer] = intersection(comm, compute) / length(comm)
-        comm_all = union(comm_all)
-        if length(comm_all) > 0:
-            overlap_rank[rank] = intersection(comm_all, compute) / length(comm_all)
-    return {"overlap_fraction_per_rank": overlap_rank, "overlap_fraction_per_layer": overlap,
-            "busy_fraction_per_rank": busy}
+        if not len(rows):
+            continue
+        loop = max(float(rows["end"].max()), 1e-12)
+        busy[rank] = length(union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])])) / loop
+        idle[rank] = length(union([(r["start"], r["end"]) for r in rows if is_wait(r["phase"])])) / loop
+    return {"busy_fraction_per_rank": busy, "idle_fraction_per_rank": idle}
 
 
 def read_routing(path: str, num_experts: int) -> np.ndarray:
@@ -181,6 +173,7 @@ class RunWriter:
                    axes=["step", "moe_layer", "src_rank", "dst_rank"], units="bytes (dispatch payload)")
         self.array("timings", shape=(0,), maxshape=(None,), dtype=TIMING_DTYPE, chunks=(4096,),
                    axes=["row"], units="seconds since the common start barrier")
+        self.pending, self.timing_rows, self.held, self.written_at = [], [], 0, time.monotonic()
 
     def array(self, name: str, axes: list[str], **attrs_and_args):
         attrs = {k: attrs_and_args.pop(k) for k in ("units", "padding") if k in attrs_and_args}
@@ -197,28 +190,52 @@ class RunWriter:
         dataset = self.array("placement", data=table, axes=["moe_layer", "expert", "replica"], padding=-1)
         dataset.attrs.update({"mode": mode, "source": source})
 
+    # Steps are buffered and written in blocks (every WRITE_EVERY_S seconds or WRITE_BYTES bytes, and at
+    # the end): one HDF5 call per dataset and block instead of per step; memory stays bounded.
+    WRITE_EVERY_S, WRITE_BYTES = 2.0, 64 * 2 ** 20
+
     def append_step(self, step: int, tokens: np.ndarray, logits, routing: np.ndarray, traffic: np.ndarray):
         """tokens: [batch]; logits: [batch, vocab] or None; routing: [moe_layers, ranks, experts]."""
-        self.file["generated"][:, step] = tokens
-        if logits is not None and "logits" in self.file:
-            self.file["logits"][:, step] = logits
-        self.file["routing"][step] = routing
-        self.file["traffic"][step] = traffic
-        self.file.flush()
+        self.pending.append((step, tokens, logits, routing, traffic))
+        self.maybe_write(sum(a.nbytes for a in (tokens, logits, routing, traffic) if a is not None))
 
     def append_timings(self, rows: np.ndarray):
-        table = self.file["timings"]
-        table.resize((table.shape[0] + len(rows),))
-        table[-len(rows):] = rows
+        self.timing_rows.append(rows)
+        self.maybe_write(rows.nbytes)
+
+    def maybe_write(self, nbytes: int):
+        self.held += nbytes
+        if self.held > self.WRITE_BYTES or time.monotonic() - self.written_at > self.WRITE_EVERY_S:
+            self.write()
+
+    def write(self):
+        """Write the buffered steps (consecutive) and timing rows."""
+        if self.pending:
+            first, last = self.pending[0][0], self.pending[-1][0] + 1
+            steps = list(zip(*self.pending))
+            self.file["generated"][:, first:last] = np.stack(steps[1], axis=1)
+            if steps[2][0] is not None and "logits" in self.file:
+                self.file["logits"][:, first:last] = np.stack(steps[2], axis=1)
+            self.file["routing"][first:last] = np.stack(steps[3])
+            self.file["traffic"][first:last] = np.stack(steps[4])
+            self.pending = []
+        if self.timing_rows:
+            rows, table = np.concatenate(self.timing_rows), self.file["timings"]
+            table.resize((table.shape[0] + len(rows),))
+            table[-len(rows):] = rows
+            self.timing_rows = []
+        self.held, self.written_at = 0, time.monotonic()
 
     def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray],
                complete: bool = True) -> str:
         """Close the file under its name, or, stopped early, under NAME.partial.h5 with complete false."""
+        self.write()
         group = self.file.create_group("metrics")
         group.attrs.update(metrics)
         group.create_dataset("step_seconds", data=step_seconds).attrs["axes"] = ["step"]
         for name, values in per_rank.items():
-            group.create_dataset(name, data=values).attrs["axes"] = ["rank", "layer"][:values.ndim]
+            axes = ["step"] if name == "token_time_s" else ["rank", "layer"][:values.ndim]
+            group.create_dataset(name, data=values).attrs["axes"] = axes
         self.file.attrs["finished"] = now()
         path = self.path if complete else os.path.splitext(self.path)[0] + ".partial.h5"
         if not complete:

@@ -7,11 +7,12 @@ import os
 import numpy as np
 import yaml
 
-from hpcmoe.output import is_comm, is_compute, length, union
+from hpcmoe.output import is_comm, is_compute, is_wait, length, union
 
 DATASETS = ("generated", "prompt_lengths", "routing", "traffic", "placement", "timings", "metrics")
 METRICS = ("ttft_ms", "tpot_ms", "tps", "prefill_tokens_per_s", "decode_tokens_per_s",
-           "overlap_fraction", "busy_fraction", "busy_fraction_attention", "busy_fraction_moe")
+           "idle_fraction", "busy_fraction", "busy_fraction_attention", "busy_fraction_moe",
+           "idle_fraction_attention", "idle_fraction_moe")
 
 
 def load(path: str) -> dict:
@@ -63,7 +64,7 @@ def phase_seconds(timings: np.ndarray, ranks: list[int]) -> dict[str, float]:
 
 def kind_seconds(timings: np.ndarray, ranks: list[int]) -> dict[str, float]:
     """Mean per rank of the merged compute, communication-in-flight and wait time."""
-    kinds = {"compute": is_compute, "comm": is_comm, "wait": lambda p: p.endswith(b"_wait")}
+    kinds = {"compute": is_compute, "comm": is_comm, "wait": is_wait}
     totals = dict.fromkeys(kinds, 0.0)
     for rank in ranks:
         rows = timings[timings["rank"] == rank]

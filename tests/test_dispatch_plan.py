@@ -1,18 +1,23 @@
 """The dispatch plan and combine math, with R ranks simulated in one process (pure)."""
 import torch
 
-from hpcmoe.dispatch import (apply_capacity, choose_slots, combine_tokens, internode_bytes, make_plan, node_groups, pack_rows,
-                             split_rows, unpack_rows)
+from hpcmoe.dispatch import (apply_capacity, choose_slots, combine_tokens, compile_placement, internode_bytes,
+                             make_plan, node_groups, pack_rows, unpack_rows)
 from hpcmoe.placement import Placement
 from hpcmoe.placement import one_per_rank, packed
+
+
+def tables_of(placement, source=0, nodes=None):
+    return compile_placement(placement, source, nodes or (0,) * placement.num_ranks)
 
 
 def test_plan_counts_match_a_hand_count():
     placement = packed(4, 2)  # rank 0: experts 0, 1; rank 1: experts 2, 3
     expert_ids = torch.tensor([[3, 0], [1, 0], [2, 3]])
-    plan = make_plan(expert_ids, placement)
+    plan = make_plan(expert_ids, tables_of(placement))
     assert plan.slot_counts.tolist() == [2, 1, 1, 2]
-    assert plan.rank_counts == [3, 3]
+    assert plan.rank_counts.tolist() == [3, 3]
+    assert plan.send_counts.tolist() == [[2, 1], [1, 2]]  # per destination rank, its slots' counts
     # sorted by slot, ties in token order: (0,1) (1,1) -> e0; (1,0) -> e1; (2,0) -> e2; (0,0) (2,1) -> e3
     assert plan.order.tolist() == [1, 3, 2, 4, 0, 5]
     assert plan.source_token.tolist() == [0, 1, 1, 2, 0, 2]
@@ -23,18 +28,18 @@ def test_replica_choice_is_round_robin_from_the_source_rank_and_prefers_its_node
     placement = Placement((0, 1, 0, 2), (0, 1, 2, 3), 4, "replicated")
     ids = torch.tensor([[0], [0], [0], [1]])
     # one node: source 1 alternates between both replicas of expert 0, starting at (0 + 1) % 2
-    assert choose_slots(ids, placement, 1, (0, 0, 0, 0)).flatten().tolist() == [2, 0, 2, 1]
+    assert choose_slots(ids, tables_of(placement, 1)).flatten().tolist() == [2, 0, 2, 1]
     # two nodes: source 3 (node 1) only uses the replica on its node (slot 2, rank 2)
-    assert choose_slots(ids, placement, 3, (0, 0, 1, 1)).flatten().tolist() == [2, 2, 2, 1]
-    assert choose_slots(ids, placement, 0, (0, 0, 1, 1)).flatten().tolist() == [0, 0, 0, 1]
+    assert choose_slots(ids, tables_of(placement, 3, (0, 0, 1, 1))).flatten().tolist() == [2, 2, 2, 1]
+    assert choose_slots(ids, tables_of(placement, 0, (0, 0, 1, 1))).flatten().tolist() == [0, 0, 0, 1]
 
 
 def simulate(placement, tokens, expert_ids, weights, node_of_rank):
     """Every rank's plan, the exchange as plain tensor moves, experts that scale by (e + 1);
     each destination handles each source's rows on their own, as the engine does."""
     ranks = range(placement.num_ranks)
-    plans = [make_plan(expert_ids[r], placement, r, node_of_rank) for r in ranks]
-    sent = [split_rows(tokens[r][plans[r].source_token], plans[r].rank_counts) for r in ranks]
+    plans = [make_plan(expert_ids[r], tables_of(placement, r, node_of_rank)) for r in ranks]
+    sent = [dict(enumerate(tokens[r][plans[r].source_token].split(plans[r].rank_counts.tolist()))) for r in ranks]
     returned = [dict() for _ in ranks]
     for dest in ranks:
         slots = list(placement.slots_of_rank(dest))
@@ -72,21 +77,24 @@ def test_bytes_crossing_nodes_match_a_hand_count_and_deduplication_lowers_them()
                           [0, 2],    # one on each node: 1 row either way
                           [0, 1]])   # all on node 0: nothing crosses
     row = 64 * 4
-    assert internode_bytes(slots, placement, 0, nodes, row, two_stage=False) == 3 * row
-    assert internode_bytes(slots, placement, 0, nodes, row, two_stage=True) == 2 * (row + 2 * 12)
+    assert internode_bytes(slots, tables_of(placement, 0, nodes), nodes, row, two_stage=False) == 3 * row
+    assert internode_bytes(slots, tables_of(placement, 0, nodes), nodes, row, two_stage=True) == 2 * (row + 2 * 12)
     # seen from a source on node 1, expert 0 and 1 choices cross instead
-    assert internode_bytes(slots, placement, 2, nodes, row, two_stage=False) == 3 * row
+    assert internode_bytes(slots, tables_of(placement, 2, nodes), nodes, row, two_stage=False) == 3 * row
 
 
 def test_node_groups_split_each_token_by_node_and_pack_round_trips():
     placement, nodes = one_per_rank(4, 4), (0, 0, 1, 1)
     slots, weights = torch.tensor([[2, 3], [0, 2], [0, 1]]), torch.tensor([[.6, .4], [.7, .3], [.5, .5]])
-    (t0, s0, w0), (t1, s1, w1) = node_groups(slots, weights, placement, nodes)
-    assert t0.tolist() == [1, 2] and s0.tolist() == [[0, -1], [0, 1]]
+    groups = node_groups(slots, weights, tables_of(placement, 0, nodes))
+    assert groups.node_counts.tolist() == [2, 2] and groups.tokens.tolist() == [1, 2, 0, 1]
+    s0, s1, w0, w1 = groups.slots[:2], groups.slots[2:], groups.weights[:2], groups.weights[2:]
+    assert s0.tolist() == [[0, -1], [0, 1]]
     assert torch.equal(w0, torch.tensor([[.7, 0], [.5, .5]]))
-    assert t1.tolist() == [0, 1] and s1.tolist() == [[2, 3], [-1, 2]]
+    assert s1.tolist() == [[2, 3], [-1, 2]]
     rows = torch.randn(2, 8).to(torch.bfloat16)
-    back = unpack_rows([pack_rows(rows[:1], s1[:1], w1[:1]), pack_rows(rows[1:], s1[1:], w1[1:])], 8, torch.bfloat16, 2)
+    messages = torch.cat([pack_rows(rows[:1], s1[:1], w1[:1]), pack_rows(rows[1:], s1[1:], w1[1:])])
+    back = unpack_rows(messages, 8, torch.bfloat16, 2)
     assert torch.equal(back[0], rows) and torch.equal(back[1], s1) and torch.equal(back[2], w1)
 
 

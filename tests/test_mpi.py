@@ -25,25 +25,26 @@ def setup_run(comm, *settings, output="unused.h5"):
 def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
     from hpcmoe.comm import Where
-    from hpcmoe.engine import EPEngine, StepStats, run_concurrently
-    from hpcmoe.moe_layer import flat
+    from hpcmoe.ep import EPEngine
+    from hpcmoe.moe_layer import StepStats, flat
     from hpcmoe.model import build_model, moe_local
     from hpcmoe.output import Timer
-    config, topo, layout = setup_run(MPI.COMM_WORLD)
+    from hpcmoe.scheduler import run_concurrently
+    config, topo, layout = setup_run(MPI.COMM_WORLD, "run.micro_batches=2")
     engine = EPEngine(config, topo, layout.placement(topo.node_of_rank), Timer(topo.rank, 0.0))
     everything = build_model(config.model, list(range(config.model.num_experts)))
     tokens = [0, 7, 1, 30][topo.rank % 4]  # uneven, and one rank sends nothing
     h = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(topo.rank))
-    stats = StepStats(np.zeros((2, 4), np.int64), np.zeros((2, topo.size), np.int64))
+    stats = StepStats.zeros(2, 4, topo.size)
     for layer in (1, 2):
         halves = h[: len(h) // 2], h[len(h) // 2:]  # two micro-batches in flight at once
-        engine.micro_batches = 2
-        outs = run_concurrently([flat(engine, engine.model.layers[layer].mlp, layer, mb, part, stats)
+        outs = run_concurrently([flat(engine.ctx, engine.model.layers[layer].mlp, Where(0, layer, mb), part, stats)
                                  for mb, part in enumerate(halves)], engine.timer, 0, engine.sender)
         engine.sender.wait(Where())
         out = torch.cat(outs)
         torch.testing.assert_close(out, moe_local(everything.layers[layer].mlp, h), atol=1e-5, rtol=0)
         assert stats.routing[layer - 1].sum() == tokens * config.model.top_k
+    engine.close()
 
 
 def test_node_communicators_follow_ranks_per_node():
@@ -87,9 +88,9 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype):
     from types import SimpleNamespace
     from mpi4py import MPI
     from hpcmoe.comm import Link, Sender, Where, tag_for
-    from hpcmoe.engine import run_concurrently
     from hpcmoe.ma import hierarchical_sum
     from hpcmoe.output import Timer
+    from hpcmoe.scheduler import run_concurrently
     from hpcmoe.topology import build_topology
     world = MPI.COMM_WORLD
     topo = build_topology(world, 3)
@@ -99,9 +100,8 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype):
     flat = np.empty_like(x.numpy())
     world.Allreduce(x.numpy(), flat, op=MPI.SUM)
     tag = lambda kind: tag_for(kind, 0, 0, 1)
-    where = lambda name, waiting: Where(0, 0, 0, name, tuple(waiting))
-    [total] = run_concurrently([hierarchical_sum(ctx, x, list(range(topo.size)), tag, where)], Timer(0, 0.0), 0,
-                               ctx.sender)
+    [total] = run_concurrently([hierarchical_sum(ctx, x, list(range(topo.size)), tag, Where(0, 0, 0))],
+                               Timer(0, 0.0), 0, ctx.sender)
     ctx.sender.wait(Where())
     np.testing.assert_allclose(total.numpy(), flat, rtol=1e-6, atol=1e-6)
     everyone = world.allgather(total.numpy())

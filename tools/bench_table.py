@@ -17,7 +17,7 @@ for r in results:
         print(f"| {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
               f"{'oversubscribed' if r['oversubscribed'] else ''} |")
 
-keys = ["ttft_ms", "tpot_ms", "tps", "overlap_fraction", "prefill_overlap_fraction", "busy_fraction",
+keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
         "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
         "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:

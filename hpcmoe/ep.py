@@ -1,0 +1,139 @@
+"""One rank of the ep layout: attention and dense layers for its own block of requests, its
+experts of every MoE layer, and the micro-batch schedule that runs them.
+
+A step splits the rank's requests into `run.micro_batches` micro-batches; each is a generator
+that computes and yields what it waits for, and the scheduler resumes whichever can go on.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import hpcmoe.comm
+from hpcmoe import moe_layer
+from hpcmoe.attention import StepInputs
+from hpcmoe.comm import BufferPool, Link, Sender, Where
+from hpcmoe.config import Config
+from hpcmoe.dispatch import compile_placement
+from hpcmoe.layout import request_range
+from hpcmoe.model import Transformer, build_model
+from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, StepStats
+from hpcmoe.placement import Placement
+from hpcmoe.scheduler import run_concurrently
+from hpcmoe.topology import Topology
+
+
+def messaging(config: Config, topo: Topology) -> Sender:
+    """This rank's sender over its (possibly emulated) link; sets the process's wait policy."""
+    p = config.parallel
+    hpcmoe.comm.SPIN = p.wait == "spin"  # one policy per process
+    hpcmoe.comm.WATCHDOG_S = config.run.timeout_s
+    link = Link(topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0)
+    return Sender(topo.world, link)
+
+
+def build_exchange(config: Config, topo: Topology, placement: Placement, timer, members: list[int], sender: Sender,
+                   stall=lambda step: None) -> ExchangeContext | None:
+    """The exchange context of this rank among `members` (world ranks); collective over the world
+    (every rank calls it, members or not). None on a rank that exchanges nothing."""
+    from mpi4py import MPI
+    p, rank = config.parallel, topo.rank
+    micro_batches = config.run.micro_batches
+    comm = topo.world if len(members) == topo.size else \
+        topo.world.Split(0 if rank in members else MPI.UNDEFINED, key=rank)
+    if rank not in members:
+        return None
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
+    if comm != topo.world:
+        comm.Free()  # the groups hold duplicates
+    node_group = None
+    if p.dispatch == "two_stage":
+        node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
+        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
+    return ExchangeContext(
+        rank=rank, world=topo.world, sender=sender, link=sender.link,
+        tables=compile_placement(placement, rank, topo.node_of_rank), group=group, node_group=node_group,
+        timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
+        capacity_factor=p.capacity_factor, pool=BufferPool(), counts=p.counts, before_dispatch=stall)
+
+
+class EPEngine:
+    """One rank's share of the model and the schedule that runs it."""
+
+    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, load=None,
+                 members: list[int] | None = None):
+        self.config, self.topo, self.placement, self.timer = config, topo, placement, timer
+        self.rank = topo.rank
+        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load)
+        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+        self.micro_batches = config.run.micro_batches
+        self.sender = messaging(config, topo)
+        members = list(range(topo.size)) if members is None else members  # the ranks tokens travel among
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, self.maybe_stall)
+        self.reports = True                  # whether this rank's tokens go into the run file
+        self.stalled = False                 # run.stall_rank has slept already
+        self.step = 0
+
+    def requests(self, batch: int) -> range:
+        """The requests this rank computes: a contiguous block."""
+        return request_range(batch, self.topo.size, self.rank)
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.model.new_cache(batch, max_len)
+
+    def new_stats(self) -> StepStats:
+        m = self.config.model
+        return StepStats.zeros(m.moe_layers, m.num_experts, self.topo.size)
+
+    def run_step(self, generators: list) -> list:
+        """Drive this step's generators, then wait for this rank's sends."""
+        results = run_concurrently(generators, self.timer, self.step, self.sender)
+        with self.timer.phase("send_wait", self.step):
+            self.sender.wait(Where(self.step, -1, 0, "send_wait"))
+        return results
+
+    @torch.no_grad()
+    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
+        """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
+        b = inputs.tokens.shape[0]
+        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
+        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
+                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
+                      for i, r in enumerate(blocks)]
+        return torch.cat(self.run_step(generators))
+
+    def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
+        """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits."""
+        phase, model, step = self.timer.phase, self.model, self.step
+        with phase("embed", step, micro_batch=mb):
+            x = model.embed_tokens(inputs.tokens)
+        for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
+            self.maybe_fail(layer)
+            with phase("attention", step, layer, mb):
+                x = block.attend(x, layer_cache, inputs)
+                h = inputs.flat(block.post_attention_layernorm(x))
+            if block.is_moe:
+                out = yield from self.exchange(self.ctx, block.mlp, Where(step, layer, mb), h, stats)
+            else:
+                with phase("mlp", step, layer, mb):
+                    out = block.mlp(h)
+            inputs.add_flat(x, out)
+        with phase("lm_head", step, micro_batch=mb):
+            return model.logits(x, inputs)
+
+    def maybe_stall(self, step: int):
+        """run.stall_rank: sleep (far past the watchdog) before the first dispatch of step 0."""
+        if self.config.run.stall_rank == self.rank and step == 0 and not self.stalled:
+            self.stalled = True
+            time.sleep(4 * self.config.run.timeout_s)
+
+    def maybe_fail(self, layer: int):
+        run = self.config.run
+        if run.fail_rank == self.rank and run.fail_at_layer == layer and run.fail_at_step == self.step:
+            raise RuntimeError(f"injected failure (run.fail_rank={self.rank}) at step {self.step} layer {layer}")
+
+    def close(self) -> None:
+        """Free the communicators and windows of the exchange (collective)."""
+        if self.ctx is not None:
+            self.ctx.close()
