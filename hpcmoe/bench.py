@@ -95,13 +95,13 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
         observed = os.path.join(directory, "observed.h5")
         one_run(variants["packed"], observed)
         variants = {**variants, "replicated": variants["replicated"] + [f"parallel.placement_from={observed}"]}
-    for rep in range(reps):
+    for rep in range(reps + 1):  # the first round warms up and is not recorded
         for variant, extra in variants.items():
             path = os.path.join(directory, f"{variant}.h5")
             config, metrics = one_run(extra, path)
             if name == "overlap":
                 _, without_link = one_run(extra + ["parallel.link=null"], os.path.join(directory, f"{variant}_nolink.h5"))
-            if world.Get_rank() == 0:
+            if world.Get_rank() == 0 and rep:
                 sample = run_sample(path, config, metrics, topo)
                 if name == "overlap":
                     sample["ttft_nolink_ms"] = without_link["ttft_ms"]
@@ -355,7 +355,7 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
         source = count // 2 + 1  # not rank 0: the replica choice offsets by the source rank
         tables = compile_placement(placement, source, node_of_rank)
         index = torch.arange(count)
-        group = ExchangeGroup(tuple(range(count)), (), index, torch.ones(count, dtype=torch.int64))
+        group = ExchangeGroup(tuple(range(count)), (), index, np.ones(count, bool))
         flat_ms, two_stage_ms = [], []
         for rep in range(reps + 1):
             start = time.perf_counter()

@@ -104,7 +104,6 @@ class ParallelConfig:
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
     wait: str = "yield"                    # yield: sleep while waiting (ranks may share cores) | spin
-    counts: str = "collective"             # how receivers learn their counts: collective (Ialltoall) | probe
 
 
 @dataclass(frozen=True)
@@ -370,8 +369,6 @@ def validate(config: Config) -> None:
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
     require(r.timeout_s > 0, f"run.timeout_s: expected a number > 0, got {r.timeout_s}")
     require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")
-    require(p.counts in ("collective", "probe"),
-            f"parallel.counts: {p.counts!r} is not supported; expected collective or probe")
     require(p.capacity_factor is None or p.capacity_factor > 0,
             f"parallel.capacity_factor: expected a number > 0, got {p.capacity_factor}")
     if p.link is not None:

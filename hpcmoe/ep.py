@@ -55,7 +55,7 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         rank=rank, world=topo.world, sender=sender, link=sender.link,
         tables=compile_placement(placement, rank, topo.node_of_rank), group=group, node_group=node_group,
         timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
-        capacity_factor=p.capacity_factor, pool=BufferPool(), counts=p.counts, before_dispatch=stall)
+        capacity_factor=p.capacity_factor, pool=BufferPool(), before_dispatch=stall)
 
 
 class EPEngine:

@@ -125,7 +125,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, hosted_experts: list[int], layers: range | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        # _weight: no random init (on the meta device normal_ would import torch._dynamo: seconds per rank)
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
         self.layers = nn.ModuleList(Block(cfg, i, hosted_experts) for i in (layers or range(cfg.num_layers)))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
@@ -161,9 +162,9 @@ def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Trans
     try:  # built on the meta device in the target dtype: no float32 copy, no wasted random init
         with torch.device("meta"):
             model = Transformer(cfg, hosted_experts)
-        model = model.to_empty(device="cpu")
     finally:
         torch.set_default_dtype(previous)
+    materialize(model, "cpu")
     if load is None:
         init_seeded(model, cfg.seed)
     else:
@@ -176,6 +177,16 @@ def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Trans
             if isinstance(module, MLP):
                 module.fuse()
     return model
+
+
+def materialize(model: nn.Module, device) -> None:
+    """Give every meta parameter uninitialized storage on `device` (what Module.to_empty does,
+    without its meta-tensor path, which imports sympy: seconds per rank at start-up)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                                        requires_grad=False)
 
 
 # ---------------------------------------------------------------- sizes without building

@@ -24,7 +24,6 @@ from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choo
                              pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 
 DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..8
-HEADERS = 9  # counts headers (parallel.counts: probe)
 
 
 @dataclass
@@ -46,23 +45,28 @@ class ExchangeGroup:
     ranks: tuple[int, ...]            # world ranks, ascending
     counts: tuple[CountsGroup, ...]   # [micro_batches]
     index: torch.Tensor               # [G] the ranks as a tensor
-    member: torch.Tensor              # [R] int64, 1 for the group's ranks
+    member_host: np.ndarray           # [R] bool, True for the group's ranks
 
     @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
+    def build(cls, comm, ranks, micro_batches: int, world_size: int, device=None) -> "ExchangeGroup":
         """Collective over `comm`, whose members are exactly `ranks` in order."""
-        index = torch.tensor(ranks, dtype=torch.int64)
-        member = torch.zeros(world_size, dtype=torch.int64).index_fill_(0, index, 1)
-        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), index, member)
+        member = np.zeros(world_size, bool)
+        member[list(ranks)] = True
+        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)),
+                   torch.tensor(ranks, dtype=torch.int64, device=device), member)
+
 
     def destinations(self, plan: DispatchPlan):
-        """The host's part of the control path, Python work only per active peer -> (counts to send
-        [G, S] numpy, destination ranks, first row of each in plan order, rows for each)."""
-        send = plan.send_counts if len(self.ranks) == len(self.member) else plan.send_counts.index_select(0, self.index)
-        active = torch.nonzero(plan.rank_counts * self.member).flatten()
-        rows = plan.rank_counts.index_select(0, active)
-        first = (torch.cumsum(plan.rank_counts, 0).index_select(0, active) - rows)
-        return send.numpy(), active.tolist(), first.tolist(), rows.tolist()
+        """The host's part of the control path: one device-to-host copy of the counts, then Python
+        work only per active peer -> (counts to send [G, S], destination ranks, first row of each
+        in plan order, rows for each)."""
+        send = plan.send_counts if len(self.ranks) == len(self.member_host) else \
+            plan.send_counts.index_select(0, self.index)
+        host = torch.cat([send.reshape(-1), plan.rank_counts]).cpu().numpy()
+        send, rank_counts = host[:send.numel()].reshape(send.shape), host[send.numel():]
+        ends = np.cumsum(rank_counts)
+        active = [r for r in np.flatnonzero(rank_counts) if self.member_host[r]]
+        return send, active, (ends[active] - rank_counts[active]).tolist(), rank_counts[active].tolist()
 
     def close(self) -> None:
         for group in self.counts:
@@ -84,7 +88,6 @@ class ExchangeContext:
     first_moe_layer: int              # layer index of MoE layer 0 (model.dense_layers)
     capacity_factor: Optional[float]
     pool: BufferPool
-    counts: str = "collective"        # parallel.counts: collective (Ialltoall) | probe (headers + NBX)
     before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
 
     def close(self) -> None:
@@ -113,12 +116,12 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     arrives here with this rank's experts, and return the answers [m, H] in plan order."""
     step, layer, mb = at.step, at.layer, at.micro_batch
     phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
-    dispatch_tag, returns_tag, header_tag = (tag_for(kind, layer, mb, ctx.micro_batches)
-                                             for kind in (DISPATCH, RETURNS, HEADERS))
+    dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (DISPATCH, RETURNS))
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = time.perf_counter()
     with phase("dispatch_post", step, layer, mb):
         send_counts, destinations, first, sizes = group.destinations(plan)  # the one host read of the counts
+        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * hidden * rows.element_size()
         span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
         outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
@@ -130,12 +133,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
             return moe.run_experts(outgoing, send_counts[0, :ctx.tables.slots_per_rank[me]].tolist(), answers)
     with phase("dispatch_post", step, layer, mb):
         own = part(outgoing, me) if me in span else None
-        if ctx.counts == "collective":
-            incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
-        else:
-            incoming = ProbedIncoming(ctx, group, send_counts, destinations, own, outgoing, at, dispatch_tag,
-                                      header_tag)
-        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * hidden * rows.element_size()
+        incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
         returns = Receives(ctx.world, {r: part(answers, r) for r in destinations}, returns_tag, ctx.link)
         for r in destinations:
             if r != me:
@@ -159,8 +157,12 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
 
 
 class CountedIncoming:
-    """Design (a): one Ialltoall of counts per exchange says who sends how many rows; receives are
-    then posted for exactly those sources (their payloads left right behind the counts)."""
+    """One Ialltoall of counts per exchange says who sends how many rows; receives are then posted
+    for exactly those sources (their payloads left right behind the counts).
+
+    Measured against counts in a header sent in synchronous mode, found with matched probes and
+    closed by a non-blocking barrier (Hoefler's NBX): equal at 8 ranks, slower at 16 and 32
+    (docs/PERFORMANCE.md), so only this design is kept."""
 
     def __init__(self, ctx: ExchangeContext, group: ExchangeGroup, send_counts: np.ndarray, own, like: torch.Tensor,
                  at: Where, tag: int, key, posted: float):
@@ -196,84 +198,6 @@ class CountedIncoming:
 
     def slot_counts(self, source: int) -> list[int]:
         return self.slots[self.sources[source]].tolist()
-
-
-class ProbedIncoming:
-    """Design (b): no counts collective. Each destination gets its counts in a small header message
-    sent in synchronous mode (Issend) beside the payload; a receiver finds headers with matched
-    probes, only from the peers that send. A sender whose headers have all been matched joins a
-    non-blocking barrier; when the barrier completes, every header for this rank has been matched
-    (Hoefler's NBX), so no more sources can come."""
-
-    def __init__(self, ctx: ExchangeContext, group: ExchangeGroup, send_counts: np.ndarray, destinations: list[int],
-                 own, like: torch.Tensor, at: Where, tag: int, header_tag: int):
-        from mpi4py import MPI
-        self.ctx, self.group, self.at, self.tag, self.header_tag = ctx, group, at, tag, header_tag
-        self.hidden, self.dtype = like.shape[1], like.dtype
-        me, member = ctx.rank, {r: i for i, r in enumerate(group.ranks)}
-        self.my_slots = ctx.tables.slots_per_rank[me]
-        self.headers = {r: np.ascontiguousarray(send_counts[member[r], :ctx.tables.slots_per_rank[r]])
-                        for r in destinations if r != me}
-        self.announced = [ctx.world.Issend([h, MPI.INT64_T], dest=r, tag=header_tag) for r, h in self.headers.items()]
-        self.unmatched = set(self.headers)
-        self.found: dict[int, np.ndarray] = {}
-        self.receives: dict[int, Receives] = {}
-        if own is not None:
-            self.found[me] = send_counts[member[me], :self.my_slots]
-        self.own, self.barrier, self.counts_group = own, None, group.counts[at.micro_batch]
-        self.served: set[int] = set()
-        self.status = MPI.Status()
-
-    def start(self):
-        return
-        yield
-
-    def probe(self) -> None:
-        """Take every header that has come, post the receive of its payload, and join the barrier
-        once this rank's own headers have all been matched."""
-        from mpi4py import MPI
-        world = self.ctx.world
-        while (message := world.Improbe(MPI.ANY_SOURCE, self.header_tag, self.status)) is not None:
-            source, header = self.status.Get_source(), np.empty(self.my_slots, np.int64)
-            message.Recv([header, MPI.INT64_T])
-            self.found[source] = header
-            buffer = torch.empty(int(header.sum()), self.hidden, dtype=self.dtype)
-            self.receives[source] = Receives(world, {source: buffer}, self.tag, self.ctx.link)
-        if self.barrier is None and MPI.Request.Testall(self.announced):
-            self.counts_group.posted[0] += 1
-            self.counts_group.window.Sync()
-            self.number = int(self.counts_group.posted[0])
-            self.barrier = self.counts_group.comm.Ibarrier()
-
-    def arrived(self):
-        self.probe()
-        ready = {s for s, r in self.receives.items() if s not in self.served and r.arrived()}
-        if self.own is not None and self.ctx.rank not in self.served:
-            ready.add(self.ctx.rank)
-        if ready:
-            return ready
-        if self.barrier is not None and self.barrier.Test() and self.finished():
-            return set()
-        return None
-
-    def finished(self) -> bool:
-        return self.barrier is not None and self.barrier.Test() and len(self.served) == len(self.found)
-
-    def pending(self) -> Pending:
-        def where():
-            if self.barrier is None:
-                return self.at.waiting_for("counts_wait", self.unmatched_peers())
-            return self.at.waiting_for("counts_wait", self.counts_group.behind(self.number))
-        return Pending(self.arrived, where)
-
-    def unmatched_peers(self) -> list[int]:
-        return [r for r, request in zip(self.headers, self.announced) if not request.Test()]
-
-    def rows(self, source: int) -> torch.Tensor:
-        return self.own if source == self.ctx.rank else self.receives[source].received[source]
-
-    def slot_counts(self, source: int) -> list[int]:
-        return self.found[source].tolist()
 
 
 def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):

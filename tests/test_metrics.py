@@ -37,7 +37,8 @@ def test_one_micro_batch_over_a_slow_link_hides_little_of_the_wire(tmp_path):
 def test_idle_fraction_is_near_zero_alone_and_high_behind_a_slow_link(tmp_path):
     alone = run_job(1, tmp_path / "alone.h5", "run.max_new_tokens=4")
     assert alone.returncode == 0, alone.stderr
-    waiting = run_job(2, tmp_path / "slow.h5", "run.max_new_tokens=4", "parallel.ranks_per_node=1", SLOW_LINK)
+    waiting = run_job(2, tmp_path / "slow.h5", "run.max_new_tokens=4", "parallel.ranks_per_node=1",
+                      "parallel.link={bandwidth_gbps: 0.005, latency_us: 500}")
     assert waiting.returncode == 0, waiting.stderr
     with h5py.File(tmp_path / "alone.h5") as f, h5py.File(tmp_path / "slow.h5") as g:
         assert f["metrics"].attrs["idle_fraction"] < 0.05

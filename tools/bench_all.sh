@@ -4,21 +4,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1
 out=docs/bench; mkdir -p "$out"
-run() { echo "+ $*"; timeout 1200 "$@"; }
+run() { echo "+ $*"; timeout 1800 "$@"; }
+run hpcmoe bench control --ranks 64,256,1024 --out $out/control.json
 for ranks in 2 4; do for hidden in 1024 4096; do for dtype in float32 bfloat16; do
   run mpiexec -n $ranks hpcmoe bench dispatch --tokens 1024 --hidden $hidden --dtype $dtype --out $out/dispatch_n${ranks}_h${hidden}_${dtype}.json
 done; done; done
+run mpiexec -n 2 hpcmoe bench overlap inputs/bench_overlap.yaml --out $out/overlap_n2.json
 run mpiexec -n 4 hpcmoe bench placement inputs/bench_ep.yaml --out $out/placement_n4.json
-run mpiexec -n 2 hpcmoe bench overlap inputs/bench_overlap.yaml --out $out/overlap_n2_link.json
-run mpiexec -n 2 hpcmoe bench overlap inputs/bench_overlap.yaml --set 'parallel.link=null' --out $out/overlap_n2_nolink.json
 run mpiexec -n 4 hpcmoe bench skew inputs/bench_ep.yaml --set model.router_skew=4 --out $out/skew_n4.json
 run mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml --out $out/wait_n4.json
 run mpiexec -n 4 hpcmoe bench dispatch_mode inputs/bench_ep.yaml --set parallel.ranks_per_node=2 \
   --set 'parallel.link={bandwidth_gbps: 1, latency_us: 100}' --out $out/dispatch_mode_n4.json
 run mpiexec -n 4 hpcmoe bench ma inputs/bench_ma.yaml --out $out/ma_n4.json
 run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --out $out/reduce_n4.json
-checkpoint=$(mktemp -d)/mixtral
-python tools/make_tiny_checkpoint.py mixtral "$checkpoint" --set hidden_size=256 --set intermediate_size=512 \
-  --set num_hidden_layers=4 --set num_local_experts=8 --set vocab_size=1024 --set num_attention_heads=8 \
-  --set num_key_value_heads=4
-OMP_NUM_THREADS=2 run hpcmoe bench transformers --checkpoint "$checkpoint" --out $out/transformers.json
+# One rank against transformers: the tiny checkpoints of the issue (hidden 512, 4 layers, 8 / 16 experts)
+checkpoints=$(mktemp -d)
+python tools/make_tiny_checkpoint.py mixtral "$checkpoints/mixtral" --set hidden_size=512 --set num_hidden_layers=4 \
+  --set num_local_experts=8
+python tools/make_tiny_checkpoint.py deepseek_v3 "$checkpoints/deepseek_v3" --set hidden_size=512 \
+  --set num_hidden_layers=4 --set n_routed_experts=16
+for family in mixtral deepseek_v3; do
+  OMP_NUM_THREADS=2 run hpcmoe bench transformers --checkpoint "$checkpoints/$family" --batch 8 --prompt-len 32 \
+    --steps 16 --out $out/transformers_$family.json
+done
