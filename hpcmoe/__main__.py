@@ -226,6 +226,8 @@ def summary(config, topo, layout, metrics: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from hpcmoe.topology import keep_freed_memory
+    keep_freed_memory()
     if args.command == "run":
         return command_run(args)
     if args.command == "bench":

@@ -176,6 +176,13 @@ class GQAttention(nn.Module):
         kv = kv_heads_for(heads or range(self.heads), self.heads, self.kv_heads)
         return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype) for _ in range(2)]
 
+    def fuse(self) -> None:
+        """After the weights are in: q, k and v projections become views of one tensor (one GEMM)."""
+        fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, kv = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        self.q_proj.weight.data, self.k_proj.weight.data, self.v_proj.weight.data = fused.split([q, kv, kv])
+        self.qkv = fused
+
     def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
                 heads: range | None = None) -> torch.Tensor:
         """x: [b, t, H] -> [b, t, H]; with `heads`, only those query heads: a partial sum of the output
@@ -183,20 +190,24 @@ class GQAttention(nn.Module):
         b, t, _ = x.shape
         heads = heads or range(self.heads)
         kv = kv_heads_for(heads, self.heads, self.kv_heads)
-        d = self.head_dim
-        q = F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]).view(b, t, len(heads), d).transpose(1, 2)
-        k = F.linear(x, self.k_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d).transpose(1, 2)
-        v = F.linear(x, self.v_proj.weight[kv.start * d:kv.stop * d]).view(b, t, len(kv), d)
+        d, h, g = self.head_dim, len(heads), len(kv)
+        if h == self.heads and getattr(self, "qkv", None) is not None:  # all heads: one GEMM, one rotation
+            qkv = F.linear(x, self.qkv).view(b, t, h + 2 * g, d).transpose(1, 2)
+        else:
+            qkv = torch.cat([F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]),
+                             F.linear(x, self.k_proj.weight[kv.start * d:kv.stop * d]),
+                             F.linear(x, self.v_proj.weight[kv.start * d:kv.stop * d])], -1).view(b, t, h + 2 * g, d)
+            qkv = qkv.transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-        keys = cache[0].update(k.transpose(1, 2), inputs).transpose(1, 2)
-        values = cache[1].update(v, inputs).transpose(1, 2)
+        qk = self.rope.apply(qkv[:, :h + g], cos, sin)                     # [b, h + g, t, d]
+        keys = cache[0].update(qk[:, h:].transpose(1, 2), inputs).transpose(1, 2)
+        values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
         group = self.heads // self.kv_heads
-        if heads.start % group or len(heads) % group:  # a shard that cuts a kv group: pick each head's kv head
-            uses = torch.tensor([h // group - kv.start for h in heads])
+        if heads.start % group or h % group:  # a shard that cuts a kv group: pick each head's kv head
+            uses = torch.tensor([i // group - kv.start for i in heads])
             keys, values = keys.index_select(1, uses), values.index_select(1, uses)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.attend, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(b, t, len(heads) * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
+        out = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=inputs.attend, enable_gqa=True)
+        return F.linear(out.transpose(1, 2).reshape(b, t, h * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
 
     @staticmethod
     def cache_bytes_per_token(cfg, itemsize: int) -> int:

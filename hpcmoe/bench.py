@@ -229,7 +229,7 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
     layer = [0]
 
     def ours():
-        stats = StepStats.zeros(1, size, size)
+        stats = StepStats.zeros(2, size, size)
         layer[0] += 1  # successive calls are successive layers: the order of the counts collectives
         run_concurrently([flat(ctx, moe, Where(0, layer[0] % 2, 0), h, stats)], timer, 0, sender)
         sender.wait(Where())

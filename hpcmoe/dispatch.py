@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from hpcmoe.placement import Placement, replica_split
 
@@ -32,6 +33,7 @@ class PlacementTables:
     gateway: tuple[int, ...]      # [N] the rank of each node that receives this source's tokens (two-stage)
     slots_per_rank: tuple[int, ...]  # [R] how many slots each rank hosts
     max_slots_per_rank: int       # S
+    slot_is_rank: bool            # slot p is on rank p (one per rank): counts per slot are counts per rank
 
     @property
     def num_slots(self) -> int:
@@ -79,7 +81,8 @@ def compile_placement(placement: Placement, source_rank: int, node_of_rank, devi
         single=width == 1, slot_rank=as_tensor(placement.slot_rank), slot_local=as_tensor(local),
         rank_first_slot=as_tensor(first), slot_node=as_tensor([node_of_rank[r] for r in placement.slot_rank]),
         gateway=tuple(gateway(source_rank, b, node_of_rank) for b in range(nodes)),
-        slots_per_rank=tuple(per_rank), max_slots_per_rank=max(max(per_rank), 1))
+        slots_per_rank=tuple(per_rank), max_slots_per_rank=max(max(per_rank), 1),
+        slot_is_rank=list(placement.slot_rank) == list(range(ranks)))
 
 
 def occurrence(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -125,25 +128,28 @@ class DispatchPlan:
     slots: torch.Tensor         # [n, k] physical slot of each choice, -1 where it is not sent
 
 
-def plan_from_slots(slots: torch.Tensor, tables: PlacementTables) -> DispatchPlan:
-    """slots: [n, k] physical slot per (token, choice), -1 where that choice is not sent -> the plan."""
+def plan_from_slots(slots: torch.Tensor, tables: PlacementTables, sent_all: bool = False) -> DispatchPlan:
+    """slots: [n, k] physical slot per (token, choice), -1 where that choice is not sent -> the plan.
+    sent_all: the caller knows no choice is -1 (no capacity limit), which saves a host read."""
     flat, total = slots.reshape(-1), tables.num_slots
-    dropped = bool((flat < 0).any()) if flat.numel() else False
-    if dropped:
+    if not sent_all and flat.numel() and bool((flat < 0).any()):
         sent = flat >= 0
         order = torch.argsort(torch.where(sent, flat, total), stable=True)[: int(sent.sum())]
         slot_counts = torch.bincount(flat[sent], minlength=total)
     else:
         order = torch.argsort(flat, stable=True)
         slot_counts = torch.bincount(flat, minlength=total)
-    ends = torch.cumsum(slot_counts, 0)
-    ends = torch.cat([ends.new_zeros(1), ends])
-    rank_counts = ends[tables.rank_first_slot[1:]] - ends[tables.rank_first_slot[:-1]]
-    send_counts = slot_counts.new_zeros(tables.num_ranks * tables.max_slots_per_rank)
-    send_counts[tables.slot_rank * tables.max_slots_per_rank + tables.slot_local] = slot_counts
+    if tables.slot_is_rank:
+        rank_counts, send_counts = slot_counts, slot_counts.view(-1, 1)
+    else:
+        ends = torch.cumsum(slot_counts, 0)
+        ends = torch.cat([ends.new_zeros(1), ends])
+        rank_counts = ends[tables.rank_first_slot[1:]] - ends[tables.rank_first_slot[:-1]]
+        send_counts = slot_counts.new_zeros(tables.num_ranks * tables.max_slots_per_rank)
+        send_counts[tables.slot_rank * tables.max_slots_per_rank + tables.slot_local] = slot_counts
+        send_counts = send_counts.view(tables.num_ranks, tables.max_slots_per_rank)
     k = max(slots.shape[1], 1)
-    return DispatchPlan(order, torch.div(order, k, rounding_mode="floor"), slot_counts, rank_counts,
-                        send_counts.view(tables.num_ranks, tables.max_slots_per_rank), slots)
+    return DispatchPlan(order, torch.div(order, k, rounding_mode="floor"), slot_counts, rank_counts, send_counts, slots)
 
 
 def make_plan(expert_ids: torch.Tensor, tables: PlacementTables) -> DispatchPlan:
@@ -154,23 +160,23 @@ def make_plan(expert_ids: torch.Tensor, tables: PlacementTables) -> DispatchPlan
 def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """returned: [m, H] expert outputs in plan order; weights: [n, k] -> [n, H] in token order.
 
-    One gather back to (token, choice) order, then the weighted sum over the k choices in choice
-    order, accumulated in float32: the same arithmetic whatever the placement or rank count."""
+    One fused weighted gather-sum (embedding_bag): each token's k answers are read once from where
+    they landed and summed in choice order, whatever the placement or rank count. A choice that
+    was not sent reads row 0 with weight 0."""
     n, k = weights.shape
-    hidden = returned.shape[1]
-    if len(plan.order) == n * k:  # every choice was sent
-        inverse = torch.empty_like(plan.order)
-        inverse[plan.order] = torch.arange(n * k, device=plan.order.device)
-        by_choice = returned.index_select(0, inverse)
-    else:  # choices not sent (-1) read a zero row
-        inverse = torch.full((n * k,), len(plan.order), dtype=torch.int64, device=returned.device)
-        inverse[plan.order] = torch.arange(len(plan.order), device=returned.device)
-        by_choice = torch.cat([returned, returned.new_zeros(1, hidden)]).index_select(0, inverse)
-    by_choice = by_choice.view(n, k, hidden)
-    out = by_choice[:, 0].float() * weights[:, :1]
-    for j in range(1, k):
-        out.addcmul_(by_choice[:, j].float(), weights[:, j:j + 1])
-    return out.to(returned.dtype)
+    if not n:
+        return returned.new_zeros(0, returned.shape[1])
+    position = torch.zeros(n * k, dtype=torch.int64, device=returned.device)
+    position[plan.order] = torch.arange(len(plan.order), device=returned.device)
+    if len(plan.order) < n * k:
+        weights = weights.reshape(-1).clone()
+        sent = torch.zeros(n * k, dtype=torch.bool, device=returned.device)
+        sent[plan.order] = True
+        weights[~sent] = 0.0
+    if not len(returned):
+        return returned.new_zeros(n, returned.shape[1])
+    return F.embedding_bag(position.view(n, k), returned, per_sample_weights=weights.reshape(n, k).to(returned.dtype),
+                           mode="sum")
 
 
 # ---------------------------------------------------------------- two-stage: per-node groups

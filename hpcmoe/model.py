@@ -68,10 +68,11 @@ class Router(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [n, H] -> (expert_ids [n, k] int64, weights [n, k] float32)."""
         c = self.cfg
-        skew = c.router_skew * (1 - torch.arange(c.num_experts) / max(c.num_experts - 1, 1)) if c.router_skew else 0
+        logits = F.linear(h, self.weight) if c.router == "softmax" else F.linear(h.float(), self.weight.float())
+        if c.router_skew:
+            logits = logits + c.router_skew * (1 - torch.arange(c.num_experts, device=h.device) / max(c.num_experts - 1, 1))
         if c.router == "softmax":
-            return softmax_topk(F.linear(h, self.weight) + skew, c.top_k, c.norm_topk_prob)
-        logits = F.linear(h.float(), self.weight.float()) + skew
+            return softmax_topk(logits, c.top_k, c.norm_topk_prob)
         return sigmoid_group_topk(logits, self.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
                                   c.norm_topk_prob, c.routed_scaling_factor)
 
@@ -79,23 +80,57 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """A MoE layer's local part: the router, the routed experts this rank hosts, the shared experts."""
 
+    GROUPED_ROWS = 16  # at most this many rows per expert: one batched GEMM over the hosted experts
+
     def __init__(self, cfg: ModelConfig, experts: list[int]):
         super().__init__()
         self.gate = Router(cfg)
         self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
         if cfg.shared_experts:
             self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once stacked
+
+    def stack(self) -> None:
+        """After the experts are fused: their weights become views of two stacked tensors, so that
+        small groups of rows (decode) run as two batched GEMMs instead of a chain per expert."""
+        experts = list(self.experts.values())
+        if len(experts) < 2:
+            return
+        gate_up = torch.stack([e.gate_up for e in experts])
+        down = torch.stack([e.down_proj.weight for e in experts])
+        for i, expert in enumerate(experts):
+            inner = expert.gate_proj.weight.shape[0]
+            expert.gate_up = gate_up[i]
+            expert.gate_proj.weight.data, expert.up_proj.weight.data = gate_up[i, :inner], gate_up[i, inner:]
+            expert.down_proj.weight.data = down[i]
+        self.stacked = gate_up, down
 
     def run_experts(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [m, H] grouped by this rank's experts in slot order, counts[i] rows for the i-th
-        -> [m, H] outputs (into `out` when given): one GEMM chain per expert over all its rows."""
+        -> [m, H] outputs (into `out` when given). Experts with many rows run one GEMM chain each;
+        small groups (decode), when at least half the experts are hit, two batched GEMMs for all."""
         out = torch.empty_like(rows) if out is None else out
+        hit = sum(1 for c in counts if c)
+        if self.stacked is not None and hit and max(counts) <= self.GROUPED_ROWS and 2 * hit >= len(counts):
+            return self.run_grouped(rows, counts, out)
         start = 0
         for expert, count in zip(self.experts.values(), counts):
             if count:
                 expert(rows[start:start + count], out=out[start:start + count])
             start += count
         return out
+
+    def run_grouped(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Rows padded to [E, max count, H], one bmm for gate/up and one for down, then back."""
+        gate_up, down = self.stacked
+        count = torch.tensor(counts, device=rows.device)
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), count)
+        position = torch.arange(len(rows), device=rows.device) - (torch.cumsum(count, 0) - count)[expert]
+        padded = rows.new_zeros(len(counts), max(counts), rows.shape[1])
+        padded[expert, position] = rows
+        gate, up = torch.bmm(padded, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        answers = torch.bmm(F.silu(gate).mul_(up), down.transpose(1, 2))
+        return torch.index_select(answers.view(-1, rows.shape[1]), 0, expert * max(counts) + position, out=out)
 
     def shared(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.shared_experts(h) if hasattr(self, "shared_experts") else None
@@ -174,8 +209,11 @@ def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Trans
     model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, MLP):
+            if isinstance(module, (MLP, GQAttention)):
                 module.fuse()
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.stack()
     return model
 
 

@@ -203,7 +203,7 @@ class CountedIncoming:
 def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """Generator: h [n, H] -> [n, H] weighted expert outputs plus shared experts, in token order."""
     slots, weights = route(ctx, moe, at, h, stats)
-    plan = plan_from_slots(slots, ctx.tables)
+    plan = plan_from_slots(slots, ctx.tables, sent_all=ctx.capacity_factor is None)
     with ctx.timer.phase("shared_experts", at.step, at.layer, at.micro_batch):  # computed while the tokens travel
         shared = moe.shared(h)
     returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.group, at, stats)
