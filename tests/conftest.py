@@ -50,4 +50,5 @@ WORKLOADS = {
     "small_batch": ["run.batch=3", "run.seed=2"],          # fewer requests than 4 ranks
     "eight_experts": ["model.num_experts=8", "run.seed=2"],
     "sixteen_experts": ["model.num_experts=16", "run.seed=2", "run.batch=16", "run.max_new_tokens=8"],
+    "skewed": ["model.router_skew=15"],                    # every token picks experts 0 and 1
 }

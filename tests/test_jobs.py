@@ -90,6 +90,20 @@ def test_attention_moe_separation_equals_one_rank(tmp_path_factory, ranks, setti
         assert f["routing"][:, :, ranks - 1].sum() == 0       # MoE ranks route nothing themselves
 
 
+def test_zero_traffic_peers_and_empty_ranks_equal_one_rank(tmp_path_factory):
+    """Skewed routing sends nothing to the ranks of experts 2 and 3; packing leaves rank 3 without experts."""
+    skewed = finished_run(tmp_path_factory, 4, "skewed")
+    assert_same_run(read_run(skewed), read_run(finished_run(tmp_path_factory, 1, "skewed")))
+    with h5py.File(skewed) as f:
+        received = f["traffic"][:].sum(axis=(0, 1, 2))
+        assert received[2] == received[3] == 0 and received[0] > 0 and received[1] > 0
+    empty = finished_run(tmp_path_factory, 4, "debug", "parallel.placement=packed", "parallel.experts_per_rank=2",
+                         "run.micro_batches=2")
+    with h5py.File(empty) as f:
+        assert set(f["placement"][0, :, 0]) == {0, 1}  # ranks 2 and 3 host nothing
+    assert_same_run(read_run(empty), read_run(finished_run(tmp_path_factory, 1, "debug")))
+
+
 def test_attention_standby_pairs_agree_bit_for_bit(tmp_path_factory):
     """2 primaries + their 2 standbys + 1 MoE rank: same tokens, each standby's KV cache equals its primary's."""
     path = finished_run(tmp_path_factory, 5, "debug", "parallel.layout=ma", "parallel.attention_ranks=4",
