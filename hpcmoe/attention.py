@@ -171,17 +171,18 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        self.qkv: torch.Tensor | None = None  # [(heads + 2 kv_heads) * head_dim, H] once allocated
 
     def new_cache(self, batch: int, max_len: int, dtype, heads: range | None = None) -> list[PositionCache]:
         kv = kv_heads_for(heads or range(self.heads), self.heads, self.kv_heads)
         return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype) for _ in range(2)]
 
-    def fuse(self) -> None:
-        """After the weights are in: q, k and v projections become views of one tensor (one GEMM)."""
-        fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, kv = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        self.q_proj.weight.data, self.k_proj.weight.data, self.v_proj.weight.data = fused.split([q, kv, kv])
-        self.qkv = fused
+    def allocate(self, device, dtype) -> None:
+        """Storage before the weights are read: q, k and v projections as views of one tensor (one GEMM)."""
+        sizes = [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)]
+        self.qkv = torch.empty(sum(sizes), self.q_proj.weight.shape[1], device=device, dtype=dtype)
+        for projection, weight in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv.split(sizes)):
+            projection.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
                 heads: range | None = None) -> torch.Tensor:
@@ -191,7 +192,7 @@ class GQAttention(nn.Module):
         heads = heads or range(self.heads)
         kv = kv_heads_for(heads, self.heads, self.kv_heads)
         d, h, g = self.head_dim, len(heads), len(kv)
-        if h == self.heads and getattr(self, "qkv", None) is not None:  # all heads: one GEMM, one rotation
+        if h == self.heads and self.qkv is not None:  # all heads: one GEMM, one rotation
             qkv = F.linear(x, self.qkv).view(b, t, h + 2 * g, d).transpose(1, 2)
         else:
             qkv = torch.cat([F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]),

@@ -7,6 +7,7 @@ that computes and yields what it waits for, and the scheduler resumes whichever 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +59,18 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         capacity_factor=p.capacity_factor, pool=BufferPool(), before_dispatch=stall)
 
 
+@dataclass
+class Stall:
+    """run.stall_rank: this rank sleeps (far past the watchdog) before its first dispatch of step 0."""
+    seconds: float       # 0: never
+    slept: bool = False
+
+    def __call__(self, step: int) -> None:
+        if self.seconds and step == 0 and not self.slept:
+            self.slept = True
+            time.sleep(self.seconds)
+
+
 class EPEngine:
     """One rank's share of the model and the schedule that runs it."""
 
@@ -70,9 +83,9 @@ class EPEngine:
         self.micro_batches = config.run.micro_batches
         self.sender = messaging(config, topo)
         members = list(range(topo.size)) if members is None else members  # the ranks tokens travel among
-        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, self.maybe_stall)
+        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == self.rank else 0.0)
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall)
         self.reports = True                  # whether this rank's tokens go into the run file
-        self.stalled = False                 # run.stall_rank has slept already
         self.step = 0
 
     def requests(self, batch: int) -> range:
@@ -121,12 +134,6 @@ class EPEngine:
             inputs.add_flat(x, out)
         with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
-
-    def maybe_stall(self, step: int):
-        """run.stall_rank: sleep (far past the watchdog) before the first dispatch of step 0."""
-        if self.config.run.stall_rank == self.rank and step == 0 and not self.stalled:
-            self.stalled = True
-            time.sleep(4 * self.config.run.timeout_s)
 
     def maybe_fail(self, layer: int):
         run = self.config.run

@@ -35,12 +35,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
         self.gate_up: torch.Tensor | None = None  # [2 * inner, H] once fused: one GEMM for both
 
-    def fuse(self) -> None:
-        """After the weights are in: gate and up projections become views of one [2 * inner, H] tensor."""
-        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+    def allocate(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Storage before the weights are read: gate and up projections as views of one
+        [2 * inner, H] tensor (one GEMM for both), down [H, inner]."""
         inner = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:inner], fused[inner:]
-        self.gate_up = fused
+        self.gate_proj.weight, self.up_proj.weight = as_parameter(gate_up[:inner]), as_parameter(gate_up[inner:])
+        self.down_proj.weight = as_parameter(down)
+        self.gate_up = gate_up
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
@@ -88,21 +89,23 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
         if cfg.shared_experts:
             self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once stacked
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once allocated
 
-    def stack(self) -> None:
-        """After the experts are fused: their weights become views of two stacked tensors, so that
-        small groups of rows (decode) run as two batched GEMMs instead of a chain per expert."""
+    def allocate(self, device, dtype) -> None:
+        """Storage before the weights are read: the hosted experts' weights as views of two stacked
+        tensors, so that small groups of rows (decode) run as two batched GEMMs for all experts."""
         experts = list(self.experts.values())
+        for mlp in experts + ([self.shared_experts] if hasattr(self, "shared_experts") else []):
+            inner, hidden = mlp.gate_proj.weight.shape
+            mlp.allocate(torch.empty(2 * inner, hidden, device=device, dtype=dtype),
+                         torch.empty(hidden, inner, device=device, dtype=dtype))
         if len(experts) < 2:
             return
-        gate_up = torch.stack([e.gate_up for e in experts])
-        down = torch.stack([e.down_proj.weight for e in experts])
-        for i, expert in enumerate(experts):
-            inner = expert.gate_proj.weight.shape[0]
-            expert.gate_up = gate_up[i]
-            expert.gate_proj.weight.data, expert.up_proj.weight.data = gate_up[i, :inner], gate_up[i, inner:]
-            expert.down_proj.weight.data = down[i]
+        inner, hidden = experts[0].gate_up.shape[0] // 2, experts[0].gate_up.shape[1]
+        gate_up = torch.empty(len(experts), 2 * inner, hidden, device=device, dtype=dtype)
+        down = torch.empty(len(experts), hidden, inner, device=device, dtype=dtype)
+        for i, mlp in enumerate(experts):
+            mlp.allocate(gate_up[i], down[i])
         self.stacked = gate_up, down
 
     def run_experts(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,42 +192,49 @@ def init_seeded(model: Transformer, seed: int) -> None:
                 param.copy_(seeded_normal(name, tuple(param.shape), std, seed))
 
 
-def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None) -> Transformer:
-    """The model with only `hosted_experts` built; weights from `load(name) -> tensor` (a
-    checkpoint) or seeded per tensor name."""
+def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu") -> Transformer:
+    """The model with only `hosted_experts` built on `device`; weights from `load(name) -> tensor`
+    (a checkpoint) or seeded per tensor name."""
+    dtype = getattr(torch, cfg.dtype or "float32")
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, cfg.dtype))
+    torch.set_default_dtype(dtype)
     try:  # built on the meta device in the target dtype: no float32 copy, no wasted random init
         with torch.device("meta"):
             model = Transformer(cfg, hosted_experts)
     finally:
         torch.set_default_dtype(previous)
-    materialize(model, "cpu")
-    if load is None:
-        init_seeded(model, cfg.seed)
-    else:
-        with torch.no_grad():
+    materialize(model, device, dtype)
+    with torch.no_grad():
+        if load is None:
+            init_seeded(model, cfg.seed)
+        else:
             for name, param in model.named_parameters():
                 param.copy_(load(name))
-    model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (MLP, GQAttention)):
-                module.fuse()
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.stack()
-    return model
+    return model.eval()
 
 
-def materialize(model: nn.Module, device) -> None:
-    """Give every meta parameter uninitialized storage on `device` (what Module.to_empty does,
-    without its meta-tensor path, which imports sympy: seconds per rank at start-up)."""
+def as_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)  # inference only: no autograd bookkeeping
+
+
+def materialize(model: nn.Module, device, dtype) -> None:
+    """Give every meta parameter uninitialized storage on `device`: fused and stacked layouts first
+    (MoE experts, MLPs, q/k/v), so weights are read once into their final place (no copy, no
+    doubled peak), then the rest. (Module.to_empty would also do, but its meta-tensor path imports
+    sympy: seconds per rank at start-up.)"""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.allocate(device, dtype)
+        elif isinstance(module, MLP) and module.gate_up is None and module.gate_proj.weight.is_meta:
+            inner, hidden = module.gate_proj.weight.shape
+            module.allocate(torch.empty(2 * inner, hidden, device=device, dtype=dtype),
+                            torch.empty(hidden, inner, device=device, dtype=dtype))
+        elif isinstance(module, GQAttention):
+            module.allocate(device, dtype)
     for module in model.modules():
         for name, param in module._parameters.items():
-            if param is not None:
-                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
-                                                        requires_grad=False)
+            if param is not None and param.is_meta:
+                module._parameters[name] = as_parameter(torch.empty(param.shape, dtype=param.dtype, device=device))
 
 
 # ---------------------------------------------------------------- sizes without building
