@@ -6,47 +6,62 @@ import sys
 
 directory = sys.argv[1] if len(sys.argv) > 1 else "docs/bench"
 results = [json.load(open(path)) | {"file": os.path.basename(path)} for path in sorted(glob.glob(f"{directory}/*.json"))]
+by_kind = lambda kind: [r for r in results if r["benchmark"] == kind]
+
+for r in by_kind("control"):
+    print(f"### control path ({r['file']}): {r['what']}\n")
+    print("| ranks | flat ms | two-stage stage 1 ms |\n|---|---|---|")
+    for variant, m in r["median"].items():
+        print(f"| {variant.split('_')[1]} | {m['flat_ms']:.3f} | {m['two_stage_stage1_ms']:.3f} |")
+    print()
 
 print("### dispatch + combine against raw Alltoallv (1024 tokens per rank, top-2)\n")
 print("| ranks | hidden | dtype | ours ms | raw Alltoallv ms | ratio | note |")
 print("|---|---|---|---|---|---|---|")
-for r in results:
-    if r["benchmark"] == "dispatch":
-        _, ranks, hidden, dtype = r["file"][:-5].split("_")
-        ours, raw = r["median"]["ours"]["seconds"], r["median"]["raw_alltoallv"]["seconds"]
-        print(f"| {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
-              f"{'oversubscribed' if r['oversubscribed'] else ''} |")
+for r in by_kind("dispatch"):
+    _, ranks, hidden, dtype = r["file"][:-5].split("_")
+    ours, raw = r["median"]["ours"]["seconds"], r["median"]["raw_alltoallv"]["seconds"]
+    print(f"| {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
+          f"{'oversubscribed' if r['oversubscribed'] else ''} |")
+
+for r in by_kind("scale"):
+    print(f"\n### scale ({r['file']}): {r['what']}, {r['tokens']} new tokens, median of {r['reps']}\n")
+    print("| ranks | TTFT ms | TPOT ms | idle fraction | peak RSS GiB (max / mean) | tokens equal 1 rank |")
+    print("|---|---|---|---|---|---|")
+    for variant, m in r["median"].items():
+        print(f"| {variant.split('_')[1]} | {m['ttft_ms']:.1f} | {m['tpot_ms']:.1f} | {m['idle_fraction']:.3f} | "
+              f"{m['peak_rss_gib_max']:.3f} / {m['peak_rss_gib_mean']:.3f} | {r['equal_to_one_rank'][variant]} |")
+    print("\nTPOT ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["tpot_ratio"].items()))
+
+for r in by_kind("reduce"):
+    flat, hierarchical = (r["median"][v]["seconds"] for v in ("flat_allreduce", "hierarchical"))
+    print(f"\n### reduce: {r['what']}\n")
+    print(f"flat Allreduce {1e3 * flat:.2f} ms, hierarchical point-to-point sum {1e3 * hierarchical:.2f} ms "
+          f"(ratio {hierarchical / flat:.2f}{', oversubscribed' if r['oversubscribed'] else ''})")
 
 keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
         "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
         "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
-    if r["benchmark"] == "reduce":
-        flat, hierarchical = (r["median"][v]["seconds"] for v in ("flat_allreduce", "hierarchical"))
-        print(f"\n### reduce: {r['what']}\n")
-        print(f"flat Allreduce {1e3 * flat:.2f} ms, hierarchical point-to-point sum {1e3 * hierarchical:.2f} ms "
-              f"(ratio {hierarchical / flat:.2f}{', oversubscribed' if r['oversubscribed'] else ''})")
-
-for r in results:
-    if r["benchmark"] in ("dispatch", "transformers", "reduce"):
+    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale"):
         continue
+    shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
     print(f"{r['ranks']} ranks{' (oversubscribed)' if r['oversubscribed'] else ''}, config `{r['config']}` "
           f"{' '.join('--set ' + s for s in r['settings'])}, median of {r['reps']}; goal: {r['goal']}\n")
-    print("| variant | " + " | ".join(keys) + " |")
-    print("|---|" + "---|" * len(keys))
+    print("| variant | " + " | ".join(shown) + " |")
+    print("|---|" + "---|" * len(shown))
     for variant, medians in r["median"].items():
-        print(f"| {variant} | " + " | ".join(f"{medians.get(k, float('nan')):.4g}" for k in keys) + " |")
+        print(f"| {variant} | " + " | ".join(f"{medians.get(k, float('nan')):.4g}" for k in shown) + " |")
     ratios = next(v for k, v in r.items() if k.startswith("ratio_to_"))
     last = list(ratios)[-1]
-    print(f"\nratio {last} / {list(ratios)[0]}: " + ", ".join(f"{k} {ratios[last][k]:.3f}" for k in keys if k in ratios[last]))
+    print(f"\nratio {last} / {list(ratios)[0]}: " + ", ".join(f"{k} {ratios[last][k]:.3f}" for k in shown if k in ratios[last]))
 
-for r in results:
-    if r["benchmark"] == "transformers":
-        print(f"\n### transformers: {r['what']}\n")
-        print("| variant | prefill tokens/s | decode tokens/s |\n|---|---|---|")
-        for variant, m in r["median"].items():
-            print(f"| {variant} | {m['prefill_tokens_per_s']:.0f} | {m['decode_tokens_per_s']:.0f} |")
-        ratio = r["ratio_to_transformers"]["hpcmoe"]
-        print(f"\nratio hpcmoe / transformers: prefill {ratio['prefill_tokens_per_s']:.2f}, "
-              f"decode {ratio['decode_tokens_per_s']:.2f}")
+for r in by_kind("transformers"):
+    print(f"\n### transformers ({r['file']}): {r['what']}\n")
+    print("| variant | prefill tokens/s | decode tokens/s |\n|---|---|---|")
+    for variant, m in r["median"].items():
+        print(f"| {variant} | {m['prefill_tokens_per_s']:.0f} | {m['decode_tokens_per_s']:.0f} |")
+    ratio = r["ratio_to_transformers"]["hpcmoe"]
+    print(f"\nratio hpcmoe / transformers: prefill {ratio['prefill_tokens_per_s']:.2f}, "
+          f"decode {ratio['decode_tokens_per_s']:.2f}")
