@@ -52,11 +52,20 @@ def parse_args(argv):
     control.add_argument("--top-k", type=int, default=8)
     control.add_argument("--tokens", type=int, default=64, help="tokens per rank and micro-batch")
     control.add_argument("--ranks-per-node", type=int, default=8)
+    experts = benches.add_parser("experts", help="expert GEMMs against torch.matmul and the device's limits (no MPI)")
+    experts.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    experts.add_argument("--hidden", type=int, default=4096)
+    experts.add_argument("--inner", type=int, default=16384, help="expert hidden size")
+    experts.add_argument("--experts", type=int, default=4)
+    experts.add_argument("--tokens", type=int, default=1024, help="prefill rows per expert")
+    experts.add_argument("--decode-tokens", type=int, default=4, help="decode rows per expert")
+    experts.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     versus = benches.add_parser("transformers", help="one rank against transformers on a checkpoint")
     versus.add_argument("--checkpoint", required=True)
     versus.add_argument("--batch", type=int, default=4)
     versus.add_argument("--prompt-len", type=int, default=32)
     versus.add_argument("--steps", type=int, default=16)
+    versus.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     for sub in list(benches.choices.values()):
         sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
         sub.add_argument("--out", help="store the results as JSON here")
@@ -105,6 +114,10 @@ def command_bench(args) -> int:
             load_config(args.config, args.set)
         except ValueError as e:
             fail(str(e))
+    if args.benchmark == "experts":  # one process, no MPI
+        bench.bench_experts(args.device, args.hidden, args.inner, args.experts, args.tokens, args.decode_tokens,
+                            args.dtype, args.reps, args.out)
+        return 0
     if args.benchmark == "control":  # one process, no MPI
         bench.bench_control([int(r) for r in args.ranks.split(",")], args.experts, args.top_k, args.tokens,
                             args.ranks_per_node, args.reps, args.out)
@@ -120,7 +133,8 @@ def command_bench(args) -> int:
     elif args.benchmark == "reduce":
         bench.bench_reduce(args.tokens, args.hidden, args.ranks_per_node, args.reps, args.out)
     elif args.benchmark == "transformers":
-        bench.bench_transformers(args.checkpoint, args.batch, args.prompt_len, args.steps, args.reps, args.out)
+        bench.bench_transformers(args.checkpoint, args.batch, args.prompt_len, args.steps, args.reps, args.out,
+                                 args.device)
     else:
         bench.run_scenario(args.benchmark, args.config, args.set, args.reps, args.out)
     return 0
@@ -153,6 +167,8 @@ def command_run(args) -> int:
     except ValueError as e:
         fail(str(e))
     try:
+        from hpcmoe.device import device_kind
+        config = config.on_device(device_kind(config.run.device))
         load = check_model(config, layout, world.Get_rank() == 0)
         routing = None
         if config.parallel.placement_from:
@@ -161,11 +177,12 @@ def command_run(args) -> int:
     except ValueError as e:
         fail(str(e))
     import torch
+    from hpcmoe.device import choose_device
     from hpcmoe.engine import run
     from hpcmoe.topology import build_topology, default_threads
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
-    metrics = run(config, topo, layout, load, routing)
+    metrics = run(config, topo, layout, load, routing, choose_device(config.run.device, topo.host_rank))
     if topo.rank == 0 and "stopped_at_step" in metrics:
         print(f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}", flush=True)
     elif topo.rank == 0:
@@ -193,7 +210,7 @@ def check_model(config, layout, is_root: bool):
     cache = requests * (max(map(len, prompts)) + config.run.max_new_tokens) * cache_bytes_per_token(m)
     available = available_memory_per_rank()
     if is_root:
-        print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype}; per rank about {human_bytes(weights + cache)} "
+        print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per rank about {human_bytes(weights + cache)} "
               f"({human_bytes(weights)} weights with {experts} expert(s) per MoE layer, {human_bytes(cache)} KV cache)"
               f"; {human_bytes(available)} available per rank", file=sys.stderr, flush=True)
     if weights + cache > available:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcmoe.device import host_tensor
+
 
 @dataclass
 class StepInputs:
@@ -22,6 +24,8 @@ class StepInputs:
     valid: torch.Tensor       # [b, t] bool, False on padding
     attend: torch.Tensor      # [b, 1, t, s] bool, key position visible to query
     dense: bool = False       # every position valid (decode, equal prompts): no masking of rows needed
+    lengths: torch.Tensor = None  # [b] new tokens per request (host), to advance the cache positions
+    valid_index: torch.Tensor = None  # [valid positions] flat index of each valid position (no per-layer mask)
     rotations: dict = field(default_factory=dict, compare=False)  # (Rope, dtype) -> (cos, sin), once per step
 
     def cos_sin(self, rope: "Rope", dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,45 +39,54 @@ class StepInputs:
     def request_index(self) -> torch.Tensor:
         """[b, t] the request row of every position (for cache writes), once per step."""
         if "rows" not in self.rotations:
-            self.rotations["rows"] = torch.arange(len(self.positions))[:, None].expand_as(self.positions)
+            rows = torch.arange(len(self.positions), device=self.positions.device)
+            self.rotations["rows"] = rows[:, None].expand_as(self.positions)
         return self.rotations["rows"]
 
     @classmethod
-    def build(cls, tokens: list[list[int]], cached: torch.Tensor) -> "StepInputs":
-        """tokens: b lists of new tokens; cached: [b] positions already in the cache."""
+    def build(cls, tokens: list[list[int]], cached: torch.Tensor, device=None) -> "StepInputs":
+        """tokens: b lists of new tokens; cached: [b] positions already in the cache (host)
+        -> the step's inputs on `device` (built on the host, moved in one go)."""
         b, t = len(tokens), max((len(x) for x in tokens), default=1)
         lengths = torch.tensor([len(x) for x in tokens], dtype=torch.int64)
         valid = torch.arange(t) < lengths[:, None]
         padded = torch.zeros(b, t, dtype=torch.int64)
         padded[valid] = torch.tensor([token for row in tokens for token in row], dtype=torch.int64)
         positions = cached[:, None] + torch.arange(t)
-        ends = cached + valid.sum(1)
+        ends = cached + lengths
         keys = torch.arange(int(ends.max()) if b else 1)
         attend = (keys <= positions[..., None]) & (keys < ends[:, None, None])
-        return cls(padded, positions, valid, attend[:, None], dense=bool(lengths.eq(t).all()))
+        move = lambda x: x.to(device, non_blocking=True) if device is not None else x
+        return cls(move(padded), move(positions), move(valid), move(attend[:, None]), dense=bool(lengths.eq(t).all()),
+                   lengths=lengths, valid_index=move(valid.reshape(-1).nonzero().flatten()))
 
     def rows(self, start: int, stop: int) -> "StepInputs":
         """The requests [start, stop) of this step (views)."""
+        t = self.tokens.shape[1]
+        valid = torch.arange(t) < self.lengths[start:stop, None]
         return StepInputs(self.tokens[start:stop], self.positions[start:stop], self.valid[start:stop],
-                          self.attend[start:stop], self.dense)
+                          self.attend[start:stop], self.dense, self.lengths[start:stop],
+                          valid.reshape(-1).nonzero().flatten().to(self.tokens.device, non_blocking=True))
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         """x: [b, t, H] -> [valid positions, H] (a view when every position is valid)."""
-        return x.view(-1, x.shape[-1]) if self.dense else x[self.valid]
+        flat = x.view(-1, x.shape[-1])
+        return flat if self.dense else flat.index_select(0, self.valid_index)
 
     def add_flat(self, x: torch.Tensor, rows: torch.Tensor) -> None:
-        """x[valid positions] += rows, in place."""
+        """x[valid positions] += rows, in place (each position once: deterministic on any device)."""
+        flat = x.view(-1, x.shape[-1])
         if self.dense:
-            x.view(-1, x.shape[-1]).add_(rows)
+            flat.add_(rows)
         else:
-            x[self.valid] += rows
+            flat.index_add_(0, self.valid_index, rows)
 
 
 class PositionCache:
     """A cached tensor per position: [b, max_len, *features]; each row fills at its own positions."""
 
-    def __init__(self, batch: int, max_len: int, features: tuple[int, ...], dtype):
-        self.data = torch.zeros((batch, max_len, *features), dtype=dtype)
+    def __init__(self, batch: int, max_len: int, features: tuple[int, ...], dtype, device=None):
+        self.data = torch.zeros((batch, max_len, *features), dtype=dtype, device=device)
 
     def rows(self, start: int, stop: int) -> "PositionCache":
         """The cache of requests [start, stop): a view, so updates land in this cache."""
@@ -128,7 +141,7 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [b, t] -> (cos, cos) and (-sin, sin) over the two halves: [b, 1, t, dim] float32."""
         inv_freq, attention_factor = self.inverse_frequencies()
-        angles = positions.float()[..., None] * inv_freq
+        angles = positions.float()[..., None] * inv_freq.to(positions.device)
         cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
         return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
 
@@ -173,9 +186,9 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
         self.qkv: torch.Tensor | None = None  # [(heads + 2 kv_heads) * head_dim, H] once allocated
 
-    def new_cache(self, batch: int, max_len: int, dtype, heads: range | None = None) -> list[PositionCache]:
+    def new_cache(self, batch: int, max_len: int, dtype, heads: range | None = None, device=None) -> list[PositionCache]:
         kv = kv_heads_for(heads or range(self.heads), self.heads, self.kv_heads)
-        return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype) for _ in range(2)]
+        return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype, device) for _ in range(2)]
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: q, k and v projections as views of one tensor (one GEMM)."""
@@ -205,7 +218,7 @@ class GQAttention(nn.Module):
         values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
         group = self.heads // self.kv_heads
         if heads.start % group or h % group:  # a shard that cuts a kv group: pick each head's kv head
-            uses = torch.tensor([i // group - kv.start for i in heads])
+            uses = host_tensor([i // group - kv.start for i in heads], keys.device)
             keys, values = keys.index_select(1, uses), values.index_select(1, uses)
         out = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=inputs.attend, enable_gqa=True)
         return F.linear(out.transpose(1, 2).reshape(b, t, h * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
@@ -243,8 +256,9 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, cfg.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(cfg.heads * self.v_dim, cfg.hidden, bias=False)
 
-    def new_cache(self, batch: int, max_len: int, dtype) -> list[PositionCache]:
-        return [PositionCache(batch, max_len, (self.rank,), dtype), PositionCache(batch, max_len, (self.rope_dim,), dtype)]
+    def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
+        return [PositionCache(batch, max_len, (self.rank,), dtype, device),
+                PositionCache(batch, max_len, (self.rope_dim,), dtype, device)]
 
     def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
                 absorb: bool | None = None) -> torch.Tensor:

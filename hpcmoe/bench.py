@@ -76,6 +76,7 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
     benchmark also runs each variant without the link and reports wire_hidden."""
     from mpi4py import MPI
     from hpcmoe.config import load_config
+    from hpcmoe.device import choose_device, device_kind
     from hpcmoe.engine import run
     from hpcmoe.layout import ParallelLayout
     from hpcmoe.topology import build_topology
@@ -89,7 +90,8 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
         nonlocal topo
         config = load_config(config_path, settings + extra + [f"output.path={path}"])
         topo = topo or build_topology(world, config.parallel.ranks_per_node)
-        return config, run(config, topo, ParallelLayout.from_config(config, world.Get_size()))
+        device = choose_device(device_kind(config.run.device), topo.host_rank)
+        return config, run(config, topo, ParallelLayout.from_config(config, world.Get_size()), device=device)
 
     if name == "skew":  # replicas are placed from the load a first (packed) run observed
         observed = os.path.join(directory, "observed.h5")
@@ -294,20 +296,25 @@ def bench_reduce(tokens: int, hidden: int, ranks_per_node: int, reps: int, out: 
 
 # ---------------------------------------------------------------- one rank against transformers
 
-def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int, reps: int, out: str | None):
-    """hpcmoe on one rank against transformers' generate on the same checkpoint and thread count."""
+def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int, reps: int, out: str | None,
+                       device_name: str = "auto"):
+    """hpcmoe on one rank against transformers' generate on the same checkpoint, device and thread count."""
     import torch
     from mpi4py import MPI
     from transformers import AutoModelForCausalLM
     from hpcmoe.config import load_config
+    from hpcmoe.device import choose_device, device_kind
     from hpcmoe.engine import run
     from hpcmoe.layout import ParallelLayout
     from hpcmoe.topology import build_topology
     directory = tempfile.mkdtemp(prefix="hpcmoe-bench-transformers-")
+    device = choose_device(device_kind(device_name), 0)
     config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.batch={batch}", f"run.prompt_len={prompt_len}",
-                                f"run.max_new_tokens={steps}", f"output.path={directory}/run.h5"])
-    prompts = torch.tensor(config.prompts)  # equal lengths: no padding on either side
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+                                f"run.max_new_tokens={steps}", f"output.path={directory}/run.h5",
+                                "model.dtype=float32"])
+    prompts = torch.tensor(config.prompts, device=device)  # equal lengths: no padding on either side
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    sync = (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
     topo = build_topology(MPI.COMM_SELF, None)
     layout = ParallelLayout.from_config(config, 1)
     samples = {"transformers": {}, "hpcmoe": {}}
@@ -316,21 +323,25 @@ def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int,
         samples[variant].setdefault(key, []).append(value)
 
     for rep in range(reps + 1):  # the first round warms up
-        metrics = run(config, topo, layout)
+        metrics = run(config, topo, layout, device=device)
         with torch.no_grad():
+            sync()
             start = time.perf_counter()
             reference(prompts, use_cache=True)
+            sync()
             prefill = time.perf_counter() - start
             start = time.perf_counter()
             reference.generate(prompts, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            sync()
             total = time.perf_counter() - start
         if rep:
             add("hpcmoe", "prefill_tokens_per_s", metrics["prefill_tokens_per_s"])
             add("hpcmoe", "decode_tokens_per_s", metrics["decode_tokens_per_s"])
             add("transformers", "prefill_tokens_per_s", prompts.numel() / prefill)
             add("transformers", "decode_tokens_per_s", batch * (steps - 1) / max(total - prefill, 1e-9))
-    meta = {"what": f"{checkpoint}: {batch} prompts of {prompt_len} tokens, {steps} new tokens, "
-                    f"{torch.get_num_threads()} threads", "ranks": 1, "reps": reps, "oversubscribed": False}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    meta = {"what": f"{checkpoint}: {batch} prompts of {prompt_len} tokens, {steps} new tokens, {where}",
+            "ranks": 1, "reps": reps, "oversubscribed": False, "device": device.type}
     return report("transformers", samples, "transformers", "hpcmoe >= 1.0x transformers tokens/s", meta, out)
 
 
@@ -375,3 +386,108 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
             "oversubscribed": False, "threads": torch.get_num_threads()}
     return report("control", rows, f"ranks_{ranks[0]}", "<= 0.5 ms at 256 ranks, at most linear in ranks beyond",
                   meta, out)
+
+
+# ---------------------------------------------------------------- expert GEMMs on one device
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for "fraction of peak".
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "GB200": 2500.0, "B200": 2250.0,
+                    "L40S": 362.0, "A10": 125.0}
+
+
+def device_peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def synchronized_seconds(fn, device, reps: int) -> list[float]:
+    """Wall seconds of fn() per call, the device drained before and after each (one warm-up call)."""
+    import torch
+    sync = (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
+    fn()
+    seconds = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def bench_experts(device_name: str, hidden: int, inner: int, experts: int, tokens: int, decode_tokens: int,
+                  dtype: str, reps: int, out: str | None):
+    """Expert GEMMs as the engine runs them (MoE.run_experts) against torch.matmul on the same shapes
+    (prefill) and the weight bytes they stream against a device-to-device copy (decode)."""
+    import torch
+    import torch.nn.functional as F
+    from hpcmoe.config import ModelConfig
+    from hpcmoe.device import choose_device, device_kind
+    from hpcmoe.model import MoE, init_seeded
+    device = choose_device(device_kind(device_name), 0)
+    torch_dtype = getattr(torch, dtype)
+    cfg = ModelConfig(hidden=hidden, expert_hidden=inner, num_experts=experts, top_k=1, dtype=dtype)
+    with torch.device("meta"):
+        moe = MoE(cfg, list(range(experts)))
+    moe.gate = None  # only the experts are measured
+    moe.allocate(device, torch_dtype)
+    with torch.no_grad():
+        for name, param in moe.named_parameters():
+            param.copy_(torch.randn(param.shape, device=device, dtype=torch_dtype) * param.shape[-1] ** -0.5)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randn(experts * tokens, hidden, device=device, dtype=torch_dtype, generator=generator)
+    out_rows = torch.empty_like(rows)
+    weights = [(e.gate_up, e.down_proj.weight) for e in moe.experts.values()]
+
+    def ours():
+        with torch.no_grad():
+            moe.run_experts(rows, [tokens] * experts, out_rows)
+
+    def matmul():
+        with torch.no_grad():
+            for e, (gate_up, down) in enumerate(weights):
+                gate, up = torch.matmul(rows[e * tokens:(e + 1) * tokens], gate_up.t()).chunk(2, dim=-1)
+                torch.matmul(F.silu(gate) * up, down.t())
+
+    small = rows[:experts * decode_tokens]
+    small_out = torch.empty_like(small)
+
+    def decode():
+        with torch.no_grad():
+            moe.run_experts(small, [decode_tokens] * experts, small_out)
+
+    weight_bytes = sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in weights)
+    source = torch.empty(weight_bytes // 2, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    samples = {"ours": {}, "torch_matmul": {}}
+    for name, fn in (("ours", ours), ("torch_matmul", matmul)):
+        samples[name]["prefill_seconds"] = synchronized_seconds(fn, device, reps)
+    samples["ours"]["decode_seconds"] = synchronized_seconds(decode, device, reps)
+    samples["ours"]["copy_seconds"] = synchronized_seconds(lambda: target.copy_(source), device, reps)
+    flops = 2 * experts * tokens * 3 * hidden * inner
+    median = lambda xs: float(np.median(xs))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = device_peak_tflops(name)
+    prefill = median(samples["ours"]["prefill_seconds"])
+    derived = {
+        "prefill_tflops": flops / prefill / 1e12,
+        "prefill_vs_matmul": median(samples["torch_matmul"]["prefill_seconds"]) / prefill,
+        "prefill_fraction_of_bf16_peak": flops / prefill / 1e12 / peak if peak else float("nan"),
+        "decode_weight_gbps": weight_bytes / median(samples["ours"]["decode_seconds"]) / 1e9,
+        "copy_gbps": 2 * source.numel() / median(samples["ours"]["copy_seconds"]) / 1e9,  # read + write
+    }
+    derived["decode_vs_copy"] = derived["decode_weight_gbps"] / derived["copy_gbps"]
+    result = {"benchmark": "experts", "device": name, "bf16_peak_tflops": peak,
+              "what": f"{experts} experts {hidden} x {inner} in {dtype}: prefill {tokens} tokens per expert, "
+                      f"decode {decode_tokens}", "reps": reps,
+              "goal": "prefill >= 0.8x torch.matmul and >= 0.5 of the bf16 peak; decode >= 0.7 of copy bandwidth",
+              "median": {k: {m: median(v) for m, v in d.items()} for k, d in samples.items()}, "derived": derived}
+    print(f"hpcmoe bench experts on {name}: {result['what']}")
+    for key, value in derived.items():
+        print(f"  {key:<32}{value:10.3f}")
+    print(f"  goal: {result['goal']}")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"  wrote {out}")
+    return result

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcmoe.device import DONE
+
 HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
 
 
@@ -79,9 +81,16 @@ def wait_all(requests: list, where: Where) -> None:
         wait_until(lambda: MPI.Request.Testall(requests), where)
 
 
-def as_bytes(t: torch.Tensor) -> np.ndarray:
-    """A contiguous tensor's raw bytes (bf16 has no MPI type; bytes need none)."""
-    return t.contiguous().view(torch.uint8).numpy().reshape(-1) if t.numel() else np.empty(0, np.uint8)
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's raw bytes as a flat uint8 tensor (bf16 has no MPI type; bytes need none)."""
+    return t.contiguous().view(torch.uint8).reshape(-1) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def as_bytes(t: torch.Tensor):
+    """What MPI is handed: a numpy view of host memory, or a uint8 device tensor (which a CUDA-aware
+    MPI reads through __cuda_array_interface__)."""
+    flat = byte_view(t)
+    return flat.numpy() if flat.device.type == "cpu" else flat
 
 
 @dataclass
@@ -103,19 +112,29 @@ class Link:
 
 
 class Receives:
-    """Receives posted into preallocated tensors, one per peer; `arrived()` tells which are in."""
+    """Receives posted into preallocated tensors, one per peer; `arrived()` tells which are in.
 
-    def __init__(self, comm, buffers: dict[int, torch.Tensor], tag: int, link: Link):
+    On the CPU (or with a CUDA-aware MPI) a message lands straight in its tensor. With `staging` it
+    lands in a pinned host buffer and goes to the device on the copy stream; the compute stream waits
+    for that copy before it reads the tensor. An emulated link's header also needs a host buffer."""
+
+    def __init__(self, comm, buffers: dict[int, torch.Tensor], tag: int, link: Link, staging=None):
         me = self.me = comm.Get_rank()
-        self.received, self.requests, self.raw, self.done = buffers, {}, {}, set()
+        self.received, self.requests, self.raw, self.done, self.staging = buffers, {}, {}, set(), staging
         for peer, buffer in buffers.items():
             if buffer.numel() == 0:
                 self.done.add(peer)
             elif peer != me:  # this rank's own share is copied in by Sender.send
-                header = HEADER if link.emulated(me, peer) else 0  # else receive straight into the tensor
-                raw = np.empty(buffer.numel() * buffer.element_size() + header, np.uint8) if header else as_bytes(buffer)
+                header = HEADER if link.emulated(me, peer) else 0
+                nbytes = buffer.numel() * buffer.element_size() + header
+                if staging is not None:
+                    raw = staging.pool.take(nbytes)
+                elif header:
+                    raw = torch.empty(nbytes, dtype=torch.uint8)
+                else:
+                    raw = buffer  # straight into the tensor (host memory, or a CUDA-aware MPI)
                 self.raw[peer] = (raw, header)
-                self.requests[peer] = comm.Irecv([raw, MPI.BYTE], source=peer, tag=tag)
+                self.requests[peer] = comm.Irecv([as_bytes(raw), MPI.BYTE], source=peer, tag=tag)
 
     def arrived(self) -> set[int]:
         """Peers whose message is complete (and, on an emulated link, delivered)."""
@@ -125,12 +144,24 @@ class Receives:
                 raw, header = self.raw[peer]
                 if header:
                     now = now or time.monotonic()
-                    if now < raw[:HEADER].view(np.float64)[0]:
+                    if now < raw[:HEADER].cpu().view(torch.float64).item():
                         continue  # still on the emulated wire: test again later (a completed request stays complete)
-                    self.received[peer].view(-1).view(torch.uint8).copy_(torch.from_numpy(raw[header:]))
+                if raw is not self.received[peer]:
+                    self.land(peer, raw[header:])
                 del self.requests[peer], self.raw[peer]
                 self.done.add(peer)
         return self.done
+
+    def land(self, peer: int, payload: torch.Tensor) -> None:
+        """Copy a message from its receive buffer into the peer's tensor."""
+        target = self.received[peer].view(-1).view(torch.uint8)
+        if self.staging is None:
+            target.copy_(payload)
+            return
+        streams = self.staging.streams
+        copied = streams.copy_after(DONE, target, payload)
+        streams.compute_waits(copied)
+        self.staging.pool.give(payload, after=copied)
 
     def keep_own(self, data: torch.Tensor) -> None:
         """This rank's own share by reference, not copied (its sender never touches it again)."""
@@ -152,10 +183,18 @@ class Receives:
 
 @dataclass
 class Sender:
-    """Posts this rank's sends and keeps them (and their buffers) until MPI completes them."""
+    """Posts this rank's sends and keeps them (and their buffers) until MPI completes them.
+
+    On the CPU a send is posted at once. On a GPU it waits for an event on the compute stream (the
+    kernels that produced the data): with a CUDA-aware MPI the device buffer is sent then; with
+    `staging` the data is first copied to pinned host memory on the copy stream, and the send is
+    posted once that copy's event has completed, checked in test() (never a blocking synchronize)."""
     comm: object
     link: Link
-    in_flight: list = field(default_factory=list)
+    staging: object = None         # device.Staging, or None
+    streams: object = None         # device.Streams of a GPU (gates sends on compute events), or None
+    queued: list = field(default_factory=list)     # (peer, tag, payload, event, pinned, header)
+    in_flight: list = field(default_factory=list)  # (request, payload kept alive, pinned buffer or None)
     bytes_sent: int = 0
 
     def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[Receives] = None) -> None:
@@ -168,26 +207,74 @@ class Sender:
             return
         if data.numel() == 0:
             return  # the receiver knows the size is zero from an earlier counts exchange
-        payload = as_bytes(data)
-        if self.link.emulated(me, peer):
-            header = np.array([self.link.delivery_time(len(payload))], np.float64).view(np.uint8)
-            payload = np.concatenate([header, payload])
-        self.in_flight.append((self.comm.Isend([payload, MPI.BYTE], dest=peer, tag=tag), payload))
-        self.bytes_sent += len(payload)
+        header = HEADER if self.link.emulated(me, peer) else 0
+        if self.streams is None and self.staging is None:  # host memory: post at once
+            payload = as_bytes(data)
+            if header:
+                payload = np.concatenate([np.zeros(HEADER, np.uint8), payload])
+            self.post(peer, tag, payload, None, header)
+            return
+        if self.staging is not None or header:  # through pinned host memory (an emulated header needs it too)
+            streams = self.staging.streams if self.staging is not None else self.streams
+            host = self.pinned(data.numel() * data.element_size() + header)
+            event = streams.copy_after(streams.record(), host[header:], byte_view(data))
+            self.queued.append((peer, tag, host, event, host, header))
+        else:  # a CUDA-aware MPI reads the device buffer once the kernels that wrote it are done
+            self.queued.append((peer, tag, byte_view(data), self.streams.record(), None, 0))
+        self.post_ready()  # at once if its event has already completed
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return self.staging.pool.take(nbytes) if self.staging is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+    def post(self, peer: int, tag: int, payload, pinned, header: int) -> None:
+        if header:  # the delivery time is stamped when the message leaves, as the link queues it
+            stamp = np.array([self.link.delivery_time(len(payload) - header)], np.float64).view(np.uint8)
+            target = payload[:HEADER]
+            target[:] = stamp if isinstance(target, np.ndarray) else torch.from_numpy(stamp)
+        buffer = payload if isinstance(payload, np.ndarray) else as_bytes(payload)
+        self.in_flight.append((self.comm.Isend([buffer, MPI.BYTE], dest=peer, tag=tag), payload, pinned))
+        self.bytes_sent += len(buffer)
+
+    def post_ready(self) -> None:
+        """Post the queued sends whose data is ready (their event has completed)."""
+        waiting = []
+        for entry in self.queued:
+            peer, tag, payload, event, pinned, header = entry
+            if event.query():
+                self.post(peer, tag, payload, pinned, header)
+            else:
+                waiting.append(entry)
+        self.queued = waiting
 
     def test(self) -> None:
-        self.in_flight = [(r, b) for r, b in self.in_flight if not r.Test()]
+        """Post the sends whose data is ready; take back the buffers of completed sends."""
+        if self.queued:
+            self.post_ready()
+        still = []
+        for request, payload, pinned in self.in_flight:
+            if request.Test():
+                if pinned is not None and self.staging is not None:
+                    self.staging.pool.give(pinned)
+            else:
+                still.append((request, payload, pinned))
+        self.in_flight = still
+
+    def idle(self) -> bool:
+        self.test()
+        return not self.queued and not self.in_flight
+
+    def wait(self, where: Where) -> None:
+        wait_until(self.idle, where)
 
     def settle(self, buffer: torch.Tensor, where: Where) -> None:
         """Before `buffer` is written again: wait for the sends still reading it (done in practice:
         a peer that answered has received)."""
-        if buffer.numel() and self.in_flight:
+        if buffer.numel() and (self.in_flight or self.queued) and buffer.device.type == "cpu":
             memory = as_bytes(buffer)
-            wait_all([r for r, b in self.in_flight if np.may_share_memory(b, memory)], where)
-
-    def wait(self, where: Where) -> None:
-        wait_all([r for r, _ in self.in_flight], where)
-        self.in_flight = []
+            reading = lambda: [r for r, b, _ in self.in_flight if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)]
+            wait_until(lambda: MPI.Request.Testall(reading()), where)
+        elif self.queued:  # a device buffer: its copies to the host (or its gated sends) must be out
+            wait_until(lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where)
 
 
 def tag_for(kind: int, layer: int, micro_batch: int, micro_batches: int) -> int:

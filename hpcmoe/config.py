@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
     "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
                      dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,
-                     expert_hidden=16384, dense_hidden=16384, rope_theta=10000.0, dtype="float32", seed=0),
+                     expert_hidden=16384, dense_hidden=16384, rope_theta=10000.0, seed=0),
 }
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -73,12 +73,18 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # YaRN: {rope_type: yarn, factor, original_max_position_embeddings, ...}
     norm_eps: float = 1e-6
-    dtype: str = "float32"
+    dtype: Optional[str] = None        # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
     seed: int = 0                      # random weights are seeded per tensor name from this
 
     @property
     def moe_layers(self) -> int:
         return self.num_layers - self.dense_layers
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype weights are built in: model.dtype, or float32 when it is left to the device and
+        the config has not been placed on one yet (Config.on_device)."""
+        return self.dtype or "float32"
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class ParallelConfig:
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
     wait: str = "yield"                    # yield: sleep while waiting (ranks may share cores) | spin
+    cuda_aware_mpi: Union[bool, str] = "auto"  # the MPI reads device memory: auto (ask it) | true | false
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class RunConfig:
     prompt_ids: Optional[list[list[int]]] = None  # explicit prompts; replace the synthetic workload
     max_new_tokens: int = 8
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
+    device: str = "auto"                    # auto (cuda when torch sees a GPU) | cpu | cuda
     timeout_s: float = 300.0                # watchdog: a rank waiting longer than this aborts the job
     stall_rank: Optional[int] = None        # testing: this rank sleeps before its first dispatch in step 0
     fail_rank: Optional[int] = None         # testing: this rank raises ...
@@ -144,6 +152,13 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    def on_device(self, device: str) -> "Config":
+        """The config as it runs on `device` (cpu or cuda): run.device resolved, and model.dtype, when
+        not set, the device's default (float32 on a CPU, bfloat16 on a GPU)."""
+        dtype = self.model.dtype or ("bfloat16" if device == "cuda" else "float32")
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, dtype=dtype),
+                                   run=dataclasses.replace(self.run, device=device))
 
 
 def synthetic_prompts(run: RunConfig, vocab: int) -> list[list[int]]:
@@ -257,10 +272,16 @@ SIMPLE_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)),
 def check_type(value, annotation, path: str):
     """Return `value` as `annotation` or raise naming the path; YAML 1.1 '1e-3' strings become floats."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | Y: the first that accepts the value
+        if value is None and type(None) in args:
             return None
-        return check_type(value, next(a for a in args if a is not type(None)), path)
+        choices = [a for a in args if a is not type(None)]
+        for choice in choices[:-1]:
+            try:
+                return check_type(value, choice, path)
+            except ValueError:
+                pass
+        return check_type(value, choices[-1], path)
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{path}: expected a list, got {value!r}")
@@ -316,7 +337,8 @@ def validate_model(m: ModelConfig) -> None:
             f"model.top_k: {m.top_k} must be <= topk_group ({m.topk_group}) x experts per group "
             f"({m.num_experts // m.n_group})")
     require(m.router == "sigmoid" or m.n_group == 1, "model.n_group: group-limited routing needs model.router: sigmoid")
-    require(m.dtype in DTYPES, f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    require(m.dtype is None or m.dtype in DTYPES,
+            f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
     if m.rope_scaling is not None:
         unknown = sorted(set(m.rope_scaling) - set(ROPE_SCALING_KEYS))
@@ -369,6 +391,9 @@ def validate(config: Config) -> None:
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
     require(r.timeout_s > 0, f"run.timeout_s: expected a number > 0, got {r.timeout_s}")
     require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")
+    require(p.cuda_aware_mpi in (True, False, "auto"),
+            f"parallel.cuda_aware_mpi: {p.cuda_aware_mpi!r} is not supported; expected auto, true or false")
+    require(r.device in ("auto", "cpu", "cuda"), f"run.device: {r.device!r} is not supported; expected auto, cpu or cuda")
     require(p.capacity_factor is None or p.capacity_factor > 0,
             f"parallel.capacity_factor: expected a number > 0, got {p.capacity_factor}")
     if p.link is not None:

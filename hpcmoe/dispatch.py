@@ -2,9 +2,10 @@
 
 Pure tensor functions, testable without MPI. A placement is compiled once into tensors
 (`PlacementTables`, EPLB's phy2log / log2phy as index tables); per layer, slot choice, capacity,
-per-destination counts and the send order are a handful of tensor ops (bincount, argsort,
-cumsum, index_select) over the n x k routing entries: no Python loop over ranks, experts or
-slots. The exchanges that move these tensors are in moe_layer.py.
+per-destination counts and the send order are a handful of tensor ops (counts, argsort, cumsum,
+index_select) over the n x k routing entries: no Python loop over ranks, experts or slots, and
+no host synchronisation on a GPU (counts by scatter_add, which needs no maximum, not bincount).
+The exchanges that move these tensors are in moe_layer.py.
 
 Shapes: n tokens, k choices, H hidden, E experts, P physical slots, R ranks, N nodes,
 S = most slots on one rank.
@@ -85,10 +86,15 @@ def compile_placement(placement: Placement, source_rank: int, node_of_rank, devi
         slot_is_rank=list(placement.slot_rank) == list(range(ranks)))
 
 
+def count(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """keys: [m] int64 in [0, num_keys) -> [num_keys] how many of each (bincount without its host read)."""
+    return torch.zeros(num_keys, dtype=torch.int64, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
+
+
 def occurrence(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     """keys: [m] int64 in [0, num_keys) -> [m], how many earlier entries have the same key."""
     order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_keys)
+    counts = count(keys, num_keys)
     starts = torch.cumsum(counts, 0) - counts
     seen = torch.empty_like(keys)
     seen[order] = torch.arange(len(keys), device=keys.device) - starts[keys[order]]
@@ -135,10 +141,10 @@ def plan_from_slots(slots: torch.Tensor, tables: PlacementTables, sent_all: bool
     if not sent_all and flat.numel() and bool((flat < 0).any()):
         sent = flat >= 0
         order = torch.argsort(torch.where(sent, flat, total), stable=True)[: int(sent.sum())]
-        slot_counts = torch.bincount(flat[sent], minlength=total)
+        slot_counts = count(flat[sent], total)
     else:
         order = torch.argsort(flat, stable=True)
-        slot_counts = torch.bincount(flat, minlength=total)
+        slot_counts = count(flat, total)
     if tables.slot_is_rank:
         rank_counts, send_counts = slot_counts, slot_counts.view(-1, 1)
     else:
@@ -185,7 +191,7 @@ def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Te
 class NodeGroups:
     """This source's tokens grouped by destination node: a token appears once per node it has a choice on."""
     tokens: torch.Tensor       # [t] token rows, sorted by node then token
-    node_counts: torch.Tensor  # [N] rows for each node
+    node_counts: list[int]     # [N] rows for each node (read to the host: the exchange's one host read)
     slots: torch.Tensor        # [t, k] the row's slots on that node, -1 elsewhere
     weights: torch.Tensor      # [t, k] the row's weights on that node, 0 elsewhere
 
@@ -196,10 +202,12 @@ def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTab
     slot_node = tables.slot_node[slots.clamp(min=0)].masked_fill(slots < 0, nodes)  # [n, k]; nodes = not sent
     present = torch.zeros(n, nodes + 1, dtype=torch.bool, device=slots.device)
     present.scatter_(1, slot_node, True)
-    node, token = present[:, :nodes].T.nonzero(as_tuple=True)
+    present = present[:, :nodes].T.reshape(-1)                                     # [N * n], node-major
+    counts = present.view(nodes, n).sum(1).cpu().tolist()
+    pairs = torch.argsort((~present).to(torch.int8), stable=True)[:sum(counts)]   # the present (node, token)s in order
+    node, token = torch.div(pairs, n, rounding_mode="floor"), pairs % n
     here = slot_node[token] == node[:, None]
-    return NodeGroups(token, torch.bincount(node, minlength=nodes),
-                      torch.where(here, slots[token], -1), torch.where(here, weights[token], 0.0))
+    return NodeGroups(token, counts, torch.where(here, slots[token], -1), torch.where(here, weights[token], 0.0))
 
 
 def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -231,4 +239,4 @@ def internode_bytes(slots: torch.Tensor, tables: PlacementTables, node_of_rank, 
         sent = slots[slots >= 0]
         return int((tables.slot_node[sent] != me).sum()) * row_bytes
     counts = node_groups(slots, torch.zeros(slots.shape), tables).node_counts
-    return int(counts.sum() - counts[me]) * (row_bytes + 12 * k)
+    return (sum(counts) - counts[me]) * (row_bytes + 12 * k)

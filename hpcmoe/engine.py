@@ -110,11 +110,12 @@ class Progress:
         sys.stderr.flush()
 
 
-def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routing=None, device: str = "cpu") -> dict:
-    """Generate for every request of the config; rank 0 writes the run file. Returns the metrics.
-
-    routing: an earlier run's /routing to place experts by (parallel.placement_from)."""
+def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routing=None,
+        device: torch.device = torch.device("cpu")) -> dict:
+    """Generate for every request of the config on `device`; rank 0 writes the run file. Returns the
+    metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from)."""
     rank, size = topo.rank, topo.size
+    config = config.on_device(device.type)
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
@@ -124,11 +125,12 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
         attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
                  "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
                  "node_of_rank": np.array(topo.node_of_rank, np.int64),
-                 "layout": config.parallel.layout, "device": device}
+                 "layout": config.parallel.layout, "device": device.type,
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
     try:
-        metrics = generate(config, topo, layout, placement, source, prompts, writer, load)
+        metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -136,25 +138,28 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     return metrics
 
 
-def build_engine(config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load):
+def build_engine(config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load, device):
     if config.parallel.layout == "ma":
         from hpcmoe.ma import ma_engine
-        return ma_engine(config, topo, placement, timer, layout, load)
+        return ma_engine(config, topo, placement, timer, layout, load, device)
     from hpcmoe.ep import EPEngine
-    return EPEngine(config, topo, placement, timer, load)
+    return EPEngine(config, topo, placement, timer, load, device=device)
 
 
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
-             prompts: list[list[int]], writer, load) -> dict:
+             prompts: list[list[int]], writer, load, device) -> dict:
+    from hpcmoe.device import Streams
     rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
-    timer = Timer(rank, time.perf_counter())
-    engine = build_engine(config, topo, layout, placement, timer, load)
+    timer = Timer(rank, time.perf_counter(), Streams(device))
+    engine = build_engine(config, topo, layout, placement, timer, load, device)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
     local = [prompts[i] for i in engine.requests(len(prompts))]
     cache = engine.new_cache(len(local), max(map(len, prompts)) + steps)
     gather, progress = RootGather(topo.world, timer), Progress(steps) if rank == 0 else None
     stop = StopSignal(topo.world, timer)
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
     timer.restart(time.perf_counter())
     done, token_times, dropped = run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop)
@@ -178,14 +183,15 @@ def run_steps(config, topo, engine, timer, cache, local, writer, gather, progres
         engine.step = step
         stats = engine.new_stats()
         with timer.phase("step", step):
-            inputs = StepInputs.build(new_tokens, cached)
+            inputs = StepInputs.build(new_tokens, cached, engine.device)
             logits = engine.forward(inputs, cache, stats)
             chosen = logits.argmax(dim=-1)
-        cached += inputs.valid.sum(1)
+        cached += inputs.lengths
+        chosen, logits = chosen.cpu(), logits.cpu() if config.output.save_logits else None  # the step's one wait
         new_tokens = [[t] for t in chosen.tolist()]
         with timer.phase("output", step):
             reported = slice(None) if engine.reports else slice(0)
-            record = (chosen[reported].numpy(), logits[reported].numpy() if config.output.save_logits else None,
+            record = (chosen[reported].numpy(), logits[reported].numpy() if logits is not None else None,
                       (stats.routing.cpu().numpy(), stats.traffic, int(stats.dropped)), timer.take())
             records = gather(record, step)
             if records is not None:
@@ -234,7 +240,7 @@ def cache_digest(cache) -> str:
     digest = hashlib.sha256()
     for layer in cache:
         for part in layer:
-            digest.update(part.data.contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(part.data.contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

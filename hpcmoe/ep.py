@@ -15,6 +15,7 @@ import hpcmoe.comm
 from hpcmoe import moe_layer
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import BufferPool, Link, Sender, Where
+from hpcmoe.device import Streams, mpi_reads_device_memory, staging_for
 from hpcmoe.config import Config
 from hpcmoe.dispatch import compile_placement
 from hpcmoe.layout import request_range
@@ -25,17 +26,21 @@ from hpcmoe.scheduler import run_concurrently
 from hpcmoe.topology import Topology
 
 
-def messaging(config: Config, topo: Topology) -> Sender:
-    """This rank's sender over its (possibly emulated) link; sets the process's wait policy."""
+def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sender:
+    """This rank's sender over its (possibly emulated) link, staging through pinned host memory when
+    the MPI cannot read the device; sets the process's wait policy."""
     p = config.parallel
     hpcmoe.comm.SPIN = p.wait == "spin"  # one policy per process
     hpcmoe.comm.WATCHDOG_S = config.run.timeout_s
     link = Link(topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0)
-    return Sender(topo.world, link)
+    if device.type == "cpu":
+        return Sender(topo.world, link)
+    cuda_aware = mpi_reads_device_memory(p.cuda_aware_mpi, device)
+    return Sender(topo.world, link, staging_for(device, cuda_aware), Streams(device))
 
 
 def build_exchange(config: Config, topo: Topology, placement: Placement, timer, members: list[int], sender: Sender,
-                   stall=lambda step: None) -> ExchangeContext | None:
+                   stall=lambda step: None, device=torch.device("cpu")) -> ExchangeContext | None:
     """The exchange context of this rank among `members` (world ranks); collective over the world
     (every rank calls it, members or not). None on a rank that exchanges nothing."""
     from mpi4py import MPI
@@ -45,18 +50,18 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         topo.world.Split(0 if rank in members else MPI.UNDEFINED, key=rank)
     if rank not in members:
         return None
-    group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, device)
     if comm != topo.world:
         comm.Free()  # the groups hold duplicates
     node_group = None
     if p.dispatch == "two_stage":
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
-        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
+        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size, device)
     return ExchangeContext(
         rank=rank, world=topo.world, sender=sender, link=sender.link,
-        tables=compile_placement(placement, rank, topo.node_of_rank), group=group, node_group=node_group,
+        tables=compile_placement(placement, rank, topo.node_of_rank, device), group=group, node_group=node_group,
         timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
-        capacity_factor=p.capacity_factor, pool=BufferPool(), before_dispatch=stall)
+        capacity_factor=p.capacity_factor, pool=BufferPool(device), before_dispatch=stall)
 
 
 @dataclass
@@ -75,16 +80,16 @@ class EPEngine:
     """One rank's share of the model and the schedule that runs it."""
 
     def __init__(self, config: Config, topo: Topology, placement: Placement, timer, load=None,
-                 members: list[int] | None = None):
-        self.config, self.topo, self.placement, self.timer = config, topo, placement, timer
+                 members: list[int] | None = None, device=torch.device("cpu")):
+        self.config, self.topo, self.placement, self.timer, self.device = config, topo, placement, timer, device
         self.rank = topo.rank
-        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load)
+        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device)
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
         self.micro_batches = config.run.micro_batches
-        self.sender = messaging(config, topo)
+        self.sender = messaging(config, topo, device)
         members = list(range(topo.size)) if members is None else members  # the ranks tokens travel among
         stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == self.rank else 0.0)
-        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall)
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.reports = True                  # whether this rank's tokens go into the run file
         self.step = 0
 
@@ -97,7 +102,7 @@ class EPEngine:
 
     def new_stats(self) -> StepStats:
         m = self.config.model
-        return StepStats.zeros(m.moe_layers, m.num_experts, self.topo.size)
+        return StepStats.zeros(m.moe_layers, m.num_experts, self.topo.size, self.device)
 
     def run_step(self, generators: list) -> list:
         """Drive this step's generators, then wait for this rank's sends."""

@@ -34,17 +34,18 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     leaders = sorted({min(r for r in group if node[r] == node[s]) for s in group})
     leader = mine[0]
     if ctx.rank != leader:
-        back = Receives(ctx.comm, {leader: torch.empty_like(x)}, tag(SUM_BACK), ctx.link)
+        back = Receives(ctx.comm, {leader: torch.empty_like(x)}, tag(SUM_BACK), ctx.link, ctx.sender.staging)
         ctx.sender.send(leader, x, tag(SUM_TO_LEADER))
         yield back.all_in(at, "reduce_wait")
         return back.received[leader]
-    members = Receives(ctx.comm, {r: torch.empty_like(x) for r in mine if r != leader}, tag(SUM_TO_LEADER), ctx.link)
+    members = Receives(ctx.comm, {r: torch.empty_like(x) for r in mine if r != leader}, tag(SUM_TO_LEADER), ctx.link,
+                       ctx.sender.staging)
     yield members.all_in(at, "reduce_wait")
     node_sum = x.clone()
     for r in mine[1:]:
         node_sum += members.received[r]
     others = Receives(ctx.comm, {r: torch.empty_like(x) for r in leaders if r != leader}, tag(SUM_ACROSS_LEADERS),
-                      ctx.link)
+                      ctx.link, ctx.sender.staging)
     for r in leaders:
         if r != leader:
             ctx.sender.send(r, node_sum, tag(SUM_ACROSS_LEADERS))
@@ -57,12 +58,13 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     return total
 
 
-def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], hidden: int, dtype,
+def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], like: torch.Tensor,
                     tag, at: Where):
     """Generator: each sender's rows [counts[i], H] -> all of them in sender order on every group rank
-    (a standby sends nothing and receives everything)."""
-    everything = torch.empty(sum(counts), hidden, dtype=dtype)
-    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(GATHER), ctx.link)
+    (a standby sends nothing and receives everything); like: a tensor of the rows' width, dtype, device."""
+    everything = like.new_empty(sum(counts), like.shape[-1])
+    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(GATHER), ctx.link,
+                        ctx.sender.staging)
     if ctx.rank in senders:
         for r in group:
             ctx.sender.send(r, rows, tag(GATHER), receives)
@@ -72,7 +74,7 @@ def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: lis
 
 def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
     """Generator: a standby receives its primary's total."""
-    receives = Receives(ctx.comm, {twin: torch.empty_like(like)}, tag(TO_STANDBY), ctx.link)
+    receives = Receives(ctx.comm, {twin: torch.empty_like(like)}, tag(TO_STANDBY), ctx.link, ctx.sender.staging)
     yield receives.all_in(at, "reduce_wait")
     return receives.received[twin]
 
@@ -80,8 +82,8 @@ def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
 class AttentionEngine(EPEngine):
     """An attention rank: its group's requests, its share of the query heads, no experts."""
 
-    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
-        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout))
+    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout), device=device)
         self.comm, self.link = topo.world, self.sender.link
         self.layout, self.group = layout, layout.group_ranks(self.rank)
         self.primaries, self.twin = layout.primaries(self.rank), layout.twin(self.rank)
@@ -120,7 +122,7 @@ class AttentionEngine(EPEngine):
             self.timer.add("reduce_comm", step, layer, mb, posted)
             with phase("attention", step, layer, mb):
                 x = x + total.to(x.dtype)
-                h = block.post_attention_layernorm(x)[inputs.valid][mine.start:mine.stop]
+                h = inputs.flat(block.post_attention_layernorm(x))[mine.start:mine.stop]
             out = None
             if block.is_moe and not self.standby:
                 out = yield from self.exchange(self.ctx, block.mlp, where(layer), h, stats)
@@ -129,9 +131,9 @@ class AttentionEngine(EPEngine):
                     out = block.mlp(h)
             posted = time.perf_counter()
             everything = yield from all_gather_rows(self, out, self.primaries, self.group, [len(s) for s in slices],
-                                                    x.shape[-1], x.dtype, tag(layer), where(layer))
+                                                    x, tag(layer), where(layer))
             self.timer.add("gather_comm", step, layer, mb, posted)
-            x[inputs.valid] += everything
+            inputs.add_flat(x, everything)
         with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
 
@@ -139,8 +141,8 @@ class AttentionEngine(EPEngine):
 class MoEEngine(EPEngine):
     """A MoE rank: no requests; serves every (MoE layer, micro-batch) exchange of a step as tokens arrive."""
 
-    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None):
-        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout))
+    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout), device=device)
         self.reports = False
 
     def requests(self, batch: int) -> range:
@@ -149,7 +151,7 @@ class MoEEngine(EPEngine):
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
         hidden, dtype = self.config.model.hidden, self.model.embed_tokens.weight.dtype
-        nothing = torch.empty(0, hidden, dtype=dtype)
+        nothing = torch.empty(0, hidden, dtype=dtype, device=self.device)
         generators = [self.exchange(self.ctx, block.mlp, Where(self.step, layer, mb), nothing, stats)
                       for layer, block in enumerate(self.model.layers) if block.is_moe
                       for mb in range(self.micro_batches)]
@@ -162,6 +164,6 @@ def exchange_members(layout: MALayout) -> list[int]:
     return layout.all_primaries() + list(range(layout.attention_ranks, layout.world_size))
 
 
-def ma_engine(config, topo, placement, timer, layout: MALayout, load=None) -> EPEngine:
+def ma_engine(config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")) -> EPEngine:
     cls = AttentionEngine if layout.is_attention(topo.rank) else MoEEngine
-    return cls(config, topo, placement, timer, layout, load)
+    return cls(config, topo, placement, timer, layout, load, device)

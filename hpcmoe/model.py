@@ -15,6 +15,7 @@ from torch import nn
 
 from hpcmoe.attention import GQAttention, MLAttention, PositionCache, RMSNorm, StepInputs
 from hpcmoe.config import ModelConfig
+from hpcmoe.device import host_tensor
 from hpcmoe.router import sigmoid_group_topk, softmax_topk
 
 
@@ -126,7 +127,7 @@ class MoE(nn.Module):
     def run_grouped(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor) -> torch.Tensor:
         """Rows padded to [E, max count, H], one bmm for gate/up and one for down, then back."""
         gate_up, down = self.stacked
-        count = torch.tensor(counts, device=rows.device)
+        count = host_tensor(counts, rows.device)
         expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), count)
         position = torch.arange(len(rows), device=rows.device) - (torch.cumsum(count, 0) - count)[expert]
         padded = rows.new_zeros(len(counts), max(counts), rows.shape[1])
@@ -171,14 +172,15 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, heads: range | None = None) -> list[list[PositionCache]]:
         """heads: a shard of the query heads (attention/MoE separation) keeps only the kv heads they read."""
-        dtype = self.embed_tokens.weight.dtype
+        weight = self.embed_tokens.weight
         shard = {} if heads is None else {"heads": heads}
-        return [block.self_attn.new_cache(batch, max_len, dtype, **shard) for block in self.layers]
+        return [block.self_attn.new_cache(batch, max_len, weight.dtype, device=weight.device, **shard)
+                for block in self.layers]
 
     def logits(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> [b, vocab] float32 at each request's last new token."""
         last = inputs.valid.sum(1).clamp(min=1) - 1
-        return self.lm_head(self.norm(x[torch.arange(x.shape[0]), last])).float()
+        return self.lm_head(self.norm(x[torch.arange(x.shape[0], device=x.device), last])).float()
 
 
 def init_seeded(model: Transformer, seed: int) -> None:
@@ -195,7 +197,7 @@ def init_seeded(model: Transformer, seed: int) -> None:
 def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu") -> Transformer:
     """The model with only `hosted_experts` built on `device`; weights from `load(name) -> tensor`
     (a checkpoint) or seeded per tensor name."""
-    dtype = getattr(torch, cfg.dtype or "float32")
+    dtype = getattr(torch, cfg.dtype_name)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:  # built on the meta device in the target dtype: no float32 copy, no wasted random init
@@ -261,7 +263,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
     """-> (bytes of the whole model, bytes on a rank hosting `experts_per_rank` experts per MoE layer)."""
-    itemsize = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    itemsize = torch.finfo(getattr(torch, cfg.dtype_name)).bits // 8
     total = routed = 0
     for name, shape in expected_tensors(cfg).items():
         count = 1
@@ -275,7 +277,7 @@ def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:
     """KV cache bytes per token over all layers."""
-    itemsize = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    itemsize = torch.finfo(getattr(torch, cfg.dtype_name)).bits // 8
     attention = MLAttention if cfg.attention == "mla" else GQAttention
     return cfg.num_layers * attention.cache_bytes_per_token(cfg, itemsize)
 
@@ -285,7 +287,7 @@ def cache_bytes_per_token(cfg: ModelConfig) -> int:
 def moe_local(moe: MoE, h: torch.Tensor) -> torch.Tensor:
     """h: [n, H] -> [n, H], every routed expert in this process (needs them all hosted)."""
     expert_ids, weights = moe.gate(h)
-    out = torch.zeros(h.shape, dtype=torch.float32)
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     for e in range(moe.gate.cfg.num_experts):
         token, slot = (expert_ids == e).nonzero(as_tuple=True)
         if len(token):
@@ -309,12 +311,12 @@ def forward_local(model: Transformer, inputs: StepInputs, cache) -> torch.Tensor
 def generate_local(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy generation in one process: -> (tokens [b, steps] int64, logits [b, steps, vocab] float32)."""
     cache = model.new_cache(len(prompts), max(map(len, prompts)) + steps)
-    cached = torch.zeros(len(prompts), dtype=torch.int64)
+    cached, device = torch.zeros(len(prompts), dtype=torch.int64), model.embed_tokens.weight.device
     new_tokens, tokens, logits = prompts, [], []
     for _ in range(steps):
-        inputs = StepInputs.build(new_tokens, cached)
+        inputs = StepInputs.build(new_tokens, cached, device)
         step_logits = forward_local(model, inputs, cache)
-        cached += inputs.valid.sum(1)
+        cached += inputs.lengths
         tokens.append(step_logits.argmax(-1))
         logits.append(step_logits)
         new_tokens = [[t] for t in tokens[-1].tolist()]

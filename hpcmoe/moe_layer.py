@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where, tag_for
-from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, node_groups,
+from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count, node_groups,
                              pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 
 DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..8
@@ -90,6 +90,10 @@ class ExchangeContext:
     pool: BufferPool
     before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
 
+    def receives(self, buffers: dict, tag: int) -> Receives:
+        """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
+        return Receives(self.world, buffers, tag, self.link, self.sender.staging)
+
     def close(self) -> None:
         self.group.close()
         if self.node_group is not None:
@@ -101,8 +105,7 @@ def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStat
     ctx.before_dispatch(at.step)
     with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
         expert_ids, weights = moe.gate(h)
-        stats.routing[at.layer - ctx.first_moe_layer] += torch.bincount(expert_ids.reshape(-1),
-                                                                      minlength=stats.routing.shape[1])
+        stats.routing[at.layer - ctx.first_moe_layer] += count(expert_ids.reshape(-1), stats.routing.shape[1])
         slots = choose_slots(expert_ids, ctx.tables)
         if ctx.capacity_factor is not None:
             slots = apply_capacity(slots, ctx.capacity_factor, ctx.tables.num_slots)
@@ -134,7 +137,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     with phase("dispatch_post", step, layer, mb):
         own = part(outgoing, me) if me in span else None
         incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
-        returns = Receives(ctx.world, {r: part(answers, r) for r in destinations}, returns_tag, ctx.link)
+        returns = ctx.receives({r: part(answers, r) for r in destinations}, returns_tag)
         for r in destinations:
             if r != me:
                 sender.send(r, part(outgoing, r), dispatch_tag)
@@ -182,8 +185,7 @@ class CountedIncoming:
         self.sources = {self.group.ranks[i]: i for i in np.flatnonzero(rows_from)}
         starts = np.cumsum(np.concatenate([[0], rows_from]))
         buffer = ctx.pool.get(self.key, int(starts[-1]), self.hidden, self.dtype)
-        self.receives = Receives(ctx.world, {s: buffer[starts[i]:starts[i + 1]] for s, i in self.sources.items()},
-                                 self.tag, ctx.link)
+        self.receives = ctx.receives({s: buffer[starts[i]:starts[i + 1]] for s, i in self.sources.items()}, self.tag)
         if me in self.sources:
             self.receives.keep_own(self.own)
 
@@ -224,7 +226,7 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     # stage 1: one message per destination node, to that node's gateway for this rank
     with phase("dispatch_post", step, layer, mb):
         groups = node_groups(slots, weights, tables)
-        node_counts = groups.node_counts.tolist()
+        node_counts = groups.node_counts
         node_ends = np.cumsum([0] + node_counts)
         send = np.zeros((tables.num_ranks, 1), np.int64)
         for node, count in enumerate(node_counts):
@@ -234,8 +236,7 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
         returns_buffer = ctx.pool.get(key("returns"), len(groups.tokens), hidden, h.dtype)
         active = [node for node, count in enumerate(node_counts) if count]
         node_part = lambda t, node: t[node_ends[node]:node_ends[node + 1]]
-        returns = Receives(ctx.world, {tables.gateway[b]: node_part(returns_buffer, b) for b in active},
-                           tag(GATEWAY_RETURNS), ctx.link)
+        returns = ctx.receives({tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(GATEWAY_RETURNS))
         for node in active:
             stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * row_bytes
             if tables.gateway[node] != me:
@@ -247,8 +248,8 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     served = [ctx.group.ranks[i] for i in members]   # the sources this rank is gateway for, in rank order
     starts = np.cumsum(np.concatenate([[0], counts[members, 0]]))
     incoming_buffer = ctx.pool.get(key("incoming"), int(starts[-1]), row_bytes, torch.uint8)
-    incoming = Receives(ctx.world, {s: incoming_buffer[starts[i]:starts[i + 1]] for i, s in enumerate(served)},
-                        tag(GATEWAY_DISPATCH), ctx.link)
+    incoming = ctx.receives({s: incoming_buffer[starts[i]:starts[i + 1]] for i, s in enumerate(served)},
+                            tag(GATEWAY_DISPATCH))
     if me in served:
         sender.send(me, node_part(packed, tables.gateway.index(me)), tag(GATEWAY_DISPATCH), incoming)
     yield incoming.all_in(at, "dispatch_wait")

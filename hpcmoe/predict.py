@@ -52,7 +52,7 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
         prompt_lengths = f["prompt_lengths"][:]
     m, p = config.model, config.parallel
     ranks, steps = traffic.shape[2], traffic.shape[0]
-    itemsize = 4 if m.dtype == "float32" else 2
+    itemsize = 4 if m.dtype_name == "float32" else 2
     row_bytes = m.hidden * itemsize
     slots = traffic.sum(axis=(1, 2)) / row_bytes                      # [steps, ranks] token slots received
     attention_params = m.hidden * (2 * m.heads + 2 * m.kv_heads) * m.head_dim

@@ -69,7 +69,8 @@ class Topology:
     node_index: int
     num_nodes: int
     node_sizes: tuple[int, ...]
-    host_size: int          # ranks sharing this rank's real machine (they share its cores)
+    host_size: int          # ranks sharing this rank's real machine (they share its cores and GPUs)
+    host_rank: int          # this rank's position among them (picks its GPU)
     node_of_rank: tuple[int, ...]  # [world ranks] node index of every rank
 
     @property
@@ -100,7 +101,7 @@ def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
     leader_ranks = sorted(sizes)
     node_of_rank = tuple(leader_ranks.index(r) for r in world.allgather(leader_rank))
     return Topology(world, node, leaders, leader_ranks.index(leader_rank), len(leader_ranks),
-                    tuple(sizes[r] for r in leader_ranks), host.Get_size(), node_of_rank)
+                    tuple(sizes[r] for r in leader_ranks), host.Get_size(), host.Get_rank(), node_of_rank)
 
 
 def default_threads(node_size: int) -> int:

@@ -15,6 +15,10 @@ DEBUG_CONFIG = os.path.join(ROOT, "inputs", "debug.yaml")
 LOGIT_TOLERANCE = 1e-4  # float32: reductions in a different order differ in the last bits
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tools/gpu_check.sh runs them; they skip without one)")
+
+
 def mpiexec() -> str:
     found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if not found:

@@ -50,14 +50,14 @@ def checkpoints(tmp_path_factory):
 def transformers_greedy(model, prompts, steps):
     tokens, logits = [], []
     for prompt in prompts:
-        ids, rows = torch.tensor([prompt]), []
+        ids, rows = torch.tensor([prompt], device=model.device), []
         for _ in range(steps):
             last = model(ids, use_cache=False).logits[:, -1].float()
             rows.append(last[0])
             ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
         tokens.append(ids[0, len(prompt):])
         logits.append(torch.stack(rows))
-    return torch.stack(tokens).numpy(), torch.stack(logits).numpy()
+    return torch.stack(tokens).cpu().numpy(), torch.stack(logits).cpu().numpy()
 
 
 def load_local(directory, *settings):

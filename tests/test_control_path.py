@@ -138,7 +138,7 @@ def test_node_groups_hold_each_token_once_per_node_it_reaches():
         nodes = max(node_of_rank) + 1
         expected = [(b, t) for b in range(nodes) for t in range(len(slots))
                     if any(node_of_rank[placement.slot_rank[s]] == b for s in slots[t].tolist())]
-        ends = np.cumsum([0] + groups.node_counts.tolist())
+        ends = np.cumsum([0] + groups.node_counts)
         got = [(b, t) for b in range(nodes) for t in groups.tokens[ends[b]:ends[b + 1]].tolist()]
         assert got == expected
         for row, (b, t) in enumerate(got):  # the row keeps exactly its choices on that node

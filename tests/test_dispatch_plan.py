@@ -87,7 +87,7 @@ def test_node_groups_split_each_token_by_node_and_pack_round_trips():
     placement, nodes = one_per_rank(4, 4), (0, 0, 1, 1)
     slots, weights = torch.tensor([[2, 3], [0, 2], [0, 1]]), torch.tensor([[.6, .4], [.7, .3], [.5, .5]])
     groups = node_groups(slots, weights, tables_of(placement, 0, nodes))
-    assert groups.node_counts.tolist() == [2, 2] and groups.tokens.tolist() == [1, 2, 0, 1]
+    assert groups.node_counts == [2, 2] and groups.tokens.tolist() == [1, 2, 0, 1]
     s0, s1, w0, w1 = groups.slots[:2], groups.slots[2:], groups.weights[:2], groups.weights[2:]
     assert s0.tolist() == [[0, -1], [0, 1]]
     assert torch.equal(w0, torch.tensor([[.7, 0], [.5, .5]]))

@@ -63,7 +63,8 @@ def main():
             samples[n].append({k: v for k, v in run.items() if k != "generated"})
             print(f"rep {rep} ranks {n}: " + ", ".join(f"{k} {v:.3f}" for k, v in samples[n][-1].items()), flush=True)
     median = {n: {k: float(np.median([s[k] for s in samples[n]])) for k in samples[n][0]} for n in counts}
-    result = {"benchmark": "scale", "what": __doc__.splitlines()[0], "settings": args.set, "reps": args.reps,
+    what = "debug model, one expert per rank (experts = ranks), nodes of 8, 2 requests per rank"
+    result = {"benchmark": "scale", "what": what, "settings": args.set, "reps": args.reps,
               "tokens": args.tokens, "median": {f"ranks_{n}": median[n] for n in counts},
               "equal_to_one_rank": {f"ranks_{n}": exact[n] for n in counts},
               "tpot_ratio": {f"{b}/{a}": median[b]["tpot_ms"] / median[a]["tpot_ms"] for a, b in zip(counts, counts[1:])}}
