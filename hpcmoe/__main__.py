@@ -206,15 +206,32 @@ def check_model(config, layout, is_root: bool):
     experts = max(len(placement.experts_of_rank(r)) for r in range(layout.world_size))
     whole, weights = parameter_bytes(m, experts)
     prompts = config.prompts
-    requests = len(request_range(len(prompts), layout.world_size, 0))
-    cache = requests * (max(map(len, prompts)) + config.run.max_new_tokens) * cache_bytes_per_token(m)
+    tokens = max(map(len, prompts)) + config.run.max_new_tokens
     available = available_memory_per_rank()
-    if is_root:
-        print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per rank about {human_bytes(weights + cache)} "
-              f"({human_bytes(weights)} weights with {experts} expert(s) per MoE layer, {human_bytes(cache)} KV cache)"
-              f"; {human_bytes(available)} available per rank", file=sys.stderr, flush=True)
-    if weights + cache > available:
-        raise ValueError(f"the model needs about {human_bytes(weights + cache)} per rank but only "
+    if config.parallel.layout == "ma":  # each role holds only its part: the larger of the two must fit
+        from hpcmoe.attention import split_heads
+        from hpcmoe.model import attention_shard_bytes
+        shards = len(layout.primaries(0))
+        attention, per_token = attention_shard_bytes(m, split_heads(m.heads, shards)[0],
+                                                     request_range(m.vocab, shards, 0))
+        cache = len(layout.group_requests(len(prompts), 0)) * tokens * per_token
+        moe = parameter_bytes(m, experts)[1] - parameter_bytes(m, 0)[1]
+        needed = max(attention + cache, moe)
+        if is_root:
+            print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per attention rank about "
+                  f"{human_bytes(attention + cache)} ({human_bytes(attention)} weights of {m.heads // shards or 1}-"
+                  f"{-(-m.heads // shards)} heads and 1/{shards} of the LM head, {human_bytes(cache)} KV cache); "
+                  f"per MoE rank about {human_bytes(moe)} ({experts} expert(s) per MoE layer); "
+                  f"{human_bytes(available)} available per rank", file=sys.stderr, flush=True)
+    else:
+        cache = len(request_range(len(prompts), layout.world_size, 0)) * tokens * cache_bytes_per_token(m)
+        needed = weights + cache
+        if is_root:
+            print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per rank about {human_bytes(needed)} "
+                  f"({human_bytes(weights)} weights with {experts} expert(s) per MoE layer, {human_bytes(cache)} "
+                  f"KV cache); {human_bytes(available)} available per rank", file=sys.stderr, flush=True)
+    if needed > available:
+        raise ValueError(f"the model needs about {human_bytes(needed)} per rank but only "
                          f"{human_bytes(available)} is available per rank; use more ranks, fewer layers "
                          f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N)")
     return load

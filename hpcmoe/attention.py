@@ -174,21 +174,40 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------- grouped-query attention
 
 class GQAttention(nn.Module):
-    """Grouped-query attention (Mixtral, the debug model): cache [b, s, kv_heads, head_dim] x 2."""
+    """Grouped-query attention (Mixtral, the debug model): cache [b, s, kv_heads, head_dim] x 2.
 
-    def __init__(self, cfg):
+    With `heads` (attention/MoE separation) the module holds only those query heads, the key/value
+    heads they read and their columns of the output projection; its output is then a partial sum
+    that the attention ranks of a group add up."""
+
+    def __init__(self, cfg, heads: range | None = None):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.num_heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.head_range = heads or range(cfg.heads)
+        self.kv_range = kv_heads_for(self.head_range, cfg.heads, cfg.kv_heads)
+        h, g, d = len(self.head_range), len(self.kv_range), cfg.head_dim
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, False, rope_scaling_items(cfg))
-        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
-        self.qkv: torch.Tensor | None = None  # [(heads + 2 kv_heads) * head_dim, H] once allocated
+        self.q_proj = nn.Linear(cfg.hidden, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden, g * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden, g * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden, bias=False)
+        self.qkv: torch.Tensor | None = None  # [(h + 2 g) * head_dim, H] once allocated
+        group = cfg.heads // cfg.kv_heads
+        # a shard that cuts a kv group: each query head's kv head, picked per step
+        self.kv_of_head = None if self.head_range.start % group == 0 and h % group == 0 else \
+            [i // group - self.kv_range.start for i in self.head_range]
 
-    def new_cache(self, batch: int, max_len: int, dtype, heads: range | None = None, device=None) -> list[PositionCache]:
-        kv = kv_heads_for(heads or range(self.heads), self.heads, self.kv_heads)
-        return [PositionCache(batch, max_len, (len(kv), self.head_dim), dtype, device) for _ in range(2)]
+    def weight_slices(self) -> dict[str, tuple[int, int, int]]:
+        """Parameter -> (dim, start, stop) of the whole model's tensor that this shard holds."""
+        if len(self.head_range) == self.num_heads:
+            return {}
+        d, heads, kv = self.head_dim, self.head_range, self.kv_range
+        rows = lambda r: (0, r.start * d, r.stop * d)
+        return {"q_proj.weight": rows(heads), "k_proj.weight": rows(kv), "v_proj.weight": rows(kv),
+                "o_proj.weight": (1, heads.start * d, heads.stop * d)}
+
+    def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
+        return [PositionCache(batch, max_len, (len(self.kv_range), self.head_dim), dtype, device) for _ in range(2)]
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: q, k and v projections as views of one tensor (one GEMM)."""
@@ -197,31 +216,22 @@ class GQAttention(nn.Module):
         for projection, weight in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv.split(sizes)):
             projection.weight = nn.Parameter(weight, requires_grad=False)
 
-    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
-                heads: range | None = None) -> torch.Tensor:
-        """x: [b, t, H] -> [b, t, H]; with `heads`, only those query heads: a partial sum of the output
-        projection (attention/MoE separation adds the partials of all attention ranks)."""
+    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
+        """x: [b, t, H] -> [b, t, H] (this module's heads' share of the output projection)."""
         b, t, _ = x.shape
-        heads = heads or range(self.heads)
-        kv = kv_heads_for(heads, self.heads, self.kv_heads)
-        d, h, g = self.head_dim, len(heads), len(kv)
-        if h == self.heads and self.qkv is not None:  # all heads: one GEMM, one rotation
-            qkv = F.linear(x, self.qkv).view(b, t, h + 2 * g, d).transpose(1, 2)
-        else:
-            qkv = torch.cat([F.linear(x, self.q_proj.weight[heads.start * d:heads.stop * d]),
-                             F.linear(x, self.k_proj.weight[kv.start * d:kv.stop * d]),
-                             F.linear(x, self.v_proj.weight[kv.start * d:kv.stop * d])], -1).view(b, t, h + 2 * g, d)
-            qkv = qkv.transpose(1, 2)
+        d, h, g = self.head_dim, len(self.head_range), len(self.kv_range)
+        weight = self.qkv if self.qkv is not None else \
+            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = F.linear(x, weight).view(b, t, h + 2 * g, d).transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
         qk = self.rope.apply(qkv[:, :h + g], cos, sin)                     # [b, h + g, t, d]
         keys = cache[0].update(qk[:, h:].transpose(1, 2), inputs).transpose(1, 2)
         values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
-        group = self.heads // self.kv_heads
-        if heads.start % group or h % group:  # a shard that cuts a kv group: pick each head's kv head
-            uses = host_tensor([i // group - kv.start for i in heads], keys.device)
+        if self.kv_of_head is not None:
+            uses = host_tensor(self.kv_of_head, keys.device)
             keys, values = keys.index_select(1, uses), values.index_select(1, uses)
         out = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=inputs.attend, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(b, t, h * d), self.o_proj.weight[:, heads.start * d:heads.stop * d])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     @staticmethod
     def cache_bytes_per_token(cfg, itemsize: int) -> int:
@@ -235,16 +245,17 @@ class MLAttention(nn.Module):
     rotated shared key [b, s, qk_rope_head_dim]; at decode the key and value up-projections are
     absorbed into the query and the output, so no per-head key or value is ever built."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, heads: range | None = None):
         super().__init__()
-        self.heads, self.rank = cfg.heads, cfg.kv_lora_rank
+        self.head_range = heads or range(cfg.heads)
+        self.num_heads, self.heads, self.rank = cfg.heads, len(self.head_range), cfg.kv_lora_rank
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rope = Rope(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_interleave, rope_scaling_items(cfg))
         scaling = (self.nope + self.rope_dim) ** -0.5
         if cfg.rope_scaling and cfg.rope_scaling.get("mscale_all_dim"):
             scaling *= yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"]) ** 2
         self.scaling = scaling
-        q_out = cfg.heads * (self.nope + self.rope_dim)
+        q_out = self.heads * (self.nope + self.rope_dim)
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(cfg.hidden, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # transformers uses the default eps here
@@ -253,8 +264,19 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.hidden, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden, self.rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.rank, cfg.heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(cfg.heads * self.v_dim, cfg.hidden, bias=False)
+        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, cfg.hidden, bias=False)
+
+    def weight_slices(self) -> dict[str, tuple[int, int, int]]:
+        """A shard of the heads holds their rows of the query and key/value up-projections and their
+        columns of the output projection; the latent down-projections and norms stay whole."""
+        if self.heads == self.num_heads:
+            return {}
+        first, last = self.head_range.start, self.head_range.stop
+        per_head = lambda width: (0, first * width, last * width)
+        query = "q_b_proj.weight" if hasattr(self, "q_b_proj") else "q_proj.weight"
+        return {query: per_head(self.nope + self.rope_dim), "kv_b_proj.weight": per_head(self.nope + self.v_dim),
+                "o_proj.weight": (1, first * self.v_dim, last * self.v_dim)}
 
     def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
         return [PositionCache(batch, max_len, (self.rank,), dtype, device),

@@ -158,18 +158,52 @@ def check_tensors(directory: str, expected: dict[str, tuple[int, ...]]) -> dict[
     return index
 
 
-def tensor_loader(directory: str, index: dict[str, TensorEntry]):
-    """-> load(name) -> float32 tensor, reading only that tensor's bytes (one at a time keeps the peak low)."""
+def byte_ranges(entry: TensorEntry, itemsize: int, part: tuple[int, int, int] | None) -> list[tuple[int, int]]:
+    """The file's byte ranges that hold `part` = (dim, start, stop) of the tensor (all of it when None),
+    in the order of the part's elements; neighbouring ranges are merged."""
+    if part is None:
+        return [(entry.start, entry.end)]
+    dim, start, stop = part
+    inner = itemsize
+    for n in entry.shape[dim + 1:]:
+        inner *= n
+    outer = 1
+    for n in entry.shape[:dim]:
+        outer *= n
+    stride = entry.shape[dim] * inner
+    ranges: list[tuple[int, int]] = []
+    for i in range(outer):
+        first, last = entry.start + i * stride + start * inner, entry.start + i * stride + stop * inner
+        if ranges and ranges[-1][1] == first:
+            ranges[-1] = (ranges[-1][0], last)
+        else:
+            ranges.append((first, last))
+    return ranges
+
+
+def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | None = None):
+    """-> load(name, part=None) -> float32 tensor: the tensor, or its part (dim, start, stop), reading only
+    those bytes (one tensor at a time keeps the peak low). `reads` collects (file, start, end) of every read."""
     import torch
     config = read_config(directory)
 
-    def load(name: str):
+    def load(name: str, part: tuple[int, int, int] | None = None):
         entry = index[checkpoint_name(name, config)]
-        with open(entry.file, "rb") as f:
-            f.seek(entry.start)
-            data = bytearray(f.read(entry.end - entry.start))
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
+        ranges = byte_ranges(entry, dtype.itemsize, part)
+        data = bytearray(sum(end - start for start, end in ranges))
+        view, filled = memoryview(data), 0
+        with open(entry.file, "rb") as f:
+            for start, end in ranges:
+                f.seek(start)
+                f.readinto(view[filled:filled + end - start])
+                filled += end - start
+        if reads is not None:
+            reads.extend((entry.file, start, end) for start, end in ranges)
+        shape = list(entry.shape)
+        if part is not None:
+            shape[part[0]] = part[2] - part[1]
         tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        return tensor.reshape(entry.shape).float()
+        return tensor.reshape(shape).float()
 
     return load

@@ -83,7 +83,8 @@ def wait_all(requests: list, where: Where) -> None:
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's raw bytes as a flat uint8 tensor (bf16 has no MPI type; bytes need none)."""
-    return t.contiguous().view(torch.uint8).reshape(-1) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    # reshape(-1) first: a contiguous tensor with a size-1 dim may keep a stride that view() refuses
+    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 def as_bytes(t: torch.Tensor):

@@ -365,8 +365,6 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
             f"parallel.attention_standby pairs ranks: attention ranks per replica ({a // r}) must be even")
     require(m.heads >= shards, f"model.heads ({m.heads}) must be >= attention ranks per replica ({shards})")
     require(m.num_experts >= e, f"model.num_experts ({m.num_experts}) must be >= parallel.moe_ranks ({e})")
-    require(m.attention == "gqa", "parallel.layout=ma splits query heads of gqa attention; model.attention=mla "
-                                  "is not supported there yet (use parallel.layout=ep)")
     require(p.dispatch == "flat", "parallel.layout=ma sends tokens straight to the MoE ranks: use parallel.dispatch=flat")
     require(p.placement in ("auto", "packed"), f"parallel.layout=ma packs experts over the MoE ranks: "
                                                f"parallel.placement must be auto or packed, got {p.placement}")

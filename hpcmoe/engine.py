@@ -184,10 +184,10 @@ def run_steps(config, topo, engine, timer, cache, local, writer, gather, progres
         stats = engine.new_stats()
         with timer.phase("step", step):
             inputs = StepInputs.build(new_tokens, cached, engine.device)
-            logits = engine.forward(inputs, cache, stats)
-            chosen = logits.argmax(dim=-1)
+            chosen, logits = engine.forward(inputs, cache, stats)
         cached += inputs.lengths
-        chosen, logits = chosen.cpu(), logits.cpu() if config.output.save_logits else None  # the step's one wait
+        chosen = chosen.cpu()  # the step's one wait
+        logits = logits.cpu() if config.output.save_logits and logits is not None else None
         new_tokens = [[t] for t in chosen.tolist()]
         with timer.phase("output", step):
             reported = slice(None) if engine.reports else slice(0)
@@ -214,17 +214,19 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], dro
     per_rank = busy_and_idle(timings, topo.size)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
+    per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
     if config.parallel.layout == "ma":
         attention = config.parallel.attention_ranks
         for name in ("busy", "idle"):
             values = per_rank[f"{name}_fraction_per_rank"]
             metrics[f"{name}_fraction_attention"] = float(values[:attention].mean())
             metrics[f"{name}_fraction_moe"] = float(values[attention:].mean())
+        metrics["peak_rss_bytes_attention"] = int(per_rank["peak_rss_bytes"][:attention].max())
+        metrics["peak_rss_bytes_moe"] = int(per_rank["peak_rss_bytes"][attention:].max())
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:done])
     metrics["dropped_token_slots"] = dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
-    per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
     per_rank["token_time_s"] = np.array(token_times)
     stopped = done < config.run.max_new_tokens
@@ -253,7 +255,7 @@ def peak_rss_bytes() -> int:
 def write_step(writer: RunWriter, step: int, records: list) -> None:
     """records: per rank (tokens [b_r], logits [b_r, vocab] or None, (routing, traffic, dropped), timing rows)."""
     tokens = np.concatenate([r[0] for r in records])
-    logits = np.concatenate([r[1] for r in records]) if records[0][1] is not None else None
+    logits = np.concatenate([r[1] for r in records if r[1] is not None]) if records[0][1] is not None else None
     routing = np.stack([r[2][0] for r in records], axis=1)   # [moe_layers, ranks, experts]
     traffic = np.stack([r[2][1] for r in records], axis=1)   # [moe_layers, src, dst]
     writer.append_step(step, tokens, logits, routing, traffic)

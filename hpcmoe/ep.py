@@ -76,20 +76,52 @@ class Stall:
             time.sleep(self.seconds)
 
 
+class Messaging:
+    """What every rank engine uses to exchange tokens (composed into the ep and ma engines): its
+    sender, the exchange context among `members` and the micro-batch schedule that drives a step."""
+
+    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, members: list[int], device):
+        self.timer, self.micro_batches = timer, config.run.micro_batches
+        self.sender = messaging(config, topo, device)
+        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0)
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
+        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+
+    def run_step(self, generators: list, step: int) -> list:
+        """Drive this step's generators, then wait for this rank's sends."""
+        results = run_concurrently(generators, self.timer, step, self.sender)
+        with self.timer.phase("send_wait", step):
+            self.sender.wait(Where(step, -1, 0, "send_wait"))
+        return results
+
+    def close(self) -> None:
+        """Free the communicators and windows of the exchange (collective)."""
+        if self.ctx is not None:
+            self.ctx.close()
+
+
+def new_stats(config: Config, ranks: int, device) -> StepStats:
+    m = config.model
+    return StepStats.zeros(m.moe_layers, m.num_experts, ranks, device)
+
+
+def maybe_fail(config: Config, rank: int, step: int, layer: int) -> None:
+    run = config.run
+    if run.fail_rank == rank and run.fail_at_layer == layer and run.fail_at_step == step:
+        raise RuntimeError(f"injected failure (run.fail_rank={rank}) at step {step} layer {layer}")
+
+
 class EPEngine:
-    """One rank's share of the model and the schedule that runs it."""
+    """One rank of the ep layout: the model with this rank's experts, its block of requests."""
 
     def __init__(self, config: Config, topo: Topology, placement: Placement, timer, load=None,
-                 members: list[int] | None = None, device=torch.device("cpu")):
-        self.config, self.topo, self.placement, self.timer, self.device = config, topo, placement, timer, device
+                 device=torch.device("cpu")):
+        self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank = topo.rank
         self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device)
-        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+        self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device)
+        self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
         self.micro_batches = config.run.micro_batches
-        self.sender = messaging(config, topo, device)
-        members = list(range(topo.size)) if members is None else members  # the ranks tokens travel among
-        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == self.rank else 0.0)
-        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.reports = True                  # whether this rank's tokens go into the run file
         self.step = 0
 
@@ -101,25 +133,18 @@ class EPEngine:
         return self.model.new_cache(batch, max_len)
 
     def new_stats(self) -> StepStats:
-        m = self.config.model
-        return StepStats.zeros(m.moe_layers, m.num_experts, self.topo.size, self.device)
-
-    def run_step(self, generators: list) -> list:
-        """Drive this step's generators, then wait for this rank's sends."""
-        results = run_concurrently(generators, self.timer, self.step, self.sender)
-        with self.timer.phase("send_wait", self.step):
-            self.sender.wait(Where(self.step, -1, 0, "send_wait"))
-        return results
+        return new_stats(self.config, self.topo.size, self.device)
 
     @torch.no_grad()
-    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
-        """One step for this rank's requests: [b, t] tokens -> [b, vocab] float32 logits."""
+    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step for this rank's requests: [b, t] tokens -> (greedy tokens [b], logits [b, vocab] float32)."""
         b = inputs.tokens.shape[0]
         blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
         generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
                                                [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
                       for i, r in enumerate(blocks)]
-        return torch.cat(self.run_step(generators))
+        logits = torch.cat(self.net.run_step(generators, self.step))
+        return logits.argmax(dim=-1), logits
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
         """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits."""
@@ -127,7 +152,7 @@ class EPEngine:
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
         for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
-            self.maybe_fail(layer)
+            maybe_fail(self.config, self.rank, step, layer)
             with phase("attention", step, layer, mb):
                 x = block.attend(x, layer_cache, inputs)
                 h = inputs.flat(block.post_attention_layernorm(x))
@@ -140,12 +165,5 @@ class EPEngine:
         with phase("lm_head", step, micro_batch=mb):
             return model.logits(x, inputs)
 
-    def maybe_fail(self, layer: int):
-        run = self.config.run
-        if run.fail_rank == self.rank and run.fail_at_layer == layer and run.fail_at_step == self.step:
-            raise RuntimeError(f"injected failure (run.fail_rank={self.rank}) at step {self.step} layer {layer}")
-
     def close(self) -> None:
-        """Free the communicators and windows of the exchange (collective)."""
-        if self.ctx is not None:
-            self.ctx.close()
+        self.net.close()

@@ -1,14 +1,17 @@
 """Attention/MoE separation (parallel.layout: ma, seeds 002/003).
 
 World ranks 0..A-1 run attention in R groups; each group serves a contiguous slice of the
-requests and splits the query heads over its ranks (unevenly when they do not divide). Every
-group rank keeps the group's whole residual stream: it computes its heads' partial output
-projection, the group sums the partials hierarchically (node leader, then across leaders, then
-back), each rank routes only its slice of the tokens to the MoE ranks, and the group all-gathers
-the slices. The M MoE ranks own the experts and serve every (layer, micro-batch) exchange as its
-tokens arrive. Sums go through point-to-point messages in a fixed order, so every group rank
-holds bit-identical states and picks the same greedy tokens, and interleaved micro-batches
-cannot mismatch collectives.
+requests. A group rank holds only its shard: its query heads' slices of every attention layer
+(GQA or MLA), the KV cache of those heads, the embedding, the dense layers, routers and shared
+experts, and a slice of the LM head's vocabulary. Every group rank keeps the group's whole
+residual stream: it computes its heads' partial output projection, the group sums the partials
+(reduce-scatter inside each node, all-reduce of each chunk across nodes, all-gather inside the
+node), each rank routes only its slice of the tokens to the MoE ranks, and the group all-gathers
+the slices. At the end each rank scores its vocabulary slice and the group agrees on the greedy
+token by a (max, lowest index) reduction. The M MoE ranks hold only their experts and serve
+every (layer, micro-batch) exchange as its tokens arrive. Sums go through point-to-point messages
+in a fixed order, so every group rank holds bit-identical states and picks the same tokens, and
+interleaved micro-batches cannot mismatch collectives.
 """
 from __future__ import annotations
 
@@ -18,56 +21,107 @@ import torch
 
 from hpcmoe.attention import StepInputs, split_heads
 from hpcmoe.comm import Receives, Where, tag_for
-from hpcmoe.ep import EPEngine
+from hpcmoe.ep import Messaging, maybe_fail, new_stats
 from hpcmoe.layout import MALayout, request_range
+from hpcmoe.model import build_experts, build_model
 from hpcmoe.moe_layer import StepStats
 
-SUM_TO_LEADER, SUM_ACROSS_LEADERS, SUM_BACK, GATHER, TO_STANDBY = range(4, 9)  # beside moe_layer's 0..3
+# message kinds beside moe_layer's 0..3
+SCATTER, ACROSS_NODES, GATHER_BACK, GATHER, TO_STANDBY, CHOICE, LOGITS = range(4, 11)
+
+
+# ---------------------------------------------------------------- the seed's hierarchical reduction
+
+def reduction_plan(group: list[int], node_of_rank) -> tuple[list[list[int]], int]:
+    """-> (the group's ranks per node, in node order, each in rank order; the number of chunks C).
+
+    The summed tensor is cut into C = the largest node's rank count chunks; chunk j belongs, in a
+    node of m ranks, to its (j mod m)-th rank, so nodes of unequal size still line up: every chunk
+    has exactly one owner per node."""
+    nodes = [[r for r in group if node_of_rank[r] == n] for n in sorted({node_of_rank[r] for r in group})]
+    return nodes, max(map(len, nodes))
 
 
 def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
-    """Generator: x [..] float32 on every rank of `group` -> the sum over the group, bit-identical on
-    all of them: node leaders sum their node in rank order, leaders sum the node sums in node
-    order, and send the total back inside their node (a node of one rank skips both node stages)."""
-    node = ctx.topo.node_of_rank
-    mine = [r for r in group if node[r] == node[ctx.rank]]
-    leaders = sorted({min(r for r in group if node[r] == node[s]) for s in group})
-    leader = mine[0]
-    if ctx.rank != leader:
-        back = Receives(ctx.comm, {leader: torch.empty_like(x)}, tag(SUM_BACK), ctx.link, ctx.sender.staging)
-        ctx.sender.send(leader, x, tag(SUM_TO_LEADER))
-        yield back.all_in(at, "reduce_wait")
-        return back.received[leader]
-    members = Receives(ctx.comm, {r: torch.empty_like(x) for r in mine if r != leader}, tag(SUM_TO_LEADER), ctx.link,
-                       ctx.sender.staging)
-    yield members.all_in(at, "reduce_wait")
-    node_sum = x.clone()
-    for r in mine[1:]:
-        node_sum += members.received[r]
-    others = Receives(ctx.comm, {r: torch.empty_like(x) for r in leaders if r != leader}, tag(SUM_ACROSS_LEADERS),
-                      ctx.link, ctx.sender.staging)
-    for r in leaders:
-        if r != leader:
-            ctx.sender.send(r, node_sum, tag(SUM_ACROSS_LEADERS))
-    yield others.all_in(at, "reduce_wait")
-    total = torch.zeros_like(x)
-    for r in leaders:
-        total += node_sum if r == leader else others.received[r]
-    for r in mine[1:]:
-        ctx.sender.send(r, total, tag(SUM_BACK))
-    return total
+    """Generator: x [...] on every rank of `group` -> the sum over the group, bit-identical on all.
 
+    1. reduce-scatter inside the node: each rank sends chunk j to the chunk's owner in its node,
+       which adds its node's parts in rank order;
+    2. all-reduce across nodes: the owners of chunk j (one per node) exchange their node sums and
+       each adds them in node order (the same operands in the same order on every owner);
+    3. all-gather inside the node: each owner sends its chunks' totals to the other ranks of its node.
+    Inter-node bytes per rank: (nodes - 1) x its chunks, not the whole tensor."""
+    nodes, chunks = reduction_plan(group, ctx.topo.node_of_rank)
+    mine = next(members for members in nodes if ctx.rank in members)
+    flat = x.reshape(-1)
+    bounds = [request_range(flat.numel(), chunks, j) for j in range(chunks)]
+    owner = lambda members, j: members[j % len(members)]
+    owned_by = lambda members, r: [j for j in range(chunks) if owner(members, j) == r]
+    take = lambda t, js: torch.cat([t[bounds[j].start:bounds[j].stop] for j in js]) if js else t[:0]
+    region = lambda js: sum(len(bounds[j]) for j in js)
+    owned = owned_by(mine, ctx.rank)
+    receive = lambda peers, size, kind: Receives(ctx.comm, {p: flat.new_empty(size(p)) for p in peers}, tag(kind),
+                                                 ctx.link, ctx.sender.staging)
+    others = [r for r in mine if r != ctx.rank]
+    # 1. reduce-scatter inside the node
+    parts = receive(others, lambda p: region(owned), SCATTER)
+    for r in others:
+        ctx.sender.send(r, take(flat, owned_by(mine, r)), tag(SCATTER))
+    yield parts.all_in(at, "reduce_wait")
+    node_sum = None
+    for r in mine:
+        part = take(flat, owned) if r == ctx.rank else parts.received[r]
+        node_sum = part.clone() if node_sum is None else node_sum.add_(part)
+    # 2. all-reduce of each owned chunk across nodes, with its owner in every other node
+    offset = {j: sum(len(bounds[i]) for i in owned[:k]) for k, j in enumerate(owned)}
+    shared_with = {}  # peer in another node -> my chunks it owns there
+    for members in nodes:
+        if members is not mine:
+            for j in owned:
+                shared_with.setdefault(owner(members, j), []).append(j)
+    across = receive(shared_with, lambda p: region(shared_with[p]), ACROSS_NODES)
+    for peer, js in shared_with.items():
+        ctx.sender.send(peer, torch.cat([node_sum[offset[j]:offset[j] + len(bounds[j])] for j in js]),
+                        tag(ACROSS_NODES))
+    yield across.all_in(at, "reduce_wait")
+    totals = node_sum.new_empty(node_sum.shape)
+    for j in owned:
+        total = None
+        for members in nodes:
+            peer = owner(members, j)
+            if members is mine:
+                value = node_sum[offset[j]:offset[j] + len(bounds[j])]
+            else:
+                start = sum(len(bounds[i]) for i in shared_with[peer][:shared_with[peer].index(j)])
+                value = across.received[peer][start:start + len(bounds[j])]
+            total = value.clone() if total is None else total.add_(value)
+        totals[offset[j]:offset[j] + len(bounds[j])] = total
+    # 3. all-gather inside the node
+    back = receive(others, lambda p: region(owned_by(mine, p)), GATHER_BACK)
+    for r in others:
+        ctx.sender.send(r, totals, tag(GATHER_BACK))
+    yield back.all_in(at, "reduce_wait")
+    result = torch.empty_like(flat)
+    for r in mine:
+        values, start = totals if r == ctx.rank else back.received[r], 0
+        for j in owned_by(mine, r):
+            result[bounds[j].start:bounds[j].stop] = values[start:start + len(bounds[j])]
+            start += len(bounds[j])
+    return result.view(x.shape)
+
+
+# ---------------------------------------------------------------- gathers inside a group
 
 def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], like: torch.Tensor,
-                    tag, at: Where):
-    """Generator: each sender's rows [counts[i], H] -> all of them in sender order on every group rank
+                    tag, at: Where, kind: int = GATHER):
+    """Generator: each sender's rows [counts[i], W] -> all of them in sender order on every group rank
     (a standby sends nothing and receives everything); like: a tensor of the rows' width, dtype, device."""
     everything = like.new_empty(sum(counts), like.shape[-1])
-    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(GATHER), ctx.link,
+    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(kind), ctx.link,
                         ctx.sender.staging)
     if ctx.rank in senders:
         for r in group:
-            ctx.sender.send(r, rows, tag(GATHER), receives)
+            ctx.sender.send(r, rows, tag(kind), receives)
     yield receives.all_in(at, "gather_wait")
     return everything
 
@@ -79,39 +133,73 @@ def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
     return receives.received[twin]
 
 
-class AttentionEngine(EPEngine):
-    """An attention rank: its group's requests, its share of the query heads, no experts."""
+def greedy_over_slices(best: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """best, index: [slices, b] each slice's largest logit and its (global) vocabulary index, slices in
+    vocabulary order -> [b] the whole head's greedy token: the largest logit, ties to the lower index."""
+    chosen, top = index[0].clone(), best[0].clone()
+    for value, at in zip(best[1:], index[1:]):
+        better = value > top  # strictly: an equal value in a later slice has a higher index
+        chosen = torch.where(better, at, chosen)
+        top = torch.where(better, value, top)
+    return chosen
+
+
+# ---------------------------------------------------------------- the two roles
+
+class AttentionEngine:
+    """An attention rank: its group's requests, its share of the query heads and of the vocabulary."""
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
-        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout), device=device)
-        self.comm, self.link = topo.world, self.sender.link
+        self.config, self.topo, self.timer, self.device = config, topo, timer, device
+        self.rank, self.step = topo.rank, 0
         self.layout, self.group = layout, layout.group_ranks(self.rank)
         self.primaries, self.twin = layout.primaries(self.rank), layout.twin(self.rank)
         self.standby = self.rank not in self.primaries
         self.shard = self.primaries.index(self.twin if self.standby else self.rank)
-        self.heads = split_heads(config.model.heads, len(self.primaries))[self.shard]
+        m = config.model
+        self.heads = split_heads(m.heads, len(self.primaries))[self.shard]
+        self.vocab_slices = [request_range(m.vocab, len(self.primaries), i) for i in range(len(self.primaries))]
+        self.model = build_model(m, [], load, device, heads=self.heads, vocab=self.vocab_slices[self.shard])
+        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device)
+        self.comm, self.sender, self.link, self.ctx = topo.world, self.net.sender, self.net.sender.link, self.net.ctx
+        self.micro_batches = config.run.micro_batches
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
 
     def requests(self, batch: int) -> range:
         return self.layout.group_requests(batch, self.rank)
 
     def new_cache(self, batch: int, max_len: int):
-        return self.model.new_cache(batch, max_len, self.heads)
+        return self.model.new_cache(batch, max_len)
+
+    def new_stats(self) -> StepStats:
+        return new_stats(self.config, self.topo.size, self.device)
+
+    @torch.no_grad()
+    def forward(self, inputs: StepInputs, cache, stats: StepStats):
+        """The group's step: -> (greedy tokens [b], logits [b, vocab] when output.save_logits, else None)."""
+        b = inputs.tokens.shape[0]
+        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
+        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
+                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
+                      for i, r in enumerate(blocks)]
+        results = self.net.run_step(generators, self.step)
+        chosen = torch.cat([c for c, _ in results])
+        return chosen, torch.cat([x for _, x in results]) if self.config.output.save_logits else None
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
-        """Generator: the group's micro-batch through every layer -> [b_mb, vocab] logits (same on all group ranks)."""
+        """Generator: the group's micro-batch through every layer -> (tokens [b_mb], logits [b_mb, vocab] or None),
+        the same on all group ranks."""
         phase, model, step = self.timer.phase, self.model, self.step
         tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.micro_batches)
         where = lambda layer: Where(step, layer, mb)
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
-        tokens = int(inputs.valid.sum())
-        slices = [request_range(tokens, len(self.primaries), i) for i in range(len(self.primaries))]
+        slices = [request_range(int(inputs.lengths.sum()), len(self.primaries), i) for i in range(len(self.primaries))]
         mine = slices[self.shard]
         for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
-            self.maybe_fail(layer)
+            maybe_fail(self.config, self.rank, step, layer)
             with phase("attention", step, layer, mb):
-                partial = block.self_attn(block.input_layernorm(x), layer_cache, inputs, self.heads).float()
+                partial = block.self_attn(block.input_layernorm(x), layer_cache, inputs).float()
             posted = time.perf_counter()
             if self.standby:
                 total = yield from from_twin(self, partial, self.twin, tag(layer), where(layer))
@@ -125,7 +213,7 @@ class AttentionEngine(EPEngine):
                 h = inputs.flat(block.post_attention_layernorm(x))[mine.start:mine.stop]
             out = None
             if block.is_moe and not self.standby:
-                out = yield from self.exchange(self.ctx, block.mlp, where(layer), h, stats)
+                out = yield from self.net.exchange(self.ctx, block.mlp, where(layer), h, stats)
             elif not self.standby:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
@@ -135,28 +223,57 @@ class AttentionEngine(EPEngine):
             self.timer.add("gather_comm", step, layer, mb, posted)
             inputs.add_flat(x, everything)
         with phase("lm_head", step, micro_batch=mb):
-            return model.logits(x, inputs)
+            local = model.logits(x, inputs)                         # [b_mb, this rank's vocabulary slice]
+            best, index = local.max(dim=-1)                         # the lowest index among equal maxima
+            pair = torch.stack([best.double(), (index + model.vocab.start).double()], dim=-1)  # exact in float64
+        done = len(model.layers)
+        b = len(local)
+        pairs = yield from all_gather_rows(self, pair.reshape(1, -1), self.primaries, self.group,
+                                           [1] * len(self.primaries), pair.reshape(1, -1), tag(done), where(done),
+                                           CHOICE)
+        pairs = pairs.view(len(self.primaries), b, 2)
+        chosen = greedy_over_slices(pairs[..., 0], pairs[..., 1].long())
+        if not self.config.output.save_logits:
+            return chosen, None
+        columns = yield from all_gather_rows(self, local.t().contiguous(), self.primaries, self.group,
+                                             [len(v) for v in self.vocab_slices], local.new_empty(0, b), tag(done),
+                                             where(done), LOGITS)
+        return chosen, columns.t()
+
+    def close(self) -> None:
+        self.net.close()
 
 
-class MoEEngine(EPEngine):
-    """A MoE rank: no requests; serves every (MoE layer, micro-batch) exchange of a step as tokens arrive."""
+class MoEEngine:
+    """A MoE rank: only its experts; no requests; serves every (MoE layer, micro-batch) exchange of a
+    step as tokens arrive."""
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
-        super().__init__(config, topo, placement, timer, load, members=exchange_members(layout), device=device)
-        self.reports = False
+        self.config, self.topo, self.timer, self.device = config, topo, timer, device
+        self.rank, self.step, self.reports = topo.rank, 0, False
+        self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
+        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device)
 
     def requests(self, batch: int) -> range:
         return range(0)
 
+    def new_cache(self, batch: int, max_len: int):
+        return []
+
+    def new_stats(self) -> StepStats:
+        return new_stats(self.config, self.topo.size, self.device)
+
     @torch.no_grad()
-    def forward(self, inputs: StepInputs, cache, stats: StepStats) -> torch.Tensor:
-        hidden, dtype = self.config.model.hidden, self.model.embed_tokens.weight.dtype
-        nothing = torch.empty(0, hidden, dtype=dtype, device=self.device)
-        generators = [self.exchange(self.ctx, block.mlp, Where(self.step, layer, mb), nothing, stats)
-                      for layer, block in enumerate(self.model.layers) if block.is_moe
-                      for mb in range(self.micro_batches)]
-        self.run_step(generators)
-        return torch.empty(0, self.config.model.vocab)
+    def forward(self, inputs: StepInputs, cache, stats: StepStats):
+        m = self.config.model
+        nothing = torch.empty(0, m.hidden, dtype=getattr(torch, m.dtype_name), device=self.device)
+        generators = [self.net.exchange(self.net.ctx, moe, Where(self.step, m.dense_layers + i, mb), nothing, stats)
+                      for i, moe in enumerate(self.model.moe_layers()) for mb in range(self.net.micro_batches)]
+        self.net.run_step(generators, self.step)
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, m.vocab)
+
+    def close(self) -> None:
+        self.net.close()
 
 
 def exchange_members(layout: MALayout) -> list[int]:
@@ -164,6 +281,6 @@ def exchange_members(layout: MALayout) -> list[int]:
     return layout.all_primaries() + list(range(layout.attention_ranks, layout.world_size))
 
 
-def ma_engine(config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")) -> EPEngine:
+def ma_engine(config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
     cls = AttentionEngine if layout.is_attention(topo.rank) else MoEEngine
     return cls(config, topo, placement, timer, layout, load, device)

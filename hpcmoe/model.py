@@ -84,11 +84,14 @@ class MoE(nn.Module):
 
     GROUPED_ROWS = 16  # at most this many rows per expert: one batched GEMM over the hosted experts
 
-    def __init__(self, cfg: ModelConfig, experts: list[int]):
+    def __init__(self, cfg: ModelConfig, experts: list[int], routes: bool = True):
+        """routes: this rank routes tokens (holds the router and the shared experts, which run
+        where the tokens are); a MoE rank of attention/MoE separation only serves its experts."""
         super().__init__()
-        self.gate = Router(cfg)
+        self.gate = Router(cfg) if routes else None
+        self.top_k = cfg.top_k
         self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
-        if cfg.shared_experts:
+        if cfg.shared_experts and routes:
             self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once allocated
 
@@ -108,6 +111,15 @@ class MoE(nn.Module):
         for i, mlp in enumerate(experts):
             mlp.allocate(gate_up[i], down[i])
         self.stacked = gate_up, down
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [n, H] -> (expert_ids [n, k], weights [n, k]); a rank that only serves experts has no
+        router and no tokens of its own (n = 0)."""
+        if self.gate is not None:
+            return self.gate(h)
+        assert len(h) == 0, "a MoE layer without a router cannot route tokens"
+        return (torch.empty(0, self.top_k, dtype=torch.int64, device=h.device),
+                torch.empty(0, self.top_k, device=h.device))
 
     def run_experts(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [m, H] grouped by this rank's experts in slot order, counts[i] rows for the i-th
@@ -143,11 +155,11 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: attention, then a dense MLP or a MoE layer."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int]):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int], heads: range | None = None):
         super().__init__()
         self.is_moe = layer >= cfg.dense_layers
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.self_attn = MLAttention(cfg, heads) if cfg.attention == "mla" else GQAttention(cfg, heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.mlp = MoE(cfg, experts) if self.is_moe else MLP(cfg.hidden, cfg.dense_hidden)
 
@@ -161,57 +173,100 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, hosted_experts: list[int], layers: range | None = None):
+    """The model, or an attention rank's part of it: `heads` a shard of every layer's query heads,
+    `vocab` a slice of the LM head's rows (its logits are then that slice's)."""
+
+    def __init__(self, cfg: ModelConfig, hosted_experts: list[int], heads: range | None = None,
+                 vocab: range | None = None):
         super().__init__()
         self.cfg = cfg
+        self.vocab = vocab or range(cfg.vocab)
         # _weight: no random init (on the meta device normal_ would import torch._dynamo: seconds per rank)
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
-        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts) for i in (layers or range(cfg.num_layers)))
+        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts, heads) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden, len(self.vocab), bias=False)
 
-    def new_cache(self, batch: int, max_len: int, heads: range | None = None) -> list[list[PositionCache]]:
-        """heads: a shard of the query heads (attention/MoE separation) keeps only the kv heads they read."""
+    def weight_slices(self) -> dict[str, tuple[int, int, int]]:
+        slices = {f"layers.{i}.self_attn.{name}": part for i, block in enumerate(self.layers)
+                  for name, part in block.self_attn.weight_slices().items()}
+        if len(self.vocab) != self.cfg.vocab:
+            slices["lm_head.weight"] = (0, self.vocab.start, self.vocab.stop)
+        return slices
+
+    def new_cache(self, batch: int, max_len: int) -> list[list[PositionCache]]:
         weight = self.embed_tokens.weight
-        shard = {} if heads is None else {"heads": heads}
-        return [block.self_attn.new_cache(batch, max_len, weight.dtype, device=weight.device, **shard)
-                for block in self.layers]
+        return [block.self_attn.new_cache(batch, max_len, weight.dtype, device=weight.device) for block in self.layers]
 
     def logits(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """x: [b, t, H] -> [b, vocab] float32 at each request's last new token."""
+        """x: [b, t, H] -> [b, vocab slice] float32 at each request's last new token."""
         last = inputs.valid.sum(1).clamp(min=1) - 1
         return self.lm_head(self.norm(x[torch.arange(x.shape[0], device=x.device), last])).float()
 
 
-def init_seeded(model: Transformer, seed: int) -> None:
-    """Random weights seeded per tensor name; norms start at one."""
+class ExpertStore(nn.Module):
+    """A MoE rank of attention/MoE separation: its experts of every MoE layer and nothing else
+    (named as in the whole model: `layers.3.mlp.experts.7.gate_proj.weight`)."""
+
+    def __init__(self, cfg: ModelConfig, hosted_experts: list[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleDict({str(i): nn.ModuleDict({"mlp": MoE(cfg, hosted_experts, routes=False)})
+                                     for i in range(cfg.dense_layers, cfg.num_layers)})
+
+    def weight_slices(self) -> dict:
+        return {}
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer["mlp"] for layer in self.layers.values()]
+
+
+def init_seeded(model: nn.Module, cfg: ModelConfig) -> None:
+    """Random weights seeded per tensor name (a shard gets its slice of the whole tensor); norms start at one."""
+    slices, shapes = model.weight_slices(), expected_tensors(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            else:
-                std = 1.0 if name == "embed_tokens.weight" else param.shape[-1] ** -0.5
-                param.copy_(seeded_normal(name, tuple(param.shape), std, seed))
+                continue
+            shape = shapes.get(name, tuple(param.shape))
+            std = 1.0 if name == "embed_tokens.weight" else shape[-1] ** -0.5
+            whole = seeded_normal(name, shape, std, cfg.seed)
+            if name in slices:
+                dim, start, stop = slices[name]
+                whole = whole.narrow(dim, start, stop - start)
+            param.copy_(whole)
 
 
-def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu") -> Transformer:
-    """The model with only `hosted_experts` built on `device`; weights from `load(name) -> tensor`
-    (a checkpoint) or seeded per tensor name."""
+def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu", heads: range | None = None,
+                vocab: range | None = None) -> Transformer:
+    """The model with only `hosted_experts` built on `device` (an attention rank's shard with `heads`
+    and `vocab`); weights from `load(name, part) -> tensor` (a checkpoint) or seeded per tensor name."""
+    return build(lambda: Transformer(cfg, hosted_experts, heads, vocab), cfg, load, device)
+
+
+def build_experts(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu") -> ExpertStore:
+    """A MoE rank's experts of every MoE layer, nothing else."""
+    return build(lambda: ExpertStore(cfg, hosted_experts), cfg, load, device)
+
+
+def build(make, cfg: ModelConfig, load, device):
     dtype = getattr(torch, cfg.dtype_name)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:  # built on the meta device in the target dtype: no float32 copy, no wasted random init
         with torch.device("meta"):
-            model = Transformer(cfg, hosted_experts)
+            model = make()
     finally:
         torch.set_default_dtype(previous)
     materialize(model, device, dtype)
-    with torch.no_grad():
-        if load is None:
-            init_seeded(model, cfg.seed)
-        else:
+    if load is None:
+        init_seeded(model, cfg)
+    else:
+        slices = model.weight_slices()
+        with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(load(name))
+                param.copy_(load(name, slices.get(name)))
     return model.eval()
 
 
@@ -273,6 +328,17 @@ def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
         routed += count if ".experts." in name else 0
     per_expert_layer = routed // max(cfg.num_experts, 1)
     return total * itemsize, (total - routed + per_expert_layer * experts_per_rank) * itemsize
+
+
+def attention_shard_bytes(cfg: ModelConfig, heads: range, vocab: range) -> tuple[int, int]:
+    """An attention rank of attention/MoE separation: -> (weight bytes, KV cache bytes per token),
+    measured on a meta-device build of exactly what it holds."""
+    with torch.device("meta"):
+        shard = Transformer(cfg, [], heads, vocab)
+        cache = shard.new_cache(1, 1)
+    itemsize = torch.finfo(getattr(torch, cfg.dtype_name)).bits // 8
+    weights = sum(p.numel() for p in shard.parameters()) * itemsize
+    return weights, sum(part.data.numel() * itemsize for layer in cache for part in layer)
 
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:

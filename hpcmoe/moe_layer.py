@@ -104,7 +104,7 @@ def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStat
     """h: [n, H] -> (slots [n, k], weights [n, k]), and this rank's routing statistics."""
     ctx.before_dispatch(at.step)
     with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
-        expert_ids, weights = moe.gate(h)
+        expert_ids, weights = moe.route(h)
         stats.routing[at.layer - ctx.first_moe_layer] += count(expert_ids.reshape(-1), stats.routing.shape[1])
         slots = choose_slots(expert_ids, ctx.tables)
         if ctx.capacity_factor is not None:

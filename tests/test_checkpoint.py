@@ -166,3 +166,72 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
     assert len(lines) == 2 and len(set(lines)) == 1, result.stderr
     assert message in lines[0]
     assert not os.path.exists(tmp_path / "run.h5") and not os.path.exists(tmp_path / "run.h5.tmp")
+
+
+MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
+    "3+1": (4, {"attention_ranks": 3, "moe_ranks": 1}),
+    "2+2": (4, {"attention_ranks": 2, "moe_ranks": 2}),
+    "2x2+1": (5, {"attention_ranks": 4, "moe_ranks": 1, "attention_replicas": 2}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(MA_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, name, layout):
+    """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head."""
+    directory, tokens, logits = checkpoints[name]
+    ranks, parallel = MA_LAYOUTS[layout]
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"model": {"checkpoint": directory}, "parallel": {"layout": "ma", **parallel},
+                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS},
+                                  "output": {"save_logits": True}}))
+    result = run_job(ranks, tmp_path / "run.h5", config=str(config))
+    assert result.returncode == 0, result.stderr
+    run = read_run(tmp_path / "run.h5")
+    np.testing.assert_array_equal(run["generated"], tokens)
+    np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "mixtral"])
+def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
+    """The second of three attention ranks (heads 2..3 of 4, vocabulary 85..170 of 256) and a MoE rank
+    hosting experts 1 and 4: their tensors (names and shapes), their values (slices of the whole
+    model's), and the bytes read from the checkpoint (exactly the bytes of what they hold)."""
+    from hpcmoe.attention import split_heads
+    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.layout import request_range
+    from hpcmoe.model import build_experts, build_model, expected_tensors
+    directory = checkpoints[name][0]
+    config, whole = load_local(directory)
+    m = config.model
+    index = check_tensors(directory, expected_tensors(m))
+    heads, vocab = split_heads(m.heads, 3)[1], request_range(m.vocab, 3, 1)
+    assert (heads, vocab) == (range(2, 3), range(85, 170))
+    reads = []
+    attention = build_model(m, [], tensor_loader(directory, index, reads), heads=heads, vocab=vocab)
+    held = dict(attention.named_parameters())
+    if name == "deepseek_v3":  # 1 head: q_lora 24, nope 8 + rope 8, v 12, kv_lora 16 (+ rope 8), hidden 64
+        wanted = {"q_a_proj.weight": (24, 64), "q_a_layernorm.weight": (24,), "q_b_proj.weight": (16, 24),
+                  "kv_a_proj_with_mqa.weight": (24, 64), "kv_a_layernorm.weight": (16,),
+                  "kv_b_proj.weight": (20, 16), "o_proj.weight": (64, 12)}
+    else:  # 1 head of 16, and kv head 1 of 2 (heads 2 and 3 read it)
+        wanted = {"q_proj.weight": (16, 64), "k_proj.weight": (16, 64), "v_proj.weight": (16, 64),
+                  "o_proj.weight": (64, 16)}
+    for layer in range(m.num_layers):
+        assert {n.split("self_attn.")[1]: tuple(p.shape) for n, p in held.items()
+                if n.startswith(f"layers.{layer}.self_attn.")} == wanted
+    assert tuple(held["lm_head.weight"].shape) == (85, 64) and tuple(held["embed_tokens.weight"].shape) == (256, 64)
+    assert not any(".experts." in n and ".shared_experts." not in n for n in held)  # no routed expert
+    slices = attention.weight_slices()
+    for n, p in held.items():
+        full = dict(whole.named_parameters())[n]
+        part = slices.get(n)
+        assert torch.equal(p, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), n
+    itemsize = 4  # the tiny checkpoints are float32
+    assert sum(end - start for _, start, end in reads) == sum(p.numel() for p in held.values()) * itemsize
+    reads.clear()
+    experts = build_experts(m, [1, 4], tensor_loader(directory, index, reads))
+    names = [n for n, _ in experts.named_parameters()]
+    assert names and all(".mlp.experts.1." in n or ".mlp.experts.4." in n for n in names)
+    assert len(names) == 2 * 3 * m.moe_layers  # two experts x gate/up/down x MoE layers: no router, no attention
+    assert sum(end - start for _, start, end in reads) == sum(p.numel() for p in experts.parameters()) * itemsize

@@ -1,12 +1,14 @@
 """Whole jobs under `timeout 120 mpiexec -n K python -m hpcmoe run ...`: equality with the 1-rank
 run, the run file's schema, clear errors on every rank, and a failing rank ending the job."""
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import WORKLOADS, assert_same_run, read_run, run_job
+from tests.conftest import ROOT, WORKLOADS, assert_same_run, mpiexec, read_run, run_job
 
 _runs = {}
 
@@ -234,3 +236,12 @@ def test_exception_on_one_rank_ends_the_whole_job(tmp_path):
                 assert not f.attrs["complete"]
         except OSError:
             pass  # killed in the middle of a write: unreadable, which claims nothing either
+
+
+def test_hierarchical_sum_on_sixteen_ranks_of_four_nodes():
+    """The in-process reduction test at -n 16: nodes of 4+4+4+4, 3+3+3+3+3+1 and 2 x 8."""
+    command = ["timeout", "300", mpiexec(), "-n", "16", sys.executable, "-m", "pytest", "-q", "--with-mpi", "-m", "mpi",
+               "-p", "no:cacheprovider", "tests/test_mpi.py", "-k", "hierarchical"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=330)
+    assert result.returncode == 0 and "6 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -102,14 +102,43 @@ def test_uneven_head_splits_cover_every_head_once_with_the_kv_heads_they_need(he
         assert [len(s) for s in shards] == [3, 3, 2]
 
 
-def test_partial_attention_of_head_shards_sums_to_the_whole():
-    """A KV head read by two ranks (8 heads, 4 kv heads, 3 ranks: head 5 and 6 share kv head 2... split 3+3+2)."""
-    config, model = debug_model()
-    attention = model.layers[0].self_attn
-    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
-    inputs = StepInputs.build([[1] * 5, [1] * 3], torch.zeros(2, dtype=torch.int64))
-    whole = attention(x, attention.new_cache(2, 5, torch.float32), inputs)
-    parts = [attention(x, attention.new_cache(2, 5, torch.float32, shard), inputs, shard) for shard in split_heads(8, 3)]
-    torch.testing.assert_close(sum(parts), whole, atol=1e-5, rtol=0)
+MLA = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+       "model.qk_rope_head_dim=4", "model.v_head_dim=8"]
+
+
+@pytest.mark.parametrize("settings", [[], MLA], ids=["gqa", "mla"])
+@pytest.mark.parametrize("t", [5, 1], ids=["prefill", "decode"])
+def test_head_shards_hold_their_slices_and_their_partials_sum_to_the_whole(settings, t):
+    """8 heads on 3 ranks (3+3+2; GQA: kv head 2 is read by two shards), each shard built on its own
+    from the seeded weights: its partial outputs sum to the whole layer's (MLA: absorbed at decode)."""
+    config, model = debug_model(*settings)
+    x = torch.randn(2, t, 64, generator=torch.Generator().manual_seed(0))
+    inputs = StepInputs.build([[1] * t, [1] * max(t - 2, 1)], torch.zeros(2, dtype=torch.int64))
+    whole = model.layers[0].self_attn
+    expected = whole(x, whole.new_cache(2, 5, torch.float32), inputs)
+    partials = []
+    for heads in split_heads(8, 3):
+        shard = build_model(config.model, [], heads=heads).layers[0].self_attn
+        for name, param in shard.named_parameters():
+            full = dict(whole.named_parameters())[name]
+            part = shard.weight_slices().get(name)
+            assert torch.equal(param, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), name
+        partials.append(shard(x, shard.new_cache(2, 5, torch.float32), inputs))
+    torch.testing.assert_close(sum(partials), expected, atol=1e-5, rtol=0)
+
+
+def test_vocabulary_split_greedy_choice_equals_the_whole_head_ties_included():
+    from hpcmoe.layout import request_range
+    from hpcmoe.ma import greedy_over_slices
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 50), generator=generator).float()  # many ties, across slices too
+    logits[0] = 3.0                                                      # a tie over the whole vocabulary
+    for parts in (1, 3, 7):
+        slices = [request_range(50, parts, i) for i in range(parts)]
+        best = torch.stack([logits[:, s.start:s.stop].max(-1).values for s in slices])
+        index = torch.stack([logits[:, s.start:s.stop].max(-1).indices + s.start for s in slices])
+        chosen = greedy_over_slices(best, index)
+        assert torch.equal(chosen, logits.argmax(-1)) and chosen[0] == 0
+    assert (logits == logits.max(-1, keepdim=True).values).sum(-1).gt(1).sum() > 30  # ties were exercised
     with pytest.raises(ValueError, match=r"model.heads \(8\) must be >= attention ranks per replica \(9\)"):
         split_heads(8, 9)
