@@ -46,6 +46,8 @@ def parse_args(argv):
     reduce.add_argument("--tokens", type=int, default=256)
     reduce.add_argument("--hidden", type=int, default=4096)
     reduce.add_argument("--ranks-per-node", type=int, default=2)
+    reduce.add_argument("--link-gbps", type=float, default=None, help="emulated inter-node link bandwidth")
+    reduce.add_argument("--latency-us", type=float, default=0.0)
     control = benches.add_parser("control", help="the control path per MoE layer at large rank counts (no MPI)")
     control.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
     control.add_argument("--experts", type=int, default=256)
@@ -79,6 +81,14 @@ def parse_args(argv):
     train.add_argument("--out", default="predictor.pt")
     train.add_argument("--test", nargs="*", default=[], help="unseen run files to report the error on")
     train.add_argument("--epochs", type=int, default=3000)
+    collect = predictions.add_parser("collect", help="timing runs over attention:MoE splits, batches, prompt lengths")
+    collect.add_argument("config", nargs="?", help="the model and settings to run (default: the debug model)")
+    collect.add_argument("--out", default="runs/predict", help="directory for the run files")
+    collect.add_argument("--ranks", default="4", help="rank counts, comma separated")
+    collect.add_argument("--batch", default="4,16", help="batches, comma separated")
+    collect.add_argument("--prompt-len", default="16,64", help="prompt lengths, comma separated")
+    collect.add_argument("--steps", type=int, default=8, help="new tokens per run")
+    collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
     propose.add_argument("predictor")
     propose.add_argument("config")
@@ -93,6 +103,15 @@ def command_predict(args) -> int:
     if args.action == "train":
         predict.command_train(args.runs, args.out, args.test, args.epochs)
         return 0
+    if args.action == "collect":
+        numbers = lambda text: [int(x) for x in text.split(",") if x]
+        try:
+            written = predict.collect(args.config, args.set, args.out, numbers(args.ranks), numbers(args.batch),
+                                      numbers(args.prompt_len), args.steps)
+        except ValueError as e:
+            fail(str(e))
+        print(f"hpcmoe predict collect: {len(written)} run files in {args.out}")
+        return 0 if written else 1
     try:
         config = load_config(args.config, args.set)
     except ValueError as e:
@@ -131,7 +150,8 @@ def command_bench(args) -> int:
         hpcmoe.comm.SPIN = args.wait == "spin"
         bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out)
     elif args.benchmark == "reduce":
-        bench.bench_reduce(args.tokens, args.hidden, args.ranks_per_node, args.reps, args.out)
+        bench.bench_reduce(args.tokens, args.hidden, args.ranks_per_node, args.reps, args.out, args.link_gbps,
+                           args.latency_us)
     elif args.benchmark == "transformers":
         bench.bench_transformers(args.checkpoint, args.batch, args.prompt_len, args.steps, args.reps, args.out,
                                  args.device)
@@ -163,6 +183,11 @@ def command_run(args) -> int:
     world = init_mpi()
     from hpcmoe.layout import ParallelLayout
     try:
+        if config.parallel.layout == "ma" and "auto" in (config.parallel.attention_ranks, config.parallel.moe_ranks):
+            from hpcmoe.predict import choose_split
+            config, why = choose_split(config, world.Get_size())
+            if world.Get_rank() == 0:
+                print(why, file=sys.stderr, flush=True)
         layout = ParallelLayout.from_config(config, world.Get_size())
     except ValueError as e:
         fail(str(e))

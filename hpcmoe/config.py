@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -97,8 +98,9 @@ class LinkConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks | ma
-    attention_ranks: Optional[int] = None  # ma: world ranks 0..A-1 run attention ...
-    moe_ranks: Optional[int] = None        # ma: ... the other M ranks own the experts
+    attention_ranks: Union[int, str, None] = None  # ma: world ranks 0..A-1 run attention ... (auto: ask the predictor)
+    moe_ranks: Union[int, str, None] = None        # ma: ... the other M ranks own the experts (auto: the rest)
+    predictor: Optional[str] = None        # ma: a file from `hpcmoe predict train`, which chooses auto splits
     attention_replicas: int = 1            # ma: attention groups, each serving a slice of the requests
     attention_standby: bool = False        # ma: each head shard on two ranks, the second a bit-identical standby
     placement: str = "auto"                # auto | packed | one_per_rank | replicated | topology_aware
@@ -356,6 +358,18 @@ def validate_model(m: ModelConfig) -> None:
 def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
     """Attention/MoE separation: the relations that do not need the rank count."""
     a, e, r = p.attention_ranks, p.moe_ranks, p.attention_replicas
+    if "auto" in (a, e):
+        for name, value in (("attention_ranks", a), ("moe_ranks", e)):
+            require(value in ("auto", None), f"parallel.{name}: {value!r} with an auto split; set both to auto "
+                                             f"(the predictor chooses attention_ranks + moe_ranks = world size)")
+        require(p.predictor is not None,
+                "parallel.attention_ranks: auto needs parallel.predictor: PATH, a predictor made by "
+                "`hpcmoe predict train RUN.h5 ... --out PATH` from runs of `hpcmoe predict collect`")
+        require(os.path.isfile(p.predictor), f"parallel.predictor: {p.predictor!r} is not a file; make one with "
+                                             f"`hpcmoe predict train RUN.h5 ... --out {p.predictor}`")
+        return  # the rest is checked once the predictor has chosen (hpcmoe.predict.choose_split)
+    for name, value in (("attention_ranks", a), ("moe_ranks", e)):
+        require(value is None or isinstance(value, int), f"parallel.{name}: expected an integer or auto, got {value!r}")
     require(a is not None and a >= 1 and e is not None and e >= 1,
             f"parallel.layout=ma needs parallel.attention_ranks and parallel.moe_ranks >= 1, got {a} and {e}")
     require(r >= 1 and a % r == 0, f"parallel.attention_ranks ({a}) must be a multiple of "

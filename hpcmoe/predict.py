@@ -1,14 +1,17 @@
-"""Time predictor (seed 002): an MLP 5 -> 64 -> 32 -> 2 from the seed's features to the
-attention and MoE time of one rank in one step, trained on the /timings of earlier run files.
+"""Time predictor (seed 002): an MLP 5 -> 64 -> 32 -> 2 from the workload to the attention and
+MoE time of one rank in one step, trained on the /timings of earlier run files.
 
-The features, one sample per (rank, step) of a run:
-  sequence_length  tokens the rank ran attention for, times its share of the query heads
+The features, one sample per (rank, step) of a run, all known before the step runs (none is
+measured from the timings the targets come from; the seed's "utilization" was such a feature and
+is replaced by the attended context):
+  sequence_length  new tokens the rank ran attention for, times its share of the query heads
+  context_length   positions those tokens attended to (summed over requests), times the share
   hidden_size      the model's hidden size
-  active_experts   token slots the rank's experts processed (the seed's top_k x batch)
-  utilization      the rank's busy fraction in that step
+  active_experts   token slots the rank's experts processed (from /traffic)
   memory_bandwidth the machine's measured copy bandwidth, GB/s (constant on one machine)
 targets: the rank's attention and expert milliseconds in the step. A roofline estimate
-(FLOPs / peak + weight bytes / bandwidth, both measured here) is reported beside it.
+(FLOPs / peak + weight bytes / bandwidth, both measured here) is reported beside it. Scoring is
+by run: the runs a predictor is scored on are never among those it was trained on.
 """
 from __future__ import annotations
 
@@ -21,9 +24,8 @@ from torch import nn
 
 from hpcmoe.attention import split_heads
 from hpcmoe.config import build_config
-from hpcmoe.output import is_compute, length, union
 
-FEATURES = ("sequence_length", "hidden_size", "active_experts", "utilization", "memory_bandwidth")
+FEATURES = ("sequence_length", "context_length", "hidden_size", "active_experts", "memory_bandwidth")
 TARGETS = ("attention_ms", "moe_ms")
 
 
@@ -59,15 +61,13 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
     expert_params = 3 * m.hidden * m.expert_hidden
     features, targets, roofline = [], [], []
     for rank in range(ranks):
-        tokens_share = attention_tokens(config, prompt_lengths, rank, ranks)
+        tokens_share, context_share = attention_tokens(config, prompt_lengths, rank, ranks)
         for step in range(steps):
             rows = timings[(timings["rank"] == rank) & (timings["step"] == step)]
             attention = 1e3 * sum(r["end"] - r["start"] for r in rows if r["phase"] == b"attention")
             experts = 1e3 * sum(r["end"] - r["start"] for r in rows if r["phase"] == b"experts")
-            span = rows["end"][rows["phase"] == b"step"].sum() - rows["start"][rows["phase"] == b"step"].sum()
-            busy = length(union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])])) / max(span, 1e-9)
             tokens = tokens_share[step]
-            features.append([tokens, m.hidden, slots[step, rank], busy, machine["memory_bandwidth"]])
+            features.append([tokens, context_share[step], m.hidden, slots[step, rank], machine["memory_bandwidth"]])
             targets.append([attention, experts])
             flops = (2 * tokens * attention_params * m.num_layers, 2 * slots[step, rank] * expert_params * m.moe_layers)
             weights = (attention_params * m.num_layers * (tokens > 0), expert_params * m.moe_layers * (slots[step, rank] > 0))
@@ -76,19 +76,22 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
     return np.array(features, float), np.array(targets, float), np.array(roofline, float)
 
 
-def attention_tokens(config, prompt_lengths: np.ndarray, rank: int, ranks: int) -> list[float]:
-    """Per step: tokens `rank` ran attention for, times its share of the heads (0 on MoE ranks)."""
+def attention_tokens(config, prompt_lengths: np.ndarray, rank: int, ranks: int) -> tuple[list[float], list[float]]:
+    """Per step: (new tokens `rank` ran attention for, positions they attended to), each times the
+    rank's share of the heads (0 on MoE ranks)."""
     from hpcmoe.layout import MALayout, ParallelLayout, request_range
     batch, steps = len(prompt_lengths), config.run.max_new_tokens
     layout = ParallelLayout.from_config(config, ranks)
     if isinstance(layout, MALayout):
         if not layout.is_attention(rank):
-            return [0.0] * steps
+            return [0.0] * steps, [0.0] * steps
         requests, share = layout.group_requests(batch, rank), 1.0 / len(layout.primaries(rank))
     else:
         requests, share = request_range(batch, ranks, rank), 1.0
-    prefill = float(prompt_lengths[list(requests)].sum()) if len(requests) else 0.0
-    return [share * prefill] + [share * len(requests)] * (steps - 1)
+    lengths = prompt_lengths[list(requests)].astype(float)
+    tokens = [share * lengths.sum()] + [share * len(lengths)] * (steps - 1)
+    context = [share * (lengths * (lengths + 1) / 2).sum()] + [share * (lengths + step).sum() for step in range(1, steps)]
+    return tokens, context
 
 
 class Predictor(nn.Module):
@@ -130,30 +133,48 @@ def relative_error(predicted: np.ndarray, measured: np.ndarray) -> list[float]:
             for i in range(measured.shape[1])]
 
 
-def propose(model: Predictor, config, ranks: int, machine: dict, threshold: float = 0.05) -> dict:
-    """Best attention:MoE split of `ranks` for a config's workload (prefill step) by predicted times.
+def split_features(config, attention: int, moe: int, machine: dict) -> np.ndarray:
+    """The features of an attention rank and of a MoE rank of an attention:MoE split, for the prefill
+    and for a decode step halfway through: -> [2 (prefill, decode), 2 (attention, MoE rank), 5]."""
+    m, prompts, steps = config.model, config.prompts, config.run.max_new_tokens
+    lengths = np.array(list(map(len, prompts)), float)
+    share = 1.0 / attention  # every attention rank takes its share of the heads of all requests
+    half = max(steps // 2, 1)
+    rows = []
+    for tokens, context in ((lengths.sum(), (lengths * (lengths + 1) / 2).sum()),
+                            (float(len(lengths)), (lengths + half).sum())):
+        slots = tokens * m.top_k / moe
+        rows.append([[share * tokens, share * context, m.hidden, 0.0, machine["memory_bandwidth"]],
+                     [0.0, 0.0, m.hidden, slots, machine["memory_bandwidth"]]])
+    return np.array(rows)
 
-    Attention work divides over attention ranks (head shards), expert work over MoE ranks; the
-    split that minimizes the slower side wins. Rebalancing is flagged when the two sides of the
-    chosen split differ by more than `threshold`."""
+
+def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -> dict:
+    """Best attention:MoE split of `ranks` for a config's workload by predicted times.
+
+    Attention work divides over attention ranks (head shards), expert work over MoE ranks; a step
+    takes as long as its slower side, so each split is scored by its predicted generation time
+    (the prefill plus max_new_tokens - 1 decode steps taken halfway through), and the fastest wins.
+    Rebalancing is flagged when the two sides of the chosen split's decode step differ by more
+    than `threshold`. model: anything with predict_ms(features [n, 5]) -> [n, 2] milliseconds."""
     m = config.model
-    tokens = float(sum(map(len, config.prompts)))
-    slots = tokens * m.top_k
     options = []
     for attention in range(1, ranks):
         moe = ranks - attention
         if moe > m.num_experts or attention > m.heads:
             continue
-        features = np.array([[tokens / attention, m.hidden, slots / moe, 1.0, machine["memory_bandwidth"]]])
-        t_attention, t_moe = model.predict_ms(features)[0]
-        options.append((max(t_attention, t_moe), attention, moe, t_attention, t_moe))
+        predicted = model.predict_ms(split_features(config, attention, moe, machine).reshape(-1, 5)).reshape(2, 2, 2)
+        sides = [(predicted[phase, 0, 0], predicted[phase, 1, 1]) for phase in range(2)]  # (attention, MoE) ms
+        total = max(sides[0]) + (config.run.max_new_tokens - 1) * max(sides[1])
+        options.append((total, attention, moe, *sides[1]))
     if not options:
         raise ValueError(f"no attention:MoE split of {ranks} ranks fits {m.heads} heads and {m.num_experts} experts")
-    _, attention, moe, t_attention, t_moe = min(options)
+    total, attention, moe, t_attention, t_moe = min(options)
     mismatch = abs(t_attention - t_moe) / max(t_attention, t_moe, 1e-12)
     return {"attention_ranks": attention, "moe_ranks": moe, "predicted_attention_ms": float(t_attention),
-            "predicted_moe_ms": float(t_moe), "mismatch": float(mismatch), "rebalance": bool(mismatch > threshold),
-            "heads_per_rank": [len(r) for r in split_heads(m.heads, attention)]}
+            "predicted_moe_ms": float(t_moe), "predicted_total_ms": float(total), "mismatch": float(mismatch),
+            "rebalance": bool(mismatch > threshold), "heads_per_rank": [len(r) for r in split_heads(m.heads, attention)],
+            "options": {f"{a}:{e}": float(t) for t, a, e, *_ in sorted(options, key=lambda o: o[1])}}
 
 
 def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> dict:
@@ -161,7 +182,7 @@ def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> di
     machine = machine_profile()
     x, y, _ = map(np.concatenate, zip(*(samples_from_run(r, machine) for r in runs)))
     model = train(x, y, epochs)
-    torch.save({"state_dict": model.state_dict(), "machine": machine, "trained_on": runs}, out)
+    save(model, machine, runs, out)
     report = {"samples": len(x), "train_error": relative_error(model.predict_ms(x), y)}
     print(f"hpcmoe predict: trained on {len(x)} (rank, step) samples of {len(runs)} runs -> {out}")
     if test:
@@ -174,8 +195,81 @@ def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> di
     return report
 
 
+def save(model: Predictor, machine: dict, runs: list[str], out: str) -> None:
+    torch.save({"state_dict": model.state_dict(), "machine": machine, "trained_on": runs}, out)
+
+
 def load(path: str) -> tuple[Predictor, dict]:
-    saved = torch.load(path, weights_only=False)
     model = Predictor()
-    model.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(path, weights_only=False)
+        model.load_state_dict(saved["state_dict"])
+    except Exception as e:  # anything unreadable or of another shape: one clear line, not a traceback
+        raise ValueError(f"parallel.predictor: {path} is not a predictor from `hpcmoe predict train` ({e})") from None
     return model.eval(), saved["machine"]
+
+
+def choose_split(config, world_size: int):
+    """parallel.attention_ranks: auto -> the config with the predictor's split of `world_size` ranks,
+    and one line saying what it chose and why."""
+    import dataclasses
+    from hpcmoe.config import validate
+    p = config.parallel
+    model, machine = load(p.predictor)
+    proposal = propose(model, config, world_size, machine)
+    chosen = dataclasses.replace(p, attention_ranks=proposal["attention_ranks"], moe_ranks=proposal["moe_ranks"])
+    config = dataclasses.replace(config, parallel=chosen)
+    validate(config)
+    options = ", ".join(f"{split} {ms:.1f} ms" for split, ms in proposal["options"].items())
+    why = (f"hpcmoe: parallel.attention_ranks=auto: {proposal['attention_ranks']} attention : {proposal['moe_ranks']} "
+           f"MoE ranks (heads per attention rank {proposal['heads_per_rank']}), the fastest predicted generation "
+           f"by {p.predictor} ({options}); its decode step: attention {proposal['predicted_attention_ms']:.2f} ms, "
+           f"MoE {proposal['predicted_moe_ms']:.2f} ms")
+    return config, why
+
+
+def splits(config, ranks: int) -> list[tuple[int, int]]:
+    """Every attention:MoE split of `ranks` the model and layout allow."""
+    m, p = config.model, config.parallel
+    step = p.attention_replicas * (2 if p.attention_standby else 1)
+    return [(a, ranks - a) for a in range(1, ranks) if a % step == 0 and a // step <= m.heads
+            and ranks - a <= m.num_experts]
+
+
+def collect(config_path: str | None, settings: list[str], out: str, ranks: list[int], batches: list[int],
+            prompt_lens: list[int], steps: int, timeout: int = 300) -> list[str]:
+    """Timing runs for training and scoring: every attention:MoE split of each rank count (so every
+    heads-per-rank share) x batch x prompt length, each a whole `mpiexec` run on this machine.
+    -> the run files written (one per run; a failed run is reported and skipped)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from hpcmoe.config import load_config
+    os.makedirs(out, exist_ok=True)
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec") or "mpiexec"
+    config = load_config(config_path, settings + ["parallel.layout=ma", "parallel.attention_ranks=1",
+                                                  "parallel.moe_ranks=1"])
+    written = []
+    for n in ranks:
+        for attention, moe in splits(config, n):
+            for batch in batches:
+                for length in prompt_lens:
+                    path = os.path.join(out, f"ma_n{n}_a{attention}_m{moe}_b{batch}_l{length}.h5")
+                    command = ["timeout", str(timeout), mpiexec, "-n", str(n), sys.executable, "-m", "hpcmoe", "run"]
+                    command += [config_path] if config_path else []
+                    for setting in settings + ["parallel.layout=ma", f"parallel.attention_ranks={attention}",
+                                               f"parallel.moe_ranks={moe}", f"run.batch={batch}",
+                                               f"run.prompt_len={length}", f"run.prompt_len_min={length}",
+                                               f"run.max_new_tokens={steps}"]:
+                        command += ["--set", setting]
+                    started = time.perf_counter()
+                    result = subprocess.run(command + ["--output", path], capture_output=True, text=True,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    if result.returncode != 0:
+                        print(f"hpcmoe predict collect: {path} failed (exit {result.returncode}): "
+                              f"{result.stderr.strip().splitlines()[-1:] or ''}", flush=True)
+                        continue
+                    written.append(path)
+                    print(f"hpcmoe predict collect: {path} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return written

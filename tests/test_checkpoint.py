@@ -87,9 +87,13 @@ def test_one_process_equals_transformers_with_wide_margins(checkpoints, name, mo
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_mpi_run_equals_transformers(checkpoints, tmp_path, name, ranks):
-    directory, tokens, logits = checkpoints[name]
+    assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {})
+
+
+def assert_job_equals_transformers(checkpoint, tmp_path, ranks: int, parallel: dict):
+    directory, tokens, logits = checkpoint
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"model": {"checkpoint": directory},
+    config.write_text(json.dumps({"model": {"checkpoint": directory}, "parallel": parallel,
                                   "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS},
                                   "output": {"save_logits": True}}))
     result = run_job(ranks, tmp_path / "run.h5", config=str(config))
@@ -179,17 +183,8 @@ MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, name, layout):
     """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head."""
-    directory, tokens, logits = checkpoints[name]
     ranks, parallel = MA_LAYOUTS[layout]
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"model": {"checkpoint": directory}, "parallel": {"layout": "ma", **parallel},
-                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS},
-                                  "output": {"save_logits": True}}))
-    result = run_job(ranks, tmp_path / "run.h5", config=str(config))
-    assert result.returncode == 0, result.stderr
-    run = read_run(tmp_path / "run.h5")
-    np.testing.assert_array_equal(run["generated"], tokens)
-    np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
+    assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {"layout": "ma", **parallel})
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "mixtral"])

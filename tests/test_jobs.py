@@ -76,6 +76,7 @@ MA = [  # attention/MoE separation: 3 + 1, the same on 2 emulated nodes (3+1 acr
     (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1", "parallel.ranks_per_node=2",
          "run.micro_batches=2"]),
     (5, ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2"]),
+    (4, ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2"]),
 ]
 
 
@@ -87,9 +88,10 @@ def test_attention_moe_separation_equals_one_rank(tmp_path_factory, ranks, setti
         metrics = f["metrics"].attrs
         assert f.attrs["layout"] == "ma" and metrics["tpot_ms"] > 0 and metrics["tps"] > 0
         assert 0 < metrics["busy_fraction_attention"] <= 1 and 0 < metrics["busy_fraction_moe"] <= 1
-        moe_ranks = range(ranks - 1, ranks)
-        assert set(f["placement"][0, :, 0]) == set(moe_ranks)  # every expert lives on the MoE rank
-        assert f["routing"][:, :, ranks - 1].sum() == 0       # MoE ranks route nothing themselves
+        attention = int(next(s for s in settings if s.startswith("parallel.attention_ranks=")).split("=")[1])
+        assert set(f["placement"][0, :, 0]) == set(range(attention, ranks))  # experts live on the MoE ranks
+        assert f["routing"][:, :, attention:].sum() == 0                       # MoE ranks route nothing themselves
+        assert 0 < metrics["peak_rss_bytes_moe"] and 0 < metrics["peak_rss_bytes_attention"]
 
 
 def test_zero_traffic_peers_and_empty_ranks_equal_one_rank(tmp_path_factory):
@@ -209,6 +211,9 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
      "hpcmoe: error: world size (4) must equal parallel.attention_ranks (3) + parallel.moe_ranks (2)"),
     (["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2", "model.heads=1", "model.kv_heads=1"],
      "hpcmoe: error: model.heads (1) must be >= attention ranks per replica (2)"),
+    (["parallel.layout=ma", "parallel.attention_ranks=auto", "parallel.moe_ranks=auto"],
+     "hpcmoe: error: parallel.attention_ranks: auto needs parallel.predictor: PATH, a predictor made by "
+     "`hpcmoe predict train"),
     (["model.num_experts=2", "model.top_k=1", "parallel.placement=one_per_rank"],
      "hpcmoe: error: parallel.placement=one_per_rank needs model.num_experts (2) == world size (4)"),
 ])
