@@ -50,63 +50,66 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     2. all-reduce across nodes: the owners of chunk j (one per node) exchange their node sums and
        each adds them in node order (the same operands in the same order on every owner);
     3. all-gather inside the node: each owner sends its chunks' totals to the other ranks of its node.
-    Inter-node bytes per rank: (nodes - 1) x its chunks, not the whole tensor."""
+    Inter-node bytes per rank: (nodes - 1) x its chunks, not the whole tensor. A rank that owns one
+    chunk (nodes of equal size) sends views and receives straight into the result: no extra copies."""
     nodes, chunks = reduction_plan(group, ctx.topo.node_of_rank)
     mine = next(members for members in nodes if ctx.rank in members)
-    flat = x.reshape(-1)
-    bounds = [request_range(flat.numel(), chunks, j) for j in range(chunks)]
-    owner = lambda members, j: members[j % len(members)]
-    owned_by = lambda members, r: [j for j in range(chunks) if owner(members, j) == r]
-    take = lambda t, js: torch.cat([t[bounds[j].start:bounds[j].stop] for j in js]) if js else t[:0]
-    region = lambda js: sum(len(bounds[j]) for j in js)
-    owned = owned_by(mine, ctx.rank)
-    receive = lambda peers, size, kind: Receives(ctx.comm, {p: flat.new_empty(size(p)) for p in peers}, tag(kind),
-                                                 ctx.link, ctx.sender.staging)
     others = [r for r in mine if r != ctx.rank]
+    flat, result = x.reshape(-1), torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    bounds = [request_range(flat.numel(), chunks, j) for j in range(chunks)]
+    piece = lambda t, j: t[bounds[j].start:bounds[j].stop]
+    owned_by = lambda members, r: [j for j in range(chunks) if members[j % len(members)] == r]
+    size = lambda js: sum(len(bounds[j]) for j in js)
+
+    def joined(t, js):  # chunks js of t as one tensor: a view for one chunk
+        return piece(t, js[0]) if len(js) == 1 else torch.cat([piece(t, j) for j in js]) if js else t[:0]
+
+    def split(t, js):  # the inverse: chunk j -> its part of t
+        starts = [size(js[:k]) for k in range(len(js))]
+        return {j: t[start:start + len(bounds[j])] for j, start in zip(js, starts)}
+
+    def receive(buffers: dict, kind: int) -> Receives:
+        return Receives(ctx.comm, buffers, tag(kind), ctx.link, ctx.sender.staging)
+
+    owned = owned_by(mine, ctx.rank)
     # 1. reduce-scatter inside the node
-    parts = receive(others, lambda p: region(owned), SCATTER)
+    parts = receive({r: flat.new_empty(size(owned)) for r in others}, SCATTER)
     for r in others:
-        ctx.sender.send(r, take(flat, owned_by(mine, r)), tag(SCATTER))
+        ctx.sender.send(r, joined(flat, owned_by(mine, r)), tag(SCATTER))
     yield parts.all_in(at, "reduce_wait")
     node_sum = None
     for r in mine:
-        part = take(flat, owned) if r == ctx.rank else parts.received[r]
+        part = joined(flat, owned) if r == ctx.rank else parts.received[r]
         node_sum = part.clone() if node_sum is None else node_sum.add_(part)
+    node_sum = split(node_sum, owned)
     # 2. all-reduce of each owned chunk across nodes, with its owner in every other node
-    offset = {j: sum(len(bounds[i]) for i in owned[:k]) for k, j in enumerate(owned)}
-    shared_with = {}  # peer in another node -> my chunks it owns there
+    shared_with: dict[int, list[int]] = {}  # owner in another node -> my chunks it owns there
     for members in nodes:
         if members is not mine:
             for j in owned:
-                shared_with.setdefault(owner(members, j), []).append(j)
-    across = receive(shared_with, lambda p: region(shared_with[p]), ACROSS_NODES)
+                shared_with.setdefault(members[j % len(members)], []).append(j)
+    across = receive({peer: flat.new_empty(size(js)) for peer, js in shared_with.items()}, ACROSS_NODES)
     for peer, js in shared_with.items():
-        ctx.sender.send(peer, torch.cat([node_sum[offset[j]:offset[j] + len(bounds[j])] for j in js]),
+        ctx.sender.send(peer, node_sum[js[0]] if len(js) == 1 else torch.cat([node_sum[j] for j in js]),
                         tag(ACROSS_NODES))
     yield across.all_in(at, "reduce_wait")
-    totals = node_sum.new_empty(node_sum.shape)
+    from_peer = {peer: split(across.received[peer], js) for peer, js in shared_with.items()}
     for j in owned:
-        total = None
-        for members in nodes:
-            peer = owner(members, j)
-            if members is mine:
-                value = node_sum[offset[j]:offset[j] + len(bounds[j])]
-            else:
-                start = sum(len(bounds[i]) for i in shared_with[peer][:shared_with[peer].index(j)])
-                value = across.received[peer][start:start + len(bounds[j])]
-            total = value.clone() if total is None else total.add_(value)
-        totals[offset[j]:offset[j] + len(bounds[j])] = total
-    # 3. all-gather inside the node
-    back = receive(others, lambda p: region(owned_by(mine, p)), GATHER_BACK)
+        total = piece(result, j)
+        for n, members in enumerate(nodes):
+            value = node_sum[j] if members is mine else from_peer[members[j % len(members)]][j]
+            total.copy_(value) if n == 0 else total.add_(value)
+    # 3. all-gather inside the node: one chunk lands straight in the result
+    theirs = {r: owned_by(mine, r) for r in others}
+    back = receive({r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js))
+                    for r, js in theirs.items()}, GATHER_BACK)
     for r in others:
-        ctx.sender.send(r, totals, tag(GATHER_BACK))
+        ctx.sender.send(r, joined(result, owned), tag(GATHER_BACK))
     yield back.all_in(at, "reduce_wait")
-    result = torch.empty_like(flat)
-    for r in mine:
-        values, start = totals if r == ctx.rank else back.received[r], 0
-        for j in owned_by(mine, r):
-            result[bounds[j].start:bounds[j].stop] = values[start:start + len(bounds[j])]
-            start += len(bounds[j])
+    for r, js in theirs.items():
+        if len(js) > 1:
+            for j, values in split(back.received[r], js).items():
+                piece(result, j).copy_(values)
     return result.view(x.shape)
 
 
