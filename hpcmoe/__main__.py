@@ -88,6 +88,7 @@ def parse_args(argv):
     collect.add_argument("--batch", default="4,16", help="batches, comma separated")
     collect.add_argument("--prompt-len", default="16,64", help="prompt lengths, comma separated")
     collect.add_argument("--steps", type=int, default=8, help="new tokens per run")
+    collect.add_argument("--reuse", action="store_true", help="keep complete run files already in --out")
     collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
     propose.add_argument("predictor")
@@ -107,7 +108,7 @@ def command_predict(args) -> int:
         numbers = lambda text: [int(x) for x in text.split(",") if x]
         try:
             written = predict.collect(args.config, args.set, args.out, numbers(args.ranks), numbers(args.batch),
-                                      numbers(args.prompt_len), args.steps)
+                                      numbers(args.prompt_len), args.steps, reuse=args.reuse)
         except ValueError as e:
             fail(str(e))
         print(f"hpcmoe predict collect: {len(written)} run files in {args.out}")

@@ -9,12 +9,15 @@ is replaced by the attended context):
   hidden_size      the model's hidden size
   active_experts   token slots the rank's experts processed (from /traffic)
   memory_bandwidth the machine's measured copy bandwidth, GB/s (constant on one machine)
-targets: the rank's attention and expert milliseconds in the step. A roofline estimate
+targets: the rank's compute milliseconds in the step outside its experts (attention with the
+norms, embedding, dense layers, routing and LM head that go with it: what an attention rank does)
+and inside them (what a MoE rank does). A roofline estimate
 (FLOPs / peak + weight bytes / bandwidth, both measured here) is reported beside it. Scoring is
 by run: the runs a predictor is scored on are never among those it was trained on.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -24,13 +27,14 @@ from torch import nn
 
 from hpcmoe.attention import split_heads
 from hpcmoe.config import build_config
+from hpcmoe.output import is_compute, length, union
 
 FEATURES = ("sequence_length", "context_length", "hidden_size", "active_experts", "memory_bandwidth")
 TARGETS = ("attention_ms", "moe_ms")
 
 
 def machine_profile() -> dict[str, float]:
-    """Copy bandwidth (GB/s) and single-thread float32 matmul rate (GFLOP/s) of this machine."""
+    """Copy bandwidth (GB/s), single-thread float32 matmul rate (GFLOP/s) and cores of this machine."""
     a = np.ones(2 ** 24, np.float32)
     start = time.perf_counter()
     for _ in range(5):
@@ -42,7 +46,8 @@ def machine_profile() -> dict[str, float]:
         x @ x
     peak = 10 * 2 * 512 ** 3 / (time.perf_counter() - start) / 1e9
     del b
-    return {"memory_bandwidth": bandwidth, "peak_gflops": peak}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"memory_bandwidth": bandwidth, "peak_gflops": peak, "cores": cores}
 
 
 def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,8 +69,9 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
         tokens_share, context_share = attention_tokens(config, prompt_lengths, rank, ranks)
         for step in range(steps):
             rows = timings[(timings["rank"] == rank) & (timings["step"] == step)]
-            attention = 1e3 * sum(r["end"] - r["start"] for r in rows if r["phase"] == b"attention")
-            experts = 1e3 * sum(r["end"] - r["start"] for r in rows if r["phase"] == b"experts")
+            busy = length(union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])]))
+            experts = 1e3 * length(union([(r["start"], r["end"]) for r in rows if r["phase"] == b"experts"]))
+            attention = 1e3 * busy - experts
             tokens = tokens_share[step]
             features.append([tokens, context_share[step], m.hidden, slots[step, rank], machine["memory_bandwidth"]])
             targets.append([attention, experts])
@@ -149,12 +155,22 @@ def split_features(config, attention: int, moe: int, machine: dict) -> np.ndarra
     return np.array(rows)
 
 
+def step_ms(attention_ms: float, moe_ms: float, attention: int, moe: int, cores: int) -> float:
+    """A step of a split: its slower side, or all ranks' work shared over the cores when they are fewer."""
+    slower = max(attention_ms, moe_ms)
+    if attention + moe <= cores:
+        return slower
+    return max(slower, (attention * attention_ms + moe * moe_ms) / cores)
+
+
 def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -> dict:
     """Best attention:MoE split of `ranks` for a config's workload by predicted times.
 
     Attention work divides over attention ranks (head shards), expert work over MoE ranks; a step
-    takes as long as its slower side, so each split is scored by its predicted generation time
-    (the prefill plus max_new_tokens - 1 decode steps taken halfway through), and the fastest wins.
+    takes as long as its slower side, or, when the ranks outnumber the machine's cores (a box where
+    they share cores), as long as all ranks' work over the cores. Each split is scored by its
+    predicted generation time (the prefill plus max_new_tokens - 1 decode steps taken halfway
+    through), and the fastest wins.
     Rebalancing is flagged when the two sides of the chosen split's decode step differ by more
     than `threshold`. model: anything with predict_ms(features [n, 5]) -> [n, 2] milliseconds."""
     m = config.model
@@ -165,7 +181,8 @@ def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -
             continue
         predicted = model.predict_ms(split_features(config, attention, moe, machine).reshape(-1, 5)).reshape(2, 2, 2)
         sides = [(predicted[phase, 0, 0], predicted[phase, 1, 1]) for phase in range(2)]  # (attention, MoE) ms
-        total = max(sides[0]) + (config.run.max_new_tokens - 1) * max(sides[1])
+        step = [step_ms(a, e, attention, moe, machine.get("cores", ranks)) for a, e in sides]
+        total = step[0] + (config.run.max_new_tokens - 1) * step[1]
         options.append((total, attention, moe, *sides[1]))
     if not options:
         raise ValueError(f"no attention:MoE split of {ranks} ranks fits {m.heads} heads and {m.num_experts} experts")
@@ -237,10 +254,11 @@ def splits(config, ranks: int) -> list[tuple[int, int]]:
 
 
 def collect(config_path: str | None, settings: list[str], out: str, ranks: list[int], batches: list[int],
-            prompt_lens: list[int], steps: int, timeout: int = 300) -> list[str]:
+            prompt_lens: list[int], steps: int, timeout: int = 300, reuse: bool = False) -> list[str]:
     """Timing runs for training and scoring: every attention:MoE split of each rank count (so every
     heads-per-rank share) x batch x prompt length, each a whole `mpiexec` run on this machine.
-    -> the run files written (one per run; a failed run is reported and skipped)."""
+    -> the run files written (one per run; a failed run is reported and skipped; with `reuse`, a
+    complete run file already there is kept)."""
     import os
     import shutil
     import subprocess
@@ -254,13 +272,16 @@ def collect(config_path: str | None, settings: list[str], out: str, ranks: list[
     for n in ranks:
         for attention, moe in splits(config, n):
             for batch in batches:
-                for length in prompt_lens:
-                    path = os.path.join(out, f"ma_n{n}_a{attention}_m{moe}_b{batch}_l{length}.h5")
+                for prompt_len in prompt_lens:
+                    path = os.path.join(out, f"ma_n{n}_a{attention}_m{moe}_b{batch}_l{prompt_len}.h5")
+                    if reuse and os.path.exists(path):
+                        written.append(path)
+                        continue
                     command = ["timeout", str(timeout), mpiexec, "-n", str(n), sys.executable, "-m", "hpcmoe", "run"]
                     command += [config_path] if config_path else []
                     for setting in settings + ["parallel.layout=ma", f"parallel.attention_ranks={attention}",
                                                f"parallel.moe_ranks={moe}", f"run.batch={batch}",
-                                               f"run.prompt_len={length}", f"run.prompt_len_min={length}",
+                                               f"run.prompt_len={prompt_len}", f"run.prompt_len_min={prompt_len}",
                                                f"run.max_new_tokens={steps}"]:
                         command += ["--set", setting]
                     started = time.perf_counter()

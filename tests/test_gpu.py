@@ -40,6 +40,15 @@ def test_two_ranks_sharing_the_gpu_equal_one(tmp_path, settings):
     assert_same_run(read_run(tmp_path / "together.h5"), read_run(tmp_path / "alone.h5"))
 
 
+def test_attention_moe_separation_sharing_the_gpu_equals_one_rank(tmp_path):
+    """ma 2+1 on one GPU over 2 emulated nodes: head slices, vocabulary split, hierarchical sum on the device."""
+    alone = run_job(1, tmp_path / "alone.h5", *ON_GPU, timeout=300)
+    ma = run_job(3, tmp_path / "ma.h5", *ON_GPU, "parallel.layout=ma", "parallel.attention_ranks=2",
+                 "parallel.moe_ranks=1", "parallel.ranks_per_node=1", "run.micro_batches=2", timeout=300)
+    assert alone.returncode == 0 and ma.returncode == 0, alone.stderr + ma.stderr
+    assert_same_run(read_run(tmp_path / "ma.h5"), read_run(tmp_path / "alone.h5"))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_tiny_checkpoints_equal_transformers_on_the_gpu(tmp_path, family):
     sys.path.insert(0, os.path.join(ROOT, "tools"))

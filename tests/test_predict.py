@@ -103,13 +103,13 @@ def test_proposal_picks_the_best_split_of_constructed_timings_and_flags_imbalanc
 
 
 def test_features_do_not_carry_the_target(tmp_path):
-    """Stretching every timing of a run (what a busy fraction or any measured time would leak) leaves
-    the features unchanged: they come from the config, the prompts and /traffic only."""
+    """Running 3x slower (every timing stretched: what a busy fraction or any measured time would leak)
+    leaves the features unchanged: they come from the config, the prompts and /traffic only."""
     path = synthetic_run(tmp_path / "run.h5", 4, 16)
     before, targets, _ = predict.samples_from_run(path, MACHINE)
     with h5py.File(path, "r+") as f:
         rows = f["timings"][:]
-        rows["end"] = rows["start"] + 3 * (rows["end"] - rows["start"])
+        rows["start"], rows["end"] = 3 * rows["start"], 3 * rows["end"]  # every phase 3x as long
         f["timings"][...] = rows
     after, stretched, _ = predict.samples_from_run(path, MACHINE)
     np.testing.assert_array_equal(before, after)
@@ -129,3 +129,19 @@ def test_auto_split_asks_the_predictor_and_says_why(tmp_path):
         parallel = yaml.safe_load(f.attrs["config"])["parallel"]
     assert parallel["attention_ranks"] + parallel["moe_ranks"] == 4 and isinstance(parallel["attention_ranks"], int)
     assert f"{parallel['attention_ranks']} attention : {parallel['moe_ranks']} MoE ranks" in line
+
+
+def test_a_step_on_shared_cores_takes_every_ranks_work_over_the_cores():
+    """Own cores: the slower side; fewer cores than ranks: the ranks' summed work over the cores."""
+    assert predict.step_ms(10.0, 4.0, 1, 3, cores=8) == 10.0
+    assert predict.step_ms(10.0, 4.0, 1, 3, cores=2) == (10.0 + 3 * 4.0) / 2
+    assert predict.step_ms(10.0, 1.0, 1, 3, cores=2) == 10.0  # the slower side still bounds it
+    config = load_config(DEBUG_CONFIG)
+    law = LawPredictor(0.05, 0.04)
+    shared = predict.propose(law, config, 8, {**MACHINE, "cores": 2}, threshold=0.05)
+    for split, total in shared["options"].items():
+        attention, moe = map(int, split.split(":"))
+        f = predict.split_features(config, attention, moe, MACHINE)
+        step = [predict.step_ms(law.predict_ms(f[p])[0, 0], law.predict_ms(f[p])[1, 1], attention, moe, 2)
+                for p in range(2)]
+        assert total == pytest.approx(step[0] + (config.run.max_new_tokens - 1) * step[1])

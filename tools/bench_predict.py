@@ -31,11 +31,13 @@ def main() -> None:
     parser.add_argument("--out", default="docs/bench/predict.json")
     parser.add_argument("--work", default="runs/predict")
     parser.add_argument("--epochs", type=int, default=3000)
+    parser.add_argument("--reuse", action="store_true", help="keep run files already in --work")
     args = parser.parse_args()
-    train_runs = predict.collect(CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8)
+    train_runs = predict.collect(CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8,
+                                 reuse=args.reuse)
     target = {"batch": 8, "prompt_len": 32}
     unseen = predict.collect(CONFIG, [], os.path.join(args.work, "unseen"), [4, 6, 8], [target["batch"]],
-                             [target["prompt_len"]], 8)
+                             [target["prompt_len"]], 8, reuse=args.reuse)
     machine = predict.machine_profile()
     x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in train_runs)))
     model = predict.train(x, y, args.epochs)
