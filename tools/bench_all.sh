@@ -16,7 +16,13 @@ run mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml --out $out/wait_n4.json
 run mpiexec -n 4 hpcmoe bench dispatch_mode inputs/bench_ep.yaml --set parallel.ranks_per_node=2 \
   --set 'parallel.link={bandwidth_gbps: 1, latency_us: 100}' --out $out/dispatch_mode_n4.json
 run mpiexec -n 4 hpcmoe bench ma inputs/bench_ma.yaml --out $out/ma_n4.json
-run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --out $out/reduce_n4.json
+run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 10 --latency-us 20 \
+  --out $out/reduce_n4.json
+run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 1 --latency-us 20 \
+  --out $out/reduce_n4_1gbps.json
+run mpiexec -n 16 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 4 --link-gbps 10 --latency-us 20 \
+  --reps 5 --out $out/reduce_n16.json
+run python tools/bench_predict.py --out $out/predict.json --work runs/predict
 # One rank against transformers: the tiny checkpoints of the issue (hidden 512, 4 layers, 8 / 16 experts)
 checkpoints=$(mktemp -d)
 python tools/make_tiny_checkpoint.py mixtral "$checkpoints/mixtral" --set hidden_size=512 --set num_hidden_layers=4 \

@@ -34,16 +34,32 @@ for r in by_kind("scale"):
     print("\nTPOT ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["tpot_ratio"].items()))
 
 for r in by_kind("reduce"):
-    flat, hierarchical = (r["median"][v]["seconds"] for v in ("flat_allreduce", "hierarchical"))
-    print(f"\n### reduce: {r['what']}\n")
-    print(f"flat Allreduce {1e3 * flat:.2f} ms, hierarchical point-to-point sum {1e3 * hierarchical:.2f} ms "
-          f"(ratio {hierarchical / flat:.2f}{', oversubscribed' if r['oversubscribed'] else ''})")
+    print(f"\n### reduce ({r['file']}): {r['what']}\n")
+    print("| variant | ms | inter-node bytes per rank | ms / leader_sum |\n|---|---|---|---|")
+    for variant, m in r["median"].items():
+        nbytes = m.get("internode_bytes_per_rank")
+        print(f"| {variant} | {1e3 * m['seconds']:.2f} | {'n/a (real MPI)' if nbytes is None else f'{nbytes:.3g}'} | "
+              f"{r['ratio_to_leader_sum'][variant]['seconds']:.2f} |")
+
+for r in by_kind("predict"):
+    print(f"\n### predict ({r['file']}): `{r['command']}`; trained on {r['train_runs']} runs, scored on "
+          f"{r['unseen_runs']} unseen runs (other batch and prompt length, and 8 ranks)\n")
+    print("| target | predictor error | roofline error |\n|---|---|---|")
+    for i, target in enumerate(r["targets"]):
+        e = r["error_on_unseen_runs"]
+        print(f"| {target} | {e['predictor'][i]:.3f} | {e['roofline'][i]:.3f} |")
+    print("\n| ranks | proposed | its TPOT ms | best measured | its TPOT ms | proposed / best | every split's TPOT ms |")
+    print("|---|---|---|---|---|---|---|")
+    for ranks, p in r["proposals"].items():
+        t = p["measured_tpot_ms"]
+        print(f"| {ranks} | {p['proposed']} | {t[p['proposed']]:.1f} | {p['best']} | {t[p['best']]:.1f} | "
+              f"{p['proposed_over_best']:.2f} | " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(t.items())) + " |")
 
 keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
         "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
         "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
-    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale"):
+    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
