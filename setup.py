@@ -6,7 +6,7 @@ setup(
     description="Mixture-of-Experts inference at large expert parallelism over MPI, one HDF5 file per run",
     packages=find_packages(include=["hpcmoe", "hpcmoe.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "mpi4py>=3.1", "numpy", "h5py", "pyyaml"],
+    install_requires=["torch>=2.1", "mpi4py>=3.1", "numpy", "h5py", "pyyaml", "tokenizers"],
     extras_require={
         "mpich": ["mpich"],  # a ready MPI from PyPI; on a cluster build mpi4py against the site MPI instead
         "plots": ["matplotlib"],

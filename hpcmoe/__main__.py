@@ -162,14 +162,18 @@ def command_bench(args) -> int:
 
 
 def check_output_path(path: str) -> None:
-    """The nearest existing ancestor of the output file must be a writable directory."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"output.path: {path!r}: cannot create a file under {parent}")
+    """The output file's directory can be created and written: tried (with a probe file) on every
+    rank before anything is built, so a bad location fails at once instead of after the model."""
+    import tempfile
     if os.path.isdir(path):
         raise ValueError(f"output.path: {path!r} is a directory; expected a file name such as run.h5")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".hpcmoe-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"output.path: {path!r}: cannot write in {directory}: {e.strerror or e}") from None
 
 
 def command_run(args) -> int:
@@ -178,6 +182,8 @@ def command_run(args) -> int:
         if args.output:
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
         check_output_path(config.output.path)
+        from hpcmoe.workload import check_vocabulary
+        check_vocabulary(config.requests, config.model.vocab)  # reads and checks run.prompts on every rank
     except ValueError as e:
         fail(str(e))
     from hpcmoe.topology import init_mpi
@@ -232,7 +238,7 @@ def check_model(config, layout, is_root: bool):
     experts = max(len(placement.experts_of_rank(r)) for r in range(layout.world_size))
     whole, weights = parameter_bytes(m, experts)
     prompts = config.prompts
-    tokens = max(map(len, prompts)) + config.run.max_new_tokens
+    tokens = max(len(r.prompt_ids) + r.max_new_tokens for r in config.requests)
     available = available_memory_per_rank()
     if config.parallel.layout == "ma":  # each role holds only its part: the larger of the two must fit
         from hpcmoe.attention import split_heads
@@ -271,12 +277,11 @@ def human_bytes(n: float) -> str:
 
 
 def summary(config, topo, layout, metrics: dict) -> str:
-    r = config.run
     prompts = config.prompts
     return "\n".join([
         f"hpcmoe: {topo.size} ranks on {topo.num_nodes} node(s), layout {config.parallel.layout}, "
         f"placement {layout.mode}, {len(prompts)} requests, "
-        f"{sum(map(len, prompts))} prompt tokens, {r.max_new_tokens} new tokens each",
+        f"{sum(map(len, prompts))} prompt tokens, up to {config.steps} new tokens each",
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
         f"tps {metrics['tps']:.0f} tok/s",

@@ -373,6 +373,7 @@ def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int,
     device = choose_device(device_kind(device_name), 0)
     config = load_config(None, [f"model.checkpoint={checkpoint}", f"run.batch={batch}", f"run.prompt_len={prompt_len}",
                                 f"run.max_new_tokens={steps}", f"output.path={directory}/run.h5",
+                                "run.stop_at_eos=false",  # transformers makes every token too (min_new_tokens)
                                 "model.dtype=float32"])
     prompts = torch.tensor(config.prompts, device=device)  # equal lengths: no padding on either side
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()

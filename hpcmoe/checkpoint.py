@@ -40,10 +40,21 @@ def rope_fields(c: dict, where: str) -> dict:
     return {"rope_theta": float(params.get("rope_theta") or 10000.0), "rope_scaling": {**scaling, "rope_type": "yarn"}}
 
 
+class Fields(dict):
+    """config.json's mapping; a field that is needed but absent is one clear error naming it and the file."""
+
+    def __init__(self, values: dict, where: str):
+        super().__init__(values)
+        self.where = where
+
+    def __missing__(self, key):
+        raise ValueError(f"model.checkpoint: {self.where}: field {key!r} is missing")
+
+
 def model_fields(directory: str) -> dict:
     """config.json -> hpcmoe model fields (pure: no torch)."""
-    c = read_config(directory)
     where = os.path.join(directory, "config.json")
+    c = Fields(read_config(directory), where)
     kind = c.get("model_type")
     if kind not in SUPPORTED:
         raise ValueError(f"model.checkpoint: {where}: model_type {kind!r} is not supported; "
@@ -56,7 +67,7 @@ def model_fields(directory: str) -> dict:
         raise ValueError(f"model.checkpoint: {where}: hidden_act {c['hidden_act']!r} is not supported; expected silu")
     common = dict(vocab=c["vocab_size"], hidden=c["hidden_size"], num_layers=c["num_hidden_layers"],
                   heads=c["num_attention_heads"], top_k=c["num_experts_per_tok"], norm_eps=float(c["rms_norm_eps"]),
-                  **rope_fields(c, where))
+                  max_positions=c.get("max_position_embeddings"), **rope_fields(c, where))
     if kind == "mixtral":
         if c.get("sliding_window") is not None:
             raise ValueError(f"model.checkpoint: {where}: sliding_window {c['sliding_window']} is not supported")

@@ -76,6 +76,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: Optional[str] = None        # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
     seed: int = 0                      # random weights are seeded per tensor name from this
+    max_positions: Optional[int] = None  # longest prompt + new tokens (a checkpoint's max_position_embeddings)
 
     @property
     def moe_layers(self) -> int:
@@ -86,6 +87,15 @@ class ModelConfig:
         """The dtype weights are built in: model.dtype, or float32 when it is left to the device and
         the config has not been placed on one yet (Config.on_device)."""
         return self.dtype or "float32"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Seeded sampling: each request draws from its own generator seeded by (seed, request id, step)."""
+    temperature: float = 1.0               # 0: greedy
+    top_k: Optional[int] = None            # keep the k most likely tokens
+    top_p: Optional[float] = None          # keep the most likely tokens until their probability reaches p
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,9 @@ class RunConfig:
     prompt_len_min: Optional[int] = None    # synthetic workload: shortest prompt (default prompt_len)
     seed: int = 0                           # synthetic workload seed
     prompt_ids: Optional[list[list[int]]] = None  # explicit prompts; replace the synthetic workload
+    prompts: Optional[str] = None           # a JSONL file of {"id", "prompt" or "prompt_ids", "max_new_tokens"?}
+    stop_at_eos: Optional[bool] = None      # a request ends at its eos token (default: true with a checkpoint)
+    sampling: Optional[SamplingConfig] = None  # default: greedy
     max_new_tokens: int = 8
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
     device: str = "auto"                    # auto (cuda when torch sees a GPU) | cpu | cuda
@@ -147,10 +160,19 @@ class Config:
 
     @property
     def prompts(self) -> list[list[int]]:
-        """The prompts of this run: run.prompt_ids, or the seeded synthetic workload."""
-        if self.run.prompt_ids is not None:
-            return [list(p) for p in self.run.prompt_ids]
-        return synthetic_prompts(self.run, self.model.vocab)
+        """The prompts of this run: run.prompts, run.prompt_ids, or the seeded synthetic workload."""
+        return [list(r.prompt_ids) for r in self.requests]
+
+    @property
+    def requests(self):
+        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens)."""
+        from hpcmoe.workload import requests_of
+        return requests_of(self)
+
+    @property
+    def steps(self) -> int:
+        """Forward steps of the run: the largest max_new_tokens of its requests."""
+        return max(r.max_new_tokens for r in self.requests)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -400,6 +422,12 @@ def validate(config: Config) -> None:
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
+    require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
+    if r.sampling is not None:
+        s = r.sampling
+        require(s.temperature >= 0, f"run.sampling.temperature: expected a number >= 0, got {s.temperature}")
+        require(s.top_k is None or s.top_k >= 1, f"run.sampling.top_k: expected an integer >= 1, got {s.top_k}")
+        require(s.top_p is None or 0 < s.top_p <= 1, f"run.sampling.top_p: expected a number in (0, 1], got {s.top_p}")
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
     require(r.timeout_s > 0, f"run.timeout_s: expected a number > 0, got {r.timeout_s}")
     require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")

@@ -58,25 +58,30 @@ class RootGather:
 
 
 class StopSignal:
-    """The ranks agree to stop: SIGUSR1 may reach them at different steps, so at every step boundary
-    each rank posts its flag in a non-blocking reduction (on a communicator of its own) and reads
-    the reduction posted one boundary earlier, which has completed in the background meanwhile.
-    Every rank reads the same result at the same boundary, so all stop after the same step, one
-    step after the signal, and no step waits for a vote in the common case."""
+    """The ranks agree to stop: a stop signal (SIGUSR1, SIGTERM) may reach them at different steps,
+    and each rank knows only whether its own requests have all ended. At every step boundary each
+    rank posts (stop asked, requests left) in a non-blocking reduction (on a communicator of its
+    own) and reads the reduction posted one boundary earlier, which has completed in the background
+    meanwhile. Every rank reads the same result at the same boundary, so all stop after the same
+    step, and no step waits for a vote in the common case."""
 
     def __init__(self, world, timer: Timer):
         self.comm, self.timer, self.request = world.Dup(), timer, None
-        self.flag, self.anyone = np.zeros(1, dtype=int), np.zeros(1, dtype=int)
+        self.flags, self.anyone = np.zeros(2, dtype=int), np.zeros(2, dtype=int)
+        self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi
 
-    def agreed(self, step: int) -> bool:
+    def agreed(self, step: int, requests_left: bool = True) -> bool:
+        """True when the ranks stop after this step: asked to by a signal (then `signalled`), or
+        every request on every rank has ended."""
         from mpi4py import MPI
         if self.request is not None:
             self.finish_vote(step)
-            if self.anyone[0]:
+            if self.anyone[0] or not self.anyone[1]:
+                self.signalled = bool(self.anyone[0])
                 return True
-        self.flag[0] = int(STOP_REQUESTED[0])
-        self.request = self.comm.Iallreduce(self.flag, self.anyone, op=MPI.MAX)
+        self.flags[:] = int(STOP_REQUESTED[0]), int(requests_left)
+        self.request = self.comm.Iallreduce(self.flags, self.anyone, op=MPI.MAX)
         return False
 
     def finish_vote(self, step: int) -> None:
@@ -119,7 +124,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
-    steps, model_cfg = config.run.max_new_tokens, config.model
+    steps, model_cfg = config.steps, config.model
     writer = None
     if rank == 0:
         attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
@@ -149,68 +154,123 @@ def build_engine(config: Config, topo: Topology, layout, placement: Placement, t
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
              prompts: list[list[int]], writer, load, device) -> dict:
     from hpcmoe.device import Streams
-    rank, steps, model_cfg = topo.rank, config.run.max_new_tokens, config.model
+    rank, steps, model_cfg = topo.rank, config.steps, config.model
     timer = Timer(rank, time.perf_counter(), Streams(device))
     engine = build_engine(config, topo, layout, placement, timer, load, device)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
-    local = [prompts[i] for i in engine.requests(len(prompts))]
-    cache = engine.new_cache(len(local), max(map(len, prompts)) + steps)
+    requests = config.requests
+    local = [requests[i] for i in engine.requests(len(requests))]
+    cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
     gather, progress = RootGather(topo.world, timer), Progress(steps) if rank == 0 else None
     stop = StopSignal(topo.world, timer)
     if device.type != "cpu":
         torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
     timer.restart(time.perf_counter())
-    done, token_times, dropped = run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop)
+    done, token_times, generated, dropped = run_steps(config, engine, timer, cache, local, gather, writer,
+                                                      progress, stop)
     stop.close(done)
     records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), done)
     gather.close(done)
     engine.close()
     if records is None:
         return {}
-    return finish(config, topo, writer, records, prompts, token_times, dropped)
+    return finish(config, topo, writer, records, prompts, token_times, generated, dropped,
+                  stopped_at=done if stop.signalled else None)
 
 
-def run_steps(config, topo, engine, timer, cache, local, writer, gather, progress, stop):
-    """Prefill and decode until max_new_tokens, or until the ranks agree to stop.
+class Requests:
+    """A rank's requests as they generate: who is still in the batch (their cache rows, in order),
+    what each feeds next, and how many tokens each has made. A request leaves the batch when it
+    reaches its max_new_tokens or, with run.stop_at_eos, generates an end-of-sequence token (which
+    is kept as its last token); its KV cache rows are freed and it costs no more work anywhere."""
 
-    -> (steps done, rank 0's token times [steps done] in seconds since the start, dropped token slots)."""
-    steps = config.run.max_new_tokens
-    cached = torch.zeros(len(local), dtype=torch.int64)
-    new_tokens, dropped, token_times = local, 0, []
+    def __init__(self, local: list, eos: tuple[int, ...]):
+        self.local, self.eos = local, set(eos)
+        self.alive = list(range(len(local)))                      # local index of each cache row
+        self.feed = [list(r.prompt_ids) for r in local]            # the tokens each request feeds next
+        self.cached = torch.zeros(len(local), dtype=torch.int64)   # positions in the cache, per cache row
+        self.made = [0] * len(local)
+
+    def inputs(self, device) -> StepInputs:
+        return StepInputs.build([self.feed[i] for i in self.alive], self.cached, device)
+
+    def advance(self, chosen: np.ndarray, fed: torch.Tensor, cache) -> np.ndarray:
+        """chosen: [alive] this step's tokens -> [local] the step's tokens (-1 for requests already
+        ended); the ended ones leave the batch and their cache rows."""
+        tokens = np.full(len(self.local), -1, dtype=np.int64)
+        self.cached += fed
+        keep = []
+        for row, (i, token) in enumerate(zip(self.alive, chosen.tolist())):
+            tokens[i], self.made[i], self.feed[i] = token, self.made[i] + 1, [token]
+            if self.made[i] < self.local[i].max_new_tokens and token not in self.eos:
+                keep.append(row)
+        if len(keep) < len(self.alive):
+            rows = torch.tensor(keep, dtype=torch.int64)
+            self.alive = [self.alive[row] for row in keep]
+            self.cached = self.cached[rows]
+            for layer in cache:
+                for part in layer:
+                    part.data = part.data.index_select(0, rows.to(part.data.device))  # frees the ended rows
+        return tokens
+
+
+def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop):
+    """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
+    to stop. -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped)."""
+    from hpcmoe.workload import choose, eos_ids
+    r = config.run
+    stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
+    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else ())
+    sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
+    steps, dropped, token_times, generated = config.steps, 0, [], []
     for step in range(steps):
         engine.step = step
         stats = engine.new_stats()
         with timer.phase("step", step):
-            inputs = StepInputs.build(new_tokens, cached, engine.device)
+            inputs = state.inputs(engine.device)
             chosen, logits = engine.forward(inputs, cache, stats)
-        cached += inputs.lengths
-        chosen = chosen.cpu()  # the step's one wait
-        logits = logits.cpu() if config.output.save_logits and logits is not None else None
-        new_tokens = [[t] for t in chosen.tolist()]
+        if sampling is not None:  # needs every logit: drawn on the host, the same on every rank that holds them
+            logits = logits.cpu()
+            chosen = choose(logits.numpy(), [local[i].id for i in state.alive], step, sampling)
+        else:
+            chosen = chosen.cpu().numpy()  # the step's one wait
+        logits = logits.cpu().numpy() if config.output.save_logits and logits is not None else None
+        alive = list(state.alive)
+        tokens = state.advance(chosen, inputs.lengths, cache)
         with timer.phase("output", step):
             reported = slice(None) if engine.reports else slice(0)
-            record = (chosen[reported].numpy(), logits[reported].numpy() if logits is not None else None,
-                      (stats.routing.cpu().numpy(), stats.traffic, int(stats.dropped)), timer.take())
+            if logits is not None:
+                full = np.full((len(local), logits.shape[-1]), np.nan, np.float32)  # ended: no logits
+                full[alive] = logits
+                logits = full[reported]
+            record = (tokens[reported], logits, (stats.routing.cpu().numpy(), stats.traffic, int(stats.dropped)),
+                      timer.take())
             records = gather(record, step)
             if records is not None:
-                token_times.append(timer.now())  # rank 0 holds this step's tokens
+                made = int(sum((rec[0] >= 0).sum() for rec in records))
+                generated.append(made)
+                if made:
+                    token_times.append(timer.now())  # rank 0 holds this step's tokens
                 write_step(writer, step, records)
-                dropped += sum(r[2][2] for r in records)
-                progress.update(step, token_times[-1] - (token_times[-2] if step else 0.0))
-        if step + 1 < steps and stop.agreed(step):
-            return step + 1, token_times, dropped
-    return steps, token_times, dropped
+                dropped += sum(rec[2][2] for rec in records)
+                progress.update(step, timer.now() - (token_times[-2] if len(token_times) > 1 else 0.0))
+        if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive)):
+            return step + 1, token_times, generated, dropped
+    return steps, token_times, generated, dropped
 
 
-def finish(config, topo, writer, records, prompts, token_times: list[float], dropped: int) -> dict:
-    """Rank 0: metrics over the steps done, then the file is complete (or partial when stopped early)."""
+def finish(config, topo, writer, records, prompts, token_times: list[float], generated: list[int], dropped: int,
+           stopped_at: int | None) -> dict:
+    """Rank 0: metrics over the steps done, then the file is complete (or partial when stopped by a signal)."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
     writer.write()
     timings = writer.file["timings"][:]
-    done = len(token_times)
-    metrics, spans = compute_metrics(np.array(token_times), sum(map(len, prompts)), len(prompts))
+    done = len(generated)
+    metrics, spans = compute_metrics(np.array(token_times), sum(map(len, prompts)),
+                                     np.array([g for g in generated if g]))
+    writer.write_requests(config)
     per_rank = busy_and_idle(timings, topo.size)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
@@ -229,10 +289,9 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], dro
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
     per_rank["token_time_s"] = np.array(token_times)
-    stopped = done < config.run.max_new_tokens
-    if stopped:
-        metrics["stopped_at_step"] = done
-    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not stopped)
+    if stopped_at is not None:
+        metrics["stopped_at_step"] = stopped_at
+    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=stopped_at is None)
     return metrics
 
 

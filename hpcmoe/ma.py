@@ -167,6 +167,9 @@ class AttentionEngine:
         self.comm, self.sender, self.link, self.ctx = topo.world, self.net.sender, self.net.sender.link, self.net.ctx
         self.micro_batches = config.run.micro_batches
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
+        sampling = config.run.sampling
+        # every logit is gathered only to be saved or sampled from
+        self.whole_logits = config.output.save_logits or (sampling is not None and sampling.temperature > 0)
 
     def requests(self, batch: int) -> range:
         return self.layout.group_requests(batch, self.rank)
@@ -187,7 +190,7 @@ class AttentionEngine:
                       for i, r in enumerate(blocks)]
         results = self.net.run_step(generators, self.step)
         chosen = torch.cat([c for c, _ in results])
-        return chosen, torch.cat([x for _, x in results]) if self.config.output.save_logits else None
+        return chosen, torch.cat([x for _, x in results]) if self.whole_logits else None
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
         """Generator: the group's micro-batch through every layer -> (tokens [b_mb], logits [b_mb, vocab] or None),
@@ -236,7 +239,7 @@ class AttentionEngine:
                                            CHOICE)
         pairs = pairs.view(len(self.primaries), b, 2)
         chosen = greedy_over_slices(pairs[..., 0], pairs[..., 1].long())
-        if not self.config.output.save_logits:
+        if not self.whole_logits:
             return chosen, None
         columns = yield from all_gather_rows(self, local.t().contiguous(), self.primaries, self.group,
                                              [len(v) for v in self.vocab_slices], local.new_empty(0, b), tag(done),

@@ -77,14 +77,17 @@ class Timer:
         return np.array(rows, dtype=TIMING_DTYPE)
 
 
-def compute_metrics(token_times: np.ndarray, prompt_tokens: int, batch: int) -> tuple[dict, np.ndarray]:
-    """token_times: [steps] when rank 0 held each step's tokens, seconds since the common start.
+def compute_metrics(token_times: np.ndarray, prompt_tokens: int, generated) -> tuple[dict, np.ndarray]:
+    """token_times: [steps] when rank 0 held each step's tokens, seconds since the common start;
+    generated: tokens made in each of those steps (or the batch, when every request made one each).
 
     TTFT is the first; TPOT the mean wall time between consecutive decode steps, everything
-    included (records, file appends, stop votes). -> (metrics, per-step seconds [steps])."""
+    included (records, file appends, stop votes). Token rates count only generated tokens, so
+    they fall when requests end early. -> (metrics, per-step seconds [steps])."""
     steps = len(token_times)
     spans = np.diff(np.concatenate([[0.0], token_times]))
-    decode_tokens = batch * (steps - 1)
+    per_step = np.broadcast_to(np.asarray(generated), (steps,))
+    decode_tokens = int(per_step[1:].sum())
     return {
         "ttft_ms": 1e3 * token_times[0],
         "tpot_ms": 1e3 * spans[1:].mean() if steps > 1 else float("nan"),
@@ -251,6 +254,22 @@ class RunWriter:
             table[-len(rows):] = rows
             self.timing_rows = []
         self.held, self.written_at = 0, time.monotonic()
+
+    def write_requests(self, config) -> None:
+        """/request_ids, /generated_lengths (each request's tokens, its eos token included) and, with a
+        tokenizer, /generated_text (UTF-8)."""
+        import h5py
+        from hpcmoe.workload import decode
+        self.write()
+        generated = self.file["generated"][:]
+        lengths = (generated >= 0).sum(axis=1).astype(np.int64)
+        strings = h5py.string_dtype("utf-8")
+        self.array("request_ids", data=np.array([r.id for r in config.requests], dtype=object), dtype=strings,
+                   axes=["request"])
+        self.array("generated_lengths", data=lengths, axes=["request"], units="tokens")
+        texts = [decode(config.model.checkpoint, row) for row in generated]
+        if texts and texts[0] is not None:
+            self.array("generated_text", data=np.array(texts, dtype=object), dtype=strings, axes=["request"])
 
     def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray],
                complete: bool = True) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-STOP_REQUESTED = [False]  # set by SIGUSR1 at any time; the ranks agree on it at step boundaries
+STOP_REQUESTED = [False]  # set by SIGUSR1 or SIGTERM at any time; the ranks agree on it at step boundaries
 
 
 def request_stop(signum, frame):
@@ -22,8 +22,10 @@ def request_stop(signum, frame):
 
 
 def listen_for_stop() -> None:
-    """SIGUSR1 (Slurm's --signal=USR1@N) asks for a clean stop; remember it from now on."""
+    """SIGUSR1 (Slurm's --signal=USR1@N) and SIGTERM (what scancel and a time limit send first) ask
+    for a clean stop: the ranks agree on a step, write the partial file and exit 0."""
     signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
 
 def keep_freed_memory() -> None:

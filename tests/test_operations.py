@@ -52,12 +52,19 @@ def wait_for_steps(process, output, seconds: float = 60) -> None:
     time.sleep(1.0)
 
 
-def test_usr1_on_one_rank_stops_every_rank_at_the_same_step_with_a_partial_file(tmp_path):
+@pytest.mark.parametrize("signum, target", [(signal.SIGUSR1, "rank"), (signal.SIGTERM, "rank"),
+                                            (signal.SIGTERM, "launcher")], ids=["usr1-rank", "term-rank", "term-launcher"])
+def test_a_stop_signal_stops_every_rank_at_the_same_step_with_a_partial_file(tmp_path, signum, target):
+    """SIGUSR1 (Slurm's warning) or SIGTERM (scancel, a time limit) to one rank or to mpiexec."""
     process, output = launch(tmp_path, steps=2000)
     wait_for_steps(process, output)
     pids = rank_pids(output)
     assert pids, "no rank found to signal"
-    os.kill(pids[-1], signal.SIGUSR1)  # one rank only: the ranks must agree on the stop step
+    if target == "rank":
+        os.kill(pids[-1], signum)  # one rank only: the ranks must agree on the stop step
+    else:
+        launcher = subprocess.run(["pgrep", "-f", f"mpiexec -n 4 .*{output}"], capture_output=True, text=True).stdout
+        os.kill(int(launcher.split()[0]), signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     partial = tmp_path / "run.partial.h5"

@@ -8,6 +8,7 @@ perturbed around one, and DeepSeek's router correction bias is random so that it
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import yaml
@@ -52,6 +53,21 @@ def make(family: str, directory: str, shards: int = 1, seed: int = 0, **override
     return model
 
 
+def train_tokenizer(directory: str, text_file: str, vocab_size: int) -> None:
+    """A byte-level BPE trained on `text_file`, saved as DIRECTORY/tokenizer.json: <unk> 0, <s> 1 (BOS,
+    added by its post-processor), </s> 2 (EOS). For tests: tiny, but a real `tokenizers` tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    with open(text_file) as f:
+        tokenizer.train_from_iterator(f.read().splitlines(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=sorted(FAMILIES))
@@ -60,9 +76,12 @@ def main():
                         help="override a transformers config field (value parsed as YAML)")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", metavar="TEXT_FILE", help="also train a byte-level BPE on this text")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
-    make(args.family, args.directory, args.shards, args.seed, **overrides)
+    model = make(args.family, args.directory, args.shards, args.seed, **overrides)
+    if args.tokenizer:
+        train_tokenizer(args.directory, args.tokenizer, model.config.vocab_size)
     print(f"wrote {args.family} checkpoint to {args.directory}")
 
 
