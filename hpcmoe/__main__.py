@@ -29,6 +29,7 @@ def parse_args(argv):
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
+    run.add_argument("--resume", metavar="PARTIAL.h5", help="continue the run a signal stopped (same config)")
     bench = commands.add_parser("bench", help="benchmarks: medians of interleaved repetitions, ratios in one run")
     benches = bench.add_subparsers(dest="benchmark", required=True)
     from hpcmoe.bench import SCENARIOS
@@ -196,6 +197,11 @@ def command_run(args) -> int:
             if world.Get_rank() == 0:
                 print(why, file=sys.stderr, flush=True)
         layout = ParallelLayout.from_config(config, world.Get_size())
+        resume = None
+        if args.resume:
+            from hpcmoe.device import device_kind
+            from hpcmoe.workload import read_partial
+            resume = read_partial(args.resume, config.on_device(device_kind(config.run.device)), world.Get_size())
     except ValueError as e:
         fail(str(e))
     try:
@@ -214,7 +220,7 @@ def command_run(args) -> int:
     from hpcmoe.topology import build_topology, default_threads
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
-    metrics = run(config, topo, layout, load, routing, choose_device(config.run.device, topo.host_rank))
+    metrics = run(config, topo, layout, load, routing, choose_device(config.run.device, topo.host_rank), resume)
     if topo.rank == 0 and "stopped_at_step" in metrics:
         print(f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}", flush=True)
     elif topo.rank == 0:

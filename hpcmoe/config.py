@@ -143,6 +143,7 @@ class RunConfig:
     fail_rank: Optional[int] = None         # testing: this rank raises ...
     fail_at_layer: int = 0                  # ... in this layer ...
     fail_at_step: int = 0                   # ... of this step
+    signal_at_step: Optional[int] = None    # testing: the last rank sends itself SIGUSR1 as this step starts
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ time at which it holds each step's tokens, everything (records, HDF5 append, sto
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -71,18 +73,25 @@ class StopSignal:
         self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi
 
-    def agreed(self, step: int, requests_left: bool = True) -> bool:
+    def agreed(self, step: int, requests_left: bool = True, at_once: bool = False) -> bool:
         """True when the ranks stop after this step: asked to by a signal (then `signalled`), or
-        every request on every rank has ended."""
+        every request on every rank has ended. at_once: wait for this boundary's own vote (after
+        the prefill, whose length dwarfs it, so that a signal during the prefill stops right there)."""
         from mpi4py import MPI
         if self.request is not None:
             self.finish_vote(step)
-            if self.anyone[0] or not self.anyone[1]:
-                self.signalled = bool(self.anyone[0])
+            if self.decided():
                 return True
         self.flags[:] = int(STOP_REQUESTED[0]), int(requests_left)
         self.request = self.comm.Iallreduce(self.flags, self.anyone, op=MPI.MAX)
+        if at_once:
+            self.finish_vote(step)
+            return self.decided()
         return False
+
+    def decided(self) -> bool:
+        self.signalled = bool(self.anyone[0])
+        return self.signalled or not self.anyone[1]
 
     def finish_vote(self, step: int) -> None:
         if not self.request.Test():
@@ -116,9 +125,10 @@ class Progress:
 
 
 def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routing=None,
-        device: torch.device = torch.device("cpu")) -> dict:
+        device: torch.device = torch.device("cpu"), resume=None) -> dict:
     """Generate for every request of the config on `device`; rank 0 writes the run file. Returns the
-    metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from)."""
+    metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from);
+    resume: a partial run's finished steps (hpcmoe.workload.Resume) to continue from."""
     rank, size = topo.rank, topo.size
     config = config.on_device(device.type)
     placement = layout.placement(topo.node_of_rank, routing)
@@ -132,10 +142,14 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
                  "node_of_rank": np.array(topo.node_of_rank, np.int64),
                  "layout": config.parallel.layout, "device": device.type,
                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        if resume is not None:
+            attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
         writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
                            size, model_cfg.num_experts, config.output.save_logits)
+        if resume is not None:  # the finished steps, as the stopped run wrote them
+            writer.write_finished_steps(resume)
     try:
-        metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device)
+        metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device, resume)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -152,7 +166,7 @@ def build_engine(config: Config, topo: Topology, layout, placement: Placement, t
 
 
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
-             prompts: list[list[int]], writer, load, device) -> dict:
+             prompts: list[list[int]], writer, load, device, resume=None) -> dict:
     from hpcmoe.device import Streams
     rank, steps, model_cfg = topo.rank, config.steps, config.model
     timer = Timer(rank, time.perf_counter(), Streams(device))
@@ -169,15 +183,14 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
     timer.restart(time.perf_counter())
     done, token_times, generated, dropped = run_steps(config, engine, timer, cache, local, gather, writer,
-                                                      progress, stop)
+                                                      progress, stop, resume, engine.requests(len(requests)))
     stop.close(done)
     records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), done)
     gather.close(done)
     engine.close()
     if records is None:
         return {}
-    return finish(config, topo, writer, records, prompts, token_times, generated, dropped,
-                  stopped_at=done if stop.signalled else None)
+    return finish(config, topo, writer, records, prompts, token_times, generated, dropped, done, stop.signalled)
 
 
 class Requests:
@@ -186,12 +199,21 @@ class Requests:
     reaches its max_new_tokens or, with run.stop_at_eos, generates an end-of-sequence token (which
     is kept as its last token); its KV cache rows are freed and it costs no more work anywhere."""
 
-    def __init__(self, local: list, eos: tuple[int, ...]):
+    def __init__(self, local: list, eos: tuple[int, ...], earlier: np.ndarray | None = None):
+        """earlier: [local, steps] tokens a stopped run made (-1 after an end): a resumed request
+        prefills its prompt and those tokens again, and one that had ended stays out."""
         self.local, self.eos = local, set(eos)
-        self.alive = list(range(len(local)))                      # local index of each cache row
         self.feed = [list(r.prompt_ids) for r in local]            # the tokens each request feeds next
-        self.cached = torch.zeros(len(local), dtype=torch.int64)   # positions in the cache, per cache row
         self.made = [0] * len(local)
+        self.alive = list(range(len(local)))                      # local index of each cache row
+        if earlier is not None:
+            for i, row in enumerate(earlier):
+                made = [int(t) for t in row if t >= 0]
+                self.feed[i] += made
+                self.made[i] = len(made)
+            self.alive = [i for i in self.alive if self.made[i] < local[i].max_new_tokens
+                          and not (self.made[i] and self.feed[i][-1] in self.eos)]
+        self.cached = torch.zeros(len(self.alive), dtype=torch.int64)  # positions in the cache, per cache row
 
     def inputs(self, device) -> StepInputs:
         return StepInputs.build([self.feed[i] for i in self.alive], self.cached, device)
@@ -207,26 +229,38 @@ class Requests:
             if self.made[i] < self.local[i].max_new_tokens and token not in self.eos:
                 keep.append(row)
         if len(keep) < len(self.alive):
-            rows = torch.tensor(keep, dtype=torch.int64)
             self.alive = [self.alive[row] for row in keep]
-            self.cached = self.cached[rows]
-            for layer in cache:
-                for part in layer:
-                    part.data = part.data.index_select(0, rows.to(part.data.device))  # frees the ended rows
+            self.cached = self.cached[keep]
+            keep_cache_rows(cache, keep)
         return tokens
 
 
-def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop):
+def keep_cache_rows(cache, rows: list[int]) -> None:
+    """Keep only these rows of every layer's KV cache (in this order); the others' memory is freed."""
+    index = torch.tensor(rows, dtype=torch.int64)
+    for layer in cache:
+        for part in layer:
+            part.data = part.data.index_select(0, index.to(part.data.device))
+
+
+def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, resume=None, mine=range(0)):
     """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
-    to stop. -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped)."""
+    to stop; resumed, from the stopped run's step (each unfinished request prefilled again).
+    -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped)."""
     from hpcmoe.workload import choose, eos_ids
     r = config.run
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
-    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else ())
+    earlier = resume.generated[list(mine)] if resume is not None else None
+    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else (), earlier)
+    if len(state.alive) < len(local):  # requests that had ended take no cache rows
+        keep_cache_rows(cache, state.alive)
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
     steps, dropped, token_times, generated = config.steps, 0, [], []
-    for step in range(steps):
+    first = resume.step if resume is not None else 0
+    for step in range(first, steps):
         engine.step = step
+        if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # testing: a stop signal to one rank, as Slurm would send
         stats = engine.new_stats()
         with timer.phase("step", step):
             inputs = state.inputs(engine.device)
@@ -256,18 +290,18 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 write_step(writer, step, records)
                 dropped += sum(rec[2][2] for rec in records)
                 progress.update(step, timer.now() - (token_times[-2] if len(token_times) > 1 else 0.0))
-        if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive)):
+        if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
             return step + 1, token_times, generated, dropped
     return steps, token_times, generated, dropped
 
 
 def finish(config, topo, writer, records, prompts, token_times: list[float], generated: list[int], dropped: int,
-           stopped_at: int | None) -> dict:
-    """Rank 0: metrics over the steps done, then the file is complete (or partial when stopped by a signal)."""
+           done: int, signalled: bool) -> dict:
+    """Rank 0: metrics over the steps this run did (a resumed run: those after it resumed), then the
+    file is complete, or partial (NAME.partial.h5) when a signal stopped it after `done` steps."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
     writer.write()
     timings = writer.file["timings"][:]
-    done = len(generated)
     metrics, spans = compute_metrics(np.array(token_times), sum(map(len, prompts)),
                                      np.array([g for g in generated if g]))
     writer.write_requests(config)
@@ -289,9 +323,9 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], gen
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
     per_rank["token_time_s"] = np.array(token_times)
-    if stopped_at is not None:
-        metrics["stopped_at_step"] = stopped_at
-    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=stopped_at is None)
+    if signalled:
+        metrics["stopped_at_step"] = done
+    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled)
     return metrics
 
 

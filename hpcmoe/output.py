@@ -255,6 +255,15 @@ class RunWriter:
             self.timing_rows = []
         self.held, self.written_at = 0, time.monotonic()
 
+    def write_finished_steps(self, resume) -> None:
+        """A resumed run's file starts with the steps the stopped run finished, as it wrote them."""
+        k = resume.step
+        self.file["generated"][:, :k] = resume.generated
+        self.file["routing"][:k] = resume.routing
+        self.file["traffic"][:k] = resume.traffic
+        if resume.logits is not None and "logits" in self.file:
+            self.file["logits"][:, :k] = resume.logits
+
     def write_requests(self, config) -> None:
         """/request_ids, /generated_lengths (each request's tokens, its eos token included) and, with a
         tokenizer, /generated_text (UTF-8)."""

@@ -174,3 +174,57 @@ def gumbel(seed: int, request_id: str, step: int, size: int) -> np.ndarray:
     digest = hashlib.sha256(f"{seed}/{request_id}/{step}".encode()).digest()
     uniform = np.random.default_rng(int.from_bytes(digest[:8], "little")).random(size)
     return -np.log(-np.log(np.clip(uniform, 1e-300, 1.0)))
+
+
+# ---------------------------------------------------------------- resuming a stopped run
+
+@dataclass(frozen=True)
+class Resume:
+    """What a partial run file holds: the steps it finished, and their tokens and statistics."""
+    path: str
+    step: int                    # steps done: the resumed run starts here
+    generated: np.ndarray        # [batch, step] int64, -1 after a request ended
+    logits: np.ndarray | None    # [batch, step, vocab] when the partial run saved them
+    routing: np.ndarray          # [step, moe_layers, ranks, experts]
+    traffic: np.ndarray          # [step, moe_layers, ranks, ranks]
+
+
+def flat_settings(config) -> dict:
+    """The config as dotted keys; output.* and the testing knobs (run.fail_*, run.stall_rank,
+    run.signal_at_step) are left out: a resumed run writes where it is told."""
+    import dataclasses
+
+    def walk(value, prefix):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                yield from walk(getattr(value, f.name), f"{prefix}{f.name}.")
+        else:
+            yield prefix[:-1], value
+    testing = ("output.", "run.fail_", "run.stall_", "run.signal_")
+    return {k: v for k, v in walk(config, "") if not k.startswith(testing)}
+
+
+def read_partial(path: str, config, world_size: int) -> Resume:
+    """The partial file of an earlier run of the same config (as it ran: device and dtype resolved)."""
+    import h5py
+    import yaml
+    from hpcmoe.config import build_config
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("complete", True) or "stopped_at_step" not in f.attrs:
+                raise ValueError(f"--resume {path}: not a partial run file (complete, or not stopped by a signal)")
+            earlier = build_config(yaml.safe_load(f.attrs["config"]))
+            step = int(f.attrs["stopped_at_step"])
+            ranks = int(f.attrs["world_size"])
+            resume = Resume(path, step, f["generated"][:, :step], f["logits"][:, :step] if "logits" in f else None,
+                            f["routing"][:step], f["traffic"][:step])
+    except OSError as e:
+        raise ValueError(f"--resume {path}: cannot read it ({e})") from None
+    mine, theirs = flat_settings(config), flat_settings(earlier)
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differing:
+        shown = ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differing[:6])
+        raise ValueError(f"--resume {path}: that run had another config: {shown}")
+    if ranks != world_size:  # the statistics' rank axes must line up
+        raise ValueError(f"--resume {path}: that run had {ranks} ranks, this one has {world_size}")
+    return resume

@@ -12,8 +12,10 @@
 # Run directory: $HPCMOE_RUNS_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID, or for an array task
 # $HPCMOE_RUNS_DIR/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID.
 # Signals: submit with --signal=B:USR1@SECONDS; the batch shell forwards SIGUSR1 (also from
-# `scancel -b -s USR1 JOB`) to the launcher, which forwards it to every rank; hpcmoe then stops at
-# the next step boundary, writes run.partial.h5 and exits 0; this script reports the partial file.
+# `scancel -b -s USR1 JOB`) and SIGTERM (scancel, a time limit) to the launcher, which forwards it to
+# every rank; hpcmoe then stops at an agreed step boundary, writes run.partial.h5 and exits 0; this
+# script reports the partial file. A requeued job (same run directory) continues from that file with
+# `hpcmoe run ... --resume` (the file is kept as run.partial.before-restart-N.h5).
 
 jobs_fail() { echo "jobs: error: $*" >&2; exit 2; }
 
@@ -38,7 +40,7 @@ EOF
 hpcmoe_job() {
   local ranks=$1 config=$2; shift 2
   local extra=() run_dir launcher status gpus=0 needed early_stop=0
-  trap 'early_stop=1' USR1  # until the launcher runs (bash's default for SIGUSR1 would kill the job)
+  trap 'early_stop=1' USR1 TERM  # until the launcher runs (bash's default for these would kill the job)
   [[ -n ${HPCMOE_SET:-} ]] && mapfile -d '' -t extra < <(xargs printf '%s\0' <<<"$HPCMOE_SET")
   local args=(run "$config" "$@" "${extra[@]}")
 
@@ -56,8 +58,11 @@ hpcmoe_job() {
   fi
   mkdir -p "$run_dir"
   local output=$run_dir/run.h5 partial=$run_dir/run.partial.h5
-  if [[ -e $partial ]]; then  # left by an earlier attempt of this requeued job: keep it aside
-    mv "$partial" "$run_dir/run.partial.before-restart-${SLURM_RESTART_COUNT:-0}.h5"
+  if [[ -e $partial ]]; then  # left by an earlier attempt of this requeued job: continue from it
+    local before=$run_dir/run.partial.before-restart-${SLURM_RESTART_COUNT:-0}.h5
+    mv "$partial" "$before"
+    args+=(--resume "$before")
+    echo "jobs: requeued: resuming from $before"
   fi
   args+=(--output "$output")
 
@@ -97,8 +102,9 @@ hpcmoe_job() {
   "${command[@]}" &
   local pid=$!
   trap 'echo "jobs: SIGUSR1: forwarding to the $launcher ranks"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
+  trap 'echo "jobs: SIGTERM: forwarding to the $launcher ranks"; kill -TERM '"$pid"' 2>/dev/null || true' TERM
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
-  trap - USR1
+  trap - USR1 TERM
   status=0; wait "$pid" || status=$?  # bash keeps a reaped job's status for wait
 
   if [[ -e $partial ]]; then

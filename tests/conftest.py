@@ -26,12 +26,13 @@ def mpiexec() -> str:
     return found
 
 
-def run_job(ranks: int, output, *settings: str, config: str = DEBUG_CONFIG, timeout: int = 120):
-    """`timeout T mpiexec -n ranks python -m hpcmoe run config --set ... --output output`."""
+def run_job(ranks: int, output, *settings: str, config: str = DEBUG_CONFIG, timeout: int = 120, args=()):
+    """`timeout T mpiexec -n ranks python -m hpcmoe run config --set ... --output output [args]`."""
     command = ["timeout", str(timeout), mpiexec(), "-n", str(ranks), sys.executable, "-m", "hpcmoe",
                "run", config, "--output", str(output)]
     for setting in settings:
         command += ["--set", setting]
+    command += list(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout + 30)
 

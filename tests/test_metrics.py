@@ -62,9 +62,9 @@ def test_a_slow_writer_shows_in_tpot(tmp_path, monkeypatch):
     append = RunWriter.append_step
 
     def slow_append(self, *args):
-        time.sleep(0.05)
+        time.sleep(0.2)  # large against this box's run-to-run noise
         return append(self, *args)
 
     monkeypatch.setattr(RunWriter, "append_step", slow_append)
     slow = run_in_process(tmp_path / "slow.h5")
-    assert slow["tpot_ms"] >= normal["tpot_ms"] + 45  # each decode interval holds one slow append
+    assert slow["tpot_ms"] >= normal["tpot_ms"] + 180  # each decode interval holds one slow append

@@ -11,9 +11,10 @@ import sys
 import time
 
 import h5py
+import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_job
 
 SLURM_LOCAL = os.path.join(ROOT, "tools", "slurm-local.sh")
 VENV_BIN = os.path.dirname(sys.executable)  # the venv running the tests has hpcmoe and mpiexec
@@ -166,3 +167,27 @@ def test_usr1_stops_the_job_cleanly_with_a_partial_file(slurm, tmp_path, launche
         done = int(f.attrs["stopped_at_step"])
         assert not f.attrs["complete"] and 1 <= done < 5000
         assert (f["generated"][:, :done] >= 0).all() and (f["generated"][:, done:] == -1).all()
+
+
+def test_a_requeued_job_resumes_from_its_partial_file(slurm, tmp_path):
+    """USR1 stops the job with run.partial.h5; `scontrol requeue` starts it again in the same run
+    directory, where jobs/common.sh continues with --resume: the run file equals an uninterrupted run."""
+    settings = ["run.max_new_tokens=600"]
+    job = submit(tmp_path, "debug.sbatch", "hpcmoe-debug", settings, env={"HPCMOE_LAUNCHER": "mpiexec"})
+    temporary, deadline = job.run_file().parent / "run.h5.tmp", time.monotonic() + 120
+    while not temporary.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    subprocess.run(["scancel", "-b", "-s", "USR1", job.id], check=True, timeout=30)
+    assert wait(job) == {None: ("COMPLETED", "0:0")}, job.output()
+    assert (job.run_file().parent / "run.partial.h5").exists(), job.output()
+    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
+    time.sleep(2)
+    assert wait(job, timeout=300) == {None: ("COMPLETED", "0:0")}, job.output()
+    assert "jobs: requeued: resuming from" in job.output(), job.output()
+    with h5py.File(job.run_file()) as f:
+        assert f.attrs["complete"] and f.attrs["resumed_at_step"] >= 1
+        resumed = f["generated"][:]
+    reference = tmp_path / "reference.h5"
+    assert run_job(4, reference, *settings).returncode == 0
+    np.testing.assert_array_equal(resumed, h5py.File(reference)["generated"][:])

@@ -194,3 +194,42 @@ def test_checkpoint_without_a_field_and_an_unwritable_output_fail_clearly(worklo
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
     assert result.returncode == 2 and len(lines) == 4, result.stderr
     assert "output.path" in lines[0] and "cannot write in" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    runs = {}
+    for name, settings in {"greedy": [], "sampled": [SAMPLING]}.items():
+        assert run_job(2, directory / f"{name}.h5", *settings).returncode == 0
+        runs[name] = h5py.File(directory / f"{name}.h5")["generated"][:]
+    return runs
+
+
+@pytest.mark.parametrize("k, kind", [(0, "greedy"), (1, "greedy"), (4, "greedy"), (2, "sampled")])
+def test_a_stopped_run_resumes_to_the_uninterrupted_tokens(tmp_path, uninterrupted, k, kind):
+    """The last rank gets SIGUSR1 as step k starts (0: during the prefill); the ranks stop at an agreed
+    boundary, and --resume re-prefills each unfinished request and continues."""
+    settings = [SAMPLING] if kind == "sampled" else []
+    stopped = run_job(2, tmp_path / "run.h5", *settings, f"run.signal_at_step={k}")
+    assert stopped.returncode == 0, stopped.stderr
+    partial = tmp_path / "run.partial.h5"
+    with h5py.File(partial) as f:
+        done = int(f.attrs["stopped_at_step"])
+        assert done == (1 if k == 0 else k + 2)  # the prefill's vote is waited for; later ones are read a step late
+        np.testing.assert_array_equal(f["generated"][:, :done], uninterrupted[kind][:, :done])
+    resumed = run_job(2, tmp_path / "resumed.h5", *settings, args=["--resume", str(partial)])
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(tmp_path / "resumed.h5") as f:
+        assert f.attrs["complete"] and f.attrs["resumed_at_step"] == done
+        np.testing.assert_array_equal(f["generated"][:], uninterrupted[kind])
+
+
+def test_resuming_with_another_config_names_the_differing_keys(tmp_path):
+    assert run_job(2, tmp_path / "run.h5", "run.signal_at_step=1").returncode == 0
+    result = run_job(2, tmp_path / "resumed.h5", "model.num_experts=8", "run.max_new_tokens=12",
+                     args=["--resume", str(tmp_path / "run.partial.h5")])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+    assert result.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, result.stderr
+    assert "that run had another config: model.num_experts (4 there, 8 here), run.max_new_tokens (16 there, 12 here)" \
+        in lines[0]
