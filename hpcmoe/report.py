@@ -40,7 +40,28 @@ def load(path: str) -> dict:
                 "routing": f["routing"][:], "traffic": f["traffic"][:], "timings": f["timings"][:],
                 "placement": f["placement"][:], "placement_attrs": dict(f["placement"].attrs),
                 "metrics": {k: float(v) for k, v in f["metrics"].attrs.items()
-                            if isinstance(v, (int, float, np.number))}}
+                            if isinstance(v, (int, float, np.number))},
+                "samples": samples(f, yaml.safe_load(f.attrs["config"])["model"].get("checkpoint"))}
+
+
+SHOWN_REQUESTS, SHOWN_CHARACTERS = 3, 120
+
+
+def samples(f, checkpoint) -> list[tuple[str, str, str]]:
+    """(request id, prompt, completion) of the first requests: text through the checkpoint's
+    tokenizer when it has one, else token ids."""
+    from hpcmoe.workload import decode
+    ids = [x.decode() for x in f["request_ids"][:SHOWN_REQUESTS]] if "request_ids" in f else \
+        [str(i) for i in range(min(SHOWN_REQUESTS, len(f["generated"])))]
+    shown = []
+    for i, request in enumerate(ids):
+        prompt, made = f["prompt_ids"][i], f["generated"][i]
+        as_text = lambda tokens: decode(checkpoint, tokens)
+        text = (as_text(prompt), as_text(made)) if "generated_text" in f else (None, None)
+        prompt_shown = text[0] if text[0] is not None else " ".join(map(str, prompt[prompt >= 0]))
+        made_shown = text[1] if text[1] is not None else " ".join(map(str, made[made >= 0]))
+        shown.append((request, prompt_shown[:SHOWN_CHARACTERS], made_shown[:SHOWN_CHARACTERS]))
+    return shown
 
 
 def roles(run: dict) -> list[tuple[str, list[int]]]:
@@ -95,6 +116,8 @@ def summary(run: dict) -> str:
     lines.append(f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}")
     for expert, replicas in enumerate(run["placement"][0]):
         lines.append(f"  expert {expert} -> ranks {' '.join(str(r) for r in replicas if r >= 0)}")
+    lines.append(f"first {len(run['samples'])} requests (prompt -> completion):")
+    lines += [f"  {request}: {prompt!r} -> {completion!r}" for request, prompt, completion in run["samples"]]
     return "\n".join(lines)
 
 
@@ -125,10 +148,12 @@ def phase_styles(phases: list[bytes], plt) -> dict[bytes, tuple[dict, int]]:
 
 
 def plot_timeline(run: dict, path: str) -> None:
-    """Per-rank bars of the phases of step 1 (step 0 if there is no decode step)."""
+    """Per-rank bars of the phases of the first decode step (the first step if there is none; a
+    resumed run's timings start at the step it resumed from)."""
     plt = pyplot()
     timings = run["timings"]
-    step = 1 if (timings["step"] >= 1).any() else 0
+    steps = np.unique(timings["step"][timings["step"] >= 0])
+    step = steps[1] if len(steps) > 1 else steps[0]
     rows = timings[(timings["step"] == step) & (timings["phase"] != b"step")]
     t0 = timings[timings["step"] == step]["start"].min()
     styles = phase_styles(sorted(np.unique(rows["phase"])), plt)
