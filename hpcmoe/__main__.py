@@ -30,6 +30,14 @@ def parse_args(argv):
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
     run.add_argument("--resume", metavar="PARTIAL.h5", help="continue the run a signal stopped (same config)")
+    planner = commands.add_parser("plan", help="memory per rank for a config and rank count, without building")
+    planner.add_argument("config")
+    planner.add_argument("--ranks", type=int, required=True)
+    planner.add_argument("--ranks-per-node", type=int, help="ranks sharing a node (default: all of them)")
+    planner.add_argument("--device-memory", type=float, metavar="GIB",
+                         help="memory per rank in GiB (default: this machine's available memory over the node's ranks)")
+    planner.add_argument("--json", metavar="PATH", help="also write the plan as one JSON object")
+    planner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench = commands.add_parser("bench", help="benchmarks: medians of interleaved repetitions, ratios in one run")
     benches = bench.add_subparsers(dest="benchmark", required=True)
     from hpcmoe.bench import SCENARIOS
@@ -98,6 +106,27 @@ def parse_args(argv):
     propose.add_argument("--threshold", type=float, default=0.05, help="flag rebalancing above this mismatch")
     propose.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
+
+
+def command_plan(args) -> int:
+    import json
+    from hpcmoe.plan import describe, plan
+    try:
+        config = load_config(args.config, args.set)
+        if args.device_memory is not None:
+            memory = args.device_memory * 2 ** 30
+        else:
+            with open("/proc/meminfo") as f:
+                available = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+            memory = available / (args.ranks_per_node or args.ranks)
+        result = plan(config, args.ranks, memory)
+    except ValueError as e:
+        fail(str(e))
+    print(describe(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
 
 
 def command_predict(args) -> int:
@@ -229,57 +258,31 @@ def command_run(args) -> int:
 
 
 def check_model(config, layout, is_root: bool):
-    """Check the checkpoint's tensors (headers only) and that this rank's share fits in memory.
-
-    Returns the checkpoint loader, or None for seeded random weights."""
-    from hpcmoe.layout import request_range
-    from hpcmoe.model import cache_bytes_per_token, expected_tensors, parameter_bytes
+    """Check the checkpoint's tensors (headers only) and that each rank's share fits in memory
+    (hpcmoe.plan: the same numbers as `hpcmoe plan`). Returns the checkpoint loader, or None."""
+    from hpcmoe.model import expected_tensors
+    from hpcmoe.plan import human_bytes, rank_memory
     from hpcmoe.topology import available_memory_per_rank
     m = config.model
     load = None
     if m.checkpoint:
         from hpcmoe.checkpoint import check_tensors, tensor_loader
         load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m)))
-    placement = layout.placement((0,) * layout.world_size)  # node-independent slot counts
-    experts = max(len(placement.experts_of_rank(r)) for r in range(layout.world_size))
-    whole, weights = parameter_bytes(m, experts)
-    prompts = config.prompts
-    tokens = max(len(r.prompt_ids) + r.max_new_tokens for r in config.requests)
-    available = available_memory_per_rank()
-    if config.parallel.layout == "ma":  # each role holds only its part: the larger of the two must fit
-        from hpcmoe.attention import split_heads
-        from hpcmoe.model import attention_shard_bytes
-        shards = len(layout.primaries(0))
-        attention, per_token = attention_shard_bytes(m, split_heads(m.heads, shards)[0],
-                                                     request_range(m.vocab, shards, 0))
-        cache = len(layout.group_requests(len(prompts), 0)) * tokens * per_token
-        moe = parameter_bytes(m, experts)[1] - parameter_bytes(m, 0)[1]
-        needed = max(attention + cache, moe)
-        if is_root:
-            print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per attention rank about "
-                  f"{human_bytes(attention + cache)} ({human_bytes(attention)} weights of {m.heads // shards or 1}-"
-                  f"{-(-m.heads // shards)} heads and 1/{shards} of the LM head, {human_bytes(cache)} KV cache); "
-                  f"per MoE rank about {human_bytes(moe)} ({experts} expert(s) per MoE layer); "
-                  f"{human_bytes(available)} available per rank", file=sys.stderr, flush=True)
-    else:
-        cache = len(request_range(len(prompts), layout.world_size, 0)) * tokens * cache_bytes_per_token(m)
-        needed = weights + cache
-        if is_root:
-            print(f"hpcmoe: model {human_bytes(whole)} in {m.dtype_name}; per rank about {human_bytes(needed)} "
-                  f"({human_bytes(weights)} weights with {experts} expert(s) per MoE layer, {human_bytes(cache)} "
-                  f"KV cache); {human_bytes(available)} available per rank", file=sys.stderr, flush=True)
+    memory, available = rank_memory(config, layout.world_size), available_memory_per_rank()
+    if is_root:
+        roles = "; ".join(f"per {name} rank about {human_bytes(r['total'])} ({human_bytes(r['weights'])} weights"
+                          + (f" with {r['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in r
+                             else "") + f", {human_bytes(r['kv_cache'])} KV cache)"
+                          for name, r in memory["roles"].items())
+        print(f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {roles}; "
+              f"{human_bytes(available)} available per rank", file=sys.stderr, flush=True)
+    needed = memory["max_rank_bytes"]
     if needed > available:
         raise ValueError(f"the model needs about {human_bytes(needed)} per rank but only "
                          f"{human_bytes(available)} is available per rank; use more ranks, fewer layers "
-                         f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N)")
+                         f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N); "
+                         f"`hpcmoe plan CONFIG --ranks N` tells what fits")
     return load
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
 
 
 def summary(config, topo, layout, metrics: dict) -> str:
@@ -303,6 +306,8 @@ def main(argv=None) -> int:
         return command_run(args)
     if args.command == "bench":
         return command_bench(args)
+    if args.command == "plan":
+        return command_plan(args)
     if args.command == "predict":
         return command_predict(args)
     if args.command == "report":

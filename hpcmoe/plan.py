@@ -1,0 +1,130 @@
+"""Memory per rank, without building anything: `hpcmoe plan CONFIG --ranks N`.
+
+Weights by role are counted on meta-device builds of exactly what a rank holds (the same classes
+the engine builds, so the numbers cannot drift from the model); the KV cache from the requests a
+rank serves; buffers from the tokens a rank sends and receives in the largest exchange. Also what
+the start-up check of `hpcmoe run` uses.
+"""
+from __future__ import annotations
+
+from hpcmoe.config import Config
+from hpcmoe.layout import MALayout, ParallelLayout, request_range
+
+class ModelSizes:
+    """What the plan needs of a model, computed once: bytes of the whole model, of everything but the
+    routed experts, of one expert in every MoE layer, of an attention shard (per shard count)."""
+
+    def __init__(self, config: Config):
+        from hpcmoe.model import parameter_bytes
+        self.config, self.requests = config, config.requests
+        self.whole, self.base = parameter_bytes(config.model, 0)
+        self.per_expert = parameter_bytes(config.model, 1)[1] - self.base
+        self.shards: dict[int, tuple[int, int]] = {}
+
+    def attention(self, shards: int) -> tuple[int, int]:
+        """(weight bytes, KV cache bytes per token) of the largest of `shards` attention shards."""
+        from hpcmoe.attention import split_heads
+        from hpcmoe.model import attention_shard_bytes
+        m = self.config.model
+        if shards not in self.shards:
+            self.shards[shards] = attention_shard_bytes(m, split_heads(m.heads, shards)[0],
+                                                        request_range(m.vocab, shards, 0))
+        return self.shards[shards]
+
+
+def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> dict:
+    """-> {"total_weight_bytes", "roles": {role: {weights, kv_cache, buffers, total, ...}}, "max_rank_bytes"}:
+    each role's largest rank (most experts, most requests) for `ranks` ranks (the layout is
+    validated first: a rank count that does not fit raises)."""
+    from hpcmoe.model import cache_bytes_per_token
+    sizes = sizes or ModelSizes(config)
+    m, requests = config.model, sizes.requests
+    layout = ParallelLayout.from_config(config, ranks)
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    itemsize = 2 if m.dtype_name == "bfloat16" else 4
+    placement = layout.placement((0,) * ranks)
+    moe_ranks = range(layout.attention_ranks, ranks) if isinstance(layout, MALayout) else range(ranks)
+    experts = max(len(placement.experts_of_rank(r)) for r in moe_ranks)
+
+    def largest_block(parts: int) -> tuple[int, int]:  # (requests, prompt tokens) of the fullest block
+        blocks = [[requests[i] for i in request_range(len(requests), parts, b)] for b in range(parts)]
+        return max((len(block), sum(len(r.prompt_ids) for r in block)) for block in blocks)
+
+    def exchange_buffers(tokens: int) -> int:  # send and receive buffers of one exchange, k slots per token
+        return 2 * tokens * m.top_k * m.hidden * itemsize
+
+    roles = {}
+    if isinstance(layout, MALayout):
+        shards = len(layout.primaries(0))
+        weights, per_token = sizes.attention(shards)
+        served, tokens = largest_block(layout.replicas)
+        roles["attention"] = {"ranks": layout.attention_ranks, "weights": weights, "kv_cache": served * longest * per_token,
+                              "buffers": exchange_buffers(-(-tokens // shards)) + 2 * tokens * m.hidden * 4}
+        routed = sum(len(r.prompt_ids) for r in requests)
+        roles["moe"] = {"ranks": layout.moe_ranks, "weights": experts * sizes.per_expert, "kv_cache": 0,
+                        "buffers": exchange_buffers(-(-routed // layout.moe_ranks)), "experts_per_rank": experts}
+    else:
+        served, tokens = largest_block(ranks)
+        roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert,
+                         "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": exchange_buffers(tokens),
+                         "experts_per_rank": experts}
+    for role in roles.values():
+        role["total"] = role["weights"] + role["kv_cache"] + role["buffers"]
+    return {"total_weight_bytes": sizes.whole, "roles": roles, "max_rank_bytes": max(r["total"] for r in roles.values())}
+
+
+def plan(config: Config, ranks: int, device_memory_bytes: float) -> dict:
+    """The memory of `ranks` ranks against `device_memory_bytes` per rank, and the smallest rank
+    count that fits (ep: more ranks spread the experts; ma: more MoE ranks, attention ranks kept)."""
+    sizes = ModelSizes(config)
+    result = {"ranks": ranks, "layout": config.parallel.layout, "dtype": config.model.dtype_name,
+              "device_memory_bytes": int(device_memory_bytes), **rank_memory(config, ranks, sizes)}
+    result["fits"] = result["max_rank_bytes"] <= device_memory_bytes
+    result["smallest_ranks_that_fit"] = smallest_fit(config, device_memory_bytes, sizes)
+    return result
+
+
+def smallest_fit(config: Config, device_memory_bytes: float, sizes: ModelSizes) -> int | None:
+    """The fewest ranks whose largest rank fits, up to one rank per expert (ma: per expert plus the
+    attention ranks); None when even that does not fit."""
+    import dataclasses
+    m, p = config.model, config.parallel
+    if p.layout == "ma":
+        for moe in range(1, m.num_experts + 1):
+            candidate = dataclasses.replace(config, parallel=dataclasses.replace(p, moe_ranks=moe))
+            if rank_memory(candidate, p.attention_ranks + moe, sizes)["max_rank_bytes"] <= device_memory_bytes:
+                return p.attention_ranks + moe
+        return None
+    for ranks in sorted({*range(1, min(m.num_experts, 64) + 1), *(m.num_experts // k for k in (1, 2, 4, 8, 16)
+                                                                     if m.num_experts % k == 0)}):
+        try:
+            fits = rank_memory(config, ranks, sizes)["max_rank_bytes"] <= device_memory_bytes
+        except ValueError:  # a rank count the placement cannot take
+            continue
+        if fits:
+            return ranks
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def describe(result: dict) -> str:
+    gib = human_bytes
+    lines = [f"hpcmoe plan: {result['ranks']} ranks, layout {result['layout']}, {result['dtype']}; whole model "
+             f"{gib(result['total_weight_bytes'])} of weights"]
+    for name, role in result["roles"].items():
+        experts = f", {role['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in role else ""
+        lines.append(f"  per {name} rank ({role['ranks']} ranks{experts}): {gib(role['total'])} = weights "
+                     f"{gib(role['weights'])} + KV cache {gib(role['kv_cache'])} + buffers {gib(role['buffers'])}")
+    verdict = "fits" if result["fits"] else "does not fit"
+    lines.append(f"  largest rank {gib(result['max_rank_bytes'])} {verdict} in {gib(result['device_memory_bytes'])} "
+                 f"per rank")
+    smallest = result["smallest_ranks_that_fit"]
+    lines.append(f"  smallest rank count that fits: {smallest}" if smallest else
+                 "  no rank count up to one per expert fits: fewer layers, a narrower dtype, or more memory")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""`hpcmoe plan`: memory per rank without building, checked against what the engine builds."""
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from hpcmoe.config import load_config
+from tests.conftest import DEBUG_CONFIG, ROOT
+
+
+def held_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("ranks, settings", [
+    (4, []), (3, []), (2, ["model.num_experts=8", "run.seed=2"]),
+    (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
+    (5, ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=3"])])
+def test_plan_weights_equal_the_built_model(ranks, settings):
+    from hpcmoe.attention import split_heads
+    from hpcmoe.layout import ParallelLayout, request_range
+    from hpcmoe.model import build_experts, build_model
+    from hpcmoe.plan import rank_memory
+    config = load_config(DEBUG_CONFIG, settings)
+    m = config.model
+    memory = rank_memory(config, ranks)
+    assert memory["total_weight_bytes"] == held_bytes(build_model(m, list(range(m.num_experts))))
+    layout = ParallelLayout.from_config(config, ranks)
+    placement = layout.placement((0,) * ranks)
+    if config.parallel.layout == "ma":
+        shards = len(layout.primaries(0))
+        attention = build_model(m, [], heads=split_heads(m.heads, shards)[0], vocab=request_range(m.vocab, shards, 0))
+        assert memory["roles"]["attention"]["weights"] == held_bytes(attention)
+        fullest = max(range(layout.attention_ranks, ranks), key=lambda r: len(placement.experts_of_rank(r)))
+        assert memory["roles"]["moe"]["weights"] == held_bytes(build_experts(m, placement.experts_of_rank(fullest)))
+        cache = attention.new_cache(len(layout.group_requests(len(config.prompts), 0)),
+                                    max(map(len, config.prompts)) + config.run.max_new_tokens)  # what the engine makes
+        assert memory["roles"]["attention"]["kv_cache"] == sum(c.data.numel() * 4 for layer in cache for c in layer)
+    else:
+        fullest = max(range(ranks), key=lambda r: len(placement.experts_of_rank(r)))
+        assert memory["roles"]["ep"]["weights"] == held_bytes(build_model(m, placement.experts_of_rank(fullest)))
+
+
+def test_the_deepseek_v3_preset_plans_in_seconds_without_memory(tmp_path):
+    """The seeds' setting: DeepSeek-V3 (1.2 TiB in bf16) on 256 ranks of 64 GiB devices."""
+    out = tmp_path / "plan.json"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = subprocess.run([sys.executable, "-m", "hpcmoe", "plan", f"{ROOT}/inputs/debug.yaml",
+                             "--set", "model.preset=deepseek-v3", "--set", "run.batch=64", "--set", "run.prompt_len=1024",
+                             "--ranks", "256", "--device-memory", "64", "--json", str(out)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < max(before, 2 ** 20)  # under 1 GiB (KiB units)
+    plan = json.loads(out.read_text())
+    assert plan["fits"] and plan["total_weight_bytes"] > 1.3e12 and plan["max_rank_bytes"] < 64 * 2 ** 30
+    assert plan["roles"]["ep"]["experts_per_rank"] == 1 and 1 < plan["smallest_ranks_that_fit"] < 256
+    assert "fits in 64.0 GiB per rank" in result.stdout
