@@ -267,7 +267,7 @@ def check_model(config, layout, is_root: bool):
     load = None
     if m.checkpoint:
         from hpcmoe.checkpoint import check_tensors, tensor_loader
-        load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m)))
+        load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m), m.fp8_block))
     memory, available = rank_memory(config, layout.world_size), available_memory_per_rank()
     if is_root:
         roles = "; ".join(f"per {name} rank about {human_bytes(r['total'])} ({human_bytes(r['weights'])} weights"

@@ -14,7 +14,9 @@ import struct
 from dataclasses import dataclass
 
 SUPPORTED = ("deepseek_v3", "mixtral")
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn"}
+FP8 = "F8_E4M3"
 
 
 def read_config(directory: str) -> dict:
@@ -59,15 +61,12 @@ def model_fields(directory: str) -> dict:
     if kind not in SUPPORTED:
         raise ValueError(f"model.checkpoint: {where}: model_type {kind!r} is not supported; "
                          f"expected one of {', '.join(SUPPORTED)}")
-    if c.get("quantization_config"):
-        method = c["quantization_config"].get("quant_method")
-        raise ValueError(f"model.checkpoint: {where}: quantized checkpoints ({method}) are not supported; "
-                         f"dequantize to bfloat16 first")
+    block = fp8_block(c, where)
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"model.checkpoint: {where}: hidden_act {c['hidden_act']!r} is not supported; expected silu")
     common = dict(vocab=c["vocab_size"], hidden=c["hidden_size"], num_layers=c["num_hidden_layers"],
                   heads=c["num_attention_heads"], top_k=c["num_experts_per_tok"], norm_eps=float(c["rms_norm_eps"]),
-                  max_positions=c.get("max_position_embeddings"), **rope_fields(c, where))
+                  max_positions=c.get("max_position_embeddings"), fp8_block=block, **rope_fields(c, where))
     if kind == "mixtral":
         if c.get("sliding_window") is not None:
             raise ValueError(f"model.checkpoint: {where}: sliding_window {c['sliding_window']} is not supported")
@@ -91,6 +90,22 @@ def model_fields(directory: str) -> dict:
                 n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
                 routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
                 norm_topk_prob=c.get("norm_topk_prob", True))
+
+
+def fp8_block(c: dict, where: str) -> list[int] | None:
+    """DeepSeek-V3's FP8 format: quant_method fp8, e4m3 weights, one float scale per block of
+    weight_block_size (rows x columns); None for an unquantized checkpoint."""
+    q = c.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"model.checkpoint: {where}: quantization {q.get('quant_method')!r} "
+                         f"(fmt {q.get('fmt')!r}) is not supported; expected fp8 with e4m3 weights and block scales")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"model.checkpoint: {where}: quantization_config.weight_block_size {block!r}: "
+                         f"expected two positive integers (rows, columns), e.g. [128, 128]")
+    return block
 
 
 MIXTRAL_RENAMES = [(r"\.mlp\.gate\.", ".block_sparse_moe.gate."),
@@ -152,8 +167,10 @@ def tensor_index(directory: str) -> dict[str, TensorEntry]:
     return index
 
 
-def check_tensors(directory: str, expected: dict[str, tuple[int, ...]]) -> dict[str, TensorEntry]:
-    """expected: hpcmoe name -> shape. Raises, naming the file and tensor, on anything missing or misshapen."""
+def check_tensors(directory: str, expected: dict[str, tuple[int, ...]], block: list[int] | None = None
+                  ) -> dict[str, TensorEntry]:
+    """expected: hpcmoe name -> shape. Raises, naming the file and tensor, on anything missing or
+    misshapen; an FP8 weight needs its NAME_scale_inv of ceil(rows / block) x ceil(columns / block)."""
     config, index = read_config(directory), tensor_index(directory)
     for name, shape in expected.items():
         stored = checkpoint_name(name, config)
@@ -166,6 +183,20 @@ def check_tensors(directory: str, expected: dict[str, tuple[int, ...]]) -> dict[
         if entry.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"model.checkpoint: {entry.file}: tensor {stored} has dtype {entry.dtype}, "
                              f"which is not supported")
+        if entry.dtype == FP8:
+            if block is None or len(shape) != 2:
+                raise ValueError(f"model.checkpoint: {entry.file}: tensor {stored} is FP8 but config.json has no "
+                                 f"fp8 quantization_config with a weight_block_size" if block is None else
+                                 f"model.checkpoint: {entry.file}: tensor {stored} is FP8 but not a matrix")
+            scale = index.get(stored + "_scale_inv")
+            wanted = tuple(-(-n // b) for n, b in zip(shape, block))
+            if scale is None:
+                raise ValueError(f"model.checkpoint: {directory}: tensor {stored}_scale_inv (the scales of FP8 "
+                                 f"{stored}) is missing")
+            if scale.shape != wanted or scale.dtype not in ("F32", "BF16", "F16"):
+                raise ValueError(f"model.checkpoint: {scale.file}: tensor {stored}_scale_inv has shape "
+                                 f"{list(scale.shape)} ({scale.dtype}), expected {list(wanted)} float for blocks of "
+                                 f"{block[0]} x {block[1]} of {list(shape)}")
     return index
 
 
@@ -193,13 +224,15 @@ def byte_ranges(entry: TensorEntry, itemsize: int, part: tuple[int, int, int] | 
 
 
 def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | None = None):
-    """-> load(name, part=None) -> float32 tensor: the tensor, or its part (dim, start, stop), reading only
-    those bytes (one tensor at a time keeps the peak low). `reads` collects (file, start, end) of every read."""
+    """-> load(name, part=None, raw=False) -> float32 tensor: the tensor, or its part (dim, start, stop),
+    reading only those bytes (one tensor at a time keeps the peak low). An FP8 weight comes back
+    dequantized by its block scales, or with raw=True as stored (float8_e4m3fn; its scales are
+    their own tensor NAME_scale_inv). `reads` collects (file, start, end) of every read."""
     import torch
     config = read_config(directory)
+    block = (config.get("quantization_config") or {}).get("weight_block_size")
 
-    def load(name: str, part: tuple[int, int, int] | None = None):
-        entry = index[checkpoint_name(name, config)]
+    def read(entry: TensorEntry, part):
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
         ranges = byte_ranges(entry, dtype.itemsize, part)
         data = bytearray(sum(end - start for start, end in ranges))
@@ -214,7 +247,34 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
         shape = list(entry.shape)
         if part is not None:
             shape[part[0]] = part[2] - part[1]
-        tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        return tensor.reshape(shape).float()
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        if dtype == torch.float8_e4m3fn:  # frombuffer has no float8: read bytes, then view them
+            return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def load(name: str, part: tuple[int, int, int] | None = None, raw: bool = False):
+        stored = checkpoint_name(name, config)
+        entry = index[stored]
+        tensor = read(entry, part)
+        if entry.dtype != FP8 or raw:
+            return tensor if raw else tensor.float()
+        scale = index[stored + "_scale_inv"]
+        return dequantize(tensor, read(scale, None if part is None else scale_part(part, block)).float(), block,
+                          part[1] % block[part[0]] if part is not None else 0, part[0] if part is not None else 0)
 
     return load
+
+
+def scale_part(part: tuple[int, int, int], block: list[int]) -> tuple[int, int, int]:
+    """The rows (or columns) of the scale tensor that cover `part` of the weight."""
+    dim, start, stop = part
+    return dim, start // block[dim], -(-stop // block[dim])
+
+
+def dequantize(weight, scale, block: list[int], offset: int = 0, dim: int = 0):
+    """weight [r, c] float8 -> float32 W = weight x scale of its block; scale [ceil(r / b0), ceil(c / b1)]
+    (of a part of the weight that starts `offset` rows or columns into its first block along `dim`)."""
+    expanded = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    expanded = expanded.narrow(dim, offset, weight.shape[dim])
+    return weight.float() * expanded[:weight.shape[0], :weight.shape[1]]

@@ -77,6 +77,7 @@ class ModelConfig:
     dtype: Optional[str] = None        # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
     seed: int = 0                      # random weights are seeded per tensor name from this
     max_positions: Optional[int] = None  # longest prompt + new tokens (a checkpoint's max_position_embeddings)
+    fp8_block: Optional[list[int]] = None  # an FP8 checkpoint's scale block (rows, columns): routed experts stay FP8
 
     @property
     def moe_layers(self) -> int:

@@ -44,8 +44,33 @@ class MLP(nn.Module):
         self.down_proj.weight = as_parameter(down)
         self.gate_up = gate_up
 
+    def keep_fp8(self, block: list[int]) -> None:
+        """Weights stay as an FP8 checkpoint stores them (1 byte each, with a float scale per block,
+        `weight_scale_inv` beside each weight); they are dequantized when the MLP runs."""
+        self.fp8_block = block
+        for projection in (self.gate_proj, self.up_proj, self.down_proj):
+            rows, columns = projection.weight.shape
+            projection.weight_scale_inv = nn.Parameter(torch.empty(-(-rows // block[0]), -(-columns // block[1]),
+                                                                   dtype=torch.float32))
+
+    def allocate_fp8(self, device) -> None:
+        for projection in (self.gate_proj, self.up_proj, self.down_proj):
+            projection.weight = as_parameter(torch.empty(projection.weight.shape, dtype=torch.float8_e4m3fn,
+                                                         device=device))
+            projection.weight_scale_inv = as_parameter(torch.empty(projection.weight_scale_inv.shape,
+                                                                   dtype=torch.float32, device=device))
+
+    def dequantized(self, projection: nn.Linear, dtype) -> torch.Tensor:
+        from hpcmoe.checkpoint import dequantize
+        return dequantize(projection.weight, projection.weight_scale_inv, self.fp8_block).to(dtype)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
+        if self.gate_proj.weight.dtype == torch.float8_e4m3fn:  # one layer's expert at a time, in x's dtype
+            act = F.silu(F.linear(x, self.dequantized(self.gate_proj, x.dtype))) * \
+                F.linear(x, self.dequantized(self.up_proj, x.dtype))
+            down = self.dequantized(self.down_proj, x.dtype)
+            return F.linear(act, down) if out is None else torch.mm(act, down.t(), out=out)
         if self.gate_up is None:
             act = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
@@ -91,6 +116,10 @@ class MoE(nn.Module):
         self.gate = Router(cfg) if routes else None
         self.top_k = cfg.top_k
         self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
+        self.fp8_block = cfg.fp8_block
+        if cfg.fp8_block:
+            for mlp in self.experts.values():
+                mlp.keep_fp8(cfg.fp8_block)
         if cfg.shared_experts and routes:
             self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once allocated
@@ -99,6 +128,10 @@ class MoE(nn.Module):
         """Storage before the weights are read: the hosted experts' weights as views of two stacked
         tensors, so that small groups of rows (decode) run as two batched GEMMs for all experts."""
         experts = list(self.experts.values())
+        if self.fp8_block:  # routed experts as stored: no fused or stacked layout, dequantized per expert
+            for mlp in experts:
+                mlp.allocate_fp8(device)
+            experts = []
         for mlp in experts + ([self.shared_experts] if hasattr(self, "shared_experts") else []):
             inner, hidden = mlp.gate_proj.weight.shape
             mlp.allocate(torch.empty(2 * inner, hidden, device=device, dtype=dtype),
@@ -266,7 +299,10 @@ def build(make, cfg: ModelConfig, load, device):
         slices = model.weight_slices()
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(load(name, slices.get(name)))
+                if param.dtype == torch.float8_e4m3fn:  # as stored: 1 byte per weight
+                    param.copy_(load(name, slices.get(name), raw=True))
+                else:
+                    param.copy_(load(name, slices.get(name)))
     return model.eval()
 
 
@@ -317,17 +353,20 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
-    """-> (bytes of the whole model, bytes on a rank hosting `experts_per_rank` experts per MoE layer)."""
+    """-> (bytes of the whole model, bytes on a rank hosting `experts_per_rank` experts per MoE layer).
+    With an FP8 checkpoint the routed experts count 1 byte a weight plus their float32 block scales."""
     itemsize = torch.finfo(getattr(torch, cfg.dtype_name)).bits // 8
     total = routed = 0
     for name, shape in expected_tensors(cfg).items():
         count = 1
         for n in shape:
             count *= n
-        total += count
-        routed += count if ".experts." in name else 0
+        expert = ".experts." in name
+        size = count * (itemsize if not (expert and cfg.fp8_block) else 1 if name.endswith(".weight") else 4)
+        total += size
+        routed += size if expert else 0
     per_expert_layer = routed // max(cfg.num_experts, 1)
-    return total * itemsize, (total - routed + per_expert_layer * experts_per_rank) * itemsize
+    return total, total - routed + per_expert_layer * experts_per_rank
 
 
 def attention_shard_bytes(cfg: ModelConfig, heads: range, vocab: range) -> tuple[int, int]:

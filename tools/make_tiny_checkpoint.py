@@ -68,6 +68,59 @@ def train_tokenizer(directory: str, text_file: str, vocab_size: int) -> None:
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
 
 
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def block_quantize(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's recipe: per block of rows x columns, scale = amax / 448 (the stored
+    weight_scale_inv), weight / scale rounded to float8_e4m3fn; edge blocks are partial."""
+    rows, columns = weight.shape
+    r, c = -(-rows // block[0]), -(-columns // block[1])
+    padded = torch.zeros(r * block[0], c * block[1])
+    padded[:rows, :columns] = weight.float()
+    blocks = padded.view(r, block[0], c, block[1])
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    quantized = (blocks / scale[:, None, :, None]).view(r * block[0], c * block[1])[:rows, :columns]
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """Every linear weight but the embedding, the LM head and the router gate (as DeepSeek-V3 ships)."""
+    return (tensor.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name
+            and "lm_head" not in name and not name.endswith("mlp.gate.weight"))
+
+
+def quantize_fp8(directory: str, block: list[int]) -> None:
+    """Turn the checkpoint in `directory` into DeepSeek-V3's FP8 format in place."""
+    import glob
+    import json
+    from safetensors.torch import load_file, save_file
+    names = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        stored = {}
+        for name, tensor in load_file(path).items():
+            if quantizable(name, tensor):
+                stored[name], stored[name + "_scale_inv"] = block_quantize(tensor, block)
+            else:
+                stored[name] = tensor
+        save_file(stored, path, metadata={"format": "pt"})
+        names.update({name: os.path.basename(path) for name in stored})
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            meta = json.load(f)
+        meta["weight_map"] = names
+        with open(index, "w") as f:
+            json.dump(meta, f, indent=1)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=sorted(FAMILIES))
@@ -77,11 +130,15 @@ def main():
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", metavar="TEXT_FILE", help="also train a byte-level BPE on this text")
+    parser.add_argument("--fp8", type=int, nargs=2, metavar=("ROWS", "COLUMNS"),
+                        help="store linear weights as FP8 with a scale per block (DeepSeek-V3 uses 128 128)")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     model = make(args.family, args.directory, args.shards, args.seed, **overrides)
     if args.tokenizer:
         train_tokenizer(args.directory, args.tokenizer, model.config.vocab_size)
+    if args.fp8:
+        quantize_fp8(args.directory, args.fp8)
     print(f"wrote {args.family} checkpoint to {args.directory}")
 
 
