@@ -182,10 +182,10 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
         torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
     timer.restart(time.perf_counter())
-    done, token_times, generated, dropped = run_steps(config, engine, timer, cache, local, gather, writer,
-                                                      progress, stop, resume, engine.requests(len(requests)))
+    done, token_times, generated, dropped, state = run_steps(config, engine, timer, cache, local, gather, writer,
+                                                             progress, stop, resume, engine.requests(len(requests)))
     stop.close(done)
-    records = gather(((peak_rss_bytes(), cache_digest(cache)), None, None, timer.take()), done)
+    records = gather(((peak_rss_bytes(), state.cache_digest(cache)), None, None, timer.take()), done)
     gather.close(done)
     engine.close()
     if records is None:
@@ -214,6 +214,7 @@ class Requests:
             self.alive = [i for i in self.alive if self.made[i] < local[i].max_new_tokens
                           and not (self.made[i] and self.feed[i][-1] in self.eos)]
         self.cached = torch.zeros(len(self.alive), dtype=torch.int64)  # positions in the cache, per cache row
+        self.digests: dict[int, bytes] = {}  # sha256 of the KV cache rows of each request that left
 
     def inputs(self, device) -> StepInputs:
         return StepInputs.build([self.feed[i] for i in self.alive], self.cached, device)
@@ -229,10 +230,32 @@ class Requests:
             if self.made[i] < self.local[i].max_new_tokens and token not in self.eos:
                 keep.append(row)
         if len(keep) < len(self.alive):
+            for row in sorted(set(range(len(self.alive))) - set(keep)):
+                self.digests[self.alive[row]] = row_digest(cache, row)
             self.alive = [self.alive[row] for row in keep]
             self.cached = self.cached[keep]
             keep_cache_rows(cache, keep)
         return tokens
+
+
+    def cache_digest(self, cache) -> str:
+        """sha256 over every request's KV cache rows in request order (those of requests that left
+        the batch taken as they left): replicas that must agree bit for bit can be compared."""
+        import hashlib
+        digest = hashlib.sha256()
+        for i in range(len(self.local)):
+            digest.update(self.digests[i] if i in self.digests else
+                          row_digest(cache, self.alive.index(i)) if i in self.alive else b"")
+        return digest.hexdigest()
+
+
+def row_digest(cache, row: int) -> bytes:
+    import hashlib
+    digest = hashlib.sha256()
+    for layer in cache:
+        for part in layer:
+            digest.update(part.data[row].contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.digest()
 
 
 def keep_cache_rows(cache, rows: list[int]) -> None:
@@ -246,7 +269,8 @@ def keep_cache_rows(cache, rows: list[int]) -> None:
 def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, resume=None, mine=range(0)):
     """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
     to stop; resumed, from the stopped run's step (each unfinished request prefilled again).
-    -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped)."""
+    -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped,
+    the requests' final state)."""
     from hpcmoe.workload import choose, eos_ids
     r = config.run
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
@@ -291,8 +315,8 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 dropped += sum(rec[2][2] for rec in records)
                 progress.update(step, timer.now() - (token_times[-2] if len(token_times) > 1 else 0.0))
         if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
-            return step + 1, token_times, generated, dropped
-    return steps, token_times, generated, dropped
+            return step + 1, token_times, generated, dropped, state
+    return steps, token_times, generated, dropped, state
 
 
 def finish(config, topo, writer, records, prompts, token_times: list[float], generated: list[int], dropped: int,
@@ -327,16 +351,6 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], gen
         metrics["stopped_at_step"] = done
     metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled)
     return metrics
-
-
-def cache_digest(cache) -> str:
-    """sha256 of this rank's whole KV cache: replicas that must agree bit for bit can be compared."""
-    import hashlib
-    digest = hashlib.sha256()
-    for layer in cache:
-        for part in layer:
-            digest.update(part.data.contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def peak_rss_bytes() -> int:
