@@ -275,6 +275,12 @@ def scale_part(part: tuple[int, int, int], block: list[int]) -> tuple[int, int, 
 def dequantize(weight, scale, block: list[int], offset: int = 0, dim: int = 0):
     """weight [r, c] float8 -> float32 W = weight x scale of its block; scale [ceil(r / b0), ceil(c / b1)]
     (of a part of the weight that starts `offset` rows or columns into its first block along `dim`)."""
+    import torch
+    rows, columns = weight.shape
+    if offset == 0 and (rows % block[0], columns % block[1]) == (0, 0) and \
+            tuple(scale.shape) == (rows // block[0], columns // block[1]):  # whole blocks: scaled in place
+        blocks = weight.to(torch.float32).view(rows // block[0], block[0], columns // block[1], block[1])
+        return blocks.mul_(scale[:, None, :, None]).view(rows, columns)
     expanded = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
     expanded = expanded.narrow(dim, offset, weight.shape[dim])
     return weight.float() * expanded[:weight.shape[0], :weight.shape[1]]
