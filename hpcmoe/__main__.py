@@ -116,9 +116,8 @@ def command_plan(args) -> int:
         if args.device_memory is not None:
             memory = args.device_memory * 2 ** 30
         else:
-            with open("/proc/meminfo") as f:
-                available = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
-            memory = available / (args.ranks_per_node or args.ranks)
+            from hpcmoe.topology import available_memory
+            memory = available_memory() / (args.ranks_per_node or args.ranks)
         result = plan(config, args.ranks, memory)
     except ValueError as e:
         fail(str(e))

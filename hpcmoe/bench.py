@@ -59,6 +59,11 @@ def report(name: str, rows: dict, baseline: str, goal: str, meta: dict, out: str
                                                     for k in medians if rows_median(rows[baseline], k)}
         print(f"  {variant:<18}" + "".join(f"{medians.get(k, float('nan')):>{width[k]}.4g}" for k in keys))
     print(f"  goal: {goal}")
+    return store(result, out)
+
+
+def store(result: dict, out: str | None) -> dict:
+    """Write a benchmark's result as JSON to `out` (when given) and return it."""
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
@@ -437,7 +442,7 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
                 group.destinations(plan_from_slots(choose_slots(expert_ids, tables), tables))
             middle = time.perf_counter()
             for _ in range(20):
-                node_groups(choose_slots(expert_ids, tables), weights, tables).node_counts.tolist()
+                node_groups(choose_slots(expert_ids, tables), weights, tables)  # reads its counts to the host
             end = time.perf_counter()
             if rep:
                 flat_ms.append((middle - start) / 20 * 1e3)
@@ -548,9 +553,4 @@ def bench_experts(device_name: str, hidden: int, inner: int, experts: int, token
     for key, value in derived.items():
         print(f"  {key:<32}{value:10.3f}")
     print(f"  goal: {result['goal']}")
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"  wrote {out}")
-    return result
+    return store(result, out)

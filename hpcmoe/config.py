@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -165,9 +166,9 @@ class Config:
         """The prompts of this run: run.prompts, run.prompt_ids, or the seeded synthetic workload."""
         return [list(r.prompt_ids) for r in self.requests]
 
-    @property
+    @functools.cached_property
     def requests(self):
-        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens)."""
+        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
         from hpcmoe.workload import requests_of
         return requests_of(self)
 

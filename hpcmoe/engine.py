@@ -173,8 +173,8 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     engine = build_engine(config, topo, layout, placement, timer, load, device)
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
-    requests = config.requests
-    local = [requests[i] for i in engine.requests(len(requests))]
+    requests, mine = config.requests, engine.requests(len(config.requests))
+    local = [requests[i] for i in mine]
     cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
     gather, progress = RootGather(topo.world, timer), Progress(steps) if rank == 0 else None
     stop = StopSignal(topo.world, timer)
@@ -183,7 +183,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
     timer.restart(time.perf_counter())
     done, token_times, generated, dropped, state = run_steps(config, engine, timer, cache, local, gather, writer,
-                                                             progress, stop, resume, engine.requests(len(requests)))
+                                                             progress, stop, resume, mine)
     stop.close(done)
     records = gather(((peak_rss_bytes(), state.cache_digest(cache)), None, None, timer.take()), done)
     gather.close(done)
@@ -199,9 +199,9 @@ class Requests:
     reaches its max_new_tokens or, with run.stop_at_eos, generates an end-of-sequence token (which
     is kept as its last token); its KV cache rows are freed and it costs no more work anywhere."""
 
-    def __init__(self, local: list, eos: tuple[int, ...], earlier: np.ndarray | None = None):
+    def __init__(self, local: list, eos: tuple[int, ...], cache, earlier: np.ndarray | None = None):
         """earlier: [local, steps] tokens a stopped run made (-1 after an end): a resumed request
-        prefills its prompt and those tokens again, and one that had ended stays out."""
+        prefills its prompt and those tokens again, and one that had ended takes no cache rows."""
         self.local, self.eos = local, set(eos)
         self.feed = [list(r.prompt_ids) for r in local]            # the tokens each request feeds next
         self.made = [0] * len(local)
@@ -213,6 +213,8 @@ class Requests:
                 self.made[i] = len(made)
             self.alive = [i for i in self.alive if self.made[i] < local[i].max_new_tokens
                           and not (self.made[i] and self.feed[i][-1] in self.eos)]
+            if len(self.alive) < len(local):
+                keep_cache_rows(cache, self.alive)
         self.cached = torch.zeros(len(self.alive), dtype=torch.int64)  # positions in the cache, per cache row
         self.digests: dict[int, bytes] = {}  # sha256 of the KV cache rows of each request that left
 
@@ -236,7 +238,6 @@ class Requests:
             self.cached = self.cached[keep]
             keep_cache_rows(cache, keep)
         return tokens
-
 
     def cache_digest(self, cache) -> str:
         """sha256 over every request's KV cache rows in request order (those of requests that left
@@ -275,9 +276,7 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
     r = config.run
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
     earlier = resume.generated[list(mine)] if resume is not None else None
-    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else (), earlier)
-    if len(state.alive) < len(local):  # requests that had ended take no cache rows
-        keep_cache_rows(cache, state.alive)
+    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else (), cache, earlier)
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
     steps, dropped, token_times, generated = config.steps, 0, [], []
     first = resume.step if resume is not None else 0

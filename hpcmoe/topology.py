@@ -121,12 +121,16 @@ def ranks_on_this_host() -> int:
     return 1
 
 
-def available_memory_per_rank() -> int:
-    """MemAvailable of this machine (bytes) shared among the ranks on it."""
+def available_memory() -> int:
+    """MemAvailable of this machine in bytes (unknown: a huge number, so that nothing is refused)."""
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
+        return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return 2 ** 62  # unknown: do not refuse
-    return available // ranks_on_this_host()
+        return 2 ** 62
+
+
+def available_memory_per_rank() -> int:
+    """MemAvailable of this machine (bytes) shared among the ranks on it."""
+    return available_memory() // ranks_on_this_host()

@@ -94,7 +94,8 @@ def assert_job_equals_transformers(checkpoint, tmp_path, ranks: int, parallel: d
     directory, tokens, logits = checkpoint
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"model": {"checkpoint": directory}, "parallel": parallel,
-                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS},
+                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS,
+                                          "stop_at_eos": False},  # the oracle makes every token too
                                   "output": {"save_logits": True}}))
     result = run_job(ranks, tmp_path / "run.h5", config=str(config))
     assert result.returncode == 0, result.stderr

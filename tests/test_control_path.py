@@ -145,3 +145,18 @@ def test_node_groups_hold_each_token_once_per_node_it_reaches():
             on_node = [node_of_rank[placement.slot_rank[s]] == b for s in slots[t].tolist()]
             assert groups.slots[row].tolist() == [s if here else -1 for s, here in zip(slots[t].tolist(), on_node)]
             assert torch.equal(groups.weights[row], torch.where(torch.tensor(on_node), weights[t], 0.0))
+
+
+def test_bench_control_runs_and_stores_its_medians(tmp_path):
+    """`hpcmoe bench control` (docs/PERFORMANCE.md's command) runs end to end; no timing is asserted."""
+    import json
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    out = tmp_path / "control.json"
+    result = subprocess.run([sys.executable, "-m", "hpcmoe", "bench", "control", "--ranks", "16,64", "--reps", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    medians = json.loads(out.read_text())["median"]
+    assert set(medians) == {"ranks_16", "ranks_64"}
+    assert all(m["flat_ms"] > 0 and m["two_stage_stage1_ms"] > 0 for m in medians.values())

@@ -17,12 +17,16 @@ from hpcmoe.device import PinnedPool, Staging, device_kind
 from tests.conftest import run_job
 
 
-class Event:
+class Completion:
+    """A device event (query) or an MPI request (Test) that completes only when the test says so."""
+
     def __init__(self):
         self.done = False
 
     def query(self):
         return self.done
+
+    Test = query
 
 
 class FakeStreams:
@@ -33,24 +37,16 @@ class FakeStreams:
         self.recorded, self.copies, self.waited = [], [], []
 
     def record(self, stream=None):
-        self.recorded.append(Event())
+        self.recorded.append(Completion())
         return self.recorded[-1]
 
     def copy_after(self, event, destination, source):
         destination.copy_(source)
-        self.copies.append((event, Event()))
+        self.copies.append((event, Completion()))
         return self.copies[-1][1]
 
     def compute_waits(self, event):
         self.waited.append(event)
-
-
-class Request:
-    def __init__(self):
-        self.done = False
-
-    def Test(self):
-        return self.done
 
 
 class FakeComm:
@@ -61,11 +57,11 @@ class FakeComm:
         return 0
 
     def Isend(self, spec, dest, tag):
-        self.sent.append((bytes(spec[0]), dest, tag, Request()))
+        self.sent.append((bytes(spec[0]), dest, tag, Completion()))
         return self.sent[-1][3]
 
     def Irecv(self, spec, source, tag):
-        self.posted_receives.append((spec[0], source, tag, Request()))
+        self.posted_receives.append((spec[0], source, tag, Completion()))
         return self.posted_receives[-1][3]
 
 

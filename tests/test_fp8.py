@@ -10,12 +10,11 @@ import os
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, read_run, run_job
-from tests.test_checkpoint import CHECKPOINT_TOLERANCE, PROMPTS, STEPS, transformers_greedy
+from tests.conftest import ROOT, run_job
+from tests.test_checkpoint import PROMPTS, STEPS, assert_job_equals_transformers, transformers_greedy
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from make_tiny_checkpoint import make, quantize_fp8  # noqa: E402
@@ -58,16 +57,7 @@ def fp8_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(fp8_checkpoint, tmp_path, ranks):
-    directory, tokens, logits = fp8_checkpoint
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"model": {"checkpoint": directory},
-                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS, "stop_at_eos": False},
-                                  "output": {"save_logits": True}}))
-    result = run_job(ranks, tmp_path / "run.h5", config=str(config))
-    assert result.returncode == 0, result.stderr
-    run = read_run(tmp_path / "run.h5")
-    np.testing.assert_array_equal(run["generated"], tokens)
-    np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
+    assert_job_equals_transformers(fp8_checkpoint, tmp_path, ranks, {})
 
 
 def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
