@@ -490,7 +490,7 @@ def bench_experts(device_name: str, hidden: int, inner: int, experts: int, token
     import torch.nn.functional as F
     from hpcmoe.config import ModelConfig
     from hpcmoe.device import choose_device, device_kind
-    from hpcmoe.model import MoE, init_seeded
+    from hpcmoe.model import MoE
     device = choose_device(device_kind(device_name), 0)
     torch_dtype = getattr(torch, dtype)
     cfg = ModelConfig(hidden=hidden, expert_hidden=inner, num_experts=experts, top_k=1, dtype=dtype)

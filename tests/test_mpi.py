@@ -2,13 +2,12 @@
 
 Each holds at any rank count up to the debug model's 4 experts.
 """
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, LOGIT_TOLERANCE, assert_same_run, read_run
+from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run
 
 pytestmark = pytest.mark.mpi(min_size=2)
 torch.set_num_threads(1)
