@@ -123,6 +123,8 @@ class ParallelConfig:
     link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
+    expert_tp: int = 1                     # tensor parallelism inside experts: each expert slot on a group of this many ranks
+    expert_tp_dispatch: str = "members"    # expert_tp: tokens go to every member | to the group's leader, which forwards
     wait: str = "yield"                    # yield: sleep while waiting (ranks may share cores) | spin
     cuda_aware_mpi: Union[bool, str] = "auto"  # the MPI reads device memory: auto (ask it) | true | false
 
@@ -409,6 +411,19 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
                                                f"parallel.placement must be auto or packed, got {p.placement}")
 
 
+def validate_expert_tp(m: ModelConfig, p: ParallelConfig) -> None:
+    """Tensor parallelism inside experts: the relations that do not need the rank count."""
+    t = p.expert_tp
+    require(p.layout == "ep", f"parallel.expert_tp ({t}) splits experts over groups of ep ranks; "
+                              f"parallel.layout=ma keeps whole experts on its MoE ranks: use expert_tp 1")
+    require(m.expert_hidden % t == 0,
+            f"parallel.expert_tp ({t}) must divide model.expert_hidden ({m.expert_hidden})")
+    if m.fp8_block:
+        require((m.expert_hidden // t) % m.fp8_block[0] == 0 and (m.expert_hidden // t) % m.fp8_block[1] == 0,
+                f"parallel.expert_tp ({t}): each rank's share of model.expert_hidden ({m.expert_hidden} / {t} = "
+                f"{m.expert_hidden // t}) must be whole FP8 blocks ({m.fp8_block[0]} x {m.fp8_block[1]})")
+
+
 def validate(config: Config) -> None:
     """Check relations that hold whatever the rank count (the layout checks the rest)."""
     m, p, r = config.model, config.parallel, config.run
@@ -421,9 +436,13 @@ def validate(config: Config) -> None:
             f"parallel.placement: {p.placement!r} is not supported; expected one of {', '.join(placements)}")
     require(p.dispatch in ("flat", "two_stage"),
             f"parallel.dispatch: {p.dispatch!r} is not supported; expected flat or two_stage")
-    for name in ("experts_per_rank", "ranks_per_node", "threads"):
+    for name in ("experts_per_rank", "ranks_per_node", "threads", "expert_tp"):
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")
+    require(p.expert_tp_dispatch in ("members", "leader"),
+            f"parallel.expert_tp_dispatch: {p.expert_tp_dispatch!r} is not supported; expected members or leader")
+    if p.expert_tp > 1:
+        validate_expert_tp(m, p)
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
     if r.sampling is not None:

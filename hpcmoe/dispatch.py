@@ -35,6 +35,11 @@ class PlacementTables:
     slots_per_rank: tuple[int, ...]  # [R] how many slots each rank hosts
     max_slots_per_rank: int       # S
     slot_is_rank: bool            # slot p is on rank p (one per rank): counts per slot are counts per rank
+    tp: int = 1                   # ranks per expert group (slot_rank names the leader)
+
+    def served_slots(self, rank: int) -> int:
+        """How many slots `rank` computes: its own, or with expert groups its leader's (a share of each)."""
+        return self.slots_per_rank[rank - rank % self.tp]
 
     @property
     def num_slots(self) -> int:
@@ -83,7 +88,7 @@ def compile_placement(placement: Placement, source_rank: int, node_of_rank, devi
         rank_first_slot=as_tensor(first), slot_node=as_tensor([node_of_rank[r] for r in placement.slot_rank]),
         gateway=tuple(gateway(source_rank, b, node_of_rank) for b in range(nodes)),
         slots_per_rank=tuple(per_rank), max_slots_per_rank=max(max(per_rank), 1),
-        slot_is_rank=list(placement.slot_rank) == list(range(ranks)))
+        slot_is_rank=list(placement.slot_rank) == list(range(ranks)), tp=placement.tp)
 
 
 def count(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -213,7 +218,9 @@ def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTab
 def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows [t, H], slots [t, k] int64, weights [t, k] -> one uint8 message, row by row."""
     parts = [rows.contiguous(), slots.contiguous(), weights.float().contiguous()]
-    return torch.cat([p.view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts], dim=1)
+    # reshape(-1) first: a [t, 1] tensor may keep a stride of 0 that a dtype view refuses (top_k 1)
+    return torch.cat([p.reshape(-1).view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts],
+                     dim=1)
 
 
 def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
@@ -221,8 +228,8 @@ def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
     item = torch.empty(0, dtype=dtype).element_size()
     data = data.view(-1, hidden * item + 12 * k)
     rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)
-    return (rows.contiguous().view(dtype), slots.contiguous().view(torch.int64),
-            weights.contiguous().view(torch.float32))
+    as_type = lambda t, dtype, width: t.contiguous().reshape(-1).view(dtype).view(len(data), width)  # as pack_rows
+    return as_type(rows, dtype, hidden), as_type(slots, torch.int64, k), as_type(weights, torch.float32, k)
 
 
 def packed_row_bytes(hidden: int, dtype, k: int) -> int:

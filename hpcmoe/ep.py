@@ -61,7 +61,8 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         rank=rank, world=topo.world, sender=sender, link=sender.link,
         tables=compile_placement(placement, rank, topo.node_of_rank, device), group=group, node_group=node_group,
         timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
-        capacity_factor=p.capacity_factor, pool=BufferPool(device), before_dispatch=stall)
+        capacity_factor=p.capacity_factor, pool=BufferPool(device), before_dispatch=stall,
+        tp_forward=p.expert_tp_dispatch == "leader")
 
 
 @dataclass
@@ -118,7 +119,8 @@ class EPEngine:
                  device=torch.device("cpu")):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank = topo.rank
-        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device)
+        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device,
+                                              expert_shard=(self.rank % placement.tp, placement.tp))
         self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device)
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
         self.micro_batches = config.run.micro_batches

@@ -21,22 +21,38 @@ class ParallelLayout:
     num_experts: int
     placement_mode: str                 # as configured: one of PLACEMENTS
     experts_per_rank: Optional[int]     # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
+    expert_tp: int = 1                  # ranks per expert group: experts are placed on world_size / expert_tp groups
 
     def __post_init__(self):
-        w, e, k, mode = self.world_size, self.num_experts, self.experts_per_rank, self.mode
+        if self.world_size % self.expert_tp:
+            raise ValueError(f"world size ({self.world_size}) must be a multiple of parallel.expert_tp "
+                             f"({self.expert_tp}): each expert group has {self.expert_tp} ranks")
+        e, k, mode = self.num_experts, self.experts_per_rank, self.mode
+        w, ranks = self.groups, self.groups_name
         if mode == "one_per_rank" and e != w:
-            raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == world size ({w})")
+            raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == {ranks}")
         if mode == "topology_aware" and e > w:
             raise ValueError(f"parallel.placement=topology_aware puts at most one expert on a rank: it needs "
-                             f"model.num_experts ({e}) <= world size ({w})")
+                             f"model.num_experts ({e}) <= {ranks}")
         if mode == "packed" and w > e and k is None:
-            raise ValueError(f"parallel.placement=packed with world size ({w}) > model.num_experts ({e}) leaves "
+            raise ValueError(f"parallel.placement=packed with {ranks} > model.num_experts ({e}) leaves "
                              f"ranks without experts; use parallel.placement=replicated (or auto)")
         if k is not None and mode in ("one_per_rank", "topology_aware"):
             raise ValueError(f"parallel.experts_per_rank applies to packed and replicated placement, "
                              f"not parallel.placement={mode}")
         if mode in ("packed", "replicated"):
-            self.placement((0,) * w)  # raises with the numbers when k x ranks cannot hold the experts
+            self.placement((0,) * self.world_size)  # raises with the numbers when k x ranks cannot hold the experts
+
+    @property
+    def groups(self) -> int:
+        """What experts are placed on: ranks, or groups of expert_tp ranks."""
+        return self.world_size // self.expert_tp
+
+    @property
+    def groups_name(self) -> str:
+        if self.expert_tp == 1:
+            return f"world size ({self.world_size})"
+        return f"expert groups (world size {self.world_size} / parallel.expert_tp {self.expert_tp} = {self.groups})"
 
     @classmethod
     def from_config(cls, config: Config, world_size: int):
@@ -51,23 +67,35 @@ class ParallelLayout:
                                  f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})")
             return MALayout(world_size, config.model.num_experts, p.attention_ranks, p.moe_ranks,
                             p.attention_replicas, p.attention_standby)
-        layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
-                     experts_per_rank=p.experts_per_rank)
-        return layout
+        return cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
+                   experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
 
     @property
     def mode(self) -> str:
         """The placement `auto` stands for: one per rank, packed, or replicated by the rank count."""
         if self.placement_mode != "auto":
             return self.placement_mode
-        e, w = self.num_experts, self.world_size
+        e, w = self.num_experts, self.groups
         if e == w and self.experts_per_rank is None:
             return "one_per_rank"
         return "packed" if e >= w else "replicated"
 
     def placement(self, node_of_rank: tuple[int, ...], routing=None) -> placements.Placement:
-        """routing: a run's /routing [steps, moe_layers, sources, experts] to place by, else uniform load."""
-        e, w, mode = self.num_experts, self.world_size, self.mode
+        """routing: a run's /routing [steps, moe_layers, sources, experts] to place by, else uniform load.
+        With expert_tp the experts are placed on the groups, each group's ranks on one node."""
+        t = self.expert_tp
+        if t == 1:
+            return self.place(tuple(node_of_rank), routing)
+        for first in range(0, self.world_size, t):
+            nodes = sorted(set(node_of_rank[first:first + t]))
+            if len(nodes) > 1:
+                raise ValueError(f"parallel.expert_tp ({t}): expert group {first // t} (ranks {first}..{first + t - 1}) "
+                                 f"spans nodes {nodes}; ranks per node must be a multiple of {t}")
+        return self.place(tuple(node_of_rank[::t]), routing).on_groups(t)
+
+    def place(self, node_of_rank: tuple[int, ...], routing) -> placements.Placement:
+        """The placement over `groups` places (ranks, or expert groups), node_of_rank: [groups]."""
+        e, w, mode = self.num_experts, self.groups, self.mode
         nodes = max(node_of_rank) + 1
         tokens_from_node, load = (placements.load_from_routing(routing, list(node_of_rank)) if routing is not None
                                   else ([[1.0] * e for _ in range(nodes)], None))

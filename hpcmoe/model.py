@@ -109,13 +109,15 @@ class MoE(nn.Module):
 
     GROUPED_ROWS = 16  # at most this many rows per expert: one batched GEMM over the hosted experts
 
-    def __init__(self, cfg: ModelConfig, experts: list[int], routes: bool = True):
+    def __init__(self, cfg: ModelConfig, experts: list[int], routes: bool = True, shard: tuple[int, int] = (0, 1)):
         """routes: this rank routes tokens (holds the router and the shared experts, which run
-        where the tokens are); a MoE rank of attention/MoE separation only serves its experts."""
+        where the tokens are); a MoE rank of attention/MoE separation only serves its experts.
+        shard (j, T): tensor parallelism inside experts, this rank holds the j-th of T column slices
+        of gate and up and the matching row slice of down, so its output is a partial sum."""
         super().__init__()
         self.gate = Router(cfg) if routes else None
-        self.top_k = cfg.top_k
-        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden) for e in experts})
+        self.top_k, self.shard = cfg.top_k, shard
+        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden // shard[1]) for e in experts})
         self.fp8_block = cfg.fp8_block
         if cfg.fp8_block:
             for mlp in self.experts.values():
@@ -144,6 +146,23 @@ class MoE(nn.Module):
         for i, mlp in enumerate(experts):
             mlp.allocate(gate_up[i], down[i])
         self.stacked = gate_up, down
+
+    def weight_slices(self) -> dict[str, tuple[int, int, int]]:
+        """Expert tensors that are a slice of the checkpoint's (dim, start, stop): the shard's columns
+        of the inner dimension (and the FP8 block scales that cover them)."""
+        j, count = self.shard
+        if count == 1:
+            return {}
+        slices = {}
+        for e, mlp in self.experts.items():
+            inner = mlp.gate_proj.weight.shape[0]
+            start, stop = j * inner, (j + 1) * inner
+            for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                slices[f"experts.{e}.{name}.weight"] = (dim, start, stop)
+                if self.fp8_block:
+                    b = self.fp8_block[dim]
+                    slices[f"experts.{e}.{name}.weight_scale_inv"] = (dim, start // b, stop // b)
+        return slices
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [n, H] -> (expert_ids [n, k], weights [n, k]); a rank that only serves experts has no
@@ -188,13 +207,14 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: attention, then a dense MLP or a MoE layer."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int], heads: range | None = None):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: list[int], heads: range | None = None,
+                 expert_shard: tuple[int, int] = (0, 1)):
         super().__init__()
         self.is_moe = layer >= cfg.dense_layers
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.self_attn = MLAttention(cfg, heads) if cfg.attention == "mla" else GQAttention(cfg, heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = MoE(cfg, experts) if self.is_moe else MLP(cfg.hidden, cfg.dense_hidden)
+        self.mlp = MoE(cfg, experts, shard=expert_shard) if self.is_moe else MLP(cfg.hidden, cfg.dense_hidden)
 
     def attend(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> x plus attention, the residual stream after the attention half."""
@@ -207,22 +227,25 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """The model, or an attention rank's part of it: `heads` a shard of every layer's query heads,
-    `vocab` a slice of the LM head's rows (its logits are then that slice's)."""
+    `vocab` a slice of the LM head's rows (its logits are then that slice's), `expert_shard` (j, T)
+    the j-th of T slices of each hosted expert (tensor parallelism inside experts)."""
 
     def __init__(self, cfg: ModelConfig, hosted_experts: list[int], heads: range | None = None,
-                 vocab: range | None = None):
+                 vocab: range | None = None, expert_shard: tuple[int, int] = (0, 1)):
         super().__init__()
         self.cfg = cfg
         self.vocab = vocab or range(cfg.vocab)
         # _weight: no random init (on the meta device normal_ would import torch._dynamo: seconds per rank)
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
-        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts, heads) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, hosted_experts, heads, expert_shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, len(self.vocab), bias=False)
 
     def weight_slices(self) -> dict[str, tuple[int, int, int]]:
         slices = {f"layers.{i}.self_attn.{name}": part for i, block in enumerate(self.layers)
                   for name, part in block.self_attn.weight_slices().items()}
+        slices.update({f"layers.{i}.mlp.{name}": part for i, block in enumerate(self.layers) if block.is_moe
+                       for name, part in block.mlp.weight_slices().items()})
         if len(self.vocab) != self.cfg.vocab:
             slices["lm_head.weight"] = (0, self.vocab.start, self.vocab.stop)
         return slices
@@ -272,10 +295,11 @@ def init_seeded(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def build_model(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu", heads: range | None = None,
-                vocab: range | None = None) -> Transformer:
+                vocab: range | None = None, expert_shard: tuple[int, int] = (0, 1)) -> Transformer:
     """The model with only `hosted_experts` built on `device` (an attention rank's shard with `heads`
-    and `vocab`); weights from `load(name, part) -> tensor` (a checkpoint) or seeded per tensor name."""
-    return build(lambda: Transformer(cfg, hosted_experts, heads, vocab), cfg, load, device)
+    and `vocab`; a slice of each expert with `expert_shard`); weights from `load(name, part) -> tensor`
+    (a checkpoint) or seeded per tensor name."""
+    return build(lambda: Transformer(cfg, hosted_experts, heads, vocab, expert_shard), cfg, load, device)
 
 
 def build_experts(cfg: ModelConfig, hosted_experts: list[int], load=None, device="cpu") -> ExpertStore:

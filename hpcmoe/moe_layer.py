@@ -23,7 +23,8 @@ from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender
 from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count, node_groups,
                              pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 
-DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..8
+DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..10
+TP_FORWARD, TP_PARTIAL = 11, 12  # expert groups with a forwarding leader: leader -> members, members -> leader
 
 
 @dataclass
@@ -56,17 +57,25 @@ class ExchangeGroup:
                    torch.tensor(ranks, dtype=torch.int64, device=device), member)
 
 
-    def destinations(self, plan: DispatchPlan):
+    def destinations(self, plan: DispatchPlan, tp: int = 1, fan_out: bool = True):
         """The host's part of the control path: one device-to-host copy of the counts, then Python
         work only per active peer -> (counts to send [G, S], destination ranks, first row of each
-        in plan order, rows for each)."""
-        send = plan.send_counts if len(self.ranks) == len(self.member_host) else \
-            plan.send_counts.index_select(0, self.index)
-        host = torch.cat([send.reshape(-1), plan.rank_counts]).cpu().numpy()
-        send, rank_counts = host[:send.numel()].reshape(send.shape), host[send.numel():]
-        ends = np.cumsum(rank_counts)
+        in plan order, rows for each). With expert groups (tp > 1) every member is sent the counts
+        of its group's slots (it computes a share of each); the rows go to every member (fan_out)
+        or to the group's leader only, which forwards them."""
+        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
+        ranks = len(self.member_host)
+        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
+        starts = np.cumsum(rank_counts) - rank_counts
+        if tp > 1:
+            leader = np.arange(ranks) // tp * tp
+            send = send[leader]
+            if fan_out:
+                rank_counts, starts = rank_counts[leader], starts[leader]
+        if len(self.ranks) < ranks:
+            send = send[list(self.ranks)]
         active = [r for r in np.flatnonzero(rank_counts) if self.member_host[r]]
-        return send, active, (ends[active] - rank_counts[active]).tolist(), rank_counts[active].tolist()
+        return send, active, starts[active].tolist(), rank_counts[active].tolist()
 
     def close(self) -> None:
         for group in self.counts:
@@ -89,6 +98,7 @@ class ExchangeContext:
     capacity_factor: Optional[float]
     pool: BufferPool
     before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
+    tp_forward: bool = False          # expert groups: rows go to the leader, which forwards (else to every member)
 
     def receives(self, buffers: dict, tag: int) -> Receives:
         """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
@@ -116,52 +126,120 @@ def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStat
 def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torch.Tensor, group: ExchangeGroup,
                        at: Where, stats: StepStats, buffers: str = ""):
     """Generator: send `rows` (gathered in plan order) to the experts' ranks in `group`, serve what
-    arrives here with this rank's experts, and return the answers [m, H] in plan order."""
+    arrives here with this rank's experts, and return the answers [m, H] in plan order.
+
+    With expert groups each member answers a partial sum: sent to every member, the rows come back
+    as tp partials summed here in member order; sent to the leader, the leader sums them."""
     step, layer, mb = at.step, at.layer, at.micro_batch
     phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
+    tp = ctx.tables.tp
+    replies = 1 if tp == 1 or ctx.tp_forward else tp   # answers per row: one, or one partial per member
     dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (DISPATCH, RETURNS))
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = time.perf_counter()
     with phase("dispatch_post", step, layer, mb):
-        send_counts, destinations, first, sizes = group.destinations(plan)  # the one host read of the counts
+        send_counts, destinations, first, sizes = group.destinations(plan, tp, replies > 1)  # the one host read
         stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * hidden * rows.element_size()
         span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
         outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
         sender.settle(outgoing, at.waiting_for("send_wait", ()))
         torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
-        answers = ctx.pool.get(key("answers"), len(plan.order), hidden, rows.dtype)
+        answers = ctx.pool.get(key("answers"), replies * len(plan.order), hidden, rows.dtype)
+        answers = answers.view(replies, len(plan.order), hidden)       # member j's partials in answers[j]
     if group.ranks == (me,):  # alone in the group: no counts, no messages
         with phase("experts", step, layer, mb):
-            return moe.run_experts(outgoing, send_counts[0, :ctx.tables.slots_per_rank[me]].tolist(), answers)
+            return moe.run_experts(outgoing, send_counts[0, :ctx.tables.served_slots(me)].tolist(), answers[0])
     with phase("dispatch_post", step, layer, mb):
         own = part(outgoing, me) if me in span else None
         incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
-        returns = ctx.receives({r: part(answers, r) for r in destinations}, returns_tag)
+        returns = ctx.receives({r: part(answers[r % replies], r) for r in destinations}, returns_tag)
         for r in destinations:
             if r != me:
                 sender.send(r, part(outgoing, r), dispatch_tag)
-    yield from incoming.start()
-    while not incoming.finished():
-        arrived = yield incoming.pending()
-        for source in sorted(arrived):
-            with phase("experts", step, layer, mb):
-                out = part(answers, me) if source == me else None  # own answers land in place
-                out = moe.run_experts(incoming.rows(source), incoming.slot_counts(source), out)
-                if source != me:
-                    sender.send(source, out, returns_tag)
-            incoming.served.add(source)
+    own_answers = part(answers[me % replies], me) if me in span else None
+    if tp > 1 and ctx.tp_forward:
+        yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key)
+    else:
+        yield from serve(ctx, moe, incoming, own_answers, at, returns_tag)
     if me in span:
         returns.done.add(me)
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     yield returns.all_in(at, "combine_wait")
     ctx.timer.add("combine_comm", step, layer, mb, posted)
-    return answers
+    if replies == 1:
+        return answers[0]
+    with phase("combine", step, layer, mb):
+        return sum_partials(answers)
+
+
+def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where, returns_tag: int):
+    """Generator: run this rank's experts (or its share of them) on each source's rows as they
+    arrive and answer at once; its own rows' answers land in `own_answers`."""
+    me = ctx.rank
+    yield from incoming.start()
+    while not incoming.finished():
+        arrived = yield incoming.pending()
+        for source in sorted(arrived):
+            with ctx.timer.phase("experts", at.step, at.layer, at.micro_batch):
+                out = moe.run_experts(incoming.rows(source), incoming.slot_counts(source),
+                                      own_answers if source == me else None)
+                if source != me:
+                    ctx.sender.send(source, out, returns_tag)
+            incoming.served.add(source)
+
+
+def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where,
+                   returns_tag: int, key):
+    """Generator, expert groups with a forwarding leader. The leader waits for every source, forwards
+    all their rows to its members in one message each, computes its share, sums the members' partials
+    in member order and answers each source; a member computes its share of what the leader forwarded
+    and sends it back. (Forwarding per source as it arrives would start members earlier.)"""
+    me, tp, sender = ctx.rank, ctx.tables.tp, ctx.sender
+    step, layer, mb = at.step, at.layer, at.micro_batch
+    tag = lambda kind: tag_for(kind, layer, mb, ctx.micro_batches)
+    leader = me - me % tp
+    yield from incoming.start()
+    yield incoming.all_in()
+    rows = incoming.buffer
+    shares = tp if me == leader else 1
+    partials = ctx.pool.get(key("partials"), shares * len(rows), rows.shape[1], rows.dtype)
+    partials = partials.view(shares, len(rows), rows.shape[1])
+    sender.settle(partials, at.waiting_for("send_wait", ()))
+    if me == leader:
+        members = range(leader + 1, leader + tp)
+        for member in members:
+            sender.send(member, rows, tag(TP_FORWARD))
+        from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(TP_PARTIAL))
+    with ctx.timer.phase("experts", step, layer, mb):
+        for source in incoming.sources:
+            moe.run_experts(incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source))
+    if me != leader:
+        sender.send(leader, partials[0], tag(TP_PARTIAL))
+        return
+    yield from_members.all_in(at, "expert_tp_wait")
+    with ctx.timer.phase("experts", step, layer, mb):
+        summed = sum_partials(partials)
+        for source in incoming.sources:
+            if source == me:
+                own_answers.copy_(incoming.segment(summed, source))
+            else:
+                sender.send(source, incoming.segment(summed, source), returns_tag)
+
+
+def sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """[T, m, H] partial outputs of an expert group's members -> [m, H]: summed in member order, in
+    float32, so every run and every arrival order gives the same bits."""
+    total = partials[0].float()
+    for partial in partials[1:]:
+        total += partial
+    return total.to(partials.dtype)
 
 
 class CountedIncoming:
     """One Ialltoall of counts per exchange says who sends how many rows; receives are then posted
-    for exactly those sources (their payloads left right behind the counts).
+    for exactly those sources (their payloads left right behind the counts). A member of an expert
+    group whose leader forwards receives all of them in one message from the leader instead.
 
     Measured against counts in a header sent in synchronous mode, found with matched probes and
     closed by a non-blocking barrier (Hoefler's NBX): equal at 8 ranks, slower at 16 and 32
@@ -174,20 +252,37 @@ class CountedIncoming:
         self.hidden, self.dtype = like.shape[1], like.dtype
         self.counts, self.counts_in = group.counts[at.micro_batch].post(send_counts, at)
         self.served: set[int] = set()
+        self.from_leader = False
 
     def start(self):
         """Generator: wait for the counts, then post the receives."""
         ctx, me, at = self.ctx, self.ctx.rank, self.at
         yield self.counts_in
         ctx.timer.add("counts_comm", at.step, at.layer, at.micro_batch, self.posted)
-        self.slots = self.counts[:, :ctx.tables.slots_per_rank[me]]        # [G, my slots] from each member
+        self.slots = self.counts[:, :ctx.tables.served_slots(me)]         # [G, my slots] from each member
         rows_from = self.slots.sum(1)
         self.sources = {self.group.ranks[i]: i for i in np.flatnonzero(rows_from)}
-        starts = np.cumsum(np.concatenate([[0], rows_from]))
-        buffer = ctx.pool.get(self.key, int(starts[-1]), self.hidden, self.dtype)
-        self.receives = ctx.receives({s: buffer[starts[i]:starts[i + 1]] for s, i in self.sources.items()}, self.tag)
+        self.starts = np.cumsum(np.concatenate([[0], rows_from]))
+        self.buffer = ctx.pool.get(self.key, int(self.starts[-1]), self.hidden, self.dtype)
+        tp = ctx.tables.tp
+        if tp > 1 and ctx.tp_forward:
+            ctx.sender.settle(self.buffer, at.waiting_for("send_wait", ()))  # the leader forwarded it last time
+            if me % tp:  # a member: everything comes from the leader
+                self.from_leader = True
+                self.receives = ctx.receives({me - me % tp: self.buffer},
+                                             tag_for(TP_FORWARD, at.layer, at.micro_batch, ctx.micro_batches))
+                return
+        self.receives = ctx.receives({s: self.segment(self.buffer, s) for s in self.sources}, self.tag)
         if me in self.sources:
-            self.receives.keep_own(self.own)
+            if tp > 1 and ctx.tp_forward:  # the leader forwards one whole buffer: its own rows go in too
+                ctx.sender.send(me, self.own, self.tag, self.receives)
+            else:
+                self.receives.keep_own(self.own)
+
+    def segment(self, t: torch.Tensor, source: int) -> torch.Tensor:
+        """The rows of `t` (laid out like the receive buffer) that belong to `source`."""
+        i = self.group.ranks.index(source)
+        return t[self.starts[i]:self.starts[i + 1]]
 
     def finished(self) -> bool:
         return len(self.served) == len(self.sources)
@@ -195,8 +290,11 @@ class CountedIncoming:
     def pending(self) -> Pending:
         return self.receives.any_in(set(self.sources) - self.served, self.at, "dispatch_wait")
 
+    def all_in(self) -> Pending:
+        return self.receives.all_in(self.at, "dispatch_wait")
+
     def rows(self, source: int) -> torch.Tensor:
-        return self.receives.received[source]
+        return self.segment(self.buffer, source) if self.from_leader else self.receives.received[source]
 
     def slot_counts(self, source: int) -> list[int]:
         return self.slots[self.sources[source]].tolist()

@@ -3,6 +3,8 @@
 A placement lists *physical slots*: slot p hosts logical expert `slot_expert[p]` on rank
 `slot_rank[p]`, with `slot_rank` non-decreasing so that a rank's slots are contiguous and
 sorting tokens by slot also groups them by destination rank (EPLB's phy2log / log2phy).
+With tensor parallelism inside experts (`tp` > 1) a slot lives on a group of `tp` consecutive
+ranks, each holding 1/tp of the expert; `slot_rank` then names the group's first rank (its leader).
 """
 from __future__ import annotations
 
@@ -18,11 +20,20 @@ class Placement:
     slot_rank: tuple[int, ...]
     num_ranks: int
     mode: str
+    tp: int = 1    # ranks per expert group; slot_rank holds each group's leader
 
     def __post_init__(self):
         assert len(self.slot_expert) == len(self.slot_rank)
         assert list(self.slot_rank) == sorted(self.slot_rank), "slots must be grouped by rank"
-        assert all(0 <= r < self.num_ranks for r in self.slot_rank)
+        assert all(0 <= r < self.num_ranks and r % self.tp == 0 for r in self.slot_rank)
+
+    def leader(self, rank: int) -> int:
+        """The first rank of `rank`'s expert group (the rank itself without tensor parallelism)."""
+        return rank - rank % self.tp
+
+    def on_groups(self, tp: int) -> "Placement":
+        """This placement over num_ranks expert groups, spread over num_ranks x tp ranks."""
+        return Placement(self.slot_expert, tuple(r * tp for r in self.slot_rank), self.num_ranks * tp, self.mode, tp)
 
     @property
     def num_experts(self) -> int:
@@ -35,7 +46,8 @@ class Placement:
         return range(first, last)
 
     def experts_of_rank(self, rank: int) -> list[int]:
-        return [self.slot_expert[p] for p in self.slots_of_rank(rank)]
+        """The experts `rank` computes (with tensor parallelism: its share of its group's experts)."""
+        return [self.slot_expert[p] for p in self.slots_of_rank(self.leader(rank))]
 
     def expert_slots(self) -> list[list[int]]:
         """log2phy: [experts][replicas] physical slots of each logical expert."""
