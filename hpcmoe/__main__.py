@@ -288,7 +288,8 @@ def summary(config, topo, layout, metrics: dict) -> str:
     prompts = config.prompts
     return "\n".join([
         f"hpcmoe: {topo.size} ranks on {topo.num_nodes} node(s), layout {config.parallel.layout}, "
-        f"placement {layout.mode}, {len(prompts)} requests, "
+        f"placement {layout.mode}{f' over groups of {layout.expert_tp}' if getattr(layout, 'expert_tp', 1) > 1 else ''}, "
+        f"{len(prompts)} requests, "
         f"{sum(map(len, prompts))} prompt tokens, up to {config.steps} new tokens each",
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "

@@ -418,10 +418,10 @@ def validate_expert_tp(m: ModelConfig, p: ParallelConfig) -> None:
                               f"parallel.layout=ma keeps whole experts on its MoE ranks: use expert_tp 1")
     require(m.expert_hidden % t == 0,
             f"parallel.expert_tp ({t}) must divide model.expert_hidden ({m.expert_hidden})")
-    if m.fp8_block:
-        require((m.expert_hidden // t) % m.fp8_block[0] == 0 and (m.expert_hidden // t) % m.fp8_block[1] == 0,
-                f"parallel.expert_tp ({t}): each rank's share of model.expert_hidden ({m.expert_hidden} / {t} = "
-                f"{m.expert_hidden // t}) must be whole FP8 blocks ({m.fp8_block[0]} x {m.fp8_block[1]})")
+    inner = m.expert_hidden // t
+    require(not m.fp8_block or (inner % m.fp8_block[0] == 0 and inner % m.fp8_block[1] == 0),
+            f"parallel.expert_tp ({t}): each rank's share of model.expert_hidden ({m.expert_hidden} / {t} = "
+            f"{inner}) must be whole FP8 blocks ({m.fp8_block}): the block scales are not split")
 
 
 def validate(config: Config) -> None:

@@ -172,7 +172,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     timer = Timer(rank, time.perf_counter(), Streams(device))
     engine = build_engine(config, topo, layout, placement, timer, load, device)
     if writer is not None:
-        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source)
+        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source, placement.tp)
     requests, mine = config.requests, engine.requests(len(config.requests))
     local = [requests[i] for i in mine]
     cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))

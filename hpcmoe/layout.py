@@ -67,6 +67,9 @@ class ParallelLayout:
                                  f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})")
             return MALayout(world_size, config.model.num_experts, p.attention_ranks, p.moe_ranks,
                             p.attention_replicas, p.attention_standby)
+        if p.expert_tp > 1 and p.ranks_per_node is not None and p.ranks_per_node % p.expert_tp:
+            raise ValueError(f"parallel.ranks_per_node ({p.ranks_per_node}) must be a multiple of parallel.expert_tp "
+                             f"({p.expert_tp}): an expert group's ranks share a node")
         return cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                    experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
 

@@ -159,7 +159,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
                 sender.send(r, part(outgoing, r), dispatch_tag)
     own_answers = part(answers[me % replies], me) if me in span else None
     if tp > 1 and ctx.tp_forward:
-        yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key)
+        yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key, stats)
     else:
         yield from serve(ctx, moe, incoming, own_answers, at, returns_tag)
     if me in span:
@@ -190,7 +190,7 @@ def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, a
 
 
 def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where,
-                   returns_tag: int, key):
+                   returns_tag: int, key, stats: StepStats):
     """Generator, expert groups with a forwarding leader. The leader waits for every source, forwards
     all their rows to its members in one message each, computes its share, sums the members' partials
     in member order and answers each source; a member computes its share of what the leader forwarded
@@ -210,6 +210,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
         members = range(leader + 1, leader + tp)
         for member in members:
             sender.send(member, rows, tag(TP_FORWARD))
+            stats.traffic[layer - ctx.first_moe_layer, member] += rows.numel() * rows.element_size()
         from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(TP_PARTIAL))
     with ctx.timer.phase("experts", step, layer, mb):
         for source in incoming.sources:

@@ -210,14 +210,18 @@ class RunWriter:
         dataset.attrs.update({"axes": axes, **attrs})
         return dataset
 
-    def write_placement(self, expert_ranks: list[list[int]], moe_layers: int, mode: str, source: str):
-        """expert_ranks: [experts][replicas] -> /placement [moe_layer, expert, replica] (-1 pads)."""
+    def write_placement(self, expert_ranks: list[list[int]], moe_layers: int, mode: str, source: str,
+                        expert_tp: int = 1):
+        """expert_ranks: [experts][replicas] -> /placement [moe_layer, expert, replica] (-1 pads). With
+        expert_tp > 1 an entry is the first rank of the group of expert_tp ranks that holds the replica."""
         width = max(len(r) for r in expert_ranks)
         table = np.full((moe_layers, len(expert_ranks), width), -1, dtype=np.int64)
         for e, ranks in enumerate(expert_ranks):
             table[:, e, :len(ranks)] = ranks
         dataset = self.array("placement", data=table, axes=["moe_layer", "expert", "replica"], padding=-1)
-        dataset.attrs.update({"mode": mode, "source": source})
+        dataset.attrs.update({"mode": mode, "source": source, "expert_tp": expert_tp,
+                              "ranks": f"each replica on ranks r .. r + {expert_tp - 1} (tensor parallel)"
+                              if expert_tp > 1 else "each replica on rank r"})
 
     # Steps are buffered and written in blocks (every WRITE_EVERY_S seconds or WRITE_BYTES bytes, and at
     # the end): one HDF5 call per dataset and block instead of per step; memory stays bounded.

@@ -65,9 +65,10 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> 
                         "buffers": exchange_buffers(-(-routed // layout.moe_ranks)), "experts_per_rank": experts}
     else:
         served, tokens = largest_block(ranks)
-        roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert,
-                         "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": exchange_buffers(tokens),
-                         "experts_per_rank": experts}
+        tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
+        roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert // tp,
+                       "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": exchange_buffers(tokens),
+                       "experts_per_rank": experts, "expert_tp": tp}
     for role in roles.values():
         role["total"] = role["weights"] + role["kv_cache"] + role["buffers"]
     return {"total_weight_bytes": sizes.whole, "roles": roles, "max_rank_bytes": max(r["total"] for r in roles.values())}
@@ -80,30 +81,42 @@ def plan(config: Config, ranks: int, device_memory_bytes: float) -> dict:
     result = {"ranks": ranks, "layout": config.parallel.layout, "dtype": config.model.dtype_name,
               "device_memory_bytes": int(device_memory_bytes), **rank_memory(config, ranks, sizes)}
     result["fits"] = result["max_rank_bytes"] <= device_memory_bytes
-    result["smallest_ranks_that_fit"] = smallest_fit(config, device_memory_bytes, sizes)
+    result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"] = smallest_fit(config, device_memory_bytes,
+                                                                                       sizes)
     return result
 
 
-def smallest_fit(config: Config, device_memory_bytes: float, sizes: ModelSizes) -> int | None:
-    """The fewest ranks whose largest rank fits, up to one rank per expert (ma: per expert plus the
-    attention ranks); None when even that does not fit."""
+def smallest_fit(config: Config, device_memory_bytes: float, sizes: ModelSizes) -> tuple[int | None, int | None]:
+    """-> (ranks, expert_tp): the fewest ranks whose largest rank fits (ma: MoE ranks added to the
+    attention ranks; ep: up to one expert group per expert, groups of 1, 2, 4 ... 64 ranks when one
+    expert per rank is too large, the smallest such expert_tp on a tie); (None, None) when none fits."""
     import dataclasses
     m, p = config.model, config.parallel
     if p.layout == "ma":
         for moe in range(1, m.num_experts + 1):
             candidate = dataclasses.replace(config, parallel=dataclasses.replace(p, moe_ranks=moe))
             if rank_memory(candidate, p.attention_ranks + moe, sizes)["max_rank_bytes"] <= device_memory_bytes:
-                return p.attention_ranks + moe
-        return None
-    for ranks in sorted({*range(1, min(m.num_experts, 64) + 1), *(m.num_experts // k for k in (1, 2, 4, 8, 16)
-                                                                     if m.num_experts % k == 0)}):
-        try:
-            fits = rank_memory(config, ranks, sizes)["max_rank_bytes"] <= device_memory_bytes
-        except ValueError:  # a rank count the placement cannot take
-            continue
-        if fits:
-            return ranks
-    return None
+                return p.attention_ranks + moe, None
+        return None, None
+    groups = sorted({*range(1, min(m.num_experts, 64) + 1), *(m.num_experts // k for k in (1, 2, 4, 8, 16)
+                                                              if m.num_experts % k == 0)})
+    fits = []
+    for tp in (t for t in (1, 2, 4, 8, 16, 32, 64) if expert_tp_fits_model(m, t)):
+        candidate = dataclasses.replace(config, parallel=dataclasses.replace(p, expert_tp=tp))
+        for ranks in (g * tp for g in groups):
+            try:
+                if rank_memory(candidate, ranks, sizes)["max_rank_bytes"] <= device_memory_bytes:
+                    fits.append((ranks, tp))
+                    break
+            except ValueError:  # a rank count the placement cannot take
+                continue
+    return min(fits) if fits else (None, None)
+
+
+def expert_tp_fits_model(m, tp: int) -> bool:
+    """Whether experts split into `tp` slices (whole FP8 blocks with an FP8 checkpoint)."""
+    inner = m.expert_hidden // tp if m.expert_hidden % tp == 0 else 0
+    return inner > 0 and not (m.fp8_block and (inner % m.fp8_block[0] or inner % m.fp8_block[1]))
 
 
 def human_bytes(n: float) -> str:
@@ -119,12 +132,14 @@ def describe(result: dict) -> str:
              f"{gib(result['total_weight_bytes'])} of weights"]
     for name, role in result["roles"].items():
         experts = f", {role['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in role else ""
+        experts += f", each 1/{role['expert_tp']} of it" if role.get("expert_tp", 1) > 1 else ""
         lines.append(f"  per {name} rank ({role['ranks']} ranks{experts}): {gib(role['total'])} = weights "
                      f"{gib(role['weights'])} + KV cache {gib(role['kv_cache'])} + buffers {gib(role['buffers'])}")
     verdict = "fits" if result["fits"] else "does not fit"
     lines.append(f"  largest rank {gib(result['max_rank_bytes'])} {verdict} in {gib(result['device_memory_bytes'])} "
                  f"per rank")
-    smallest = result["smallest_ranks_that_fit"]
-    lines.append(f"  smallest rank count that fits: {smallest}" if smallest else
-                 "  no rank count up to one per expert fits: fewer layers, a narrower dtype, or more memory")
+    smallest, tp = result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"]
+    lines.append("  no rank count up to one per expert (in groups of up to 64 ranks) fits: fewer layers, a narrower "
+                 "dtype, or more memory" if not smallest else f"  smallest rank count that fits: {smallest}" +
+                 (f" with parallel.expert_tp={tp}" if tp and tp > 1 else ""))
     return "\n".join(lines)

@@ -113,7 +113,9 @@ def summary(run: dict) -> str:
               f"  expert_slots_max: {slots.max()}", f"  expert_slots_mean: {slots.mean():.3f}",
               f"  expert_slots_max_over_mean: {slots.max() / max(slots.mean(), 1e-12):.4f}"]
     attrs = run["placement_attrs"]
-    lines.append(f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}")
+    tp = int(attrs.get("expert_tp", 1))
+    lines.append(f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}"
+                 + (f", expert_tp {tp}: each replica on the {tp} ranks from the one listed" if tp > 1 else ""))
     for expert, replicas in enumerate(run["placement"][0]):
         lines.append(f"  expert {expert} -> ranks {' '.join(str(r) for r in replicas if r >= 0)}")
     lines.append(f"first {len(run['samples'])} requests (prompt -> completion):")

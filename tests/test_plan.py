@@ -15,7 +15,8 @@ def held_bytes(module) -> int:
 
 
 @pytest.mark.parametrize("ranks, settings", [
-    (4, []), (3, []), (2, ["model.num_experts=8", "run.seed=2"]),
+    (4, []), (3, []), (2, ["model.num_experts=8", "run.seed=2"]), (8, ["parallel.expert_tp=2"]),
+    (4, ["parallel.expert_tp=2", "parallel.placement=packed"]),
     (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
     (5, ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=3"])])
 def test_plan_weights_equal_the_built_model(ranks, settings):
@@ -40,7 +41,9 @@ def test_plan_weights_equal_the_built_model(ranks, settings):
         assert memory["roles"]["attention"]["kv_cache"] == sum(c.data.numel() * 4 for layer in cache for c in layer)
     else:
         fullest = max(range(ranks), key=lambda r: len(placement.experts_of_rank(r)))
-        assert memory["roles"]["ep"]["weights"] == held_bytes(build_model(m, placement.experts_of_rank(fullest)))
+        tp = config.parallel.expert_tp
+        assert memory["roles"]["ep"]["weights"] == held_bytes(build_model(m, placement.experts_of_rank(fullest),
+                                                                          expert_shard=(fullest % tp, tp)))
 
 
 def test_the_deepseek_v3_preset_plans_in_seconds_without_memory(tmp_path):
@@ -57,3 +60,14 @@ def test_the_deepseek_v3_preset_plans_in_seconds_without_memory(tmp_path):
     assert plan["fits"] and plan["total_weight_bytes"] > 1.3e12 and plan["max_rank_bytes"] < 64 * 2 ** 30
     assert plan["roles"]["ep"]["experts_per_rank"] == 1 and 1 < plan["smallest_ranks_that_fit"] < 256
     assert "fits in 64.0 GiB per rank" in result.stdout
+
+
+def test_plan_suggests_expert_groups_when_one_expert_is_too_large():
+    """Experts of 16384 (about 24 MiB a rank at one expert per rank) on 20 MiB devices: only halves fit."""
+    from hpcmoe.plan import plan
+    config = load_config(DEBUG_CONFIG, ["model.expert_hidden=16384"])
+    result = plan(config, 4, 20 * 2 ** 20)
+    assert not result["fits"]
+    assert (result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"]) == (8, 2)
+    halves = load_config(DEBUG_CONFIG, ["model.expert_hidden=16384", "parallel.expert_tp=2"])
+    assert plan(halves, 8, 20 * 2 ** 20)["fits"]
