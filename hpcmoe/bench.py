@@ -35,6 +35,12 @@ SCENARIOS = {
            "ma TPOT below and TPS above ep (the paper: TPOT 1.82 vs 2.76 ms, TPS 13,289 vs 8,696 on 16 A100s)",
            {"ep": ["parallel.layout=ep"],
             "ma_3_1": ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]}),
+    "expert_tp": ("expert groups of 2 ranks: rows to every member against rows to a leader that forwards "
+                  "(and whole experts, one per rank, for reference)",
+                  "leader sends fewer inter-node bytes than members; measure which has the lower TPOT",
+                  {"members": ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=members"],
+                   "leader": ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader"],
+                   "whole_experts": ["parallel.expert_tp=1"]}),
     "dispatch_mode": ("two-stage node-aware dispatch against flat", "two_stage sends fewer inter-node bytes",
                       {"flat": ["parallel.dispatch=flat"], "two_stage": ["parallel.dispatch=two_stage"]}),
 }

@@ -16,6 +16,9 @@ run mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml --out $out/wait_n4.json
 run mpiexec -n 4 hpcmoe bench dispatch_mode inputs/bench_ep.yaml --set parallel.ranks_per_node=2 \
   --set 'parallel.link={bandwidth_gbps: 1, latency_us: 100}' --out $out/dispatch_mode_n4.json
 run mpiexec -n 4 hpcmoe bench ma inputs/bench_ma.yaml --out $out/ma_n4.json
+run mpiexec -n 4 hpcmoe bench expert_tp inputs/bench_ep.yaml --out $out/expert_tp_n4.json
+run mpiexec -n 4 hpcmoe bench expert_tp inputs/bench_ep.yaml --set parallel.ranks_per_node=2 \
+  --set 'parallel.link={bandwidth_gbps: 1, latency_us: 100}' --out $out/expert_tp_link_n4.json
 run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 10 --latency-us 20 \
   --out $out/reduce_n4.json
 run mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 1 --latency-us 20 \
