@@ -271,7 +271,8 @@ def check_model(config, layout, is_root: bool):
     if is_root:
         roles = "; ".join(f"per {name} rank about {human_bytes(r['total'])} ({human_bytes(r['weights'])} weights"
                           + (f" with {r['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in r
-                             else "") + f", {human_bytes(r['kv_cache'])} KV cache)"
+                             else "") + (f", 1/{r['expert_tp']} of each" if r.get("expert_tp", 1) > 1 else "")
+                          + f", {human_bytes(r['kv_cache'])} KV cache)"
                           for name, r in memory["roles"].items())
         print(f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {roles}; "
               f"{human_bytes(available)} available per rank", file=sys.stderr, flush=True)
