@@ -197,6 +197,7 @@ class Sender:
     queued: list = field(default_factory=list)     # (peer, tag, payload, event, pinned, header)
     in_flight: list = field(default_factory=list)  # (request, payload kept alive, pinned buffer or None)
     bytes_sent: int = 0
+    background: Any = None  # with progress(): other traffic moved on whenever this rank tests or waits
 
     def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[Receives] = None) -> None:
         """Isend `data` to `peer`; to this rank itself it is copied into `own` instead."""
@@ -249,6 +250,8 @@ class Sender:
 
     def test(self) -> None:
         """Post the sends whose data is ready; take back the buffers of completed sends."""
+        if self.background is not None:
+            self.background.progress()
         if self.queued:
             self.post_ready()
         still = []

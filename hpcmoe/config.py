@@ -108,6 +108,18 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class RebalanceConfig:
+    """Online expert rebalancing: every `every_steps` steps, place again by the last `window_steps`
+    steps' load; adopt when the predicted rank load max/mean drops by at least `min_gain` (relative)."""
+    every_steps: int = 4
+    window_steps: int = 4
+    min_gain: float = 0.05
+    chunk_kib: int = 256           # weights move in messages of at most this many KiB ...
+    chunks_in_flight: int = 4      # ... at most this many at a time from a rank
+    checksums: bool = False        # testing: each rank's expert weights hashed after every switch
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     layout: str = "ep"                     # ep: data-parallel attention, experts spread over ranks | ma
     attention_ranks: Union[int, str, None] = None  # ma: world ranks 0..A-1 run attention ... (auto: ask the predictor)
@@ -125,6 +137,7 @@ class ParallelConfig:
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
     expert_tp: int = 1                     # tensor parallelism inside experts: each expert slot on a group of this many ranks
     expert_tp_dispatch: str = "members"    # expert_tp: tokens go to every member | to the group's leader, which forwards
+    rebalance: Optional[RebalanceConfig] = None  # move experts during the run as the load changes (ep)
     wait: str = "yield"                    # yield: sleep while waiting (ranks may share cores) | spin
     cuda_aware_mpi: Union[bool, str] = "auto"  # the MPI reads device memory: auto (ask it) | true | false
 
@@ -143,7 +156,9 @@ class RunConfig:
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
     device: str = "auto"                    # auto (cuda when torch sees a GPU) | cpu | cuda
     timeout_s: float = 300.0                # watchdog: a rank waiting longer than this aborts the job
-    stall_rank: Optional[int] = None        # testing: this rank sleeps before its first dispatch in step 0
+    stall_rank: Optional[int] = None        # testing: this rank sleeps before its first dispatch ...
+    stall_at_step: int = 0                  # ... in this step
+    skew_drift: Optional[int] = None        # benchmark workload: model.router_skew's hot experts rotate every N steps
     fail_rank: Optional[int] = None         # testing: this rank raises ...
     fail_at_layer: int = 0                  # ... in this layer ...
     fail_at_step: int = 0                   # ... of this step
@@ -443,6 +458,14 @@ def validate(config: Config) -> None:
             f"parallel.expert_tp_dispatch: {p.expert_tp_dispatch!r} is not supported; expected members or leader")
     if p.expert_tp > 1:
         validate_expert_tp(m, p)
+    if p.rebalance is not None:
+        b = p.rebalance
+        require(p.layout == "ep", "parallel.rebalance moves experts between ep ranks; parallel.layout=ma packs them "
+                                  "over its MoE ranks once")
+        for name in ("every_steps", "window_steps", "chunk_kib", "chunks_in_flight"):
+            require(getattr(b, name) >= 1, f"parallel.rebalance.{name}: expected an integer >= 1, got {getattr(b, name)}")
+        require(0 <= b.min_gain < 1, f"parallel.rebalance.min_gain: expected a number in [0, 1), got {b.min_gain}")
+    require(r.skew_drift is None or r.skew_drift >= 1, f"run.skew_drift: expected an integer >= 1, got {r.skew_drift}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
     if r.sampling is not None:

@@ -20,6 +20,7 @@ from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
 from hpcmoe.layout import ParallelLayout
+from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance,
                            rank_load_imbalance)
 from hpcmoe.placement import Placement
@@ -185,12 +186,15 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     done, token_times, generated, dropped, state = run_steps(config, engine, timer, cache, local, gather, writer,
                                                              progress, stop, resume, mine)
     stop.close(done)
-    records = gather(((peak_rss_bytes(), state.cache_digest(cache)), None, None, timer.take()), done)
+    history = engine.rebalancer.history if getattr(engine, "rebalancer", None) is not None else []
+    records = gather(((peak_rss_bytes(), state.cache_digest(cache), [s.digest for s in history]), None, None,
+                      timer.take()), done)
     gather.close(done)
     engine.close()
     if records is None:
         return {}
-    return finish(config, topo, writer, records, prompts, token_times, generated, dropped, done, stop.signalled)
+    return finish(config, topo, writer, records, prompts, token_times, generated, dropped, done, stop.signalled,
+                  history)
 
 
 class Requests:
@@ -280,8 +284,11 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
     steps, dropped, token_times, generated = config.steps, 0, [], []
     first = resume.step if resume is not None else 0
+    rebalancer = getattr(engine, "rebalancer", None)
     for step in range(first, steps):
         engine.step = step
+        if r.skew_drift:
+            rotate_skew(engine.model, step // r.skew_drift)
         if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:
             os.kill(os.getpid(), signal.SIGUSR1)  # testing: a stop signal to one rank, as Slurm would send
         stats = engine.new_stats()
@@ -302,8 +309,8 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 full = np.full((len(local), logits.shape[-1]), np.nan, np.float32)  # ended: no logits
                 full[alive] = logits
                 logits = full[reported]
-            record = (tokens[reported], logits, (stats.routing.cpu().numpy(), stats.traffic, int(stats.dropped)),
-                      timer.take())
+            routing = stats.routing.cpu().numpy()
+            record = (tokens[reported], logits, (routing, stats.traffic, int(stats.dropped)), timer.take())
             records = gather(record, step)
             if records is not None:
                 made = int(sum((rec[0] >= 0).sum() for rec in records))
@@ -313,13 +320,15 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 write_step(writer, step, records)
                 dropped += sum(rec[2][2] for rec in records)
                 progress.update(step, timer.now() - (token_times[-2] if len(token_times) > 1 else 0.0))
+        if rebalancer is not None:
+            rebalancer.after_step(step, routing)
         if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
             return step + 1, token_times, generated, dropped, state
     return steps, token_times, generated, dropped, state
 
 
 def finish(config, topo, writer, records, prompts, token_times: list[float], generated: list[int], dropped: int,
-           done: int, signalled: bool) -> dict:
+           done: int, signalled: bool, history=()) -> dict:
     """Rank 0: metrics over the steps this run did (a resumed run: those after it resumed), then the
     file is complete, or partial (NAME.partial.h5) when a signal stopped it after `done` steps."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
@@ -341,6 +350,9 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], gen
         metrics["peak_rss_bytes_attention"] = int(per_rank["peak_rss_bytes"][:attention].max())
         metrics["peak_rss_bytes_moe"] = int(per_rank["peak_rss_bytes"][attention:].max())
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:done])
+    if config.parallel.rebalance is not None:
+        writer.write_placement_history(history, [r[0][2] for r in records], done)
+        metrics["placement_switches"] = len(history)
     metrics["dropped_token_slots"] = dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)

@@ -67,12 +67,14 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
 
 @dataclass
 class Stall:
-    """run.stall_rank: this rank sleeps (far past the watchdog) before its first dispatch of step 0."""
+    """run.stall_rank: this rank sleeps (far past the watchdog) before its first dispatch of step
+    run.stall_at_step."""
     seconds: float       # 0: never
+    step: int = 0
     slept: bool = False
 
     def __call__(self, step: int) -> None:
-        if self.seconds and step == 0 and not self.slept:
+        if self.seconds and step == self.step and not self.slept:
             self.slept = True
             time.sleep(self.seconds)
 
@@ -84,7 +86,7 @@ class Messaging:
     def __init__(self, config: Config, topo: Topology, placement: Placement, timer, members: list[int], device):
         self.timer, self.micro_batches = timer, config.run.micro_batches
         self.sender = messaging(config, topo, device)
-        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0)
+        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
 
@@ -126,6 +128,10 @@ class EPEngine:
         self.micro_batches = config.run.micro_batches
         self.reports = True                  # whether this rank's tokens go into the run file
         self.step = 0
+        self.rebalancer = None
+        if config.parallel.rebalance is not None:
+            from hpcmoe.rebalance import Rebalancer
+            self.rebalancer = Rebalancer(config, topo, self, placement, timer)
 
     def requests(self, batch: int) -> range:
         """The requests this rank computes: a contiguous block."""
@@ -168,4 +174,6 @@ class EPEngine:
             return model.logits(x, inputs)
 
     def close(self) -> None:
+        if self.rebalancer is not None:
+            self.rebalancer.close(self.step)
         self.net.close()

@@ -70,8 +70,17 @@ class ParallelLayout:
         if p.expert_tp > 1 and p.ranks_per_node is not None and p.ranks_per_node % p.expert_tp:
             raise ValueError(f"parallel.ranks_per_node ({p.ranks_per_node}) must be a multiple of parallel.expert_tp "
                              f"({p.expert_tp}): an expert group's ranks share a node")
-        return cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
-                   experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
+        layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
+                     experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
+        if p.rebalance is not None:
+            from hpcmoe.rebalance import spare_slots_error
+            if p.rebalance.window_steps > config.steps:
+                raise ValueError(f"parallel.rebalance.window_steps ({p.rebalance.window_steps}) must be <= the run's "
+                                 f"steps ({config.steps}, the largest max_new_tokens)")
+            problem = spare_slots_error(layout, config.model.num_experts)
+            if problem:
+                raise ValueError(problem)
+        return layout
 
     @property
     def mode(self) -> str:

@@ -87,6 +87,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.skew_shift = 0  # run.skew_drift: router_skew favours experts shift, shift + 1, ... instead of 0, 1, ...
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden))
         if cfg.router == "sigmoid":
             # float32 whatever the model dtype, as transformers keeps it
@@ -97,7 +98,8 @@ class Router(nn.Module):
         c = self.cfg
         logits = F.linear(h, self.weight) if c.router == "softmax" else F.linear(h.float(), self.weight.float())
         if c.router_skew:
-            logits = logits + c.router_skew * (1 - torch.arange(c.num_experts, device=h.device) / max(c.num_experts - 1, 1))
+            rank = (torch.arange(c.num_experts, device=h.device) - self.skew_shift) % c.num_experts
+            logits = logits + c.router_skew * (1 - rank / max(c.num_experts - 1, 1))
         if c.router == "softmax":
             return softmax_topk(logits, c.top_k, c.norm_topk_prob)
         return sigmoid_group_topk(logits, self.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
@@ -202,6 +204,14 @@ class MoE(nn.Module):
 
     def shared(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.shared_experts(h) if hasattr(self, "shared_experts") else None
+
+    def expert_tensors(self, expert: int) -> list[torch.Tensor]:
+        """The hosted expert's weights (and FP8 scales) in a fixed order: what moves when it moves."""
+        return [p for _, p in sorted(self.experts[str(expert)].named_parameters())]
+
+    def adopt(self, other: "MoE") -> None:
+        """Serve other's experts from now on (online rebalancing: the new placement's weights)."""
+        self.experts, self.stacked = other.experts, other.stacked
 
 
 class Block(nn.Module):
@@ -352,6 +362,13 @@ def materialize(model: nn.Module, device, dtype) -> None:
         for name, param in module._parameters.items():
             if param is not None and param.is_meta:
                 module._parameters[name] = as_parameter(torch.empty(param.shape, dtype=param.dtype, device=device))
+
+
+def rotate_skew(model: nn.Module, shift: int) -> None:
+    """run.skew_drift: every router favours experts shift, shift + 1, ... from now on."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.skew_shift = shift
 
 
 # ---------------------------------------------------------------- sizes without building

@@ -223,6 +223,36 @@ class RunWriter:
                               "ranks": f"each replica on ranks r .. r + {expert_tp - 1} (tensor parallel)"
                               if expert_tp > 1 else "each replica on rank r"})
 
+    def write_placement_history(self, history, digests: list[list[str]], done: int):
+        """/placement_history: one row per switch of online rebalancing (not the initial placement).
+        digests: [ranks][switches] sha256 of each rank's expert weights after each switch ("" when
+        parallel.rebalance.checksums is off). The observed rank load max/mean is measured from
+        /routing over the steps the placement ran, split over its replicas as the dispatcher splits
+        them (NaN when it ran none)."""
+        from hpcmoe.rebalance import imbalance
+        from hpcmoe.placement import load_from_routing
+        experts, ranks = self.file["routing"].shape[-1], self.file["traffic"].shape[-1]
+        dtype = np.dtype([("step", np.int64), ("decided_at_step", np.int64), ("placement", np.int64, (experts, ranks)),
+                          ("bytes_moved", np.int64), ("predicted_rank_load_max_over_mean_before", np.float64),
+                          ("predicted_rank_load_max_over_mean", np.float64),
+                          ("observed_rank_load_max_over_mean", np.float64), ("weights_sha256", "S64", (ranks,))])
+        rows = np.zeros(len(history), dtype)
+        routing, node_of_rank = self.file["routing"], [int(n) for n in self.file.attrs["node_of_rank"]]
+        for i, switch in enumerate(history):
+            end = history[i + 1].step if i + 1 < len(history) else done
+            table = np.full((experts, ranks), -1, np.int64)
+            for e, holders in enumerate(switch.placement.expert_ranks()):
+                table[e, :len(holders)] = holders
+            observed = float("nan")
+            if end > switch.step:
+                places, tp = switch.placement.grouped(), switch.placement.tp
+                tokens, _ = load_from_routing(routing[switch.step:end], node_of_rank)
+                observed = imbalance(places, np.array(tokens), node_of_rank[::tp])
+            rows[i] = (switch.step, switch.decided_at_step, table, switch.bytes_moved, switch.predicted_before,
+                       switch.predicted, observed, [d[i].encode() for d in digests])
+        dataset = self.array("placement_history", data=rows, axes=["switch"], padding=-1)
+        dataset.attrs["placement"] = "[expert, replica] rank (with expert_tp: the group's first rank), -1 padded"
+
     # Steps are buffered and written in blocks (every WRITE_EVERY_S seconds or WRITE_BYTES bytes, and at
     # the end): one HDF5 call per dataset and block instead of per step; memory stays bounded.
     WRITE_EVERY_S, WRITE_BYTES = 2.0, 64 * 2 ** 20

@@ -31,6 +31,11 @@ class Placement:
         """The first rank of `rank`'s expert group (the rank itself without tensor parallelism)."""
         return rank - rank % self.tp
 
+    def grouped(self) -> "Placement":
+        """This placement over its expert groups: one place per group (the inverse of on_groups)."""
+        return Placement(self.slot_expert, tuple(r // self.tp for r in self.slot_rank), self.num_ranks // self.tp,
+                         self.mode)
+
     def on_groups(self, tp: int) -> "Placement":
         """This placement over num_ranks expert groups, spread over num_ranks x tp ranks."""
         return Placement(self.slot_expert, tuple(r * tp for r in self.slot_rank), self.num_ranks * tp, self.mode, tp)
