@@ -73,14 +73,24 @@ class ParallelLayout:
         layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
                      experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
         if p.rebalance is not None:
-            from hpcmoe.rebalance import spare_slots_error
             if p.rebalance.window_steps > config.steps:
                 raise ValueError(f"parallel.rebalance.window_steps ({p.rebalance.window_steps}) must be <= the run's "
                                  f"steps ({config.steps}, the largest max_new_tokens)")
-            problem = spare_slots_error(layout, config.model.num_experts)
-            if problem:
-                raise ValueError(problem)
+            layout.check_spare_slots()
         return layout
+
+    def check_spare_slots(self) -> None:
+        """Online rebalancing puts replicas where the load is: it needs more slots than experts
+        (topology-aware: more places than experts)."""
+        placement, e, places = self.place((0,) * self.groups, None), self.num_experts, self.groups
+        slots = len(placement.slot_expert)
+        if (places if placement.mode == "topology_aware" else slots) > e:
+            return
+        per = max(len(placement.slots_of_rank(p)) for p in range(places))
+        raise ValueError(f"parallel.rebalance needs spare expert slots, but placement {placement.mode} has {per} "
+                         f"slot(s) per {'rank' if self.expert_tp == 1 else 'expert group'} x {places} = {slots} for "
+                         f"model.num_experts ({e}); use parallel.placement=replicated with parallel.experts_per_rank "
+                         f"k, k x {places} > {e}")
 
     @property
     def mode(self) -> str:

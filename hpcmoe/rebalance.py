@@ -75,20 +75,6 @@ def plan_moves(old: Placement, new: Placement) -> list[tuple[int, int, int]]:
     return moves
 
 
-def spare_slots_error(layout, num_experts: int) -> str | None:
-    """Why a layout cannot rebalance (no slot to put a replica in), or None."""
-    placement = layout.place((0,) * layout.groups, None)
-    slots = len(placement.slot_expert)
-    if placement.mode != "topology_aware" and slots <= num_experts or \
-            placement.mode == "topology_aware" and layout.groups <= num_experts:
-        per = max(len(placement.slots_of_rank(p)) for p in range(placement.num_ranks))
-        return (f"parallel.rebalance needs spare expert slots, but placement {placement.mode} has {per} slot(s) per "
-                f"{'rank' if layout.expert_tp == 1 else 'expert group'} x {layout.groups} = {slots} for "
-                f"model.num_experts ({num_experts}); use parallel.placement=replicated with "
-                f"parallel.experts_per_rank k, k x {layout.groups} > {num_experts}")
-    return None
-
-
 class Mover:
     """The chunked weight messages of one rebalance on this rank. Receives are all posted at once (a
     posted receive blocks nothing); sends leave at most `in_flight` at a time, so a step's token

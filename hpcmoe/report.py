@@ -1,5 +1,6 @@
 """Offline analysis of run files: `hpcmoe report RUN.h5 [MORE.h5 ...] [--out DIR]`: a text summary
-per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png` (+ `compare.png`)."""
+per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png`, `.rank_load.png`
+(+ `compare.png`)."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,8 @@ def load(path: str) -> dict:
                 "node_of_rank": np.asarray(f.attrs["node_of_rank"]),
                 "routing": f["routing"][:], "traffic": f["traffic"][:], "timings": f["timings"][:],
                 "placement": f["placement"][:], "placement_attrs": dict(f["placement"].attrs),
+                "switches": [(int(row["step"]), row["placement"]) for row in f["placement_history"][:]]
+                if "placement_history" in f else [],
                 "metrics": {k: float(v) for k, v in f["metrics"].attrs.items()
                             if isinstance(v, (int, float, np.number))},
                 "samples": samples(f, yaml.safe_load(f.attrs["config"])["model"].get("checkpoint"))}
@@ -118,6 +121,12 @@ def summary(run: dict) -> str:
                  + (f", expert_tp {tp}: each replica on the {tp} ranks from the one listed" if tp > 1 else ""))
     for expert, replicas in enumerate(run["placement"][0]):
         lines.append(f"  expert {expert} -> ranks {' '.join(str(r) for r in replicas if r >= 0)}")
+    if run["switches"]:
+        load = rank_load_over_steps(run)
+        ratio = load.max(1) / np.maximum(load.mean(1), 1e-12)
+        lines.append(f"online rebalancing: {len(run['switches'])} switch(es), at steps "
+                     f"{', '.join(str(step) for step, _ in run['switches'])}; rank load max/mean per step: "
+                     f"mean {ratio.mean():.3f}")
     lines.append(f"first {len(run['samples'])} requests (prompt -> completion):")
     lines += [f"  {request}: {prompt!r} -> {completion!r}" for request, prompt, completion in run["samples"]]
     return "\n".join(lines)
@@ -224,6 +233,57 @@ def plot_traffic(run: dict, path: str) -> None:
     save(fig, path)
 
 
+def placement_of(table: np.ndarray, places: int, tp: int):
+    """A /placement (or /placement_history) table [expert, replica] of ranks -> the Placement over
+    expert groups (ranks without expert_tp)."""
+    from hpcmoe.placement import Placement
+    pairs = sorted((int(rank) // tp, expert) for expert, ranks in enumerate(table) for rank in ranks if rank >= 0)
+    return Placement(tuple(e for _, e in pairs), tuple(p for p, _ in pairs), places, "table")
+
+
+def rank_load_over_steps(run: dict) -> np.ndarray:
+    """[steps, places] token slots each rank (expert group) receives per step: the step's /routing on
+    the placement in force (the initial one, then each switch's from its step), split over replicas
+    as the dispatcher splits them."""
+    from hpcmoe.placement import expected_rank_load, load_from_routing
+    tp = int(run["placement_attrs"].get("expert_tp", 1))
+    nodes = [int(n) for n in run["node_of_rank"]]
+    places = run["world_size"] // tp
+    in_force = [(0, run["placement"][0])] + run["switches"]
+    rows = []
+    for step in range(run["routing"].shape[0]):
+        table = [t for first, t in in_force if first <= step][-1]
+        tokens, _ = load_from_routing(run["routing"][step:step + 1], nodes)
+        rows.append(expected_rank_load(placement_of(table, places, tp), tokens, nodes[::tp]))
+    return np.array(rows)
+
+
+def plot_rank_load(run: dict, path: str) -> None:
+    """Each rank's (expert group's) share of the token slots per step, and max/mean per step, with
+    the switches of online rebalancing marked."""
+    plt = pyplot()
+    load = rank_load_over_steps(run)
+    share = load / np.maximum(load.sum(1, keepdims=True), 1e-12)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(load) + 4), 7), sharex=True)
+    from matplotlib.ticker import MaxNLocator
+    image = top.imshow(share.T, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=[top, bottom], label="share of the step's token slots")  # both panels keep one width
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_ylabel("rank" if int(run["placement_attrs"].get("expert_tp", 1)) == 1 else "expert group")
+    bottom.plot(range(len(load)), load.max(1) / np.maximum(load.mean(1), 1e-12), marker="o")
+    bottom.axhline(1.0, color="0.6", linewidth=0.8)
+    for i, (step, _) in enumerate(run["switches"]):
+        for ax in (top, bottom):
+            ax.axvline(step - 0.5, color="red", linestyle="--", label="switch" if i == 0 and ax is bottom else None)
+    if run["switches"]:
+        bottom.legend()
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("rank load max / mean")
+    top.set_title(f"{run['stem']}: rank load per step (red: placement switches)")
+    fig.savefig(path, dpi=110)  # not save(): tight_layout cannot place a colour bar shared by two panels
+    plt.close(fig)
+
+
 def plot_compare(runs: list[dict], path: str) -> None:
     """Bars of tps, ttft_ms and tpot_ms, one bar per run."""
     plt = pyplot()
@@ -253,7 +313,7 @@ def plot_paths(runs: list[dict], out: str | None) -> list[tuple]:
     for run in runs:
         folder = out or os.path.dirname(os.path.abspath(run["path"]))
         for name, function in (("timeline", plot_timeline), ("expert_load", plot_expert_load),
-                               ("traffic", plot_traffic)):
+                               ("traffic", plot_traffic), ("rank_load", plot_rank_load)):
             plots.append((function, run, os.path.join(folder, f"{run['stem']}.{name}.png")))
     if len(runs) > 1:
         folder = out or os.path.dirname(os.path.abspath(runs[0]["path"]))
