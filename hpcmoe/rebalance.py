@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -150,6 +151,8 @@ class Rebalancer:
                 after >= before or before - after < self.settings.min_gain * before:
             return
         self.start_moves(new, Switch(-1, step, self.on_ranks(new), 0, before, after))
+        self.say(f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2 ** 20:.1f} MiB of expert "
+                 f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})")
 
     def vote(self, step: int) -> None:
         """Read the vote posted one boundary earlier (switch when everyone was done); post this one's."""
@@ -213,10 +216,15 @@ class Rebalancer:
         engine.net.ctx = engine.ctx = dataclasses.replace(engine.ctx, tables=tables)
         engine.sender.background = None
         switch.step = step
+        self.say(f"rebalanced: the new placement serves from step {step}")
         if self.settings.checksums:
             switch.digest = expert_digest(engine.model)
         self.history.append(switch)
         self.moving = None
+
+    def say(self, line: str) -> None:
+        if self.topo.rank == 0:
+            print(f"hpcmoe: {line}", file=sys.stderr, flush=True)
 
     def close(self, step: int) -> None:
         """End of the run: finish what is in flight (every rank posted the same collectives), free."""

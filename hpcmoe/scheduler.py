@@ -32,5 +32,6 @@ def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list
             first = waiting[min(waiting)]
             where = first.where()
             with timer.phase(where.phase, step, where.layer, where.micro_batch):
-                wait_until(lambda: any(p.poll() is not None for p in waiting.values()), first.where)
+                # sender.test() while idle too: queued sends (and background moves) go on
+                wait_until(lambda: sender.test() or any(p.poll() is not None for p in waiting.values()), first.where)
     return results

@@ -1,0 +1,133 @@
+"""Online expert rebalancing (parallel.rebalance) under a drifting skew (run.skew_drift).
+
+Whole jobs must give the 1-rank run's tokens (logits within LOGIT_TOLERANCE) while experts move
+and switch; at least one switch must happen (else the test proves nothing); after every switch each
+rank's expert weights hash to those of a fresh build of what it hosts (bit for bit); a rank that
+fails or stalls while weights move ends the job with the abort's or the watchdog's message and no
+complete file; bad settings fail naming the numbers.
+"""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcmoe.config import load_config
+from hpcmoe.layout import ParallelLayout
+from hpcmoe.placement import Placement, replicated
+from hpcmoe.rebalance import expert_digest, imbalance, plan_moves, propose
+from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
+
+DRIFT = ["model.router_skew=4", "run.skew_drift=6"]
+EVERY_2 = "parallel.rebalance={every_steps: 2, window_steps: 2, checksums: true}"
+JOBS = {  # name: (ranks, settings)
+    "n4_flat": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3"]),
+    "n4_two_stage_mb4": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3",
+                             "parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4"]),
+    "n6_flat_mb4": (6, ["run.micro_batches=4"]),      # auto: 4 experts on 6 ranks, replicated
+    "n6_two_stage": (6, ["parallel.ranks_per_node=3", "parallel.dispatch=two_stage"]),
+}
+_references = {}
+
+
+def reference(tmp_path_factory, experts: int):
+    if experts not in _references:
+        path = tmp_path_factory.mktemp("rebalance_ref") / "run.h5"
+        result = run_job(1, path, "output.save_logits=true", f"model.num_experts={experts}", *DRIFT)
+        assert result.returncode == 0, result.stderr
+        _references[experts] = read_run(path)
+    return _references[experts]
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(tmp_path_factory, name):
+    from hpcmoe.model import build_model
+    ranks, settings = JOBS[name]
+    path = tmp_path_factory.mktemp("rebalance") / f"{name}.h5"
+    result = run_job(ranks, path, "output.save_logits=true", *DRIFT, EVERY_2, *settings, timeout=240)
+    assert result.returncode == 0, result.stderr
+    experts = 8 if "model.num_experts=8" in settings else 4
+    assert_same_run(read_run(path), reference(tmp_path_factory, experts))
+    with h5py.File(path) as f:
+        history = f["placement_history"][:]
+        assert f["metrics"].attrs["placement_switches"] == len(history) >= 1, "no switch: nothing was tested"
+        initial = f["placement"][0]
+    config = load_config(DEBUG_CONFIG, [f"model.num_experts={experts}"])
+    previous = initial
+    for row in history:
+        assert row["step"] > row["decided_at_step"] + 1 and row["bytes_moved"] > 0
+        assert row["predicted_rank_load_max_over_mean"] < row["predicted_rank_load_max_over_mean_before"]
+        assert not np.array_equal(row["placement"][:, :previous.shape[1]], previous)
+        for rank in range(ranks):  # what the rank hosts now, built afresh from the seed, hashes the same
+            hosted = sorted(e for e, holders in enumerate(row["placement"]) if rank in holders)
+            assert row["weights_sha256"][rank].decode() == expert_digest(build_model(config.model, hosted)), rank
+        previous = row["placement"]
+
+
+def test_moves_take_each_gained_expert_from_an_old_holder():
+    old = replicated(4, 4, 2)                             # every expert twice
+    new = replicated(4, 4, 2, [10.0, 1.0, 1.0, 1.0])      # expert 0 hot: more replicas of it
+    moves = plan_moves(old, new)
+    assert moves, "a different placement moves something"
+    for expert, source, target in moves:
+        assert expert in old.experts_of_rank(source) and expert not in old.experts_of_rank(target)
+        assert expert in new.experts_of_rank(target)
+    gained = sorted((t, e) for t in range(4) for e in set(new.experts_of_rank(t)) - set(old.experts_of_rank(t)))
+    assert sorted((t, e) for e, _, t in moves) == gained
+
+
+def test_the_proposal_lowers_the_predicted_imbalance_and_keeps_the_slot_budget():
+    uniform = replicated(8, 4, 3)                        # extra replicas for experts 0..3
+    load = np.array([[5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 40.0, 30.0]])
+    proposal = propose(uniform, load, [0, 0, 0, 0])
+    assert all(len(proposal.slots_of_rank(r)) == 3 for r in range(4))
+    assert imbalance(proposal, load, [0] * 4) < imbalance(uniform, load, [0] * 4)
+    assert imbalance(Placement((0, 1), (0, 1), 2, "x"), np.array([[9.0, 1.0]]), [0, 0]) == pytest.approx(1.8)
+
+
+@pytest.mark.parametrize("ranks, settings, message", [
+    (4, [], r"parallel.rebalance needs spare expert slots, but placement one_per_rank has 1 slot\(s\) per rank x 4 "
+            r"= 4 for model.num_experts \(4\)"),
+    (2, ["parallel.placement=packed"], r"placement packed has 2 slot\(s\) per rank x 2 = 4"),
+    (6, ["parallel.rebalance.window_steps=20"], r"window_steps \(20\) must be <= the run's steps \(16"),
+    (6, ["parallel.rebalance.every_steps=0"], r"parallel.rebalance.every_steps: expected an integer >= 1, got 0"),
+    (6, ["parallel.rebalance.min_gain=1.5"], r"parallel.rebalance.min_gain: expected a number in \[0, 1\), got 1.5"),
+    (6, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=3"],
+     r"parallel.rebalance moves experts between ep ranks"),
+])
+def test_bad_rebalance_settings_name_the_numbers(ranks, settings, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelLayout.from_config(load_config(DEBUG_CONFIG, ["parallel.rebalance={}", *settings]), ranks)
+
+
+SLOW_MOVES = "parallel.rebalance={every_steps: 2, window_steps: 2, min_gain: 0, chunk_kib: 1, chunks_in_flight: 1}"
+COLD_START = ["model.router_skew=-4"]  # the hot experts are 3 and 2, which the uniform placement replicates last
+
+
+@pytest.mark.parametrize("failure, message", [
+    (["run.fail_rank=2", "run.fail_at_step=4", "run.fail_at_layer=1"], "hpcmoe: rank 2: unhandled RuntimeError"),
+    (["run.stall_rank=2", "run.stall_at_step=4", "run.timeout_s=5"], "watchdog: waited"),
+])
+def test_a_rank_lost_while_weights_move_ends_the_job_without_a_complete_file(tmp_path, failure, message):
+    """1 KiB chunks one at a time: the moves decided after step 2 are still in flight in step 4."""
+    output = tmp_path / "out.h5"
+    result = run_job(6, output, *COLD_START, SLOW_MOVES, *failure, timeout=90)
+    assert result.returncode not in (0, 124), "the job must end, not hang until the timeout"
+    assert "hpcmoe: rebalancing after step 2: moving" in result.stderr and "rebalanced:" not in result.stderr
+    assert message in result.stderr
+    assert not os.path.exists(output)
+    for leftover in tmp_path.iterdir():
+        assert leftover.name == "out.h5.tmp"
+        try:
+            with h5py.File(leftover, "r", locking=False) as f:
+                assert not f.attrs["complete"]
+        except OSError:
+            pass
+
+
+def test_bad_rebalance_fails_on_every_rank_before_any_file(tmp_path):
+    result = run_job(4, tmp_path / "out.h5", "parallel.rebalance={}")
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+    assert result.returncode != 0 and len(lines) == 4, result.stderr
+    assert "parallel.rebalance needs spare expert slots" in lines[0]
+    assert os.listdir(tmp_path) == []
