@@ -17,6 +17,7 @@ from hpcmoe.layout import ParallelLayout
 from hpcmoe.placement import Placement, replicated
 from hpcmoe.rebalance import expert_digest, imbalance, plan_moves, propose
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
+from tests.test_report import report
 
 DRIFT = ["model.router_skew=4", "run.skew_drift=6"]
 EVERY_2 = "parallel.rebalance={every_steps: 2, window_steps: 2, checksums: true}"
@@ -62,6 +63,11 @@ def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(t
             hosted = sorted(e for e, holders in enumerate(row["placement"]) if rank in holders)
             assert row["weights_sha256"][rank].decode() == expert_digest(build_model(config.model, hosted)), rank
         previous = row["placement"]
+    if name == "n6_two_stage":  # the report marks the switches
+        shown = report(path, "--out", path.parent)
+        assert shown.returncode == 0, shown.stderr
+        assert f"online rebalancing: {len(history)} switch(es), at steps " in shown.stdout
+        assert (path.parent / f"{name}.rank_load.png").stat().st_size > 0
 
 
 def test_moves_take_each_gained_expert_from_an_old_holder():

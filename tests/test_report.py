@@ -14,7 +14,7 @@ from tests.conftest import ROOT, run_job
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("timeline", "expert_load", "traffic")
+PLOTS = ("timeline", "expert_load", "traffic", "rank_load")
 
 
 @pytest.fixture(scope="module")
