@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+OBSERVED = "@observed"  # in a variant's settings: the file of a first run of the baseline, whose /routing it places by
 SCENARIOS = {
     # name: (what it shows, goal, {variant: [--set overrides]}); the first variant is the baseline
     "placement": ("one expert per rank against the packed baseline (same model, workload, ranks)",
@@ -28,7 +29,16 @@ SCENARIOS = {
     "skew": ("skewed routing without and with replicas placed from the observed load",
              "replicated lowers max/mean rank load and raises tokens/s",
              {"packed": ["parallel.placement=packed"],
-              "replicated": ["parallel.placement=replicated", "parallel.experts_per_rank=2"]}),
+              "replicated": ["parallel.placement=replicated", "parallel.experts_per_rank=2",
+                             f"parallel.placement_from={OBSERVED}"]}),
+    "rebalance": ("a drifting skew (run.skew_drift): replicas placed once (uniform, or from an earlier run's load) "
+                  "against online rebalancing (moves in chunks, and in one message per tensor)",
+                  "online lowers rank load max/mean and raises tokens/s; steps with moves in flight keep >= 0.95x "
+                  "the decode tokens/s of the others (moving_tps_ratio)",
+                  {"static": [], "placement_from": [f"parallel.placement_from={OBSERVED}"],
+                   "online": ["parallel.rebalance={every_steps: 4, window_steps: 4}"],
+                   "online_unchunked": ["parallel.rebalance={every_steps: 4, window_steps: 4, chunk_kib: 1048576, "
+                                        "chunks_in_flight: 1}"]}),
     "wait": ("waiting ranks yield the core against spinning", "yield >= spin when ranks outnumber cores",
              {"spin": ["parallel.wait=spin"], "yield": ["parallel.wait=yield"]}),
     "ma": ("attention/MoE separation 3:1 against co-located attention (ep), same ranks, model, workload",
@@ -104,10 +114,10 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
         device = choose_device(device_kind(config.run.device), topo.host_rank)
         return config, run(config, topo, ParallelLayout.from_config(config, world.Get_size()), device=device)
 
-    if name == "skew":  # replicas are placed from the load a first (packed) run observed
+    if any(OBSERVED in s for extra in variants.values() for s in extra):  # placed by what a baseline run observed
         observed = os.path.join(directory, "observed.h5")
-        one_run(variants["packed"], observed)
-        variants = {**variants, "replicated": variants["replicated"] + [f"parallel.placement_from={observed}"]}
+        one_run(next(iter(variants.values())), observed)
+        variants = {v: [s.replace(OBSERVED, observed) for s in extra] for v, extra in variants.items()}
     for rep in range(reps + 1):  # the first round warms up and is not recorded
         for variant, extra in variants.items():
             path = os.path.join(directory, f"{variant}.h5")
@@ -141,10 +151,28 @@ def run_sample(path: str, config, metrics: dict, topo) -> dict:
         sample["prefill_wire_s"] = critical_wire_seconds(traffic[0], topo.node_of_rank, link.bandwidth_gbps,
                                                          link.latency_us)
     sample.update(role_compute_ms(timings, config))
+    if config.parallel.rebalance is not None:
+        sample.update(moving_cost(path))
     for key in ("busy_fraction_attention", "busy_fraction_moe"):
         if key in metrics:
             sample[key] = metrics[key]
     return sample
+
+
+def moving_cost(path: str) -> dict:
+    """Online rebalancing: switches, bytes moved, and decode tokens/s over the steps that ran while
+    weights moved (after a decision, up to its switch) over the other decode steps (NaN without both)."""
+    import h5py
+    with h5py.File(path) as f:
+        history, times = f["placement_history"][:], f["metrics/token_time_s"][:]
+    step_seconds = np.diff(times)                     # decode step i + 1
+    moving = np.zeros(len(step_seconds), bool)
+    for row in history:
+        moving[row["decided_at_step"]:row["step"] - 1] = True   # steps decided + 1 .. switch - 1
+    ratio = float(np.median(step_seconds[~moving]) / np.median(step_seconds[moving])) if moving.any() and \
+        (~moving).any() else float("nan")
+    return {"switches": len(history), "moved_mib": float(history["bytes_moved"].sum()) / 2 ** 20,
+            "moving_tps_ratio": ratio}
 
 
 def critical_wire_seconds(traffic: np.ndarray, node_of_rank, bandwidth_gbps: float, latency_us: float) -> float:
