@@ -36,7 +36,7 @@ SCENARIOS = {
                   "online lowers rank load max/mean and raises tokens/s; steps with moves in flight keep >= 0.95x "
                   "the decode tokens/s of the others (moving_tps_ratio)",
                   {"static": [], "placement_from": [f"parallel.placement_from={OBSERVED}"],
-                   "online": ["parallel.rebalance={every_steps: 4, window_steps: 4}"],
+                   "online": ["parallel.rebalance={every_steps: 4, window_steps: 4, chunks_in_flight: 16}"],
                    "online_unchunked": ["parallel.rebalance={every_steps: 4, window_steps: 4, chunk_kib: 1048576, "
                                         "chunks_in_flight: 1}"]}),
     "wait": ("waiting ranks yield the core against spinning", "yield >= spin when ranks outnumber cores",
@@ -144,7 +144,7 @@ def run_sample(path: str, config, metrics: dict, topo) -> dict:
     with h5py.File(path) as f:
         timings, traffic = f["timings"][:], f["traffic"][:]
     sample = {k: metrics[k] for k in ("ttft_ms", "tpot_ms", "tps", "idle_fraction", "busy_fraction",
-                                      "rank_load_max_over_mean")}
+                                      "rank_load_max_over_mean", "rank_load_max_over_mean_per_step")}
     sample["internode_bytes"] = internode_traffic(traffic, topo.node_of_rank)
     link = config.parallel.link
     if link is not None:

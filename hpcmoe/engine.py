@@ -21,7 +21,7 @@ from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
-from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance,
+from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, step_imbalance,
                            rank_load_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
@@ -350,6 +350,7 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], gen
         metrics["peak_rss_bytes_attention"] = int(per_rank["peak_rss_bytes"][:attention].max())
         metrics["peak_rss_bytes_moe"] = int(per_rank["peak_rss_bytes"][attention:].max())
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:done])
+    metrics["rank_load_max_over_mean_per_step"] = step_imbalance(writer.file["traffic"][:done])
     if config.parallel.rebalance is not None:
         writer.write_placement_history(history, [r[0][2] for r in records], done)
         metrics["placement_switches"] = len(history)

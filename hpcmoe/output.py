@@ -164,6 +164,14 @@ def rank_load_imbalance(traffic: np.ndarray) -> float:
     return float(received.max() / received.mean()) if received.mean() > 0 else float("nan")
 
 
+def step_imbalance(traffic: np.ndarray) -> float:
+    """Mean over steps of each step's rank load max / mean (traffic [steps, layers, src, dst]): the
+    whole-run figure hides a load that moves from rank to rank during the run; this one does not."""
+    received = traffic.sum(axis=(1, 2)).astype(float)        # [steps, dst]
+    busy = received.mean(axis=1) > 0
+    return float((received[busy].max(1) / received[busy].mean(1)).mean()) if busy.any() else float("nan")
+
+
 def previous_imbalance(path: str) -> float:
     """The rank load max/mean of an earlier run file."""
     import h5py
