@@ -36,8 +36,8 @@ SCENARIOS = {
                   "online lowers rank load max/mean and raises tokens/s; steps with moves in flight keep >= 0.95x "
                   "the decode tokens/s of the others (moving_tps_ratio)",
                   {"static": [], "placement_from": [f"parallel.placement_from={OBSERVED}"],
-                   "online": ["parallel.rebalance={every_steps: 4, window_steps: 4, chunks_in_flight: 16}"],
-                   "online_unchunked": ["parallel.rebalance={every_steps: 4, window_steps: 4, chunk_kib: 1048576, "
+                   "online": ["parallel.rebalance={every_steps: 2, window_steps: 2, chunks_in_flight: 16}"],
+                   "online_unchunked": ["parallel.rebalance={every_steps: 2, window_steps: 2, chunk_kib: 1048576, "
                                         "chunks_in_flight: 1}"]}),
     "wait": ("waiting ranks yield the core against spinning", "yield >= spin when ranks outnumber cores",
              {"spin": ["parallel.wait=spin"], "yield": ["parallel.wait=yield"]}),

@@ -153,6 +153,7 @@ class Rebalancer:
         self.start_moves(new, Switch(-1, step, self.on_ranks(new), 0, before, after))
         self.say(f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2 ** 20:.1f} MiB of expert "
                  f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})")
+        self.vote(step)  # the first vote at once: small moves are done by the next boundary
 
     def vote(self, step: int) -> None:
         """Read the vote posted one boundary earlier (switch when everyone was done); post this one's."""
