@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 RANKS ?= 4
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean ft
+FT_VENV := .venv-ft
 
 $(BIN)/hpcmoe: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +22,16 @@ run: setup
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 
+# make ft: a fault-tolerant MPI from pip (the Open MPI wheel, ULFM built in) in its own venv;
+# launch with .venv-ft/bin/mpirun --with-ft ulfm ... (see README: Surviving a dead rank).
+$(FT_VENV)/bin/hpcmoe: setup.py constraints.txt
+	$(PYTHON) -m venv $(FT_VENV)
+	$(FT_VENV)/bin/pip install -q --upgrade pip
+	$(FT_VENV)/bin/pip install -q torch==2.13.0
+	$(FT_VENV)/bin/pip install -q -c constraints.txt -e '.[ft]'
+	touch $@
+
+ft: $(FT_VENV)/bin/hpcmoe
+
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(FT_VENV) runs *.egg-info

@@ -218,6 +218,13 @@ def command_run(args) -> int:
     from hpcmoe.topology import init_mpi
     world = init_mpi()
     from hpcmoe.layout import ParallelLayout
+    if config.run.fault_tolerance:
+        from mpi4py import MPI
+        from hpcmoe.fault import check_mpi
+        problem = check_mpi()
+        if problem:
+            fail(problem)
+        world.Set_errhandler(MPI.ERRORS_RETURN)  # communicators made from it inherit it
     try:
         if config.parallel.layout == "ma" and "auto" in (config.parallel.attention_ranks, config.parallel.moe_ranks):
             from hpcmoe.predict import choose_split

@@ -467,8 +467,7 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
         node_of_rank = [r // ranks_per_node for r in range(count)]
         source = count // 2 + 1  # not rank 0: the replica choice offsets by the source rank
         tables = compile_placement(placement, source, node_of_rank)
-        index = torch.arange(count)
-        group = ExchangeGroup(tuple(range(count)), (), index, np.ones(count, bool))
+        group = ExchangeGroup(tuple(range(count)), (), np.ones(count, bool))
         flat_ms, two_stage_ms = [], []
         for rep in range(reps + 1):
             start = time.perf_counter()

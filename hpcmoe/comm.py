@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.device import DONE
+from hpcmoe.fault import track
 
 HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
 
@@ -61,12 +62,21 @@ def wait_until(done: Callable[[], bool], where) -> None:
 
     where: a Where, or a function returning one (so that it can name the peers still missing)."""
     pause, start = 20e-6, time.monotonic()
-    while not done():
+    while not finished(done, where):
         if WATCHDOG_S is not None and time.monotonic() - start > WATCHDOG_S:
             watchdog(where() if callable(where) else where, time.monotonic() - start)
         if not SPIN:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
+
+
+def finished(done: Callable[[], bool], where) -> bool:
+    """done(), and an MPI error raised by it says where it was met (run.fault_tolerance reports it)."""
+    try:
+        return done()
+    except MPI.Exception as error:
+        error.where = where() if callable(where) else where
+        raise
 
 
 def watchdog(where: Where, waited: float) -> None:
@@ -297,7 +307,7 @@ class CountsGroup:
 
     def __init__(self, comm, ranks: tuple[int, ...]):
         """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
-        self.comm, self.ranks = comm.Dup(), tuple(ranks)
+        self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
         self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
         self.posted = np.frombuffer(self.window.tomemory(), np.int64)
         self.posted[0] = 0

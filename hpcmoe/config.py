@@ -38,6 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      expert_hidden=16384, dense_hidden=16384, rope_theta=10000.0, seed=0),
 }
 DTYPES = ("float32", "bfloat16")
+KILL_PHASES = ("dispatch", "combine", "record", "between_steps")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                      "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -163,6 +164,11 @@ class RunConfig:
     fail_at_layer: int = 0                  # ... in this layer ...
     fail_at_step: int = 0                   # ... of this step
     signal_at_step: Optional[int] = None    # testing: the last rank sends itself SIGUSR1 as this step starts
+    fault_tolerance: bool = False           # survive a dead rank (an MPI with ULFM): the others go on without it
+    kill_rank: Optional[int] = None         # testing: this rank kills itself (SIGKILL) ...
+    kill_at_step: int = 1                   # ... in this step ...
+    kill_at_layer: int = 1                  # ... and MoE layer (dispatch, combine) ...
+    kill_phase: str = "dispatch"            # ... at: dispatch | combine | record | between_steps
 
 
 @dataclass(frozen=True)
@@ -466,6 +472,7 @@ def validate(config: Config) -> None:
             require(getattr(b, name) >= 1, f"parallel.rebalance.{name}: expected an integer >= 1, got {getattr(b, name)}")
         require(0 <= b.min_gain < 1, f"parallel.rebalance.min_gain: expected a number in [0, 1), got {b.min_gain}")
     require(r.skew_drift is None or r.skew_drift >= 1, f"run.skew_drift: expected an integer >= 1, got {r.skew_drift}")
+    require(r.kill_phase in KILL_PHASES, f"run.kill_phase: {r.kill_phase!r} is not one of {', '.join(KILL_PHASES)}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
     if r.sampling is not None:

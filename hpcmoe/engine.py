@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
+from hpcmoe.fault import RankFailed, is_failure, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, step_imbalance,
@@ -69,7 +71,7 @@ class StopSignal:
     step, and no step waits for a vote in the common case."""
 
     def __init__(self, world, timer: Timer):
-        self.comm, self.timer, self.request = world.Dup(), timer, None
+        self.comm, self.timer, self.request = track(world.Dup()), timer, None
         self.flags, self.anyone = np.zeros(2, dtype=int), np.zeros(2, dtype=int)
         self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi
@@ -166,25 +168,50 @@ def build_engine(config: Config, topo: Topology, layout, placement: Placement, t
     return EPEngine(config, topo, placement, timer, load, device=device)
 
 
+@dataclass
+class Made:
+    """What the steps made so far (rank 0's lists), kept across a recovery from a dead rank."""
+    first: int = 0                                        # the step this run (or resume) began at
+    token_times: list = field(default_factory=list)       # when rank 0 held each step's tokens (steps with tokens)
+    generated: list = field(default_factory=list)         # tokens made per step from `first` on
+    step_times: dict = field(default_factory=dict)        # step -> when rank 0 last finished it
+    dropped: int = 0
+
+    @property
+    def done(self) -> int:
+        """Rank 0: the steps written."""
+        return self.first + len(self.generated)
+
+
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
              prompts: list[list[int]], writer, load, device, resume=None) -> dict:
+    """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
+    survivors rebuild everything among themselves and go on from the first unfinished step."""
     from hpcmoe.device import Streams
-    rank, steps, model_cfg = topo.rank, config.steps, config.model
-    timer = Timer(rank, time.perf_counter(), Streams(device))
-    engine = build_engine(config, topo, layout, placement, timer, load, device)
+    original, steps, model_cfg = topo, config.steps, config.model
+    timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source, placement.tp)
-    requests, mine = config.requests, engine.requests(len(config.requests))
-    local = [requests[i] for i in mine]
-    cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
-    gather, progress = RootGather(topo.world, timer), Progress(steps) if rank == 0 else None
-    stop = StopSignal(topo.world, timer)
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
-    topo.world.Barrier()  # the common start: every timing row and TTFT count from here
-    timer.restart(time.perf_counter())
-    done, token_times, generated, dropped, state = run_steps(config, engine, timer, cache, local, gather, writer,
-                                                             progress, stop, resume, mine)
+    made, survivors, failures = Made(first=resume.step if resume is not None else 0), None, []
+    progress = Progress(steps) if topo.rank == 0 else None
+    while True:
+        engine = build_engine(config, topo, layout, placement, timer, load, device)
+        requests, mine = config.requests, engine.requests(len(config.requests))
+        local = [requests[i] for i in mine]
+        cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+        gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
+        if survivors is None:
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
+            topo.world.Barrier()  # the common start: every timing row and TTFT count from here
+            timer.restart(time.perf_counter())
+        try:
+            done, state = run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made, resume,
+                                    mine, survivors)
+            break
+        except RankFailed as failed:
+            topo, layout, placement, survivors, resume = recover(config, original, topo, writer, timer, prompts, made,
+                                                                 failed, survivors, failures)
     stop.close(done)
     history = engine.rebalancer.history if getattr(engine, "rebalancer", None) is not None else []
     records = gather(((peak_rss_bytes(), state.cache_digest(cache), [s.digest for s in history]), None, None,
@@ -193,8 +220,70 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     engine.close()
     if records is None:
         return {}
-    return finish(config, topo, writer, records, prompts, token_times, generated, dropped, done, stop.signalled,
-                  history)
+    if survivors is not None:
+        records = survivors.widen_records(records, ((0, "", []), None, None, records[0][3][:0]))
+    failures = [row[:5] + (made.step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
+    return finish(config, original, writer, records, prompts, made, done, stop.signalled, history, failures)
+
+
+def recover(config: Config, original: Topology, topo: Topology, writer, timer, prompts, made: Made,
+            failed: RankFailed, survivors, failures: list):
+    """After a dead rank: shrink, agree, and rebuild the layout, topology and placement among the
+    survivors, who re-prefill every request from its prompt and the tokens made so far (rank 0's)
+    and go on from the first step rank 0 has not written. When the layout cannot take the survivors
+    (or rank 0, the writer, died), the run stops: hpcmoe.fault says how.
+    -> (topology, layout, placement, Survivors, Resume) of the survivors."""
+    from hpcmoe.fault import Survivors, survive
+    from hpcmoe.topology import build_topology
+    from hpcmoe.workload import Resume
+    now = survivors.world_ranks if survivors is not None else tuple(range(topo.size))
+    shrunk, dead, step, kept = survive(topo.world, failed.step)
+    dead, kept = [now[r] for r in dead], tuple(now[r] for r in kept)
+    where = failed.where
+    row = lambda action: [(rank, step, getattr(where, "layer", -1), getattr(where, "phase", ""), failed.detected_at,
+                           timer.now(), action, made.done) for rank in dead]
+    if 0 in dead:
+        stop_after_failure(config, shrunk, writer, timer, prompts, made, dead, step, [], kept, original)
+    if writer is not None:
+        writer.write()  # the finished steps' tokens, to share
+    done = shrunk.bcast(made.done, root=0)
+    tokens = shrunk.bcast(writer.file["generated"][:, :done] if writer is not None else None, root=0)
+    try:
+        layout = ParallelLayout.from_config(config, shrunk.Get_size())
+    except ValueError as why:
+        failures += row(f"stopped: {why}"[:48])
+        stop_after_failure(config, shrunk, writer, timer, prompts, made, dead, step, failures, kept, original,
+                           reason=str(why))
+    topo = build_topology(shrunk, config.parallel.ranks_per_node)
+    failures += row(f"continued on {shrunk.Get_size()} ranks")
+    if shrunk.Get_rank() == 0:
+        sys.stderr.write(f"hpcmoe: rank(s) {', '.join(map(str, dead))} failed in step {step}: continuing on "
+                         f"{shrunk.Get_size()} ranks from step {done} (every request prefilled again)\n")
+    return (topo, layout, layout.placement(topo.node_of_rank), Survivors(kept, original.size),
+            Resume("", done, tokens, None, None, None))
+
+
+def stop_after_failure(config: Config, shrunk, writer, timer, prompts, made: Made, dead: list[int], step: int,
+                       failures: list, kept: tuple, original: Topology, reason: str = "") -> "NoReturn":
+    """The survivors cannot go on: rank 0 writes the finished steps as a partial file (to --resume),
+    or, when rank 0 is dead, nothing claims completeness; every survivor exits EXIT_RANK_FAILED."""
+    from hpcmoe.fault import EXIT_RANK_FAILED, Survivors, leave
+    names = ", ".join(map(str, dead))
+    if 0 in dead:
+        if shrunk.Get_rank() == 0:
+            sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}, rank 0 (the writer) among them: the "
+                             f"run stops without a file ({config.output.path}.tmp is incomplete)\n")
+        leave(EXIT_RANK_FAILED)
+    done = shrunk.bcast(made.done, root=0)
+    records = shrunk.gather(((peak_rss_bytes(), "", []), None, None, timer.take()), root=0)
+    if shrunk.Get_rank() == 0:
+        failures = [row[:5] + (float("nan"),) + row[6:7] for row in failures]
+        records = Survivors(kept, original.size).widen_records(records, ((0, "", []), None, None, records[0][3][:0]))
+        metrics = finish(config, original, writer, records, prompts, made, done, True, failures=failures)
+        sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}; the survivors cannot go on ({reason}); "
+                         f"they wrote {metrics['path']} (steps 0..{done - 1}): continue with "
+                         f"`hpcmoe run ... --resume {metrics['path']}`\n")
+    leave(EXIT_RANK_FAILED)
 
 
 class Requests:
@@ -271,71 +360,84 @@ def keep_cache_rows(cache, rows: list[int]) -> None:
             part.data = part.data.index_select(0, index.to(part.data.device))
 
 
-def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, resume=None, mine=range(0)):
+def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made: Made, resume=None,
+              mine=range(0), survivors=None):
     """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
-    to stop; resumed, from the stopped run's step (each unfinished request prefilled again).
-    -> (steps done, rank 0's token times [steps with tokens], tokens generated per step, dropped,
-    the requests' final state)."""
+    to stop; resumed, from the stopped run's step (each unfinished request prefilled again). Rank 0
+    keeps what the steps made in `made`; survivors (after a recovery) widen the records to the
+    original ranks. -> (steps done, the requests' final state)."""
     from hpcmoe.workload import choose, eos_ids
     r = config.run
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
     earlier = resume.generated[list(mine)] if resume is not None else None
     state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else (), cache, earlier)
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
-    steps, dropped, token_times, generated = config.steps, 0, [], []
-    first = resume.step if resume is not None else 0
+    steps, first = config.steps, resume.step if resume is not None else 0
     rebalancer = getattr(engine, "rebalancer", None)
-    for step in range(first, steps):
-        engine.step = step
-        if r.skew_drift:
-            rotate_skew(engine.model, step // r.skew_drift)
-        if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:
-            os.kill(os.getpid(), signal.SIGUSR1)  # testing: a stop signal to one rank, as Slurm would send
-        stats = engine.new_stats()
-        with timer.phase("step", step):
-            inputs = state.inputs(engine.device)
-            chosen, logits = engine.forward(inputs, cache, stats)
-        if sampling is not None:  # needs every logit: drawn on the host, the same on every rank that holds them
-            logits = logits.cpu()
-            chosen = choose(logits.numpy(), [local[i].id for i in state.alive], step, sampling)
-        else:
-            chosen = chosen.cpu().numpy()  # the step's one wait
-        logits = logits.cpu().numpy() if config.output.save_logits and logits is not None else None
-        alive = list(state.alive)
-        tokens = state.advance(chosen, inputs.lengths, cache)
-        with timer.phase("output", step):
-            reported = slice(None) if engine.reports else slice(0)
-            if logits is not None:
-                full = np.full((len(local), logits.shape[-1]), np.nan, np.float32)  # ended: no logits
-                full[alive] = logits
-                logits = full[reported]
-            routing = stats.routing.cpu().numpy()
-            record = (tokens[reported], logits, (routing, stats.traffic, int(stats.dropped)), timer.take())
-            records = gather(record, step)
-            if records is not None:
-                made = int(sum((rec[0] >= 0).sum() for rec in records))
-                generated.append(made)
-                if made:
-                    token_times.append(timer.now())  # rank 0 holds this step's tokens
-                write_step(writer, step, records)
-                dropped += sum(rec[2][2] for rec in records)
-                progress.update(step, timer.now() - (token_times[-2] if len(token_times) > 1 else 0.0))
-        if rebalancer is not None:
-            rebalancer.after_step(step, routing)
-        if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
-            return step + 1, token_times, generated, dropped, state
-    return steps, token_times, generated, dropped, state
+    try:
+        for step in range(first, steps):
+            engine.step = step
+            if r.skew_drift:
+                rotate_skew(engine.model, step // r.skew_drift)
+            if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # testing: a stop signal to one rank, as Slurm would send
+            stats = engine.new_stats()
+            with timer.phase("step", step):
+                inputs = state.inputs(engine.device)
+                chosen, logits = engine.forward(inputs, cache, stats)
+            if sampling is not None:  # needs every logit: drawn on the host, the same on every rank that holds them
+                logits = logits.cpu()
+                chosen = choose(logits.numpy(), [local[i].id for i in state.alive], step, sampling)
+            else:
+                chosen = chosen.cpu().numpy()  # the step's one wait
+            logits = logits.cpu().numpy() if config.output.save_logits and logits is not None else None
+            alive = list(state.alive)
+            tokens = state.advance(chosen, inputs.lengths, cache)
+            with timer.phase("output", step):
+                reported = slice(None) if engine.reports else slice(0)
+                if logits is not None:
+                    full = np.full((len(local), logits.shape[-1]), np.nan, np.float32)  # ended: no logits
+                    full[alive] = logits
+                    logits = full[reported]
+                routing, traffic = stats.routing.cpu().numpy(), stats.traffic
+                if survivors is not None:
+                    traffic = survivors.widen_traffic(traffic)
+                record = (tokens[reported], logits, (routing, traffic, int(stats.dropped)), timer.take())
+                records = gather(record, step)
+                if records is not None:
+                    if survivors is not None:
+                        tokens0, _, (routing0, traffic0, _), timings0 = records[0]
+                        records = survivors.widen_records(records, (tokens0[:0], None, (routing0 * 0, traffic0 * 0, 0),
+                                                                    timings0[:0]))
+                    count = int(sum((rec[0] >= 0).sum() for rec in records))
+                    made.generated.append(count)
+                    if count:
+                        made.token_times.append(timer.now())  # rank 0 holds this step's tokens
+                    write_step(writer, step, records)
+                    made.dropped += sum(rec[2][2] for rec in records)
+                    made.step_times[step] = timer.now()
+                    times = made.token_times
+                    progress.update(step, timer.now() - (times[-2] if len(times) > 1 else 0.0))
+            if rebalancer is not None:
+                rebalancer.after_step(step, routing)
+            if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
+                return step + 1, state
+    except Exception as error:  # noqa: BLE001 (a dead rank, under run.fault_tolerance: the survivors go on)
+        if r.fault_tolerance and is_failure(error):
+            raise RankFailed(engine.step, getattr(error, "where", None), timer.now()) from error
+        raise
+    return steps, state
 
 
-def finish(config, topo, writer, records, prompts, token_times: list[float], generated: list[int], dropped: int,
-           done: int, signalled: bool, history=()) -> dict:
+def finish(config, topo, writer, records, prompts, made: Made, done: int, signalled: bool, history=(),
+           failures=()) -> dict:
     """Rank 0: metrics over the steps this run did (a resumed run: those after it resumed), then the
     file is complete, or partial (NAME.partial.h5) when a signal stopped it after `done` steps."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
     writer.write()
     timings = writer.file["timings"][:]
-    metrics, spans = compute_metrics(np.array(token_times), sum(map(len, prompts)),
-                                     np.array([g for g in generated if g]))
+    metrics, spans = compute_metrics(np.array(made.token_times), sum(map(len, prompts)),
+                                     np.array([g for g in made.generated if g]))
     writer.write_requests(config)
     per_rank = busy_and_idle(timings, topo.size)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
@@ -354,14 +456,14 @@ def finish(config, topo, writer, records, prompts, token_times: list[float], gen
     if config.parallel.rebalance is not None:
         writer.write_placement_history(history, [r[0][2] for r in records], done)
         metrics["placement_switches"] = len(history)
-    metrics["dropped_token_slots"] = dropped
+    metrics["dropped_token_slots"] = made.dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)
     per_rank["kv_cache_digest"] = np.array([r[0][1] for r in records], dtype="S64")
-    per_rank["token_time_s"] = np.array(token_times)
+    per_rank["token_time_s"] = np.array(made.token_times)
     if signalled:
         metrics["stopped_at_step"] = done
-    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled)
+    metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled, failures=failures)
     return metrics
 
 

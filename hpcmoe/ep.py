@@ -50,13 +50,13 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         topo.world.Split(0 if rank in members else MPI.UNDEFINED, key=rank)
     if rank not in members:
         return None
-    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, device)
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
     if comm != topo.world:
         comm.Free()  # the groups hold duplicates
     node_group = None
     if p.dispatch == "two_stage":
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
-        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size, device)
+        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
     return ExchangeContext(
         rank=rank, world=topo.world, sender=sender, link=sender.link,
         tables=compile_placement(placement, rank, topo.node_of_rank, device), group=group, node_group=node_group,

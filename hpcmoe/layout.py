@@ -80,11 +80,11 @@ class ParallelLayout:
         return layout
 
     def check_spare_slots(self) -> None:
-        """Online rebalancing puts replicas where the load is: it needs more slots than experts
-        (topology-aware: more places than experts)."""
+        """Online rebalancing puts replicas where the load is: it needs more slots than experts, in a
+        placement that replicates (topology-aware keeps one expert per rank: replicas are not its way)."""
         placement, e, places = self.place((0,) * self.groups, None), self.num_experts, self.groups
         slots = len(placement.slot_expert)
-        if (places if placement.mode == "topology_aware" else slots) > e:
+        if slots > e and placement.mode != "topology_aware":
             return
         per = max(len(placement.slots_of_rank(p)) for p in range(places))
         raise ValueError(f"parallel.rebalance needs spare expert slots, but placement {placement.mode} has {per} "

@@ -45,17 +45,14 @@ class ExchangeGroup:
     """The ranks one kind of exchange runs among, and its counts collective per micro-batch slot."""
     ranks: tuple[int, ...]            # world ranks, ascending
     counts: tuple[CountsGroup, ...]   # [micro_batches]
-    index: torch.Tensor               # [G] the ranks as a tensor
     member_host: np.ndarray           # [R] bool, True for the group's ranks
 
     @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int, device=None) -> "ExchangeGroup":
+    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
         """Collective over `comm`, whose members are exactly `ranks` in order."""
         member = np.zeros(world_size, bool)
         member[list(ranks)] = True
-        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)),
-                   torch.tensor(ranks, dtype=torch.int64, device=device), member)
-
+        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), member)
 
     def destinations(self, plan: DispatchPlan, tp: int = 1, fan_out: bool = True):
         """The host's part of the control path: one device-to-host copy of the counts, then Python
@@ -230,8 +227,9 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
 
 def sum_partials(partials: torch.Tensor) -> torch.Tensor:
     """[T, m, H] partial outputs of an expert group's members -> [m, H]: summed in member order, in
-    float32, so every run and every arrival order gives the same bits."""
-    total = partials[0].float()
+    float32, so every run and every arrival order gives the same bits. (In bfloat16 each partial was
+    rounded before the sum: T + 1 roundings where a whole expert has one.)"""
+    total = partials[0].to(torch.float32, copy=True)
     for partial in partials[1:]:
         total += partial
     return total.to(partials.dtype)

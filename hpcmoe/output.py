@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+FAILURE_DTYPE = np.dtype([("rank", "i4"), ("step", "i4"), ("layer", "i4"), ("phase", "S24"), ("detected_at", "f8"),
+                          ("recovered_at", "f8"), ("action", "S48")])
 TIMING_DTYPE = np.dtype([("rank", "i4"), ("layer", "i4"), ("micro_batch", "i4"), ("step", "i4"),
                          ("phase", "S16"), ("start", "f8"), ("end", "f8")])
 
@@ -323,8 +325,9 @@ class RunWriter:
             self.array("generated_text", data=np.array(texts, dtype=object), dtype=strings, axes=["request"])
 
     def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray],
-               complete: bool = True) -> str:
-        """Close the file under its name, or, stopped early, under NAME.partial.h5 with complete false."""
+               complete: bool = True, failures=()) -> str:
+        """Close the file under its name, or, stopped early, under NAME.partial.h5 with complete false.
+        failures: (rank, step, layer, phase, detected_at, recovered_at, action) rows, run.fault_tolerance."""
         self.write()
         group = self.file.create_group("metrics")
         group.attrs.update(metrics)
@@ -332,6 +335,11 @@ class RunWriter:
         for name, values in per_rank.items():
             axes = ["step"] if name == "token_time_s" else ["rank", "layer"][:values.ndim]
             group.create_dataset(name, data=values).attrs["axes"] = axes
+        if failures:
+            rows = np.array([(r, s, layer, phase.encode(), t0, t1, action.encode())
+                             for r, s, layer, phase, t0, t1, action in failures], dtype=FAILURE_DTYPE)
+            group.create_dataset("failures", data=rows).attrs.update(
+                {"axes": ["failure"], "units": "detected_at, recovered_at: seconds on the run's clock"})
         self.file.attrs["finished"] = now()
         path = self.path if complete else os.path.splitext(self.path)[0] + ".partial.h5"
         if not complete:

@@ -66,8 +66,12 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> 
     else:
         served, tokens = largest_block(ranks)
         tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
+        # expert groups: answers come back as tp partials (members) or the leader holds tp of them
+        buffers = exchange_buffers(tokens) * (1 + tp) // 2 if tp > 1 else exchange_buffers(tokens)
+        if config.parallel.rebalance is not None:  # new expert slots beside the old while weights move
+            buffers += experts * sizes.per_expert // tp
         roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert // tp,
-                       "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": exchange_buffers(tokens),
+                       "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": buffers,
                        "experts_per_rank": experts, "expert_tp": tp}
     for role in roles.values():
         role["total"] = role["weights"] + role["kv_cache"] + role["buffers"]

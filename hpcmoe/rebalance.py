@@ -30,7 +30,8 @@ from mpi4py import MPI
 
 from hpcmoe.comm import Where, as_bytes, byte_view, wait_all, wait_until
 from hpcmoe.dispatch import compile_placement
-from hpcmoe.placement import Placement, expected_rank_load, replicated, topology_aware
+from hpcmoe.fault import track
+from hpcmoe.placement import Placement, expected_rank_load, replicated
 
 MOVE_TAG = 7  # on the rebalancer's own communicator: one tag, messages matched in posting order
 
@@ -54,10 +55,8 @@ def imbalance(placement: Placement, tokens_from_node: np.ndarray, node_of_place:
 
 
 def propose(current: Placement, tokens_from_node: np.ndarray, node_of_place: list[int]) -> Placement:
-    """The placement for this load (tokens_from_node: [nodes, experts]) with the current one's slot
-    budget: topology-aware stays topology-aware, anything else is replicated over the same slots."""
-    if current.mode == "topology_aware":
-        return topology_aware(tokens_from_node.tolist(), node_of_place)
+    """The placement for this load (tokens_from_node: [nodes, experts]), replicated over the current
+    one's slots per place (the layout admits only placements with spare slots)."""
     slots = max(len(current.slots_of_rank(p)) for p in range(current.num_ranks))
     return replicated(current.num_experts, current.num_ranks, slots, tokens_from_node.sum(0).tolist())
 
@@ -114,10 +113,11 @@ class Rebalancer:
 
     def __init__(self, config, topo, engine, placement: Placement, timer):
         self.settings, self.topo, self.engine, self.timer = config.parallel.rebalance, topo, engine, timer
+        self.steps = config.steps
         self.tp = placement.tp
         self.placement = placement.grouped()                       # over expert groups (ranks without expert_tp)
         self.node_of_place = list(topo.node_of_rank[::self.tp])
-        self.comm = topo.world.Dup()
+        self.comm = track(topo.world.Dup())
         self.window: deque = deque(maxlen=self.settings.window_steps)
         self.summing = self.voting = None                            # (request, buffers) in flight
         self.moving = None                                           # (Mover, new MoE layers, Switch)
@@ -135,7 +135,9 @@ class Rebalancer:
                 self.vote(step)
             elif self.summing is not None:
                 self.decide(step)
-            elif (step + 1) % self.settings.every_steps == 0:
+            # the next sum, every every_steps steps while nothing moves; none that could not switch before the end
+            if self.moving is None and self.summing is None and (step + 1) % self.settings.every_steps == 0 and \
+                    step + 4 <= self.steps:
                 window = np.sum(self.window, axis=0)
                 total = np.empty_like(window)
                 self.summing = (self.comm.Iallreduce(window, total, op=MPI.SUM), total, window)  # buffers kept alive
@@ -157,13 +159,13 @@ class Rebalancer:
 
     def vote(self, step: int) -> None:
         """Read the vote posted one boundary earlier (switch when everyone was done); post this one's."""
-        mover, layers, switch = self.moving
+        mover, layers, switch, new = self.moving
         if self.voting is not None:
             request, everyone, _ = self.voting
             wait_all([request], Where(step, -1, 0, "rebalance_wait"))
             self.voting = None
             if everyone[0]:
-                self.switch(step + 1, layers, switch)
+                self.switch(step + 1, layers, switch, new)
                 return
         mine = np.array([int(mover.done())], np.int64)
         everyone = np.empty_like(mine)
@@ -176,7 +178,7 @@ class Rebalancer:
 
     def start_moves(self, new: Placement, switch: Switch) -> None:
         """New expert slots beside the old ones; copy what stays, post what moves."""
-        from hpcmoe.model import MoE, materialize
+        from hpcmoe.model import MoE, materialize, parameter_bytes
         engine, rank, tp = self.engine, self.topo.rank, self.tp
         me, member = rank // tp, rank % tp
         cfg = engine.config.model
@@ -199,20 +201,18 @@ class Rebalancer:
                     sends += [(target * tp + member, t.data) for t in old.expert_tensors(expert)]
                 if target == me:
                     receives += [(source * tp + member, t.data) for t in layer.expert_tensors(expert)]
-        some = old_layers[0].expert_tensors(int(next(iter(old_layers[0].experts))))  # every slot has the same shapes
-        switch.bytes_moved = len(moves) * len(old_layers) * tp * sum(t.numel() * t.element_size() for t in some)
+        switch.bytes_moved = len(moves) * (parameter_bytes(cfg, 1)[1] - parameter_bytes(cfg, 0)[1])  # whole experts
         mover = Mover(self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight)
-        self.moving = (mover, new_layers, switch)
-        self.next_placement = new
+        self.moving = (mover, new_layers, switch, new)
         engine.sender.background = mover
         mover.progress()
 
-    def switch(self, step: int, layers, switch: Switch) -> None:
+    def switch(self, step: int, layers, switch: Switch, new: Placement) -> None:
         """Every rank, at the same boundary: the new weights and tables from `step` on."""
         engine = self.engine
         for block, layer in zip((b for b in engine.model.layers if b.is_moe), layers):
             block.mlp.adopt(layer)
-        self.placement = self.next_placement
+        self.placement = new
         tables = compile_placement(switch.placement, self.topo.rank, self.topo.node_of_rank, engine.device)
         engine.net.ctx = engine.ctx = dataclasses.replace(engine.ctx, tables=tables)
         engine.sender.background = None

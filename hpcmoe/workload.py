@@ -190,8 +190,9 @@ class Resume:
 
 
 def flat_settings(config) -> dict:
-    """The config as dotted keys; output.* and the testing knobs (run.fail_*, run.stall_rank,
-    run.signal_at_step) are left out: a resumed run writes where it is told."""
+    """The config as dotted keys; output.*, the testing knobs (run.fail_*, run.stall_rank,
+    run.signal_at_step) and run.fault_tolerance are left out: a resumed run writes where it is told,
+    on whichever MPI."""
     import dataclasses
 
     def walk(value, prefix):
@@ -200,7 +201,7 @@ def flat_settings(config) -> dict:
                 yield from walk(getattr(value, f.name), f"{prefix}{f.name}.")
         else:
             yield prefix[:-1], value
-    testing = ("output.", "run.fail_", "run.stall_", "run.signal_")
+    testing = ("output.", "run.fail_", "run.stall_", "run.signal_", "run.fault_tolerance")
     return {k: v for k, v in walk(config, "") if not k.startswith(testing)}
 
 

@@ -1,0 +1,107 @@
+"""run.fault_tolerance: a dead rank stops the run cleanly instead of killing the job (ULFM).
+
+With an MPI that implements ULFM (Open MPI 5 launched with `mpirun --with-ft ulfm`; `make ft`
+installs one with pip) errors return instead of aborting. Every wait of a run tests its requests
+(comm.wait_until), so the first survivor that meets the dead rank raises, and so does every
+survivor waiting on a communicator it revokes: each survivor revokes every communicator of the
+run (no one stays blocked), the world shrinks to the survivors, they agree on the step, and rank 0
+writes the steps it had finished as a partial file (NAME.partial.h5, `/metrics/failures` saying
+who died where), which `hpcmoe run ... --resume NAME.partial.h5` continues on a new allocation.
+When rank 0, the writer, is the one that died, the survivors say so and no file claims to be
+complete. MPI finalization is skipped after a failure (it can hang).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+EXIT_RANK_FAILED = 4       # the run stopped because a rank died (partial file written when rank 0 lived)
+COMMUNICATORS: list = []   # every communicator a run waits on, revoked after a failure
+
+
+KILL = [None]  # run.kill_*: (step, layer, phase) at which this rank kills itself (testing), else None
+
+
+def maybe_die(step: int, layer: int, phase: str) -> None:
+    """run.kill_rank: a process failure as a real one looks, SIGKILL, at the configured point."""
+    if KILL[0] is not None and KILL[0] == (step, layer if phase in ("dispatch", "combine") else -1, phase):
+        sys.stderr.flush()
+        os.kill(os.getpid(), 9)
+
+
+def check_mpi() -> str | None:
+    """None when this MPI survives a dead rank (ULFM enabled), else why not."""
+    from mpi4py import MPI
+    version = " ".join(MPI.Get_library_version().splitlines()[0].split())
+    if "Open MPI" not in version:
+        return (f"run.fault_tolerance needs an MPI with ULFM, this is {version}: run `make ft` and launch with "
+                f".venv-ft/bin/mpirun --with-ft ulfm -n N .venv-ft/bin/hpcmoe run ...")
+    if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true"):
+        return f"run.fault_tolerance needs ULFM enabled at launch: mpirun --with-ft ulfm ... ({version})"
+    return None
+
+
+def track(comm):
+    """Remember a communicator the run waits on (to revoke it after a failure); returns it."""
+    COMMUNICATORS.append(comm)
+    return comm
+
+
+def is_failure(error: BaseException) -> bool:
+    """A dead process, or a communicator another survivor revoked."""
+    from mpi4py import MPI
+    classes = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
+    return isinstance(error, MPI.Exception) and error.Get_error_class() in classes
+
+
+@dataclass
+class RankFailed(Exception):
+    """Raised out of the step loop when a wait met a failure."""
+    step: int
+    where: object            # comm.Where of the wait that saw it (or None)
+    detected_at: float       # seconds on the run's clock
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """After a recovery: the original world rank of each current rank; records and traffic are
+    widened back to the original ranks (the dead ones' entries empty) so the run file keeps its axes."""
+    world_ranks: tuple[int, ...]
+    world_size: int
+
+    def widen_traffic(self, traffic):
+        """[moe_layers, current ranks] -> [moe_layers, original ranks]."""
+        import numpy as np
+        wide = np.zeros((traffic.shape[0], self.world_size), traffic.dtype)
+        wide[:, list(self.world_ranks)] = traffic
+        return wide
+
+    def widen_records(self, records: list, empty) -> list:
+        """Records in current rank order -> in original rank order, `empty` for the dead ranks."""
+        wide = [empty] * self.world_size
+        for rank, record in zip(self.world_ranks, records):
+            wide[rank] = record
+        return wide
+
+
+def survive(world, step: int):
+    """Revoke everything, shrink to the survivors, agree on the failed step.
+    -> (survivors' communicator, dead world ranks, the earliest step any survivor failed in)."""
+    from mpi4py import MPI
+    for comm in COMMUNICATORS + [world]:
+        try:
+            comm.Revoke()
+        except MPI.Exception:
+            pass  # already revoked, or freed
+    shrunk = world.Shrink()
+    survivors = MPI.Group.Translate_ranks(shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group())
+    dead = sorted(set(range(world.Get_size())) - set(survivors))
+    return shrunk, dead, shrunk.allreduce(step, op=MPI.MIN), list(survivors)
+
+
+def leave(code: int) -> "NoReturn":
+    """Exit without MPI finalization (after a failure it can hang)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
