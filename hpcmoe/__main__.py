@@ -220,11 +220,12 @@ def command_run(args) -> int:
     from hpcmoe.layout import ParallelLayout
     if config.run.fault_tolerance:
         from mpi4py import MPI
-        from hpcmoe.fault import check_mpi
+        from hpcmoe.fault import ENABLED, check_mpi
         problem = check_mpi()
         if problem:
             fail(problem)
         world.Set_errhandler(MPI.ERRORS_RETURN)  # communicators made from it inherit it
+        ENABLED[0] = True
     try:
         if config.parallel.layout == "ma" and "auto" in (config.parallel.attention_ranks, config.parallel.moe_ranks):
             from hpcmoe.predict import choose_split
@@ -260,6 +261,9 @@ def command_run(args) -> int:
         print(f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}", flush=True)
     elif topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
+    from hpcmoe.fault import RECOVERED, leave
+    if RECOVERED[0]:
+        leave(0)  # MPI finalization can hang after a failure
     return 0
 
 

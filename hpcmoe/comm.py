@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.device import DONE
+from hpcmoe import fault
 from hpcmoe.fault import track
 
 HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
@@ -303,21 +304,26 @@ class CountsGroup:
     member issues its collectives on it in the same order (layer after layer) and the wait helper
     can test them. A collective hides who is late, so each member also counts the collectives it
     has posted in an RMA window that others read without its help (passive target): a member
-    stuck in one names the members whose count is behind. Created collectively by `ranks`."""
+    stuck in one names the members whose count is behind. Created collectively by `ranks`. (Not
+    under run.fault_tolerance: Open MPI's shared-memory RMA is not made to outlive a dead rank, so
+    the watchdog then names no one inside a collective.)"""
 
     def __init__(self, comm, ranks: tuple[int, ...]):
         """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
         self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
-        self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
-        self.posted = np.frombuffer(self.window.tomemory(), np.int64)
-        self.posted[0] = 0
-        self.window.Lock_all()
+        self.window, self.posted = None, np.zeros(1, np.int64)
+        if not fault.ENABLED[0]:
+            self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
+            self.posted = np.frombuffer(self.window.tomemory(), np.int64)
+            self.posted[0] = 0
+            self.window.Lock_all()
         self.comm.Barrier()  # every count is zero before anyone reads one
 
     def post(self, send: np.ndarray, where: Where, phase: str = "counts_wait"):
         """send: [G, S] int64, row i for member i -> (received [G, S], row i from member i; Pending)."""
         self.posted[0] += 1
-        self.window.Sync()
+        if self.window is not None:
+            self.window.Sync()
         number = int(self.posted[0])
         received = np.empty_like(send)
         request = self.comm.Ialltoall(send, received)
@@ -327,6 +333,8 @@ class CountsGroup:
 
     def behind(self, number: int, patience_s: float = 0.5) -> list[int]:
         """World ranks that have posted fewer than `number` collectives here (read without their help)."""
+        if self.window is None:
+            return []
         late = []
         for member, rank in enumerate(self.ranks):
             value = np.zeros(1, np.int64)
@@ -338,8 +346,9 @@ class CountsGroup:
         return late
 
     def close(self) -> None:
-        self.window.Unlock_all()
-        self.window.Free()
+        if self.window is not None:
+            self.window.Unlock_all()
+            self.window.Free()
         self.comm.Free()
 
 

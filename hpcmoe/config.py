@@ -144,6 +144,16 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class KillConfig:
+    """Testing run.fault_tolerance: world rank `rank` kills itself (SIGKILL) in `step`, at `phase`
+    (dispatch or combine of MoE layer `layer`, or the step's record to rank 0, or after the step)."""
+    rank: int
+    step: int = 1
+    layer: int = 1
+    phase: str = "dispatch"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     batch: int = 4                          # synthetic workload: number of requests
     prompt_len: int = 16                    # synthetic workload: longest prompt
@@ -165,10 +175,7 @@ class RunConfig:
     fail_at_step: int = 0                   # ... of this step
     signal_at_step: Optional[int] = None    # testing: the last rank sends itself SIGUSR1 as this step starts
     fault_tolerance: bool = False           # survive a dead rank (an MPI with ULFM): the others go on without it
-    kill_rank: Optional[int] = None         # testing: this rank kills itself (SIGKILL) ...
-    kill_at_step: int = 1                   # ... in this step ...
-    kill_at_layer: int = 1                  # ... and MoE layer (dispatch, combine) ...
-    kill_phase: str = "dispatch"            # ... at: dispatch | combine | record | between_steps
+    kill: Optional[list[KillConfig]] = None  # testing: ranks that kill themselves (SIGKILL), each at a point
 
 
 @dataclass(frozen=True)
@@ -472,7 +479,8 @@ def validate(config: Config) -> None:
             require(getattr(b, name) >= 1, f"parallel.rebalance.{name}: expected an integer >= 1, got {getattr(b, name)}")
         require(0 <= b.min_gain < 1, f"parallel.rebalance.min_gain: expected a number in [0, 1), got {b.min_gain}")
     require(r.skew_drift is None or r.skew_drift >= 1, f"run.skew_drift: expected an integer >= 1, got {r.skew_drift}")
-    require(r.kill_phase in KILL_PHASES, f"run.kill_phase: {r.kill_phase!r} is not one of {', '.join(KILL_PHASES)}")
+    for i, kill in enumerate(r.kill or []):
+        require(kill.phase in KILL_PHASES, f"run.kill[{i}].phase: {kill.phase!r} is not one of {', '.join(KILL_PHASES)}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
     if r.sampling is not None:

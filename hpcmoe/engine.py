@@ -7,6 +7,7 @@ time at which it holds each step's tokens, everything (records, HDF5 append, sto
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
-from hpcmoe.fault import RankFailed, is_failure, track
+from hpcmoe.fault import KILL, RECOVERED, RankFailed, is_failure, maybe_die, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, step_imbalance,
@@ -134,6 +135,8 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     resume: a partial run's finished steps (hpcmoe.workload.Resume) to continue from."""
     rank, size = topo.rank, topo.size
     config = config.on_device(device.type)
+    KILL[:] = [(k.step, k.layer if k.phase in ("dispatch", "combine") else -1, k.phase)
+               for k in config.run.kill or [] if k.rank == rank]
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
@@ -210,8 +213,8 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                                     mine, survivors)
             break
         except RankFailed as failed:
-            topo, layout, placement, survivors, resume = recover(config, original, topo, writer, timer, prompts, made,
-                                                                 failed, survivors, failures)
+            topo, layout, placement, survivors, resume = recover(config, original, topo, placement, writer, timer,
+                                                                 prompts, made, failed, survivors, failures)
     stop.close(done)
     history = engine.rebalancer.history if getattr(engine, "rebalancer", None) is not None else []
     records = gather(((peak_rss_bytes(), state.cache_digest(cache), [s.digest for s in history]), None, None,
@@ -226,11 +229,12 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     return finish(config, original, writer, records, prompts, made, done, stop.signalled, history, failures)
 
 
-def recover(config: Config, original: Topology, topo: Topology, writer, timer, prompts, made: Made,
-            failed: RankFailed, survivors, failures: list):
+def recover(config: Config, original: Topology, topo: Topology, placement: Placement, writer, timer, prompts,
+            made: Made, failed: RankFailed, survivors, failures: list):
     """After a dead rank: shrink, agree, and rebuild the layout, topology and placement among the
-    survivors, who re-prefill every request from its prompt and the tokens made so far (rank 0's)
-    and go on from the first step rank 0 has not written. When the layout cannot take the survivors
+    survivors (each builds the experts of the new placement from the checkpoint or the seed, those
+    that lost every replica among them), who re-prefill every request from its prompt and the tokens
+    made so far (rank 0's) and go on from the first step rank 0 has not written. When the layout cannot take the survivors
     (or rank 0, the writer, died), the run stops: hpcmoe.fault says how.
     -> (topology, layout, placement, Survivors, Resume) of the survivors."""
     from hpcmoe.fault import Survivors, survive
@@ -238,6 +242,8 @@ def recover(config: Config, original: Topology, topo: Topology, writer, timer, p
     from hpcmoe.workload import Resume
     now = survivors.world_ranks if survivors is not None else tuple(range(topo.size))
     shrunk, dead, step, kept = survive(topo.world, failed.step)
+    broken = {placement.leader(r) for r in dead}   # expert groups (ranks without expert_tp) that lost a member
+    lost = [e for e, holders in enumerate(placement.expert_ranks()) if set(holders) <= broken]
     dead, kept = [now[r] for r in dead], tuple(now[r] for r in kept)
     where = failed.where
     row = lambda action: [(rank, step, getattr(where, "layer", -1), getattr(where, "phase", ""), failed.detected_at,
@@ -248,14 +254,17 @@ def recover(config: Config, original: Topology, topo: Topology, writer, timer, p
         writer.write()  # the finished steps' tokens, to share
     done = shrunk.bcast(made.done, root=0)
     tokens = shrunk.bcast(writer.file["generated"][:, :done] if writer is not None else None, root=0)
-    try:
-        layout = ParallelLayout.from_config(config, shrunk.Get_size())
+    try:  # (run.kill names original ranks: it is not checked against the survivors)
+        layout = ParallelLayout.from_config(dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)),
+                                            shrunk.Get_size())
     except ValueError as why:
-        failures += row(f"stopped: {why}"[:48])
+        failures += row(f"stopped: {why}"[:96])
         stop_after_failure(config, shrunk, writer, timer, prompts, made, dead, step, failures, kept, original,
                            reason=str(why))
     topo = build_topology(shrunk, config.parallel.ranks_per_node)
-    failures += row(f"continued on {shrunk.Get_size()} ranks")
+    rebuilt = f"; rebuilt expert {','.join(map(str, lost))}" if lost else ""
+    failures += row(f"continued on {shrunk.Get_size()} ranks{rebuilt}")
+    RECOVERED[0] = True
     if shrunk.Get_rank() == 0:
         sys.stderr.write(f"hpcmoe: rank(s) {', '.join(map(str, dead))} failed in step {step}: continuing on "
                          f"{shrunk.Get_size()} ranks from step {done} (every request prefilled again)\n")
@@ -403,6 +412,7 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 if survivors is not None:
                     traffic = survivors.widen_traffic(traffic)
                 record = (tokens[reported], logits, (routing, traffic, int(stats.dropped)), timer.take())
+                maybe_die(step, -1, "record")
                 records = gather(record, step)
                 if records is not None:
                     if survivors is not None:
@@ -422,6 +432,7 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 rebalancer.after_step(step, routing)
             if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
                 return step + 1, state
+            maybe_die(step, -1, "between_steps")
     except Exception as error:  # noqa: BLE001 (a dead rank, under run.fault_tolerance: the survivors go on)
         if r.fault_tolerance and is_failure(error):
             raise RankFailed(engine.step, getattr(error, "where", None), timer.now()) from error

@@ -20,12 +20,14 @@ EXIT_RANK_FAILED = 4       # the run stopped because a rank died (partial file w
 COMMUNICATORS: list = []   # every communicator a run waits on, revoked after a failure
 
 
-KILL = [None]  # run.kill_*: (step, layer, phase) at which this rank kills itself (testing), else None
+RECOVERED = [False]  # this process went on after a dead rank: skip MPI finalization at the end
+KILL: list = []  # run.kill: the (step, layer, phase) points at which this rank kills itself (testing)
+ENABLED = [False]  # run.fault_tolerance is on in this process
 
 
 def maybe_die(step: int, layer: int, phase: str) -> None:
-    """run.kill_rank: a process failure as a real one looks, SIGKILL, at the configured point."""
-    if KILL[0] is not None and KILL[0] == (step, layer if phase in ("dispatch", "combine") else -1, phase):
+    """run.kill: a process failure as a real one looks, SIGKILL, at a configured point."""
+    if KILL and (step, layer if phase in ("dispatch", "combine") else -1, phase) in KILL:
         sys.stderr.flush()
         os.kill(os.getpid(), 9)
 

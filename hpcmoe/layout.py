@@ -61,6 +61,9 @@ class ParallelLayout:
             value = getattr(r, name)
             if value is not None and not 0 <= value < world_size:
                 raise ValueError(f"run.{name}: {value} must be between 0 and world size - 1 ({world_size - 1})")
+        for i, kill in enumerate(r.kill or []):
+            if not 0 <= kill.rank < world_size:
+                raise ValueError(f"run.kill[{i}].rank: {kill.rank} must be between 0 and world size - 1 ({world_size - 1})")
         if p.layout == "ma":
             if p.attention_ranks + p.moe_ranks != world_size:
                 raise ValueError(f"world size ({world_size}) must equal parallel.attention_ranks "

@@ -22,6 +22,7 @@ import torch
 from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where, tag_for
 from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count, node_groups,
                              pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
+from hpcmoe.fault import maybe_die
 
 DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..10
 TP_FORWARD, TP_PARTIAL = 11, 12  # expert groups with a forwarding leader: leader -> members, members -> leader
@@ -154,6 +155,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         for r in destinations:
             if r != me:
                 sender.send(r, part(outgoing, r), dispatch_tag)
+    maybe_die(step, layer, "dispatch")
     own_answers = part(answers[me % replies], me) if me in span else None
     if tp > 1 and ctx.tp_forward:
         yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key, stats)
@@ -162,6 +164,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     if me in span:
         returns.done.add(me)
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
+    maybe_die(step, layer, "combine")
     yield returns.all_in(at, "combine_wait")
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     if replies == 1:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 
 FAILURE_DTYPE = np.dtype([("rank", "i4"), ("step", "i4"), ("layer", "i4"), ("phase", "S24"), ("detected_at", "f8"),
-                          ("recovered_at", "f8"), ("action", "S48")])
+                          ("recovered_at", "f8"), ("action", "S96")])
 TIMING_DTYPE = np.dtype([("rank", "i4"), ("layer", "i4"), ("micro_batch", "i4"), ("step", "i4"),
                          ("phase", "S16"), ("start", "f8"), ("end", "f8")])
 
