@@ -42,6 +42,7 @@ def load(path: str) -> dict:
                 "placement": f["placement"][:], "placement_attrs": dict(f["placement"].attrs),
                 "switches": [(int(row["step"]), row["placement"]) for row in f["placement_history"][:]]
                 if "placement_history" in f else [],
+                "failures": f["metrics/failures"][:] if "metrics/failures" in f else [],
                 "metrics": {k: float(v) for k, v in f["metrics"].attrs.items()
                             if isinstance(v, (int, float, np.number))},
                 "samples": samples(f, yaml.safe_load(f.attrs["config"])["model"].get("checkpoint"))}
@@ -121,6 +122,11 @@ def summary(run: dict) -> str:
                  + (f", expert_tp {tp}: each replica on the {tp} ranks from the one listed" if tp > 1 else ""))
     for expert, replicas in enumerate(run["placement"][0]):
         lines.append(f"  expert {expert} -> ranks {' '.join(str(r) for r in replicas if r >= 0)}")
+    for row in run["failures"]:
+        lines.append(f"failure: rank {row['rank']} in step {row['step']} (layer {row['layer']}, {row['phase'].decode() or '-'}):"
+                     f" detected at {row['detected_at']:.3f} s, recovered (its step done again) at "
+                     f"{row['recovered_at']:.3f} s: recovery {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms; "
+                     f"{row['action'].decode()}")
     if run["switches"]:
         load = rank_load_over_steps(run)
         ratio = load.max(1) / np.maximum(load.mean(1), 1e-12)
@@ -249,7 +255,7 @@ def rank_load_over_steps(run: dict) -> np.ndarray:
     tp = int(run["placement_attrs"].get("expert_tp", 1))
     nodes = [int(n) for n in run["node_of_rank"]]
     places = run["world_size"] // tp
-    in_force = [(0, run["placement"][0])] + run["switches"]
+    in_force = [(0, run["placement"][0])] + list(run["switches"])
     rows = []
     for step in range(run["routing"].shape[0]):
         table = [t for first, t in in_force if first <= step][-1]
@@ -263,6 +269,8 @@ def plot_rank_load(run: dict, path: str) -> None:
     the switches of online rebalancing marked."""
     plt = pyplot()
     load = rank_load_over_steps(run)
+    if len(run["failures"]):  # the survivors' placements are not in the file: show the steps before
+        load = load[:max(1, int(min(run["failures"]["step"])))]
     share = load / np.maximum(load.sum(1, keepdims=True), 1e-12)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(load) + 4), 7), sharex=True)
     from matplotlib.ticker import MaxNLocator
@@ -275,11 +283,15 @@ def plot_rank_load(run: dict, path: str) -> None:
     for i, (step, _) in enumerate(run["switches"]):
         for ax in (top, bottom):
             ax.axvline(step - 0.5, color="red", linestyle="--", label="switch" if i == 0 and ax is bottom else None)
-    if run["switches"]:
+    for i, row in enumerate(run["failures"]):
+        for ax in (top, bottom):
+            ax.axvline(row["step"] - 0.5, color="black", linestyle=":",
+                       label=f"rank {row['rank']} failed" if ax is bottom else None)
+    if len(run["switches"]) or len(run["failures"]):
         bottom.legend()
     bottom.set_xlabel("step")
     bottom.set_ylabel("rank load max / mean")
-    top.set_title(f"{run['stem']}: rank load per step (red: placement switches)")
+    top.set_title(f"{run['stem']}: rank load per step (red: placement switches; black: failures)")
     fig.savefig(path, dpi=110)  # not save(): tight_layout cannot place a colour bar shared by two panels
     plt.close(fig)
 

@@ -1,0 +1,84 @@
+"""run.fault_tolerance on Open MPI with ULFM (.venv-ft, `make ft`): its cost without a failure and
+the recovery time after one.
+
+    python tools/bench_ft.py [--ranks 6] [--reps 5] [--out docs/bench/ft_n6.json]
+
+Failure-free runs with fault tolerance off and on, interleaved, under the same `mpirun --with-ft
+ulfm` (medians of tokens/s and TPOT); then runs where one rank SIGKILLs itself at seeded points:
+recovery = /metrics/failures recovered_at - detected_at (detection to the end of the step done
+again after it), and whether /generated equals the failure-free run's.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FT = os.path.join(ROOT, ".venv-ft", "bin")
+WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=32", "run.batch=12"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "OMPI_ALLOW_RUN_AS_ROOT": "1",
+       "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PRTE_ALLOW_RUN_AS_ROOT": "1", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedProcess:
+    command = ["timeout", "300", f"{FT}/mpirun", "--with-ft", "ulfm", "--oversubscribe", "-n", str(ranks),
+               f"{FT}/python", "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output]
+    for setting in WORKLOAD + settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-2000:]}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if not os.path.exists(f"{FT}/mpirun"):
+        sys.exit("no .venv-ft: run `make ft` first")
+    work = tempfile.mkdtemp(prefix="hpcmoe-bench-ft-")
+    samples = {"off": [], "on": []}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for variant in samples:
+            path = os.path.join(work, f"{variant}.h5")
+            job(args.ranks, path, [f"run.fault_tolerance={str(variant == 'on').lower()}"])
+            with h5py.File(path) as f:
+                if rep:
+                    samples[variant].append({k: float(f["metrics"].attrs[k]) for k in ("tps", "tpot_ms", "ttft_ms")})
+                if variant == "off":
+                    reference = f["generated"][:]
+    median = {v: {k: float(np.median([s[k] for s in rows])) for k in rows[0]} for v, rows in samples.items()}
+    rng, recoveries = random.Random(3), []
+    for i in range(args.kills):
+        rank, step = rng.randint(1, args.ranks - 1), rng.randint(2, 20)
+        phase = ["dispatch", "combine", "record", "between_steps"][i % 4]
+        path = os.path.join(work, f"kill{i}.h5")
+        job(args.ranks, path, ["run.fault_tolerance=true", f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"])
+        with h5py.File(path) as f:
+            row = f["metrics/failures"][0]
+            recoveries.append({"rank": rank, "step": step, "phase": phase,
+                               "recovery_ms": 1e3 * float(row["recovered_at"] - row["detected_at"]),
+                               "same_tokens": bool(np.array_equal(f["generated"][:], reference))})
+    result = {"benchmark": "fault_tolerance", "ranks": args.ranks, "reps": args.reps, "workload": WORKLOAD,
+              "median": median, "tps_on_over_off": median["on"]["tps"] / median["off"]["tps"],
+              "recoveries": recoveries,
+              "recovery_ms_median": float(np.median([r["recovery_ms"] for r in recoveries])),
+              "recovery_ms_max": float(max(r["recovery_ms"] for r in recoveries))}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
