@@ -55,11 +55,21 @@ for r in by_kind("predict"):
         print(f"| {ranks} | {p['proposed']} | {t[p['proposed']]:.1f} | {p['best']} | {t[p['best']]:.1f} | "
               f"{p['proposed_over_best']:.2f} | " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(t.items())) + " |")
 
+for r in by_kind("fault_tolerance"):
+    print(f"\n### fault tolerance ({r['file']}): `python tools/bench_ft.py`, {r['ranks']} ranks, median of {r['reps']}\n")
+    print("| run.fault_tolerance | tokens/s | TPOT ms | TTFT ms |\n|---|---|---|---|")
+    for variant, m in r["median"].items():
+        print(f"| {variant} | {m['tps']:.0f} | {m['tpot_ms']:.1f} | {m['ttft_ms']:.1f} |")
+    print(f"\ntokens/s on / off: {r['tps_on_over_off']:.3f}; recovery (detection to its step done again) after a "
+          f"SIGKILL at {len(r['recoveries'])} seeded points: median {r['recovery_ms_median']:.0f} ms, max "
+          f"{r['recovery_ms_max']:.0f} ms; same tokens in {sum(x['same_tokens'] for x in r['recoveries'])} of "
+          f"{len(r['recoveries'])}")
+
 keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
-        "rank_load_max_over_mean", "internode_bytes", "attention_compute_ms", "expert_compute_ms",
-        "busy_fraction_attention", "busy_fraction_moe"]
+        "rank_load_max_over_mean", "rank_load_max_over_mean_per_step", "switches", "moved_mib", "moving_tps_ratio",
+        "internode_bytes", "attention_compute_ms", "expert_compute_ms", "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
-    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict"):
+    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
