@@ -22,7 +22,7 @@ run: setup
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 
-# the longer sweeps: 20 seeded kill points for run.fault_tolerance (make test runs 8)
+# the longer sweeps: 20 seeded kill points for run.fault_tolerance (make test runs 6)
 test-all: setup
 	HPCMOE_FT_POINTS=20 PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 

@@ -216,6 +216,8 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
      "`hpcmoe predict train"),
     (["model.num_experts=2", "model.top_k=1", "parallel.placement=one_per_rank"],
      "hpcmoe: error: parallel.placement=one_per_rank needs model.num_experts (2) == world size (4)"),
+    (["parallel.expert_tp=3"], "hpcmoe: error: parallel.expert_tp (3) must divide model.expert_hidden (128)"),
+    (["parallel.rebalance={}"], "hpcmoe: error: parallel.rebalance needs spare expert slots"),
 ])
 def test_bad_input_fails_on_every_rank_with_one_line_and_no_file(tmp_path, settings, message):
     output = tmp_path / "out.h5"
