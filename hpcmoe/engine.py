@@ -21,7 +21,7 @@ from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
-from hpcmoe.fault import KILL, RECOVERED, RankFailed, is_failure, maybe_die, track
+from hpcmoe.fault import KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, step_imbalance,
@@ -224,9 +224,9 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     if records is None:
         return {}
     if survivors is not None:
-        records = survivors.widen_records(records, ((0, "", []), None, None, records[0][3][:0]))
-    failures = [row[:5] + (made.step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
-    return finish(config, original, writer, records, prompts, made, done, stop.signalled, history, failures)
+        records = survivors.widen_final(records)
+    return finish(config, original, writer, records, prompts, made, done, stop.signalled, history,
+                  failure_rows(failures, made.step_times))
 
 
 def recover(config: Config, original: Topology, topo: Topology, placement: Placement, writer, timer, prompts,
@@ -234,8 +234,8 @@ def recover(config: Config, original: Topology, topo: Topology, placement: Place
     """After a dead rank: shrink, agree, and rebuild the layout, topology and placement among the
     survivors (each builds the experts of the new placement from the checkpoint or the seed, those
     that lost every replica among them), who re-prefill every request from its prompt and the tokens
-    made so far (rank 0's) and go on from the first step rank 0 has not written. When the layout cannot take the survivors
-    (or rank 0, the writer, died), the run stops: hpcmoe.fault says how.
+    made so far (rank 0's) and go on from the first step rank 0 has not written. When the layout
+    cannot take the survivors (or rank 0, the writer, died), the run stops (stop_after_failure).
     -> (topology, layout, placement, Survivors, Resume) of the survivors."""
     from hpcmoe.fault import Survivors, survive
     from hpcmoe.topology import build_topology
@@ -276,7 +276,7 @@ def stop_after_failure(config: Config, shrunk, writer, timer, prompts, made: Mad
                        failures: list, kept: tuple, original: Topology, reason: str = "") -> "NoReturn":
     """The survivors cannot go on: rank 0 writes the finished steps as a partial file (to --resume),
     or, when rank 0 is dead, nothing claims completeness; every survivor exits EXIT_RANK_FAILED."""
-    from hpcmoe.fault import EXIT_RANK_FAILED, Survivors, leave
+    from hpcmoe.fault import EXIT_RANK_FAILED, Survivors, failure_rows, leave
     names = ", ".join(map(str, dead))
     if 0 in dead:
         if shrunk.Get_rank() == 0:
@@ -286,9 +286,9 @@ def stop_after_failure(config: Config, shrunk, writer, timer, prompts, made: Mad
     done = shrunk.bcast(made.done, root=0)
     records = shrunk.gather(((peak_rss_bytes(), "", []), None, None, timer.take()), root=0)
     if shrunk.Get_rank() == 0:
-        failures = [row[:5] + (float("nan"),) + row[6:7] for row in failures]
-        records = Survivors(kept, original.size).widen_records(records, ((0, "", []), None, None, records[0][3][:0]))
-        metrics = finish(config, original, writer, records, prompts, made, done, True, failures=failures)
+        records = Survivors(kept, original.size).widen_final(records)
+        metrics = finish(config, original, writer, records, prompts, made, done, True,
+                         failures=failure_rows(failures, {}))  # no step was done again
         sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}; the survivors cannot go on ({reason}); "
                          f"they wrote {metrics['path']} (steps 0..{done - 1}): continue with "
                          f"`hpcmoe run ... --resume {metrics['path']}`\n")
@@ -416,9 +416,7 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 records = gather(record, step)
                 if records is not None:
                     if survivors is not None:
-                        tokens0, _, (routing0, traffic0, _), timings0 = records[0]
-                        records = survivors.widen_records(records, (tokens0[:0], None, (routing0 * 0, traffic0 * 0, 0),
-                                                                    timings0[:0]))
+                        records = survivors.widen_steps(records)
                     count = int(sum((rec[0] >= 0).sum() for rec in records))
                     made.generated.append(count)
                     if count:

@@ -79,12 +79,27 @@ class Survivors:
         wide[:, list(self.world_ranks)] = traffic
         return wide
 
-    def widen_records(self, records: list, empty) -> list:
-        """Records in current rank order -> in original rank order, `empty` for the dead ranks."""
+    def widen_steps(self, records: list) -> list:
+        """A step's records (tokens, logits, (routing, traffic, dropped), timings) in current rank
+        order -> in original rank order, empty ones for the dead ranks."""
+        tokens, _, (routing, traffic, _), timings = records[0]
+        return self.widen(records, (tokens[:0], None, (routing * 0, traffic * 0, 0), timings[:0]))
+
+    def widen_final(self, records: list) -> list:
+        """The end-of-run records ((peak RSS, cache digest, weight digests), None, None, timings)."""
+        return self.widen(records, ((0, "", []), None, None, records[0][3][:0]))
+
+    def widen(self, records: list, empty) -> list:
         wide = [empty] * self.world_size
         for rank, record in zip(self.world_ranks, records):
             wide[rank] = record
         return wide
+
+
+def failure_rows(failures: list, step_times: dict) -> list:
+    """(rank, step, layer, phase, detected_at, _, action, step resumed at) -> /metrics/failures rows,
+    recovered_at = when the resumed step was done again (NaN when it never was)."""
+    return [row[:5] + (step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
 
 
 def survive(world, step: int):
