@@ -176,6 +176,7 @@ class RunConfig:
     signal_at_step: Optional[int] = None    # testing: the last rank sends itself SIGUSR1 as this step starts
     fault_tolerance: bool = False           # survive a dead rank (an MPI with ULFM): the others go on without it
     kill: Optional[list[KillConfig]] = None  # testing: ranks that kill themselves (SIGKILL), each at a point
+    rebuild_slots: int = 1                  # fault_tolerance: expert slots a survivor may add for experts that lost every replica
 
 
 @dataclass(frozen=True)
@@ -481,6 +482,7 @@ def validate(config: Config) -> None:
     require(r.skew_drift is None or r.skew_drift >= 1, f"run.skew_drift: expected an integer >= 1, got {r.skew_drift}")
     for i, kill in enumerate(r.kill or []):
         require(kill.phase in KILL_PHASES, f"run.kill[{i}].phase: {kill.phase!r} is not one of {', '.join(KILL_PHASES)}")
+    require(r.rebuild_slots >= 0, f"run.rebuild_slots: expected an integer >= 0, got {r.rebuild_slots}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")
     if r.sampling is not None:

@@ -141,19 +141,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
     steps, model_cfg = config.steps, config.model
-    writer = None
-    if rank == 0:
-        attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": size,
-                 "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
-                 "node_of_rank": np.array(topo.node_of_rank, np.int64),
-                 "layout": config.parallel.layout, "device": device.type,
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        if resume is not None:
-            attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
-        writer = RunWriter(config.output.path, attrs, prompts, steps, model_cfg.vocab, model_cfg.moe_layers,
-                           size, model_cfg.num_experts, config.output.save_logits)
-        if resume is not None:  # the finished steps, as the stopped run wrote them
-            writer.write_finished_steps(resume)
+    writer = open_writer(config, topo, device, prompts, resume) if rank == 0 else None
     try:
         metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device, resume)
     except BaseException:
@@ -161,6 +149,23 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
             writer.discard()
         raise
     return metrics
+
+
+def open_writer(config: Config, topo: Topology, device, prompts, resume=None) -> RunWriter:
+    """The run file, with the finished steps of the run it resumes (on rank 0, or its deputy)."""
+    m = config.model
+    attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": topo.size,
+             "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
+             "node_of_rank": np.array(topo.node_of_rank, np.int64),
+             "layout": config.parallel.layout, "device": device.type,
+             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if resume is not None:
+        attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
+    writer = RunWriter(config.output.path, attrs, prompts, config.steps, m.vocab, m.moe_layers, topo.size,
+                       m.num_experts, config.output.save_logits)
+    if resume is not None:  # the finished steps, as the stopped run wrote them
+        writer.write_finished_steps(resume)
+    return writer
 
 
 def build_engine(config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load, device):
@@ -173,17 +178,90 @@ def build_engine(config: Config, topo: Topology, layout, placement: Placement, t
 
 @dataclass
 class Made:
-    """What the steps made so far (rank 0's lists), kept across a recovery from a dead rank."""
+    """What the steps made so far (rank 0's lists, mirrored on its deputy under run.fault_tolerance),
+    kept across a recovery from a dead rank."""
     first: int = 0                                        # the step this run (or resume) began at
     token_times: list = field(default_factory=list)       # when rank 0 held each step's tokens (steps with tokens)
     generated: list = field(default_factory=list)         # tokens made per step from `first` on
     step_times: dict = field(default_factory=dict)        # step -> when rank 0 last finished it
     dropped: int = 0
+    records: list | None = None                           # (step, records) of every step: rank 0 and its deputy
 
     @property
     def done(self) -> int:
         """Rank 0: the steps written."""
         return self.first + len(self.generated)
+
+    def add(self, step: int, records: list, held_at: float, written_at: float) -> None:
+        """A step's records (rank order) as rank 0 wrote them at `written_at`, its tokens held at `held_at`."""
+        count = int(sum((record[0] >= 0).sum() for record in records))
+        self.generated.append(count)
+        if count:
+            self.token_times.append(held_at)
+        self.dropped += sum(record[2][2] for record in records)
+        self.step_times[step] = written_at
+        if self.records is not None:
+            self.records.append((step, records))
+
+
+MIRROR_TAG = 8  # rank 0 -> its deputy: each step's records
+
+
+class Mirror:
+    """run.fault_tolerance: rank 0 sends each step's records to rank 1, its deputy, which keeps the
+    same Made. When rank 0 dies, the deputy is the survivors' new rank 0: it opens the run file,
+    writes the steps it holds and the run goes on (the writer role moves)."""
+
+    def __init__(self, comm, made: Made):
+        self.comm, self.made, self.pending = comm, made, []
+        self.rank = comm.Get_rank() if comm.Get_size() > 1 else -1   # one rank: nothing to mirror
+        if self.rank in (0, 1) and made.records is None:
+            made.records = []
+
+    def send(self, entry: tuple) -> None:
+        """Rank 0: (step, records, held_at, written_at) to the deputy."""
+        if self.rank == 0:
+            self.pending = [request for request in self.pending if not request.Test()]
+            self.pending.append(self.comm.isend(entry, dest=1, tag=MIRROR_TAG))
+
+    def receive(self) -> None:
+        """The deputy: every entry that has arrived (never waits)."""
+        while self.rank == 1 and (found := self.comm.improbe(source=0, tag=MIRROR_TAG)) is not None:
+            self.made.add(*found.recv())
+
+    def close(self, done: int, step: int) -> None:
+        where = Where(step, -1, 0, "record_wait")
+        if self.rank == 0:
+            wait_all(self.pending, where)
+        elif self.rank == 1:
+            wait_until(lambda: self.receive() or self.made.done >= done, where)
+
+    def hand_over(self, comm) -> None:
+        """After a recovery: rank 0's Made to the (maybe new) deputy, rank 1."""
+        if comm.Get_size() > 1 and comm.Get_rank() in (0, 1):
+            made = comm.sendrecv(self.made if comm.Get_rank() == 0 else None, dest=1 - comm.Get_rank(),
+                                 source=1 - comm.Get_rank())
+            if comm.Get_rank() == 1:
+                vars(self.made).update(vars(made))
+
+
+@dataclass
+class Recovery:
+    """What the survivors of a dead rank need to go on: the run as it started, and its failures."""
+    config: Config
+    original: Topology        # the world at the start (the run file's rank axes)
+    placement: Placement      # the placement at the start (the run file's /placement)
+    source: str
+    device: torch.device
+    prompts: list
+    resume: object            # the partial run this one resumed, or None
+    failures: list = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        """Expert slots a survivor may hold: the placement's most per rank, plus run.rebuild_slots."""
+        p = self.placement
+        return max(len(p.slots_of_rank(r)) for r in range(p.num_ranks)) + self.config.run.rebuild_slots
 
 
 def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
@@ -191,31 +269,43 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
     survivors rebuild everything among themselves and go on from the first unfinished step."""
     from hpcmoe.device import Streams
-    original, steps, model_cfg = topo, config.steps, config.model
+    steps, model_cfg = config.steps, config.model
     timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
     if writer is not None:
         writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source, placement.tp)
-    made, survivors, failures = Made(first=resume.step if resume is not None else 0), None, []
-    progress = Progress(steps) if topo.rank == 0 else None
-    while True:
-        engine = build_engine(config, topo, layout, placement, timer, load, device)
-        requests, mine = config.requests, engine.requests(len(config.requests))
-        local = [requests[i] for i in mine]
-        cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
-        gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
-        if survivors is None:
-            if device.type != "cpu":
-                torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
-            topo.world.Barrier()  # the common start: every timing row and TTFT count from here
-            timer.restart(time.perf_counter())
-        try:
-            done, state = run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made, resume,
-                                    mine, survivors)
-            break
-        except RankFailed as failed:
-            topo, layout, placement, survivors, resume = recover(config, original, topo, placement, writer, timer,
-                                                                 prompts, made, failed, survivors, failures)
-    stop.close(done)
+    made, survivors = Made(first=resume.step if resume is not None else 0), None
+    recovery = Recovery(config, topo, placement, source, device, prompts, resume)
+    mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
+    given = writer
+    try:
+        while True:
+            engine = build_engine(config, topo, layout, placement, timer, load, device)
+            requests, mine = config.requests, engine.requests(len(config.requests))
+            local = [requests[i] for i in mine]
+            cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+            gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
+            progress = Progress(steps) if topo.rank == 0 else None
+            if survivors is None:
+                if device.type != "cpu":
+                    torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
+                topo.world.Barrier()  # the common start: every timing row and TTFT count from here
+                timer.restart(time.perf_counter())
+            try:
+                done, state = run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made,
+                                        resume, mine, survivors, mirror)
+                break
+            except RankFailed as failed:
+                topo, layout, placement, survivors, resume, writer = recover(recovery, topo, layout, placement, writer,
+                                                                             timer, made, failed, survivors)
+                mirror = Mirror(topo.world, made)
+                mirror.hand_over(topo.world)
+        stop.close(done)
+        if mirror is not None:
+            mirror.close(done, done)
+    except BaseException:
+        if writer is not None and writer is not given:
+            writer.discard()
+        raise
     history = engine.rebalancer.history if getattr(engine, "rebalancer", None) is not None else []
     records = gather(((peak_rss_bytes(), state.cache_digest(cache), [s.digest for s in history]), None, None,
                       timer.take()), done)
@@ -225,70 +315,107 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
         return {}
     if survivors is not None:
         records = survivors.widen_final(records)
-    return finish(config, original, writer, records, prompts, made, done, stop.signalled, history,
-                  failure_rows(failures, made.step_times))
+    return finish(config, recovery.original, writer, records, prompts, made, done, stop.signalled, history,
+                  failure_rows(recovery.failures, made.step_times))
 
 
-def recover(config: Config, original: Topology, topo: Topology, placement: Placement, writer, timer, prompts,
-            made: Made, failed: RankFailed, survivors, failures: list):
+def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, writer, timer, made: Made,
+            failed: RankFailed, survivors):
     """After a dead rank: shrink, agree, and rebuild the layout, topology and placement among the
-    survivors (each builds the experts of the new placement from the checkpoint or the seed, those
-    that lost every replica among them), who re-prefill every request from its prompt and the tokens
-    made so far (rank 0's) and go on from the first step rank 0 has not written. When the layout
-    cannot take the survivors (or rank 0, the writer, died), the run stops (stop_after_failure).
-    -> (topology, layout, placement, Survivors, Resume) of the survivors."""
+    survivors, who re-prefill every request from its prompt and the tokens made so far (rank 0's)
+    and go on from the first step rank 0 has not written. Survivors keep their experts (an expert
+    with a surviving replica is served by it); an expert that lost every replica is built on the
+    survivor with the fewest slots (ep, or a MoE rank in ma); in ma a standby takes its dead
+    primary's head shard. When rank 0 (the writer) died its deputy, the new rank 0, writes the file
+    from the steps it mirrored. When the survivors cannot go on, the run stops (stop_after_failure).
+    -> (topology, layout, placement, Survivors, Resume, writer) of the survivors."""
     from hpcmoe.fault import Survivors, survive
+    from hpcmoe.layout import MALayout
+    from hpcmoe.placement import on_survivors
     from hpcmoe.topology import build_topology
     from hpcmoe.workload import Resume
+    config, original = recovery.config, recovery.original
     now = survivors.world_ranks if survivors is not None else tuple(range(topo.size))
-    shrunk, dead, step, kept = survive(topo.world, failed.step)
-    broken = {placement.leader(r) for r in dead}   # expert groups (ranks without expert_tp) that lost a member
-    lost = [e for e, holders in enumerate(placement.expert_ranks()) if set(holders) <= broken]
-    dead, kept = [now[r] for r in dead], tuple(now[r] for r in kept)
+    shrunk, dead_now, step, kept_now = survive(topo.world, failed.step)
+    dead, kept = [now[r] for r in dead_now], tuple(now[r] for r in kept_now)
     where = failed.where
     row = lambda action: [(rank, step, getattr(where, "layer", -1), getattr(where, "phase", ""), failed.detected_at,
                            timer.now(), action, made.done) for rank in dead]
-    if 0 in dead:
-        stop_after_failure(config, shrunk, writer, timer, prompts, made, dead, step, [], kept, original)
+    stop = lambda reason: stop_after_failure(recovery, shrunk, writer, timer, made, dead, step, kept, reason)
+    moved = 0 in dead_now
+    if moved:  # the writer died: its deputy (now rank 0) takes over with the steps it holds, if it holds them
+        if not shrunk.bcast(made.records is not None if shrunk.Get_rank() == 0 else None, root=0):
+            stop("")
+        if shrunk.Get_rank() == 0:
+            writer = take_over_writer(recovery, made, now[0])
     if writer is not None:
         writer.write()  # the finished steps' tokens, to share
     done = shrunk.bcast(made.done, root=0)
     tokens = shrunk.bcast(writer.file["generated"][:, :done] if writer is not None else None, root=0)
-    try:  # (run.kill names original ranks: it is not checked against the survivors)
-        layout = ParallelLayout.from_config(dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)),
-                                            shrunk.Get_size())
+    try:
+        lost: list[int] = []
+        if isinstance(layout, MALayout):
+            layout = layout.survivors(list(kept_now))
+            hosts = range(layout.attention_ranks, layout.world_size)
+        else:  # (run.kill names original ranks: it is not checked against the survivors)
+            if placement.tp > 1:
+                layout = ParallelLayout.from_config(
+                    dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)), shrunk.Get_size())
+            hosts = range(shrunk.Get_size())
+        new_topo = build_topology(shrunk, config.parallel.ranks_per_node)
+        if placement.tp > 1:  # expert groups are formed afresh from the survivors
+            broken = {placement.leader(r) for r in dead_now}
+            lost = [e for e, holders in enumerate(placement.expert_ranks()) if set(holders) <= broken]
+            placement = layout.placement(new_topo.node_of_rank)
+        else:
+            placement, lost = on_survivors(placement, list(kept_now), list(hosts), recovery.capacity)
     except ValueError as why:
-        failures += row(f"stopped: {why}"[:96])
-        stop_after_failure(config, shrunk, writer, timer, prompts, made, dead, step, failures, kept, original,
-                           reason=str(why))
-    topo = build_topology(shrunk, config.parallel.ranks_per_node)
+        recovery.failures += row(f"stopped: {why}"[:96])
+        stop(str(why))
     rebuilt = f"; rebuilt expert {','.join(map(str, lost))}" if lost else ""
-    failures += row(f"continued on {shrunk.Get_size()} ranks{rebuilt}")
+    writer_moved = f"; rank {kept[0]} writes" if moved else ""
+    recovery.failures += row(f"continued on {shrunk.Get_size()} ranks{rebuilt}{writer_moved}")
     RECOVERED[0] = True
     if shrunk.Get_rank() == 0:
         sys.stderr.write(f"hpcmoe: rank(s) {', '.join(map(str, dead))} failed in step {step}: continuing on "
-                         f"{shrunk.Get_size()} ranks from step {done} (every request prefilled again)\n")
-    return (topo, layout, layout.placement(topo.node_of_rank), Survivors(kept, original.size),
-            Resume("", done, tokens, None, None, None))
+                         f"{shrunk.Get_size()} ranks from step {done}{rebuilt}{writer_moved} (every request "
+                         f"prefilled again)\n")
+    return (new_topo, layout, placement, Survivors(kept, original.size),
+            Resume("", done, tokens, None, None, None), writer)
 
 
-def stop_after_failure(config: Config, shrunk, writer, timer, prompts, made: Made, dead: list[int], step: int,
-                       failures: list, kept: tuple, original: Topology, reason: str = "") -> "NoReturn":
+def take_over_writer(recovery: Recovery, made: Made, dead_writer: int) -> RunWriter:
+    """The deputy's run file: the steps rank 0 had mirrored to it, as rank 0 wrote them (the
+    steps after those are done again)."""
+    writer = open_writer(recovery.config, recovery.original, recovery.device, recovery.prompts, recovery.resume)
+    p = recovery.placement
+    writer.write_placement(p.expert_ranks(), recovery.config.model.moe_layers, p.mode, recovery.source, p.tp)
+    writer.file.attrs["writer_moved"] = f"rank {dead_writer} died; steps before {made.done} as it mirrored them"
+    for step, records in made.records:
+        write_step(writer, step, records)
+    return writer
+
+
+def stop_after_failure(recovery: Recovery, shrunk, writer, timer, made: Made, dead: list[int], step: int,
+                       kept: tuple, reason: str) -> "NoReturn":
     """The survivors cannot go on: rank 0 writes the finished steps as a partial file (to --resume),
-    or, when rank 0 is dead, nothing claims completeness; every survivor exits EXIT_RANK_FAILED."""
+    or, when the writer and its deputy are dead, nothing claims completeness; every survivor exits
+    EXIT_RANK_FAILED."""
     from hpcmoe.fault import EXIT_RANK_FAILED, Survivors, failure_rows, leave
-    names = ", ".join(map(str, dead))
-    if 0 in dead:
+    config, names = recovery.config, ", ".join(map(str, dead))
+    if writer is None and shrunk.Get_rank() == 0:
+        writer = take_over_writer(recovery, made, kept[0]) if made.records is not None else None
+    if shrunk.bcast(writer is None if shrunk.Get_rank() == 0 else None, root=0):
         if shrunk.Get_rank() == 0:
-            sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}, rank 0 (the writer) among them: the "
-                             f"run stops without a file ({config.output.path}.tmp is incomplete)\n")
+            sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}, rank 0 (the writer) and its deputy "
+                             f"among them: the run stops without a file ({config.output.path}.tmp is incomplete)\n")
         leave(EXIT_RANK_FAILED)
     done = shrunk.bcast(made.done, root=0)
     records = shrunk.gather(((peak_rss_bytes(), "", []), None, None, timer.take()), root=0)
     if shrunk.Get_rank() == 0:
-        records = Survivors(kept, original.size).widen_final(records)
-        metrics = finish(config, original, writer, records, prompts, made, done, True,
-                         failures=failure_rows(failures, {}))  # no step was done again
+        records = Survivors(kept, recovery.original.size).widen_final(records)
+        metrics = finish(config, recovery.original, writer, records, recovery.prompts, made, done, True,
+                         failures=failure_rows(recovery.failures, {}))  # no step was done again
         sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}; the survivors cannot go on ({reason}); "
                          f"they wrote {metrics['path']} (steps 0..{done - 1}): continue with "
                          f"`hpcmoe run ... --resume {metrics['path']}`\n")
@@ -370,7 +497,7 @@ def keep_cache_rows(cache, rows: list[int]) -> None:
 
 
 def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made: Made, resume=None,
-              mine=range(0), survivors=None):
+              mine=range(0), survivors=None, mirror=None):
     """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
     to stop; resumed, from the stopped run's step (each unfinished request prefilled again). Rank 0
     keeps what the steps made in `made`; survivors (after a recovery) widen the records to the
@@ -417,15 +544,16 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
                 if records is not None:
                     if survivors is not None:
                         records = survivors.widen_steps(records)
-                    count = int(sum((rec[0] >= 0).sum() for rec in records))
-                    made.generated.append(count)
-                    if count:
-                        made.token_times.append(timer.now())  # rank 0 holds this step's tokens
+                    held_at = timer.now()  # rank 0 holds this step's tokens
                     write_step(writer, step, records)
-                    made.dropped += sum(rec[2][2] for rec in records)
-                    made.step_times[step] = timer.now()
+                    entry = (step, records, held_at, timer.now())
+                    made.add(*entry)
+                    if mirror is not None:
+                        mirror.send(entry)
                     times = made.token_times
                     progress.update(step, timer.now() - (times[-2] if len(times) > 1 else 0.0))
+                elif mirror is not None:
+                    mirror.receive()
             if rebalancer is not None:
                 rebalancer.after_step(step, routing)
             if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):

@@ -135,52 +135,78 @@ class ParallelLayout:
 
 @dataclass(frozen=True)
 class MALayout:
-    """Attention/MoE separation: world ranks 0..A-1 attend (R groups of A/R), the M others hold experts."""
+    """Attention/MoE separation: world ranks 0..A-1 attend (R groups of A/R), the M others hold experts.
+    shards: per group, per head shard (its primary rank, its standby or -1); built from the counts
+    (the second half of each group mirrors the first with standbys), or given by `survivors`."""
     world_size: int
     num_experts: int
     attention_ranks: int
     moe_ranks: int
     replicas: int
-    standby: bool = False   # the second half of each group mirrors the first, shard for shard
+    standby: bool = False
+    shards: tuple = ()
     mode = "packed"
 
-    @property
-    def group_size(self) -> int:
-        return self.attention_ranks // self.replicas
+    def __post_init__(self):
+        if not self.shards:
+            size = self.attention_ranks // self.replicas
+            half = size // 2 if self.standby else size
+            shards = tuple(tuple((first + i, first + i + half if self.standby else -1) for i in range(half))
+                           for first in range(0, self.attention_ranks, size))
+            object.__setattr__(self, "shards", shards)
+
+    def group_of(self, rank: int) -> int:
+        return next(g for g, shards in enumerate(self.shards) if any(rank in pair for pair in shards))
 
     def is_attention(self, rank: int) -> bool:
         return rank < self.attention_ranks
 
     def group_ranks(self, rank: int) -> list[int]:
-        """The attention ranks of `rank`'s group."""
-        first = rank // self.group_size * self.group_size
-        return list(range(first, first + self.group_size))
+        """The attention ranks of `rank`'s group: its primaries, then their standbys."""
+        shards = self.shards[self.group_of(rank)]
+        return [p for p, _ in shards] + [s for _, s in shards if s >= 0]
 
     def primaries(self, rank: int) -> list[int]:
         """The ranks of `rank`'s group that own a head shard (all of it without standbys)."""
-        group = self.group_ranks(rank)
-        return group[:len(group) // 2] if self.standby else group
+        return [p for p, _ in self.shards[self.group_of(rank)]]
 
     def twin(self, rank: int) -> int | None:
         """The standby of a primary, the primary of a standby, or None."""
-        if not self.standby:
-            return None
-        group = self.group_ranks(rank)
-        half = len(group) // 2
-        index = group.index(rank)
-        return group[index + half] if index < half else group[index - half]
+        for p, s in self.shards[self.group_of(rank)]:
+            if s >= 0 and rank in (p, s):
+                return s if rank == p else p
+        return None
 
     def all_primaries(self) -> list[int]:
-        return [r for r in range(self.attention_ranks) if r in self.primaries(r)]
+        return [p for shards in self.shards for p, _ in shards]
 
     def group_requests(self, batch: int, rank: int) -> range:
-        return request_range(batch, self.replicas, rank // self.group_size)
+        return request_range(batch, self.replicas, self.group_of(rank))
 
     def placement(self, node_of_rank=None, routing=None) -> placements.Placement:
         """Experts packed over the MoE ranks (E/M each, uneven when they do not divide)."""
         moe = placements.packed(self.num_experts, self.moe_ranks)
         return placements.Placement(moe.slot_expert, tuple(r + self.attention_ranks for r in moe.slot_rank),
                                     self.world_size, "packed")
+
+    def survivors(self, kept: list[int]) -> "MALayout":
+        """The layout of the ranks `kept` (ascending, this layout's ranks), numbered 0.. in that order: a
+        standby takes its dead primary's shard; a shard that lost both ranks is dropped (its group
+        splits the heads over the shards left). Raises when a group, or every MoE rank, is gone."""
+        new = {r: i for i, r in enumerate(kept)}
+        shards = []
+        for g, group in enumerate(self.shards):
+            left = [(new[p], new.get(s, -1)) if p in new else (new[s], -1) for p, s in group if p in new or s in new]
+            if not left:
+                raise ValueError(f"attention group {g} (ranks {', '.join(map(str, self.group_ranks(group[0][0])))}) "
+                                 f"has no surviving rank")
+            shards.append(tuple(left))
+        attention = sum(r < self.attention_ranks for r in kept)
+        if attention == len(kept):
+            raise ValueError(f"every MoE rank ({self.attention_ranks}..{self.world_size - 1}) is dead: experts "
+                             f"{', '.join(map(str, range(self.num_experts)))} have nowhere to go")
+        return MALayout(len(kept), self.num_experts, attention, len(kept) - attention, self.replicas,
+                        self.standby, tuple(shards))
 
 
 def request_range(batch: int, num_ranks: int, rank: int) -> range:

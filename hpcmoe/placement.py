@@ -66,6 +66,30 @@ class Placement:
         return [[self.slot_rank[p] for p in slots] for slots in self.expert_slots()]
 
 
+def on_survivors(placement: Placement, kept: list[int], hosts: list[int], capacity: int) -> tuple[Placement, list[int]]:
+    """The placement after ranks died. kept: [survivors] their ranks in `placement`, ascending, the
+    new rank i being kept[i]; hosts: the new ranks that may hold experts. Each survivor keeps its
+    slots (an expert with a surviving replica is served by it); an expert that lost every replica
+    goes to the host with the fewest slots that has fewer than `capacity`.
+    -> (placement over len(kept) ranks, the experts placed anew). Raises naming an expert without room."""
+    assert placement.tp == 1, "expert groups are placed afresh"
+    new = {r: i for i, r in enumerate(kept)}
+    pairs = [(new[r], e) for e, r in zip(placement.slot_expert, placement.slot_rank) if r in new]
+    lost = sorted(set(placement.slot_expert) - {e for _, e in pairs})
+    slots = [sum(r == h for r, _ in pairs) for h in range(len(kept))]
+    for e in lost:
+        room = [h for h in hosts if slots[h] < capacity]
+        if not room:
+            dead = sorted(r for r in set(placement.slot_rank) if r not in new and e in placement.experts_of_rank(r))
+            raise ValueError(f"expert {e} lost every replica (rank(s) {', '.join(map(str, dead))}) and no survivor has "
+                             f"room for it ({capacity} expert slots each, run.rebuild_slots more than the placement's)")
+        host = min(room, key=lambda h: (slots[h], h))
+        pairs.append((host, e))
+        slots[host] += 1
+    pairs.sort(key=lambda pair: pair[0])  # stable: a rank's kept slots first, in their order
+    return Placement(tuple(e for _, e in pairs), tuple(r for r, _ in pairs), len(kept), placement.mode), lost
+
+
 def one_per_rank(num_experts: int, num_ranks: int) -> Placement:
     """Expert e on rank e; needs num_experts == num_ranks."""
     if num_experts != num_ranks:

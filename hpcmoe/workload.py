@@ -201,7 +201,8 @@ def flat_settings(config) -> dict:
                 yield from walk(getattr(value, f.name), f"{prefix}{f.name}.")
         else:
             yield prefix[:-1], value
-    testing = ("output.", "run.fail_", "run.stall_", "run.signal_", "run.kill", "run.fault_tolerance")
+    testing = ("output.", "run.fail_", "run.stall_", "run.signal_", "run.kill", "run.fault_tolerance",
+               "run.rebuild_slots")
     return {k: v for k, v in walk(config, "") if not k.startswith(testing)}
 
 

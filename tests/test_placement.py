@@ -221,3 +221,32 @@ def test_load_from_routing_sums_steps_and_layers_and_groups_sources_by_node():
     assert tokens == [[0.0, 9.0], [13.0, 0.0]] and load == [13.0, 9.0]
     tokens, load = load_from_routing(routing, [0, 1])  # 4 sources on 2 nodes: r * 2 // 4
     assert tokens == [[6.0, 5.0], [7.0, 4.0]] and load == [13.0, 9.0]
+
+
+def test_survivors_keep_their_slots_and_lost_experts_go_to_the_emptiest_with_room():
+    from hpcmoe.placement import on_survivors
+    p = replicated(3, 6, 1, [1.0, 1.0, 1.0])     # 3 experts x 2 replicas, one slot per rank
+    holders = p.expert_ranks()
+    dead = set(holders[1])                                  # expert 1 loses both replicas
+    kept = [r for r in range(6) if r not in dead]
+    survived, lost = on_survivors(p, kept, list(range(4)), capacity=2)
+    assert lost == [1] and survived.num_ranks == 4
+    for new, old in enumerate(kept):                        # every survivor still serves what it held
+        assert set(p.experts_of_rank(old)) <= set(survived.experts_of_rank(new))
+    assert sorted(survived.slot_expert) == [0, 0, 1, 2, 2]
+    assert survived.experts_of_rank(0) == [p.experts_of_rank(kept[0])[0], 1]  # the lowest of the emptiest
+    with pytest.raises(ValueError, match=r"expert 1 lost every replica \(rank\(s\) .*\) and no survivor has room"):
+        on_survivors(p, kept, list(range(4)), capacity=1)
+
+
+def test_a_standby_takes_its_dead_primarys_shard():
+    from hpcmoe.layout import MALayout
+    ma = MALayout(5, 3, 4, 1, 2, standby=True)             # groups (0 | 1) and (2 | 3), MoE rank 4
+    assert ma.primaries(3) == [2] and ma.twin(2) == 3 and ma.group_ranks(1) == [0, 1]
+    left = ma.survivors([0, 1, 3, 4])                       # rank 2 died: its standby (now rank 2) is primary
+    assert left.primaries(2) == [2] and left.twin(2) is None and left.group_ranks(0) == [0, 1]
+    assert (left.attention_ranks, left.moe_ranks, left.group_requests(6, 2)) == (3, 1, range(3, 6))
+    with pytest.raises(ValueError, match="attention group 1 .ranks 2, 3. has no surviving rank"):
+        ma.survivors([0, 1, 4])
+    with pytest.raises(ValueError, match=r"every MoE rank \(4..4\) is dead: experts 0, 1, 2"):
+        ma.survivors([0, 1, 2, 3])
