@@ -1,14 +1,14 @@
-"""run.fault_tolerance: a dead rank stops the run cleanly instead of killing the job (ULFM).
+"""run.fault_tolerance: the survivors of a dead rank go on without it (ULFM).
 
 With an MPI that implements ULFM (Open MPI 5 launched with `mpirun --with-ft ulfm`; `make ft`
 installs one with pip) errors return instead of aborting. Every wait of a run tests its requests
 (comm.wait_until), so the first survivor that meets the dead rank raises, and so does every
 survivor waiting on a communicator it revokes: each survivor revokes every communicator of the
-run (no one stays blocked), the world shrinks to the survivors, they agree on the step, and rank 0
-writes the steps it had finished as a partial file (NAME.partial.h5, `/metrics/failures` saying
-who died where), which `hpcmoe run ... --resume NAME.partial.h5` continues on a new allocation.
-When rank 0, the writer, is the one that died, the survivors say so and no file claims to be
-complete. MPI finalization is skipped after a failure (it can hang).
+run (no one stays blocked), the world shrinks to the survivors and they agree on the step; the
+engine (engine.recover) then rebuilds the run among them and re-runs the steps not yet written,
+or, when they cannot go on, writes a partial file (NAME.partial.h5, `/metrics/failures` saying who
+died where) that `hpcmoe run ... --resume` continues. MPI finalization is skipped after a failure
+(it can hang).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-EXIT_RANK_FAILED = 4       # the run stopped because a rank died (partial file written when rank 0 lived)
+EXIT_RANK_FAILED = 4       # the survivors of a dead rank could not go on (a partial file, unless the writers died)
 COMMUNICATORS: list = []   # every communicator a run waits on, revoked after a failure
 
 

@@ -1,6 +1,6 @@
 """Offline analysis of run files: `hpcmoe report RUN.h5 [MORE.h5 ...] [--out DIR]`: a text summary
-per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png`, `.rank_load.png`
-(+ `compare.png`)."""
+per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png`, `.rank_load.png`,
+`.failures.png` after a dead rank (+ `compare.png`)."""
 from __future__ import annotations
 
 import os
@@ -192,6 +192,27 @@ def plot_timeline(run: dict, path: str) -> None:
     save(fig, path)
 
 
+def plot_failures(run: dict, path: str) -> None:
+    """The whole run's steps per rank on the run's clock, each failure's detection (black) and the end
+    of the step done again after it (green): the recovery is the gap between them."""
+    plt, timings = pyplot(), run["timings"]
+    steps = timings[timings["phase"] == b"step"]
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.5 * run["world_size"]))
+    for rank in range(run["world_size"]):
+        mine = steps[steps["rank"] == rank]
+        ax.broken_barh(list(zip(mine["start"], mine["end"] - mine["start"])), (rank - 0.4, 0.8), color="0.6")
+    for row in run["failures"]:
+        ax.axvline(row["detected_at"], color="black", lw=1)
+        ax.axvline(row["recovered_at"], color="green", lw=1)
+        ax.text(row["detected_at"], -0.6, f" rank {row['rank']} dead: {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms",
+                fontsize=8, va="bottom")
+    ax.set_yticks(range(run["world_size"]), [f"rank {r}" for r in range(run["world_size"])])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the common start (gray: steps; black: failure detected; green: its step done again)")
+    ax.set_title(f"{run['stem']}: steps and failures")
+    save(fig, path)
+
+
 def heatmap(ax, values: np.ndarray, fig, label: str) -> None:
     """imshow with a colour bar, integer ticks, and the numbers in the cells when there are few."""
     from matplotlib.ticker import MaxNLocator
@@ -327,6 +348,8 @@ def plot_paths(runs: list[dict], out: str | None) -> list[tuple]:
         for name, function in (("timeline", plot_timeline), ("expert_load", plot_expert_load),
                                ("traffic", plot_traffic), ("rank_load", plot_rank_load)):
             plots.append((function, run, os.path.join(folder, f"{run['stem']}.{name}.png")))
+        if len(run["failures"]):
+            plots.append((plot_failures, run, os.path.join(folder, f"{run['stem']}.failures.png")))
     if len(runs) > 1:
         folder = out or os.path.dirname(os.path.abspath(runs[0]["path"]))
         plots.append((plot_compare, runs, os.path.join(folder, "compare.png")))

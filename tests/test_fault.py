@@ -138,6 +138,7 @@ def test_two_failures_and_an_expert_that_lost_every_replica(ft_venv, tmp_path_fa
     shown = report(output, "--out", output.parent)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.count("failure: rank") == 3 and " ms; continued on " in shown.stdout
+    assert (output.parent / "run.failures.png").stat().st_size > 10_000  # the run's steps, failures marked
 
 
 def test_rank_0_killed_its_deputy_writes_and_the_run_goes_on(ft_venv, tmp_path_factory):

@@ -2,11 +2,14 @@
 the recovery time after one.
 
     python tools/bench_ft.py [--ranks 6] [--reps 5] [--out docs/bench/ft_n6.json]
+    python tools/bench_ft.py --layout ma --ranks 5 [--out docs/bench/ft_ma.json]   # 2+2+1 with standbys
 
 Failure-free runs with fault tolerance off and on, interleaved, under the same `mpirun --with-ft
 ulfm` (medians of tokens/s and TPOT); then runs where one rank SIGKILLs itself at seeded points:
 recovery = /metrics/failures recovered_at - detected_at (detection to the end of the step done
-again after it), and whether /generated equals the failure-free run's.
+again after it), and whether /generated equals the failure-free run's. Rank 0 (the writer, whose
+deputy takes over) is among the ranks killed; in ma (2 groups of primary + standby, 1 MoE rank) the
+attention ranks are (the only MoE rank's death cannot be survived).
 """
 import argparse
 import json
@@ -19,14 +22,18 @@ import tempfile
 import h5py
 import numpy as np
 
+LAYOUT = ["ep"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FT = os.path.join(ROOT, ".venv-ft", "bin")
 WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=32", "run.batch=12"]
+MA = ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2",
+      "parallel.attention_standby=true"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "OMPI_ALLOW_RUN_AS_ROOT": "1",
        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PRTE_ALLOW_RUN_AS_ROOT": "1", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedProcess:
+    settings = (MA if LAYOUT[0] == "ma" else []) + settings
     command = ["timeout", "300", f"{FT}/mpirun", "--with-ft", "ulfm", "--oversubscribe", "-n", str(ranks),
                f"{FT}/python", "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output]
     for setting in WORKLOAD + settings:
@@ -42,8 +49,12 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=6)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--layout", default="ep", choices=["ep", "ma"])
     parser.add_argument("--out")
     args = parser.parse_args()
+    LAYOUT[0] = args.layout
+    if args.layout == "ma" and args.ranks != 5:
+        sys.exit("--layout ma runs 2+2+1: --ranks 5")
     if not os.path.exists(f"{FT}/mpirun"):
         sys.exit("no .venv-ft: run `make ft` first")
     work = tempfile.mkdtemp(prefix="hpcmoe-bench-ft-")
@@ -60,8 +71,9 @@ def main() -> None:
     median = {v: {k: float(np.median([s[k] for s in rows])) for k in rows[0]} for v, rows in samples.items()}
     rng, recoveries = random.Random(3), []
     for i in range(args.kills):
-        rank, step = rng.randint(1, args.ranks - 1), rng.randint(2, 20)
         phase = ["dispatch", "combine", "record", "between_steps"][i % 4]
+        victims = range(args.ranks) if args.layout == "ep" else [0, 2] if phase in ("dispatch", "combine") else range(4)
+        rank, step = rng.choice(list(victims)), rng.randint(2, 20)
         path = os.path.join(work, f"kill{i}.h5")
         job(args.ranks, path, ["run.fault_tolerance=true", f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"])
         with h5py.File(path) as f:
@@ -69,7 +81,7 @@ def main() -> None:
             recoveries.append({"rank": rank, "step": step, "phase": phase,
                                "recovery_ms": 1e3 * float(row["recovered_at"] - row["detected_at"]),
                                "same_tokens": bool(np.array_equal(f["generated"][:], reference))})
-    result = {"benchmark": "fault_tolerance", "ranks": args.ranks, "reps": args.reps, "workload": WORKLOAD,
+    result = {"benchmark": "fault_tolerance", "layout": args.layout, "ranks": args.ranks, "reps": args.reps, "workload": WORKLOAD,
               "median": median, "tps_on_over_off": median["on"]["tps"] / median["off"]["tps"],
               "recoveries": recoveries,
               "recovery_ms_median": float(np.median([r["recovery_ms"] for r in recoveries])),
