@@ -56,7 +56,9 @@ for r in by_kind("predict"):
               f"{p['proposed_over_best']:.2f} | " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(t.items())) + " |")
 
 for r in by_kind("fault_tolerance"):
-    print(f"\n### fault tolerance ({r['file']}): `python tools/bench_ft.py`, {r['ranks']} ranks, median of {r['reps']}\n")
+    layout = r.get("layout", "ep")
+    print(f"\n### fault tolerance ({r['file']}): `python tools/bench_ft.py --layout {layout} --ranks {r['ranks']}`, "
+          f"median of {r['reps']}\n")
     print("| run.fault_tolerance | tokens/s | TPOT ms | TTFT ms |\n|---|---|---|---|")
     for variant, m in r["median"].items():
         print(f"| {variant} | {m['tps']:.0f} | {m['tpot_ms']:.1f} | {m['ttft_ms']:.1f} |")
