@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
-python -m pytest -q -rs tests "$@"
+python -m pytest -q -rs --durations=15 tests "$@"
 for ranks in 2 4; do
   echo "== in-process MPI tests on $ranks ranks"
   # exit 5 (no test collected) is a failure here too: the MPI session must run tests
