@@ -100,11 +100,25 @@ def parse_args(argv):
     collect.add_argument("--reuse", action="store_true", help="keep complete run files already in --out")
     collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
-    propose.add_argument("predictor")
-    propose.add_argument("config")
+    propose.add_argument("predictor", nargs="?", help="a predictor file (not with --machine)")
+    propose.add_argument("config", nargs="?")
+    propose.add_argument("--machine", metavar="MACHINE.yaml", help="rank the splits by simulating each on this machine")
     propose.add_argument("--ranks", type=int, required=True)
     propose.add_argument("--threshold", type=float, default=0.05, help="flag rebalancing above this mismatch")
     propose.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    calibrate = commands.add_parser("calibrate", help="measure this machine and write its machine file (one process)")
+    calibrate.add_argument("--out", required=True, metavar="MACHINE.yaml")
+    calibrate.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "inputs", "debug.yaml"),
+                           help="the model whose short runs give the engine's fixed costs (default: the debug model)")
+    simulate = commands.add_parser("simulate", help="the engine's schedule on a machine file, without running it")
+    simulate.add_argument("config")
+    simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    simulate.add_argument("--machine", required=True, metavar="MACHINE.yaml")
+    simulate.add_argument("--ranks", type=int, required=True)
+    simulate.add_argument("--routing", metavar="RUN.h5", help="route by a run file's /routing (default: synthetic)")
+    simulate.add_argument("--output", metavar="SIM.h5", help="write a run file of the simulated run")
+    simulate.add_argument("--steady-decode", type=int, metavar="CONTEXT",
+                          help="no prefill: every step decodes every request over CONTEXT cached positions")
     return parser.parse_args(argv)
 
 
@@ -142,6 +156,21 @@ def command_predict(args) -> int:
             fail(str(e))
         print(f"hpcmoe predict collect: {len(written)} run files in {args.out}")
         return 0 if written else 1
+    if args.machine:   # the config is the one positional argument
+        from hpcmoe.sim_output import propose
+        try:
+            proposal = propose(load_config(args.config or args.predictor, args.set), args.ranks, args.machine,
+                               args.threshold)
+        except ValueError as e:
+            fail(str(e))
+        print(f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
+              f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, simulated on "
+              f"{proposal['machine']}: generation {proposal['predicted_total_ms']:.1f} ms, TPOT "
+              f"{proposal['predicted_tpot_ms']:.2f} ms, busy attention {proposal['busy_fraction_attention']:.2f} vs "
+              f"MoE {proposal['busy_fraction_moe']:.2f}" + (" -> rebalance" if proposal["rebalance"] else ""))
+        return 0
+    if args.config is None:
+        fail("predict propose: give a predictor file and a config, or --machine MACHINE.yaml and a config")
     try:
         config = load_config(args.config, args.set)
     except ValueError as e:
@@ -322,6 +351,18 @@ def main(argv=None) -> int:
         return command_plan(args)
     if args.command == "predict":
         return command_predict(args)
+    if args.command == "calibrate":
+        from hpcmoe.calibrate import calibrate
+        calibrate(args.out, os.path.normpath(args.config))
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "simulate":
+        from hpcmoe.sim_output import command
+        try:
+            command(args.config, args.set, args.machine, args.ranks, args.routing, args.output, args.steady_decode)
+        except ValueError as e:
+            fail(str(e))
+        return 0
     if args.command == "report":
         from hpcmoe.report import main as report_main
         try:

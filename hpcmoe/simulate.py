@@ -1,0 +1,458 @@
+"""`hpcmoe simulate CONFIG --machine M.yaml --ranks N`: the engine's own schedule on a machine file,
+as a discrete-event simulation, written as a run file that `hpcmoe report` reads like a real one.
+
+What is the engine's, imported and called (not written again here): the layout and placement
+(ParallelLayout.from_config(...).placement), the compiled placement tables, slot choice, capacity
+and the dispatch plan (hpcmoe.dispatch), the two_stage gateways and node groups, the requests of
+each rank and micro-batch (request_range, MALayout's groups), ma's head split and reduction plan,
+and the router functions that turn scores into experts. What is modelled: each phase's cost
+(hpcmoe.costs on a hpcmoe.machine file), ranks as compute resources (time-sliced like an OS does
+when a node has more ranks than cores or GPUs), each rank's outgoing links as queues (latency +
+bytes / bandwidth, one message after another, as comm.Link), collectives that move on only when
+their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 20 us doubling to
+1 ms, each a little longer than asked).
+
+The schedule mirrors the engine module by module: sim_schedule.py holds the step of an ep rank
+(engine.run_steps, ep.EPEngine, moe_layer.flat / two_stage / dispatch_and_serve / serve) and of
+ma's roles (ma.AttentionEngine, MoEEngine, hierarchical_sum); sim_routing.py the routing and the
+engine's plans; sim_output.py the metrics, the run file and the command; this file the event loop,
+the ranks' compute, their links and the collectives.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from hpcmoe.config import Config
+from hpcmoe.costs import Costs
+from hpcmoe import dispatch
+from hpcmoe.layout import MALayout, ParallelLayout
+from hpcmoe.machine import Machine
+
+FIRST_PAUSE_S, LONGEST_PAUSE_S = 20e-6, 1e-3   # comm.wait_until's sleeps (tests/test_simulate.py checks them)
+
+
+# ---------------------------------------------------------------- what a rank's coroutines yield
+
+@dataclass
+class Work:
+    """Compute on the rank: `seconds`, or an array of parts run back to back; `then(ends)` is called
+    at the end with each part's end time (sends posted as they were made)."""
+    seconds: object
+    phase: Optional[str] = None   # a /timings row when set
+    layer: int = -1
+    mb: int = 0
+    then: Optional[Callable] = None
+
+
+PROGRESS = "progress"   # yielded after each scheduler pass: the rank tests its requests (MPI progress)
+
+
+@dataclass
+class Wait:
+    on: object                    # a Cond, AllFrom or AnyFrom: its .time is None until known
+    phase: str
+    layer: int = -1
+    mb: int = 0
+
+
+class Cond:
+    """Something with a time known at some point (a collective's completion)."""
+
+    def __init__(self):
+        self.time, self.watchers = None, set()
+
+
+@dataclass
+class Collective:
+    """A non-blocking collective: who has posted, when each member made progress after the last post."""
+    members: tuple
+    conds: dict                          # member -> Cond: when it completes there
+    posted: set = field(default_factory=set)
+    progress: dict = field(default_factory=dict)
+
+
+class Mail:
+    """Messages of one kind in one exchange: delivery time per (source, destination), NaN until sent;
+    what each source announced for its receivers to read: `counts` (flat dispatch), `sent` (two_stage)."""
+
+    def __init__(self, ranks: int):
+        self.times = np.full((ranks, ranks), np.nan)
+        self.got = np.zeros(ranks, np.int64)
+        self.sent: dict = {}
+        self.counts = None                # [sources, destinations, S] the counts each source announced
+        self.watchers: dict[int, set] = {}
+
+    def announce(self, source: int, send_counts: np.ndarray) -> None:
+        """send_counts: [R, S] rows from `source` to each rank's slots (what its counts collective carries)."""
+        if self.counts is None:
+            self.counts = np.zeros((len(self.got), *send_counts.shape), np.int32)
+        self.counts[source] = send_counts
+
+
+@dataclass
+class AllFrom:
+    """Every one of `count` messages to `dst` is in: the latest delivery, once all are sent."""
+    mail: Mail
+    dst: int
+    count: int
+
+    @property
+    def time(self):
+        if self.count == 0:
+            return -np.inf
+        return float(np.nanmax(self.mail.times[:, self.dst])) if self.mail.got[self.dst] >= self.count else None
+
+
+@dataclass
+class AnyFrom:
+    """The first of the messages from `sources` to `dst` to be in (among those sent so far)."""
+    mail: Mail
+    dst: int
+    sources: list
+
+    @property
+    def time(self):
+        times = self.mail.times[self.sources, self.dst]
+        return float(np.nanmin(times)) if not np.isnan(times).all() else None
+
+
+@dataclass
+class Driver:
+    """One rank: its top generator, whether it computes (and what), what it waits for."""
+    rank: int
+    host: int
+    gen: object = None
+    busy: bool = False
+    waiting: Optional[list] = None
+    idle_since: float = 0.0
+    version: int = 0
+    work: Optional[Work] = None
+    work_start: float = 0.0
+    remaining: float = 0.0
+    slice_start: float = 0.0
+
+
+def queue(free_at: float, sent: np.ndarray, durations: np.ndarray):
+    """Messages leaving one after another on one link: -> (when each has left, when the link is free).
+    end_i = max(sent_i, end_{i-1}) + duration_i, as a running maximum (no loop)."""
+    ends_if_back_to_back = np.cumsum(durations)
+    ends = ends_if_back_to_back + np.maximum.accumulate(np.maximum(sent - (ends_if_back_to_back - durations), free_at))
+    return ends, (float(ends[-1]) if len(ends) else free_at)
+
+
+def poll_time(since: float, ready: float, overshoot: float) -> float:
+    """When comm.wait_until, waiting since `since`, sees something ready at `ready`: it tests, then
+    sleeps 20 us, 40 us, ... at most 1 ms between tests, each sleep `overshoot` longer than asked."""
+    t, pause = since, FIRST_PAUSE_S
+    while t < ready:
+        t += pause + overshoot
+        pause = min(2 * pause, LONGEST_PAUSE_S)
+    return t
+
+
+def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ...]:
+    """Nodes as topology.build_topology makes them: blocks of parallel.ranks_per_node ranks; unset,
+    one node on a one-box machine, else nodes as large as the machine's."""
+    size = config.parallel.ranks_per_node or (ranks if machine.one_box else machine.units_per_node)
+    return tuple(r // size for r in range(ranks))
+
+
+class Simulation:
+    """The event loop, the ranks, their links and mail; `run()` -> the rank-0 token times."""
+
+    def __init__(self, config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
+                 context: Optional[int] = None):
+        p = config.parallel
+        unsupported = [name for name, on in (("parallel.expert_tp > 1", p.expert_tp > 1),
+                                             ("parallel.rebalance", p.rebalance is not None),
+                                             ("parallel.attention_standby", p.attention_standby)) if on]
+        if unsupported:
+            raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
+        if p.layout == "ma" and "auto" in (p.attention_ranks, p.moe_ranks):
+            raise ValueError("hpcmoe simulate needs parallel.attention_ranks and moe_ranks set "
+                             "(`hpcmoe predict propose --machine` ranks the splits with the simulator)")
+        self.config = config = config.on_device(machine.device)
+        self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
+        self.layout = ParallelLayout.from_config(config, ranks)
+        self.node_of_rank = node_of_ranks(config, machine, ranks)
+        placed_by = None
+        if p.placement_from:
+            from hpcmoe.output import read_routing
+            placed_by = read_routing(p.placement_from, config.model.num_experts)
+        self.placement = self.layout.placement(self.node_of_rank, placed_by)
+        self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
+        self.costs = Costs(config.model, machine)
+        self.host_of_rank = [0] * ranks if machine.one_box else list(self.node_of_rank)
+        self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
+        self.now, self.events, self.order = 0.0, [], itertools.count()
+        self.mails: dict = {}
+        self.collectives: dict = {}
+        self.awaiting_progress: dict = {}  # rank -> collectives waiting for its next MPI call
+        self.free_at: dict = {}          # (rank, link) -> when its queue is free
+        self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
+        self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
+        self.rows: list = []
+        self.plans: dict = {}            # sim_routing's plans, made once per key
+        m, steps = config.model, config.steps
+        self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
+        self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
+        self.token_times: list[float] = []
+        self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
+        self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
+        self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
+        self.resumes = np.zeros(steps, np.int64)   # rank 0's coroutine resumes per step (for calibration)
+        self.is_ma = isinstance(self.layout, MALayout)
+        # synthetic routing without drift: the same law in every layer and step (plans made once per rank and n)
+        self.same_law = routing is None and not (config.model.router_skew and config.run.skew_drift)
+
+    # ------------------------------------------------------------ the event loop
+
+    def at(self, time: float, action: Callable, *args) -> None:
+        heapq.heappush(self.events, (time, next(self.order), action, args))
+
+    def run(self) -> list[float]:
+        from hpcmoe.sim_schedule import rank_main
+        for driver in self.drivers:
+            driver.gen = rank_main(self, driver.rank)
+            self.at(0.0, self.resume, driver)
+        while self.events:
+            self.now, _, action, args = heapq.heappop(self.events)
+            action(*args)
+        stuck = [d.rank for d in self.drivers if d.gen is not None]
+        if stuck:
+            raise RuntimeError(f"simulation deadlock: ranks {stuck} never finished (a bug in sim_schedule)")
+        return self.token_times
+
+    def resume(self, driver: Driver) -> None:
+        """Run the rank's generator until it computes or waits for something not yet there."""
+        while True:
+            try:
+                command = driver.gen.send(None)
+            except StopIteration:
+                driver.gen = None
+                return self.release(driver)
+            if isinstance(command, Work):
+                return self.start_work(driver, command)
+            self.progressed(driver)
+            if command is PROGRESS:
+                continue
+            waits = command if isinstance(command, list) else [command]
+            times = [w.on.time for w in waits]
+            if any(t is not None and t <= self.now for t in times):
+                continue
+            driver.waiting, driver.idle_since = waits, self.now
+            for w in waits:
+                self.watch(w.on, driver)
+            self.release(driver)
+            return self.plan_wake(driver)
+
+    def watch(self, on, driver: Driver) -> None:
+        if isinstance(on, Cond):
+            on.watchers.add(driver.rank)
+        else:
+            on.mail.watchers.setdefault(on.dst, set()).add(driver.rank)
+
+    def plan_wake(self, driver: Driver) -> None:
+        known = [w.on.time for w in driver.waiting if w.on.time is not None]
+        driver.version += 1
+        if known:
+            ready = max(min(known), self.now)
+            wake = ready if self.config.parallel.wait == "spin" else \
+                poll_time(driver.idle_since, ready, self.machine.sleep_overshoot_s)
+            self.at(max(wake, self.now), self.wake, driver, driver.version)
+
+    def notify(self, ranks) -> None:
+        for rank in ranks:
+            driver = self.drivers[rank]
+            if driver.waiting is not None:
+                self.plan_wake(driver)
+
+    def wake(self, driver: Driver, version: int) -> None:
+        if version != driver.version or driver.waiting is None:
+            return
+        first = driver.waiting[0]
+        self.row(driver.rank, first.phase, first.layer, first.mb, driver.idle_since, self.now)
+        driver.waiting = None
+        self.resume(driver)
+
+    def row(self, rank: int, phase: str, layer: int, mb: int, start: float, end: float, step: int = None) -> None:
+        self.rows.append((rank, layer, mb, self.step_of[rank] if step is None else step, phase.encode(), start, end))
+
+    # ------------------------------------------------------------ compute: ranks share their host's units
+
+    def start_work(self, driver: Driver, work: Work) -> None:
+        """Run `work` on the rank: at once when its host has a unit per rank; otherwise the host's
+        units are time-sliced as an OS scheduler does: a rank keeps its core for a quantum, then goes
+        behind the ranks waiting for one; a rank coming back from a wait goes first in that line."""
+        parts = np.atleast_1d(np.asarray(work.seconds, float))
+        slower = (self.machine.first_step_slowdown if self.step_of[driver.rank] == 0 else 0.0) + \
+            (self.machine.shared_node_slowdown if self.ranks_on_host[driver.host] > 1 else 0.0)
+        if slower:   # the first step (first calls, fresh memory); other ranks on the node (shared caches)
+            parts = parts * (1 + slower)
+            work.seconds = parts
+        driver.busy, driver.work, driver.work_start, driver.remaining = True, work, self.now, float(parts.sum())
+        host = driver.host
+        if self.ranks_on_host[host] <= self.machine.units_per_node:
+            self.at(self.now + driver.remaining, self.finish_work, driver)
+            return
+        holders = self.holders.setdefault(host, {})
+        if driver.rank not in holders:
+            if len(holders) >= self.machine.units_per_node:
+                self.lines.setdefault(host, []).insert(0, driver)   # just woke: first in line
+                return
+            holders[driver.rank] = self.now + self.machine.quantum_s
+        self.run_slice(driver)
+
+    def run_slice(self, driver: Driver) -> None:
+        """The rank holds a core until its slice ends: run its work until then."""
+        driver.version += 1
+        driver.slice_start = self.now
+        slice_end = self.holders[driver.host][driver.rank]
+        if self.now + driver.remaining <= slice_end:
+            self.at(self.now + driver.remaining, self.slice_done, driver, driver.version, True)
+        else:
+            self.at(slice_end, self.slice_done, driver, driver.version, False)
+
+    def slice_done(self, driver: Driver, version: int, finished: bool) -> None:
+        if version != driver.version:
+            return
+        driver.remaining -= self.now - driver.slice_start
+        host, line = driver.host, self.lines.get(driver.host, [])
+        if finished:
+            return self.finish_work(driver)
+        if line:   # the quantum is over and others wait: to the back of the line
+            del self.holders[host][driver.rank]
+            line.append(driver)
+            self.hand_over(host)
+        else:
+            self.holders[host][driver.rank] = self.now + self.machine.quantum_s
+            self.run_slice(driver)
+
+    def release(self, driver: Driver) -> None:
+        """The rank waits or is done: its core goes to the first in line."""
+        holders = self.holders.get(driver.host, {})
+        if holders.pop(driver.rank, None) is not None:
+            self.hand_over(driver.host)
+
+    def hand_over(self, host: int) -> None:
+        line = self.lines.get(host, [])
+        while line and len(self.holders[host]) < self.machine.units_per_node:
+            driver = line.pop(0)
+            self.holders[host][driver.rank] = self.now + self.machine.quantum_s
+            self.run_slice(driver)
+
+    def finish_work(self, driver: Driver) -> None:
+        work, start = driver.work, driver.work_start
+        parts = np.atleast_1d(np.asarray(work.seconds, float))
+        total = parts.sum()
+        ends = start + (self.now - start) * (np.cumsum(parts) / total if total > 0 else np.ones(len(parts)))
+        if work.phase is not None:
+            self.row(driver.rank, work.phase, work.layer, work.mb, start, self.now)
+        driver.busy = False
+        if work.then is not None:
+            work.then(ends)
+        self.resume(driver)
+
+    # ------------------------------------------------------------ messages and collectives
+
+    def mail(self, key) -> Mail:
+        if key not in self.mails:
+            self.mails[key] = Mail(self.ranks)
+        return self.mails[key]
+
+    def send(self, key, src: int, dsts, nbytes, sent) -> None:
+        """Post messages src -> dsts (ascending, as the engine posts them) of nbytes each, left at
+        `sent` (scalar or per message): delivered after the physical link (intra or inter node), the
+        emulated parallel.link when it separates the two, and staging through host memory on a GPU
+        whose MPI cannot read device memory."""
+        dsts = np.asarray(dsts, np.int64)
+        if not len(dsts):
+            return
+        nbytes = np.broadcast_to(np.asarray(nbytes, float), dsts.shape)
+        sent = np.broadcast_to(np.asarray(sent, float), dsts.shape).astype(float)
+        m, p = self.machine, self.config.parallel
+        delivered = np.empty(len(dsts))
+        same_host = self.hosts[dsts] == self.hosts[src]
+        for link, mask in (("intra", same_host), ("inter", ~same_host)):
+            if mask.any():
+                latency, bandwidth = m.intra if link == "intra" else m.inter
+                ends, self.free_at[src, link] = queue(self.free_at.get((src, link), 0.0), sent[mask],
+                                                      nbytes[mask] / bandwidth)
+                delivered[mask] = ends + latency
+        if m.device == "cuda" and p.cuda_aware_mpi is False:
+            delivered += 2 * nbytes / m.host_link_bytes_per_s
+        emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)
+        if emulated.any():  # comm.Link: stamped when posted, queued behind this rank's earlier messages
+            ends, self.free_at[src, "emulated"] = queue(self.free_at.get((src, "emulated"), 0.0), sent[emulated],
+                                                        nbytes[emulated] * 8 / (p.link.bandwidth_gbps * 1e9))
+            delivered[emulated] = np.maximum(delivered[emulated], ends + p.link.latency_us * 1e-6)
+        box = self.mail(key)
+        box.times[src, dsts] = delivered
+        box.got[dsts] += 1
+        if box.watchers:
+            self.notify({rank for d in dsts[np.isin(dsts, list(box.watchers))].tolist() for rank in box.watchers[d]})
+
+    def collective(self, key, members, rank: int) -> Cond:
+        """This rank posts a non-blocking collective among `members` now; -> when it completes here.
+
+        MPI moves a collective on only inside MPI calls: after the last member posts, every other
+        member must make progress once (its next test: a pass of its scheduler, or a poll while it
+        waits); a member's part completes a latency after all the *others* have, and it sees that at
+        its own next test. (Measured here: a member that posts last and computes right away keeps the
+        others waiting until it next tests, up to a millisecond and more.)"""
+        if key not in self.collectives:
+            self.collectives[key] = Collective(tuple(members), {m: Cond() for m in members})
+        entry = self.collectives[key]
+        entry.posted.add(rank)
+        if len(entry.posted) == len(entry.members):
+            entry.progress[rank] = self.now
+            for member in entry.members:
+                driver = self.drivers[member]
+                if member == rank:
+                    continue
+                if driver.waiting is not None:   # asleep in wait_until: its next poll
+                    entry.progress[member] = self.now if self.config.parallel.wait == "spin" else \
+                        poll_time(driver.idle_since, self.now, self.machine.sleep_overshoot_s)
+                else:
+                    self.awaiting_progress.setdefault(member, []).append(entry)
+            self.complete(entry)
+        return entry.conds[rank]
+
+    def progressed(self, driver: Driver) -> None:
+        """The rank calls into MPI now (a scheduler pass, or the first test of a wait)."""
+        for entry in self.awaiting_progress.pop(driver.rank, []):
+            entry.progress[driver.rank] = self.now
+            self.complete(entry)
+
+    def complete(self, entry: "Collective") -> None:
+        if len(entry.progress) < len(entry.members):
+            return
+        order = sorted(entry.progress.values())
+        latency = self.machine.collective_seconds(len(entry.members))
+        for member, cond in entry.conds.items():
+            others = order[-1] if entry.progress[member] != order[-1] else order[-2] if len(order) > 1 else order[-1]
+            cond.time = others + latency
+            self.notify(cond.watchers)
+
+    def forget(self, step: int) -> None:
+        """Mail and collectives of steps long done (no rank is more than a step behind another)."""
+        for table in (self.mails, self.collectives):
+            for key in [k for k in table if k[1] < step - 2]:
+                del table[key]
+
+
+def simulate(config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
+             output: Optional[str] = None, context: Optional[int] = None) -> dict:
+    """Simulate the run of `config` on `ranks` ranks of `machine` -> metrics; with `output`, a run
+    file in the schema of `hpcmoe run` (root attrs simulated, machine; /generated all -1).
+    context: steady decode instead of the run (no prefill; every step a decode step of every request
+    over `context` cached positions and more): TPOT at a context without simulating its prefill."""
+    from hpcmoe.sim_output import metrics_and_file
+    sim = Simulation(config, machine, ranks, routing, context)
+    sim.run()
+    return metrics_and_file(sim, output)

@@ -1,0 +1,82 @@
+"""The tables of docs/SIMULATION.md, from docs/bench/simulation.json (tools/validate_sim.py) and
+docs/bench/projections.json (tools/project_sim.py).
+
+    python tools/sim_tables.py
+"""
+from __future__ import annotations
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(ROOT, "docs", "bench", name)) as f:
+        return json.load(f)
+
+
+def validation() -> str:
+    data = load("simulation.json")
+    lines = ["| configuration | ranks | settings | TTFT measured | predicted | error | TPOT measured | predicted | error | "
+             "runs spread (TPOT max/min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["configurations"]:
+        t, p = row["ttft_ms"], row["tpot_ms"]
+        spread = max(r["tpot_ms"] for r in row["measured_runs"]) / min(r["tpot_ms"] for r in row["measured_runs"])
+        settings = " ".join(row["settings"]).replace("parallel.", "").replace("run.", "") or "-"
+        lines.append(f"| {row['name']} | {row['ranks']} | `{settings}` | {t['measured_median']:.1f} | {t['predicted']:.1f} | "
+                     f"{100 * t['error']:+.0f}% | {p['measured_median']:.1f} | {p['predicted']:.1f} | {100 * p['error']:+.0f}% | "
+                     f"{spread:.2f} |")
+    s = data["summary"]
+    lines.append(f"\nMedian |error| {100 * s['median_abs_error']:.1f}% (TTFT {100 * s['ttft_median_abs_error']:.1f}%, TPOT "
+                 f"{100 * s['tpot_median_abs_error']:.1f}%), max {100 * s['max_abs_error']:.1f}%; {data['reps']} runs per "
+                 f"configuration, machine file {data['machine']}.")
+    return "\n".join(lines)
+
+
+WAYS = ("engine", "no_host_costs", "experts_once_per_layer", "both")
+
+
+def ways(row: dict, key: str = "tpot_ms", digits: int = 1) -> str:
+    return " | ".join(f"{row[way][key]:.{digits}f}" if way in row else "-" for way in WAYS)
+
+
+def projections() -> str:
+    data, out = load("projections.json"), []
+    if "a" in data:
+        out += ["### (a) DeepSeek-V3 on H100 SXM, 32 requests per GPU, context 2048", "",
+                "| dtype | EP | placement | fits 80 GB | TPOT engine | no host costs | experts once per layer | both | "
+                "tok/s per GPU engine | no host costs | experts once | both |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in data["a"]["rows"]:
+            out.append(f"| {row['dtype']} | {row['ep']} | {row['placement']} | {'yes' if row['fits_memory'] else 'no'} "
+                       f"({row['planned_gib_per_rank']:.0f} GiB) | {ways(row)} | "
+                       f"{ways(row, 'tokens_per_s_per_gpu')} |")
+        efficiency = data["a"]["scaling_efficiency_16_to_256"]
+        out.append("\nScaling efficiency 16 -> 256 (tokens/s per GPU at 256 over at 16, engine as it is): "
+                   + ", ".join(f"{dtype} {100 * value:.0f}%" for dtype, value in efficiency.items()) + ".\n")
+    if "b" in data:
+        out += ["### (b) The MA paper's model on 16 A100 (4 nodes x 4), 24 requests, context 2048", "",
+                "| layout | inter-node | TPOT engine | no host costs | experts once per layer | both | tokens/s engine | "
+                "no host costs | experts once | both |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in data["b"]["rows"]:
+            out.append(f"| {row['layout']} | {row['nic']} | {ways(row, digits=2)} | "
+                       f"{ways(row, 'decode_tokens_per_s', 0)} |")
+        paper = data["b"]["paper"]
+        out.append(f"\nThe paper: TPOT {paper['tpot_ms']['ma 12:4']} ms (12:4) vs {paper['tpot_ms']['co-located']} ms "
+                   f"(co-located); TPS {paper['tps']['ma 12:4']:,} vs {paper['tps']['co-located']:,}.\n")
+    if "c" in data:
+        row = data["c"]["rows"][0]
+        out += ["### (c) DeepSeek's decode deployment: EP 144 on 18 H800 nodes, FP8 experts, 96 requests per GPU, "
+                "context 4096", "", "| | engine | no host costs | experts once per layer | both |", "|---|---|---|---|---|",
+                f"| TPOT ms | {ways(row, digits=1)} |",
+                f"| output tokens/s per node | {ways(row, 'tokens_per_s_per_node', 0)} |",
+                f"\nPublished: about {data['c']['published']['tokens_per_s_per_node']:,} output tokens/s per node "
+                f"({data['c']['published']['tokens_per_s_per_user']} tokens/s per user); fits 80 GB: "
+                f"{'yes' if row['fits_memory'] else 'no'} ({row['planned_gib_per_rank']:.0f} GiB per rank).\n"]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(validation())
+    print()
+    print(projections())
