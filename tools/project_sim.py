@@ -156,7 +156,8 @@ def deepseek_on_h100() -> dict:
 
 def ma_paper_on_a100() -> dict:
     """(b): 16 A100 in 4 nodes of 4, 24 requests (the paper's TPS x TPOT), context 2048: every A:M
-    split and co-located ep; also with one 200 Gbit/s NIC per node shared by its 4 GPUs."""
+    split and co-located ep; also with one 200 Gbit/s NIC per node shared by its 4 GPUs, and with two
+    micro-batches (attention of one overlapping the experts of the other)."""
     base = ["model={preset: ma-paper}", "run.batch=24", "parallel.ranks_per_node=4"] + ON_GPUS
     rows = []
     for nic, changes in (("HDR 200 Gbit/s per GPU", {}), ("HDR 200 Gbit/s per node", {"inter_node.gb_per_s": 6.25})):
@@ -165,6 +166,11 @@ def ma_paper_on_a100() -> dict:
             rows.append({"layout": f"ma {attention}:{16 - attention}", "nic": nic,
                          **point(base + ["parallel.layout=ma", f"parallel.attention_ranks={attention}",
                                          f"parallel.moe_ranks={16 - attention}"], 16, "a100_80gb", 2048, **changes)})
+    for layout, extra in (("ep (co-located), 2 micro-batches", []),
+                          ("ma 12:4, 2 micro-batches", ["parallel.layout=ma", "parallel.attention_ranks=12",
+                                                         "parallel.moe_ranks=4"])):
+        rows.append({"layout": layout, "nic": "HDR 200 Gbit/s per GPU",
+                     **point(base + extra + ["run.micro_batches=2"], 16, "a100_80gb", 2048)})
     return {"rows": rows, "paper": {"tpot_ms": {"ma 12:4": 1.82, "co-located": 2.76},
                                     "tps": {"ma 12:4": 13289, "co-located": 8696}}}
 

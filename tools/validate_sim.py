@@ -5,6 +5,12 @@ and is simulated once on the machine file; the JSON holds every measured run, th
 prediction and the relative error of each. --reuse keeps the measured runs of an earlier JSON and
 only simulates again (to check a changed model or machine file against the same measurements).
 
+This box is shared and its speed drifts within minutes. So before every run of a configuration the
+reference run (the debug model at -n 1, as `hpcmoe calibrate` runs it) runs too, and a second error
+is given with the prediction scaled by how much slower the reference ran than its own simulation
+(`drift`: the median over the reps of measured over simulated reference TPOT): the error the model
+would have had if the machine had kept the speed it had while being calibrated.
+
     python tools/validate_sim.py [--machine machines/this_box.yaml] [--out docs/bench/simulation.json] [--reps 3]
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ NODES_OF_1 = ["parallel.ranks_per_node=1"]
 LINK_FAST = ["parallel.link={bandwidth_gbps: 1, latency_us: 50}"]
 LINK_SLOW = ["parallel.link={bandwidth_gbps: 0.1, latency_us: 200}"]
 MA_3_1 = ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]
+REFERENCE = (DEBUG, 1, ["run.max_new_tokens=12"])   # hpcmoe calibrate's -n 1 run
 CONFIGS = {  # name: (config, ranks, settings)
     "debug_n1": (DEBUG, 1, []),
     "debug_n2_packed": (DEBUG, 2, []),
@@ -52,20 +59,26 @@ CONFIGS = {  # name: (config, ranks, settings)
 }
 
 
+def one_run(config: str, ranks: int, settings: list[str], path: str) -> dict:
+    """A real run -> {ttft_ms, tpot_ms} from its run file."""
+    command = mpi_command(ranks, "hpcmoe", "run", os.path.join(ROOT, config), "--output", path)
+    for setting in ONE_THREAD + settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{config} -n {ranks} {settings}: exit {result.returncode}: {result.stderr[-400:]}")
+    with h5py.File(path, "r") as f:
+        return {k: float(f["metrics"].attrs[k]) for k in ("ttft_ms", "tpot_ms")}
+
+
 def measure(config: str, ranks: int, settings: list[str], reps: int) -> list[dict]:
-    """`reps` real runs -> [{ttft_ms, tpot_ms}] read from their run files."""
+    """`reps` real runs, each right after a reference run -> [{ttft_ms, tpot_ms, reference_tpot_ms}]."""
     runs = []
     with tempfile.TemporaryDirectory(prefix="hpcmoe-validate-") as work:
         for rep in range(reps):
-            path = os.path.join(work, f"run{rep}.h5")
-            command = mpi_command(ranks, "hpcmoe", "run", os.path.join(ROOT, config), "--output", path)
-            for setting in ONE_THREAD + settings:
-                command += ["--set", setting]
-            result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if result.returncode != 0:
-                raise RuntimeError(f"{config} -n {ranks} {settings}: exit {result.returncode}: {result.stderr[-400:]}")
-            with h5py.File(path, "r") as f:
-                runs.append({k: float(f["metrics"].attrs[k]) for k in ("ttft_ms", "tpot_ms")})
+            reference = one_run(*REFERENCE, os.path.join(work, "reference.h5"))
+            runs.append({**one_run(config, ranks, settings, os.path.join(work, f"run{rep}.h5")),
+                         "reference_tpot_ms": reference["tpot_ms"]})
     return runs
 
 
@@ -86,6 +99,7 @@ def main() -> None:
         with open(args.out) as f:
             earlier = {row["name"]: row for row in json.load(f)["configurations"]}
     machine = load_machine(args.machine)
+    reference = simulate(load_config(os.path.join(ROOT, REFERENCE[0]), ONE_THREAD + REFERENCE[2]), machine, 1)
     rows = []
     for name, (config_path, ranks, settings) in CONFIGS.items():
         if args.only and name not in args.only:
@@ -93,26 +107,33 @@ def main() -> None:
         runs = earlier[name]["measured_runs"] if name in earlier else measure(config_path, ranks, settings, args.reps)
         config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + settings)
         predicted = simulate(config, machine, ranks)
-        row = {"name": name, "config": config_path, "ranks": ranks, "settings": settings, "measured_runs": runs}
+        drift = float(np.median([run.get("reference_tpot_ms", np.nan) for run in runs])) / reference["tpot_ms"]
+        row = {"name": name, "config": config_path, "ranks": ranks, "settings": settings, "measured_runs": runs,
+               "drift": drift}
         for metric in ("ttft_ms", "tpot_ms"):
             measured = float(np.median([run[metric] for run in runs]))
             row[metric] = {"measured_median": measured, "predicted": float(predicted[metric]),
-                           "error": error(float(predicted[metric]), measured)}
+                           "error": error(float(predicted[metric]), measured),
+                           "error_at_calibration_speed": error(drift * float(predicted[metric]), measured)}
         rows.append(row)
         print(f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
               f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
-              f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)", flush=True)
-    errors = np.abs([row[m]["error"] for row in rows for m in ("ttft_ms", "tpot_ms")])
-    summary = {"median_abs_error": float(np.median(errors)), "max_abs_error": float(errors.max()),
-               "ttft_median_abs_error": float(np.median([abs(r["ttft_ms"]["error"]) for r in rows])),
-               "tpot_median_abs_error": float(np.median([abs(r["tpot_ms"]["error"]) for r in rows]))}
-    print(f"median |error| {100 * summary['median_abs_error']:.1f}%, max {100 * summary['max_abs_error']:.1f}% "
-          f"(TTFT median {100 * summary['ttft_median_abs_error']:.1f}%, TPOT median "
-          f"{100 * summary['tpot_median_abs_error']:.1f}%)")
+              f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
+              f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
+              f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%", flush=True)
+    summary = {}
+    for kind in ("error", "error_at_calibration_speed"):
+        errors = np.abs([row[m][kind] for row in rows for m in ("ttft_ms", "tpot_ms")])
+        summary[kind] = {"median_abs": float(np.nanmedian(errors)), "max_abs": float(np.nanmax(errors)),
+                         "ttft_median_abs": float(np.nanmedian([abs(r["ttft_ms"][kind]) for r in rows])),
+                         "tpot_median_abs": float(np.nanmedian([abs(r["tpot_ms"][kind]) for r in rows]))}
+        print(f"{kind}: median |error| {100 * summary[kind]['median_abs']:.1f}%, max {100 * summary[kind]['max_abs']:.1f}% "
+              f"(TTFT median {100 * summary[kind]['ttft_median_abs']:.1f}%, TPOT median "
+              f"{100 * summary[kind]['tpot_median_abs']:.1f}%)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": os.path.relpath(args.machine, ROOT), "reps": args.reps, "summary": summary,
-                   "configurations": rows}, f, indent=1)
+                   "reference_simulated_tpot_ms": reference["tpot_ms"], "configurations": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 
