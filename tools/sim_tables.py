@@ -1,5 +1,6 @@
-"""The tables of docs/SIMULATION.md, from docs/bench/simulation.json (tools/validate_sim.py) and
-docs/bench/projections.json (tools/project_sim.py).
+"""The tables of docs/SIMULATION.md, from docs/bench/simulation.json (tools/validate_sim.py),
+docs/bench/projections.json (tools/project_sim.py) and docs/bench/predict.json's measured splits
+(simulated here, a few seconds).
 
     python tools/sim_tables.py
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +84,41 @@ def projections() -> str:
     return "\n".join(out)
 
 
+def splits_against_predict_runs() -> str:
+    """Every attention:MoE split that tools/bench_predict.py measured (docs/bench/predict.json), simulated
+    on machines/this_box.yaml: measured against simulated TPOT, and the split each picks."""
+    import dataclasses
+    import sys
+    sys.path.insert(0, ROOT)
+    from hpcmoe.config import load_config
+    from hpcmoe.machine import load_machine
+    from hpcmoe.predict import splits
+    from hpcmoe.simulate import simulate
+    measured, machine = load("predict.json")["proposals"], load_machine(os.path.join(ROOT, "machines", "this_box.yaml"))
+    config = load_config(os.path.join(ROOT, "inputs", "bench_predict.yaml"),
+                         ["run.batch=8", "run.prompt_len=32", "run.prompt_len_min=32", "run.max_new_tokens=8"])
+    lines = ["| ranks | split A:M | measured TPOT ms | simulated | error |", "|---|---|---|---|---|"]
+    errors, picks = [], []
+    for ranks, proposal in measured.items():
+        simulated = {}
+        for attention, moe in splits(config, int(ranks)):
+            split = dataclasses.replace(config.parallel, layout="ma", attention_ranks=attention, moe_ranks=moe)
+            simulated[f"{attention}:{moe}"] = simulate(dataclasses.replace(config, parallel=split), machine, int(ranks))
+        for name, tpot in proposal["measured_tpot_ms"].items():
+            errors.append(simulated[name]["tpot_ms"] / tpot - 1)
+            lines.append(f"| {ranks} | {name} | {tpot:.1f} | {simulated[name]['tpot_ms']:.1f} | {100 * errors[-1]:+.0f}% |")
+        best = min(simulated, key=lambda name: simulated[name]["total_s"])
+        picks.append(f"{ranks} ranks: measured best {proposal['best']}, the predictor proposed {proposal['proposed']} "
+                     f"({proposal['proposed_over_best']:.2f}x the best TPOT), the simulator proposes {best} "
+                     f"({proposal['measured_tpot_ms'][best] / proposal['measured_tpot_ms'][proposal['best']]:.2f}x)")
+    errors = np.abs(errors)
+    lines.append(f"\nMedian |error| {100 * np.median(errors):.1f}%, max {100 * errors.max():.1f}%. " + "; ".join(picks) + ".")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(validation())
     print()
     print(projections())
+    print()
+    print(splits_against_predict_runs())
