@@ -20,7 +20,7 @@ from hpcmoe.simulate import PROGRESS, AllFrom, AnyFrom, Wait, Work
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
 
 
-def concurrently(sim, rank: int, generators: list):
+def concurrently(sim, generators: list):
     """scheduler.run_concurrently: passes over the coroutines in order, resuming each that can go on
     (its compute runs inline); when none can, the rank waits (comm.wait_until) for the first of them."""
     results, waiting = [None] * len(generators), {i: None for i in range(len(generators))}
@@ -31,7 +31,6 @@ def concurrently(sim, rank: int, generators: list):
             if pending is None or (pending.on.time is not None and pending.on.time <= sim.now):
                 try:
                     if pending is not None:   # found ready by a pass: the host work of resuming it
-                        sim.resumes[sim.step_of[rank]] += rank == 0
                         yield Work(sim.costs.fixed["resume"])
                     command = generators[i].send(None)
                     while isinstance(command, Work):
@@ -81,7 +80,7 @@ def rank_main(sim, rank: int):
             body = ma_micro_batch if sim.is_ma else ep_micro_batch
             generators = [body(sim, rank, step, mb, part(new, block), part(cached, block))
                           for mb, block in enumerate(blocks)]
-        yield from concurrently(sim, rank, generators)
+        yield from concurrently(sim, generators)
         sim.row(rank, "step", -1, 0, started, sim.now)
         vote = yield from finish_step(sim, rank, step, sum(r.max_new_tokens > step for r in requests) > 0, vote)
 

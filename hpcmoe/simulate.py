@@ -205,7 +205,6 @@ class Simulation:
         self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
         self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
         self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
-        self.resumes = np.zeros(steps, np.int64)   # rank 0's coroutine resumes per step (for calibration)
         self.is_ma = isinstance(self.layout, MALayout)
         # synthetic routing without drift: the same law in every layer and step (plans made once per rank and n)
         self.same_law = routing is None and not (config.model.router_skew and config.run.skew_drift)
