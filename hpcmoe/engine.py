@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hpcmoe import __version__
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
 from hpcmoe.config import Config
 from hpcmoe.fault import KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
-from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, step_imbalance,
-                           rank_load_imbalance)
+from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, rank_load_imbalance,
+                           run_attrs, step_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
 
@@ -140,8 +139,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     prompts = config.prompts
-    steps, model_cfg = config.steps, config.model
-    writer = open_writer(config, topo, device, prompts, resume) if rank == 0 else None
+    writer = open_writer(config, topo, device, prompts, placement, source, resume) if rank == 0 else None
     try:
         metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device, resume)
     except BaseException:
@@ -151,18 +149,18 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     return metrics
 
 
-def open_writer(config: Config, topo: Topology, device, prompts, resume=None) -> RunWriter:
-    """The run file, with the finished steps of the run it resumes (on rank 0, or its deputy)."""
+def open_writer(config: Config, topo: Topology, device, prompts, placement: Placement, source: str,
+                resume=None) -> RunWriter:
+    """The run file with its /placement (the run's first), and the finished steps of the run it
+    resumes (on rank 0, or its deputy)."""
     m = config.model
-    attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": topo.size,
-             "ranks_per_node": topo.ranks_per_node, "num_nodes": topo.num_nodes,
-             "node_of_rank": np.array(topo.node_of_rank, np.int64),
-             "layout": config.parallel.layout, "device": device.type,
-             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    attrs = run_attrs(config, topo.node_of_rank, topo.ranks_per_node, device.type,
+                      torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if resume is not None:
         attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
     writer = RunWriter(config.output.path, attrs, prompts, config.steps, m.vocab, m.moe_layers, topo.size,
                        m.num_experts, config.output.save_logits)
+    writer.write_placement(placement.expert_ranks(), m.moe_layers, placement.mode, source, placement.tp)
     if resume is not None:  # the finished steps, as the stopped run wrote them
         writer.write_finished_steps(resume)
     return writer
@@ -269,10 +267,8 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
     survivors rebuild everything among themselves and go on from the first unfinished step."""
     from hpcmoe.device import Streams
-    steps, model_cfg = config.steps, config.model
+    steps = config.steps
     timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
-    if writer is not None:
-        writer.write_placement(placement.expert_ranks(), model_cfg.moe_layers, placement.mode, source, placement.tp)
     made, survivors = Made(first=resume.step if resume is not None else 0), None
     recovery = Recovery(config, topo, placement, source, device, prompts, resume)
     mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
@@ -353,17 +349,15 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
     done = shrunk.bcast(made.done, root=0)
     tokens = shrunk.bcast(writer.file["generated"][:, :done] if writer is not None else None, root=0)
     try:
-        lost: list[int] = []
         if isinstance(layout, MALayout):
             layout = layout.survivors(list(kept_now))
             hosts = range(layout.attention_ranks, layout.world_size)
-        else:  # (run.kill names original ranks: it is not checked against the survivors)
-            if placement.tp > 1:
-                layout = ParallelLayout.from_config(
-                    dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)), shrunk.Get_size())
+        else:
             hosts = range(shrunk.Get_size())
         new_topo = build_topology(shrunk, config.parallel.ranks_per_node)
-        if placement.tp > 1:  # expert groups are formed afresh from the survivors
+        if placement.tp > 1:  # expert groups are formed afresh from the survivors (run.kill names original
+            layout = ParallelLayout.from_config(   # ranks: it is not checked against the survivors)
+                dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)), shrunk.Get_size())
             broken = {placement.leader(r) for r in dead_now}
             lost = [e for e, holders in enumerate(placement.expert_ranks()) if set(holders) <= broken]
             placement = layout.placement(new_topo.node_of_rank)
@@ -387,9 +381,8 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
 def take_over_writer(recovery: Recovery, made: Made, dead_writer: int) -> RunWriter:
     """The deputy's run file: the steps rank 0 had mirrored to it, as rank 0 wrote them (the
     steps after those are done again)."""
-    writer = open_writer(recovery.config, recovery.original, recovery.device, recovery.prompts, recovery.resume)
-    p = recovery.placement
-    writer.write_placement(p.expert_ranks(), recovery.config.model.moe_layers, p.mode, recovery.source, p.tp)
+    writer = open_writer(recovery.config, recovery.original, recovery.device, recovery.prompts, recovery.placement,
+                         recovery.source, recovery.resume)
     writer.file.attrs["writer_moved"] = f"rank {dead_writer} died; steps before {made.done} as it mirrored them"
     for step, records in made.records:
         write_step(writer, step, records)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from hpcmoe import __version__
+
 FAILURE_DTYPE = np.dtype([("rank", "i4"), ("step", "i4"), ("layer", "i4"), ("phase", "S24"), ("detected_at", "f8"),
                           ("recovered_at", "f8"), ("action", "S96")])
 TIMING_DTYPE = np.dtype([("rank", "i4"), ("layer", "i4"), ("micro_batch", "i4"), ("step", "i4"),
@@ -183,6 +185,14 @@ def previous_imbalance(path: str) -> float:
 
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def run_attrs(config, node_of_rank, ranks_per_node: int, device: str, device_name: str) -> dict:
+    """The run file's root attributes (a real run's and a simulated one's)."""
+    return {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": len(node_of_rank),
+            "ranks_per_node": ranks_per_node, "num_nodes": max(node_of_rank) + 1,
+            "node_of_rank": np.array(node_of_rank, np.int64), "layout": config.parallel.layout, "device": device,
+            "device_name": device_name}
 
 
 class RunWriter:

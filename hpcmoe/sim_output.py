@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcmoe import __version__
 from hpcmoe.output import (TIMING_DTYPE, RunWriter, busy_and_idle, compute_metrics, rank_load_imbalance,
-                           step_imbalance)
+                           run_attrs, step_imbalance)
 
 
 def metrics_and_file(sim, output: str | None) -> dict:
@@ -47,10 +46,8 @@ def metrics_and_file(sim, output: str | None) -> dict:
 def write_run_file(sim, path: str, metrics: dict, spans, per_rank: dict, timings: np.ndarray) -> None:
     config, m, ranks = sim.config, sim.config.model, sim.ranks
     nodes = max(sim.node_of_rank) + 1
-    attrs = {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": ranks,
-             "ranks_per_node": max(sim.node_of_rank.count(n) for n in range(nodes)), "num_nodes": nodes,
-             "node_of_rank": np.array(sim.node_of_rank, np.int64), "layout": config.parallel.layout,
-             "device": sim.machine.device, "device_name": f"simulated {sim.machine.name}",
+    attrs = {**run_attrs(config, sim.node_of_rank, max(sim.node_of_rank.count(n) for n in range(nodes)),
+                         sim.machine.device, f"simulated {sim.machine.name}"),
              "simulated": True, "machine": sim.machine.name}
     if sim.context is not None:
         attrs["steady_decode_context"] = sim.context
