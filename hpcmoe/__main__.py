@@ -187,11 +187,23 @@ def command_predict(args) -> int:
 def command_bench(args) -> int:
     """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
     from hpcmoe import bench
+    from hpcmoe.device import device_kind
     if args.benchmark in bench.SCENARIOS:
         try:
-            load_config(args.config, args.set)
+            config = load_config(args.config, args.set)
+            device_kind(config.run.device)  # run.device=cuda without a GPU: one line, not a traceback per rank
         except ValueError as e:
             fail(str(e))
+        if args.benchmark == "overlap" and config.parallel.link is None:
+            fail("bench overlap measures the wire time hidden behind an emulated link: the config sets no "
+                 "parallel.link (see inputs/bench_overlap.yaml)")
+    if getattr(args, "device", None) is not None:  # experts, transformers: --device
+        try:
+            device_kind(args.device)
+        except ValueError:
+            import torch
+            fail(f"bench {args.benchmark} --device {args.device}: torch sees no GPU (torch {torch.__version__}, "
+                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
     if args.benchmark == "experts":  # one process, no MPI
         bench.bench_experts(args.device, args.hidden, args.inner, args.experts, args.tokens, args.decode_tokens,
                             args.dtype, args.reps, args.out)
@@ -201,7 +213,12 @@ def command_bench(args) -> int:
                             args.ranks_per_node, args.reps, args.out)
         return 0
     from hpcmoe.topology import init_mpi
-    init_mpi()
+    world = init_mpi()
+    if args.benchmark in bench.SCENARIOS:
+        try:  # every variant's layout at this rank count; every rank fails alike
+            bench.check_scenario(args.benchmark, args.config, args.set, world.Get_size())
+        except ValueError as e:
+            fail(str(e))
     import torch
     torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
     if args.benchmark == "dispatch":

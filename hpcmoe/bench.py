@@ -92,6 +92,20 @@ def rows_median(samples: dict, key: str) -> float:
     return float(np.median(samples[key])) if key in samples else float("nan")
 
 
+def check_scenario(name: str, config_path: str, settings: list[str], world_size: int) -> None:
+    """Every variant's config and layout at this world size, before any run: a ValueError (the same on
+    every rank) instead of a traceback and MPI_Abort in the middle of the benchmark."""
+    from hpcmoe.config import load_config
+    from hpcmoe.layout import ParallelLayout
+    for variant, extra in SCENARIOS[name][2].items():
+        try:  # OBSERVED stands for a run file that the benchmark writes first
+            ParallelLayout.from_config(load_config(config_path, settings + [s.replace(OBSERVED, "observed.h5")
+                                                                             for s in extra]), world_size)
+        except ValueError as e:
+            raise ValueError(f"bench {name}, variant {variant} ({' '.join(extra) or 'the config as given'}) on "
+                             f"{world_size} ranks: {e}") from None
+
+
 def run_scenario(name: str, config_path: str, settings: list[str], reps: int, out: str | None):
     """Engine runs of each variant, interleaved; metrics read back from each run file. The overlap
     benchmark also runs each variant without the link and reports wire_hidden."""
@@ -234,7 +248,8 @@ class IdentityMoE:
     def __init__(self, expert_ids, weights):
         self.expert_ids, self.weights = expert_ids, weights
 
-    def gate(self, h):
+    def route(self, h):
+        """h [n, H] -> (expert_ids [n, k], weights [n, k]): what moe_layer.route asks of a MoE layer."""
         return self.expert_ids, self.weights
 
     def run_experts(self, rows, counts, out=None):

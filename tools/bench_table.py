@@ -71,7 +71,8 @@ keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms",
         "rank_load_max_over_mean", "rank_load_max_over_mean_per_step", "switches", "moved_mib", "moving_tps_ratio",
         "internode_bytes", "attention_compute_ms", "expert_compute_ms", "busy_fraction_attention", "busy_fraction_moe"]
 for r in results:
-    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance"):
+    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
+                          "experts"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
@@ -93,3 +94,10 @@ for r in by_kind("transformers"):
     ratio = r["ratio_to_transformers"]["hpcmoe"]
     print(f"\nratio hpcmoe / transformers: prefill {ratio['prefill_tokens_per_s']:.2f}, "
           f"decode {ratio['decode_tokens_per_s']:.2f}")
+
+for r in by_kind("experts"):  # tools/gpu_check.sh: docs/bench/gpu/experts.json
+    print(f"\n### experts ({r['file']}) on {r['device']}: {r['what']}, median of {r['reps']}\n")
+    print("| figure | value |\n|---|---|")
+    for key, value in r["derived"].items():
+        print(f"| {key} | {value:.3f} |")
+    print(f"\ngoal: {r['goal']}")
