@@ -298,9 +298,10 @@ def tag_for(kind: int, layer: int, micro_batch: int, micro_batches: int) -> int:
 
 
 class CountsGroup:
-    """The counts of one micro-batch slot's exchanges among fixed ranks, without R^2 messages.
+    """The collectives of one micro-batch slot's exchanges among fixed ranks, without R^2 messages:
+    the counts, and with parallel.expert_schedule per_layer the rows themselves (`rows`).
 
-    One non-blocking `Ialltoall` per exchange, on a communicator this slot owns, so that every
+    One non-blocking `Ialltoall` of counts per exchange, on a communicator this slot owns, so that every
     member issues its collectives on it in the same order (layer after layer) and the wait helper
     can test them. A collective hides who is late, so each member also counts the collectives it
     has posted in an RMA window that others read without its help (passive target): a member
@@ -311,6 +312,10 @@ class CountsGroup:
     def __init__(self, comm, ranks: tuple[int, ...]):
         """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
         self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
+        self.comm_rank_world = self.ranks[self.comm.Get_rank()]
+        self.row_types: dict[int, object] = {}  # row width in bytes -> a committed contiguous datatype
+        self.far = None
+        self.step, self.finished = -1, 0  # per_layer: exchanges of this step done here (see turn)
         self.window, self.posted = None, np.zeros(1, np.int64)
         if not fault.ENABLED[0]:
             self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
@@ -321,15 +326,88 @@ class CountsGroup:
 
     def post(self, send: np.ndarray, where: Where, phase: str = "counts_wait"):
         """send: [G, S] int64, row i for member i -> (received [G, S], row i from member i; Pending)."""
-        self.posted[0] += 1
-        if self.window is not None:
-            self.window.Sync()
-        number = int(self.posted[0])
+        number = self.count_posted()
         received = np.empty_like(send)
         request = self.comm.Ialltoall(send, received)
         keep = (send, received)  # alive until the request completes
         return received, Pending(lambda: True if request.Test() and keep else None,
                                  lambda: where.waiting_for(phase, self.behind(number)))
+
+    def rows(self, send: torch.Tensor, send_counts: np.ndarray, send_starts: np.ndarray, recv: torch.Tensor,
+             recv_counts: np.ndarray, recv_starts: np.ndarray, link: Link, where: Where, phase: str,
+             staging=None, streams=None):
+        """Generator: one non-blocking Ialltoallv of rows. send, recv: [*, W] contiguous tensors of one
+        row width; counts and starts [G] in rows, entry i for member i (in member order; this rank's
+        own share included). Whatever the number of members, the host makes one or two MPI calls.
+
+        On an emulated link the delivery time of each inter-node share travels in an Ialltoall posted
+        just before (the link queues the shares in member order), and the rows count as in once the
+        latest of them is due. On a GPU the rows are sent once the kernels that wrote them are done,
+        through pinned host memory when the MPI cannot read the device (one copy each way)."""
+        width = send.shape[1] * send.element_size()
+        row = self.row_types.get(width)
+        if row is None:
+            row = self.row_types[width] = MPI.BYTE.Create_contiguous(width).Commit()
+        requests, stamps_in = [], None
+        if link.bandwidth_gbps is not None:
+            far = self.far_from(link)
+            stamps_out, stamps_in = np.zeros(len(self.ranks)), np.zeros(len(self.ranks))
+            going = far & (send_counts > 0)
+            if going.any():
+                wire = np.cumsum(send_counts[going] * width * 8 / (link.bandwidth_gbps * 1e9))
+                start = max(time.monotonic(), link.free_at)
+                link.free_at = start + wire[-1]
+                stamps_out[going] = start + wire + link.latency_us * 1e-6
+            self.count_posted()
+            requests.append(self.comm.Ialltoall(stamps_out, stamps_in))
+        send_buffer, recv_buffer = send, recv
+        if send.device.type != "cpu":
+            ready = streams.record()
+            if staging is not None:  # one copy to pinned host memory for the whole exchange
+                send_buffer = staging.pool.take(send.numel() * send.element_size())
+                recv_buffer = staging.pool.take(recv.numel() * recv.element_size())
+                ready = streams.copy_after(ready, send_buffer, byte_view(send))
+            yield Pending(lambda: True if ready.query() else None, lambda: where.waiting_for("send_wait", ()))
+        number = self.count_posted()
+        requests.append(self.comm.Ialltoallv([as_bytes(send_buffer), (send_counts, send_starts), row],
+                                             [as_bytes(recv_buffer), (recv_counts, recv_starts), row]))
+        keep = (send_buffer, recv_buffer, stamps_in)  # alive until the requests complete
+        due = lambda: 0.0 if stamps_in is None else stamps_in[far & (recv_counts > 0)].max(initial=0.0)
+        in_and_due = lambda: MPI.Request.Testall(requests) and keep and time.monotonic() >= due()
+        yield Pending(lambda: True if in_and_due() else None, lambda: where.waiting_for(phase, self.behind(number)))
+        if staging is not None:
+            copied = streams.copy_after(DONE, byte_view(recv).view(-1), recv_buffer)
+            streams.compute_waits(copied)
+            staging.pool.give(recv_buffer, after=copied)
+            staging.pool.give(send_buffer)
+
+    def turn(self, at: Where, index: int) -> Optional[Pending]:
+        """Collectives must be posted in the same order on every member. An exchange that posts
+        several here (per_layer) must not interleave with another: the one of the step's `index`-th
+        MoE layer goes once those before it are done (a MoE rank of ma starts every layer at once).
+        -> None when it may go now, else what to wait for; `done_turn` when it has posted its last."""
+        if at.step != self.step:
+            self.step, self.finished = at.step, 0
+        if self.finished == index:
+            return None
+        return Pending(lambda: True if self.finished == index else None, lambda: at.waiting_for("dispatch_wait", ()))
+
+    def done_turn(self) -> None:
+        self.finished += 1
+
+    def far_from(self, link: Link) -> np.ndarray:
+        """[G] bool: the members on another (possibly emulated) node than this rank (made once)."""
+        if self.far is None:
+            nodes = np.asarray(link.node_of_rank)
+            self.far = nodes[list(self.ranks)] != nodes[self.comm_rank_world]
+        return self.far
+
+    def count_posted(self) -> int:
+        """One more collective posted here (what `behind` reads); -> how many so far."""
+        self.posted[0] += 1
+        if self.window is not None:
+            self.window.Sync()
+        return int(self.posted[0])
 
     def behind(self, number: int, patience_s: float = 0.5) -> list[int]:
         """World ranks that have posted fewer than `number` collectives here (read without their help)."""
@@ -349,6 +427,8 @@ class CountsGroup:
         if self.window is not None:
             self.window.Unlock_all()
             self.window.Free()
+        for row in self.row_types.values():
+            row.Free()
         self.comm.Free()
 
 

@@ -133,6 +133,7 @@ class ParallelConfig:
     ranks_per_node: Optional[int] = None   # pretend nodes of this many ranks (default: real nodes)
     threads: Optional[int] = None          # torch threads per rank (default: cores per rank)
     dispatch: str = "flat"                 # flat | two_stage: cross to each other node once per token
+    expert_schedule: str = "auto"          # per_layer: one collective each way, experts once | per_source | auto (by phase)
     link: Optional[LinkConfig] = None      # emulate inter-node links between (emulated) nodes
     placement_from: Optional[str] = None   # place by the observed /routing of an earlier run file
     capacity_factor: Optional[float] = None  # lossy: cap token slots per expert slot, drop the overflow
@@ -465,6 +466,8 @@ def validate(config: Config) -> None:
             f"parallel.placement: {p.placement!r} is not supported; expected one of {', '.join(placements)}")
     require(p.dispatch in ("flat", "two_stage"),
             f"parallel.dispatch: {p.dispatch!r} is not supported; expected flat or two_stage")
+    require(p.expert_schedule in ("per_layer", "per_source", "auto"),
+            f"parallel.expert_schedule: {p.expert_schedule!r} is not supported; expected per_layer, per_source or auto")
     for name in ("experts_per_rank", "ranks_per_node", "threads", "expert_tp"):
         value = getattr(p, name)
         require(value is None or value >= 1, f"parallel.{name}: expected an integer >= 1, got {value}")

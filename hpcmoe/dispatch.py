@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +189,17 @@ def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Te
         return returned.new_zeros(n, returned.shape[1])
     return F.embedding_bag(position.view(n, k), returned, per_sample_weights=weights.reshape(n, k).to(returned.dtype),
                            mode="sum")
+
+
+def expert_major(counts) -> np.ndarray:
+    """counts: [G, S] rows from source g for local slot s, as received: source-major (source 0's rows
+    for slot 0, 1, ..., then source 1's) -> [T] the received positions in slot-major order (slot 0's
+    rows from source 0, 1, ..., then slot 1's), so that each local expert runs once on one block."""
+    counts = np.asarray(counts, np.int64)
+    received_at = (np.cumsum(counts.reshape(-1)) - counts.reshape(-1)).reshape(counts.shape)   # [G, S]
+    sizes, starts = counts.T.reshape(-1), received_at.T.reshape(-1)                            # slot-major
+    placed_at = np.cumsum(sizes) - sizes
+    return np.repeat(starts - placed_at, sizes) + np.arange(int(sizes.sum()))
 
 
 # ---------------------------------------------------------------- two-stage: per-node groups

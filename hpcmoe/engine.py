@@ -505,7 +505,7 @@ def run_steps(config, engine, timer, cache, local, gather, writer, progress, sto
     rebalancer = getattr(engine, "rebalancer", None)
     try:
         for step in range(first, steps):
-            engine.step = step
+            engine.step, engine.prefill = step, step == first  # every request's prompt (again) in the first
             if r.skew_drift:
                 rotate_skew(engine.model, step // r.skew_drift)
             if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:

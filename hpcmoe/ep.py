@@ -20,7 +20,7 @@ from hpcmoe.config import Config
 from hpcmoe.dispatch import compile_placement
 from hpcmoe.layout import request_range
 from hpcmoe.model import Transformer, build_model
-from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, StepStats
+from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, ExpertSchedule, StepStats
 from hpcmoe.placement import Placement
 from hpcmoe.scheduler import run_concurrently
 from hpcmoe.topology import Topology
@@ -62,7 +62,7 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         tables=compile_placement(placement, rank, topo.node_of_rank, device), group=group, node_group=node_group,
         timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
         capacity_factor=p.capacity_factor, pool=BufferPool(device), before_dispatch=stall,
-        tp_forward=p.expert_tp_dispatch == "leader")
+        tp_forward=p.expert_tp_dispatch == "leader", schedule=ExpertSchedule(p.expert_schedule))
 
 
 @dataclass
@@ -90,8 +90,10 @@ class Messaging:
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
 
-    def run_step(self, generators: list, step: int) -> list:
-        """Drive this step's generators, then wait for this rank's sends."""
+    def run_step(self, generators: list, step: int, prefill: bool) -> list:
+        """Drive this step's generators (a prefill or a decode step), then wait for this rank's sends."""
+        if self.ctx is not None:
+            self.ctx.schedule.prefill = prefill
         results = run_concurrently(generators, self.timer, step, self.sender)
         with self.timer.phase("send_wait", step):
             self.sender.wait(Where(step, -1, 0, "send_wait"))
@@ -127,7 +129,7 @@ class EPEngine:
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
         self.micro_batches = config.run.micro_batches
         self.reports = True                  # whether this rank's tokens go into the run file
-        self.step = 0
+        self.step, self.prefill = 0, True    # set by the generate loop before each step
         self.rebalancer = None
         if config.parallel.rebalance is not None:
             from hpcmoe.rebalance import Rebalancer
@@ -151,7 +153,7 @@ class EPEngine:
         generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
                                                [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
                       for i, r in enumerate(blocks)]
-        logits = torch.cat(self.net.run_step(generators, self.step))
+        logits = torch.cat(self.net.run_step(generators, self.step, self.prefill))
         return logits.argmax(dim=-1), logits
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):

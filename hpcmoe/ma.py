@@ -154,7 +154,7 @@ class AttentionEngine:
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
-        self.rank, self.step = topo.rank, 0
+        self.rank, self.step, self.prefill = topo.rank, 0, True
         self.layout, self.group = layout, layout.group_ranks(self.rank)
         self.primaries, self.twin = layout.primaries(self.rank), layout.twin(self.rank)
         self.standby = self.rank not in self.primaries
@@ -188,7 +188,7 @@ class AttentionEngine:
         generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
                                                [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
                       for i, r in enumerate(blocks)]
-        results = self.net.run_step(generators, self.step)
+        results = self.net.run_step(generators, self.step, self.prefill)
         chosen = torch.cat([c for c, _ in results])
         return chosen, torch.cat([x for _, x in results]) if self.whole_logits else None
 
@@ -256,7 +256,7 @@ class MoEEngine:
 
     def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
-        self.rank, self.step, self.reports = topo.rank, 0, False
+        self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
         self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
         self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device)
 
@@ -275,7 +275,7 @@ class MoEEngine:
         nothing = torch.empty(0, m.hidden, dtype=getattr(torch, m.dtype_name), device=self.device)
         generators = [self.net.exchange(self.net.ctx, moe, Where(self.step, m.dense_layers + i, mb), nothing, stats)
                       for i, moe in enumerate(self.model.moe_layers()) for mb in range(self.net.micro_batches)]
-        self.net.run_step(generators, self.step)
+        self.net.run_step(generators, self.step, self.prefill)
         return torch.empty(0, dtype=torch.int64), torch.empty(0, m.vocab)
 
     def close(self) -> None:

@@ -13,15 +13,15 @@ they arrive and answer at once. The engine and the exchange meet through `Exchan
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where, tag_for
-from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count, node_groups,
-                             pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
+from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count,
+                             expert_major, node_groups, pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 from hpcmoe.fault import maybe_die
 
 DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..10
@@ -39,6 +39,21 @@ class StepStats:
     def zeros(cls, moe_layers: int, experts: int, ranks: int, device=None) -> "StepStats":
         return cls(torch.zeros(moe_layers, experts, dtype=torch.int64, device=device),
                    np.zeros((moe_layers, ranks), np.int64), torch.zeros((), dtype=torch.int64, device=device))
+
+
+@dataclass
+class ExpertSchedule:
+    """parallel.expert_schedule, for the step being run (every rank of an exchange agrees: all prefill
+    in the same step). per_layer: the rows leave in one collective each way and each local expert
+    runs once on every source's rows; per_source: point-to-point messages, experts run on each
+    source's rows as they arrive (the seeds' layer pipelining with partial batches); auto: per_source
+    in a prefill, per_layer in decode."""
+    setting: str = "per_source"
+    prefill: bool = True
+
+    @property
+    def per_layer(self) -> bool:
+        return self.setting == "per_layer" or (self.setting == "auto" and not self.prefill)
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,18 @@ class ExchangeGroup:
         active = [r for r in np.flatnonzero(rank_counts) if self.member_host[r]]
         return send, active, starts[active].tolist(), rank_counts[active].tolist()
 
+    def shares(self, plan: DispatchPlan, tp: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `destinations`, for one collective, with no Python work per peer -> (counts to send
+        [G, S], rows to each member [G], first row of each in plan order [G]); with expert groups
+        every member gets its group's rows."""
+        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
+        ranks = len(self.member_host)
+        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
+        starts = np.cumsum(rank_counts) - rank_counts
+        members = np.asarray(self.ranks)
+        group_of = members - members % tp
+        return send[group_of], rank_counts[group_of], starts[group_of]
+
     def close(self) -> None:
         for group in self.counts:
             group.close()
@@ -97,6 +124,7 @@ class ExchangeContext:
     pool: BufferPool
     before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
     tp_forward: bool = False          # expert groups: rows go to the leader, which forwards (else to every member)
+    schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
 
     def receives(self, buffers: dict, tag: int) -> Receives:
         """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
@@ -128,6 +156,8 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
 
     With expert groups each member answers a partial sum: sent to every member, the rows come back
     as tp partials summed here in member order; sent to the leader, the leader sums them."""
+    if ctx.schedule.per_layer and group.ranks != (ctx.rank,) and not (ctx.tables.tp > 1 and ctx.tp_forward):
+        return (yield from exchange_per_layer(ctx, moe, plan, rows, group, at, stats, buffers))
     step, layer, mb = at.step, at.layer, at.micro_batch
     phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
     tp = ctx.tables.tp
@@ -173,6 +203,65 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         return sum_partials(answers)
 
 
+def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torch.Tensor, group: ExchangeGroup,
+                       at: Where, stats: StepStats, buffers: str = ""):
+    """Generator, expert_schedule per_layer: the counts, then the rows in one Ialltoallv on the
+    micro-batch slot's communicator; this rank runs each local expert once on all its rows and
+    answers every source in one Ialltoallv back -> the answers [m, H] in plan order. With expert
+    groups every member gets the group's rows and answers its partial sums, summed here."""
+    step, layer, mb = at.step, at.layer, at.micro_batch
+    phase, me, hidden, tp = ctx.timer.phase, ctx.rank, rows.shape[1], ctx.tables.tp
+    slot, sent = group.counts[mb], len(plan.order)
+    key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
+    wait = slot.turn(at, layer - ctx.first_moe_layer)
+    if wait is not None:
+        yield wait
+    posted = time.perf_counter()
+    with phase("dispatch_post", step, layer, mb):
+        send_counts, rows_to, first = group.shares(plan, tp)   # the one host read
+        stats.traffic[layer - ctx.first_moe_layer, list(group.ranks)] += rows_to * hidden * rows.element_size()
+        outgoing = ctx.pool.get(key("send"), sent, hidden, rows.dtype)
+        torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
+        counts, counts_in = slot.post(send_counts, at)
+    yield counts_in
+    ctx.timer.add("counts_comm", step, layer, mb, posted)
+    slots = counts[:, :ctx.tables.served_slots(me)]                      # [G, my slots] from each member
+    rows_from = slots.sum(1)
+    from_first = np.cumsum(rows_from) - rows_from
+    incoming = ctx.pool.get(key("incoming"), int(rows_from.sum()), hidden, rows.dtype)
+    exchange = lambda send, send_counts, send_first, recv, recv_counts, recv_first, wait: slot.rows(
+        send, send_counts, send_first, recv, recv_counts, recv_first, ctx.link, at, wait,
+        ctx.sender.staging, ctx.sender.streams)
+    maybe_die(step, layer, "dispatch")
+    yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, "dispatch_wait")
+    ctx.timer.add("dispatch_comm", step, layer, mb, posted)
+    served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
+    if len(incoming):
+        with phase("experts", step, layer, mb):
+            run_once(moe, incoming, slots, served)
+    maybe_die(step, layer, "combine")
+    replies = tp
+    answers = ctx.pool.get(key("answers"), replies * sent, hidden, rows.dtype)   # member j's partials at j % tp
+    back_first = np.asarray(group.ranks) % replies * sent + first
+    yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, "combine_wait")
+    slot.done_turn()
+    ctx.timer.add("combine_comm", step, layer, mb, posted)
+    if replies == 1:
+        return answers
+    with phase("combine", step, layer, mb):
+        return sum_partials(answers.view(replies, sent, hidden))
+
+
+def run_once(moe, rows: torch.Tensor, counts: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """rows: [T, H] as received, source-major; counts: [G, S] rows from each source for each local
+    slot -> out [T, H], each local expert (or this rank's share of it) run once on all its rows."""
+    if counts.shape[1] <= 1 or counts.shape[0] <= 1:  # already grouped by expert
+        return moe.run_experts(rows, counts.sum(0).tolist(), out)
+    order = torch.from_numpy(expert_major(counts)).to(rows.device)
+    answers = moe.run_experts(rows.index_select(0, order), counts.sum(0).tolist())
+    return out.index_copy_(0, order, answers)
+
+
 def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where, returns_tag: int):
     """Generator: run this rank's experts (or its share of them) on each source's rows as they
     arrive and answer at once; its own rows' answers land in `own_answers`."""
@@ -213,8 +302,11 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
             stats.traffic[layer - ctx.first_moe_layer, member] += rows.numel() * rows.element_size()
         from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(TP_PARTIAL))
     with ctx.timer.phase("experts", step, layer, mb):
-        for source in incoming.sources:
-            moe.run_experts(incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source))
+        if ctx.schedule.per_layer:
+            run_once(moe, rows, incoming.slots, partials[0])
+        else:
+            for source in incoming.sources:
+                moe.run_experts(incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source))
     if me != leader:
         sender.send(leader, partials[0], tag(TP_PARTIAL))
         return
