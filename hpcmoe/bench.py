@@ -51,6 +51,14 @@ SCENARIOS = {
                   {"members": ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=members"],
                    "leader": ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader"],
                    "whole_experts": ["parallel.expert_tp=1"]}),
+    "schedule": ("experts once per layer and micro-batch over one collective each way (per_layer) against experts "
+                 "run per arriving source over point-to-point messages (per_source), and auto (per_source in a "
+                 "prefill, per_layer in decode)",
+                 "decode TPOT per_source >= 1.5x per_layer; per_layer experts_ms_per_layer within 2x of "
+                 "weight_read_ms_per_layer",
+                 {"per_source": ["parallel.expert_schedule=per_source"],
+                  "per_layer": ["parallel.expert_schedule=per_layer"],
+                  "auto": ["parallel.expert_schedule=auto"]}),
     "dispatch_mode": ("two-stage node-aware dispatch against flat", "two_stage sends fewer inter-node bytes",
                       {"flat": ["parallel.dispatch=flat"], "two_stage": ["parallel.dispatch=two_stage"]}),
 }
@@ -156,7 +164,7 @@ def run_sample(path: str, config, metrics: dict, topo) -> dict:
     """The figures a scenario compares, from one run's metrics and file."""
     import h5py
     with h5py.File(path) as f:
-        timings, traffic = f["timings"][:], f["traffic"][:]
+        timings, traffic, placement = f["timings"][:], f["traffic"][:], f["placement"][:]
     sample = {k: metrics[k] for k in ("ttft_ms", "tpot_ms", "tps", "idle_fraction", "busy_fraction",
                                       "rank_load_max_over_mean", "rank_load_max_over_mean_per_step")}
     sample["internode_bytes"] = internode_traffic(traffic, topo.node_of_rank)
@@ -167,10 +175,36 @@ def run_sample(path: str, config, metrics: dict, topo) -> dict:
     sample.update(role_compute_ms(timings, config))
     if config.parallel.rebalance is not None:
         sample.update(moving_cost(path))
+    sample.update(expert_time(timings, placement, config))
     for key in ("busy_fraction_attention", "busy_fraction_moe"):
         if key in metrics:
             sample[key] = metrics[key]
     return sample
+
+
+def expert_time(timings: np.ndarray, placement: np.ndarray, config) -> dict:
+    """Decode: the slowest rank's `experts` time per MoE layer and step (summed over micro-batches,
+    median over layers and steps), against reading the weights of the experts on the rank that holds
+    most once, at the memory bandwidth `hpcmoe calibrate` measured here (machines/this_box.yaml).
+    placement: the run's /placement [moe_layers, experts, replicas]."""
+    from hpcmoe.machine import load_machine
+    from hpcmoe.model import parameter_bytes
+    rows = timings[(timings["phase"] == b"experts") & (timings["step"] > 0)]
+    if not len(rows):
+        return {}
+    keys, where = np.unique(rows[["step", "layer", "rank"]], return_inverse=True)
+    per_rank = np.bincount(where.reshape(-1), weights=rows["end"] - rows["start"])
+    slowest = {}
+    for key, seconds in zip(keys, per_rank):
+        slowest[key["step"], key["layer"]] = max(slowest.get((key["step"], key["layer"]), 0.0), seconds)
+    m = config.model
+    total, with_one = parameter_bytes(m, 1)
+    expert_bytes = (with_one - parameter_bytes(m, 0)[1]) / m.moe_layers          # one expert of one layer
+    most = np.bincount(placement[0][placement[0] >= 0].reshape(-1)).max()         # slots on the fullest rank
+    machine = load_machine(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "machines",
+                                        "this_box.yaml"))
+    return {"experts_ms_per_layer": 1e3 * float(np.median(list(slowest.values()))),
+            "weight_read_ms_per_layer": 1e3 * most * expert_bytes / machine.memory_bytes_per_s}
 
 
 def moving_cost(path: str) -> dict:
@@ -260,7 +294,8 @@ class IdentityMoE:
 
 
 def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None):
-    """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts)."""
+    """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts): `ours` is
+    the per_layer exchange (decode's default), `ours_per_source` the point-to-point one."""
     import torch
     from mpi4py import MPI
     from hpcmoe.comm import Where
@@ -282,12 +317,13 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
     moe = IdentityMoE(ids, torch.full(ids.shape, 1.0 / ids.shape[1]))
     timer, sender = Timer(rank, 0.0), messaging(config, topo)
     ctx = build_exchange(config, topo, one_per_rank(size, size), timer, list(range(size)), sender)
-    layer = [0]
+    calls = [0]
 
-    def ours():
-        stats = StepStats.zeros(2, size, size)
-        layer[0] += 1  # successive calls are successive layers: the order of the counts collectives
-        run_concurrently([flat(ctx, moe, Where(0, layer[0] % 2, 0), h, stats)], timer, 0, sender)
+    def exchange(schedule: str):
+        stats = StepStats.zeros(1, size, size)
+        ctx.schedule.setting, ctx.schedule.prefill = schedule, False
+        calls[0] += 1  # each call a step of one MoE layer: the collectives' order is the calls' order
+        run_concurrently([flat(ctx, moe, Where(calls[0], 0, 0), h, stats)], timer, 0, sender)
         sender.wait(Where())
         timer.take()
 
@@ -306,7 +342,8 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
         world.Alltoallv([received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
                         [back, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE])
 
-    samples = time_interleaved(world, {"ours": ours, "raw_alltoallv": raw}, reps)
+    samples = time_interleaved(world, {"ours": lambda: exchange("per_layer"), "raw_alltoallv": raw,
+                                       "ours_per_source": lambda: exchange("per_source")}, reps)
     ctx.close()
     if rank == 0:
         meta = {"what": f"dispatch+combine of {tokens} tokens/rank x top-{config.model.top_k}, hidden {hidden}, "
@@ -464,6 +501,39 @@ def bench_transformers(checkpoint: str, batch: int, prompt_len: int, steps: int,
 
 # ---------------------------------------------------------------- the control path at scale, in one process
 
+def per_source_host(group, plan) -> None:
+    """A per_source exchange's host work on one rank: the plan's peers, then for each active peer the
+    four point-to-point calls it makes (rows out and answers in; rows in and answers out), posted
+    here to this rank itself and completed."""
+    from mpi4py import MPI
+    _, active, _, _ = group.destinations(plan)
+    sent, received = np.zeros(1, np.uint8), np.zeros(2, np.uint8)
+    for _ in active:
+        requests = [MPI.COMM_SELF.Irecv(received[:1], source=0, tag=1), MPI.COMM_SELF.Isend(sent, dest=0, tag=1),
+                    MPI.COMM_SELF.Irecv(received[1:], source=0, tag=2), MPI.COMM_SELF.Isend(sent, dest=0, tag=2)]
+        MPI.Request.Waitall(requests)
+
+
+def per_layer_host(group, plan, tables) -> None:
+    """A per_layer exchange's host work on one rank: the shares of every member, the receiver's
+    counts, displacements and expert-major order (its own counts stand for the received ones), and
+    the exchange's three collectives (posted here on a one-rank communicator)."""
+    from mpi4py import MPI
+    from hpcmoe.dispatch import expert_major
+    send_counts, rows_to, first = group.shares(plan, tables.tp)
+    slots = send_counts[:, :tables.served_slots(tables.source_rank)]
+    rows_from = slots.sum(1)
+    from_first = np.cumsum(rows_from) - rows_from
+    expert_major(slots)
+    back_first = np.asarray(group.ranks) % tables.tp * len(plan.order) + first
+    assert len(from_first) == len(back_first)
+    one, got = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    requests = [MPI.COMM_SELF.Ialltoall(one, got),
+                MPI.COMM_SELF.Ialltoallv([one, ([1], [0]), MPI.INT64_T], [got, ([1], [0]), MPI.INT64_T]),
+                MPI.COMM_SELF.Ialltoallv([one, ([1], [0]), MPI.INT64_T], [got, ([1], [0]), MPI.INT64_T])]
+    MPI.Request.Waitall(requests)
+
+
 def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks_per_node: int, reps: int,
                   out: str | None):
     """Control-path milliseconds per MoE layer and micro-batch of one source rank, at each rank count
@@ -483,7 +553,7 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
         source = count // 2 + 1  # not rank 0: the replica choice offsets by the source rank
         tables = compile_placement(placement, source, node_of_rank)
         group = ExchangeGroup(tuple(range(count)), (), np.ones(count, bool))
-        flat_ms, two_stage_ms = [], []
+        flat_ms, two_stage_ms, per_source_ms, per_layer_ms = [], [], [], []
         for rep in range(reps + 1):
             start = time.perf_counter()
             for _ in range(20):  # what a rank's host does before any byte moves: slots, plan, counts, peers
@@ -492,10 +562,19 @@ def bench_control(ranks: list[int], experts: int, top_k: int, tokens: int, ranks
             for _ in range(20):
                 node_groups(choose_slots(expert_ids, tables), weights, tables)  # reads its counts to the host
             end = time.perf_counter()
+            for _ in range(20):
+                per_source_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables))
+            after_per_source = time.perf_counter()
+            for _ in range(20):
+                per_layer_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables), tables)
+            after_per_layer = time.perf_counter()
             if rep:
                 flat_ms.append((middle - start) / 20 * 1e3)
                 two_stage_ms.append((end - middle) / 20 * 1e3)
-        rows[f"ranks_{count}"] = {"flat_ms": flat_ms, "two_stage_stage1_ms": two_stage_ms}
+                per_source_ms.append((after_per_source - end) / 20 * 1e3)
+                per_layer_ms.append((after_per_layer - after_per_source) / 20 * 1e3)
+        rows[f"ranks_{count}"] = {"flat_ms": flat_ms, "two_stage_stage1_ms": two_stage_ms,
+                                  "per_source_exchange_ms": per_source_ms, "per_layer_exchange_ms": per_layer_ms}
         modes[count] = placement.mode
     meta = {"what": f"control path per MoE layer and micro-batch: {experts} experts, top-{top_k}, {tokens} tokens, "
                     f"nodes of {ranks_per_node}; placements {modes}", "ranks": ranks, "reps": reps,

@@ -166,6 +166,9 @@ def dispatch_and_serve(sim, rank: int, at: tuple, info, members: tuple, kind: st
         yield Work(costs.experts(info.send_counts[rank:rank + 1, :sim.tables[rank].served_slots(rank)]), "experts",
                    layer, mb)
         return
+    if per_layer(sim, step):
+        yield from exchange_per_layer(sim, rank, at, info, members, kind, destinations)
+        return
     dispatch, answers = sim.mail((kind, step, layer, mb, "rows")), sim.mail((kind, step, layer, mb, "answers"))
     others = destinations[destinations != rank]
     counts = []
@@ -181,6 +184,62 @@ def dispatch_and_serve(sim, rank: int, at: tuple, info, members: tuple, kind: st
     yield from serve(sim, rank, at, dispatch, answers, counts[0], members, kind, posted)
     sim.row(rank, "dispatch_comm", layer, mb, posted, sim.now)
     yield Wait(AllFrom(answers, rank, len(others)), "combine_wait", layer, mb)
+    sim.row(rank, "combine_comm", layer, mb, posted, sim.now)
+
+
+def per_layer(sim, step: int) -> bool:
+    """moe_layer.ExpertSchedule.per_layer for the simulated step: auto is per_source in the run's
+    first step (its prefill) and per_layer in decode; a steady-decode simulation (sim.context) has
+    no prefill, so every step is a decode step."""
+    setting = sim.config.parallel.expert_schedule
+    prefill = step == 0 and sim.context is None
+    return setting == "per_layer" or (setting == "auto" and not prefill)
+
+
+def exchange_per_layer(sim, rank: int, at: tuple, info, members: tuple, kind: str, destinations: np.ndarray):
+    """moe_layer.exchange_per_layer: the counts collective, then all rows in one Ialltoallv (one host
+    call; the rows still travel as one message per destination, all posted at once), wait for every
+    source's rows, each local expert once on all of them, all answers back in one Ialltoallv, wait
+    for every answer. Each Ialltoallv completes when its data is in and, as a collective, once every
+    member has posted it and made progress."""
+    step, layer, mb = at
+    costs, width, fixed = sim.costs, row_bytes(sim), sim.costs.fixed
+    dispatch, answers = sim.mail((kind, step, layer, mb, "rows")), sim.mail((kind, step, layer, mb, "answers"))
+    collective = lambda what: (what, step, layer, mb, kind, members[0])
+    others = destinations[destinations != rank]
+    rows, posted, counts, done = int(info.rank_counts.sum()), sim.now, [], {}
+
+    def post_counts(ends):
+        dispatch.announce(rank, info.send_counts)
+        counts.append(sim.collective(collective("counts"), members, rank))
+
+    yield Work(costs.dispatch_post(rows) + fixed["counts"], "dispatch_post", layer, mb, then=post_counts)
+    yield Wait(counts[0], "counts_wait", layer, mb)
+    sim.row(rank, "counts_comm", layer, mb, posted, sim.now)
+    group = np.array(members)
+    incoming = dispatch.counts[group, rank, :sim.tables[rank].served_slots(rank)]    # [members, my slots]
+    rows_from = incoming.sum(1)
+    senders = np.flatnonzero((rows_from > 0) & (group != rank))
+    sources = group[senders]
+
+    def post_rows(ends):
+        sim.send(dispatch_key(at, kind), rank, others, info.rank_counts[others] * width, ends[-1])
+        done["rows"] = sim.collective(collective("rows_alltoallv"), members, rank)
+
+    yield Work(fixed["counts"], then=post_rows)       # one Ialltoallv: one host call, whatever the peers
+    yield Wait(AllFrom(dispatch, rank, len(sources)), "dispatch_wait", layer, mb)
+    yield Wait(done["rows"], "dispatch_wait", layer, mb)
+    sim.row(rank, "dispatch_comm", layer, mb, posted, sim.now)
+    if rows_from.sum():
+        yield Work(float(costs.experts(incoming.sum(0, keepdims=True))[0]), "experts", layer, mb)
+
+    def post_answers(ends):
+        sim.send((kind, step, layer, mb, "answers"), rank, sources, rows_from[senders] * width, ends[-1])
+        done["answers"] = sim.collective(collective("answers_alltoallv"), members, rank)
+
+    yield Work(fixed["counts"], then=post_answers)
+    yield Wait(AllFrom(answers, rank, len(others)), "combine_wait", layer, mb)
+    yield Wait(done["answers"], "combine_wait", layer, mb)
     sim.row(rank, "combine_comm", layer, mb, posted, sim.now)
 
 

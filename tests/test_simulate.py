@@ -172,3 +172,38 @@ def test_a_bad_machine_file_is_one_clear_error(tmp_path, figure, value, message)
     assert result.returncode == 2
     assert result.stderr.startswith(f"hpcmoe: error: machine file {path}: {message}")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_expert_schedule_per_layer_runs_experts_once_per_layer_and_changes_decode(tmp_path):
+    """parallel.expert_schedule on 4 ranks that each get rows from several sources: per_source runs
+    the experts per arriving source (several `experts` rows in a layer), per_layer once per layer
+    on every source's rows (one Ialltoallv each way), which changes the decode TPOT; auto is
+    per_source in the prefill and per_layer in decode. The same rows travel either way."""
+    costly = machine({"experts": 50, "message": 10, "counts": 20, "dispatch_post": 5}, collective_latency_us=5,
+                     intra_node={"latency_us": 100, "gb_per_s": 1})
+    runs = {}
+    for schedule in ("per_source", "per_layer", "auto"):
+        config = load_config(DEBUG_CONFIG, ["run.max_new_tokens=4", "run.batch=8", "parallel.wait=spin",
+                                            f"parallel.expert_schedule={schedule}"])
+        path = tmp_path / f"{schedule}.h5"
+        metrics = simulate(config, machine_from(costly), 4, output=str(path))
+        with h5py.File(path) as f:
+            timings, traffic = f["timings"][:], f["traffic"][:]
+            held = f["metrics/token_time_s"][:]
+        experts = timings[timings["phase"] == b"experts"]
+        calls = {}
+        for row in experts:
+            where = (int(row["rank"]), int(row["step"]), int(row["layer"]), int(row["micro_batch"]))
+            calls[where] = calls.get(where, 0) + 1
+        prefill = max(n for (_, step, _, _), n in calls.items() if step == 0)
+        decode = max(n for (_, step, _, _), n in calls.items() if step > 0)
+        runs[schedule] = metrics, np.diff(held), traffic, prefill, decode
+    source, layer, auto = runs["per_source"], runs["per_layer"], runs["auto"]
+    assert source[4] > 1 and source[3] > 1          # experts per arriving source
+    assert layer[4] == 1 and layer[3] == 1          # once per (rank, step, layer, micro-batch)
+    assert auto[3] > 1 and auto[4] == 1             # per_source in the prefill, per_layer in decode
+    assert abs(layer[0]["tpot_ms"] - source[0]["tpot_ms"]) > 0.05 * source[0]["tpot_ms"], \
+        (source[0]["tpot_ms"], layer[0]["tpot_ms"])
+    assert auto[0]["ttft_ms"] == pytest.approx(source[0]["ttft_ms"])
+    assert auto[1] == pytest.approx(layer[1])       # decode steps as per_layer's
+    assert (source[2] == layer[2]).all() and (auto[2] == layer[2]).all()   # the same rows, per destination
