@@ -65,8 +65,8 @@ SCENARIOS = {
 
 
 def oversubscribed(world) -> bool:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return world.Get_size() > cores
+    from hpcmoe.topology import available_cores
+    return world.Get_size() > available_cores()
 
 
 def report(name: str, rows: dict, baseline: str, goal: str, meta: dict, out: str | None) -> dict:

@@ -23,7 +23,7 @@ from hpcmoe.model import Transformer, build_model
 from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, ExpertSchedule, StepStats
 from hpcmoe.placement import Placement
 from hpcmoe.scheduler import run_concurrently
-from hpcmoe.topology import Topology
+from hpcmoe.topology import Topology, available_cores
 
 
 def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sender:
@@ -31,6 +31,7 @@ def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sen
     the MPI cannot read the device; sets the process's wait policy."""
     p = config.parallel
     hpcmoe.comm.SPIN = p.wait == "spin"  # one policy per process
+    hpcmoe.comm.POLL_BY_YIELDING = topo.host_size <= available_cores()  # else a yield may not let others run
     hpcmoe.comm.WATCHDOG_S = config.run.timeout_s
     link = Link(topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0)
     if device.type == "cpu":

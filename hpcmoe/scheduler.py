@@ -34,5 +34,5 @@ def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list
             with timer.phase(where.phase, step, where.layer, where.micro_batch):
                 # sender.test() while idle too: queued sends (and background moves) go on
                 wait_until(lambda: sender.test() or any(p.poll() is not None for p in waiting.values()), first.where,
-                           polled=any(p.polled for p in waiting.values()))
+                           polled=lambda: any(p.polled() for p in waiting.values()))
     return results

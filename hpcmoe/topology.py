@@ -106,10 +106,13 @@ def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
                     tuple(sizes[r] for r in leader_ranks), host.Get_size(), host.Get_rank(), node_of_rank)
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_threads(node_size: int) -> int:
     """Cores per rank on this node (at least one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // node_size)
+    return max(1, available_cores() // node_size)
 
 
 def ranks_on_this_host() -> int:
