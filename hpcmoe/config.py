@@ -166,6 +166,7 @@ class RunConfig:
     sampling: Optional[SamplingConfig] = None  # default: greedy
     max_new_tokens: int = 8
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
+    decode_micro_batch_min: int = 32        # decode steps: micro-batches only as far as each keeps this many requests
     device: str = "auto"                    # auto (cuda when torch sees a GPU) | cpu | cuda
     timeout_s: float = 300.0                # watchdog: a rank waiting longer than this aborts the job
     stall_rank: Optional[int] = None        # testing: this rank sleeps before its first dispatch ...
@@ -494,6 +495,8 @@ def validate(config: Config) -> None:
         require(s.top_k is None or s.top_k >= 1, f"run.sampling.top_k: expected an integer >= 1, got {s.top_k}")
         require(s.top_p is None or 0 < s.top_p <= 1, f"run.sampling.top_p: expected a number in (0, 1], got {s.top_p}")
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
+    require(r.decode_micro_batch_min >= 1,
+            f"run.decode_micro_batch_min: expected an integer >= 1, got {r.decode_micro_batch_min}")
     require(r.timeout_s > 0, f"run.timeout_s: expected a number > 0, got {r.timeout_s}")
     require(p.wait in ("yield", "spin"), f"parallel.wait: {p.wait!r} is not supported; expected yield or spin")
     require(p.cuda_aware_mpi in (True, False, "auto"),

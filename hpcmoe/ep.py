@@ -1,7 +1,8 @@
 """One rank of the ep layout: attention and dense layers for its own block of requests, its
 experts of every MoE layer, and the micro-batch schedule that runs them.
 
-A step splits the rank's requests into `run.micro_batches` micro-batches; each is a generator
+A step splits the rank's requests into `run.micro_batches` micro-batches (in decode only as many as
+keep `run.decode_micro_batch_min` requests each); each is a generator
 that computes and yields what it waits for, and the scheduler resumes whichever can go on.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hpcmoe.comm import BufferPool, Link, Sender, Where
 from hpcmoe.device import Streams, mpi_reads_device_memory, staging_for
 from hpcmoe.config import Config
 from hpcmoe.dispatch import compile_placement
-from hpcmoe.layout import request_range
+from hpcmoe.layout import request_range, step_micro_batches
 from hpcmoe.model import Transformer, build_model
 from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, ExpertSchedule, StepStats
 from hpcmoe.placement import Placement
@@ -84,12 +85,19 @@ class Messaging:
     """What every rank engine uses to exchange tokens (composed into the ep and ma engines): its
     sender, the exchange context among `members` and the micro-batch schedule that drives a step."""
 
-    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, members: list[int], device):
+    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, members: list[int], device,
+                 data_parallel: int):
+        """data_parallel: how many ranks (or attention groups) split the requests."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
+        self.decode_min, self.requests_per_rank = config.run.decode_micro_batch_min, -(-len(config.prompts) // data_parallel)
         self.sender = messaging(config, topo, device)
         stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+
+    def step_micro_batches(self, prefill: bool) -> int:
+        """How many micro-batches this step runs (every rank of the run agrees)."""
+        return step_micro_batches(self.micro_batches, self.decode_min, self.requests_per_rank, prefill)
 
     def run_step(self, generators: list, step: int, prefill: bool) -> list:
         """Drive this step's generators (a prefill or a decode step), then wait for this rank's sends."""
@@ -126,9 +134,8 @@ class EPEngine:
         self.rank = topo.rank
         self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device,
                                               expert_shard=(self.rank % placement.tp, placement.tp))
-        self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device)
+        self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device, topo.size)
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
-        self.micro_batches = config.run.micro_batches
         self.reports = True                  # whether this rank's tokens go into the run file
         self.step, self.prefill = 0, True    # set by the generate loop before each step
         self.rebalancer = None
@@ -150,7 +157,8 @@ class EPEngine:
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> tuple[torch.Tensor, torch.Tensor]:
         """One step for this rank's requests: [b, t] tokens -> (greedy tokens [b], logits [b, vocab] float32)."""
         b = inputs.tokens.shape[0]
-        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
+        count = self.net.step_micro_batches(self.prefill)
+        blocks = [request_range(b, count, i) for i in range(count)]
         generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
                                                [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
                       for i, r in enumerate(blocks)]

@@ -209,6 +209,15 @@ class MALayout:
                         self.standby, tuple(shards))
 
 
+def step_micro_batches(micro_batches: int, decode_min: int, requests_per_rank: int, prefill: bool) -> int:
+    """run.micro_batches in a prefill; in decode only as many as keep `decode_min` requests each (at
+    least one): below that a micro-batch's fixed compute costs more than the wire it can hide
+    (docs/PERFORMANCE.md). requests_per_rank: the same number on every rank, so all agree."""
+    if prefill:
+        return micro_batches
+    return max(1, min(micro_batches, requests_per_rank // decode_min))
+
+
 def request_range(batch: int, num_ranks: int, rank: int) -> range:
     """Contiguous block of requests owned by `rank`; sizes differ by at most one (may be empty)."""
     return range(rank * batch // num_ranks, (rank + 1) * batch // num_ranks)

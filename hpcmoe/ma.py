@@ -163,9 +163,8 @@ class AttentionEngine:
         self.heads = split_heads(m.heads, len(self.primaries))[self.shard]
         self.vocab_slices = [request_range(m.vocab, len(self.primaries), i) for i in range(len(self.primaries))]
         self.model = build_model(m, [], load, device, heads=self.heads, vocab=self.vocab_slices[self.shard])
-        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device)
+        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device, layout.replicas)
         self.comm, self.sender, self.link, self.ctx = topo.world, self.net.sender, self.net.sender.link, self.net.ctx
-        self.micro_batches = config.run.micro_batches
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
         sampling = config.run.sampling
         # every logit is gathered only to be saved or sampled from
@@ -184,7 +183,8 @@ class AttentionEngine:
     def forward(self, inputs: StepInputs, cache, stats: StepStats):
         """The group's step: -> (greedy tokens [b], logits [b, vocab] when output.save_logits, else None)."""
         b = inputs.tokens.shape[0]
-        blocks = [request_range(b, self.micro_batches, i) for i in range(self.micro_batches)]
+        count = self.net.step_micro_batches(self.prefill)
+        blocks = [request_range(b, count, i) for i in range(count)]
         generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
                                                [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
                       for i, r in enumerate(blocks)]
@@ -196,7 +196,7 @@ class AttentionEngine:
         """Generator: the group's micro-batch through every layer -> (tokens [b_mb], logits [b_mb, vocab] or None),
         the same on all group ranks."""
         phase, model, step = self.timer.phase, self.model, self.step
-        tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.micro_batches)
+        tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.net.micro_batches)
         where = lambda layer: Where(step, layer, mb)
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
@@ -258,7 +258,7 @@ class MoEEngine:
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
         self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
-        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device)
+        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device, layout.replicas)
 
     def requests(self, batch: int) -> range:
         return range(0)
@@ -274,7 +274,8 @@ class MoEEngine:
         m = self.config.model
         nothing = torch.empty(0, m.hidden, dtype=getattr(torch, m.dtype_name), device=self.device)
         generators = [self.net.exchange(self.net.ctx, moe, Where(self.step, m.dense_layers + i, mb), nothing, stats)
-                      for i, moe in enumerate(self.model.moe_layers()) for mb in range(self.net.micro_batches)]
+                      for i, moe in enumerate(self.model.moe_layers())
+                      for mb in range(self.net.step_micro_batches(self.prefill))]
         self.net.run_step(generators, self.step, self.prefill)
         return torch.empty(0, dtype=torch.int64), torch.empty(0, m.vocab)
 

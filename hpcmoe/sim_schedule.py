@@ -14,7 +14,7 @@ import torch
 from hpcmoe import sim_routing
 from hpcmoe.attention import kv_heads_for, split_heads
 from hpcmoe.dispatch import packed_row_bytes
-from hpcmoe.layout import request_range
+from hpcmoe.layout import request_range, step_micro_batches
 from hpcmoe.simulate import PROGRESS, AllFrom, AnyFrom, Wait, Work
 
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
@@ -51,7 +51,7 @@ def rank_main(sim, rank: int):
     """engine.run_steps for one rank: every step's micro-batches (or, on an ma MoE rank, every MoE
     layer's exchange), then the record to rank 0 and the stop vote."""
     config, costs, layout = sim.config, sim.costs, sim.layout
-    requests, m, micro_batches = config.requests, config.model, config.run.micro_batches
+    requests, m = config.requests, config.model
     if not sim.is_ma:
         mine = request_range(len(requests), sim.ranks, rank)
     else:
@@ -69,6 +69,9 @@ def rank_main(sim, rank: int):
         else:                     # steady decode: every request already holds `context` positions
             new, cached = [1] * len(alive), [sim.context + step] * len(alive)
         yield Work(costs.fixed["step"] + (costs.fixed["first_step"] if step == 0 else 0.0))
+        data_parallel = layout.replicas if sim.is_ma else sim.ranks
+        micro_batches = step_micro_batches(config.run.micro_batches, config.run.decode_micro_batch_min,
+                                           -(-len(requests) // data_parallel), step == 0 and sim.context is None)
         if sim.is_ma and not layout.is_attention(rank):
             from hpcmoe.ma import exchange_members
             members = tuple(exchange_members(layout))

@@ -32,11 +32,11 @@ def finished(tmp_path_factory, ranks, *settings):
 
 JOBS = [  # (ranks, model settings, parallel settings)
     (8, [], ["parallel.expert_tp=2"]),                                       # 4 experts x 2, to every member
-    (8, [], ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader", "run.micro_batches=2"]),
+    (8, [], ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader", "run.micro_batches=2", "run.decode_micro_batch_min=1"]),
     (8, ["model.num_experts=2"], ["parallel.expert_tp=4"]),                  # 2 experts x 4
     (4, [], ["parallel.expert_tp=2", "parallel.placement=packed"]),          # 2 groups of 2, 2 experts each
     (8, [], ["parallel.expert_tp=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
-             "parallel.ranks_per_node=4", "parallel.dispatch=two_stage", "run.micro_batches=3"]),
+             "parallel.ranks_per_node=4", "parallel.dispatch=two_stage", "run.micro_batches=3", "run.decode_micro_batch_min=1"]),
 ]
 
 
@@ -53,7 +53,7 @@ def test_expert_groups_equal_one_rank(tmp_path_factory, ranks, model, parallel):
         assert (received > 0).all(), "every rank computes a share of the experts"
 
 
-@pytest.mark.parametrize("ranks, settings", [(4, ["parallel.expert_tp=4", "run.micro_batches=2"])])
+@pytest.mark.parametrize("ranks, settings", [(4, ["parallel.expert_tp=4", "run.micro_batches=2", "run.decode_micro_batch_min=1"])])
 def test_expert_groups_are_bit_identical_from_run_to_run(tmp_path, ranks, settings):
     """Partials are summed in member order whatever order they arrive in: two runs, the same bits."""
     runs = []

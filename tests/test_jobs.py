@@ -46,16 +46,16 @@ def test_packed_placement_equals_one_expert_per_rank(tmp_path_factory, ranks, ex
 LARGE_EP = [  # (ranks, settings): every placement mode, replicas, micro-batches, flat and two-stage
     (4, ["parallel.ranks_per_node=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
          "parallel.dispatch=two_stage"]),
-    (4, ["parallel.ranks_per_node=2", "parallel.placement=topology_aware", "run.micro_batches=3"]),
+    (4, ["parallel.ranks_per_node=2", "parallel.placement=topology_aware", "run.micro_batches=3", "run.decode_micro_batch_min=1"]),
     (4, ["parallel.ranks_per_node=2", "parallel.placement=packed", "parallel.experts_per_rank=2",
          "parallel.dispatch=two_stage"]),
     # more micro-batches than any rank has requests, over an emulated inter-node link
-    (4, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4",
+    (4, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4", "run.decode_micro_batch_min=1",
          "parallel.link={bandwidth_gbps: 5, latency_us: 50}"]),
     (6, ["parallel.ranks_per_node=2"]),  # auto: 6 ranks, 4 experts -> replicated
-    (6, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=2"]),
+    (6, ["parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=2", "run.decode_micro_batch_min=1"]),
     (6, ["parallel.ranks_per_node=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
-         "parallel.dispatch=two_stage", "run.micro_batches=2"]),
+         "parallel.dispatch=two_stage", "run.micro_batches=2", "run.decode_micro_batch_min=1"]),
 ]
 
 
@@ -74,7 +74,7 @@ def test_large_ep_schedules_equal_one_rank(tmp_path_factory, ranks, settings):
 MA = [  # attention/MoE separation: 3 + 1, the same on 2 emulated nodes (3+1 across them), 2 x 2 + 1
     (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
     (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1", "parallel.ranks_per_node=2",
-         "run.micro_batches=2"]),
+         "run.micro_batches=2", "run.decode_micro_batch_min=1"]),
     (5, ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2"]),
     (4, ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2"]),
 ]
@@ -102,7 +102,7 @@ def test_zero_traffic_peers_and_empty_ranks_equal_one_rank(tmp_path_factory):
         received = f["traffic"][:].sum(axis=(0, 1, 2))
         assert received[2] == received[3] == 0 and received[0] > 0 and received[1] > 0
     empty = finished_run(tmp_path_factory, 4, "debug", "parallel.placement=packed", "parallel.experts_per_rank=2",
-                         "run.micro_batches=2")
+                         "run.micro_batches=2", "run.decode_micro_batch_min=1")
     with h5py.File(empty) as f:
         assert set(f["placement"][0, :, 0]) == {0, 1}  # ranks 2 and 3 host nothing
     assert_same_run(read_run(empty), read_run(finished_run(tmp_path_factory, 1, "debug")))

@@ -29,7 +29,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from hpcmoe.model import build_model, moe_local
     from hpcmoe.output import Timer
     from hpcmoe.scheduler import run_concurrently
-    config, topo, layout = setup_run(MPI.COMM_WORLD, "run.micro_batches=2")
+    config, topo, layout = setup_run(MPI.COMM_WORLD, "run.micro_batches=2", "run.decode_micro_batch_min=1")
     engine = EPEngine(config, topo, layout.placement(topo.node_of_rank), Timer(topo.rank, 0.0))
     everything = build_model(config.model, list(range(config.model.num_experts)))
     tokens = [0, 7, 1, 30][topo.rank % 4]  # uneven, and one rank sends nothing
@@ -59,7 +59,7 @@ def test_node_communicators_follow_ranks_per_node():
 
 
 @pytest.mark.parametrize("settings", [[], ["parallel.ranks_per_node=2"], ["run.batch=1"],
-                                      ["run.micro_batches=3", "parallel.ranks_per_node=1",
+                                      ["run.micro_batches=3", "run.decode_micro_batch_min=1", "parallel.ranks_per_node=1",
                                        "parallel.link={bandwidth_gbps: 10, latency_us: 50}"],
                                       ["parallel.dispatch=two_stage", "parallel.ranks_per_node=1",
                                        "parallel.placement=replicated", "parallel.experts_per_rank=2"]])

@@ -24,8 +24,9 @@ EVERY_2 = "parallel.rebalance={every_steps: 2, window_steps: 2, checksums: true}
 JOBS = {  # name: (ranks, settings)
     "n4_flat": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3"]),
     "n4_two_stage_mb4": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3",
-                             "parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4"]),
-    "n6_flat_mb4": (6, ["run.micro_batches=4"]),      # auto: 4 experts on 6 ranks, replicated
+                             "parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4",
+                             "run.decode_micro_batch_min=1"]),
+    "n6_flat_mb4": (6, ["run.micro_batches=4", "run.decode_micro_batch_min=1"]),      # auto: 4 experts on 6 ranks, replicated
     "n6_two_stage": (6, ["parallel.ranks_per_node=3", "parallel.dispatch=two_stage"]),
 }
 _references = {}

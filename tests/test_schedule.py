@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hpcmoe.dispatch import expert_major
+from hpcmoe.layout import step_micro_batches
 from tests.conftest import DEBUG_CONFIG, WORKLOADS, assert_same_run, read_run, run_job
 
 _runs = {}
@@ -52,12 +53,12 @@ def test_experts_once_equal_experts_per_source():
 
 
 SCHEDULES = [  # (ranks, workload, settings): packed, replicas, two_stage, micro-batches, a link, expert groups, ma
-    (4, "eight_experts", ["parallel.experts_per_rank=3", "run.micro_batches=3"]),
+    (4, "eight_experts", ["parallel.experts_per_rank=3", "run.micro_batches=3", "run.decode_micro_batch_min=1"]),
     (4, "debug", ["parallel.ranks_per_node=2", "parallel.placement=replicated", "parallel.experts_per_rank=2",
-                  "parallel.dispatch=two_stage", "run.micro_batches=2",
+                  "parallel.dispatch=two_stage", "run.micro_batches=2", "run.decode_micro_batch_min=1",
                   "parallel.link={bandwidth_gbps: 5, latency_us: 50}"]),
     (6, "debug", ["parallel.ranks_per_node=3", "parallel.dispatch=two_stage"]),
-    (8, "debug", ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=members", "run.micro_batches=2"]),
+    (8, "debug", ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=members", "run.micro_batches=2", "run.decode_micro_batch_min=1"]),
     (4, "debug", ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader"]),
     (4, "debug", ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2"]),
 ]
@@ -83,7 +84,7 @@ def experts_rows_per_call(path) -> np.ndarray:
 def test_per_layer_decode_runs_experts_once_per_layer(tmp_path_factory):
     """Packed experts (3 per rank) on 4 ranks: per_source runs them once per arriving source in
     decode (the check can fail), per_layer (and auto in decode) once per layer and micro-batch."""
-    settings = ("parallel.experts_per_rank=3", "run.micro_batches=2")
+    settings = ("parallel.experts_per_rank=3", "run.micro_batches=2", "run.decode_micro_batch_min=1")
     per_source = finished(tmp_path_factory, 4, "eight_experts", "parallel.expert_schedule=per_source", *settings)
     assert experts_rows_per_call(per_source).max() > 1
     for schedule in ("per_layer", "auto"):
@@ -99,3 +100,25 @@ def test_watchdog_names_the_stalled_rank_inside_the_collective_exchange(tmp_path
     assert result.returncode != 0
     assert "watchdog: waited" in result.stderr and "for rank 2" in result.stderr, result.stderr
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_decode_splits_only_micro_batches_that_keep_enough_requests():
+    assert step_micro_batches(4, 32, requests_per_rank=8, prefill=True) == 4
+    assert step_micro_batches(4, 32, requests_per_rank=8, prefill=False) == 1
+    assert step_micro_batches(4, 32, requests_per_rank=64, prefill=False) == 2
+    assert step_micro_batches(2, 32, requests_per_rank=1000, prefill=False) == 2
+    assert step_micro_batches(4, 1, requests_per_rank=3, prefill=False) == 3
+
+
+def test_decode_runs_fewer_micro_batches_than_the_prefill_and_equals_one_rank(tmp_path_factory):
+    """run.micro_batches=3 with 6 requests on 2 ranks: the prefill in 3 micro-batches, decode in 1 (3
+    requests per rank, fewer than decode_micro_batch_min); with the minimum at 1, decode in 3 too."""
+    reference = read_run(finished(tmp_path_factory, 1, "debug"))
+    for minimum, decode_slots in ((32, {0}), (1, {0, 1, 2})):
+        path = finished(tmp_path_factory, 2, "debug", "run.micro_batches=3", f"run.decode_micro_batch_min={minimum}")
+        assert_same_run(read_run(path), reference)
+        with h5py.File(path) as f:
+            rows = f["timings"][:]
+        attention = rows[rows["phase"] == b"attention"]
+        assert set(attention[attention["step"] == 0]["micro_batch"]) == {0, 1, 2}
+        assert set(attention[attention["step"] > 0]["micro_batch"]) == decode_slots
