@@ -229,27 +229,26 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     rows_from = slots.sum(1)
     from_first = np.cumsum(rows_from) - rows_from
     incoming = ctx.pool.get(key("incoming"), int(rows_from.sum()), hidden, rows.dtype)
-    exchange = lambda send, send_counts, send_first, recv, recv_counts, recv_first, wait: slot.rows(
-        send, send_counts, send_first, recv, recv_counts, recv_first, ctx.link, at, wait,
-        ctx.sender.staging, ctx.sender.streams)
+    def exchange(*buffers_counts_and_firsts, wait: str):
+        return slot.rows(*buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams)
+
     maybe_die(step, layer, "dispatch")
-    yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, "dispatch_wait")
+    yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
     if len(incoming):
         with phase("experts", step, layer, mb):
             run_once(moe, incoming, slots, served)
     maybe_die(step, layer, "combine")
-    replies = tp
-    answers = ctx.pool.get(key("answers"), replies * sent, hidden, rows.dtype)   # member j's partials at j % tp
-    back_first = np.asarray(group.ranks) % replies * sent + first
-    yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, "combine_wait")
+    answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)   # member j's partials at j % tp
+    back_first = np.asarray(group.ranks) % tp * sent + first
+    yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, wait="combine_wait")
     slot.done_turn()
     ctx.timer.add("combine_comm", step, layer, mb, posted)
-    if replies == 1:
+    if tp == 1:
         return answers
     with phase("combine", step, layer, mb):
-        return sum_partials(answers.view(replies, sent, hidden))
+        return sum_partials(answers.view(tp, sent, hidden))
 
 
 def run_once(moe, rows: torch.Tensor, counts: np.ndarray, out: torch.Tensor) -> torch.Tensor:
@@ -257,7 +256,9 @@ def run_once(moe, rows: torch.Tensor, counts: np.ndarray, out: torch.Tensor) -> 
     slot -> out [T, H], each local expert (or this rank's share of it) run once on all its rows."""
     if counts.shape[1] <= 1 or counts.shape[0] <= 1:  # already grouped by expert
         return moe.run_experts(rows, counts.sum(0).tolist(), out)
-    order = torch.from_numpy(expert_major(counts)).to(rows.device)
+    order = torch.from_numpy(expert_major(counts))
+    if rows.device.type != "cpu":  # queued behind the compute stream, no host synchronisation
+        order = order.pin_memory().to(rows.device, non_blocking=True)
     answers = moe.run_experts(rows.index_select(0, order), counts.sum(0).tolist())
     return out.index_copy_(0, order, answers)
 
