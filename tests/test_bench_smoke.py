@@ -58,6 +58,9 @@ CASES = {
                       *sets("run.batch=4", "run.prompt_len=8", "run.max_new_tokens=8", "run.skew_drift=2",
                             "model.expert_hidden=64", "model.dense_hidden=64", "model.num_experts=4")],
                   "rebalance_n2.json"),
+    "schedule": (2, [os.path.join(INPUTS, "bench_schedule.yaml"),
+                     *sets(*TINY_RUN, "model.hidden=64", "model.heads=4", "model.kv_heads=4", "model.head_dim=16",
+                           "model.vocab=256")], "schedule_n2.json"),
     # ma_3_1 is 3 attention ranks + 1 MoE rank; the ma-paper shape cut to a tiny model
     "ma": (4, [os.path.join(INPUTS, "bench_ma.yaml"),
                *sets(*TINY_RUN, "model.hidden=64", "model.heads=4", "model.kv_heads=4", "model.head_dim=16",
@@ -78,6 +81,7 @@ VARIANTS = {
     "expert_tp": ["members", "leader", "whole_experts"],
     "rebalance": ["static", "placement_from", "online", "online_unchunked"],
     "ma": ["ep", "ma_3_1"],
+    "schedule": ["per_source", "per_layer", "auto"],
 }
 EXTRA_KEYS = {  # (scenario, variant) -> keys beyond SAMPLE_KEYS
     ("overlap", "micro_batches_1"): {"wire_hidden", "ttft_nolink_ms", "wire_ms"},
@@ -85,6 +89,7 @@ EXTRA_KEYS = {  # (scenario, variant) -> keys beyond SAMPLE_KEYS
     ("rebalance", "online"): {"switches", "moved_mib", "moving_tps_ratio"},
     ("rebalance", "online_unchunked"): {"switches", "moved_mib", "moving_tps_ratio"},
     ("ma", "ma_3_1"): {"busy_fraction_attention", "busy_fraction_moe"},
+    **{("schedule", v): {"experts_ms_per_layer", "weight_read_ms_per_layer"} for v in ("per_source", "per_layer", "auto")},
 }
 SCENARIO_TOP_KEYS = {"benchmark", "what", "goal", "ranks", "reps", "oversubscribed", "config", "settings", "median"}
 
@@ -127,7 +132,8 @@ def check_scenario(name, result):
 def check(name, result):
     if name == "control":
         assert set(result["median"]) == {"ranks_4", "ranks_8"}
-        assert all(m["flat_ms"] > 0 and m["two_stage_stage1_ms"] > 0 for m in result["median"].values())
+        assert all(m["flat_ms"] > 0 and m["two_stage_stage1_ms"] > 0 and m["per_layer_exchange_ms"] > 0
+                   and m["per_source_exchange_ms"] > 0 for m in result["median"].values())
         assert "what" in result and "ratio_to_ranks_4" in result
     elif name == "experts":
         assert result["device"] == "cpu" and "bf16_peak_tflops" in result
@@ -222,3 +228,11 @@ def test_bad_bench_input_fails_with_one_clear_line(case, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error: ")]
     assert len(lines) == (ranks or 1) and all(message in line for line in lines), result.stderr
     assert not out.exists()
+
+
+def test_the_shipped_tables_render():
+    """tools/bench_table.py on docs/bench as shipped (results of every kind, projections included)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "### schedule (schedule_n4.json)" in result.stdout and "### dispatch + combine" in result.stdout

@@ -5,11 +5,13 @@ cd "$(dirname "$0")/.."
 export PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1
 out=docs/bench; mkdir -p "$out"
 run() { echo "+ $*"; timeout 1800 "$@"; }
-run hpcmoe bench control --ranks 64,256,1024 --out $out/control.json
+run hpcmoe bench control --ranks 16,64,256,1024 --out $out/control.json
 for ranks in 2 4; do for hidden in 1024 4096; do for dtype in float32 bfloat16; do
   run mpiexec -n $ranks hpcmoe bench dispatch --tokens 1024 --hidden $hidden --dtype $dtype --out $out/dispatch_n${ranks}_h${hidden}_${dtype}.json
 done; done; done
 run mpiexec -n 2 hpcmoe bench overlap inputs/bench_overlap.yaml --out $out/overlap_n2.json
+run mpiexec -n 4 hpcmoe bench schedule inputs/bench_schedule.yaml --out $out/schedule_n4.json
+run mpiexec -n 4 hpcmoe bench dispatch --tokens 32 --hidden 4096 --dtype bfloat16 --out $out/dispatch_decode_n4_h4096_bfloat16.json
 run mpiexec -n 4 hpcmoe bench placement inputs/bench_ep.yaml --out $out/placement_n4.json
 run mpiexec -n 4 hpcmoe bench skew inputs/bench_ep.yaml --set model.router_skew=4 --out $out/skew_n4.json
 run mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml --out $out/wait_n4.json

@@ -6,23 +6,27 @@ import sys
 
 directory = sys.argv[1] if len(sys.argv) > 1 else "docs/bench"
 results = [json.load(open(path)) | {"file": os.path.basename(path)} for path in sorted(glob.glob(f"{directory}/*.json"))]
-by_kind = lambda kind: [r for r in results if r["benchmark"] == kind]
+by_kind = lambda kind: [r for r in results if r.get("benchmark") == kind]  # projections etc. have their own docs
 
 for r in by_kind("control"):
     print(f"### control path ({r['file']}): {r['what']}\n")
-    print("| ranks | flat ms | two-stage stage 1 ms |\n|---|---|---|")
+    print("| ranks | flat ms | two-stage stage 1 ms | per_layer exchange ms | per_source exchange ms |\n|---|---|---|---|---|")
     for variant, m in r["median"].items():
-        print(f"| {variant.split('_')[1]} | {m['flat_ms']:.3f} | {m['two_stage_stage1_ms']:.3f} |")
+        exchanges = " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in ("per_layer_exchange_ms", "per_source_exchange_ms"))
+        print(f"| {variant.split('_')[1]} | {m['flat_ms']:.3f} | {m['two_stage_stage1_ms']:.3f} | {exchanges} |")
     print()
 
-print("### dispatch + combine against raw Alltoallv (1024 tokens per rank, top-2)\n")
-print("| ranks | hidden | dtype | ours ms | raw Alltoallv ms | ratio | note |")
-print("|---|---|---|---|---|---|---|")
+print("### dispatch + combine against raw Alltoallv (top-2; ours: per_layer, one collective each way)\n")
+print("| tokens per rank | ranks | hidden | dtype | ours ms | per_source ms | raw Alltoallv ms | ratio | per_source ratio | note |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for r in by_kind("dispatch"):
-    _, ranks, hidden, dtype = r["file"][:-5].split("_")
+    ranks, hidden, dtype = r["file"][:-5].split("_")[-3:]
+    tokens = r["what"].split(" tokens")[0].split()[-1]
     ours, raw = r["median"]["ours"]["seconds"], r["median"]["raw_alltoallv"]["seconds"]
-    print(f"| {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
-          f"{'oversubscribed' if r['oversubscribed'] else ''} |")
+    per_source = r["median"].get("ours_per_source", {}).get("seconds")
+    print(f"| {tokens} | {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | "
+          f"{'-' if per_source is None else f'{1e3 * per_source:.2f}'} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
+          f"{'-' if per_source is None else f'{per_source / raw:.2f}'} | {'oversubscribed' if r['oversubscribed'] else ''} |")
 
 for r in by_kind("scale"):
     print(f"\n### scale ({r['file']}): {r['what']}, {r['tokens']} new tokens, median of {r['reps']}\n")
@@ -69,9 +73,10 @@ for r in by_kind("fault_tolerance"):
 
 keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
         "rank_load_max_over_mean", "rank_load_max_over_mean_per_step", "switches", "moved_mib", "moving_tps_ratio",
-        "internode_bytes", "attention_compute_ms", "expert_compute_ms", "busy_fraction_attention", "busy_fraction_moe"]
+        "internode_bytes", "attention_compute_ms", "expert_compute_ms", "busy_fraction_attention", "busy_fraction_moe",
+        "experts_ms_per_layer", "weight_read_ms_per_layer"]
 for r in results:
-    if r["benchmark"] in ("dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
+    if r.get("benchmark") in (None, "dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
                           "experts"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
