@@ -75,8 +75,8 @@ def wait_until(done: Callable[[], bool], where, polled: Callable[[], bool] = lam
             watchdog(where() if callable(where) else where, time.monotonic() - start)
         if SPIN:
             continue
-        if polled():  # test again soon: yield the core, or (ranks outnumber cores) sleep the shortest pause
-            os.sched_yield() if POLL_BY_YIELDING else time.sleep(20e-6)
+        if polled() and POLL_BY_YIELDING:  # test again at once, giving way to any other runnable process
+            os.sched_yield()
             pause = 20e-6
         else:
             time.sleep(pause)
