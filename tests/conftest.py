@@ -37,6 +37,21 @@ def run_job(ranks: int, output, *settings: str, config: str = DEBUG_CONFIG, time
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout + 30)
 
 
+_runs = {}
+
+
+def finished_run(tmp_path_factory, ranks, workload, *extra):
+    """Run (once per session) and return the path of a completed run file."""
+    key = (ranks, workload, extra)
+    if key not in _runs:
+        path = tmp_path_factory.mktemp("runs") / f"n{ranks}_{workload}.h5"
+        result = run_job(ranks, path, *WORKLOADS[workload], *extra, timeout=300 if ranks > 8 else 150)
+        assert result.returncode == 0, result.stderr
+        assert os.path.exists(path) and not os.path.exists(f"{path}.tmp")
+        _runs[key] = path
+    return _runs[key]
+
+
 def read_run(path) -> dict:
     """Tokens and logits of a finished run file."""
     with h5py.File(path, "r") as f:

@@ -8,21 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, WORKLOADS, assert_same_run, mpiexec, read_run, run_job
-
-_runs = {}
-
-
-def finished_run(tmp_path_factory, ranks, workload, *extra):
-    """Run (once per session) and return the path of a completed run file."""
-    key = (ranks, workload, extra)
-    if key not in _runs:
-        path = tmp_path_factory.mktemp("runs") / f"n{ranks}_{workload}.h5"
-        result = run_job(ranks, path, *WORKLOADS[workload], *extra, timeout=300 if ranks > 8 else 120)
-        assert result.returncode == 0, result.stderr
-        assert os.path.exists(path) and not os.path.exists(f"{path}.tmp")
-        _runs[key] = path
-    return _runs[key]
+from tests.conftest import ROOT, assert_same_run, finished_run, mpiexec, read_run, run_job
 
 
 @pytest.mark.parametrize("ranks, workload", [(2, "debug"), (4, "debug"), (4, "small_batch")])

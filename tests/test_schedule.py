@@ -9,19 +9,8 @@ import torch
 
 from hpcmoe.dispatch import expert_major
 from hpcmoe.layout import step_micro_batches
-from tests.conftest import DEBUG_CONFIG, WORKLOADS, assert_same_run, read_run, run_job
-
-_runs = {}
-
-
-def finished(tmp_path_factory, ranks, workload, *settings):
-    key = (ranks, workload, settings)
-    if key not in _runs:
-        path = tmp_path_factory.mktemp("schedule") / f"n{ranks}.h5"
-        result = run_job(ranks, path, *WORKLOADS[workload], *settings, timeout=300 if ranks > 8 else 150)
-        assert result.returncode == 0, result.stderr
-        _runs[key] = path
-    return _runs[key]
+from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
+from tests.conftest import finished_run as finished
 
 
 def test_expert_major_reads_each_slot_from_every_source_in_order():
