@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcmoe import fp8
 from hpcmoe.attention import GQAttention, MLAttention, PositionCache, RMSNorm, StepInputs
 from hpcmoe.config import ModelConfig
 from hpcmoe.device import host_tensor
@@ -46,7 +47,7 @@ class MLP(nn.Module):
 
     def keep_fp8(self, block: list[int]) -> None:
         """Weights stay as an FP8 checkpoint stores them (1 byte each, with a float scale per block,
-        `weight_scale_inv` beside each weight); they are dequantized when the MLP runs."""
+        `weight_scale_inv` beside each weight); forward runs them with hpcmoe/fp8.py."""
         self.fp8_block = block
         for projection in (self.gate_proj, self.up_proj, self.down_proj):
             rows, columns = projection.weight.shape
@@ -61,16 +62,18 @@ class MLP(nn.Module):
                                                                    dtype=torch.float32, device=device))
 
     def dequantized(self, projection: nn.Linear, dtype) -> torch.Tensor:
+        """The projection's weight dequantized whole, a fresh tensor in `dtype` (the FP8 path computes
+        with these values chunk by chunk: hpcmoe/fp8.py)."""
         from hpcmoe.checkpoint import dequantize
         return dequantize(projection.weight, projection.weight_scale_inv, self.fp8_block).to(dtype)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
-        if self.gate_proj.weight.dtype == torch.float8_e4m3fn:  # one layer's expert at a time, in x's dtype
-            act = F.silu(F.linear(x, self.dequantized(self.gate_proj, x.dtype))) * \
-                F.linear(x, self.dequantized(self.up_proj, x.dtype))
-            down = self.dequantized(self.down_proj, x.dtype)
-            return F.linear(act, down) if out is None else torch.mm(act, down.t(), out=out)
+        if self.gate_proj.weight.dtype == torch.float8_e4m3fn:  # as stored: hpcmoe/fp8.py, in x's dtype
+            y = fp8.mlp(x.reshape(-1, x.shape[-1]), *((p.weight, p.weight_scale_inv) for p in
+                                                       (self.gate_proj, self.up_proj, self.down_proj)),
+                        self.fp8_block, out)
+            return y if out is not None else y.view(*x.shape[:-1], y.shape[-1])
         if self.gate_up is None:
             act = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:

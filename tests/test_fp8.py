@@ -106,3 +106,63 @@ def test_malformed_fp8_checkpoints_fail_naming_the_tensor(fp8_checkpoint, tmp_pa
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
     assert result.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, result.stderr
     assert message in lines[0]
+
+
+def test_every_e4m3_byte_dequantizes_exactly():
+    """hpcmoe/fp8.py's integer and float16 conversion gives float8 value x scale, rounded once, for all
+    256 bytes but the two NaNs (which checkpoints do not hold)."""
+    from hpcmoe import fp8
+    weight = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(16, 16)
+    scale = torch.tensor([[0.37]])
+    out = fp8.dequantize_rows(weight, fp8.scaled(scale, "test"), [16, 16], 0, 16, torch.empty(16, 16),
+                              torch.empty(16, 16, dtype=torch.int16))
+    expected = weight.float() * 0.37
+    finite = ~expected.isnan()
+    assert finite.sum() == 254 and torch.equal(out[finite], expected[finite])
+
+
+@pytest.mark.parametrize("hidden, inner, block, chunk", [
+    (64, 32, [16, 16], None),          # the tiny checkpoint's expert, one chunk
+    (200, 72, [16, 16], None),          # partial edge blocks
+    (256, 384, [128, 128], 128 * 64),   # chunks of a quarter block row
+    (200, 300, [128, 128], 256 * 100),  # a partial last block row, partial column blocks
+])
+def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, hidden, inner, block, chunk):
+    from hpcmoe import fp8
+    from hpcmoe.checkpoint import dequantize
+    from hpcmoe.model import MLP
+    from make_tiny_checkpoint import block_quantize
+    if chunk is not None:
+        monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(hidden + inner)
+    with torch.device("meta"):
+        quantized, twin = MLP(hidden, inner), MLP(hidden, inner)
+    quantized.keep_fp8(block)
+    quantized.allocate_fp8("cpu")
+    twin.allocate(torch.empty(2 * inner, hidden), torch.empty(hidden, inner))
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            q, t = getattr(quantized, name), getattr(twin, name)
+            weight, scale = block_quantize(torch.randn(q.weight.shape, generator=generator) * q.weight.shape[1] ** -0.5,
+                                           block)
+            q.weight.copy_(weight)
+            q.weight_scale_inv.copy_(scale)
+            t.weight.copy_(dequantize(weight, scale, block))
+            rows = weight.shape[0]
+            step = fp8.chunk_rows(weight.shape[1], block[0], rows)
+            pieces = [fp8.dequantize_rows(weight, fp8.scaled(scale, "test"), block, start, min(rows, start + step),
+                                          torch.empty(min(rows, start + step) - start, weight.shape[1]),
+                                          torch.empty(min(rows, start + step) - start, weight.shape[1],
+                                                      dtype=torch.int16)).clone() for start in range(0, rows, step)]
+            assert torch.equal(torch.cat(pieces), t.weight)  # the same weights, bit for bit
+    for m in (1, 5, 40):
+        x = torch.randn(m, hidden, generator=generator)
+        expected = twin(x)
+        got, into = quantized(x), torch.empty(m, hidden)
+        quantized(x, out=into)
+        assert torch.equal(got, into)
+        if chunk is None:  # the same GEMMs on the same weights
+            assert torch.equal(got, expected)
+        else:  # GEMMs over other column ranges may sum in another order: float32 rounding
+            assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
+        assert quantized(x.view(1, m, hidden)).shape == (1, m, hidden)

@@ -65,3 +65,28 @@ def test_tiny_checkpoints_equal_transformers_on_the_gpu(tmp_path, family):
     run = read_run(tmp_path / "run.h5")
     np.testing.assert_array_equal(run["generated"], tokens)
     np.testing.assert_allclose(run["logits"], logits, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_fp8_experts_on_the_gpu():
+    """hpcmoe/fp8.py on the GPU: float32 computes with exactly the dequantized weights (as on the CPU);
+    bfloat16 runs the FP8 GEMM with the block scales where torch and the GPU support it (activations
+    quantized per 1 x 128 block: near the dequantized result, not equal), else the dequantized path."""
+    import torch.nn.functional as F
+    from hpcmoe import fp8
+    from hpcmoe.checkpoint import dequantize
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_tiny_checkpoint import block_quantize
+    block, hidden, inner = [128, 128], 512, 256
+    generator = torch.Generator().manual_seed(0)
+    projections = [block_quantize(torch.randn(rows, columns, generator=generator) * columns ** -0.5, block)
+                   for rows, columns in ((inner, hidden), (inner, hidden), (hidden, inner))]
+    weights = [dequantize(w, s, block).cuda() for w, s in projections]
+    projections = [(w.cuda(), s.cuda()) for w, s in projections]
+    x = torch.randn(6, hidden, generator=generator).cuda()
+    expected = F.linear(F.silu(F.linear(x, weights[0])) * F.linear(x, weights[1]), weights[2])
+    torch.testing.assert_close(fp8.mlp(x, *projections, block), expected, rtol=0, atol=1e-4)
+    got = fp8.mlp(x.bfloat16(), *projections, block).float()
+    path = "dequantized" if x.device in fp8.SCALED_MM_FAILED or torch.cuda.get_device_capability() < (8, 9) \
+        else "scaled_mm"
+    error = (got - expected).norm() / expected.norm()
+    assert error < 0.05, f"{path}: relative error {error:.4f}"
