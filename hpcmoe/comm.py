@@ -392,8 +392,8 @@ class CountsGroup:
                 ready = streams.copy_after(ready, send_buffer, byte_view(send))
             yield Pending(lambda: True if ready.query() else None, lambda: where.waiting_for("send_wait", ()))
         number = self.count_posted()
-        requests.append(self.comm.Ialltoallv([as_bytes(send_buffer), (send_counts * width, send_starts * width), MPI.BYTE],
-                                             [as_bytes(recv_buffer), (recv_counts * width, recv_starts * width), MPI.BYTE]))
+        requests.append(self.comm.Ialltoallv([as_bytes(send_buffer), (send_counts, send_starts), row],  # counts in rows:
+                                             [as_bytes(recv_buffer), (recv_counts, recv_starts), row]))  # no int overflow
         keep = (send_buffer, recv_buffer, stamps_in)  # alive until the requests complete
         due = lambda: 0.0 if stamps_in is None else stamps_in[far & (recv_counts > 0)].max(initial=0.0)
         arrived = []  # [True] once every request is complete (then only an emulated delivery time is awaited)
