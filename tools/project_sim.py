@@ -15,6 +15,7 @@ experts once per layer on all sources' rows instead of once per source as they a
 (what the hardware allows that what-if schedule).
 
     python tools/project_sim.py [--out docs/bench/projections.json] [--only a b c]
+    python tools/project_sim.py --only a --ep 16 256 --dtype bfloat16 --ways engine no_host_costs --no-packed
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def serve_once(sim, rank, at, dispatch, answers, counts, members, kind, posted):
 
 
 WAYS = ("engine", "no_host_costs", "experts_once_per_layer", "both")   # "both": the hardware floor of the what-if
+# Since the third wave's [1/7] steady decode runs the engine's per_layer schedule, which is what the
+# "experts once per layer" what-if modelled: --ways engine no_host_costs skips the two that now repeat it.
+SWEEP = {"ep": (16, 32, 64, 128, 256), "dtype": ("bfloat16", "fp8"), "ways": WAYS, "packed": True}   # (a), from the flags
 
 
 DONE: dict = {}   # points already simulated (this file's "points"): a rerun goes on where it stopped
@@ -139,15 +143,20 @@ def deepseek_on_h100() -> dict:
     """(a): bf16 and FP8 experts, EP 16..256, 32 requests per GPU at context 2048; packed 8 per GPU at 256."""
     rows = []
     for dtype, extra, ways in (("bfloat16", [], WAYS), ("fp8", FP8, ("engine", "both"))):   # fp8: the two ends
-        for ep in (16, 32, 64, 128, 256):
+        if dtype not in SWEEP["dtype"]:
+            continue
+        ways = tuple(way for way in ways if way in SWEEP["ways"])
+        for ep in SWEEP["ep"]:
             rows.append({"dtype": dtype, "ep": ep, "placement": "auto (E/EP per GPU)",
                          **point(V3 + extra + [f"run.batch={32 * ep}", "parallel.ranks_per_node=8"], ep, "h100_sxm",
                                  2048, ways)})
-        rows.append({"dtype": dtype, "ep": 256, "placement": "packed 8 per GPU",
-                     **point(V3 + extra + [f"run.batch={32 * 256}", "parallel.ranks_per_node=8", "parallel.placement=packed",
-                                           "parallel.experts_per_rank=8"], 256, "h100_sxm", 2048, ways)})
+        if SWEEP["packed"]:
+            rows.append({"dtype": dtype, "ep": 256, "placement": "packed 8 per GPU",
+                         **point(V3 + extra + [f"run.batch={32 * 256}", "parallel.ranks_per_node=8",
+                                               "parallel.placement=packed", "parallel.experts_per_rank=8"], 256,
+                                 "h100_sxm", 2048, ways)})
     efficiency = {}
-    for dtype in ("bfloat16", "fp8"):
+    for dtype in SWEEP["dtype"]:
         per_gpu = {r["ep"]: r["engine"]["tokens_per_s_per_gpu"] for r in rows if r["dtype"] == dtype
                    and r["placement"].startswith("auto")}
         efficiency[dtype] = per_gpu[256] / per_gpu[16]
@@ -191,7 +200,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--only", nargs="*", default=["a", "b", "c"])
+    parser.add_argument("--ep", nargs="*", type=int, default=list(SWEEP["ep"]), help="(a): the EP sizes (16 and 256 "
+                        "give the scaling efficiency)")
+    parser.add_argument("--dtype", nargs="*", default=list(SWEEP["dtype"]), choices=["bfloat16", "fp8"], help="(a)")
+    parser.add_argument("--ways", nargs="*", default=list(WAYS), choices=list(WAYS), help="(a): which ways to simulate")
+    parser.add_argument("--no-packed", action="store_true", help="(a): without the packed 8 per GPU point")
     args = parser.parse_args()
+    SWEEP.update(ep=tuple(args.ep), dtype=tuple(args.dtype), ways=tuple(args.ways), packed=not args.no_packed)
     OUT = args.out
     if os.path.exists(OUT):
         with open(OUT) as f:
