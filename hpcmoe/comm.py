@@ -130,9 +130,15 @@ class Link:
 
     def delivery_time(self, nbytes: int) -> float:
         """Queue `nbytes` on the link now; -> when the receiver may see them."""
-        start = max(time.monotonic(), self.free_at)
-        self.free_at = start + nbytes * 8 / (self.bandwidth_gbps * 1e9)
-        return self.free_at + self.latency_us * 1e-6
+        return float(self.delivery_times(np.array([nbytes]))[0])
+
+    def delivery_times(self, nbytes: np.ndarray) -> np.ndarray:
+        """Queue messages of nbytes [n] one after another on the link now; -> when the receiver may
+        see each [n]."""
+        leave = max(time.monotonic(), self.free_at) + np.cumsum(nbytes * 8 / (self.bandwidth_gbps * 1e9))
+        if len(leave):
+            self.free_at = float(leave[-1])
+        return leave + self.latency_us * 1e-6
 
 
 class Receives:
@@ -376,11 +382,7 @@ class CountsGroup:
             far = self.far_from(link)
             stamps_out, stamps_in = np.zeros(len(self.ranks)), np.zeros(len(self.ranks))
             going = far & (send_counts > 0)
-            if going.any():
-                wire = np.cumsum(send_counts[going] * width * 8 / (link.bandwidth_gbps * 1e9))
-                start = max(time.monotonic(), link.free_at)
-                link.free_at = start + wire[-1]
-                stamps_out[going] = start + wire + link.latency_us * 1e-6
+            stamps_out[going] = link.delivery_times(send_counts[going] * width)
             self.count_posted()
             requests.append(self.comm.Ialltoall(stamps_out, stamps_in))
         send_buffer, recv_buffer = send, recv

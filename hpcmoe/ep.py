@@ -19,9 +19,9 @@ from hpcmoe.comm import BufferPool, Link, Sender, Where
 from hpcmoe.device import Streams, mpi_reads_device_memory, staging_for
 from hpcmoe.config import Config
 from hpcmoe.dispatch import compile_placement
-from hpcmoe.layout import request_range, step_micro_batches
+from hpcmoe.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
 from hpcmoe.model import Transformer, build_model
-from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, ExpertSchedule, StepStats
+from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.placement import Placement
 from hpcmoe.scheduler import run_concurrently
 from hpcmoe.topology import Topology, available_cores
@@ -89,7 +89,8 @@ class Messaging:
                  data_parallel: int):
         """data_parallel: how many ranks (or attention groups) split the requests."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
-        self.decode_min, self.requests_per_rank = config.run.decode_micro_batch_min, -(-len(config.prompts) // data_parallel)
+        self.decode_min = config.run.decode_micro_batch_min
+        self.requests_per_rank = requests_per_rank(len(config.prompts), data_parallel)
         self.sender = messaging(config, topo, device)
         stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)

@@ -209,6 +209,26 @@ class MALayout:
                         self.standby, tuple(shards))
 
 
+@dataclass
+class ExpertSchedule:
+    """parallel.expert_schedule, for the step being run (every rank of an exchange agrees: all prefill
+    in the same step). per_layer: the rows leave in one collective each way and each local expert
+    runs once on every source's rows; per_source: point-to-point messages, experts run on each
+    source's rows as they arrive (the seeds' layer pipelining with partial batches); auto: per_source
+    in a prefill, per_layer in decode."""
+    setting: str = "per_source"
+    prefill: bool = True
+
+    @property
+    def per_layer(self) -> bool:
+        return self.setting == "per_layer" or (self.setting == "auto" and not self.prefill)
+
+
+def requests_per_rank(batch: int, data_parallel: int) -> int:
+    """The most requests one of `data_parallel` ranks (or attention groups) holds: the same on all."""
+    return -(-batch // data_parallel)
+
+
 def step_micro_batches(micro_batches: int, decode_min: int, requests_per_rank: int, prefill: bool) -> int:
     """run.micro_batches in a prefill; in decode only as many as keep `decode_min` requests each (at
     least one): below that a micro-batch's fixed compute costs more than the wire it can hide

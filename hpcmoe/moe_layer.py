@@ -23,6 +23,7 @@ from hpcmoe.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender
 from hpcmoe.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count,
                              expert_major, node_groups, pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 from hpcmoe.fault import maybe_die
+from hpcmoe.layout import ExpertSchedule
 
 DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..10
 TP_FORWARD, TP_PARTIAL = 11, 12  # expert groups with a forwarding leader: leader -> members, members -> leader
@@ -41,21 +42,6 @@ class StepStats:
                    np.zeros((moe_layers, ranks), np.int64), torch.zeros((), dtype=torch.int64, device=device))
 
 
-@dataclass
-class ExpertSchedule:
-    """parallel.expert_schedule, for the step being run (every rank of an exchange agrees: all prefill
-    in the same step). per_layer: the rows leave in one collective each way and each local expert
-    runs once on every source's rows; per_source: point-to-point messages, experts run on each
-    source's rows as they arrive (the seeds' layer pipelining with partial batches); auto: per_source
-    in a prefill, per_layer in decode."""
-    setting: str = "per_source"
-    prefill: bool = True
-
-    @property
-    def per_layer(self) -> bool:
-        return self.setting == "per_layer" or (self.setting == "auto" and not self.prefill)
-
-
 @dataclass(frozen=True)
 class ExchangeGroup:
     """The ranks one kind of exchange runs among, and its counts collective per micro-batch slot."""
@@ -70,16 +56,22 @@ class ExchangeGroup:
         member[list(ranks)] = True
         return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), member)
 
+    def host_counts(self, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The plan's counts in one device-to-host copy -> (counts per slot of each rank [R, S], rows
+        to each rank [R], first row of each in plan order [R])."""
+        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
+        ranks = len(self.member_host)
+        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
+        return send, rank_counts, np.cumsum(rank_counts) - rank_counts
+
     def destinations(self, plan: DispatchPlan, tp: int = 1, fan_out: bool = True):
         """The host's part of the control path: one device-to-host copy of the counts, then Python
         work only per active peer -> (counts to send [G, S], destination ranks, first row of each
         in plan order, rows for each). With expert groups (tp > 1) every member is sent the counts
         of its group's slots (it computes a share of each); the rows go to every member (fan_out)
         or to the group's leader only, which forwards them."""
-        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
+        send, rank_counts, starts = self.host_counts(plan)
         ranks = len(self.member_host)
-        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
-        starts = np.cumsum(rank_counts) - rank_counts
         if tp > 1:
             leader = np.arange(ranks) // tp * tp
             send = send[leader]
@@ -94,10 +86,7 @@ class ExchangeGroup:
         """As `destinations`, for one collective, with no Python work per peer -> (counts to send
         [G, S], rows to each member [G], first row of each in plan order [G]); with expert groups
         every member gets its group's rows."""
-        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
-        ranks = len(self.member_host)
-        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
-        starts = np.cumsum(rank_counts) - rank_counts
+        send, rank_counts, starts = self.host_counts(plan)
         members = np.asarray(self.ranks)
         group_of = members - members % tp
         return send[group_of], rank_counts[group_of], starts[group_of]

@@ -14,7 +14,7 @@ import torch
 from hpcmoe import sim_routing
 from hpcmoe.attention import kv_heads_for, split_heads
 from hpcmoe.dispatch import packed_row_bytes
-from hpcmoe.layout import request_range, step_micro_batches
+from hpcmoe.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
 from hpcmoe.simulate import PROGRESS, AllFrom, AnyFrom, Wait, Work
 
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
@@ -71,7 +71,7 @@ def rank_main(sim, rank: int):
         yield Work(costs.fixed["step"] + (costs.fixed["first_step"] if step == 0 else 0.0))
         data_parallel = layout.replicas if sim.is_ma else sim.ranks
         micro_batches = step_micro_batches(config.run.micro_batches, config.run.decode_micro_batch_min,
-                                           -(-len(requests) // data_parallel), step == 0 and sim.context is None)
+                                           requests_per_rank(len(requests), data_parallel), prefill_step(sim, step))
         if sim.is_ma and not layout.is_attention(rank):
             from hpcmoe.ma import exchange_members
             members = tuple(exchange_members(layout))
@@ -190,13 +190,14 @@ def dispatch_and_serve(sim, rank: int, at: tuple, info, members: tuple, kind: st
     sim.row(rank, "combine_comm", layer, mb, posted, sim.now)
 
 
+def prefill_step(sim, step: int) -> bool:
+    """The run's first step is its prefill; a steady-decode simulation (sim.context) has none."""
+    return step == 0 and sim.context is None
+
+
 def per_layer(sim, step: int) -> bool:
-    """moe_layer.ExpertSchedule.per_layer for the simulated step: auto is per_source in the run's
-    first step (its prefill) and per_layer in decode; a steady-decode simulation (sim.context) has
-    no prefill, so every step is a decode step."""
-    setting = sim.config.parallel.expert_schedule
-    prefill = step == 0 and sim.context is None
-    return setting == "per_layer" or (setting == "auto" and not prefill)
+    """The engine's ExpertSchedule for the simulated step."""
+    return ExpertSchedule(sim.config.parallel.expert_schedule, prefill_step(sim, step)).per_layer
 
 
 def exchange_per_layer(sim, rank: int, at: tuple, info, members: tuple, kind: str, destinations: np.ndarray):
