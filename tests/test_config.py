@@ -84,6 +84,9 @@ def test_synthetic_prompts_are_seeded_and_within_bounds():
     (["parallel.dispatch=alltoall"], "parallel.dispatch: 'alltoall' is not supported; expected flat or two_stage"),
     (["parallel.capacity_factor=-1"], "parallel.capacity_factor: expected a number > 0, got -1.0"),
     (["run.micro_batches=0"], "run.micro_batches: expected an integer >= 1, got 0"),
+    (["run.decode_micro_batch_min=0"], "run.decode_micro_batch_min: expected an integer >= 1, got 0"),
+    (["parallel.expert_schedule=per_token"],
+     "parallel.expert_schedule: 'per_token' is not supported; expected per_layer, per_source or auto"),
     (["model.checkpoint=/x", "model.hidden=3"], "model.preset and model.checkpoint: set one, not both"),
     (["model.hidden"], "--set 'model.hidden': expected KEY=VALUE"),
 ])
