@@ -228,7 +228,7 @@ def exchange_per_layer(sim, rank: int, at: tuple, info, members: tuple, kind: st
 
     def post_rows(ends):
         sim.send(dispatch_key(at, kind), rank, others, info.rank_counts[others] * width, ends[-1])
-        done["rows"] = sim.collective(collective("rows_alltoallv"), members, rank)
+        done["rows"] = sim.collective(collective("rows_alltoallv"), members, rank, polled=True)
 
     yield Work(fixed["counts"], then=post_rows)       # one Ialltoallv: one host call, whatever the peers
     yield Wait(AllFrom(dispatch, rank, len(sources)), "dispatch_wait", layer, mb)
@@ -239,7 +239,7 @@ def exchange_per_layer(sim, rank: int, at: tuple, info, members: tuple, kind: st
 
     def post_answers(ends):
         sim.send((kind, step, layer, mb, "answers"), rank, sources, rows_from[senders] * width, ends[-1])
-        done["answers"] = sim.collective(collective("answers_alltoallv"), members, rank)
+        done["answers"] = sim.collective(collective("answers_alltoallv"), members, rank, polled=True)
 
     yield Work(fixed["counts"], then=post_answers)
     yield Wait(AllFrom(answers, rank, len(others)), "combine_wait", layer, mb)

@@ -180,6 +180,8 @@ class Simulation:
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
         self.node_of_rank = node_of_ranks(config, machine, ranks)
+        # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
+        self.poll_by_yielding = max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
         placed_by = None
         if p.placement_from:
             from hpcmoe.output import read_routing
@@ -396,7 +398,7 @@ class Simulation:
         if box.watchers:
             self.notify({rank for d in dsts[np.isin(dsts, list(box.watchers))].tolist() for rank in box.watchers[d]})
 
-    def collective(self, key, members, rank: int) -> Cond:
+    def collective(self, key, members, rank: int, polled: bool = False) -> Cond:
         """This rank posts a non-blocking collective among `members` now; -> when it completes here.
 
         MPI moves a collective on only inside MPI calls: after the last member posts, every other
@@ -414,8 +416,9 @@ class Simulation:
                 driver = self.drivers[member]
                 if member == rank:
                     continue
-                if driver.waiting is not None:   # asleep in wait_until: its next poll
-                    entry.progress[member] = self.now if self.config.parallel.wait == "spin" else \
+                if driver.waiting is not None:   # asleep in wait_until: its next poll (at once where it spins,
+                    spins = self.config.parallel.wait == "spin" or (polled and self.poll_by_yielding)  # or yields)
+                    entry.progress[member] = self.now if spins else \
                         poll_time(driver.idle_since, self.now, self.machine.sleep_overshoot_s)
                 else:
                     self.awaiting_progress.setdefault(member, []).append(entry)
