@@ -257,8 +257,7 @@ def command_run(args) -> int:
         if args.output:
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
         check_output_path(config.output.path)
-        from hpcmoe.workload import check_vocabulary
-        check_vocabulary(config.requests, config.model.vocab)  # reads and checks run.prompts on every rank
+        config.requests  # reads and checks run.prompts (every line) on every rank
     except ValueError as e:
         fail(str(e))
     from hpcmoe.topology import init_mpi
@@ -289,7 +288,7 @@ def command_run(args) -> int:
     try:
         from hpcmoe.device import device_kind
         config = config.on_device(device_kind(config.run.device))
-        load = check_model(config, layout, world.Get_rank() == 0)
+        load, max_batch = check_model(config, layout, world.Get_rank() == 0)
         routing = None
         if config.parallel.placement_from:
             from hpcmoe.output import read_routing
@@ -302,7 +301,10 @@ def command_run(args) -> int:
     from hpcmoe.topology import build_topology, default_threads
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
-    metrics = run(config, topo, layout, load, routing, choose_device(config.run.device, topo.host_rank), resume)
+    from mpi4py import MPI
+    max_batch = world.allreduce(max_batch, op=MPI.MIN)  # the same on every rank, whatever its node's memory
+    metrics = run(config, topo, layout, load, routing, choose_device(config.run.device, topo.host_rank), resume,
+                  max_batch)
     if topo.rank == 0 and "stopped_at_step" in metrics:
         print(f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}", flush=True)
     elif topo.rank == 0:
@@ -314,41 +316,46 @@ def command_run(args) -> int:
 
 
 def check_model(config, layout, is_root: bool):
-    """Check the checkpoint's tensors (headers only) and that each rank's share fits in memory
-    (hpcmoe.plan: the same numbers as `hpcmoe plan`). Returns the checkpoint loader, or None."""
+    """Check the checkpoint's tensors (headers only), size run.max_batch when it is not set, and
+    check that each rank's share fits in memory (hpcmoe.plan: the same numbers as `hpcmoe plan`, with
+    this process's own memory). Returns (the checkpoint loader or None, max_batch)."""
     from hpcmoe.model import expected_tensors
-    from hpcmoe.plan import human_bytes, rank_memory
+    from hpcmoe.plan import ModelSizes, default_max_batch, human_bytes, process_bytes, rank_memory
     from hpcmoe.topology import available_memory_per_rank
     m = config.model
     load = None
     if m.checkpoint:
         from hpcmoe.checkpoint import check_tensors, tensor_loader
         load = tensor_loader(m.checkpoint, check_tensors(m.checkpoint, expected_tensors(m), m.fp8_block))
-    memory, available = rank_memory(config, layout.world_size), available_memory_per_rank()
+    sizes, available, runtime = ModelSizes(config), available_memory_per_rank(), process_bytes()
+    max_batch = config.run.max_batch or default_max_batch(config, layout.world_size, available, runtime, sizes)
+    memory = rank_memory(config, layout.world_size, sizes, max_batch, runtime)
     if is_root:
         roles = "; ".join(f"per {name} rank about {human_bytes(r['total'])} ({human_bytes(r['weights'])} weights"
                           + (f" with {r['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in r
                              else "") + (f", 1/{r['expert_tp']} of each" if r.get("expert_tp", 1) > 1 else "")
-                          + f", {human_bytes(r['kv_cache'])} KV cache)"
+                          + f", {human_bytes(r['kv_cache'])} KV cache, {human_bytes(r['activations'])} activations, "
+                            f"{human_bytes(r['runtime'])} runtime)"
                           for name, r in memory["roles"].items())
-        print(f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {roles}; "
+        print(f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {len(config.requests)} "
+              f"requests, up to {max_batch} live per rank ({config.run.batching} batching); {roles}; "
               f"{human_bytes(available)} available per rank", file=sys.stderr, flush=True)
     needed = memory["max_rank_bytes"]
     if needed > available:
         raise ValueError(f"the model needs about {human_bytes(needed)} per rank but only "
                          f"{human_bytes(available)} is available per rank; use more ranks, fewer layers "
-                         f"(--set model.num_layers=N) or narrower experts (--set model.expert_hidden=N); "
-                         f"`hpcmoe plan CONFIG --ranks N` tells what fits")
-    return load
+                         f"(--set model.num_layers=N), narrower experts (--set model.expert_hidden=N) or a "
+                         f"smaller run.max_batch; `hpcmoe plan CONFIG --ranks N` tells what fits")
+    return load, max_batch
 
 
 def summary(config, topo, layout, metrics: dict) -> str:
-    prompts = config.prompts
+    requests = config.requests
     return "\n".join([
         f"hpcmoe: {topo.size} ranks on {topo.num_nodes} node(s), layout {config.parallel.layout}, "
         f"placement {layout.mode}{f' over groups of {layout.expert_tp}' if getattr(layout, 'expert_tp', 1) > 1 else ''}, "
-        f"{len(prompts)} requests, "
-        f"{sum(map(len, prompts))} prompt tokens, up to {config.steps} new tokens each",
+        f"{len(requests)} requests, "
+        f"{int(requests.prompt_lengths.sum())} prompt tokens, up to {config.steps} new tokens each",
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
         f"tps {metrics['tps']:.0f} tok/s",

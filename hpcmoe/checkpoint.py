@@ -2,7 +2,8 @@
 every tensor, then lazy reads of only the tensors a rank needs.
 
 Headers are read with json + struct (no torch), so every rank checks every expected tensor name
-and shape, and fails with the same message, before any communicator or file exists.
+and shape, and every header against its file (offsets, sizes, overlaps: a truncated or corrupt file
+is refused), and fails with the same message, before any communicator or file exists.
 """
 from __future__ import annotations
 
@@ -134,26 +135,99 @@ class TensorEntry:
     end: int
 
 
+# Bytes per element of every safetensors dtype (hpcmoe computes with SAFETENSORS_DTYPES; the
+# others may sit in a checkpoint unused, and are still checked against the file).
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER = 100 * 2 ** 20  # the safetensors format's own limit
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_header(path: str, header, file_size: int, length: int) -> dict[str, TensorEntry]:
+    """The tensors of a parsed safetensors header (`length` bytes after the 8-byte length), checked
+    against the file's size: known dtypes, shapes of non-negative ints, data_offsets [begin, end]
+    with end - begin = itemsize x elements, inside the data region, no two overlapping. Pure; raises
+    one-line ValueErrors naming the file and the tensor."""
+    def bad(name, what):
+        return ValueError(f"model.checkpoint: {path}: tensor {name!r}: {what}")
+    if not isinstance(header, dict):
+        raise ValueError(f"model.checkpoint: {path}: safetensors header is a JSON {type(header).__name__}, "
+                         f"expected an object")
+    data = file_size - 8 - length
+    entries: dict[str, TensorEntry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise bad(name, f"entry is {meta!r}, expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in ITEMSIZE:
+            raise bad(name, f"dtype {dtype!r} is not a safetensors dtype")
+        if not (isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape)):
+            raise bad(name, f"shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(name, f"data_offsets {offsets!r}: expected [begin, end] with 0 <= begin <= end")
+        size = ITEMSIZE[dtype]
+        for n in shape:
+            size *= n
+        if offsets[1] - offsets[0] != size:
+            raise bad(name, f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but {dtype} x "
+                            f"{shape} needs {size}")
+        entries[name] = TensorEntry(path, dtype, tuple(shape), 8 + length + offsets[0], 8 + length + offsets[1])
+    previous = None  # in file order: the first tensor cut off is the one named
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        begin, end = entry.start - 8 - length, entry.end - 8 - length
+        if end > data:
+            raise bad(name, f"data_offsets [{begin}, {end}] end beyond the file's {data} data bytes (truncated?)")
+        if begin == end:
+            continue
+        if previous is not None and entry.start < entries[previous].end:
+            other = entries[previous]
+            raise bad(name, f"data_offsets [{begin}, {end}] overlap [{other.start - 8 - length}, "
+                            f"{other.end - 8 - length}] of tensor {previous!r}")
+        if previous is None or entry.end > entries[previous].end:
+            previous = name
+    return entries
+
+
 def read_header(path: str) -> dict[str, TensorEntry]:
-    """The tensors a .safetensors file holds, from its header alone."""
+    """The tensors a .safetensors file holds, from its header alone, checked against the file."""
     try:
         with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"model.checkpoint: {path}: not a readable safetensors file ({e})") from None
-    base = 8 + length
-    return {name: TensorEntry(path, meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0],
-                              base + meta["data_offsets"][1])
-            for name, meta in header.items() if name != "__metadata__"}
+            file_size = os.fstat(f.fileno()).st_size
+            start = f.read(8)
+            if len(start) < 8:
+                raise ValueError(f"model.checkpoint: {path}: {file_size} bytes, too short for a safetensors "
+                                 f"file (truncated?)")
+            (length,) = struct.unpack("<Q", start)
+            if length > min(file_size - 8, MAX_HEADER):
+                raise ValueError(f"model.checkpoint: {path}: header length {length} does not fit in the file's "
+                                 f"{file_size} bytes (truncated, or not a safetensors file?)")
+            text = f.read(length)
+            if len(text) != length:
+                raise ValueError(f"model.checkpoint: {path}: short read of the header: {len(text)} of "
+                                 f"{length} bytes (truncated?)")
+            header = json.loads(text)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model.checkpoint: {path}: not a readable safetensors file "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return check_header(path, header, file_size, length)
 
 
 def tensor_index(directory: str) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint: sharded (model.safetensors.index.json) or not."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"model.checkpoint: {index_path}: not a readable index with a weight_map "
+                             f"({type(e).__name__})") from None
         files = sorted({os.path.join(directory, v) for v in weight_map.values()})
     else:
         files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
@@ -232,7 +306,7 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
     config = read_config(directory)
     block = (config.get("quantization_config") or {}).get("weight_block_size")
 
-    def read(entry: TensorEntry, part):
+    def read(name: str, entry: TensorEntry, part):
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
         ranges = byte_ranges(entry, dtype.itemsize, part)
         data = bytearray(sum(end - start for start, end in ranges))
@@ -240,7 +314,10 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
         with open(entry.file, "rb") as f:
             for start, end in ranges:
                 f.seek(start)
-                f.readinto(view[filled:filled + end - start])
+                got = f.readinto(view[filled:filled + end - start])
+                if got != end - start:
+                    raise ValueError(f"model.checkpoint: {entry.file}: tensor {name!r}: short read at byte {start}: "
+                                     f"{got} of {end - start} bytes (truncated?)")
                 filled += end - start
         if reads is not None:
             reads.extend((entry.file, start, end) for start, end in ranges)
@@ -256,11 +333,12 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
     def load(name: str, part: tuple[int, int, int] | None = None, raw: bool = False):
         stored = checkpoint_name(name, config)
         entry = index[stored]
-        tensor = read(entry, part)
+        tensor = read(stored, entry, part)
         if entry.dtype != FP8 or raw:
             return tensor if raw else tensor.float()
-        scale = index[stored + "_scale_inv"]
-        return dequantize(tensor, read(scale, None if part is None else scale_part(part, block)).float(), block,
+        scale = read(stored + "_scale_inv", index[stored + "_scale_inv"],
+                     None if part is None else scale_part(part, block))
+        return dequantize(tensor, scale.float(), block,
                           part[1] % block[part[0]] if part is not None else 0, part[0] if part is not None else 0)
 
     return load

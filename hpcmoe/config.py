@@ -165,6 +165,9 @@ class RunConfig:
     stop_at_eos: Optional[bool] = None      # a request ends at its eos token (default: true with a checkpoint)
     sampling: Optional[SamplingConfig] = None  # default: greedy
     max_new_tokens: int = 8
+    batching: str = "continuous"            # continuous: requests join as slots free up | static: batch after batch
+    max_batch: Optional[int] = None         # active requests per attention-holding rank (default: what memory allows)
+    prefill_chunk: int = 512                # continuous: prompt tokens prefilled per step (a long prompt in chunks)
     micro_batches: int = 1                  # each rank's requests in this many pipelined micro-batches
     decode_micro_batch_min: int = 32        # decode steps: micro-batches only as far as each keeps this many requests
     device: str = "auto"                    # auto (cuda when torch sees a GPU) | cpu | cuda
@@ -208,7 +211,7 @@ class Config:
     @property
     def steps(self) -> int:
         """Forward steps of the run: the largest max_new_tokens of its requests."""
-        return max(r.max_new_tokens for r in self.requests)
+        return int(self.requests.max_new_tokens.max())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -494,6 +497,10 @@ def validate(config: Config) -> None:
         require(s.temperature >= 0, f"run.sampling.temperature: expected a number >= 0, got {s.temperature}")
         require(s.top_k is None or s.top_k >= 1, f"run.sampling.top_k: expected an integer >= 1, got {s.top_k}")
         require(s.top_p is None or 0 < s.top_p <= 1, f"run.sampling.top_p: expected a number in (0, 1], got {s.top_p}")
+    require(r.batching in ("continuous", "static"),
+            f"run.batching: {r.batching!r} is not supported; expected continuous or static")
+    require(r.max_batch is None or r.max_batch >= 1, f"run.max_batch: expected an integer >= 1, got {r.max_batch}")
+    require(r.prefill_chunk >= 1, f"run.prefill_chunk: expected an integer >= 1, got {r.prefill_chunk}")
     require(r.micro_batches >= 1, f"run.micro_batches: expected an integer >= 1, got {r.micro_batches}")
     require(r.decode_micro_batch_min >= 1,
             f"run.decode_micro_batch_min: expected an integer >= 1, got {r.decode_micro_batch_min}")

@@ -110,38 +110,45 @@ class StopSignal:
 
 
 class Progress:
-    """Rank 0's progress: a bar on a terminal, a plain line now and then under a batch system."""
+    """Rank 0's progress: requests done of all, generated tokens/s and the time left, on one line
+    redrawn on a terminal, or a plain line every EVERY_S seconds in a batch log."""
+    EVERY_S = 5.0
 
-    def __init__(self, steps: int):
-        self.steps, self.tty = steps, sys.stderr.isatty()
+    def __init__(self, total: int, earlier=None):
+        self.total, self.tty = total, sys.stderr.isatty()
+        self.before = int(earlier.finished.sum()) if earlier is not None else 0  # ended in an earlier run
+        self.started, self.shown = time.monotonic(), 0.0
 
-    def update(self, step: int, seconds: float):
-        done = step + 1
-        kind = "prefill" if step == 0 else "decode"
-        if self.tty:
-            bar = "#" * (30 * done // self.steps)
-            sys.stderr.write(f"\r[{bar:<30}] step {done}/{self.steps} {kind} {1e3 * seconds:.1f} ms")
-            sys.stderr.write("\n" if done == self.steps else "")
-        elif step % -(-self.steps // 10) == 0 or done == self.steps:
-            sys.stderr.write(f"hpcmoe: step {done}/{self.steps} ({kind}) {1e3 * seconds:.1f} ms\n")
+    def update(self, step: int, writer: RunWriter, made: Made, last: bool = False) -> None:
+        now = time.monotonic()
+        if not last and now - self.shown < (0.5 if self.tty else self.EVERY_S):
+            return
+        self.shown, elapsed = now, max(now - self.started, 1e-9)
+        done = int(writer.finished.sum())
+        rate = (done - self.before) / elapsed
+        left = f"{(self.total - done) / rate:.0f} s left" if rate > 0 and done < self.total else "-"
+        line = (f"requests {done}/{self.total} | {sum(made.generated) / elapsed:.1f} generated tok/s | "
+                f"step {step + 1} | {elapsed:.0f} s | {left}")
+        sys.stderr.write(f"\r{line:<90}" + ("\n" if last else "") if self.tty else f"hpcmoe: {line}\n")
         sys.stderr.flush()
 
 
 def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routing=None,
-        device: torch.device = torch.device("cpu"), resume=None) -> dict:
+        device: torch.device = torch.device("cpu"), resume=None, max_batch: int | None = None) -> dict:
     """Generate for every request of the config on `device`; rank 0 writes the run file. Returns the
     metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from);
-    resume: a partial run's finished steps (hpcmoe.workload.Resume) to continue from."""
+    resume: a partial run (hpcmoe.workload.Resume) to continue; max_batch: run.max_batch as the
+    start-up check resolved it (default: run.max_batch, else every request of a rank at once)."""
     rank, size = topo.rank, topo.size
     config = config.on_device(device.type)
+    max_batch = max_batch or config.run.max_batch or len(config.requests)
     KILL[:] = [(k.step, k.layer if k.phase in ("dispatch", "combine") else -1, k.phase)
                for k in config.run.kill or [] if k.rank == rank]
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
-    prompts = config.prompts
-    writer = open_writer(config, topo, device, prompts, placement, source, resume) if rank == 0 else None
+    writer = open_writer(config, topo, device, placement, source, resume, max_batch) if rank == 0 else None
     try:
-        metrics = generate(config, topo, layout, placement, source, prompts, writer, load, device, resume)
+        metrics = generate(config, topo, layout, placement, source, writer, load, device, resume, max_batch)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -149,17 +156,19 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     return metrics
 
 
-def open_writer(config: Config, topo: Topology, device, prompts, placement: Placement, source: str,
-                resume=None) -> RunWriter:
-    """The run file with its /placement (the run's first), and the finished steps of the run it
-    resumes (on rank 0, or its deputy)."""
+def open_writer(config: Config, topo: Topology, device, placement: Placement, source: str, resume=None,
+                max_batch: int = 0) -> RunWriter:
+    """The run file with its /placement (the run's first), and what the run it resumes finished (on
+    rank 0, or its deputy)."""
+    from hpcmoe.workload import run_identity
     m = config.model
     attrs = run_attrs(config, topo.node_of_rank, topo.ranks_per_node, device.type,
                       torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    attrs.update(run_identity(config), max_batch=max_batch, requests=len(config.requests))
     if resume is not None:
         attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
-    writer = RunWriter(config.output.path, attrs, prompts, config.steps, m.vocab, m.moe_layers, topo.size,
-                       m.num_experts, config.output.save_logits)
+    writer = RunWriter(config.output.path, attrs, config.requests, config.steps, m.vocab, m.moe_layers, topo.size,
+                       m.num_experts, config.output.save_logits, m.checkpoint)
     writer.write_placement(placement.expert_ranks(), m.moe_layers, placement.mode, source, placement.tp)
     if resume is not None:  # the finished steps, as the stopped run wrote them
         writer.write_finished_steps(resume)
@@ -183,23 +192,25 @@ class Made:
     generated: list = field(default_factory=list)         # tokens made per step from `first` on
     step_times: dict = field(default_factory=dict)        # step -> when rank 0 last finished it
     dropped: int = 0
-    records: list | None = None                           # (step, records) of every step: rank 0 and its deputy
+    records: list | None = None                           # (step, records, times) of every step: rank 0, its deputy
 
     @property
     def done(self) -> int:
         """Rank 0: the steps written."""
         return self.first + len(self.generated)
 
-    def add(self, step: int, records: list, held_at: float, written_at: float) -> None:
-        """A step's records (rank order) as rank 0 wrote them at `written_at`, its tokens held at `held_at`."""
-        count = int(sum((record[0] >= 0).sum() for record in records))
+    def add(self, step: int, records: list, times: tuple[float, float], written_at: float) -> None:
+        """A step's records (rank order) as rank 0 wrote them at `written_at`; times: (when the step
+        began, when its tokens were held) on rank 0."""
+        held_at = times[1]
+        count = int(sum(len(record[0].token) for record in records))
         self.generated.append(count)
         if count:
             self.token_times.append(held_at)
         self.dropped += sum(record[2][2] for record in records)
         self.step_times[step] = written_at
         if self.records is not None:
-            self.records.append((step, records))
+            self.records.append((step, records, times))
 
 
 MIRROR_TAG = 8  # rank 0 -> its deputy: each step's records
@@ -217,7 +228,7 @@ class Mirror:
             made.records = []
 
     def send(self, entry: tuple) -> None:
-        """Rank 0: (step, records, held_at, written_at) to the deputy."""
+        """Rank 0: (step, records, (started_at, held_at), written_at) to the deputy."""
         if self.rank == 0:
             self.pending = [request for request in self.pending if not request.Test()]
             self.pending.append(self.comm.isend(entry, dest=1, tag=MIRROR_TAG))
@@ -251,7 +262,7 @@ class Recovery:
     placement: Placement      # the placement at the start (the run file's /placement)
     source: str
     device: torch.device
-    prompts: list
+    max_batch: int
     resume: object            # the partial run this one resumed, or None
     failures: list = field(default_factory=list)
 
@@ -262,40 +273,45 @@ class Recovery:
         return max(len(p.slots_of_rank(r)) for r in range(p.num_ranks)) + self.config.run.rebuild_slots
 
 
-def generate(config: Config, topo: Topology, layout, placement: Placement, source: str,
-             prompts: list[list[int]], writer, load, device, resume=None) -> dict:
+def generate(config: Config, topo: Topology, layout, placement: Placement, source: str, writer, load, device,
+             resume=None, max_batch: int = 1) -> dict:
     """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
-    survivors rebuild everything among themselves and go on from the first unfinished step."""
+    survivors rebuild everything among themselves and go on with the requests not finished."""
     from hpcmoe.device import Streams
-    steps = config.steps
     timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
     made, survivors = Made(first=resume.step if resume is not None else 0), None
-    recovery = Recovery(config, topo, placement, source, device, prompts, resume)
+    recovery = Recovery(config, topo, placement, source, device, max_batch, resume)
     mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
     given = writer
+    engine_config = dataclasses.replace(config, run=dataclasses.replace(config.run, max_batch=max_batch))
+    earlier = resume.done if resume is not None else None
+    requests = config.requests
+    longest = int((requests.prompt_lengths + requests.max_new_tokens).max())
     try:
         while True:
-            engine = build_engine(config, topo, layout, placement, timer, load, device)
-            requests, mine = config.requests, engine.requests(len(config.requests))
-            local = [requests[i] for i in mine]
-            cache = engine.new_cache(len(local), max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+            engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
+            new_rows = lambda n: engine.new_cache(n, longest)
+            cache = new_rows(0)
+            state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
             gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
-            progress = Progress(steps) if topo.rank == 0 else None
+            progress = Progress(len(requests), earlier) if topo.rank == 0 else None
             if survivors is None:
                 if device.type != "cpu":
                     torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
                 topo.world.Barrier()  # the common start: every timing row and TTFT count from here
                 timer.restart(time.perf_counter())
             try:
-                done, state = run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made,
-                                        resume, mine, survivors, mirror)
+                done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors,
+                                 mirror)
                 break
             except RankFailed as failed:
-                topo, layout, placement, survivors, resume, writer = recover(recovery, topo, layout, placement, writer,
-                                                                             timer, made, failed, survivors)
+                topo, layout, placement, survivors, earlier, writer = recover(recovery, topo, layout, placement,
+                                                                              writer, timer, made, failed, survivors)
                 mirror = Mirror(topo.world, made)
                 mirror.hand_over(topo.world)
         stop.close(done)
+        if progress is not None:
+            progress.update(done - 1, writer, made, last=True)
         if mirror is not None:
             mirror.close(done, done)
     except BaseException:
@@ -303,7 +319,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
             writer.discard()
         raise
     history = engine.rebalancer.history if getattr(engine, "rebalancer", None) is not None else []
-    records = gather(((peak_rss_bytes(), state.cache_digest(cache), [s.digest for s in history]), None, None,
+    records = gather(((peak_rss_bytes(), state.cache_digest(), [s.digest for s in history]), None, None,
                       timer.take()), done)
     gather.close(done)
     engine.close()
@@ -311,25 +327,34 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
         return {}
     if survivors is not None:
         records = survivors.widen_final(records)
-    return finish(config, recovery.original, writer, records, prompts, made, done, stop.signalled, history,
+    return finish(config, recovery.original, writer, records, made, done, stop.signalled, history,
                   failure_rows(recovery.failures, made.step_times))
+
+
+def batch_of(config: Config, engine, requests, new_rows, cache, max_batch: int, earlier) -> "Batch":
+    """This rank's Batch: the requests its engine serves (every attention group's in turn, in file
+    order), the checkpoint's end-of-sequence tokens when requests stop at them."""
+    from hpcmoe.workload import eos_ids
+    r = config.run
+    stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
+    return Batch(requests, engine.requests(len(requests)), eos_ids(config.model.checkpoint) if stop_at_eos else (),
+                 new_rows, cache, r.batching, max_batch, r.prefill_chunk, earlier)
 
 
 def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, writer, timer, made: Made,
             failed: RankFailed, survivors):
     """After a dead rank: shrink, agree, and rebuild the layout, topology and placement among the
-    survivors, who re-prefill every request from its prompt and the tokens made so far (rank 0's)
+    survivors, who continue every unfinished request from its prompt and the tokens made so far (rank 0's)
     and go on from the first step rank 0 has not written. Survivors keep their experts (an expert
     with a surviving replica is served by it); an expert that lost every replica is built on the
     survivor with the fewest slots (ep, or a MoE rank in ma); in ma a standby takes its dead
     primary's head shard. When rank 0 (the writer) died its deputy, the new rank 0, writes the file
     from the steps it mirrored. When the survivors cannot go on, the run stops (stop_after_failure).
-    -> (topology, layout, placement, Survivors, Resume, writer) of the survivors."""
+    -> (topology, layout, placement, Survivors, Done, writer) of the survivors."""
     from hpcmoe.fault import Survivors, survive
     from hpcmoe.layout import MALayout
     from hpcmoe.placement import on_survivors
     from hpcmoe.topology import build_topology
-    from hpcmoe.workload import Resume
     config, original = recovery.config, recovery.original
     now = survivors.world_ranks if survivors is not None else tuple(range(topo.size))
     shrunk, dead_now, step, kept_now = survive(topo.world, failed.step)
@@ -344,10 +369,8 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
             stop("")
         if shrunk.Get_rank() == 0:
             writer = take_over_writer(recovery, made, now[0])
-    if writer is not None:
-        writer.write()  # the finished steps' tokens, to share
     done = shrunk.bcast(made.done, root=0)
-    tokens = shrunk.bcast(writer.file["generated"][:, :done] if writer is not None else None, root=0)
+    progress = shrunk.bcast(writer.done() if writer is not None else None, root=0)  # what every request made
     try:
         if isinstance(layout, MALayout):
             layout = layout.survivors(list(kept_now))
@@ -375,17 +398,17 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
                          f"{shrunk.Get_size()} ranks from step {done}{rebuilt}{writer_moved} (every request "
                          f"prefilled again)\n")
     return (new_topo, layout, placement, Survivors(kept, original.size),
-            Resume("", done, tokens, None, None, None), writer)
+            progress, writer)
 
 
 def take_over_writer(recovery: Recovery, made: Made, dead_writer: int) -> RunWriter:
     """The deputy's run file: the steps rank 0 had mirrored to it, as rank 0 wrote them (the
     steps after those are done again)."""
-    writer = open_writer(recovery.config, recovery.original, recovery.device, recovery.prompts, recovery.placement,
-                         recovery.source, recovery.resume)
+    writer = open_writer(recovery.config, recovery.original, recovery.device, recovery.placement, recovery.source,
+                         recovery.resume, recovery.max_batch)
     writer.file.attrs["writer_moved"] = f"rank {dead_writer} died; steps before {made.done} as it mirrored them"
-    for step, records in made.records:
-        write_step(writer, step, records)
+    for step, records, times in made.records:
+        write_step(writer, step, records, times)
     return writer
 
 
@@ -407,7 +430,7 @@ def stop_after_failure(recovery: Recovery, shrunk, writer, timer, made: Made, de
     records = shrunk.gather(((peak_rss_bytes(), "", []), None, None, timer.take()), root=0)
     if shrunk.Get_rank() == 0:
         records = Survivors(kept, recovery.original.size).widen_final(records)
-        metrics = finish(config, recovery.original, writer, records, recovery.prompts, made, done, True,
+        metrics = finish(config, recovery.original, writer, records, made, done, True,
                          failures=failure_rows(recovery.failures, {}))  # no step was done again
         sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}; the survivors cannot go on ({reason}); "
                          f"they wrote {metrics['path']} (steps 0..{done - 1}): continue with "
@@ -415,60 +438,120 @@ def stop_after_failure(recovery: Recovery, shrunk, writer, timer, made: Made, de
     leave(EXIT_RANK_FAILED)
 
 
-class Requests:
-    """A rank's requests as they generate: who is still in the batch (their cache rows, in order),
-    what each feeds next, and how many tokens each has made. A request leaves the batch when it
-    reaches its max_new_tokens or, with run.stop_at_eos, generates an end-of-sequence token (which
-    is kept as its last token); its KV cache rows are freed and it costs no more work anywhere."""
+class Row:
+    """A live request: its cache row holds `cached` positions; `todo` are the tokens it feeds before it
+    chooses its next token (the rest of its prompt, or its last token); `take` of them this step."""
 
-    def __init__(self, local: list, eos: tuple[int, ...], cache, earlier: np.ndarray | None = None):
-        """earlier: [local, steps] tokens a stopped run made (-1 after an end): a resumed request
-        prefills its prompt and those tokens again, and one that had ended takes no cache rows."""
-        self.local, self.eos = local, set(eos)
-        self.feed = [list(r.prompt_ids) for r in local]            # the tokens each request feeds next
-        self.made = [0] * len(local)
-        self.alive = list(range(len(local)))                      # local index of each cache row
-        if earlier is not None:
-            for i, row in enumerate(earlier):
-                made = [int(t) for t in row if t >= 0]
-                self.feed[i] += made
-                self.made[i] = len(made)
-            self.alive = [i for i in self.alive if self.made[i] < local[i].max_new_tokens
-                          and not (self.made[i] and self.feed[i][-1] in self.eos)]
-            if len(self.alive) < len(local):
-                keep_cache_rows(cache, self.alive)
-        self.cached = torch.zeros(len(self.alive), dtype=torch.int64)  # positions in the cache, per cache row
+    def __init__(self, index: int, request_id: str, todo: list[int], made: int, limit: int):
+        self.index, self.id, self.todo, self.made, self.limit, self.take = index, request_id, todo, made, limit, 0
+
+
+@dataclass
+class Events:
+    """What a rank's requests did in one step: the tokens made (request index, token, and the
+    finish reason, "" while it goes on) and the requests admitted."""
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    token: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reason: list = field(default_factory=list)
+    admitted: list = field(default_factory=list)
+
+
+class Batch:
+    """A rank's requests as they generate (continuous batching). Requests join in file order while
+    the batch has fewer than max_batch: with run.batching=continuous as soon as a slot frees, their
+    prompts prefilled in chunks inside the decode steps (at most run.prefill_chunk prompt tokens a
+    step, a row already in prefill first, at least one token each); with static, a whole batch at
+    once when the last one has ended, each prompt in one pass. A request leaves when it reaches its
+    max_new_tokens or, with run.stop_at_eos, makes an end-of-sequence token (kept as its last);
+    its KV cache rows are freed. Every decision reads only this rank's own requests and tokens, so
+    the ranks of an attention group (ma), which see the same tokens, decide the same."""
+
+    def __init__(self, source, mine, eos: tuple[int, ...], new_rows, cache, batching: str, max_batch: int,
+                 prefill_chunk: int, earlier=None):
+        """source: the run's requests (len, [i]); mine: the indices this rank serves, in file order;
+        new_rows(n): n empty KV cache rows, one list per layer; earlier: the Progress of a stopped
+        run or of the steps before a recovery (finished requests skipped, the others continued)."""
+        self.source, self.eos, self.new_rows, self.cache = source, set(eos), new_rows, cache
+        self.static, self.max_batch, self.chunk = batching == "static", max_batch, prefill_chunk
+        self.earlier = earlier
+        self.waiting = (i for i in mine if earlier is None or not earlier.finished[i])
+        self.next = next(self.waiting, None)
+        self.rows: list[Row] = []
+        self.cached = torch.zeros(0, dtype=torch.int64)  # positions in the cache, per row
         self.digests: dict[int, bytes] = {}  # sha256 of the KV cache rows of each request that left
 
-    def inputs(self, device) -> StepInputs:
-        return StepInputs.build([self.feed[i] for i in self.alive], self.cached, device)
+    @property
+    def busy(self) -> bool:
+        """Requests live or still to come on this rank."""
+        return bool(self.rows) or self.next is not None
 
-    def advance(self, chosen: np.ndarray, fed: torch.Tensor, cache) -> np.ndarray:
-        """chosen: [alive] this step's tokens -> [local] the step's tokens (-1 for requests already
-        ended); the ended ones leave the batch and their cache rows."""
-        tokens = np.full(len(self.local), -1, dtype=np.int64)
-        self.cached += fed
-        keep = []
-        for row, (i, token) in enumerate(zip(self.alive, chosen.tolist())):
-            tokens[i], self.made[i], self.feed[i] = token, self.made[i] + 1, [token]
-            if self.made[i] < self.local[i].max_new_tokens and token not in self.eos:
-                keep.append(row)
-        if len(keep) < len(self.alive):
-            for row in sorted(set(range(len(self.alive))) - set(keep)):
-                self.digests[self.alive[row]] = row_digest(cache, row)
-            self.alive = [self.alive[row] for row in keep]
+    def inputs(self, device) -> tuple[StepInputs, list[int]]:
+        """Admit what fits, then share out this step's tokens -> (the step's inputs, admitted indices)."""
+        budget = float("inf") if self.static else self.chunk
+        for row in self.rows:
+            row.take = 1 if len(row.todo) == 1 else max(1, min(len(row.todo), budget))
+            budget -= row.take if len(row.todo) > 1 else 0
+        joining = []
+        room = self.max_batch - len(self.rows) if not self.static or not self.rows else 0
+        while len(joining) < room and self.next is not None and budget > 0:
+            request = self.source[self.next]
+            made = self.earlier.partial.get(self.next, []) if self.earlier is not None else []
+            row = Row(self.next, request.id, list(request.prompt_ids) + list(made), len(made), request.max_new_tokens)
+            row.take = min(len(row.todo), budget)
+            budget -= row.take
+            joining.append(row)
+            self.next = next(self.waiting, None)
+        if joining:
+            for layer, new in zip(self.cache, self.new_rows(len(joining))):
+                for part, rows in zip(layer, new):
+                    part.data = torch.cat([part.data, rows.data])
+            self.rows += joining
+            self.cached = torch.cat([self.cached, torch.zeros(len(joining), dtype=torch.int64)])
+        return StepInputs.build([row.todo[:row.take] for row in self.rows], self.cached, device), \
+            [row.index for row in joining]
+
+    def positions(self) -> list[int]:
+        """The index, within its request, of the token each row chooses this step (seeds sampling)."""
+        return [row.made for row in self.rows]
+
+    def advance(self, chosen: np.ndarray) -> tuple[Events, list[int]]:
+        """chosen: [rows] this step's tokens (read for the rows whose prompt is all in) -> (the step's
+        events, the rows that made a token); the requests that ended leave the batch."""
+        self.cached += torch.tensor([row.take for row in self.rows], dtype=torch.int64)
+        events, made, keep = Events(), [], []
+        index, tokens = [], []
+        for r, row in enumerate(self.rows):
+            del row.todo[:row.take]
+            if row.todo:  # its prompt goes on in the next step
+                keep.append(r)
+                continue
+            token = int(chosen[r])
+            row.made += 1
+            made.append(r)
+            index.append(row.index)
+            tokens.append(token)
+            reason = "eos" if token in self.eos else "length" if row.made >= row.limit else ""
+            events.reason.append(reason)
+            if reason:
+                self.digests[row.index] = row_digest(self.cache, r)
+            else:
+                row.todo = [token]
+                keep.append(r)
+        events.index, events.token = np.array(index, np.int64), np.array(tokens, np.int64)
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[r] for r in keep]
             self.cached = self.cached[keep]
-            keep_cache_rows(cache, keep)
-        return tokens
+            keep_cache_rows(self.cache, keep)
+        return events, made
 
-    def cache_digest(self, cache) -> str:
+    def cache_digest(self) -> str:
         """sha256 over every request's KV cache rows in request order (those of requests that left
         the batch taken as they left): replicas that must agree bit for bit can be compared."""
         import hashlib
         digest = hashlib.sha256()
-        for i in range(len(self.local)):
-            digest.update(self.digests[i] if i in self.digests else
-                          row_digest(cache, self.alive.index(i)) if i in self.alive else b"")
+        live = {row.index: r for r, row in enumerate(self.rows)}
+        for i in sorted(set(self.digests) | set(live)):
+            digest.update(self.digests[i] if i in self.digests else row_digest(self.cache, live[i]))
         return digest.hexdigest()
 
 
@@ -489,85 +572,83 @@ def keep_cache_rows(cache, rows: list[int]) -> None:
             part.data = part.data.index_select(0, index.to(part.data.device))
 
 
-def run_steps(config, engine, timer, cache, local, gather, writer, progress, stop, made: Made, resume=None,
-              mine=range(0), survivors=None, mirror=None):
-    """Prefill and decode until every request has ended or max_new_tokens, or until the ranks agree
-    to stop; resumed, from the stopped run's step (each unfinished request prefilled again). Rank 0
-    keeps what the steps made in `made`; survivors (after a recovery) widen the records to the
-    original ranks. -> (steps done, the requests' final state)."""
-    from hpcmoe.workload import choose, eos_ids
+def run_steps(config, engine, timer, state: Batch, gather, writer, progress, stop, made: Made, survivors=None,
+              mirror=None) -> int:
+    """Step until every request of every rank has ended, or until the ranks agree to stop; resumed
+    (or after a recovery), from the step the run stopped at. Rank 0 keeps what the steps made in
+    `made` and writes each request as it ends; survivors (after a recovery) widen the records to
+    the original ranks. -> the steps done."""
+    from hpcmoe.workload import choose
     r = config.run
-    stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
-    earlier = resume.generated[list(mine)] if resume is not None else None
-    state = Requests(local, eos_ids(config.model.checkpoint) if stop_at_eos else (), cache, earlier)
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
-    steps, first = config.steps, resume.step if resume is not None else 0
+    step = first = made.done if survivors is not None else made.first
     rebalancer = getattr(engine, "rebalancer", None)
     try:
-        for step in range(first, steps):
-            engine.step, engine.prefill = step, step == first  # every request's prompt (again) in the first
+        while True:
+            engine.step, engine.prefill = step, step == first  # every live request's prompt (again) in the first
             if r.skew_drift:
                 rotate_skew(engine.model, step // r.skew_drift)
             if r.signal_at_step == step and engine.topo.rank == engine.topo.size - 1:
                 os.kill(os.getpid(), signal.SIGUSR1)  # testing: a stop signal to one rank, as Slurm would send
             stats = engine.new_stats()
+            started_at = timer.now()
             with timer.phase("step", step):
-                inputs = state.inputs(engine.device)
-                chosen, logits = engine.forward(inputs, cache, stats)
+                inputs, admitted = state.inputs(engine.device)
+                chosen, logits = engine.forward(inputs, state.cache, stats)
             if sampling is not None:  # needs every logit: drawn on the host, the same on every rank that holds them
                 logits = logits.cpu()
-                chosen = choose(logits.numpy(), [local[i].id for i in state.alive], step, sampling)
+                chosen = choose(logits.numpy(), [row.id for row in state.rows], state.positions(), sampling)
             else:
                 chosen = chosen.cpu().numpy()  # the step's one wait
             logits = logits.cpu().numpy() if config.output.save_logits and logits is not None else None
-            alive = list(state.alive)
-            tokens = state.advance(chosen, inputs.lengths, cache)
+            events, rows = state.advance(chosen)
+            events.admitted = admitted
             with timer.phase("output", step):
-                reported = slice(None) if engine.reports else slice(0)
-                if logits is not None:
-                    full = np.full((len(local), logits.shape[-1]), np.nan, np.float32)  # ended: no logits
-                    full[alive] = logits
-                    logits = full[reported]
+                if not engine.reports:
+                    events, logits = Events(), None
+                elif logits is not None:
+                    logits = logits[rows]
                 routing, traffic = stats.routing.cpu().numpy(), stats.traffic
                 if survivors is not None:
                     traffic = survivors.widen_traffic(traffic)
-                record = (tokens[reported], logits, (routing, traffic, int(stats.dropped)), timer.take())
+                record = (events, logits, (routing, traffic, int(stats.dropped)), timer.take())
                 maybe_die(step, -1, "record")
                 records = gather(record, step)
                 if records is not None:
                     if survivors is not None:
                         records = survivors.widen_steps(records)
-                    held_at = timer.now()  # rank 0 holds this step's tokens
-                    write_step(writer, step, records)
-                    entry = (step, records, held_at, timer.now())
+                    times = (started_at, timer.now())  # rank 0 holds this step's tokens
+                    write_step(writer, step, records, times)
+                    entry = (step, records, times, timer.now())
                     made.add(*entry)
                     if mirror is not None:
                         mirror.send(entry)
-                    times = made.token_times
-                    progress.update(step, timer.now() - (times[-2] if len(times) > 1 else 0.0))
+                    progress.update(step, writer, made)
                 elif mirror is not None:
                     mirror.receive()
             if rebalancer is not None:
                 rebalancer.after_step(step, routing)
-            if step + 1 < steps and stop.agreed(step, requests_left=bool(state.alive), at_once=step == first):
-                return step + 1, state
-            maybe_die(step, -1, "between_steps")
+            step += 1
+            if stop.agreed(step - 1, requests_left=state.busy, at_once=step - 1 == first or not state.busy):
+                return step
+            maybe_die(step - 1, -1, "between_steps")
     except Exception as error:  # noqa: BLE001 (a dead rank, under run.fault_tolerance: the survivors go on)
         if r.fault_tolerance and is_failure(error):
             raise RankFailed(engine.step, getattr(error, "where", None), timer.now()) from error
         raise
-    return steps, state
 
 
-def finish(config, topo, writer, records, prompts, made: Made, done: int, signalled: bool, history=(),
+def finish(config, topo, writer, records, made: Made, done: int, signalled: bool, history=(),
            failures=()) -> dict:
     """Rank 0: metrics over the steps this run did (a resumed run: those after it resumed), then the
-    file is complete, or partial (NAME.partial.h5) when a signal stopped it after `done` steps."""
+    file is complete, or partial (NAME.partial.h5) when a signal stopped it after `done` steps (its
+    live requests written with finish reason `stop`, to continue)."""
     writer.append_timings(np.concatenate([r[3] for r in records]))
     writer.write()
     timings = writer.file["timings"][:]
-    metrics, spans = compute_metrics(np.array(made.token_times), sum(map(len, prompts)),
+    metrics, spans = compute_metrics(np.array(made.token_times), int(config.requests.prompt_lengths.sum()),
                                      np.array([g for g in made.generated if g]))
+    writer.stop_live(done - 1, made.token_times[-1] if made.token_times else 0.0)
     writer.write_requests(config)
     per_rank = busy_and_idle(timings, topo.size)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
@@ -603,11 +684,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_step(writer: RunWriter, step: int, records: list) -> None:
-    """records: per rank (tokens [b_r], logits [b_r, vocab] or None, (routing, traffic, dropped), timing rows)."""
-    tokens = np.concatenate([r[0] for r in records])
-    logits = np.concatenate([r[1] for r in records if r[1] is not None]) if records[0][1] is not None else None
+def write_step(writer: RunWriter, step: int, records: list, times: tuple[float, float]) -> None:
+    """records: per rank (Events, logits [tokens, vocab] or None, (routing, traffic, dropped), timing
+    rows); times: (when the step began, when its tokens were held) on rank 0's clock."""
     routing = np.stack([r[2][0] for r in records], axis=1)   # [moe_layers, ranks, experts]
     traffic = np.stack([r[2][1] for r in records], axis=1)   # [moe_layers, src, dst]
-    writer.append_step(step, tokens, logits, routing, traffic)
+    writer.append_step(step, routing, traffic)
     writer.append_timings(np.concatenate([r[3] for r in records]))
+    writer.take_tokens(step, [r[0] for r in records], [r[1] for r in records], *times)

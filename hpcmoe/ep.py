@@ -90,7 +90,8 @@ class Messaging:
         """data_parallel: how many ranks (or attention groups) split the requests."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
         self.decode_min = config.run.decode_micro_batch_min
-        self.requests_per_rank = requests_per_rank(len(config.prompts), data_parallel)
+        self.requests_per_rank = min(requests_per_rank(len(config.requests), data_parallel),
+                                     config.run.max_batch or len(config.requests))
         self.sender = messaging(config, topo, device)
         stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
@@ -145,8 +146,8 @@ class EPEngine:
             self.rebalancer = Rebalancer(config, topo, self, placement, timer)
 
     def requests(self, batch: int) -> range:
-        """The requests this rank computes: a contiguous block."""
-        return request_range(batch, self.topo.size, self.rank)
+        """The requests this rank computes: every size-th of the file, from its rank on."""
+        return range(self.rank, batch, self.topo.size)
 
     def new_cache(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)

@@ -181,7 +181,8 @@ class MALayout:
         return [p for shards in self.shards for p, _ in shards]
 
     def group_requests(self, batch: int, rank: int) -> range:
-        return request_range(batch, self.replicas, self.group_of(rank))
+        """The requests of rank's attention group: every replicas-th of the file, from its group on."""
+        return range(self.group_of(rank), batch, self.replicas)
 
     def placement(self, node_of_rank=None, routing=None) -> placements.Placement:
         """Experts packed over the MoE ranks (E/M each, uneven when they do not divide)."""

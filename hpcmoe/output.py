@@ -183,6 +183,10 @@ def previous_imbalance(path: str) -> float:
         return rank_load_imbalance(f["traffic"][:])
 
 
+def tokenizer_exists(checkpoint: str | None) -> bool:
+    return bool(checkpoint) and os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -196,33 +200,61 @@ def run_attrs(config, node_of_rank, ranks_per_node: int, device: str, device_nam
 
 
 class RunWriter:
-    """Rank 0's handle on the run file; every array carries its axis names in attribute `axes`."""
+    """Rank 0's handle on the run file; every array carries its axis names in attribute `axes`.
 
-    def __init__(self, path: str, attrs: dict, prompts: list[list[int]], steps: int, vocab: int,
-                 moe_layers: int, num_ranks: int, num_experts: int, save_logits: bool):
+    Per step: /routing, /traffic and /timings rows, buffered and written in blocks. Per request,
+    as it ends: one row of the /requests group (flushed to disk, so a crash or kill -9 keeps every
+    request that had finished). At the end: the per-request arrays in file order (/generated ...)."""
+
+    REQUEST_FIELDS = {  # /requests/NAME: (dtype, meaning); one row per finished request, in the order they ended
+        "index": (np.int64, "the request's place in the prompt file (0-based)"),
+        "id": (None, "the request's id"),
+        "finish_reason": ("S6", "eos | length | stop (the run was stopped first: --resume continues it)"),
+        "prompt_ids": ("vlen_i8", "the prompt's token ids"),
+        "prompt_text": ("vlen_u8", "the prompt as given, UTF-8 bytes (empty for token-id prompts)"),
+        "completion_ids": ("vlen_i8", "the tokens made, an end-of-sequence token included"),
+        "text": ("vlen_u8", "the completion decoded by the checkpoint's tokenizer, UTF-8 bytes (any byte, NUL too)"),
+        "admitted_at": (np.float64, "seconds since the common start when it joined the batch"),
+        "first_token_at": (np.float64, "seconds since the common start when its first token was held"),
+        "finished_at": (np.float64, "seconds since the common start when its last token was held"),
+        "ttft_s": (np.float64, "first_token_at - admitted_at"),
+        "tokens_per_s": (np.float64, "tokens made / (finished_at - admitted_at)"),
+        "admitted_step": (np.int64, "the step it joined the batch in"),
+        "finished_step": (np.int64, "the step of its last token"),
+    }
+
+    def __init__(self, path: str, attrs: dict, requests, width: int, vocab: int, moe_layers: int, num_ranks: int,
+                 num_experts: int, save_logits: bool, checkpoint: str | None = None):
+        """requests: the run's requests (hpcmoe.workload: len, [i], prompt_lengths); width: the most
+        tokens a request may make."""
         import h5py
-        self.path, self.tmp = path, path + ".tmp"
+        self.path, self.tmp, self.requests, self.checkpoint = path, path + ".tmp", requests, checkpoint
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.file = h5py.File(self.tmp, "w")
         self.file.attrs.update({**attrs, "started": now(), "complete": False})
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        padded = np.full((batch, longest), -1, dtype=np.int64)
-        for i, p in enumerate(prompts):
-            padded[i, :len(p)] = p
-        self.array("prompt_ids", data=padded, axes=["request", "position"], padding=-1)
-        self.array("prompt_lengths", data=np.array([len(p) for p in prompts], np.int64), axes=["request"])
-        self.array("generated", shape=(batch, steps), dtype=np.int64, fillvalue=-1,
-                   axes=["request", "new_token"])
+        self.width = width
         if save_logits:
-            self.array("logits", shape=(batch, steps, vocab), dtype=np.float32, chunks=(batch, 1, vocab),
-                       axes=["request", "new_token", "vocab"])
-        self.array("routing", shape=(steps, moe_layers, num_ranks, num_experts), dtype=np.int64,
-                   axes=["step", "moe_layer", "source_rank", "expert"], units="token slots")
-        self.array("traffic", shape=(steps, moe_layers, num_ranks, num_ranks), dtype=np.int64,
-                   axes=["step", "moe_layer", "src_rank", "dst_rank"], units="bytes (dispatch payload)")
+            self.array("logits", shape=(len(requests), width, vocab), dtype=np.float32, chunks=(1, 1, vocab),
+                       fillvalue=np.nan, axes=["request", "new_token", "vocab"])
+        self.array("routing", shape=(0, moe_layers, num_ranks, num_experts), maxshape=(None, moe_layers, num_ranks,
+                   num_experts), dtype=np.int64, axes=["step", "moe_layer", "source_rank", "expert"], units="token slots")
+        self.array("traffic", shape=(0, moe_layers, num_ranks, num_ranks), maxshape=(None, moe_layers, num_ranks,
+                   num_ranks), dtype=np.int64, axes=["step", "moe_layer", "src_rank", "dst_rank"],
+                   units="bytes (dispatch payload)")
         self.array("timings", shape=(0,), maxshape=(None,), dtype=TIMING_DTYPE, chunks=(4096,),
                    axes=["row"], units="seconds since the common start barrier")
+        group = self.file.create_group("requests")
+        group.attrs["rows"] = "one per request, written as it ends (in that order); index: its place in the file"
+        for name, (dtype, meaning) in self.REQUEST_FIELDS.items():
+            dtype = h5py.string_dtype("utf-8") if dtype is None else h5py.vlen_dtype(np.dtype(dtype[5:])) \
+                if str(dtype).startswith("vlen_") else dtype
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,)).attrs.update(
+                {"axes": ["finished_request"], "meaning": meaning})
+        self.finished = np.zeros(len(requests), bool)
+        self.live: dict[int, dict] = {}          # request index -> its tokens and times so far
+        self.resumed: dict[int, list[int]] = {}  # a resumed run: the tokens its stopped requests had made
         self.pending, self.timing_rows, self.held, self.written_at = [], [], 0, time.monotonic()
+        self.steps = 0
 
     def array(self, name: str, axes: list[str], **attrs_and_args):
         attrs = {k: attrs_and_args.pop(k) for k in ("units", "padding") if k in attrs_and_args}
@@ -277,10 +309,10 @@ class RunWriter:
     # the end): one HDF5 call per dataset and block instead of per step; memory stays bounded.
     WRITE_EVERY_S, WRITE_BYTES = 2.0, 64 * 2 ** 20
 
-    def append_step(self, step: int, tokens: np.ndarray, logits, routing: np.ndarray, traffic: np.ndarray):
-        """tokens: [batch]; logits: [batch, vocab] or None; routing: [moe_layers, ranks, experts]."""
-        self.pending.append((step, tokens, logits, routing, traffic))
-        self.maybe_write(sum(a.nbytes for a in (tokens, logits, routing, traffic) if a is not None))
+    def append_step(self, step: int, routing: np.ndarray, traffic: np.ndarray):
+        """routing: [moe_layers, ranks, experts]; traffic: [moe_layers, ranks, ranks] of step `step`."""
+        self.pending.append((step, routing, traffic))
+        self.maybe_write(routing.nbytes + traffic.nbytes)
 
     def append_timings(self, rows: np.ndarray):
         self.timing_rows.append(rows)
@@ -295,12 +327,12 @@ class RunWriter:
         """Write the buffered steps (consecutive) and timing rows."""
         if self.pending:
             first, last = self.pending[0][0], self.pending[-1][0] + 1
-            steps = list(zip(*self.pending))
-            self.file["generated"][:, first:last] = np.stack(steps[1], axis=1)
-            if steps[2][0] is not None and "logits" in self.file:
-                self.file["logits"][:, first:last] = np.stack(steps[2], axis=1)
-            self.file["routing"][first:last] = np.stack(steps[3])
-            self.file["traffic"][first:last] = np.stack(steps[4])
+            for name, column in (("routing", 1), ("traffic", 2)):
+                dataset = self.file[name]
+                if dataset.shape[0] < last:
+                    dataset.resize(last, axis=0)
+                dataset[first:last] = np.stack([entry[column] for entry in self.pending])
+            self.steps = max(self.steps, last)
             self.pending = []
         if self.timing_rows:
             rows, table = np.concatenate(self.timing_rows), self.file["timings"]
@@ -309,30 +341,140 @@ class RunWriter:
             self.timing_rows = []
         self.held, self.written_at = 0, time.monotonic()
 
+    def take_tokens(self, step: int, events: list, logits: list, started_at: float, held_at: float) -> None:
+        """The step's events of every rank (hpcmoe.engine.Events) and, with output.save_logits, the
+        logits of each token made ([tokens, vocab] per rank): rank 0 follows every live request and
+        writes the ones that ended (flushed: on disk even if the job is killed next)."""
+        ended = []
+        for rank_events, rank_logits in zip(events, logits):
+            for index in rank_events.admitted:
+                if index not in self.live:  # (after a recovery a live request joins again: kept as it was)
+                    self.live[index] = {"tokens": list(self.resumed.get(index, [])), "admitted_at": started_at,
+                                        "admitted_step": step, "first_token_at": float("nan")}
+            for k, (index, token, reason) in enumerate(zip(rank_events.index.tolist(), rank_events.token.tolist(),
+                                                           rank_events.reason)):
+                live = self.live[index]
+                if rank_logits is not None and "logits" in self.file:
+                    self.file["logits"][index, len(live["tokens"])] = rank_logits[k]
+                live["tokens"].append(token)
+                if live["first_token_at"] != live["first_token_at"]:  # NaN: this is its first new token
+                    live["first_token_at"] = held_at
+                if reason:
+                    ended.append((index, reason))
+        if ended:
+            self.write_ended([(index, reason, self.live.pop(index)) for index, reason in ended], step, held_at)
+
+    def write_ended(self, ended: list, step: int, held_at: float) -> None:
+        """Append rows to /requests: (request index, finish reason, its live record) each."""
+        from hpcmoe.workload import decode
+        columns = {name: [] for name in self.REQUEST_FIELDS}
+        for index, reason, live in ended:
+            request = self.requests[index]
+            admitted = live["admitted_at"]
+            text = decode(self.checkpoint, live["tokens"])
+            row = {"index": index, "id": request.id, "finish_reason": reason.encode(),
+                   "prompt_ids": np.array(request.prompt_ids, np.int64),
+                   "prompt_text": np.frombuffer((request.prompt or "").encode(), np.uint8),
+                   "completion_ids": np.array(live["tokens"], np.int64),
+                   "text": np.frombuffer((text or "").encode(), np.uint8),
+                   "admitted_at": admitted, "first_token_at": live["first_token_at"], "finished_at": held_at,
+                   "ttft_s": live["first_token_at"] - admitted,
+                   "tokens_per_s": len(live["tokens"]) / max(held_at - admitted, 1e-9),
+                   "admitted_step": live["admitted_step"], "finished_step": step}
+            for name, value in row.items():
+                columns[name].append(value)
+            self.finished[index] = reason != "stop"
+        group = self.file["requests"]
+        for name, values in columns.items():
+            dataset = group[name]
+            start = dataset.shape[0]
+            dataset.resize((start + len(values),))
+            if dataset.dtype.kind == "O" and name != "id":  # one by one: h5py would make equal lengths 2-d
+                for k, value in enumerate(values):
+                    dataset[start + k] = value
+            else:
+                dataset[start:] = values
+        self.file.flush()
+
+    def stop_live(self, step: int, held_at: float) -> None:
+        """A stopped run: every live request is written with finish reason `stop` (to continue)."""
+        if self.live:
+            self.write_ended([(index, "stop", self.live.pop(index)) for index in sorted(self.live)], step, held_at)
+
+    def done(self):
+        """What this run has done so far (hpcmoe.workload.Done): to share after a recovery."""
+        from hpcmoe.workload import Done
+        return Done(self.finished.copy(), {index: list(live["tokens"]) for index, live in self.live.items()})
+
     def write_finished_steps(self, resume) -> None:
-        """A resumed run's file starts with the steps the stopped run finished, as it wrote them."""
+        """A resumed run's file starts with what the stopped run wrote: its steps' statistics, its
+        finished requests (and their logits); its stopped requests go on from their tokens."""
+        import h5py
         k = resume.step
-        self.file["generated"][:, :k] = resume.generated
-        self.file["routing"][:k] = resume.routing
-        self.file["traffic"][:k] = resume.traffic
-        if resume.logits is not None and "logits" in self.file:
-            self.file["logits"][:, :k] = resume.logits
+        for name, values in (("routing", resume.routing), ("traffic", resume.traffic)):
+            self.file[name].resize(k, axis=0)
+            self.file[name][:k] = values
+        self.steps = k
+        self.resumed = resume.done.partial
+        with h5py.File(resume.path, "r", locking=False) as old:
+            rows = old["requests"]
+            keep = np.flatnonzero(rows["finish_reason"][:] != b"stop")
+            for name in self.REQUEST_FIELDS:
+                dataset = self.file["requests"][name]
+                dataset.resize((len(keep),))
+                if len(keep):
+                    dataset[:] = rows[name][:][keep]
+            if "logits" in old and "logits" in self.file:
+                for index in sorted(set(rows["index"][:].tolist())):
+                    self.file["logits"][index] = old["logits"][index]
+        self.finished[:] = resume.done.finished
 
     def write_requests(self, config) -> None:
-        """/request_ids, /generated_lengths (each request's tokens, its eos token included) and, with a
-        tokenizer, /generated_text (UTF-8)."""
+        """The per-request arrays in file order, from /requests (requests that never started: -1
+        tokens, no text): /request_ids, /prompt_ids, /prompt_lengths, /generated [request, new_token]
+        (-1 padded), /generated_lengths and, with a tokenizer, /generated_text (UTF-8; a NUL
+        character appears as U+2400, the exact bytes are in /requests/text)."""
         import h5py
-        from hpcmoe.workload import decode
         self.write()
-        generated = self.file["generated"][:]
-        lengths = (generated >= 0).sum(axis=1).astype(np.int64)
+        rows = self.file["requests"]
+        order = np.argsort(rows["index"][:], kind="stable")
+        where = dict(zip(rows["index"][:][order].tolist(), order.tolist()))
+        n, longest = len(self.requests), int(self.requests.prompt_lengths.max())
         strings = h5py.string_dtype("utf-8")
-        self.array("request_ids", data=np.array([r.id for r in config.requests], dtype=object), dtype=strings,
-                   axes=["request"])
-        self.array("generated_lengths", data=lengths, axes=["request"], units="tokens")
-        texts = [decode(config.model.checkpoint, row) for row in generated]
-        if texts and texts[0] is not None:
-            self.array("generated_text", data=np.array(texts, dtype=object), dtype=strings, axes=["request"])
+        ids = self.array("request_ids", shape=(n,), dtype=strings, axes=["request"])
+        prompts = self.array("prompt_ids", shape=(n, longest), dtype=np.int64, fillvalue=-1, padding=-1,
+                             chunks=(min(n, 1024), longest), axes=["request", "position"], compression="gzip")
+        self.array("prompt_lengths", data=self.requests.prompt_lengths, axes=["request"])
+        generated = self.array("generated", shape=(n, self.width), dtype=np.int64, fillvalue=-1, padding=-1,
+                               chunks=(min(n, 1024), self.width), axes=["request", "new_token"], compression="gzip")
+        lengths = self.array("generated_lengths", shape=(n,), dtype=np.int64, axes=["request"], units="tokens")
+        has_text = tokenizer_exists(self.checkpoint)
+        texts = self.array("generated_text", shape=(n,), dtype=strings, axes=["request"]) if has_text else None
+        completions, encoded, replaced = rows["completion_ids"][:], rows["text"][:], 0
+        for start in range(0, n, 4096):  # in blocks: a million requests stay within memory
+            block = range(start, min(n, start + 4096))
+            made = np.full((len(block), self.width), -1, np.int64)
+            prompt = np.full((len(block), longest), -1, np.int64)
+            names, words = [], []
+            for j, i in enumerate(block):
+                request = self.requests[i]
+                names.append(request.id)
+                prompt[j, :len(request.prompt_ids)] = request.prompt_ids
+                text = ""
+                if i in where:
+                    tokens = completions[where[i]]
+                    made[j, :len(tokens)] = tokens
+                    text = bytes(encoded[where[i]]).decode("utf-8", "replace")
+                replaced += text.count("\0")
+                words.append(text.replace("\0", "\u2400"))
+            ids[block.start:block.stop] = names
+            prompts[block.start:block.stop] = prompt
+            generated[block.start:block.stop] = made
+            lengths[block.start:block.stop] = (made >= 0).sum(1)
+            if texts is not None:
+                texts[block.start:block.stop] = words
+        if texts is not None:
+            texts.attrs.update({"nul_shown_as": "U+2400", "nul_characters": replaced, "exact": "/requests/text"})
 
     def finish(self, metrics: dict, step_seconds: np.ndarray, per_rank: dict[str, np.ndarray],
                complete: bool = True, failures=()) -> str:

@@ -7,6 +7,8 @@ the start-up check of `hpcmoe run` uses.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from hpcmoe.config import Config
 from hpcmoe.layout import MALayout, ParallelLayout, request_range
 
@@ -32,23 +34,34 @@ class ModelSizes:
         return self.shards[shards]
 
 
-def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> dict:
-    """-> {"total_weight_bytes", "roles": {role: {weights, kv_cache, buffers, total, ...}}, "max_rank_bytes"}:
-    each role's largest rank (most experts, most requests) for `ranks` ranks (the layout is
-    validated first: a rank count that does not fit raises)."""
+def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max_batch: int | None = None,
+                runtime: int = 0) -> dict:
+    """-> {"total_weight_bytes", "roles": {role: {weights, kv_cache, buffers, activations, runtime, total,
+    ...}}, "max_rank_bytes"}: each role's largest rank (most experts, most requests) for `ranks` ranks
+    (the layout is validated first: a rank count that does not fit raises). max_batch: requests live
+    at once per attention-holding rank (default run.max_batch, else all); runtime: the process
+    itself (the interpreter, torch, MPI: measured by the caller)."""
     from hpcmoe.model import cache_bytes_per_token
     sizes = sizes or ModelSizes(config)
-    m, requests = config.model, sizes.requests
+    m, r, requests = config.model, config.run, sizes.requests
+    max_batch = max_batch or r.max_batch or len(requests)
     layout = ParallelLayout.from_config(config, ranks)
-    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    prompts = requests.prompt_lengths
+    longest = int((prompts + requests.max_new_tokens).max())
     itemsize = 2 if m.dtype_name == "bfloat16" else 4
     placement = layout.placement((0,) * ranks)
     moe_ranks = range(layout.attention_ranks, ranks) if isinstance(layout, MALayout) else range(ranks)
     experts = max(len(placement.experts_of_rank(r)) for r in moe_ranks)
 
-    def largest_block(parts: int) -> tuple[int, int]:  # (requests, prompt tokens) of the fullest block
-        blocks = [[requests[i] for i in request_range(len(requests), parts, b)] for b in range(parts)]
-        return max((len(block), sum(len(r.prompt_ids) for r in block)) for block in blocks)
+    def largest_block(parts: int) -> tuple[int, int]:  # (live requests, tokens fed) of the fullest step of a rank
+        share = np.sort(prompts[:parts])[::-1] if parts > len(prompts) else np.sort(prompts[0::parts])[::-1]
+        rows = min(max_batch, len(share))
+        fed = int(share[:rows].sum())
+        return rows, fed if r.batching == "static" else min(fed, rows - 1 + r.prefill_chunk)
+
+    def activations(rows: int, fed: int, heads: int) -> int:  # one step's padded tensors and attention scores
+        width = int(prompts.max()) if r.batching == "static" else min(int(prompts.max()), r.prefill_chunk)
+        return rows * width * (16 * m.hidden * itemsize + 3 * heads * longest * 4) + fed * m.vocab * 4
 
     def exchange_buffers(tokens: int) -> int:  # send and receive buffers of one exchange, k slots per token
         return 2 * tokens * m.top_k * m.hidden * itemsize
@@ -59,10 +72,12 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> 
         weights, per_token = sizes.attention(shards)
         served, tokens = largest_block(layout.replicas)
         roles["attention"] = {"ranks": layout.attention_ranks, "weights": weights, "kv_cache": served * longest * per_token,
-                              "buffers": exchange_buffers(-(-tokens // shards)) + 2 * tokens * m.hidden * 4}
-        routed = sum(len(r.prompt_ids) for r in requests)
+                              "buffers": exchange_buffers(-(-tokens // shards)) + 2 * tokens * m.hidden * 4,
+                              "activations": activations(served, tokens, -(-m.heads // shards))}
+        routed = tokens * layout.replicas
         roles["moe"] = {"ranks": layout.moe_ranks, "weights": experts * sizes.per_expert, "kv_cache": 0,
-                        "buffers": exchange_buffers(-(-routed // layout.moe_ranks)), "experts_per_rank": experts}
+                        "buffers": exchange_buffers(-(-routed // layout.moe_ranks)), "experts_per_rank": experts,
+                        "activations": 4 * routed * m.top_k * (m.hidden + m.expert_hidden) * itemsize // layout.moe_ranks}
     else:
         served, tokens = largest_block(ranks)
         tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
@@ -72,18 +87,45 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None) -> 
             buffers += experts * sizes.per_expert // tp
         roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert // tp,
                        "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": buffers,
-                       "experts_per_rank": experts, "expert_tp": tp}
+                       "activations": activations(served, tokens, m.heads), "experts_per_rank": experts, "expert_tp": tp}
     for role in roles.values():
-        role["total"] = role["weights"] + role["kv_cache"] + role["buffers"]
+        role["runtime"] = runtime
+        role["total"] = role["weights"] + role["kv_cache"] + role["buffers"] + role["activations"] + runtime
     return {"total_weight_bytes": sizes.whole, "roles": roles, "max_rank_bytes": max(r["total"] for r in roles.values())}
+
+
+MAX_BATCH_CAP = 1024  # the default run.max_batch never exceeds this, however much memory is free
+
+
+def default_max_batch(config: Config, ranks: int, memory_bytes: float, runtime: int = 0,
+                      sizes: ModelSizes | None = None) -> int:
+    """run.max_batch when it is not set: the most live requests per attention-holding rank whose
+    KV cache and step activations keep the largest rank within 80% of `memory_bytes` (at least 1,
+    at most MAX_BATCH_CAP, at most the requests a rank has)."""
+    sizes = sizes or ModelSizes(config)
+    low, high = 1, min(MAX_BATCH_CAP, len(sizes.requests))
+    fits = lambda b: rank_memory(config, ranks, sizes, b, runtime)["max_rank_bytes"] <= 0.8 * memory_bytes
+    while low < high:  # the largest that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def process_bytes() -> int:
+    """This process's resident memory now (the interpreter, torch and MPI before any model)."""
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def plan(config: Config, ranks: int, device_memory_bytes: float) -> dict:
     """The memory of `ranks` ranks against `device_memory_bytes` per rank, and the smallest rank
     count that fits (ep: more ranks spread the experts; ma: more MoE ranks, attention ranks kept)."""
     sizes = ModelSizes(config)
+    max_batch = config.run.max_batch or default_max_batch(config, ranks, device_memory_bytes, sizes=sizes)
     result = {"ranks": ranks, "layout": config.parallel.layout, "dtype": config.model.dtype_name,
-              "device_memory_bytes": int(device_memory_bytes), **rank_memory(config, ranks, sizes)}
+              "device_memory_bytes": int(device_memory_bytes), "max_batch": max_batch,
+              **rank_memory(config, ranks, sizes, max_batch)}
     result["fits"] = result["max_rank_bytes"] <= device_memory_bytes
     result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"] = smallest_fit(config, device_memory_bytes,
                                                                                        sizes)
@@ -133,12 +175,14 @@ def human_bytes(n: float) -> str:
 def describe(result: dict) -> str:
     gib = human_bytes
     lines = [f"hpcmoe plan: {result['ranks']} ranks, layout {result['layout']}, {result['dtype']}; whole model "
-             f"{gib(result['total_weight_bytes'])} of weights"]
+             f"{gib(result['total_weight_bytes'])} of weights; up to {result['max_batch']} live requests per "
+             f"attention-holding rank (run.max_batch)"]
     for name, role in result["roles"].items():
         experts = f", {role['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in role else ""
         experts += f", each 1/{role['expert_tp']} of it" if role.get("expert_tp", 1) > 1 else ""
         lines.append(f"  per {name} rank ({role['ranks']} ranks{experts}): {gib(role['total'])} = weights "
-                     f"{gib(role['weights'])} + KV cache {gib(role['kv_cache'])} + buffers {gib(role['buffers'])}")
+                     f"{gib(role['weights'])} + KV cache {gib(role['kv_cache'])} + buffers {gib(role['buffers'])}"
+                     f" + activations {gib(role['activations'])} + runtime {gib(role['runtime'])}")
     verdict = "fits" if result["fits"] else "does not fit"
     lines.append(f"  largest rank {gib(result['max_rank_bytes'])} {verdict} in {gib(result['device_memory_bytes'])} "
                  f"per rank")

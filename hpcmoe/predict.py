@@ -85,7 +85,7 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
 def attention_tokens(config, prompt_lengths: np.ndarray, rank: int, ranks: int) -> tuple[list[float], list[float]]:
     """Per step: (new tokens `rank` ran attention for, positions they attended to), each times the
     rank's share of the heads (0 on MoE ranks)."""
-    from hpcmoe.layout import MALayout, ParallelLayout, request_range
+    from hpcmoe.layout import MALayout, ParallelLayout
     batch, steps = len(prompt_lengths), config.run.max_new_tokens
     layout = ParallelLayout.from_config(config, ranks)
     if isinstance(layout, MALayout):
@@ -93,7 +93,7 @@ def attention_tokens(config, prompt_lengths: np.ndarray, rank: int, ranks: int) 
             return [0.0] * steps, [0.0] * steps
         requests, share = layout.group_requests(batch, rank), 1.0 / len(layout.primaries(rank))
     else:
-        requests, share = request_range(batch, ranks, rank), 1.0
+        requests, share = range(rank, batch, ranks), 1.0
     lengths = prompt_lengths[list(requests)].astype(float)
     tokens = [share * lengths.sum()] + [share * len(lengths)] * (steps - 1)
     context = [share * (lengths * (lengths + 1) / 2).sum()] + [share * (lengths + step).sum() for step in range(1, steps)]

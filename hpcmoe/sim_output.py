@@ -51,16 +51,15 @@ def write_run_file(sim, path: str, metrics: dict, spans, per_rank: dict, timings
              "simulated": True, "machine": sim.machine.name}
     if sim.context is not None:
         attrs["steady_decode_context"] = sim.context
-    writer = RunWriter(path, attrs, config.prompts, config.steps, m.vocab, m.moe_layers, ranks, m.num_experts, False)
+    writer = RunWriter(path, attrs, config.requests, config.steps, m.vocab, m.moe_layers, ranks, m.num_experts, False)
     try:
         source = f"routing of {config.parallel.placement_from}" if config.parallel.placement_from else "uniform"
         writer.write_placement(sim.placement.expert_ranks(), m.moe_layers, sim.placement.mode, source, sim.placement.tp)
-        batch = len(config.requests)
         for step in range(config.steps):
-            writer.append_step(step, np.full(batch, -1, np.int64), None, sim.routing_counts[step], sim.traffic[step])
+            writer.append_step(step, sim.routing_counts[step], sim.traffic[step])
         writer.append_timings(timings)
         writer.write_requests(config)
-        writer.file["generated_lengths"][:] = [r.max_new_tokens for r in config.requests]
+        writer.file["generated_lengths"][:] = config.requests.max_new_tokens
         writer.finish(metrics, spans, per_rank)
     except BaseException:
         writer.discard()

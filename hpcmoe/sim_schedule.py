@@ -53,7 +53,7 @@ def rank_main(sim, rank: int):
     config, costs, layout = sim.config, sim.costs, sim.layout
     requests, m = config.requests, config.model
     if not sim.is_ma:
-        mine = request_range(len(requests), sim.ranks, rank)
+        mine = range(rank, len(requests), sim.ranks)
     else:
         mine = layout.group_requests(len(requests), rank) if layout.is_attention(rank) else range(0)
     vote = None
