@@ -110,6 +110,9 @@ def parse_args(argv):
     calibrate.add_argument("--out", required=True, metavar="MACHINE.yaml")
     calibrate.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "inputs", "debug.yaml"),
                            help="the model whose short runs give the engine's fixed costs (default: the debug model)")
+    export = commands.add_parser("export", help="a run file's requests as JSON lines (id, prompt, completion, ...)")
+    export.add_argument("run", metavar="RUN.h5", help="a run file: complete, partial, or left by a killed job (.tmp)")
+    export.add_argument("--jsonl", required=True, metavar="OUT.jsonl", help="where to write (- for stdout)")
     simulate = commands.add_parser("simulate", help="the engine's schedule on a machine file, without running it")
     simulate.add_argument("config")
     simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -386,6 +389,15 @@ def main(argv=None) -> int:
             command(args.config, args.set, args.machine, args.ranks, args.routing, args.output, args.steady_decode)
         except ValueError as e:
             fail(str(e))
+        return 0
+    if args.command == "export":
+        from hpcmoe.output import export_jsonl
+        try:
+            count, note = export_jsonl(args.run, args.jsonl)
+        except ValueError as e:
+            fail(str(e))
+        if args.jsonl != "-":
+            print(f"wrote {count} requests to {args.jsonl}{note}")
         return 0
     if args.command == "report":
         from hpcmoe.report import main as report_main

@@ -231,3 +231,150 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     assert names and all(".mlp.experts.1." in n or ".mlp.experts.4." in n for n in names)
     assert len(names) == 2 * 3 * m.moe_layers  # two experts x gate/up/down x MoE layers: no router, no attention
     assert sum(end - start for _, start, end in reads) == sum(p.numel() for p in experts.parameters()) * itemsize
+
+
+def copy_checkpoint(source, tmp_path):
+    target = tmp_path / "corrupt"
+    shutil.copytree(source, target)
+    return str(target), str(target / "model.safetensors")
+
+
+def truncate(path, fraction):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * fraction))
+
+
+def rewrite_header(path, edit):
+    """Rewrite a .safetensors file's header through `edit(header dict)`, keeping its data bytes."""
+    import struct
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header, data = json.loads(f.read(length)), f.read()
+    edit(header)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
+    from hpcmoe.checkpoint import check_tensors
+    from hpcmoe.config import load_config
+    from hpcmoe.model import expected_tensors
+    directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
+    expected = expected_tensors(load_config(None, [f"model.checkpoint={directory}"]).model)
+    truncate(path, 0.55)
+    with pytest.raises(ValueError) as e:
+        check_tensors(directory, expected)
+    message = str(e.value)
+    assert "\n" not in message and path in message and "tensor 'model." in message, message
+    assert "end beyond the file's" in message and "(truncated?)" in message, message
+
+
+def test_a_file_truncated_after_its_header_was_checked_is_a_short_read(checkpoints, tmp_path):
+    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.config import load_config
+    from hpcmoe.model import expected_tensors
+    directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
+    config = load_config(None, [f"model.checkpoint={directory}"])
+    index = check_tensors(directory, expected_tensors(config.model))
+    load = tensor_loader(directory, index)
+    last = max(index.values(), key=lambda entry: entry.end)
+    truncate(path, 0.55)
+    name = next(n for n, entry in index.items() if entry is last)
+    hpcmoe_name = name.removeprefix("model.")
+    with pytest.raises(ValueError, match=r"short read .*\(truncated\?\)") as e:
+        load(hpcmoe_name)
+    assert path in str(e.value) and repr(name) in str(e.value)
+
+
+def end_beyond(header):
+    offsets = header["model.layers.0.mlp.gate_proj.weight"]["data_offsets"]
+    header["model.layers.0.mlp.gate_proj.weight"]["data_offsets"] = [offsets[0] + 10 ** 7, offsets[1] + 10 ** 7]
+
+
+def wrong_size(header):
+    begin, end = header["model.layers.0.mlp.gate_proj.weight"]["data_offsets"]
+    header["model.layers.0.mlp.gate_proj.weight"]["data_offsets"] = [begin, end - 4]
+
+
+def overlap(header):
+    entry = header["model.layers.0.mlp.gate_proj.weight"]
+    size = entry["data_offsets"][1] - entry["data_offsets"][0]
+    entry["data_offsets"] = [4, 4 + size]  # into lm_head.weight, the first tensor in the file
+
+
+def bad_dtype(header):
+    header["model.layers.0.mlp.gate_proj.weight"]["dtype"] = "F12"
+
+
+def negative_shape(header):
+    header["model.layers.0.mlp.gate_proj.weight"]["shape"] = [-1, 64]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (end_beyond, "end beyond the file's"),
+    (wrong_size, "bytes but F32 x [96, 64] needs 24576"),
+    (overlap, "overlap [0, 65536] of tensor 'lm_head.weight'"),
+    (bad_dtype, "dtype 'F12' is not a safetensors dtype"),
+    (negative_shape, "shape [-1, 64] is not a list of non-negative integers"),
+])
+def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, edit, message):
+    from hpcmoe.checkpoint import read_header
+    _, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
+    rewrite_header(path, edit)
+    with pytest.raises(ValueError) as e:
+        read_header(path)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"model.checkpoint: {path}: tensor '"), text
+    assert message in text, text
+    assert "tensor 'model.layers.0.mlp.gate_proj.weight'" in text, text
+
+
+def test_check_header_accepts_empty_tensors_and_metadata():
+    from hpcmoe.checkpoint import check_header
+    header = {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+              "b": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
+              "c": {"dtype": "I64", "shape": [], "data_offsets": [4, 12]}}
+    entries = check_header("x.safetensors", header, 8 + 100 + 12, 100)
+    assert sorted(entries) == ["a", "b", "c"] and (entries["c"].start, entries["c"].end) == (112, 120)
+    with pytest.raises(ValueError, match="end beyond the file's 11 data bytes"):
+        check_header("x.safetensors", header, 8 + 100 + 11, 100)
+    with pytest.raises(ValueError, match="expected an object"):
+        check_header("x.safetensors", [1, 2], 200, 100)
+
+
+@pytest.mark.parametrize("header_length", [2 ** 40, 10 ** 6])
+def test_a_header_length_beyond_the_file_is_refused(tmp_path, header_length):
+    import struct
+    from hpcmoe.checkpoint import read_header
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", header_length) + b"{}" * 10)
+    with pytest.raises(ValueError, match="does not fit in the file's 28 bytes"):
+        read_header(str(path))
+
+
+def assert_refused(result, path, ranks):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+    assert len(lines) == ranks and len(set(lines)) == 1, result.stderr
+    assert path in lines[0] and "(truncated?)" in lines[0], lines[0]
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_run_on_a_truncated_checkpoint_exits_2_and_writes_nothing(checkpoints, tmp_path):
+    import subprocess
+    directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
+    truncate(path, 0.55)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"model": {"checkpoint": directory}, "run": {"prompt_ids": PROMPTS}}))
+    output = tmp_path / "run.h5"
+    result = subprocess.run(["timeout", "120", sys.executable, "-m", "hpcmoe", "run", str(config), "--output",
+                             str(output)], capture_output=True, text=True, timeout=150,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert result.returncode == 2, result.stderr
+    assert_refused(result, path, 1)
+    assert not os.path.exists(output) and not os.path.exists(f"{output}.tmp")
+    result = run_job(2, output, config=str(config))  # every rank refuses it alike
+    assert result.returncode == 2, result.stderr
+    assert_refused(result, path, 2)
+    assert not os.path.exists(output) and not os.path.exists(f"{output}.tmp")
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".h5", ".tmp"))]

@@ -142,15 +142,15 @@ def test_choice_rules_on_constructed_logits():
     from hpcmoe.workload import choose
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 400, dtype=np.float32))
     ids = [str(i) for i in range(400)]
-    draw = lambda **s: choose(logits, ids, 3, SimpleNamespace(**{"temperature": 1.0, "top_k": None,
+    draw = lambda **s: choose(logits, ids, [3] * len(ids), SimpleNamespace(**{"temperature": 1.0, "top_k": None,
                                                                  "top_p": None, "seed": 0, **s}))
     assert set(draw(top_k=2)) == {0, 1}
     assert set(draw(top_p=0.7)) == {0, 1} and set(draw(top_p=0.5)) == {0}
     free = draw()
     assert set(free) == {0, 1, 2, 3} and abs((free == 0).mean() - 0.5) < 0.1
-    np.testing.assert_array_equal(choose(logits[::-1], ids[::-1], 3, SimpleNamespace(
+    np.testing.assert_array_equal(choose(logits[::-1], ids[::-1], [3] * len(ids), SimpleNamespace(
         temperature=1.0, top_k=None, top_p=None, seed=0))[::-1], free)  # order of the batch does not matter
-    assert choose(logits, ids, 3, None).tolist() == [0] * 400
+    assert choose(logits, ids, [3] * len(ids), None).tolist() == [0] * 400
 
 
 BAD_LINES = [
