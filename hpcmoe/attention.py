@@ -22,10 +22,10 @@ class StepInputs:
     tokens: torch.Tensor      # [b, t] int64, pads are 0
     positions: torch.Tensor   # [b, t] int64, each request's own positions (start at 0)
     valid: torch.Tensor       # [b, t] bool, False on padding
-    attend: torch.Tensor      # [b, 1, t, s] bool, key position visible to query
     dense: bool = False       # every position valid (decode, equal prompts): no masking of rows needed
     lengths: torch.Tensor = None  # [b] new tokens per request (host), to advance the cache positions
     valid_index: torch.Tensor = None  # [valid positions] flat index of each valid position (no per-layer mask)
+    cached: torch.Tensor = None   # [b] positions already in the cache (host)
     rotations: dict = field(default_factory=dict, compare=False)  # (Rope, dtype) -> (cos, sin), once per step
 
     def cos_sin(self, rope: "Rope", dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +43,16 @@ class StepInputs:
             self.rotations["rows"] = rows[:, None].expand_as(self.positions)
         return self.rotations["rows"]
 
+    @property
+    def attend(self) -> torch.Tensor:
+        """[b, 1, t, s] bool: key position visible to query (s: the longest row's cached + new), once."""
+        if "attend" not in self.rotations:
+            ends = self.cached + self.lengths
+            keys = torch.arange(int(ends.max()) if len(ends) else 1, device=self.positions.device)
+            ends = ends.to(self.positions.device, non_blocking=True)
+            self.rotations["attend"] = ((keys <= self.positions[..., None]) & (keys < ends[:, None, None]))[:, None]
+        return self.rotations["attend"]
+
     @classmethod
     def build(cls, tokens: list[list[int]], cached: torch.Tensor, device=None) -> "StepInputs":
         """tokens: b lists of new tokens; cached: [b] positions already in the cache (host)
@@ -53,20 +63,26 @@ class StepInputs:
         padded = torch.zeros(b, t, dtype=torch.int64)
         padded[valid] = torch.tensor([token for row in tokens for token in row], dtype=torch.int64)
         positions = cached[:, None] + torch.arange(t)
-        ends = cached + lengths
-        keys = torch.arange(int(ends.max()) if b else 1)
-        attend = (keys <= positions[..., None]) & (keys < ends[:, None, None])
         move = lambda x: x.to(device, non_blocking=True) if device is not None else x
-        return cls(move(padded), move(positions), move(valid), move(attend[:, None]), dense=bool(lengths.eq(t).all()),
-                   lengths=lengths, valid_index=move(valid.reshape(-1).nonzero().flatten()))
+        return cls(move(padded), move(positions), move(valid), dense=bool(lengths.eq(t).all()), lengths=lengths,
+                   valid_index=move(valid.reshape(-1).nonzero().flatten()), cached=cached.clone())
 
     def rows(self, start: int, stop: int) -> "StepInputs":
-        """The requests [start, stop) of this step (views)."""
-        t = self.tokens.shape[1]
-        valid = torch.arange(t) < self.lengths[start:stop, None]
-        return StepInputs(self.tokens[start:stop], self.positions[start:stop], self.valid[start:stop],
-                          self.attend[start:stop], self.dense, self.lengths[start:stop],
-                          valid.reshape(-1).nonzero().flatten().to(self.tokens.device, non_blocking=True))
+        """The requests [start, stop) of this step (views), padded only to their own longest."""
+        lengths = self.lengths[start:stop]
+        t = max(int(lengths.max()), 1) if len(lengths) else 1
+        valid = torch.arange(t) < lengths[:, None]
+        return StepInputs(self.tokens[start:stop, :t], self.positions[start:stop, :t], self.valid[start:stop, :t],
+                          bool(lengths.eq(t).all()), lengths,
+                          valid.reshape(-1).nonzero().flatten().to(self.tokens.device, non_blocking=True),
+                          self.cached[start:stop])
+
+    def parts(self) -> list[tuple[int, int]]:
+        """Row ranges whose attention runs apart: the leading rows that decode (one token each) and
+        the rest (rows that prefill a chunk, which continuous batching puts last), so that a decode
+        row is never padded to a prompt chunk's length."""
+        b, ones = len(self.lengths), int(self.lengths.eq(1).cumprod(0).sum())
+        return [(0, ones), (ones, b)] if 0 < ones < b else [(0, b)]
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         """x: [b, t, H] -> [valid positions, H] (a view when every position is valid)."""
@@ -96,7 +112,11 @@ class PositionCache:
 
     def update(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, *features] -> every visible position [b, s, *features], x included."""
-        self.data[inputs.request_index, inputs.positions] = x
+        if inputs.dense:
+            self.data[inputs.request_index, inputs.positions] = x
+        else:  # only the valid positions: a padded one may lie past the end of its row's cache
+            flat = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, inputs.valid_index)
+            self.data[flat(inputs.request_index), flat(inputs.positions)] = flat(x)
         return self.data[:, :inputs.attend.shape[-1]]
 
 

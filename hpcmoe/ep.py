@@ -168,23 +168,28 @@ class EPEngine:
         return logits.argmax(dim=-1), logits
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
-        """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits."""
+        """Generator: one micro-batch through every layer; yields Pending, returns [b_mb, vocab] logits.
+        Its decoding rows and its prefilling rows run attention apart (StepInputs.parts) and share
+        every other phase."""
         phase, model, step = self.timer.phase, self.model, self.step
+        parts = [(inputs.rows(a, b), [[c.rows(a, b) for c in layer] for layer in cache]) for a, b in inputs.parts()]
         with phase("embed", step, micro_batch=mb):
-            x = model.embed_tokens(inputs.tokens)
-        for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
+            xs = [model.embed_tokens(part.tokens) for part, _ in parts]
+        for layer, block in enumerate(model.layers):
             maybe_fail(self.config, self.rank, step, layer)
             with phase("attention", step, layer, mb):
-                x = block.attend(x, layer_cache, inputs)
-                h = inputs.flat(block.post_attention_layernorm(x))
+                xs = [block.attend(x, part_cache[layer], part) for x, (part, part_cache) in zip(xs, parts)]
+                hs = [part.flat(block.post_attention_layernorm(x)) for x, (part, _) in zip(xs, parts)]
+                h = hs[0] if len(hs) == 1 else torch.cat(hs)
             if block.is_moe:
                 out = yield from self.exchange(self.ctx, block.mlp, Where(step, layer, mb), h, stats)
             else:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
-            inputs.add_flat(x, out)
+            for x, (part, _), piece in zip(xs, parts, out.split([len(h_part) for h_part in hs])):
+                part.add_flat(x, piece)
         with phase("lm_head", step, micro_batch=mb):
-            return model.logits(x, inputs)
+            return torch.cat([model.logits(x, part) for x, (part, _) in zip(xs, parts)])
 
     def close(self) -> None:
         if self.rebalancer is not None:

@@ -183,6 +183,21 @@ def previous_imbalance(path: str) -> float:
         return rank_load_imbalance(f["traffic"][:])
 
 
+def append(dataset, dtype, start: int, values: list) -> None:
+    """Append rows to a 1-d resizable dataset of `dtype` holding `start` rows, through h5py's
+    low-level write (the high-level one costs ten times as much per call, and turns variable-length
+    rows of equal length into a 2-d array that it then refuses)."""
+    from h5py import h5s, h5t
+    count = len(values)
+    dataset.resize((start + count,))
+    column = np.empty(count, dtype=dtype)
+    for k, value in enumerate(values):
+        column[k] = value
+    selection = dataset.id.get_space()
+    selection.select_hyperslab((start,), (count,))
+    dataset.id.write(h5s.create_simple((count,)), selection, column, mtype=h5t.py_create(dtype))
+
+
 def tokenizer_exists(checkpoint: str | None) -> bool:
     return bool(checkpoint) and os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
 
@@ -250,6 +265,8 @@ class RunWriter:
                 if str(dtype).startswith("vlen_") else dtype
             group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,)).attrs.update(
                 {"axes": ["finished_request"], "meaning": meaning})
+        self.columns = {name: (group[name], group[name].dtype) for name in self.REQUEST_FIELDS}  # (h5py lookups are slow)
+        self.ended = 0
         self.finished = np.zeros(len(requests), bool)
         self.live: dict[int, dict] = {}          # request index -> its tokens and times so far
         self.resumed: dict[int, list[int]] = {}  # a resumed run: the tokens its stopped requests had made
@@ -384,16 +401,9 @@ class RunWriter:
             for name, value in row.items():
                 columns[name].append(value)
             self.finished[index] = reason != "stop"
-        group = self.file["requests"]
         for name, values in columns.items():
-            dataset = group[name]
-            start = dataset.shape[0]
-            dataset.resize((start + len(values),))
-            if dataset.dtype.kind == "O" and name != "id":  # one by one: h5py would make equal lengths 2-d
-                for k, value in enumerate(values):
-                    dataset[start + k] = value
-            else:
-                dataset[start:] = values
+            append(*self.columns[name], self.ended, values)
+        self.ended += len(ended)
         self.file.flush()
 
     def stop_live(self, step: int, held_at: float) -> None:
@@ -420,10 +430,8 @@ class RunWriter:
             rows = old["requests"]
             keep = np.flatnonzero(rows["finish_reason"][:] != b"stop")
             for name in self.REQUEST_FIELDS:
-                dataset = self.file["requests"][name]
-                dataset.resize((len(keep),))
-                if len(keep):
-                    dataset[:] = rows[name][:][keep]
+                append(*self.columns[name], 0, list(rows[name][:][keep]))
+            self.ended = len(keep)
             if "logits" in old and "logits" in self.file:
                 for index in sorted(set(rows["index"][:].tolist())):
                     self.file["logits"][index] = old["logits"][index]
