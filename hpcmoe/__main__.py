@@ -29,7 +29,8 @@ def parse_args(argv):
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
-    run.add_argument("--resume", metavar="PARTIAL.h5", help="continue the run a signal stopped (same config)")
+    run.add_argument("--resume", metavar="PARTIAL.h5", help="continue a run a signal stopped (its NAME.partial.h5) "
+                     "or a job killed (its NAME.h5.tmp, moved aside): same config, prompts and checkpoint")
     planner = commands.add_parser("plan", help="memory per rank for a config and rank count, without building")
     planner.add_argument("config")
     planner.add_argument("--ranks", type=int, required=True)
@@ -282,6 +283,9 @@ def command_run(args) -> int:
                 print(why, file=sys.stderr, flush=True)
         layout = ParallelLayout.from_config(config, world.Get_size())
         resume = None
+        if args.resume and os.path.abspath(args.resume) == os.path.abspath(config.output.path + ".tmp"):
+            raise ValueError(f"--resume {args.resume}: this run would write over it (output.path "
+                             f"{config.output.path}): move it aside first")
         if args.resume:
             from hpcmoe.device import device_kind
             from hpcmoe.workload import read_partial

@@ -298,7 +298,7 @@ def resolve_model(section: dict) -> dict:
     if checkpoint is not None:
         if preset is not None:
             raise ValueError("model.preset and model.checkpoint: set one, not both")
-        extra = sorted(set(section) - {"checkpoint", "dtype"})
+        extra = sorted(k for k, v in section.items() if k not in ("checkpoint", "dtype") and v is not None)
         if extra:
             raise ValueError(f"model.{extra[0]}: comes from the checkpoint's config.json; with model.checkpoint "
                              f"only model.dtype may be set")

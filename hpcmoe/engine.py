@@ -485,6 +485,13 @@ class Batch:
         """Requests live or still to come on this rank."""
         return bool(self.rows) or self.next is not None
 
+    @property
+    def busy_after_next(self) -> bool:
+        """Requests live or to come after the next step (False when every live request surely ends
+        in it by its token limit), so that the ranks' lagged stop vote ends the run without an
+        empty step."""
+        return self.next is not None or any(len(row.todo) > 1 or row.made + 1 < row.limit for row in self.rows)
+
     def inputs(self, device) -> tuple[StepInputs, list[int]]:
         """Admit what fits, then share out this step's tokens -> (the step's inputs, admitted indices)."""
         budget = float("inf") if self.static else self.chunk
@@ -629,7 +636,10 @@ def run_steps(config, engine, timer, state: Batch, gather, writer, progress, sto
             if rebalancer is not None:
                 rebalancer.after_step(step, routing)
             step += 1
-            if stop.agreed(step - 1, requests_left=state.busy, at_once=step - 1 == first or not state.busy):
+            # the vote posted now is read at the next boundary (at once after the first step): so it
+            # says whether this rank still has requests after the next step
+            at_once = step - 1 == first
+            if stop.agreed(step - 1, requests_left=state.busy if at_once else state.busy_after_next, at_once=at_once):
                 return step
             maybe_die(step - 1, -1, "between_steps")
     except Exception as error:  # noqa: BLE001 (a dead rank, under run.fault_tolerance: the survivors go on)
@@ -650,6 +660,10 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
                                      np.array([g for g in made.generated if g]))
     writer.stop_live(done - 1, made.token_times[-1] if made.token_times else 0.0)
     writer.write_requests(config)
+    metrics.update(request_metrics(writer.file["requests"], metrics["total_s"]))
+    first_tokens = writer.file["requests/first_token_at"][:]
+    if len(first_tokens) and first_tokens.max() > first_tokens.min():  # prompts were prefilled all through the
+        metrics["prefill_tokens_per_s"] = int(config.requests.prompt_lengths.sum()) / metrics["total_s"]  # run
     per_rank = busy_and_idle(timings, topo.size)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
@@ -676,6 +690,22 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
         metrics["stopped_at_step"] = done
     metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled, failures=failures)
     return metrics
+
+
+def request_metrics(rows, total_s: float) -> dict:
+    """Per-request figures over the requests that ended (/requests): generated tokens and requests per
+    second of the run, and the median and 90th percentile of time to first token (from joining the
+    batch) and of end-to-end latency (joining to last token)."""
+    ended = rows["finish_reason"][:] != b"stop"
+    if not ended.any():
+        return {}
+    ttft, latency = rows["ttft_s"][:][ended], (rows["finished_at"][:] - rows["admitted_at"][:])[ended]
+    made = sum(len(c) for c in rows["completion_ids"][:][ended])
+    return {"generated_tokens_per_s": made / total_s, "requests_per_s": int(ended.sum()) / total_s,
+            "request_ttft_ms_p50": 1e3 * float(np.percentile(ttft, 50)),
+            "request_ttft_ms_p90": 1e3 * float(np.percentile(ttft, 90)),
+            "request_latency_s_p50": float(np.percentile(latency, 50)),
+            "request_latency_s_p90": float(np.percentile(latency, 90))}
 
 
 def peak_rss_bytes() -> int:

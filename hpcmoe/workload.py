@@ -295,8 +295,8 @@ def read_partial(path: str, config, world_size: int) -> Resume:
     where = f"--resume {path}"
     try:
         with h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("complete", True) or "stopped_at_step" not in f.attrs:
-                raise ValueError(f"{where}: not a partial run file (complete, or not stopped by a signal)")
+            if f.attrs.get("complete", True):
+                raise ValueError(f"{where}: not a partial run file (it is complete)")
             missing = [name for name in ("config", "world_size", "prompts_sha256", "checkpoint_sha256")
                        if name not in f.attrs] + ([] if "requests" in f else ["/requests"])
             if missing:
@@ -304,7 +304,10 @@ def read_partial(path: str, config, world_size: int) -> Resume:
                                  f"not by hpcmoe run): it cannot be resumed")
             theirs = flat_settings(yaml.safe_load(f.attrs["config"]))
             identity = {name: f.attrs[name] for name in ("prompts_sha256", "checkpoint_sha256")}
-            step, ranks = int(f.attrs["stopped_at_step"]), int(f.attrs["world_size"])
+            # stopped by a signal: its steps and stopped requests go on; killed (a NAME.h5.tmp): the
+            # requests it had finished are kept, the others start again, and so do the steps' statistics
+            step = int(f.attrs["stopped_at_step"]) if "stopped_at_step" in f.attrs else 0
+            ranks = int(f.attrs["world_size"])
             rows = f["requests"]
             reasons, indices = rows["finish_reason"][:], rows["index"][:]
             stopped = np.flatnonzero(reasons == b"stop")

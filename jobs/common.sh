@@ -15,7 +15,9 @@
 # `scancel -b -s USR1 JOB`) and SIGTERM (scancel, a time limit) to the launcher, which forwards it to
 # every rank; hpcmoe then stops at an agreed step boundary, writes run.partial.h5 and exits 0; this
 # script reports the partial file. A requeued job (same run directory) continues from that file with
-# `hpcmoe run ... --resume` (the file is kept as run.partial.before-restart-N.h5).
+# `hpcmoe run ... --resume` (the file is kept as run.partial.before-restart-N.h5); after an attempt
+# killed without a signal (kill -9, a node lost) it continues from the run.h5.tmp it left (kept as
+# run.killed-before-restart-N.h5): every request that attempt had finished is kept.
 
 jobs_fail() { echo "jobs: error: $*" >&2; exit 2; }
 
@@ -63,6 +65,15 @@ hpcmoe_job() {
     mv "$partial" "$before"
     args+=(--resume "$before")
     echo "jobs: requeued: resuming from $before"
+  elif [[ -e $output.tmp ]]; then  # an attempt killed without a signal: keep the requests it finished
+    local killed=$run_dir/run.killed-before-restart-${SLURM_RESTART_COUNT:-0}.h5
+    mv "$output.tmp" "$killed"
+    if "$HPCMOE_BIN/python" -c 'import h5py, sys; h5py.File(sys.argv[1], "r")["requests"]' "$killed" 2>/dev/null; then
+      args+=(--resume "$killed")
+      echo "jobs: requeued after a kill: resuming from $killed (its finished requests are kept)"
+    else
+      echo "jobs: warning: $killed (left by a killed attempt) cannot be read: starting afresh" >&2
+    fi
   fi
   args+=(--output "$output")
 

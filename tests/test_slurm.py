@@ -191,3 +191,36 @@ def test_a_requeued_job_resumes_from_its_partial_file(slurm, tmp_path):
     reference = tmp_path / "reference.h5"
     assert run_job(4, reference, *settings).returncode == 0
     np.testing.assert_array_equal(resumed, h5py.File(reference)["generated"][:])
+
+
+def test_a_requeued_checkpoint_job_resumes_with_text_prompts(slurm, tmp_path):
+    """The same for a run of a checkpoint with a prompt file of text (its resolved model fields must
+    not be fed back as user settings), stopped by USR1 and requeued: equal to an uninterrupted run."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_tiny_checkpoint import make, train_tokenizer
+    checkpoint = str(tmp_path / "mixtral")
+    make("mixtral", checkpoint, vocab_size=320, max_position_embeddings=4096)
+    train_tokenizer(checkpoint, os.path.join(ROOT, "tests", "data", "tiny_corpus.txt"), 320)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": "t{i}", "prompt": "request {i} of the batch"}}\n' for i in range(6)))
+    settings = [f"model.checkpoint={checkpoint}", f"run.prompts={prompts}", "run.max_new_tokens=1500",
+                "run.stop_at_eos=false", "run.max_batch=2"]
+    job = submit(tmp_path, "debug.sbatch", "hpcmoe-debug", settings, env={"HPCMOE_LAUNCHER": "mpiexec"})
+    temporary, deadline = job.run_file().parent / "run.h5.tmp", time.monotonic() + 120
+    while not temporary.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    subprocess.run(["scancel", "-b", "-s", "USR1", job.id], check=True, timeout=30)
+    assert wait(job) == {None: ("COMPLETED", "0:0")}, job.output()
+    assert (job.run_file().parent / "run.partial.h5").exists(), job.output()
+    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
+    time.sleep(2)
+    assert wait(job, timeout=600) == {None: ("COMPLETED", "0:0")}, job.output()
+    assert "jobs: requeued: resuming from" in job.output(), job.output()
+    with h5py.File(job.run_file()) as f:
+        assert f.attrs["complete"] and f.attrs["resumed_at_step"] >= 1
+        resumed = f["generated"][:]
+    reference = tmp_path / "reference.h5"
+    assert run_job(4, reference, *settings).returncode == 0
+    np.testing.assert_array_equal(resumed, h5py.File(reference)["generated"][:])
+
