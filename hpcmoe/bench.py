@@ -131,7 +131,8 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
 
     def one_run(extra: list[str], path: str):
         nonlocal topo
-        config = load_config(config_path, settings + extra + [f"output.path={path}"])
+        # static batching: every request in the first step, as the earlier numbers were taken (--set wins)
+        config = load_config(config_path, ["run.batching=static"] + settings + extra + [f"output.path={path}"])
         topo = topo or build_topology(world, config.parallel.ranks_per_node)
         device = choose_device(device_kind(config.run.device), topo.host_rank)
         return config, run(config, topo, ParallelLayout.from_config(config, world.Get_size()), device=device)
