@@ -395,8 +395,8 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
     RECOVERED[0] = True
     if shrunk.Get_rank() == 0:
         sys.stderr.write(f"hpcmoe: rank(s) {', '.join(map(str, dead))} failed in step {step}: continuing on "
-                         f"{shrunk.Get_size()} ranks from step {done}{rebuilt}{writer_moved} (every request "
-                         f"prefilled again)\n")
+                         f"{shrunk.Get_size()} ranks from step {done}{rebuilt}{writer_moved} (every unfinished "
+                         f"request prefilled again)\n")
     return (new_topo, layout, placement, Survivors(kept, original.size),
             progress, writer)
 

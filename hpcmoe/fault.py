@@ -80,10 +80,10 @@ class Survivors:
         return wide
 
     def widen_steps(self, records: list) -> list:
-        """A step's records (tokens, logits, (routing, traffic, dropped), timings) in current rank
-        order -> in original rank order, empty ones for the dead ranks."""
-        tokens, _, (routing, traffic, _), timings = records[0]
-        return self.widen(records, (tokens[:0], None, (routing * 0, traffic * 0, 0), timings[:0]))
+        """A step's records (events, logits, (routing, traffic, dropped), timings) in current rank
+        order -> in original rank order, empty ones (no events) for the dead ranks."""
+        events, _, (routing, traffic, _), timings = records[0]
+        return self.widen(records, (type(events)(), None, (routing * 0, traffic * 0, 0), timings[:0]))
 
     def widen_final(self, records: list) -> list:
         """The end-of-run records ((peak RSS, cache digest, weight digests), None, None, timings)."""
