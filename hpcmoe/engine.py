@@ -24,6 +24,7 @@ from hpcmoe.fault import KILL, RECOVERED, RankFailed, failure_rows, is_failure, 
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, rank_load_imbalance,
+                           request_metrics,
                            run_attrs, step_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
@@ -160,11 +161,9 @@ def open_writer(config: Config, topo: Topology, device, placement: Placement, so
                 max_batch: int = 0) -> RunWriter:
     """The run file with its /placement (the run's first), and what the run it resumes finished (on
     rank 0, or its deputy)."""
-    from hpcmoe.workload import run_identity
     m = config.model
     attrs = run_attrs(config, topo.node_of_rank, topo.ranks_per_node, device.type,
-                      torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    attrs.update(run_identity(config), max_batch=max_batch, requests=len(config.requests))
+                      torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", max_batch)
     if resume is not None:
         attrs.update(resumed_from=os.path.abspath(resume.path), resumed_at_step=resume.step)
     writer = RunWriter(config.output.path, attrs, config.requests, config.steps, m.vocab, m.moe_layers, topo.size,
@@ -660,7 +659,10 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
                                      np.array([g for g in made.generated if g]))
     writer.stop_live(done - 1, made.token_times[-1] if made.token_times else 0.0)
     writer.write_requests(config)
-    metrics.update(request_metrics(writer.file["requests"], metrics["total_s"]))
+    rows = writer.file["requests"]
+    ended = rows["finish_reason"][:] != b"stop"
+    metrics.update(request_metrics(rows["ttft_s"][:][ended], (rows["finished_at"][:] - rows["admitted_at"][:])[ended],
+                                   np.array([len(c) for c in rows["completion_ids"][:][ended]]), metrics["total_s"]))
     first_tokens = writer.file["requests/first_token_at"][:]
     if len(first_tokens) and first_tokens.max() > first_tokens.min():  # prompts were prefilled all through the
         metrics["prefill_tokens_per_s"] = int(config.requests.prompt_lengths.sum()) / metrics["total_s"]  # run
@@ -690,22 +692,6 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
         metrics["stopped_at_step"] = done
     metrics["path"] = writer.finish(metrics, spans, per_rank, complete=not signalled, failures=failures)
     return metrics
-
-
-def request_metrics(rows, total_s: float) -> dict:
-    """Per-request figures over the requests that ended (/requests): generated tokens and requests per
-    second of the run, and the median and 90th percentile of time to first token (from joining the
-    batch) and of end-to-end latency (joining to last token)."""
-    ended = rows["finish_reason"][:] != b"stop"
-    if not ended.any():
-        return {}
-    ttft, latency = rows["ttft_s"][:][ended], (rows["finished_at"][:] - rows["admitted_at"][:])[ended]
-    made = sum(len(c) for c in rows["completion_ids"][:][ended])
-    return {"generated_tokens_per_s": made / total_s, "requests_per_s": int(ended.sum()) / total_s,
-            "request_ttft_ms_p50": 1e3 * float(np.percentile(ttft, 50)),
-            "request_ttft_ms_p90": 1e3 * float(np.percentile(ttft, 90)),
-            "request_latency_s_p50": float(np.percentile(latency, 50)),
-            "request_latency_s_p90": float(np.percentile(latency, 90))}
 
 
 def peak_rss_bytes() -> int:

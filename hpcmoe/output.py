@@ -102,6 +102,19 @@ def compute_metrics(token_times: np.ndarray, prompt_tokens: int, generated) -> t
     }, spans
 
 
+def request_metrics(ttft_s: np.ndarray, latency_s: np.ndarray, tokens: np.ndarray, total_s: float) -> dict:
+    """Per-request figures over the requests that ended ([requests] each: time to first token from
+    joining the batch, joining to last token, tokens made): generated tokens and requests per second
+    of the run, and the median and 90th percentile of TTFT and end-to-end latency."""
+    if not len(tokens):
+        return {}
+    return {"generated_tokens_per_s": float(tokens.sum()) / total_s, "requests_per_s": len(tokens) / total_s,
+            "request_ttft_ms_p50": 1e3 * float(np.percentile(ttft_s, 50)),
+            "request_ttft_ms_p90": 1e3 * float(np.percentile(ttft_s, 90)),
+            "request_latency_s_p50": float(np.percentile(latency_s, 50)),
+            "request_latency_s_p90": float(np.percentile(latency_s, 90))}
+
+
 NOT_COMPUTE = (b"step", b"output")  # besides *_wait (idle) and *_comm (in flight)
 
 
@@ -206,9 +219,11 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def run_attrs(config, node_of_rank, ranks_per_node: int, device: str, device_name: str) -> dict:
+def run_attrs(config, node_of_rank, ranks_per_node: int, device: str, device_name: str, max_batch: int = 0) -> dict:
     """The run file's root attributes (a real run's and a simulated one's)."""
-    return {"config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": len(node_of_rank),
+    from hpcmoe.workload import run_identity
+    return {**run_identity(config), "requests": len(config.requests), "max_batch": max_batch,
+            "config": config.to_yaml(), "hpcmoe_version": __version__, "world_size": len(node_of_rank),
             "ranks_per_node": ranks_per_node, "num_nodes": max(node_of_rank) + 1,
             "node_of_rank": np.array(node_of_rank, np.int64), "layout": config.parallel.layout, "device": device,
             "device_name": device_name}

@@ -101,9 +101,12 @@ def default_max_batch(config: Config, ranks: int, memory_bytes: float, runtime: 
                       sizes: ModelSizes | None = None) -> int:
     """run.max_batch when it is not set: the most live requests per attention-holding rank whose
     KV cache and step activations keep the largest rank within 80% of `memory_bytes` (at least 1,
-    at most MAX_BATCH_CAP, at most the requests a rank has)."""
+    at most MAX_BATCH_CAP, at most the requests a rank or attention group has)."""
+    from hpcmoe.layout import requests_per_rank
     sizes = sizes or ModelSizes(config)
-    low, high = 1, min(MAX_BATCH_CAP, len(sizes.requests))
+    layout = ParallelLayout.from_config(config, ranks)
+    groups = layout.replicas if isinstance(layout, MALayout) else ranks  # ranks or groups that split the requests
+    low, high = 1, min(MAX_BATCH_CAP, requests_per_rank(len(sizes.requests), groups))
     fits = lambda b: rank_memory(config, ranks, sizes, b, runtime)["max_rank_bytes"] <= 0.8 * memory_bytes
     while low < high:  # the largest that fits
         middle = (low + high + 1) // 2

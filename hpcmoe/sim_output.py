@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcmoe.output import (TIMING_DTYPE, RunWriter, busy_and_idle, compute_metrics, rank_load_imbalance,
-                           run_attrs, step_imbalance)
+                           request_metrics, run_attrs, step_imbalance)
 
 
 def metrics_and_file(sim, output: str | None) -> dict:
@@ -28,6 +28,9 @@ def metrics_and_file(sim, output: str | None) -> dict:
             values = per_rank[f"{name}_fraction_per_rank"]
             metrics[f"{name}_fraction_attention"] = float(values[:attention].mean())
             metrics[f"{name}_fraction_moe"] = float(values[attention:].mean())
+    times, limits = np.array(sim.token_times), requests.max_new_tokens  # every request in the first batch
+    metrics.update(request_metrics(np.full(len(limits), times[0]), times[np.minimum(limits, len(times)) - 1], limits,
+                                   metrics["total_s"]))
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(sim.traffic)
     metrics["rank_load_max_over_mean_per_step"] = step_imbalance(sim.traffic)
     metrics["dropped_token_slots"] = 0
@@ -47,7 +50,7 @@ def write_run_file(sim, path: str, metrics: dict, spans, per_rank: dict, timings
     config, m, ranks = sim.config, sim.config.model, sim.ranks
     nodes = max(sim.node_of_rank) + 1
     attrs = {**run_attrs(config, sim.node_of_rank, max(sim.node_of_rank.count(n) for n in range(nodes)),
-                         sim.machine.device, f"simulated {sim.machine.name}"),
+                         sim.machine.device, f"simulated {sim.machine.name}", len(config.requests)),
              "simulated": True, "machine": sim.machine.name}
     if sim.context is not None:
         attrs["steady_decode_context"] = sim.context

@@ -236,3 +236,22 @@ def test_the_shipped_tables_render():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "### schedule (schedule_n4.json)" in result.stdout and "### dispatch + combine" in result.stdout
+
+
+def test_bench_batching_tool_at_tiny_size(tmp_path):
+    """tools/bench_batching.py (docs/PERFORMANCE.md) end to end on 24 prompts at -n 2: continuous
+    and static, the kill -9 case and resume after SIGTERM; its JSON renders with bench_table.py."""
+    out = tmp_path / "batching.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_batching.py"), "--prompts", "24",
+                             "--ranks", "2", "--max-batch", "4", "--resume-prompts", "16", "--dir", str(tmp_path),
+                             "--timeout", "120", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    for kind in ("continuous", "static"):
+        assert found["runs"][kind]["generated_tokens"] == found["runs"]["continuous"]["generated_tokens"] > 0
+    assert found["kill"]["kept_equal_to_uninterrupted"] == found["kill"]["requests_kept"]
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "### batching (batching.json)" in table.stdout, table.stderr
+

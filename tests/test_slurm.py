@@ -172,30 +172,12 @@ def test_usr1_stops_the_job_cleanly_with_a_partial_file(slurm, tmp_path, launche
 def test_a_requeued_job_resumes_from_its_partial_file(slurm, tmp_path):
     """USR1 stops the job with run.partial.h5; `scontrol requeue` starts it again in the same run
     directory, where jobs/common.sh continues with --resume: the run file equals an uninterrupted run."""
-    settings = ["run.max_new_tokens=600"]
-    job = submit(tmp_path, "debug.sbatch", "hpcmoe-debug", settings, env={"HPCMOE_LAUNCHER": "mpiexec"})
-    temporary, deadline = job.run_file().parent / "run.h5.tmp", time.monotonic() + 120
-    while not temporary.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)
-    subprocess.run(["scancel", "-b", "-s", "USR1", job.id], check=True, timeout=30)
-    assert wait(job) == {None: ("COMPLETED", "0:0")}, job.output()
-    assert (job.run_file().parent / "run.partial.h5").exists(), job.output()
-    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
-    time.sleep(2)
-    assert wait(job, timeout=300) == {None: ("COMPLETED", "0:0")}, job.output()
-    assert "jobs: requeued: resuming from" in job.output(), job.output()
-    with h5py.File(job.run_file()) as f:
-        assert f.attrs["complete"] and f.attrs["resumed_at_step"] >= 1
-        resumed = f["generated"][:]
-    reference = tmp_path / "reference.h5"
-    assert run_job(4, reference, *settings).returncode == 0
-    np.testing.assert_array_equal(resumed, h5py.File(reference)["generated"][:])
+    stop_requeue_and_compare(tmp_path, ["run.max_new_tokens=600"])
 
 
 def test_a_requeued_checkpoint_job_resumes_with_text_prompts(slurm, tmp_path):
     """The same for a run of a checkpoint with a prompt file of text (its resolved model fields must
-    not be fed back as user settings), stopped by USR1 and requeued: equal to an uninterrupted run."""
+    not be fed back as user settings), with continuous batching: equal to an uninterrupted run."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_tiny_checkpoint import make, train_tokenizer
     checkpoint = str(tmp_path / "mixtral")
@@ -203,8 +185,14 @@ def test_a_requeued_checkpoint_job_resumes_with_text_prompts(slurm, tmp_path):
     train_tokenizer(checkpoint, os.path.join(ROOT, "tests", "data", "tiny_corpus.txt"), 320)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"id": "t{i}", "prompt": "request {i} of the batch"}}\n' for i in range(6)))
-    settings = [f"model.checkpoint={checkpoint}", f"run.prompts={prompts}", "run.max_new_tokens=1500",
-                "run.stop_at_eos=false", "run.max_batch=2"]
+    stop_requeue_and_compare(tmp_path, ["model.preset=null", f"model.checkpoint={checkpoint}",
+                                        f"run.prompts={prompts}", "run.max_new_tokens=1500", "run.stop_at_eos=false",
+                                        "run.max_batch=2"])
+
+
+def stop_requeue_and_compare(tmp_path, settings: list[str]) -> None:
+    """debug.sbatch with `settings`: USR1 two seconds after its run file appears, requeue, and the
+    resumed run file against an uninterrupted run."""
     job = submit(tmp_path, "debug.sbatch", "hpcmoe-debug", settings, env={"HPCMOE_LAUNCHER": "mpiexec"})
     temporary, deadline = job.run_file().parent / "run.h5.tmp", time.monotonic() + 120
     while not temporary.exists() and time.monotonic() < deadline:
@@ -221,6 +209,5 @@ def test_a_requeued_checkpoint_job_resumes_with_text_prompts(slurm, tmp_path):
         assert f.attrs["complete"] and f.attrs["resumed_at_step"] >= 1
         resumed = f["generated"][:]
     reference = tmp_path / "reference.h5"
-    assert run_job(4, reference, *settings).returncode == 0
+    assert run_job(4, reference, *settings, timeout=600).returncode == 0
     np.testing.assert_array_equal(resumed, h5py.File(reference)["generated"][:])
-

@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--dir", default=os.path.join(ROOT, "runs", "bench_batching"))
     parser.add_argument("--timeout", type=int, default=3600)
+    parser.add_argument("--resume-prompts", type=int, default=400, help="text prompts of the resume case")
     parser.add_argument("--skip", action="append", default=[], choices=["static", "kill", "resume"])
     parser.add_argument("--out", help="store the results as JSON here")
     args = parser.parse_args()
@@ -151,26 +152,43 @@ def kill_case(args, common: list[str]) -> dict:
 
 
 def resume_case(args, checkpoint: str) -> dict:
-    """A checkpoint run with text prompts, stopped by a signal at step 6 and resumed (greedy, sampled)."""
+    """A checkpoint run with text prompts, stopped by SIGTERM to mpiexec a second after its file
+    appears, then resumed (greedy, sampled): equal to the uninterrupted run?"""
     texts = [line.strip() for line in open(os.path.join(ROOT, "tests", "data", "tiny_corpus.txt")) if line.strip()]
     jsonl = os.path.join(args.dir, "texts.jsonl")
     with open(jsonl, "w") as f:
-        for i, text in enumerate(texts[:48]):
-            f.write(json.dumps({"id": f"t{i}", "prompt": text, "max_new_tokens": 4 + (i * 7) % 20}) + "\n")
+        for i in range(args.resume_prompts):
+            f.write(json.dumps({"id": f"t{i}", "prompt": texts[i % len(texts)], "max_new_tokens": 4 + (i * 7) % 40})
+                    + "\n")
     out = {}
     for name, extra in (("greedy", []), ("sampled", ["run.sampling={temperature: 0.8, top_k: 50, seed: 3}"])):
-        settings = [f"model.checkpoint={checkpoint}", f"run.prompts={jsonl}", "run.max_batch=4",
-                    "run.prefill_chunk=16"] + extra
+        settings = [f"model.checkpoint={checkpoint}", f"run.prompts={jsonl}", "run.max_batch=16",
+                    "run.prefill_chunk=64"] + extra
         whole = os.path.join(args.dir, f"resume_{name}_whole.h5")
         stopped = os.path.join(args.dir, f"resume_{name}.h5")
-        run(args.ranks, settings, whole, args.timeout)
-        first = run(args.ranks, settings + ["run.signal_at_step=6"], stopped, args.timeout)
         partial = stopped.replace(".h5", ".partial.h5")
-        second = run(args.ranks, settings, stopped, args.timeout, resume=partial)
+        for stale in (stopped, partial, stopped + ".tmp"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        run(args.ranks, settings, whole, args.timeout)
+        command = [os.path.join(BIN, "mpiexec"), "-n", str(args.ranks), os.path.join(BIN, "hpcmoe"), "run",
+                   os.path.join(args.dir, "empty.yaml"), "--output", stopped]
+        for item in settings:
+            command += ["--set", item]
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while not os.path.exists(stopped + ".tmp") and job.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        job.send_signal(15)  # SIGTERM, as scancel or a time limit sends it
+        job.communicate(timeout=args.timeout)
+        second = run(args.ranks, settings, stopped, args.timeout, resume=partial) if os.path.exists(partial) else None
         with h5py.File(whole, "r") as a, h5py.File(stopped, "r") as b:
             same = bool(np.array_equal(a["generated"][:], b["generated"][:]))
-            out[name] = {"stopped_rc": first["rc"], "resumed_rc": second["rc"], "equal_to_uninterrupted": same,
-                         "requests": int(len(a["generated"])), "resumed_at_step": int(b.attrs["resumed_at_step"])}
+            out[name] = {"stopped_rc": job.returncode, "resumed_rc": second and second["rc"],
+                         "equal_to_uninterrupted": same, "requests": int(len(a["generated"])),
+                         "resumed_at_step": int(b.attrs.get("resumed_at_step", -1)),
+                         "steps": int(a["routing"].shape[0])}
     return out
 
 

@@ -37,6 +37,24 @@ for r in by_kind("scale"):
               f"{m['peak_rss_gib_max']:.3f} / {m['peak_rss_gib_mean']:.3f} | {r['equal_to_one_rank'][variant]} |")
     print("\nTPOT ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["tpot_ratio"].items()))
 
+for r in by_kind("batching"):
+    print(f"\n### batching ({r['file']}): `{r['command']}`\n")
+    print("| batching | generated tok/s | run s | steps | TTFT ms | peak RSS MiB | estimate MiB | peak / estimate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, m in r["runs"].items():
+        print(f"| {kind} | {m['generated_tokens_per_s']:.0f} | {m['total_s']:.1f} | {m['steps']} | {m['ttft_ms']:.0f} | "
+              f"{m['peak_rss_bytes_max'] / 2 ** 20:.0f} | {m['estimate_bytes'] / 2 ** 20:.0f} | "
+              f"{m['peak_over_estimate']:.2f} |")
+    if "continuous_over_static_tokens_per_s" in r:
+        print(f"\ncontinuous / static generated tokens/s: {r['continuous_over_static_tokens_per_s']:.2f}")
+    if "kill" in r:
+        k = r["kill"]
+        print(f"kill -9 at step {k['killed_at_step']}: {k['requests_kept']} of {k['requests']} requests kept "
+              f"({k['kept_fraction']:.0%}), {k['kept_equal_to_uninterrupted']} equal to the uninterrupted run")
+    for name, v in r.get("resume", {}).items():
+        print(f"resume after SIGTERM, {name}: resumed at step {v['resumed_at_step']} of {v['steps']}, equal to the "
+              f"uninterrupted run: {v['equal_to_uninterrupted']}")
+
 for r in by_kind("reduce"):
     print(f"\n### reduce ({r['file']}): {r['what']}\n")
     print("| variant | ms | inter-node bytes per rank | ms / leader_sum |\n|---|---|---|---|")
