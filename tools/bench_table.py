@@ -95,7 +95,7 @@ keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms",
         "experts_ms_per_layer", "weight_read_ms_per_layer"]
 for r in results:
     if r.get("benchmark") in (None, "dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
-                          "experts"):
+                          "experts", "batching"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
