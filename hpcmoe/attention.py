@@ -211,6 +211,8 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden, g * d, bias=False)
         self.v_proj = nn.Linear(cfg.hidden, g * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden, bias=False)
+        if cfg.qk_norm:  # over each head's head_dim features, the same weights for every head
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         self.qkv: torch.Tensor | None = None  # [(h + 2 g) * head_dim, H] once allocated
         group = cfg.heads // cfg.kv_heads
         # a shard that cuts a kv group: each query head's kv head, picked per step
@@ -244,7 +246,10 @@ class GQAttention(nn.Module):
             torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv = F.linear(x, weight).view(b, t, h + 2 * g, d).transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
-        qk = self.rope.apply(qkv[:, :h + g], cos, sin)                     # [b, h + g, t, d]
+        qk = qkv[:, :h + g]
+        if hasattr(self, "q_norm"):
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
+        qk = self.rope.apply(qk, cos, sin)                                  # [b, h + g, t, d]
         keys = cache[0].update(qk[:, h:].transpose(1, 2), inputs).transpose(1, 2)
         values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
         if self.kv_of_head is not None:

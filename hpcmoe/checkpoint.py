@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-SUPPORTED = ("deepseek_v3", "mixtral")
+SUPPORTED = ("deepseek_v3", "mixtral", "qwen3_moe")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "F8_E4M3": "float8_e4m3fn"}
 FP8 = "F8_E4M3"
@@ -78,6 +78,16 @@ def model_fields(directory: str) -> dict:
                     dense_hidden=c["intermediate_size"], norm_topk_prob=True)
     if c.get("attention_bias"):
         raise ValueError(f"model.checkpoint: {where}: attention_bias true is not supported")
+    if kind == "qwen3_moe":
+        if c.get("use_sliding_window"):
+            raise ValueError(f"model.checkpoint: {where}: use_sliding_window true is not supported")
+        return dict(common, attention="gqa", router="softmax", qk_norm=True,
+                    dense_layers=leading_dense_layers(c, where),
+                    kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                    num_experts=c.get("num_experts") or c["num_local_experts"],  # (transformers 5 saves the latter)
+                    expert_hidden=c["moe_intermediate_size"], dense_hidden=c["intermediate_size"],
+                    norm_topk_prob=bool(c.get("norm_topk_prob", True)))
     for key, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
         if c.get(key, wanted) != wanted:
             raise ValueError(f"model.checkpoint: {where}: {key} {c[key]!r} is not supported; expected {wanted}")
@@ -91,6 +101,18 @@ def model_fields(directory: str) -> dict:
                 n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
                 routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
                 norm_topk_prob=c.get("norm_topk_prob", True))
+
+
+def leading_dense_layers(c: dict, where: str) -> int:
+    """Qwen3-MoE: layer i is MoE unless it is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0.
+    hpcmoe runs dense layers only before the MoE layers: -> how many lead."""
+    layers, step = c["num_hidden_layers"], c.get("decoder_sparse_step") or 1
+    dense = sorted(set(c.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
+    if dense != list(range(len(dense))):
+        raise ValueError(f"model.checkpoint: {where}: mlp_only_layers {c.get('mlp_only_layers')} with "
+                         f"decoder_sparse_step {step} make layers {dense} dense; hpcmoe runs dense layers only "
+                         f"before the MoE layers (0, 1, ...)")
+    return len(dense)
 
 
 def fp8_block(c: dict, where: str) -> list[int] | None:

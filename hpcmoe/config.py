@@ -63,6 +63,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 0          # mla: decoupled rotary key, shared by all heads
     v_head_dim: int = 0                # mla
     rope_interleave: bool = False      # rotate interleaved pairs (DeepSeek checkpoints)
+    qk_norm: bool = False              # gqa: RMS norm of each head's query and key before rotary (Qwen3)
     num_experts: int = 0
     top_k: int = 0
     expert_hidden: int = 0

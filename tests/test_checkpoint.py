@@ -32,6 +32,8 @@ VARIANTS = {
                                                                        "original_max_position_embeddings": 64,
                                                                        "mscale": 0.707, "mscale_all_dim": 1.0}}, 3),
     "mixtral": ("mixtral", {}, 2),
+    # Qwen3-MoE: q/k norm per head, a dense first layer (mlp_only_layers), top-k weights not renormalized
+    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}, 1),
 }
 
 
@@ -171,6 +173,22 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
     assert len(lines) == 2 and len(set(lines)) == 1, result.stderr
     assert message in lines[0]
     assert not os.path.exists(tmp_path / "run.h5") and not os.path.exists(tmp_path / "run.h5.tmp")
+
+
+def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path):
+    """mlp_only_layers and decoder_sparse_step: a dense prefix is read as dense_layers; dense layers
+    after a MoE layer are one error naming both fields."""
+    from hpcmoe.checkpoint import model_fields
+    directory = tmp_path / "qwen3"
+    shutil.copytree(checkpoints["qwen3_moe"][0], directory)
+    config = json.load(open(directory / "config.json"))
+    fields = model_fields(str(directory))
+    assert (fields["dense_layers"], fields["qk_norm"], fields["norm_topk_prob"]) == (1, True, False)
+    for change, dense in (({"mlp_only_layers": [1]}, "[1]"), ({"mlp_only_layers": [], "decoder_sparse_step": 2},
+                                                              "[0, 2]")):
+        json.dump({**config, **change}, open(directory / "config.json", "w"))
+        with pytest.raises(ValueError, match=rf"mlp_only_layers .* decoder_sparse_step .* make layers \{dense[:-1]}\] dense"):
+            model_fields(str(directory))
 
 
 MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
