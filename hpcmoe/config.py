@@ -32,6 +32,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         norm_eps=1e-6, dtype="bfloat16", seed=0),
+    # Qwen3-MoE's published config.json files (bfloat16): 235B-A22B and 30B-A3B.
+    "qwen3-235b-a22b": dict(attention="gqa", router="softmax", qk_norm=True, vocab=151936, hidden=4096,
+                            num_layers=94, dense_layers=0, heads=64, kv_heads=4, head_dim=128, num_experts=128,
+                            top_k=8, expert_hidden=1536, dense_hidden=12288, norm_topk_prob=True,
+                            rope_theta=1000000.0, norm_eps=1e-6, max_positions=40960, dtype="bfloat16", seed=0),
+    "qwen3-30b-a3b": dict(attention="gqa", router="softmax", qk_norm=True, vocab=151936, hidden=2048,
+                          num_layers=48, dense_layers=0, heads=32, kv_heads=4, head_dim=128, num_experts=128,
+                          top_k=8, expert_hidden=768, dense_hidden=6144, norm_topk_prob=True,
+                          rope_theta=1000000.0, norm_eps=1e-6, max_positions=40960, dtype="bfloat16", seed=0),
     # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
     "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
                      dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,

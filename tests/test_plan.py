@@ -71,3 +71,13 @@ def test_plan_suggests_expert_groups_when_one_expert_is_too_large():
     assert (result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"]) == (8, 2)
     halves = load_config(DEBUG_CONFIG, ["model.expert_hidden=16384", "parallel.expert_tp=2"])
     assert plan(halves, 8, 20 * 2 ** 20)["fits"]
+
+
+@pytest.mark.parametrize("preset, published", [("qwen3-235b-a22b", 235e9), ("qwen3-30b-a3b", 30.5e9),
+                                               ("deepseek-v3", 671e9)])
+def test_a_published_preset_counts_its_published_parameters(preset, published):
+    """`hpcmoe plan`'s whole-model bytes for a preset, in bfloat16, within 2% of the published count
+    (DeepSeek-V3's 671B excludes its 14B multi-token prediction module, which hpcmoe does not run)."""
+    from hpcmoe.plan import plan
+    result = plan(load_config(None, [f"model.preset={preset}", "run.batch=1", "run.prompt_len=8"]), 64, 80e9)
+    assert abs(result["total_weight_bytes"] / 2 / published - 1) < 0.02, result["total_weight_bytes"] / 2
