@@ -468,7 +468,7 @@ class Batch:
     def __init__(self, source, mine, eos: tuple[int, ...], new_rows, cache, batching: str, max_batch: int,
                  prefill_chunk: int, earlier=None):
         """source: the run's requests (len, [i]); mine: the indices this rank serves, in file order;
-        new_rows(n): n empty KV cache rows, one list per layer; earlier: the Progress of a stopped
+        new_rows(n): n empty KV cache rows, one list per layer; earlier: the Done (workload) of a stopped
         run or of the steps before a recovery (finished requests skipped, the others continued)."""
         self.source, self.eos, self.new_rows, self.cache = source, set(eos), new_rows, cache
         self.static, self.max_batch, self.chunk = batching == "static", max_batch, prefill_chunk
