@@ -206,14 +206,16 @@ class GQAttention(nn.Module):
         self.head_range = heads or range(cfg.heads)
         self.kv_range = kv_heads_for(self.head_range, cfg.heads, cfg.kv_heads)
         h, g, d = len(self.head_range), len(self.kv_range), cfg.head_dim
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, False, rope_scaling_items(cfg))
-        self.q_proj = nn.Linear(cfg.hidden, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden, g * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden, g * d, bias=False)
+        self.rotary_dim = int(d * cfg.partial_rotary_factor)  # GLM-4.5: only the first features rotate
+        self.rope = Rope(self.rotary_dim, cfg.rope_theta, False, rope_scaling_items(cfg))
+        self.q_proj = nn.Linear(cfg.hidden, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden, bias=False)
         if cfg.qk_norm:  # over each head's head_dim features, the same weights for every head
             self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         self.qkv: torch.Tensor | None = None  # [(h + 2 g) * head_dim, H] once allocated
+        self.qkv_bias: torch.Tensor | None = None  # [(h + 2 g) * head_dim] with attention_bias
         group = cfg.heads // cfg.kv_heads
         # a shard that cuts a kv group: each query head's kv head, picked per step
         self.kv_of_head = None if self.head_range.start % group == 0 and h % group == 0 else \
@@ -225,31 +227,44 @@ class GQAttention(nn.Module):
             return {}
         d, heads, kv = self.head_dim, self.head_range, self.kv_range
         rows = lambda r: (0, r.start * d, r.stop * d)
-        return {"q_proj.weight": rows(heads), "k_proj.weight": rows(kv), "v_proj.weight": rows(kv),
-                "o_proj.weight": (1, heads.start * d, heads.stop * d)}
+        slices = {"q_proj.weight": rows(heads), "k_proj.weight": rows(kv), "v_proj.weight": rows(kv),
+                  "o_proj.weight": (1, heads.start * d, heads.stop * d)}
+        if self.q_proj.bias is not None:
+            slices.update({"q_proj.bias": rows(heads), "k_proj.bias": rows(kv), "v_proj.bias": rows(kv)})
+        return slices
 
     def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
         return [PositionCache(batch, max_len, (len(self.kv_range), self.head_dim), dtype, device) for _ in range(2)]
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: q, k and v projections as views of one tensor (one GEMM)."""
-        sizes = [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)]
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        sizes = [p.weight.shape[0] for p in projections]
         self.qkv = torch.empty(sum(sizes), self.q_proj.weight.shape[1], device=device, dtype=dtype)
-        for projection, weight in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv.split(sizes)):
+        for projection, weight in zip(projections, self.qkv.split(sizes)):
             projection.weight = nn.Parameter(weight, requires_grad=False)
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.empty(sum(sizes), device=device, dtype=dtype)
+            for projection, bias in zip(projections, self.qkv_bias.split(sizes)):
+                projection.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> [b, t, H] (this module's heads' share of the output projection)."""
         b, t, _ = x.shape
         d, h, g = self.head_dim, len(self.head_range), len(self.kv_range)
-        weight = self.qkv if self.qkv is not None else \
-            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv = F.linear(x, weight).view(b, t, h + 2 * g, d).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = self.qkv if self.qkv is not None else torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else self.qkv_bias if self.qkv_bias is not None else \
+            torch.cat([p.bias for p in projections])
+        qkv = F.linear(x, weight, bias).view(b, t, h + 2 * g, d).transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
         qk = qkv[:, :h + g]
         if hasattr(self, "q_norm"):
             qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
-        qk = self.rope.apply(qk, cos, sin)                                  # [b, h + g, t, d]
+        if self.rotary_dim < d:  # partial rotary: the other features pass as they are
+            qk = torch.cat([self.rope.apply(qk[..., :self.rotary_dim], cos, sin), qk[..., self.rotary_dim:]], dim=-1)
+        else:
+            qk = self.rope.apply(qk, cos, sin)                              # [b, h + g, t, d]
         keys = cache[0].update(qk[:, h:].transpose(1, 2), inputs).transpose(1, 2)
         values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
         if self.kv_of_head is not None:

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-SUPPORTED = ("deepseek_v3", "mixtral", "qwen3_moe")
+SUPPORTED = ("deepseek_v3", "glm4_moe", "mixtral", "qwen3_moe")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "F8_E4M3": "float8_e4m3fn"}
 FP8 = "F8_E4M3"
@@ -76,6 +76,18 @@ def model_fields(directory: str) -> dict:
                     head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                     num_experts=c["num_local_experts"], expert_hidden=c["intermediate_size"],
                     dense_hidden=c["intermediate_size"], norm_topk_prob=True)
+    if kind in ("deepseek_v3", "glm4_moe"):  # DeepSeek-V3's router, shared experts and leading dense layers
+        router = dict(router="sigmoid", num_experts=c["n_routed_experts"], shared_experts=c.get("n_shared_experts") or 0,
+                      n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
+                      routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+                      norm_topk_prob=c.get("norm_topk_prob", True), dense_layers=c["first_k_dense_replace"],
+                      expert_hidden=c["moe_intermediate_size"], dense_hidden=c["intermediate_size"])
+    if kind == "glm4_moe":  # with grouped-query attention
+        partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        return dict(common, **router, attention="gqa", qk_norm=bool(c.get("use_qk_norm")),
+                    attention_bias=bool(c.get("attention_bias")), partial_rotary_factor=float(partial),
+                    kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
     if c.get("attention_bias"):
         raise ValueError(f"model.checkpoint: {where}: attention_bias true is not supported")
     if kind == "qwen3_moe":
@@ -91,16 +103,10 @@ def model_fields(directory: str) -> dict:
     for key, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
         if c.get(key, wanted) != wanted:
             raise ValueError(f"model.checkpoint: {where}: {key} {c[key]!r} is not supported; expected {wanted}")
-    return dict(common, attention="mla", router="sigmoid", dense_layers=c["first_k_dense_replace"],
-                kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+    return dict(common, **router, attention="mla", kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                 q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
                 qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
-                v_head_dim=c["v_head_dim"], rope_interleave=c.get("rope_interleave", True),
-                num_experts=c["n_routed_experts"], expert_hidden=c["moe_intermediate_size"],
-                dense_hidden=c["intermediate_size"], shared_experts=c.get("n_shared_experts") or 0,
-                n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
-                routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
-                norm_topk_prob=c.get("norm_topk_prob", True))
+                v_head_dim=c["v_head_dim"], rope_interleave=c.get("rope_interleave", True))
 
 
 def leading_dense_layers(c: dict, where: str) -> int:

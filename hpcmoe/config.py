@@ -41,6 +41,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_layers=48, dense_layers=0, heads=32, kv_heads=4, head_dim=128, num_experts=128,
                           top_k=8, expert_hidden=768, dense_hidden=6144, norm_topk_prob=True,
                           rope_theta=1000000.0, norm_eps=1e-6, max_positions=40960, dtype="bfloat16", seed=0),
+    # GLM-4.6's published config.json (GLM-4.5: the same shape, 131,072 positions); bfloat16.
+    "glm-4.6": dict(attention="gqa", router="sigmoid", qk_norm=True, attention_bias=True, partial_rotary_factor=0.5,
+                    vocab=151552, hidden=5120, num_layers=92, dense_layers=3, heads=96, kv_heads=8, head_dim=128,
+                    num_experts=160, top_k=8, expert_hidden=1536, dense_hidden=12288, shared_experts=1,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=1000000.0, norm_eps=1e-5,
+                    max_positions=202752, dtype="bfloat16", seed=0),
     # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
     "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
                      dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,
@@ -73,6 +79,8 @@ class ModelConfig:
     v_head_dim: int = 0                # mla
     rope_interleave: bool = False      # rotate interleaved pairs (DeepSeek checkpoints)
     qk_norm: bool = False              # gqa: RMS norm of each head's query and key before rotary (Qwen3)
+    attention_bias: bool = False       # gqa: biases in the query, key and value projections (GLM-4.5)
+    partial_rotary_factor: float = 1.0  # gqa: the share of each head's features that rotary rotates (GLM-4.5)
     num_experts: int = 0
     top_k: int = 0
     expert_hidden: int = 0

@@ -32,6 +32,8 @@ VARIANTS = {
                                                                        "original_max_position_embeddings": 64,
                                                                        "mscale": 0.707, "mscale_all_dim": 1.0}}, 3),
     "mixtral": ("mixtral", {}, 2),
+    # GLM-4.5: attention biases, q/k norm, half the features rotated, DeepSeek's grouped sigmoid router
+    "glm4_moe": ("glm4_moe", {}, 1),
     # Qwen3-MoE: q/k norm per head, a dense first layer (mlp_only_layers), top-k weights not renormalized
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}, 1),
 }
