@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-SUPPORTED = ("deepseek_v3", "glm4_moe", "mixtral", "qwen3_moe")
+SUPPORTED = ("deepseek_v3", "glm4_moe", "kimi_k2", "mixtral", "qwen3_moe")  # kimi_k2: DeepSeek-V3, its own numbers
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "F8_E4M3": "float8_e4m3fn"}
 FP8 = "F8_E4M3"
@@ -76,7 +76,7 @@ def model_fields(directory: str) -> dict:
                     head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                     num_experts=c["num_local_experts"], expert_hidden=c["intermediate_size"],
                     dense_hidden=c["intermediate_size"], norm_topk_prob=True)
-    if kind in ("deepseek_v3", "glm4_moe"):  # DeepSeek-V3's router, shared experts and leading dense layers
+    if kind in ("deepseek_v3", "kimi_k2", "glm4_moe"):  # DeepSeek-V3's router, shared experts, leading dense layers
         router = dict(router="sigmoid", num_experts=c["n_routed_experts"], shared_experts=c.get("n_shared_experts") or 0,
                       n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
                       routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),

@@ -193,6 +193,16 @@ def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path
             model_fields(str(directory))
 
 
+def test_kimi_k2_is_read_as_deepseek_v3(checkpoints, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's architecture: the same fields."""
+    from hpcmoe.checkpoint import model_fields
+    directory = tmp_path / "kimi"
+    shutil.copytree(checkpoints["deepseek_v3"][0], directory)
+    config = json.load(open(directory / "config.json"))
+    json.dump({**config, "model_type": "kimi_k2"}, open(directory / "config.json", "w"))
+    assert model_fields(str(directory)) == model_fields(checkpoints["deepseek_v3"][0])
+
+
 MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
     "3+1": (4, {"attention_ranks": 3, "moe_ranks": 1}),
     "2+2": (4, {"attention_ranks": 2, "moe_ranks": 2}),
