@@ -212,7 +212,10 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden, bias=False)
-        if cfg.qk_norm:  # over each head's head_dim features, the same weights for every head
+        self.qk_norm_all_heads = cfg.qk_norm_all_heads
+        if cfg.qk_norm_all_heads:  # over every head's features at once (MiniMax-M2; the whole model's heads)
+            self.q_norm, self.k_norm = RMSNorm(h * d, cfg.norm_eps), RMSNorm(g * d, cfg.norm_eps)
+        elif cfg.qk_norm:  # over each head's head_dim features, the same weights for every head
             self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         self.qkv: torch.Tensor | None = None  # [(h + 2 g) * head_dim, H] once allocated
         self.qkv_bias: torch.Tensor | None = None  # [(h + 2 g) * head_dim] with attention_bias
@@ -256,10 +259,14 @@ class GQAttention(nn.Module):
         weight = self.qkv if self.qkv is not None else torch.cat([p.weight for p in projections])
         bias = None if self.q_proj.bias is None else self.qkv_bias if self.qkv_bias is not None else \
             torch.cat([p.bias for p in projections])
-        qkv = F.linear(x, weight, bias).view(b, t, h + 2 * g, d).transpose(1, 2)
+        qkv = F.linear(x, weight, bias)                                    # [b, t, (h + 2 g) d]
+        if self.qk_norm_all_heads:
+            qkv = torch.cat([self.q_norm(qkv[..., :h * d]), self.k_norm(qkv[..., h * d:(h + g) * d]),
+                             qkv[..., (h + g) * d:]], dim=-1)
+        qkv = qkv.view(b, t, h + 2 * g, d).transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
         qk = qkv[:, :h + g]
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and not self.qk_norm_all_heads:
             qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
         if self.rotary_dim < d:  # partial rotary: the other features pass as they are
             qk = torch.cat([self.rope.apply(qk[..., :self.rotary_dim], cos, sin), qk[..., self.rotary_dim:]], dim=-1)

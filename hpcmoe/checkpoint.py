@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-SUPPORTED = ("deepseek_v3", "glm4_moe", "kimi_k2", "mixtral", "qwen3_moe")  # kimi_k2: DeepSeek-V3, its own numbers
+SUPPORTED = ("deepseek_v3", "glm4_moe", "kimi_k2", "minimax_m2", "mixtral", "qwen3_moe")  # kimi_k2: DeepSeek-V3, its own numbers
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "F8_E4M3": "float8_e4m3fn"}
 FP8 = "F8_E4M3"
@@ -88,6 +88,15 @@ def model_fields(directory: str) -> dict:
                     attention_bias=bool(c.get("attention_bias")), partial_rotary_factor=float(partial),
                     kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                     head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    if kind == "minimax_m2":  # sigmoid top-k with the correction bias, no groups; q/k norm over all heads
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        partial = (c.get("rotary_dim") or head_dim) / head_dim if "rotary_dim" in c else \
+            (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        return dict(common, attention="gqa", router="sigmoid", dense_layers=0, qk_norm=True,
+                    qk_norm_all_heads=True, partial_rotary_factor=float(partial),
+                    kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=head_dim,
+                    num_experts=c["num_local_experts"], expert_hidden=c["intermediate_size"],
+                    dense_hidden=c["intermediate_size"], norm_topk_prob=True)
     if c.get("attention_bias"):
         raise ValueError(f"model.checkpoint: {where}: attention_bias true is not supported")
     if kind == "qwen3_moe":
@@ -143,14 +152,19 @@ MIXTRAL_RENAMES = [(r"\.mlp\.gate\.", ".block_sparse_moe.gate."),
                    (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2.")]
 
 
+# MiniMax-M2: Mixtral's names, and the correction bias on the MoE block rather than on its gate
+MINIMAX_RENAMES = [(r"\.mlp\.gate\.e_score_correction_bias$", ".block_sparse_moe.e_score_correction_bias")] + \
+    MIXTRAL_RENAMES
+
+
 def checkpoint_name(name: str, config: dict) -> str:
     """hpcmoe parameter name -> the tensor name in the checkpoint."""
     if name == "lm_head.weight":
         return "model.embed_tokens.weight" if config.get("tie_word_embeddings") else name
     name = "model." + name
-    if config["model_type"] == "mixtral":
-        for pattern, replacement in MIXTRAL_RENAMES:
-            name = re.sub(pattern, replacement, name)
+    renames = {"mixtral": MIXTRAL_RENAMES, "minimax_m2": MINIMAX_RENAMES}.get(config["model_type"], [])
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
     return name
 
 

@@ -79,6 +79,7 @@ class ModelConfig:
     v_head_dim: int = 0                # mla
     rope_interleave: bool = False      # rotate interleaved pairs (DeepSeek checkpoints)
     qk_norm: bool = False              # gqa: RMS norm of each head's query and key before rotary (Qwen3)
+    qk_norm_all_heads: bool = False    # gqa: ... over every head's features at once instead (MiniMax-M2; not in ma)
     attention_bias: bool = False       # gqa: biases in the query, key and value projections (GLM-4.5)
     partial_rotary_factor: float = 1.0  # gqa: the share of each head's features that rotary rotates (GLM-4.5)
     num_experts: int = 0
@@ -515,6 +516,9 @@ def validate(config: Config) -> None:
         require(s.temperature >= 0, f"run.sampling.temperature: expected a number >= 0, got {s.temperature}")
         require(s.top_k is None or s.top_k >= 1, f"run.sampling.top_k: expected an integer >= 1, got {s.top_k}")
         require(s.top_p is None or 0 < s.top_p <= 1, f"run.sampling.top_p: expected a number in (0, 1], got {s.top_p}")
+    require(not (p.layout == "ma" and m.qk_norm_all_heads),
+            "parallel.layout: ma splits the heads over ranks, but this model's q/k norm (MiniMax-M2) spans every "
+            "head at once; use parallel.layout=ep")
     require(r.batching in ("continuous", "static"),
             f"run.batching: {r.batching!r} is not supported; expected continuous or static")
     require(r.max_batch is None or r.max_batch >= 1, f"run.max_batch: expected an integer >= 1, got {r.max_batch}")

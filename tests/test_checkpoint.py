@@ -34,6 +34,8 @@ VARIANTS = {
     "mixtral": ("mixtral", {}, 2),
     # GLM-4.5: attention biases, q/k norm, half the features rotated, DeepSeek's grouped sigmoid router
     "glm4_moe": ("glm4_moe", {}, 1),
+    # MiniMax-M2: q/k norm over all heads at once, half the features rotated, sigmoid top-k without groups
+    "minimax_m2": ("minimax_m2", {}, 1),
     # Qwen3-MoE: q/k norm per head, a dense first layer (mlp_only_layers), top-k weights not renormalized
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}, 1),
 }
@@ -213,8 +215,17 @@ MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
 @pytest.mark.parametrize("layout", sorted(MA_LAYOUTS))
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, name, layout):
-    """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head."""
+    """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head.
+    MiniMax-M2's q/k norm spans every head: ma refuses it, one line on every rank."""
     ranks, parallel = MA_LAYOUTS[layout]
+    if name == "minimax_m2":
+        config = tmp_path / "config.yaml"
+        config.write_text(json.dumps({"model": {"checkpoint": checkpoints[name][0]}, "run": {"prompt_ids": PROMPTS},
+                                      "parallel": {"layout": "ma", **parallel}}))
+        result = run_job(ranks, tmp_path / "run.h5", config=str(config))
+        lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+        assert result.returncode == 2 and len(lines) == ranks and "spans every head" in lines[0], result.stderr
+        return
     assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {"layout": "ma", **parallel})
 
 

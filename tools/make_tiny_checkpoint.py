@@ -25,6 +25,10 @@ FAMILIES = {
                      n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                      routed_scaling_factor=2.0, attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5,
                      max_position_embeddings=256, tie_word_embeddings=False),
+    "minimax_m2": dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                       num_experts_per_tok=2, partial_rotary_factor=0.5, max_position_embeddings=256,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
     "qwen3_moe": dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
                       num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], max_position_embeddings=256,
@@ -38,9 +42,11 @@ FAMILIES = {
 def build(family: str, seed: int = 0, std: float = 0.15, **overrides):
     """A transformers model of the family with seeded random weights."""
     from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                              MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
     config_class, model_class = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
                                  "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
+                                 "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM),
                                  "mixtral": (MixtralConfig, MixtralForCausalLM),
                                  "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[family]
     torch.manual_seed(seed)
