@@ -47,6 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                     num_experts=160, top_k=8, expert_hidden=1536, dense_hidden=12288, shared_experts=1,
                     routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=1000000.0, norm_eps=1e-5,
                     max_positions=202752, dtype="bfloat16", seed=0),
+    # MiniMax-M2's published config.json (its weights are FP8; here bfloat16).
+    "minimax-m2": dict(attention="gqa", router="sigmoid", qk_norm=True, qk_norm_all_heads=True,
+                       partial_rotary_factor=0.5, vocab=200064, hidden=3072, num_layers=62, dense_layers=0, heads=48,
+                       kv_heads=8, head_dim=128, num_experts=256, top_k=8, expert_hidden=1536, dense_hidden=1536,
+                       norm_topk_prob=True, rope_theta=5000000.0, norm_eps=1e-6, max_positions=196608,
+                       dtype="bfloat16", seed=0),
     # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
     "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
                      dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,

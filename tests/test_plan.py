@@ -74,7 +74,7 @@ def test_plan_suggests_expert_groups_when_one_expert_is_too_large():
 
 
 @pytest.mark.parametrize("preset, published", [("qwen3-235b-a22b", 235e9), ("qwen3-30b-a3b", 30.5e9),
-                                               ("deepseek-v3", 671e9), ("glm-4.6", 355e9)])
+                                               ("deepseek-v3", 671e9), ("glm-4.6", 355e9), ("minimax-m2", 230e9)])
 def test_a_published_preset_counts_its_published_parameters(preset, published):
     """`hpcmoe plan`'s whole-model bytes for a preset, in bfloat16, within 2% of the published count
     (DeepSeek-V3's 671B excludes its 14B multi-token prediction module, which hpcmoe does not run; GLM-4.6's
