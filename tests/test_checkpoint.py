@@ -7,6 +7,7 @@ CHECKPOINT_TOLERANCE, in one process and under mpiexec at 1, 2 and 4 ranks.
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -419,3 +420,19 @@ def test_a_run_on_a_truncated_checkpoint_exits_2_and_writes_nothing(checkpoints,
     assert_refused(result, path, 2)
     assert not os.path.exists(output) and not os.path.exists(f"{output}.tmp")
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".h5", ".tmp"))]
+
+
+def test_make_tiny_checkpoint_gives_a_tokenizer_that_fits_the_vocabulary(tmp_path):
+    """`tools/make_tiny_checkpoint.py FAMILY DIR --tokenizer TEXT`: a vocabulary large enough for the
+    byte-level tokenizer by default; a vocabulary too small for it is refused, naming the fix."""
+    from tokenizers import Tokenizer
+    tool, corpus = os.path.join(ROOT, "tools", "make_tiny_checkpoint.py"), os.path.join(ROOT, "tests", "data",
+                                                                                        "tiny_corpus.txt")
+    made = subprocess.run([sys.executable, tool, "qwen3_moe", str(tmp_path / "q"), "--tokenizer", corpus],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    vocab = json.load(open(tmp_path / "q" / "config.json"))["vocab_size"]
+    assert Tokenizer.from_file(str(tmp_path / "q" / "tokenizer.json")).get_vocab_size() <= vocab
+    refused = subprocess.run([sys.executable, tool, "mixtral", str(tmp_path / "m"), "--tokenizer", corpus, "--set",
+                              "vocab_size=256"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "needs 259 ids" in refused.stderr and "vocab_size=320" in refused.stderr

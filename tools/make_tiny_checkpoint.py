@@ -83,6 +83,9 @@ def train_tokenizer(directory: str, text_file: str, vocab_size: int) -> None:
     with open(text_file) as f:
         tokenizer.train_from_iterator(f.read().splitlines(), trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise SystemExit(f"make_tiny_checkpoint: a byte-level tokenizer needs {tokenizer.get_vocab_size()} ids but the "
+                         f"model's vocabulary has {vocab_size}: use --set vocab_size=320")
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
 
 
@@ -152,6 +155,8 @@ def main():
                         help="store linear weights as FP8 with a scale per block (DeepSeek-V3 uses 128 128)")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    if args.tokenizer:  # a byte-level BPE needs 256 byte ids and 3 special ones, and some merges
+        overrides.setdefault("vocab_size", 320)
     model = make(args.family, args.directory, args.shards, args.seed, **overrides)
     if args.tokenizer:
         train_tokenizer(args.directory, args.tokenizer, model.config.vocab_size)
