@@ -434,6 +434,7 @@ def stop_after_failure(recovery: Recovery, shrunk, writer, timer, made: Made, de
         sys.stderr.write(f"hpcmoe: rank(s) {names} failed in step {step}; the survivors cannot go on ({reason}); "
                          f"they wrote {metrics['path']} (steps 0..{done - 1}): continue with "
                          f"`hpcmoe run ... --resume {metrics['path']}`\n")
+    shrunk.Barrier()  # no survivor exits (non-zero: the launcher then kills the rest) before rank 0 wrote and said it
     leave(EXIT_RANK_FAILED)
 
 

@@ -97,11 +97,11 @@ def test_mpi_run_equals_transformers(checkpoints, tmp_path, name, ranks):
     assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {})
 
 
-def assert_job_equals_transformers(checkpoint, tmp_path, ranks: int, parallel: dict):
+def assert_job_equals_transformers(checkpoint, tmp_path, ranks: int, parallel: dict, run: dict | None = None):
     directory, tokens, logits = checkpoint
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"model": {"checkpoint": directory}, "parallel": parallel,
-                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS,
+                                  "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS, **(run or {}),
                                           "stop_at_eos": False},  # the oracle makes every token too
                                   "output": {"save_logits": True}}))
     result = run_job(ranks, tmp_path / "run.h5", config=str(config))
@@ -109,6 +109,18 @@ def assert_job_equals_transformers(checkpoint, tmp_path, ranks: int, parallel: d
     run = read_run(tmp_path / "run.h5")
     np.testing.assert_array_equal(run["generated"], tokens)
     np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("setting", ["expert_tp_2", "two_stage_2_micro_batches"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_family_with_expert_groups_and_two_stage_dispatch(checkpoints, tmp_path, name, setting):
+    """-n 4: each expert split over a group of 2 ranks; or two nodes of 2 ranks with the two-stage
+    dispatch and 2 micro-batches."""
+    if setting == "expert_tp_2":
+        assert_job_equals_transformers(checkpoints[name], tmp_path, 4, {"expert_tp": 2})
+    else:
+        assert_job_equals_transformers(checkpoints[name], tmp_path, 4, {"dispatch": "two_stage", "ranks_per_node": 2},
+                                       {"micro_batches": 2, "decode_micro_batch_min": 1})
 
 
 def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
