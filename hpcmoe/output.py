@@ -211,10 +211,6 @@ def append(dataset, dtype, start: int, values: list) -> None:
     dataset.id.write(h5s.create_simple((count,)), selection, column, mtype=h5t.py_create(dtype))
 
 
-def tokenizer_exists(checkpoint: str | None) -> bool:
-    return bool(checkpoint) and os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
-
-
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -471,7 +467,8 @@ class RunWriter:
         generated = self.array("generated", shape=(n, self.width), dtype=np.int64, fillvalue=-1, padding=-1,
                                chunks=(min(n, 1024), self.width), axes=["request", "new_token"], compression="gzip")
         lengths = self.array("generated_lengths", shape=(n,), dtype=np.int64, axes=["request"], units="tokens")
-        has_text = tokenizer_exists(self.checkpoint)
+        from hpcmoe.workload import tokenizer_path
+        has_text = tokenizer_path(self.checkpoint) is not None
         texts = self.array("generated_text", shape=(n,), dtype=strings, axes=["request"]) if has_text else None
         completions, encoded, replaced = rows["completion_ids"][:], rows["text"][:], 0
         for start in range(0, n, 4096):  # in blocks: a million requests stay within memory
@@ -549,7 +546,8 @@ def export_jsonl(path: str, out: str) -> tuple[int, str]:
         if "requests" not in f:
             raise ValueError(f"{path}: no /requests group (not a run file of hpcmoe run, or an older one)")
         rows = {name: f["requests"][name][:] for name in f["requests"]}
-        tokenizer = tokenizer_exists(_checkpoint_of(f))
+        from hpcmoe.workload import tokenizer_path
+        tokenizer = tokenizer_path(_checkpoint_of(f)) is not None
         note = "" if f.attrs.get("complete", False) else " (the run did not complete: the requests it had finished)"
     stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8")
     try:
