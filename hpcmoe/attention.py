@@ -53,6 +53,14 @@ class StepInputs:
             self.rotations["attend"] = ((keys <= self.positions[..., None]) & (keys < ends[:, None, None]))[:, None]
         return self.rotations["attend"]
 
+    def windowed(self, window: int) -> torch.Tensor:
+        """`attend` where a query sees only the last `window` positions (itself included), once per window."""
+        key = ("attend", window)
+        if key not in self.rotations:
+            keys = torch.arange(self.attend.shape[-1], device=self.positions.device)
+            self.rotations[key] = self.attend & (keys > self.positions[..., None] - window)[:, None]
+        return self.rotations[key]
+
     @classmethod
     def build(cls, tokens: list[list[int]], cached: torch.Tensor, device=None) -> "StepInputs":
         """tokens: b lists of new tokens; cached: [b] positions already in the cache (host)
@@ -195,12 +203,15 @@ class RMSNorm(nn.Module):
 
 class GQAttention(nn.Module):
     """Grouped-query attention (Mixtral, the debug model): cache [b, s, kv_heads, head_dim] x 2.
+    Options by model: q/k norm, biases, partial rotary, a sliding `window` (this layer's), and
+    attention sinks (gpt-oss: one learned logit per head joins the softmax, with a value of zero).
 
-    With `heads` (attention/MoE separation) the module holds only those query heads, the key/value
-    heads they read and their columns of the output projection; its output is then a partial sum
-    that the attention ranks of a group add up."""
+    With `heads` (attention/MoE separation) the module holds only those query heads (and their
+    sinks), the key/value heads they read and their columns of the output projection; its output is
+    then a partial sum that the attention ranks of a group add up, so only the first shard holds
+    the output projection's bias."""
 
-    def __init__(self, cfg, heads: range | None = None):
+    def __init__(self, cfg, heads: range | None = None, window: int | None = None):
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.head_range = heads or range(cfg.heads)
@@ -211,7 +222,9 @@ class GQAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden, h * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden, bias=cfg.attention_output_bias and self.head_range.start == 0)
+        self.sinks = nn.Parameter(torch.empty(h)) if cfg.attention_sinks else None
+        self.window = window
         self.qk_norm_all_heads = cfg.qk_norm_all_heads
         if cfg.qk_norm_all_heads:  # over every head's features at once (MiniMax-M2; the whole model's heads)
             self.q_norm, self.k_norm = RMSNorm(h * d, cfg.norm_eps), RMSNorm(g * d, cfg.norm_eps)
@@ -234,6 +247,8 @@ class GQAttention(nn.Module):
                   "o_proj.weight": (1, heads.start * d, heads.stop * d)}
         if self.q_proj.bias is not None:
             slices.update({"q_proj.bias": rows(heads), "k_proj.bias": rows(kv), "v_proj.bias": rows(kv)})
+        if self.sinks is not None:
+            slices["sinks"] = (0, heads.start, heads.stop)
         return slices
 
     def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
@@ -277,12 +292,30 @@ class GQAttention(nn.Module):
         if self.kv_of_head is not None:
             uses = host_tensor(self.kv_of_head, keys.device)
             keys, values = keys.index_select(1, uses), values.index_select(1, uses)
-        out = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=inputs.attend, enable_gqa=True)
+        mask = inputs.attend if self.window is None else inputs.windowed(self.window)
+        if self.sinks is None:
+            out = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=mask, enable_gqa=True)
+        else:
+            out = attention_with_sinks(qk[:, :h], keys, values, mask, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     @staticmethod
     def cache_bytes_per_token(cfg, itemsize: int) -> int:
         return 2 * cfg.kv_heads * cfg.head_dim * itemsize
+
+
+def attention_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                         sinks: torch.Tensor) -> torch.Tensor:
+    """q [b, h, t, d], keys and values [b, g, s, d] (g divides h; query head i reads kv head i // (h / g)),
+    mask [b, 1, t, s] bool, sinks [h] -> [b, h, t, d]: each head's softmax over its visible keys and
+    its sink logit, the sink's share dropped (so a large sink shrinks the output). A row that sees
+    no key gives zeros, not NaN."""
+    (b, h, t, d), (g, s) = q.shape, keys.shape[1:3]
+    scores = torch.matmul(q.reshape(b, g, h // g * t, d), keys.transpose(-1, -2)).mul_(d ** -0.5).view(b, h, t, s)
+    scores.masked_fill_(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.reshape(b, g, h // g * t, s), values).view(b, h, t, d)
 
 
 # ---------------------------------------------------------------- multi-head latent attention

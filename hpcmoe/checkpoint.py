@@ -14,10 +14,11 @@ import re
 import struct
 from dataclasses import dataclass
 
-SUPPORTED = ("deepseek_v3", "glm4_moe", "kimi_k2", "minimax_m2", "mixtral", "qwen3_moe")  # kimi_k2: DeepSeek-V3, its own numbers
+SUPPORTED = ("deepseek_v3", "glm4_moe", "gpt_oss", "kimi_k2", "minimax_m2", "mixtral", "qwen3_moe")  # kimi_k2: DeepSeek-V3's
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "F8_E4M3": "float8_e4m3fn"}
+                      "F8_E4M3": "float8_e4m3fn", "U8": "uint8"}
 FP8 = "F8_E4M3"
+MXFP4_PARTS = ("weight_blocks", "weight_scales")  # hpcmoe names of MXFP4 tensors: uint8, nothing else is
 
 
 def read_config(directory: str) -> dict:
@@ -62,7 +63,11 @@ def model_fields(directory: str) -> dict:
     if kind not in SUPPORTED:
         raise ValueError(f"model.checkpoint: {where}: model_type {kind!r} is not supported; "
                          f"expected one of {', '.join(SUPPORTED)}")
-    block = fp8_block(c, where)
+    quantization = (c.get("quantization_config") or {}).get("quant_method")
+    if quantization == "mxfp4" and kind != "gpt_oss":
+        raise ValueError(f"model.checkpoint: {where}: quantization_config mxfp4 is read for gpt_oss only, "
+                         f"not {kind}")
+    block = None if quantization == "mxfp4" else fp8_block(c, where)
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"model.checkpoint: {where}: hidden_act {c['hidden_act']!r} is not supported; expected silu")
     common = dict(vocab=c["vocab_size"], hidden=c["hidden_size"], num_layers=c["num_hidden_layers"],
@@ -76,6 +81,18 @@ def model_fields(directory: str) -> dict:
                     head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                     num_experts=c["num_local_experts"], expert_hidden=c["intermediate_size"],
                     dense_hidden=c["intermediate_size"], norm_topk_prob=True)
+    if kind == "gpt_oss":  # sinks, sliding windows, biases, the clamped SwiGLU, MXFP4 experts
+        bias = bool(c.get("attention_bias", True))
+        types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                         for i in range(c["num_hidden_layers"])]
+        return dict(common, attention="gqa", router="softmax", router_bias=True, norm_topk_prob=True, dense_layers=0,
+                    attention_bias=bias, attention_output_bias=bias, attention_sinks=True,
+                    sliding_window=c.get("sliding_window"), layer_types=list(types), expert_bias=True,
+                    swiglu_limit=float(c["swiglu_limit"]), swiglu_alpha=float(c.get("swiglu_alpha", 1.702)),
+                    kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                    num_experts=c["num_local_experts"], expert_hidden=c["intermediate_size"],
+                    dense_hidden=c["intermediate_size"], mxfp4=quantization == "mxfp4")
     if kind in ("deepseek_v3", "kimi_k2", "glm4_moe"):  # DeepSeek-V3's router, shared experts, leading dense layers
         router = dict(router="sigmoid", num_experts=c["n_routed_experts"], shared_experts=c.get("n_shared_experts") or 0,
                       n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
@@ -157,15 +174,65 @@ MINIMAX_RENAMES = [(r"\.mlp\.gate\.e_score_correction_bias$", ".block_sparse_moe
     MIXTRAL_RENAMES
 
 
+# gpt-oss: the router is `router`; the experts are stacked (below)
+GPT_OSS_RENAMES = [(r"\.mlp\.gate\.(weight|bias)$", r".mlp.router.\1")]
+GPT_OSS_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(weight|bias|weight_blocks|weight_scales)$")
+GPT_OSS_SUFFIX = {"weight": "", "bias": "_bias", "weight_blocks": "_blocks", "weight_scales": "_scales"}
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """gpt-oss stores each layer's experts stacked: `experts.gate_up_proj` [E, H, 2I] (gate and up
+    interleaved along the last axis: gate the even entries), `experts.down_proj` [E, I, H], biases
+    [E, 2I] and [E, H]; as MXFP4, `_blocks` [E, 2I, H / 32, 16] and `_scales` [E, 2I, H / 32] (rows
+    are output features there). One hpcmoe expert tensor is a view of one of these."""
+    expert: int
+    interleaved: int | None   # 0: gate (even entries of the output axis), 1: up (odd), None: down
+    transposed: bool          # stored [in, out] (the unquantized weights)
+
+
 def checkpoint_name(name: str, config: dict) -> str:
     """hpcmoe parameter name -> the tensor name in the checkpoint."""
     if name == "lm_head.weight":
         return "model.embed_tokens.weight" if config.get("tie_word_embeddings") else name
+    expert = GPT_OSS_EXPERT.match(name) if config["model_type"] == "gpt_oss" else None
+    if expert:
+        layer, _, kind, part = expert.groups()
+        return f"model.layers.{layer}.mlp.experts.{'down_proj' if kind == 'down' else 'gate_up_proj'}" \
+               f"{GPT_OSS_SUFFIX[part]}"
     name = "model." + name
-    renames = {"mixtral": MIXTRAL_RENAMES, "minimax_m2": MINIMAX_RENAMES}.get(config["model_type"], [])
-    for pattern, replacement in renames:
+    renames = {"mixtral": MIXTRAL_RENAMES, "minimax_m2": MINIMAX_RENAMES, "gpt_oss": GPT_OSS_RENAMES}
+    for pattern, replacement in renames.get(config["model_type"], []):
         name = re.sub(pattern, replacement, name)
     return name
+
+
+def expert_view(name: str, config: dict) -> ExpertView | None:
+    """The view of a stacked gpt-oss tensor that hpcmoe tensor `name` is, None for any other tensor."""
+    expert = GPT_OSS_EXPERT.match(name) if config["model_type"] == "gpt_oss" else None
+    if not expert:
+        return None
+    _, e, kind, part = expert.groups()
+    return ExpertView(int(e), None if kind == "down" else ("gate", "up").index(kind), part == "weight")
+
+
+def stored_shape(shape: tuple[int, ...], view: ExpertView, experts: int) -> tuple[int, ...]:
+    """hpcmoe's shape of one expert's tensor -> the stacked tensor's shape in the checkpoint."""
+    one = list(reversed(shape)) if view.transposed else list(shape)
+    axis = len(one) - 1 if view.transposed else 0   # the output features
+    if view.interleaved is not None:
+        one[axis] *= 2
+    return (experts, *one)
+
+
+def select_expert(stacked, view: ExpertView):
+    """The stacked tensor's slab of one expert ([1, ...], as read) -> hpcmoe's tensor of that expert."""
+    one = stacked[0]
+    if view.transposed:
+        one = one.transpose(0, 1)
+    if view.interleaved is not None:
+        one = one[view.interleaved::2]
+    return one.contiguous()
 
 
 @dataclass(frozen=True)
@@ -288,17 +355,22 @@ def check_tensors(directory: str, expected: dict[str, tuple[int, ...]], block: l
     """expected: hpcmoe name -> shape. Raises, naming the file and tensor, on anything missing or
     misshapen; an FP8 weight needs its NAME_scale_inv of ceil(rows / block) x ceil(columns / block)."""
     config, index = read_config(directory), tensor_index(directory)
+    experts = config.get("num_local_experts") or 0
     for name, shape in expected.items():
         stored = checkpoint_name(name, config)
         entry = index.get(stored)
         if entry is None:
             raise ValueError(f"model.checkpoint: {directory}: tensor {stored} is missing")
+        view = expert_view(name, config)
+        if view is not None:
+            shape = stored_shape(tuple(shape), view, experts)
         if entry.shape != tuple(shape):
             raise ValueError(f"model.checkpoint: {entry.file}: tensor {stored} has shape {list(entry.shape)}, "
                              f"expected {list(shape)}")
-        if entry.dtype not in SAFETENSORS_DTYPES:
+        mxfp4 = name.endswith(MXFP4_PARTS)
+        if entry.dtype not in SAFETENSORS_DTYPES or (entry.dtype == "U8") != mxfp4:
             raise ValueError(f"model.checkpoint: {entry.file}: tensor {stored} has dtype {entry.dtype}, "
-                             f"which is not supported")
+                             + ("expected U8 (MXFP4 blocks and exponents)" if mxfp4 else "which is not supported"))
         if entry.dtype == FP8:
             if block is None or len(shape) != 2:
                 raise ValueError(f"model.checkpoint: {entry.file}: tensor {stored} is FP8 but config.json has no "
@@ -375,6 +447,12 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
     def load(name: str, part: tuple[int, int, int] | None = None, raw: bool = False):
         stored = checkpoint_name(name, config)
         entry = index[stored]
+        view = expert_view(name, config)
+        if view is not None:  # the expert's slab of the stacked tensor, then its view, then the part
+            tensor = select_expert(read(stored, entry, (0, view.expert, view.expert + 1)), view)
+            if part is not None:
+                tensor = tensor.narrow(part[0], part[1], part[2] - part[1]).contiguous()
+            return tensor if raw else tensor.float()
         tensor = read(stored, entry, part)
         if entry.dtype != FP8 or raw:
             return tensor if raw else tensor.float()

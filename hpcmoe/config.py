@@ -59,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      expert_hidden=16384, dense_hidden=16384, rope_theta=10000.0, seed=0),
 }
 DTYPES = ("float32", "bfloat16")
+MXFP4_BLOCK = 32  # weights per shared exponent
 KILL_PHASES = ("dispatch", "combine", "record", "between_steps")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                      "mscale", "mscale_all_dim", "attention_factor", "truncate")
@@ -88,6 +89,10 @@ class ModelConfig:
     qk_norm_all_heads: bool = False    # gqa: ... over every head's features at once instead (MiniMax-M2; not in ma)
     attention_bias: bool = False       # gqa: biases in the query, key and value projections (GLM-4.5)
     partial_rotary_factor: float = 1.0  # gqa: the share of each head's features that rotary rotates (GLM-4.5)
+    attention_output_bias: bool = False  # gqa: a bias in the output projection too (gpt-oss)
+    attention_sinks: bool = False      # gqa: one learned logit per head joins each softmax, its value zero (gpt-oss)
+    sliding_window: Optional[int] = None  # gqa: a sliding layer's query sees only the last this many positions
+    layer_types: Optional[list[str]] = None  # per layer full_attention | sliding_attention (gpt-oss alternates)
     num_experts: int = 0
     top_k: int = 0
     expert_hidden: int = 0
@@ -97,6 +102,10 @@ class ModelConfig:
     topk_group: int = 1                # ... of which each token may use this many
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True        # renormalize the top-k router weights to sum to one
+    router_bias: bool = False          # softmax router: a learned bias on the logits (gpt-oss)
+    expert_bias: bool = False          # biases in every expert's projections (gpt-oss)
+    swiglu_limit: Optional[float] = None  # clamped SwiGLU (gpt-oss): gate <= limit, |up| <= limit, (up + 1) ...
+    swiglu_alpha: float = 1.702        # ... x gate x sigmoid(alpha x gate); None: plain silu(gate) x up
     router_skew: float = 0.0           # synthetic skew for benchmarks: expert e's logit += skew * (1 - e / (E - 1))
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # YaRN: {rope_type: yarn, factor, original_max_position_embeddings, ...}
@@ -105,6 +114,12 @@ class ModelConfig:
     seed: int = 0                      # random weights are seeded per tensor name from this
     max_positions: Optional[int] = None  # longest prompt + new tokens (a checkpoint's max_position_embeddings)
     fp8_block: Optional[list[int]] = None  # an FP8 checkpoint's scale block (rows, columns): routed experts stay FP8
+    mxfp4: bool = False                # routed experts stored MXFP4 (gpt-oss): 4-bit values, an exponent per 32
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of `layer`'s attention, None where it sees every earlier position."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @property
     def moe_layers(self) -> int:
@@ -428,6 +443,7 @@ def validate_model(m: ModelConfig) -> None:
     require(m.dtype is None or m.dtype in DTYPES,
             f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    validate_gpt_oss_fields(m)
     if m.rope_scaling is not None:
         unknown = sorted(set(m.rope_scaling) - set(ROPE_SCALING_KEYS))
         require(not unknown, f"model.rope_scaling.{unknown[0] if unknown else ''}: unknown key; expected "
@@ -439,6 +455,31 @@ def validate_model(m: ModelConfig) -> None:
             value = m.rope_scaling.get(key)
             require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
                     f"model.rope_scaling.{key}: expected a number > 0, got {value!r}")
+
+
+def validate_gpt_oss_fields(m: ModelConfig) -> None:
+    """Sinks, sliding windows, biases, the clamped SwiGLU and MXFP4 experts (gpt-oss's features)."""
+    for name in ("attention_output_bias", "attention_sinks", "sliding_window"):
+        require(m.attention == "gqa" or not getattr(m, name),
+                f"model.{name}: only with model.attention: gqa (MLA has no such option here)")
+    if m.layer_types is not None:
+        kinds = ("full_attention", "sliding_attention")
+        require(len(m.layer_types) == m.num_layers,
+                f"model.layer_types: {len(m.layer_types)} entries for model.num_layers ({m.num_layers}) layers")
+        bad = [kind for kind in m.layer_types if kind not in kinds]
+        require(not bad, f"model.layer_types: {bad[:1]} is not one of {', '.join(kinds)}")
+        require("sliding_attention" not in m.layer_types or (m.sliding_window or 0) >= 1,
+                f"model.sliding_window: sliding_attention layers need a window >= 1, got {m.sliding_window}")
+    require(m.sliding_window is None or m.sliding_window >= 1,
+            f"model.sliding_window: expected an integer >= 1, got {m.sliding_window}")
+    require(m.swiglu_limit is None or m.swiglu_limit > 0, f"model.swiglu_limit: expected a number > 0, got {m.swiglu_limit}")
+    require(not m.router_bias or m.router == "softmax", "model.router_bias: only with model.router: softmax")
+    if m.mxfp4:
+        require(not m.fp8_block, "model.mxfp4 and model.fp8_block: an expert is stored one way, not both")
+        for name in ("hidden", "expert_hidden"):
+            require(getattr(m, name) % MXFP4_BLOCK == 0,
+                    f"model.{name}: {getattr(m, name)} must be a multiple of {MXFP4_BLOCK} with model.mxfp4 "
+                    f"(one exponent per {MXFP4_BLOCK} weights)")
 
 
 def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
@@ -481,6 +522,9 @@ def validate_expert_tp(m: ModelConfig, p: ParallelConfig) -> None:
     require(not m.fp8_block or (inner % m.fp8_block[0] == 0 and inner % m.fp8_block[1] == 0),
             f"parallel.expert_tp ({t}): each rank's share of model.expert_hidden ({m.expert_hidden} / {t} = "
             f"{inner}) must be whole FP8 blocks ({m.fp8_block}): the block scales are not split")
+    require(not m.mxfp4 or inner % MXFP4_BLOCK == 0,
+            f"parallel.expert_tp ({t}): each rank's share of model.expert_hidden ({m.expert_hidden} / {t} = "
+            f"{inner}) must be whole MXFP4 blocks of {MXFP4_BLOCK}: the exponents are not split")
 
 
 def validate(config: Config) -> None:

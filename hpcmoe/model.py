@@ -7,13 +7,15 @@ process and is the oracle the tests use.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcmoe import fp8
+from hpcmoe import fp8, mxfp4
 from hpcmoe.attention import GQAttention, MLAttention, PositionCache, RMSNorm, StepInputs
 from hpcmoe.config import ModelConfig
 from hpcmoe.device import host_tensor
@@ -27,23 +29,59 @@ def seeded_normal(name: str, shape: tuple[int, ...], std: float, seed: int) -> t
     return torch.randn(shape, generator=generator).mul_(std)  # in place: one float32 temporary, not two
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None, alpha: float = 1.702) -> torch.Tensor:
+    """silu(gate) x up; with a limit gpt-oss's clamped form: gate <= limit, |up| <= limit,
+    (up + 1) x gate x sigmoid(alpha x gate). gate is overwritten."""
+    if limit is None:
+        return F.silu(gate, inplace=True).mul_(up)
+    gate = gate.clamp_(max=limit)
+    return (gate * torch.sigmoid(gate * alpha)).mul_(up.clamp(-limit, limit).add_(1))
+
+
+def activation_of(cfg: ModelConfig):
+    return swiglu if cfg.swiglu_limit is None else functools.partial(swiglu, limit=cfg.swiglu_limit,
+                                                                    alpha=cfg.swiglu_alpha)
+
+
+def seeded_mxfp4(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """An MXFP4 tensor that depends only on (seed, name): random bytes for `*.weight_blocks`, and for
+    `*.weight_scales` [rows, columns / 32] the exponent that gives the weights a std near columns ** -0.5
+    (random 4-bit values have an rms of about 2.9)."""
+    if name.endswith("weight_scales"):
+        exponent = round(math.log2((shape[-1] * mxfp4.BLOCK) ** -0.5 / 2.9))
+        return torch.full(shape, exponent + mxfp4.EXPONENT_BIAS, dtype=torch.uint8)
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: a dense layer's MLP, every routed expert and the shared experts."""
+    """SwiGLU feed-forward: a dense layer's MLP, every routed expert and the shared experts.
+    bias: biases in gate and up; down_bias: in down (a tensor-parallel slice other than the first
+    leaves it out, since the slices' outputs are summed)."""
 
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, bias: bool = False, down_bias: bool = False, activation=swiglu):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=down_bias)
+        self.activation = activation
         self.gate_up: torch.Tensor | None = None  # [2 * inner, H] once fused: one GEMM for both
+        self.gate_up_bias: torch.Tensor | None = None  # [2 * inner] with biases
+        self.mxfp4 = False
 
-    def allocate(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def allocate(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None) -> None:
         """Storage before the weights are read: gate and up projections as views of one
-        [2 * inner, H] tensor (one GEMM for both), down [H, inner]."""
+        [2 * inner, H] tensor (one GEMM for both; their biases of one [2 * inner]), down [H, inner]."""
         inner = self.gate_proj.weight.shape[0]
         self.gate_proj.weight, self.up_proj.weight = as_parameter(gate_up[:inner]), as_parameter(gate_up[inner:])
         self.down_proj.weight = as_parameter(down)
         self.gate_up = gate_up
+        if self.gate_proj.bias is not None:
+            gate_up_bias = torch.empty(2 * inner, dtype=gate_up.dtype, device=gate_up.device) \
+                if gate_up_bias is None else gate_up_bias
+            self.gate_proj.bias, self.up_proj.bias = as_parameter(gate_up_bias[:inner]), as_parameter(gate_up_bias[inner:])
+            self.gate_up_bias = gate_up_bias
 
     def keep_fp8(self, block: list[int]) -> None:
         """Weights stay as an FP8 checkpoint stores them (1 byte each, with a float scale per block,
@@ -61,27 +99,47 @@ class MLP(nn.Module):
             projection.weight_scale_inv = as_parameter(torch.empty(projection.weight_scale_inv.shape,
                                                                    dtype=torch.float32, device=device))
 
+    def keep_mxfp4(self) -> None:
+        """Weights stay as an MXFP4 checkpoint stores them (hpcmoe/mxfp4.py): `weight_blocks`
+        [rows, columns / 32, 16] and `weight_scales` [rows, columns / 32], both uint8, in place of `weight`."""
+        self.mxfp4 = True
+        for projection in (self.gate_proj, self.up_proj, self.down_proj):
+            rows, columns = projection.weight.shape
+            projection.weight = None
+            projection.weight_blocks = as_parameter(torch.empty(rows, columns // mxfp4.BLOCK, mxfp4.BLOCK // 2,
+                                                                dtype=torch.uint8))
+            projection.weight_scales = as_parameter(torch.empty(rows, columns // mxfp4.BLOCK, dtype=torch.uint8))
+
     def dequantized(self, projection: nn.Linear, dtype) -> torch.Tensor:
         """The projection's weight dequantized whole, a fresh tensor in `dtype` (the FP8 path computes
         with these values chunk by chunk: hpcmoe/fp8.py)."""
+        if self.mxfp4:
+            return mxfp4.dequantize(projection.weight_blocks, projection.weight_scales, dtype)
         from hpcmoe.checkpoint import dequantize
         return dequantize(projection.weight, projection.weight_scale_inv, self.fp8_block).to(dtype)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
-        if self.gate_proj.weight.dtype == torch.float8_e4m3fn:  # as stored: hpcmoe/fp8.py, in x's dtype
+        if self.gate_proj.weight is not None and self.gate_proj.weight.dtype == torch.float8_e4m3fn:
             y = fp8.mlp(x.reshape(-1, x.shape[-1]), *((p.weight, p.weight_scale_inv) for p in
                                                        (self.gate_proj, self.up_proj, self.down_proj)),
-                        self.fp8_block, out)
+                        self.fp8_block, out)  # as stored: hpcmoe/fp8.py, in x's dtype
             return y if out is not None else y.view(*x.shape[:-1], y.shape[-1])
-        if self.gate_up is None:
-            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.mxfp4:  # as stored, turned into x's dtype for this call
+            gate_up = torch.cat([self.dequantized(p, x.dtype) for p in (self.gate_proj, self.up_proj)])
+            down = self.dequantized(self.down_proj, x.dtype)
         else:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            act = F.silu(gate).mul_(up)
+            gate_up = self.gate_up if self.gate_up is not None else torch.cat([self.gate_proj.weight,
+                                                                               self.up_proj.weight])
+            down = self.down_proj.weight
+        bias = self.gate_up_bias if self.gate_up_bias is not None or self.gate_proj.bias is None else \
+            torch.cat([self.gate_proj.bias, self.up_proj.bias])
+        act = self.activation(*F.linear(x, gate_up, bias).chunk(2, dim=-1))
         if out is None:
-            return F.linear(act, self.down_proj.weight)
-        return torch.mm(act, self.down_proj.weight.t(), out=out)
+            return F.linear(act, down, self.down_proj.bias)
+        if self.down_proj.bias is not None:
+            return torch.addmm(self.down_proj.bias, act, down.t(), out=out)
+        return torch.mm(act, down.t(), out=out)
 
 
 class Router(nn.Module):
@@ -92,6 +150,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.skew_shift = 0  # run.skew_drift: router_skew favours experts shift, shift + 1, ... instead of 0, 1, ...
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
         if cfg.router == "sigmoid":
             # float32 whatever the model dtype, as transformers keeps it
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
@@ -99,7 +158,8 @@ class Router(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [n, H] -> (expert_ids [n, k] int64, weights [n, k] float32)."""
         c = self.cfg
-        logits = F.linear(h, self.weight) if c.router == "softmax" else F.linear(h.float(), self.weight.float())
+        logits = F.linear(h, self.weight, self.bias) if c.router == "softmax" else \
+            F.linear(h.float(), self.weight.float())
         if c.router_skew:
             rank = (torch.arange(c.num_experts, device=h.device) - self.skew_shift) % c.num_experts
             logits = logits + c.router_skew * (1 - rank / max(c.num_experts - 1, 1))
@@ -122,21 +182,26 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Router(cfg) if routes else None
         self.top_k, self.shard = cfg.top_k, shard
-        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden // shard[1]) for e in experts})
-        self.fp8_block = cfg.fp8_block
-        if cfg.fp8_block:
-            for mlp in self.experts.values():
+        activation = activation_of(cfg)
+        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden, cfg.expert_hidden // shard[1], cfg.expert_bias,
+                                                  cfg.expert_bias and shard[0] == 0, activation) for e in experts})
+        self.fp8_block, self.mxfp4 = cfg.fp8_block, cfg.mxfp4
+        for mlp in self.experts.values():
+            if cfg.fp8_block:
                 mlp.keep_fp8(cfg.fp8_block)
+            elif cfg.mxfp4:
+                mlp.keep_mxfp4()
         if cfg.shared_experts and routes:
-            self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts)
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, H], [E, H, I]) once allocated
+            self.shared_experts = MLP(cfg.hidden, cfg.expert_hidden * cfg.shared_experts, activation=activation)
+        self.activation = activation
+        self.stacked: tuple | None = None  # ([E, 2I, H], [E, H, I], [E, 2I] or None, [E, H] or None) once allocated
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: the hosted experts' weights as views of two stacked
         tensors, so that small groups of rows (decode) run as two batched GEMMs for all experts."""
         experts = list(self.experts.values())
-        if self.fp8_block:  # routed experts as stored: no fused or stacked layout, dequantized per expert
-            for mlp in experts:
+        if self.fp8_block or self.mxfp4:  # routed experts as stored: no fused or stacked layout, dequantized per expert
+            for mlp in experts if self.fp8_block else []:  # (MXFP4's uint8 tensors: materialize's generic pass)
                 mlp.allocate_fp8(device)
             experts = []
         for mlp in experts + ([self.shared_experts] if hasattr(self, "shared_experts") else []):
@@ -148,9 +213,14 @@ class MoE(nn.Module):
         inner, hidden = experts[0].gate_up.shape[0] // 2, experts[0].gate_up.shape[1]
         gate_up = torch.empty(len(experts), 2 * inner, hidden, device=device, dtype=dtype)
         down = torch.empty(len(experts), hidden, inner, device=device, dtype=dtype)
+        biased, down_biased = experts[0].gate_proj.bias is not None, experts[0].down_proj.bias is not None
+        gate_up_bias = torch.empty(len(experts), 2 * inner, device=device, dtype=dtype) if biased else None
+        down_bias = torch.empty(len(experts), hidden, device=device, dtype=dtype) if down_biased else None
         for i, mlp in enumerate(experts):
-            mlp.allocate(gate_up[i], down[i])
-        self.stacked = gate_up, down
+            mlp.allocate(gate_up[i], down[i], gate_up_bias[i] if biased else None)
+            if down_biased:
+                mlp.down_proj.bias = as_parameter(down_bias[i])
+        self.stacked = gate_up, down, gate_up_bias, down_bias
 
     def weight_slices(self) -> dict[str, tuple[int, int, int]]:
         """Expert tensors that are a slice of the checkpoint's (dim, start, stop): the shard's columns
@@ -160,13 +230,20 @@ class MoE(nn.Module):
             return {}
         slices = {}
         for e, mlp in self.experts.items():
-            inner = mlp.gate_proj.weight.shape[0]
+            inner = mlp.gate_proj.out_features
             start, stop = j * inner, (j + 1) * inner
             for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-                slices[f"experts.{e}.{name}.weight"] = (dim, start, stop)
+                if self.mxfp4:  # the exponents' blocks lie along the columns
+                    b = mxfp4.BLOCK if dim else 1
+                    slices[f"experts.{e}.{name}.weight_blocks"] = (dim, start // b, stop // b)
+                    slices[f"experts.{e}.{name}.weight_scales"] = (dim, start // b, stop // b)
+                else:
+                    slices[f"experts.{e}.{name}.weight"] = (dim, start, stop)
                 if self.fp8_block:
                     b = self.fp8_block[dim]
                     slices[f"experts.{e}.{name}.weight_scale_inv"] = (dim, start // b, stop // b)
+            if mlp.gate_proj.bias is not None:
+                slices.update({f"experts.{e}.{name}.bias": (0, start, stop) for name in ("gate_proj", "up_proj")})
         return slices
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,14 +272,17 @@ class MoE(nn.Module):
 
     def run_grouped(self, rows: torch.Tensor, counts: list[int], out: torch.Tensor) -> torch.Tensor:
         """Rows padded to [E, max count, H], one bmm for gate/up and one for down, then back."""
-        gate_up, down = self.stacked
+        gate_up, down, gate_up_bias, down_bias = self.stacked
         count = host_tensor(counts, rows.device)
         expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), count)
         position = torch.arange(len(rows), device=rows.device) - (torch.cumsum(count, 0) - count)[expert]
         padded = rows.new_zeros(len(counts), max(counts), rows.shape[1])
         padded[expert, position] = rows
-        gate, up = torch.bmm(padded, gate_up.transpose(1, 2)).chunk(2, dim=-1)
-        answers = torch.bmm(F.silu(gate).mul_(up), down.transpose(1, 2))
+        both = torch.bmm(padded, gate_up.transpose(1, 2)) if gate_up_bias is None else \
+            torch.baddbmm(gate_up_bias[:, None], padded, gate_up.transpose(1, 2))
+        act = self.activation(*both.chunk(2, dim=-1))
+        answers = torch.bmm(act, down.transpose(1, 2)) if down_bias is None else \
+            torch.baddbmm(down_bias[:, None], act, down.transpose(1, 2))
         return torch.index_select(answers.view(-1, rows.shape[1]), 0, expert * max(counts) + position, out=out)
 
     def shared(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -225,9 +305,10 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = layer >= cfg.dense_layers
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.self_attn = MLAttention(cfg, heads) if cfg.attention == "mla" else GQAttention(cfg, heads)
+        self.self_attn = MLAttention(cfg, heads) if cfg.attention == "mla" else GQAttention(cfg, heads, cfg.window(layer))
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = MoE(cfg, experts, shard=expert_shard) if self.is_moe else MLP(cfg.hidden, cfg.dense_hidden)
+        self.mlp = MoE(cfg, experts, shard=expert_shard) if self.is_moe else \
+            MLP(cfg.hidden, cfg.dense_hidden, activation=activation_of(cfg))
 
     def attend(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs) -> torch.Tensor:
         """x: [b, t, H] -> x plus attention, the residual stream after the attention half."""
@@ -299,8 +380,11 @@ def init_seeded(model: nn.Module, cfg: ModelConfig) -> None:
                 param.fill_(1.0)
                 continue
             shape = shapes.get(name, tuple(param.shape))
-            std = 1.0 if name == "embed_tokens.weight" else shape[-1] ** -0.5
-            whole = seeded_normal(name, shape, std, cfg.seed)
+            if param.dtype == torch.uint8:  # MXFP4 experts: random 4-bit values, exponents for a std of columns ** -0.5
+                whole = seeded_mxfp4(name, shape, cfg.seed)
+            else:
+                std = 1.0 if name == "embed_tokens.weight" else shape[-1] ** -0.5
+                whole = seeded_normal(name, shape, std, cfg.seed)
             if name in slices:
                 dim, start, stop = slices[name]
                 whole = whole.narrow(dim, start, stop - start)
@@ -336,7 +420,7 @@ def build(make, cfg: ModelConfig, load, device):
         slices = model.weight_slices()
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if param.dtype == torch.float8_e4m3fn:  # as stored: 1 byte per weight
+                if param.dtype in (torch.float8_e4m3fn, torch.uint8):  # as stored: FP8, MXFP4 blocks and exponents
                     param.copy_(load(name, slices.get(name), raw=True))
                 else:
                     param.copy_(load(name, slices.get(name)))
@@ -355,7 +439,7 @@ def materialize(model: nn.Module, device, dtype) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.allocate(device, dtype)
-        elif isinstance(module, MLP) and module.gate_up is None and module.gate_proj.weight.is_meta:
+        elif isinstance(module, MLP) and module.gate_up is None and not module.mxfp4 and module.gate_proj.weight.is_meta:
             inner, hidden = module.gate_proj.weight.shape
             module.allocate(torch.empty(2 * inner, hidden, device=device, dtype=dtype),
                             torch.empty(hidden, inner, device=device, dtype=dtype))
@@ -398,7 +482,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
     """-> (bytes of the whole model, bytes on a rank hosting `experts_per_rank` experts per MoE layer).
-    With an FP8 checkpoint the routed experts count 1 byte a weight plus their float32 block scales."""
+    With an FP8 checkpoint the routed experts count 1 byte a weight plus their float32 block scales;
+    MXFP4 ones half a byte a weight plus a byte per 32."""
     itemsize = torch.finfo(getattr(torch, cfg.dtype_name)).bits // 8
     total = routed = 0
     for name, shape in expected_tensors(cfg).items():
@@ -406,7 +491,10 @@ def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
         for n in shape:
             count *= n
         expert = ".experts." in name
-        size = count * (itemsize if not (expert and cfg.fp8_block) else 1 if name.endswith(".weight") else 4)
+        if name.endswith(("weight_blocks", "weight_scales")):  # MXFP4: uint8
+            size = count
+        else:
+            size = count * (itemsize if not (expert and cfg.fp8_block) else 1 if name.endswith(".weight") else 4)
         total += size
         routed += size if expert else 0
     per_expert_layer = routed // max(cfg.num_experts, 1)

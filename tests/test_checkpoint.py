@@ -37,6 +37,10 @@ VARIANTS = {
     "glm4_moe": ("glm4_moe", {}, 1),
     # MiniMax-M2: q/k norm over all heads at once, half the features rotated, sigmoid top-k without groups
     "minimax_m2": ("minimax_m2", {}, 1),
+    # gpt-oss: sinks, sliding window 4 on layers 0 and 2 (the prompts and decode cross it), biases,
+    # clamped SwiGLU, top-k then softmax; as float32 and with MXFP4 experts in two files
+    "gpt_oss": ("gpt_oss", {}, 1),
+    "gpt_oss_mxfp4": ("gpt_oss", {"mxfp4": True}, 2),
     # Qwen3-MoE: q/k norm per head, a dense first layer (mlp_only_layers), top-k weights not renormalized
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}, 1),
 }

@@ -20,6 +20,10 @@ FAMILIES = {
                         qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=8, n_group=4, topk_group=2,
                         num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256,
                         rope_interleave=True, tie_word_embeddings=False),
+    # gpt-oss: 4 layers alternate sliding (window 4: the tests' prompts cross it) and full attention
+    "gpt_oss": dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                    max_position_embeddings=256, tie_word_embeddings=False),
     "glm4_moe": dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
                      n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
@@ -42,10 +46,11 @@ FAMILIES = {
 def build(family: str, seed: int = 0, std: float = 0.15, **overrides):
     """A transformers model of the family with seeded random weights."""
     from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
-                              MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM,
-                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                              GptOssConfig, GptOssForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
     config_class, model_class = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
                                  "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
+                                 "gpt_oss": (GptOssConfig, GptOssForCausalLM),
                                  "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM),
                                  "mixtral": (MixtralConfig, MixtralForCausalLM),
                                  "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[family]
@@ -55,6 +60,8 @@ def build(family: str, seed: int = 0, std: float = 0.15, **overrides):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif name.endswith("sinks"):  # gpt-oss: logits of the size of the attention scores'
+                param.normal_(0.0, 1.0)
             else:
                 param.normal_(0.0, std)
         for name, buffer in model.named_buffers():
@@ -63,12 +70,41 @@ def build(family: str, seed: int = 0, std: float = 0.15, **overrides):
     return model
 
 
-def make(family: str, directory: str, shards: int = 1, seed: int = 0, **overrides):
-    """Write the checkpoint (config.json + safetensors, sharded with an index when shards > 1)."""
+def make(family: str, directory: str, shards: int = 1, seed: int = 0, mxfp4: bool = False, **overrides):
+    """Write the checkpoint (config.json + safetensors, sharded with an index when shards > 1). With
+    mxfp4 (gpt_oss) the experts are first rounded to MXFP4, then stored as MXFP4 blocks and
+    exponents; the model returned holds the rounded weights (save it for the dequantized twin)."""
     model = build(family, seed, **overrides)
+    if mxfp4:
+        round_experts_to_mxfp4(model)
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     model.save_pretrained(directory, max_shard_size=size // shards + 1 if shards > 1 else "10GB")
+    if mxfp4:
+        rewrite(directory, mxfp4_tensors, {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
     return model
+
+
+MXFP4_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # [E, in, out] each
+
+
+@torch.no_grad()
+def round_experts_to_mxfp4(model) -> None:
+    """Every expert weight to its nearest MXFP4 value, in place (the dequantized twin's weights)."""
+    from hpcmoe import mxfp4
+    for name, param in model.named_parameters():
+        if name.endswith(MXFP4_STACKED):
+            for e in range(param.shape[0]):
+                param[e] = mxfp4.dequantize(*mxfp4.quantize(param[e].t())).t()
+
+
+def mxfp4_tensors(name: str, tensor: torch.Tensor) -> dict:
+    """gpt-oss's published layout: NAME_blocks [E, out, in / 32, 16] and NAME_scales [E, out, in / 32]."""
+    if not name.endswith(MXFP4_STACKED):
+        return {name: tensor}
+    from hpcmoe import mxfp4
+    parts = [mxfp4.quantize(tensor[e].t()) for e in range(tensor.shape[0])]
+    return {name + "_blocks": torch.stack([b for b, _ in parts]), name + "_scales": torch.stack([s for _, s in parts])}
 
 
 def train_tokenizer(directory: str, text_file: str, vocab_size: int) -> None:
@@ -113,6 +149,18 @@ def quantizable(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_fp8(directory: str, block: list[int]) -> None:
     """Turn the checkpoint in `directory` into DeepSeek-V3's FP8 format in place."""
+    def convert(name, tensor):
+        if not quantizable(name, tensor):
+            return {name: tensor}
+        weight, scale = block_quantize(tensor, block)
+        return {name: weight, name + "_scale_inv": scale}
+    rewrite(directory, convert, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                 "weight_block_size": list(block)})
+
+
+def rewrite(directory: str, convert, quantization_config: dict) -> None:
+    """Every tensor of the checkpoint in `directory` through convert(name, tensor) -> {name: tensor},
+    in place (shards and index kept), and config.json given the quantization_config."""
     import glob
     import json
     from safetensors.torch import load_file, save_file
@@ -120,10 +168,7 @@ def quantize_fp8(directory: str, block: list[int]) -> None:
     for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
         stored = {}
         for name, tensor in load_file(path).items():
-            if quantizable(name, tensor):
-                stored[name], stored[name + "_scale_inv"] = block_quantize(tensor, block)
-            else:
-                stored[name] = tensor
+            stored.update(convert(name, tensor))
         save_file(stored, path, metadata={"format": "pt"})
         names.update({name: os.path.basename(path) for name in stored})
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -136,8 +181,7 @@ def quantize_fp8(directory: str, block: list[int]) -> None:
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block)}
+    config["quantization_config"] = quantization_config
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)
 
@@ -153,11 +197,18 @@ def main():
     parser.add_argument("--tokenizer", metavar="TEXT_FILE", help="also train a byte-level BPE on this text")
     parser.add_argument("--fp8", type=int, nargs=2, metavar=("ROWS", "COLUMNS"),
                         help="store linear weights as FP8 with a scale per block (DeepSeek-V3 uses 128 128)")
+    parser.add_argument("--mxfp4", action="store_true",
+                        help="gpt_oss: store the experts as MXFP4, as gpt-oss is published")
+    parser.add_argument("--twin", metavar="DIR", help="with --mxfp4: also write the dequantized twin (float32) here")
     args = parser.parse_args()
+    if (args.mxfp4 or args.twin) and (args.family != "gpt_oss" or not args.mxfp4):
+        parser.error("--mxfp4 is for the gpt_oss family; --twin needs --mxfp4")
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     if args.tokenizer:  # a byte-level BPE needs 256 byte ids and 3 special ones, and some merges
         overrides.setdefault("vocab_size", 320)
-    model = make(args.family, args.directory, args.shards, args.seed, **overrides)
+    model = make(args.family, args.directory, args.shards, args.seed, args.mxfp4, **overrides)
+    if args.twin:
+        model.save_pretrained(args.twin)
     if args.tokenizer:
         train_tokenizer(args.directory, args.tokenizer, model.config.vocab_size)
     if args.fp8:
