@@ -4,17 +4,20 @@ Tiny random checkpoints come from tools/make_tiny_checkpoint.py. The oracle is t
 greedy generation of each prompt alone; hpcmoe must give identical tokens and logits within
 CHECKPOINT_TOLERANCE, in one process and under mpiexec at 1, 2 and 4 ranks.
 """
+import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import ROOT, read_run, run_job
+from tests.test_fault import ft_venv  # noqa: F401 (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from make_tiny_checkpoint import make  # noqa: E402
@@ -453,3 +456,218 @@ def test_make_tiny_checkpoint_gives_a_tokenizer_that_fits_the_vocabulary(tmp_pat
     refused = subprocess.run([sys.executable, tool, "mixtral", str(tmp_path / "m"), "--tokenizer", corpus, "--set",
                               "vocab_size=256"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "needs 259 ids" in refused.stderr and "vocab_size=320" in refused.stderr
+
+
+def test_gpt_oss_sliding_window_matters_exactly_where_a_query_passes_its_edge(checkpoints):
+    """Window 4 on layers 0 and 2: request 1 (2 prompt tokens) makes its logits at positions 1, 2, 3,
+    4, ...; with the window taken away they stay equal while every position is in the window (the
+    first three) and differ from the fourth on."""
+    from hpcmoe.model import generate_local
+    directory, _, logits = checkpoints["gpt_oss"]
+    _, model = load_local(directory)
+    assert [block.self_attn.window for block in model.layers] == [4, None, 4, None]
+    for block in model.layers:
+        block.self_attn.window = None
+    _, unwindowed = generate_local(model, PROMPTS, STEPS)
+    gap = np.abs(unwindowed.numpy()[1] - logits[1]).max(-1)
+    assert gap[:3].max() < CHECKPOINT_TOLERANCE and gap[3:].min() > 1e-3, gap
+
+
+def test_gpt_oss_sinks_change_the_result(checkpoints):
+    """A zero sink and a large sink differ; a sink far below every score is no sink at all."""
+    from hpcmoe.attention import GQAttention, StepInputs
+    _, model = load_local(checkpoints["gpt_oss"][0])
+    attention = model.layers[1].self_attn
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for sink in (0.0, 8.0, -1e4):
+        attention.sinks.data.fill_(sink)
+        inputs = StepInputs.build([[1] * 5, [1] * 3], torch.zeros(2, dtype=torch.int64))
+        outputs[sink] = attention(x, attention.new_cache(2, 8, torch.float32), inputs)
+    assert (outputs[0.0] - outputs[8.0]).abs().max() > 1e-2
+    plain = GQAttention.__new__(GQAttention)
+    plain.__dict__.update(attention.__dict__)
+    plain.sinks = None  # scaled_dot_product_attention without a sink
+    inputs = StepInputs.build([[1] * 5, [1] * 3], torch.zeros(2, dtype=torch.int64))
+    torch.testing.assert_close(outputs[-1e4], plain(x, attention.new_cache(2, 8, torch.float32), inputs),
+                               atol=1e-6, rtol=0)
+
+
+def test_gpt_oss_mxfp4_is_its_dequantized_twin_bit_for_bit(checkpoints, tmp_path):
+    """The MXFP4 checkpoint (4.25 bits a weight in memory) and the float32 checkpoint of its
+    dequantized weights give the same logits, bit for bit."""
+    from hpcmoe.model import generate_local
+    directory = checkpoints["gpt_oss_mxfp4"][0]
+    made = make("gpt_oss", str(tmp_path / "mxfp4"), mxfp4=True)  # the same seed: the same weights
+    made.save_pretrained(str(tmp_path / "twin"))
+    _, packed = load_local(directory)
+    _, twin = load_local(str(tmp_path / "twin"))
+    expert = packed.layers[0].mlp.experts["3"]
+    assert expert.gate_proj.weight_blocks.dtype == torch.uint8 and expert.gate_proj.weight is None
+    held = sum(p.numel() for p in expert.parameters() if p.dtype == torch.uint8)
+    weights = 3 * 64 * 64
+    assert held * 8 / weights == 4.25
+    tokens, logits = generate_local(packed, PROMPTS, STEPS)
+    twin_tokens, twin_logits = generate_local(twin, PROMPTS, STEPS)
+    assert torch.equal(tokens, twin_tokens) and torch.equal(logits, twin_logits)
+
+
+def edit_config(directory, change):
+    path = os.path.join(directory, "config.json")
+    config = json.load(open(path))
+    change(config)
+    json.dump(config, open(path, "w"))
+
+
+def drop_tensor(directory, name):
+    """Remove one tensor from whichever file of the checkpoint holds it (and from the index)."""
+    from safetensors.torch import load_file, save_file
+    index = os.path.join(directory, "model.safetensors.index.json")
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        tensors = load_file(path)
+        if name in tensors:
+            tensors.pop(name)
+            save_file(tensors, path, metadata={"format": "pt"})
+    if os.path.exists(index):
+        edit_config_file = json.load(open(index))
+        edit_config_file["weight_map"].pop(name)
+        json.dump(edit_config_file, open(index, "w"))
+
+
+def edit_tensor(directory, name, change):
+    from safetensors.torch import load_file, save_file
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        tensors = load_file(path)
+        if name in tensors:
+            tensors[name] = change(tensors[name])
+            save_file(tensors, path, metadata={"format": "pt"})
+
+
+MALFORMED = {  # (variant, breakage) -> (edit of the copied checkpoint, the message's words)
+    ("deepseek_v3", "field"): (lambda d: edit_config(d, lambda c: c.pop("kv_lora_rank")), "field 'kv_lora_rank' is missing"),
+    ("mixtral", "field"): (lambda d: edit_config(d, lambda c: c.pop("num_local_experts")),
+                           "field 'num_local_experts' is missing"),
+    ("glm4_moe", "field"): (lambda d: edit_config(d, lambda c: c.pop("first_k_dense_replace")),
+                            "field 'first_k_dense_replace' is missing"),
+    ("minimax_m2", "field"): (lambda d: edit_config(d, lambda c: c.pop("num_local_experts")),
+                              "field 'num_local_experts' is missing"),
+    ("qwen3_moe", "field"): (lambda d: edit_config(d, lambda c: c.pop("moe_intermediate_size")),
+                             "field 'moe_intermediate_size' is missing"),
+    ("gpt_oss", "field"): (lambda d: edit_config(d, lambda c: c.pop("swiglu_limit")), "field 'swiglu_limit' is missing"),
+    ("glm4_moe", "tensor"): (lambda d: drop_tensor(d, "model.layers.2.self_attn.q_proj.bias"),
+                             "tensor model.layers.2.self_attn.q_proj.bias is missing"),
+    ("qwen3_moe", "tensor"): (lambda d: drop_tensor(d, "model.layers.1.self_attn.k_norm.weight"),
+                              "tensor model.layers.1.self_attn.k_norm.weight is missing"),
+    ("gpt_oss", "tensor"): (lambda d: drop_tensor(d, "model.layers.3.self_attn.sinks"),
+                            "tensor model.layers.3.self_attn.sinks is missing"),
+    ("gpt_oss_mxfp4", "block_shape"): (
+        lambda d: edit_tensor(d, "model.layers.0.mlp.experts.gate_up_proj_blocks", lambda t: t[..., :15].clone()),
+        "tensor model.layers.0.mlp.experts.gate_up_proj_blocks has shape [8, 128, 2, 15], expected [8, 128, 2, 16]"),
+    ("gpt_oss_mxfp4", "scales_dtype"): (
+        lambda d: edit_tensor(d, "model.layers.1.mlp.experts.down_proj_scales", lambda t: t.float()),
+        "tensor model.layers.1.mlp.experts.down_proj_scales has dtype F32, expected U8"),
+    ("gpt_oss_mxfp4", "scales_missing"): (lambda d: drop_tensor(d, "model.layers.2.mlp.experts.down_proj_scales"),
+                                          "tensor model.layers.2.mlp.experts.down_proj_scales is missing"),
+}
+
+
+@pytest.mark.parametrize("variant, breakage", sorted(MALFORMED))
+def test_malformed_checkpoints_of_each_family_fail_in_one_line_on_every_rank(checkpoints, tmp_path, variant, breakage):
+    edit, words = MALFORMED[(variant, breakage)]
+    directory = str(tmp_path / "broken")
+    shutil.copytree(checkpoints[variant][0], directory)
+    edit(directory)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"model": {"checkpoint": directory}, "run": {"prompt_ids": PROMPTS}}))
+    result = run_job(2, tmp_path / "run.h5", config=str(config))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
+    assert result.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, result.stderr
+    assert words in lines[0] and "Traceback" not in result.stderr, lines[0]
+    assert not os.path.exists(tmp_path / "run.h5") and not os.path.exists(tmp_path / "run.h5.tmp")
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_family_with_eos_joins_and_experts_moving_equals_transformers(checkpoints, tmp_path, name):
+    """-n 2: requests 0 and 2 on rank 0 one at a time (max_batch 1: request 2 joins when 0 ends),
+    request 0 ending at an EOS token (config.json's eos_token_id set to the oracle's third token),
+    and experts rebalanced every step with their weights (and MXFP4 exponents or FP8 scales)
+    moving: the oracle's tokens, cut after each request's first EOS; each rank's experts after the
+    switch hash as a fresh read of the checkpoint of what it hosts. (Slots per rank: counts where the
+    tiny models' routing leaves the rebalancer a gain; a run without a switch fails the test.)"""
+    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model import build_model, expected_tensors
+    from hpcmoe.rebalance import expert_digest
+    source, tokens, logits = checkpoints[name]
+    directory = str(tmp_path / "checkpoint")
+    shutil.copytree(source, directory)
+    eos = int(tokens[0, 2])
+    edit_config(directory, lambda c: c.update(eos_token_id=eos))
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:  # read first
+        json.dump({"eos_token_id": eos}, f)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(json.dumps({
+        "model": {"checkpoint": directory},
+        "parallel": {"placement": "replicated", "experts_per_rank": 6 if name.startswith("deepseek") else 5,
+                     "rebalance": {"every_steps": 1, "window_steps": 2, "min_gain": 0.0, "checksums": True}},
+        "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS, "max_batch": 1, "stop_at_eos": True},
+        "output": {"save_logits": True}}))
+    result = run_job(2, tmp_path / "run.h5", config=str(config_path))
+    assert result.returncode == 0, result.stderr
+    run = read_run(tmp_path / "run.h5")
+    with h5py.File(tmp_path / "run.h5") as f:
+        run["generated_lengths"] = f["generated_lengths"][:]
+    for i in range(len(PROMPTS)):
+        ends = [s for s in range(STEPS) if tokens[i, s] == eos]
+        length = ends[0] + 1 if ends else STEPS
+        assert run["generated_lengths"][i] == length, (i, run["generated_lengths"])
+        np.testing.assert_array_equal(run["generated"][i, :length], tokens[i, :length])
+        np.testing.assert_allclose(run["logits"][i, :length], logits[i, :length], atol=CHECKPOINT_TOLERANCE, rtol=0)
+    with h5py.File(tmp_path / "run.h5") as f:
+        history = f["placement_history"][:]
+    assert len(history) >= 1, "no switch: nothing moved"
+    from hpcmoe.config import load_config
+    m = load_config(None, [f"model.checkpoint={directory}"]).model
+    load = tensor_loader(directory, check_tensors(directory, expected_tensors(m)))
+    for rank in range(2):
+        hosted = sorted(e for e, holders in enumerate(history[-1]["placement"]) if rank in holders)
+        assert history[-1]["weights_sha256"][rank].decode() == expert_digest(build_model(m, hosted, load)), rank
+
+
+def job_config(tmp_path, directory, name: str, **run) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"model": {"checkpoint": directory}, "output": {"save_logits": True},
+                                "run": {"prompt_ids": PROMPTS, "max_new_tokens": STEPS, "stop_at_eos": False, **run}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_family_samples_alike_on_one_rank_and_on_two_nodes(checkpoints, tmp_path, name):
+    """Seeded sampling (temperature 0.8, top-k 20): -n 4 in two nodes of 2 with the two-stage
+    dispatch and 2 micro-batches draws the one-rank run's tokens, which are not the greedy ones."""
+    directory, greedy, _ = checkpoints[name]
+    config = job_config(tmp_path, directory, "sampled", sampling={"temperature": 0.8, "top_k": 20, "seed": 3})
+    runs = []
+    for ranks, settings in ((1, ()), (4, ("parallel.dispatch=two_stage", "parallel.ranks_per_node=2",
+                                          "run.micro_batches=2", "run.decode_micro_batch_min=1"))):
+        result = run_job(ranks, tmp_path / f"n{ranks}.h5", *settings, config=config)
+        assert result.returncode == 0, result.stderr
+        runs.append(read_run(tmp_path / f"n{ranks}.h5"))
+    np.testing.assert_array_equal(runs[1]["generated"], runs[0]["generated"])
+    assert not np.array_equal(runs[0]["generated"], greedy), "sampling drew the greedy tokens: nothing was tested"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_family_survives_a_killed_rank_with_the_same_tokens(ft_venv, checkpoints, tmp_path, name):
+    """run.fault_tolerance under Open MPI's ULFM, -n 4: rank 3 killed in the dispatch of layer 1 in
+    step 2; its experts are rebuilt from the checkpoint on the survivors; the oracle's tokens."""
+    from tests.test_fault import ft_job
+    directory, tokens, logits = checkpoints[name]
+    output = tmp_path / "run.h5"
+    result = ft_job(4, output, "model.preset=null", f"model.checkpoint={directory}", f"run.prompt_ids={PROMPTS}",
+                    f"run.max_new_tokens={STEPS}", "run.stop_at_eos=false", "output.save_logits=true",
+                    "run.kill=[{rank: 3, step: 2, layer: 1, phase: dispatch}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hpcmoe: rank(s) 3 failed in step" in result.stderr
+    run = read_run(output)
+    np.testing.assert_array_equal(run["generated"], tokens)
+    np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
