@@ -31,8 +31,10 @@ class Costs:
         self.decode_weights = machine.gemm_decode_bytes_per_s[model.dtype_name]
         self.attention_rate = machine.attention_flops[model.dtype_name]
         self.fixed = machine.fixed
-        # bytes per weight an expert call reads: FP8 is read, written in the model dtype, read again
-        self.expert_item = 1 + 2 * self.item if model.fp8_block else self.item
+        # bytes per weight an expert call reads: FP8 (MXFP4: 4.25 bits) is read, written in the model
+        # dtype, read again
+        quantized = 1 if model.fp8_block else 4.25 / 8 if model.mxfp4 else 0
+        self.expert_item = quantized + 2 * self.item if quantized else self.item
 
     def bandwidth(self, nbytes):
         return np.asarray(nbytes, float) / self.machine.memory_bytes_per_s
@@ -139,7 +141,7 @@ class Costs:
         slots, H, inner = counts.shape[1], self.m.hidden, self.m.expert_hidden
         per_expert = 3 * H * inner
         most, hit = counts.max(1, initial=0), (counts > 0).sum(1)
-        grouped = (slots >= 2) & (not self.m.fp8_block) & (hit > 0) & (most <= MoE.GROUPED_ROWS) & (2 * hit >= slots)
+        grouped = (slots >= 2) & (not (self.m.fp8_block or self.m.mxfp4)) & (hit > 0) & (most <= MoE.GROUPED_ROWS) & (2 * hit >= slots)
         batched = self.gemm(most, 2 * per_expert * slots * most, slots * per_expert * self.item)
         chains = np.where(counts > 0, self.gemm(counts, 2 * per_expert * counts, per_expert * self.expert_item), 0.0)
         return self.fixed["experts"] + np.where(grouped, batched, chains.sum(1))

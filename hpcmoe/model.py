@@ -501,6 +501,15 @@ def parameter_bytes(cfg: ModelConfig, experts_per_rank: int) -> tuple[int, int]:
     return total, total - routed + per_expert_layer * experts_per_rank
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Weights of the whole model (an MXFP4 byte holds two; its exponents are not weights)."""
+    count = 0
+    for name, shape in expected_tensors(cfg).items():
+        if not name.endswith("weight_scales"):
+            count += math.prod(shape) * (2 if name.endswith("weight_blocks") else 1)
+    return count
+
+
 def attention_shard_bytes(cfg: ModelConfig, heads: range, vocab: range) -> tuple[int, int]:
     """An attention rank of attention/MoE separation: -> (weight bytes, KV cache bytes per token),
     measured on a meta-device build of exactly what it holds."""

@@ -17,8 +17,9 @@ class ModelSizes:
     routed experts, of one expert in every MoE layer, of an attention shard (per shard count)."""
 
     def __init__(self, config: Config):
-        from hpcmoe.model import parameter_bytes
+        from hpcmoe.model import parameter_bytes, parameter_count
         self.config, self.requests = config, config.requests
+        self.parameters = parameter_count(config.model)
         self.whole, self.base = parameter_bytes(config.model, 0)
         self.per_expert = parameter_bytes(config.model, 1)[1] - self.base
         self.shards: dict[int, tuple[int, int]] = {}
@@ -128,6 +129,7 @@ def plan(config: Config, ranks: int, device_memory_bytes: float) -> dict:
     max_batch = config.run.max_batch or default_max_batch(config, ranks, device_memory_bytes, sizes=sizes)
     result = {"ranks": ranks, "layout": config.parallel.layout, "dtype": config.model.dtype_name,
               "device_memory_bytes": int(device_memory_bytes), "max_batch": max_batch,
+              "total_parameters": sizes.parameters,
               **rank_memory(config, ranks, sizes, max_batch)}
     result["fits"] = result["max_rank_bytes"] <= device_memory_bytes
     result["smallest_ranks_that_fit"], result["smallest_fit_expert_tp"] = smallest_fit(config, device_memory_bytes,
@@ -163,9 +165,11 @@ def smallest_fit(config: Config, device_memory_bytes: float, sizes: ModelSizes) 
 
 
 def expert_tp_fits_model(m, tp: int) -> bool:
-    """Whether experts split into `tp` slices (whole FP8 blocks with an FP8 checkpoint)."""
+    """Whether experts split into `tp` slices (whole FP8 blocks with an FP8 checkpoint, whole MXFP4 blocks)."""
+    from hpcmoe.config import MXFP4_BLOCK
     inner = m.expert_hidden // tp if m.expert_hidden % tp == 0 else 0
-    return inner > 0 and not (m.fp8_block and (inner % m.fp8_block[0] or inner % m.fp8_block[1]))
+    return inner > 0 and not (m.fp8_block and (inner % m.fp8_block[0] or inner % m.fp8_block[1])) \
+        and not (m.mxfp4 and inner % MXFP4_BLOCK)
 
 
 def human_bytes(n: float) -> str:
@@ -178,7 +182,7 @@ def human_bytes(n: float) -> str:
 def describe(result: dict) -> str:
     gib = human_bytes
     lines = [f"hpcmoe plan: {result['ranks']} ranks, layout {result['layout']}, {result['dtype']}; whole model "
-             f"{gib(result['total_weight_bytes'])} of weights; up to {result['max_batch']} live requests per "
+             f"{result['total_parameters'] / 1e9:.1f} B parameters in {gib(result['total_weight_bytes'])}; up to {result['max_batch']} live requests per "
              f"attention-holding rank (run.max_batch)"]
     for name, role in result["roles"].items():
         experts = f", {role['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in role else ""

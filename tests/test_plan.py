@@ -74,11 +74,16 @@ def test_plan_suggests_expert_groups_when_one_expert_is_too_large():
 
 
 @pytest.mark.parametrize("preset, published", [("qwen3-235b-a22b", 235e9), ("qwen3-30b-a3b", 30.5e9),
-                                               ("deepseek-v3", 671e9), ("glm-4.6", 355e9), ("minimax-m2", 230e9)])
+                                               ("deepseek-v3", 671e9), ("glm-4.6", 355e9), ("minimax-m2", 230e9),
+                                               ("gpt-oss-120b", 116.83e9), ("gpt-oss-20b", 20.91e9),
+                                               ("kimi-k2", 1.04e12)])
 def test_a_published_preset_counts_its_published_parameters(preset, published):
     """`hpcmoe plan`'s whole-model bytes for a preset, in bfloat16, within 2% of the published count
     (DeepSeek-V3's 671B excludes its 14B multi-token prediction module, which hpcmoe does not run; GLM-4.6's
-    355B includes its one, so hpcmoe counts 0.6% fewer)."""
+    355B includes its one, so hpcmoe counts 0.6% fewer; gpt-oss's experts are MXFP4, 4.25 bits a weight,
+    so its 116.83B weigh 60.8 GiB; Kimi-K2's technical report gives 1.04T)."""
     from hpcmoe.plan import plan
     result = plan(load_config(None, [f"model.preset={preset}", "run.batch=1", "run.prompt_len=8"]), 64, 80e9)
-    assert abs(result["total_weight_bytes"] / 2 / published - 1) < 0.02, result["total_weight_bytes"] / 2
+    assert abs(result["total_parameters"] / published - 1) < 0.02, result["total_parameters"]
+    bits = 8 * result["total_weight_bytes"] / result["total_parameters"]
+    assert 4.25 < bits < 5.5 if preset.startswith("gpt-oss") else bits == 16, bits  # (attention, embeddings: 16)
