@@ -497,6 +497,9 @@ def validate_gpt_oss_fields(m: ModelConfig) -> None:
             f"model.sliding_window: expected an integer >= 1, got {m.sliding_window}")
     require(m.swiglu_limit is None or m.swiglu_limit > 0, f"model.swiglu_limit: expected a number > 0, got {m.swiglu_limit}")
     require(not m.router_bias or m.router == "softmax", "model.router_bias: only with model.router: softmax")
+    require(not m.fp8_block or not (m.expert_bias or m.swiglu_limit),
+            "model.fp8_block: FP8 experts run plain SwiGLU without biases; model.expert_bias and model.swiglu_limit "
+            "need unquantized or MXFP4 experts")
     if m.mxfp4:
         require(not m.fp8_block, "model.mxfp4 and model.fp8_block: an expert is stored one way, not both")
         for name in ("hidden", "expert_hidden"):
