@@ -21,15 +21,23 @@ FP8 = "F8_E4M3"
 MXFP4_PARTS = ("weight_blocks", "weight_scales")  # hpcmoe names of MXFP4 tensors: uint8, nothing else is
 
 
-def read_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
+def read_config(directory: str, name: str = "config.json") -> dict:
+    """A checkpoint's JSON settings file (config.json, generation_config.json): one JSON object."""
+    path = os.path.join(directory, name)
     try:
         with open(path) as f:
-            return json.load(f)
+            settings = json.load(f)
     except OSError as e:
         raise ValueError(f"model.checkpoint: cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"model.checkpoint: {path} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"model.checkpoint: {path}: expected a JSON object of settings, got a JSON "
+                         f"{JSON_KINDS.get(type(settings), type(settings).__name__)}")
+    return settings
+
+
+JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def rope_fields(c: dict, where: str) -> dict:
@@ -419,6 +427,7 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
     import torch
     config = read_config(directory)
     block = (config.get("quantization_config") or {}).get("weight_block_size")
+    slabs: dict = {}  # (stored name, expert) -> a gpt-oss slab whose gate half or up half is still to come
 
     def read(name: str, entry: TensorEntry, part):
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
@@ -449,7 +458,13 @@ def tensor_loader(directory: str, index: dict[str, TensorEntry], reads: list | N
         entry = index[stored]
         view = expert_view(name, config)
         if view is not None:  # the expert's slab of the stacked tensor, then its view, then the part
-            tensor = select_expert(read(stored, entry, (0, view.expert, view.expert + 1)), view)
+            key = (stored, view.expert)
+            slab = slabs.pop(key, None)  # gate and up share a slab: read once, kept until the other takes it
+            if slab is None:
+                slab = read(stored, entry, (0, view.expert, view.expert + 1))
+                if view.interleaved is not None:
+                    slabs[key] = slab
+            tensor = select_expert(slab, view)
             if part is not None:
                 tensor = tensor.narrow(part[0], part[1], part[2] - part[1]).contiguous()
             return tensor if raw else tensor.float()

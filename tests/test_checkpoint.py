@@ -253,7 +253,7 @@ def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, nam
     assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {"layout": "ma", **parallel})
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "gpt_oss", "gpt_oss_mxfp4", "mixtral"])
 def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     """The second of three attention ranks (heads 2..3 of 4, vocabulary 85..170 of 256) and a MoE rank
     hosting experts 1 and 4: their tensors (names and shapes), their values (slices of the whole
@@ -278,6 +278,8 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     else:  # 1 head of 16, and kv head 1 of 2 (heads 2 and 3 read it)
         wanted = {"q_proj.weight": (16, 64), "k_proj.weight": (16, 64), "v_proj.weight": (16, 64),
                   "o_proj.weight": (64, 16)}
+    if name.startswith("gpt_oss"):  # their biases and sink (the output bias stays with the first shard)
+        wanted.update({"q_proj.bias": (16,), "k_proj.bias": (16,), "v_proj.bias": (16,), "sinks": (1,)})
     for layer in range(m.num_layers):
         assert {n.split("self_attn.")[1]: tuple(p.shape) for n, p in held.items()
                 if n.startswith(f"layers.{layer}.self_attn.")} == wanted
@@ -288,14 +290,17 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
         full = dict(whole.named_parameters())[n]
         part = slices.get(n)
         assert torch.equal(p, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), n
-    itemsize = 4  # the tiny checkpoints are float32
-    assert sum(end - start for _, start, end in reads) == sum(p.numel() for p in held.values()) * itemsize
+    nbytes = lambda tensors: sum(p.numel() * p.element_size() for p in tensors)  # float32 (and uint8), as stored
+    assert sum(end - start for _, start, end in reads) == nbytes(held.values())
     reads.clear()
     experts = build_experts(m, [1, 4], tensor_loader(directory, index, reads))
     names = [n for n, _ in experts.named_parameters()]
     assert names and all(".mlp.experts.1." in n or ".mlp.experts.4." in n for n in names)
-    assert len(names) == 2 * 3 * m.moe_layers  # two experts x gate/up/down x MoE layers: no router, no attention
-    assert sum(end - start for _, start, end in reads) == sum(p.numel() for p in experts.parameters()) * itemsize
+    # two experts x gate/up/down (x weight, bias; MXFP4: blocks, exponents, bias) x MoE layers: no router, no attention;
+    # a gpt-oss expert is a slice of stacked tensors, each stacked slab read once for gate and up together
+    per_projection = {"gpt_oss": 2, "gpt_oss_mxfp4": 3}.get(name, 1)
+    assert len(names) == 2 * 3 * per_projection * m.moe_layers
+    assert sum(end - start for _, start, end in reads) == nbytes(experts.parameters())
 
 
 def copy_checkpoint(source, tmp_path):
