@@ -679,3 +679,21 @@ def test_each_family_survives_a_killed_rank_with_the_same_tokens(ft_venv, checkp
     run = read_run(output)
     np.testing.assert_array_equal(run["generated"], tokens)
     np.testing.assert_allclose(run["logits"], logits, atol=CHECKPOINT_TOLERANCE, rtol=0)
+
+
+def test_make_tiny_checkpoint_writes_mxfp4_and_its_twin(tmp_path):
+    """`tools/make_tiny_checkpoint.py gpt_oss DIR --mxfp4 --twin TWIN`: MXFP4 experts as published
+    (uint8 blocks and exponents, quantization_config mxfp4) and a float32 twin of the same weights."""
+    from hpcmoe.checkpoint import tensor_index
+    tool = os.path.join(ROOT, "tools", "make_tiny_checkpoint.py")
+    made = subprocess.run([sys.executable, tool, "gpt_oss", str(tmp_path / "packed"), "--mxfp4", "--twin",
+                           str(tmp_path / "twin")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert json.load(open(tmp_path / "packed" / "config.json"))["quantization_config"]["quant_method"] == "mxfp4"
+    packed, twin = tensor_index(str(tmp_path / "packed")), tensor_index(str(tmp_path / "twin"))
+    blocks = packed["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+    assert (blocks.dtype, blocks.shape) == ("U8", (8, 128, 2, 16))
+    assert twin["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 64, 128)
+    refused = subprocess.run([sys.executable, tool, "mixtral", str(tmp_path / "m"), "--mxfp4"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "--mxfp4 is for the gpt_oss family" in refused.stderr
