@@ -101,7 +101,13 @@ def watchdog(where: Where, waited: float) -> None:
 
 def wait_all(requests: list, where: Where) -> None:
     if requests:
-        wait_until(lambda: MPI.Request.Testall(requests), where)
+        wait_until(lambda: all_done(requests), where)
+
+
+def all_done(requests: list) -> bool:
+    """Whether every request is complete, testing each in turn: a dead peer then raises its own
+    class (ERR_PROC_FAILED), where Testall says only ERR_IN_STATUS."""
+    return all(request.Test() for request in requests)
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -305,7 +311,7 @@ class Sender:
         if buffer.numel() and (self.in_flight or self.queued) and buffer.device.type == "cpu":
             memory = as_bytes(buffer)
             reading = lambda: [r for r, b, _ in self.in_flight if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)]
-            wait_until(lambda: MPI.Request.Testall(reading()), where)
+            wait_until(lambda: all_done(reading()), where)
         elif self.queued:  # a device buffer: its copies to the host (or its gated sends) must be out
             wait_until(lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where)
 
@@ -313,10 +319,9 @@ class Sender:
 def tested(requests: list, tests: int = 64) -> bool:
     """Whether every request is complete, testing up to `tests` times in a row: MPICH moves a
     non-blocking collective's payload a few KiB per test (518 tests for 4 MiB between 2 ranks), and a
-    test costs about a microsecond where a turn of the scheduler costs ten. One request at a time:
-    a failure then raises its own class (ERR_PROC_FAILED), where Testall says only ERR_IN_STATUS."""
+    test costs about a microsecond where a turn of the scheduler costs ten."""
     for _ in range(tests):
-        if all(request.Test() for request in requests):
+        if all_done(requests):
             return True
     return False
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcmoe.comm import Where, as_bytes, byte_view, wait_all, wait_until
+from hpcmoe.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
 from hpcmoe.dispatch import compile_placement
 from hpcmoe.fault import track
 from hpcmoe.placement import Placement, expected_rank_load, replicated
@@ -97,7 +97,7 @@ class Mover:
         while self.queue and len(self.sending) < self.in_flight:
             peer, chunk = self.queue.popleft()
             self.sending.append(self.comm.Isend([chunk, MPI.BYTE], dest=peer, tag=MOVE_TAG))
-        if self.receives and MPI.Request.Testall(self.receives):
+        if self.receives and all_done(self.receives):
             self.receives = []
             for target, host in self.landing:
                 if host is not target:

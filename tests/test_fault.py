@@ -79,7 +79,7 @@ def failures(path) -> np.ndarray:
 
 
 def seeded_points(count: int) -> list:
-    """(layout, rank, step, MoE layer, phase): ep flat, ep two_stage and ma in turn; in ma (2+2+1) only
+    """(layout, rank, step (0: the prefill), MoE layer, phase): ep flat, ep two_stage and ma in turn; in ma (2+2+1) only
     the primary of group 1 (rank 2) dispatches, standbys 1 and 3 die while recording or between steps."""
     rng = random.Random(7)
     phases = ["dispatch", "combine", "record", "between_steps"]
@@ -88,8 +88,8 @@ def seeded_points(count: int) -> list:
         layout, phase = ("flat", "two_stage", "ma")[i % 3], phases[i % 4]
         ranks = [2] if layout == "ma" and phase in ("dispatch", "combine") else [1, 2, 3] if layout == "ma" else \
             range(1, 6)
-        points.append((layout, rng.choice(list(ranks)), rng.randint(1, 5), rng.randint(1, 2), phase))
-    return points
+        points.append((layout, rng.choice(list(ranks)), rng.randint(0, 5), rng.randint(1, 2), phase))
+    return points + [("flat", 3, 0, 2, "combine")]  # the prefill's end: once an ERR_IN_STATUS not taken for a failure
 
 
 def test_fault_tolerance_needs_an_mpi_with_ulfm(tmp_path):
