@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, ROOT, read_run, run_job
+from tests.conftest import DEBUG_CONFIG, ROOT, assert_same_run, read_run, run_job
 from tests.test_report import report
 
 FT = os.path.join(ROOT, ".venv-ft", "bin")
@@ -68,7 +68,7 @@ def reference(tmp_path_factory, *settings):
         path = tmp_path_factory.mktemp("ft_ref") / "run.h5"
         result = run_job(1, path, *settings)
         assert result.returncode == 0, result.stderr
-        _references[settings] = read_run(path)["generated"]
+        _references[settings] = read_run(path)
     return _references[settings]
 
 
@@ -112,7 +112,7 @@ def test_a_killed_rank_is_survived_with_the_same_tokens(ft_venv, tmp_path_factor
     result = ft_job(ranks, output, *WORKLOAD, *extra, kill)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"hpcmoe: rank(s) {rank} failed in step" in result.stderr
-    np.testing.assert_array_equal(read_run(output)["generated"], reference(tmp_path_factory, *WORKLOAD))
+    assert_same_run(read_run(output), reference(tmp_path_factory, *WORKLOAD))  # tokens, and logits
     rows = failures(output)
     # after its step's exchanges (record, between steps) the others may already be in the next step
     latest = step + (phase in ("record", "between_steps"))
@@ -133,7 +133,7 @@ def test_two_failures_and_an_expert_that_lost_every_replica(ft_venv, tmp_path_fa
             f"{{rank: {third}, step: 5, phase: combine}}]")
     result = ft_job(6, output, *WORKLOAD, kill)
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(read_run(output)["generated"], reference(tmp_path_factory, *WORKLOAD))
+    assert_same_run(read_run(output), reference(tmp_path_factory, *WORKLOAD))  # tokens, and logits
     rows = failures(output)
     assert sorted(rows["rank"]) == sorted([a, b, third])
     first = [row["action"].decode() for row in rows if row["rank"] in (a, b)]
@@ -150,7 +150,7 @@ def test_rank_0_killed_its_deputy_writes_and_the_run_goes_on(ft_venv, tmp_path_f
     result = ft_job(6, output, *WORKLOAD, "run.kill=[{rank: 0, step: 3, phase: dispatch}]")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 writes" in result.stderr
-    np.testing.assert_array_equal(read_run(output)["generated"], reference(tmp_path_factory, *WORKLOAD))
+    assert_same_run(read_run(output), reference(tmp_path_factory, *WORKLOAD))  # tokens, and logits
     rows = failures(output)
     assert list(rows["rank"]) == [0] and rows[0]["action"].decode().endswith("rank 1 writes"), rows
     with h5py.File(output) as f:
@@ -204,4 +204,4 @@ def test_ma_without_a_moe_rank_stops_with_a_partial_file_that_resumes(ft_venv, t
     resumed = run_job(5, folder / "resumed.h5", *WORKLOAD, *MA, args=["--resume", str(partial)])
     assert resumed.returncode == 0, resumed.stderr
     np.testing.assert_array_equal(read_run(folder / "resumed.h5")["generated"],
-                                  reference(tmp_path_factory, *WORKLOAD))
+                                  reference(tmp_path_factory, *WORKLOAD)["generated"])
