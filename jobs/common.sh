@@ -9,11 +9,15 @@
 #   HPCMOE_LAUNCHER  auto (default: srun --mpi=pmi2 when srun lists pmi2, else mpiexec) | srun | mpiexec
 #   HPCMOE_RUNS_DIR  where run directories go (default runs)
 #   HPCMOE_BIN       directory of hpcmoe and the fallback mpiexec (default .venv/bin)
+#   HPCMOE_LAUNCHER_ARGS  extra launcher arguments, shell-quoted words; for run.fault_tolerance with
+#                    Open MPI's ULFM: HPCMOE_BIN=.venv-ft/bin HPCMOE_LAUNCHER=mpiexec
+#                    HPCMOE_LAUNCHER_ARGS="--with-ft ulfm"
 # Run directory: $HPCMOE_RUNS_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID, or for an array task
 # $HPCMOE_RUNS_DIR/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID.
 # Signals: submit with --signal=B:USR1@SECONDS; the batch shell forwards SIGUSR1 (also from
-# `scancel -b -s USR1 JOB`) and SIGTERM (scancel, a time limit) to the launcher, which forwards it to
-# every rank; hpcmoe then stops at an agreed step boundary, writes run.partial.h5 and exits 0; this
+# `scancel -b -s USR1 JOB`) and SIGTERM (scancel, a time limit) to the launcher as SIGUSR1, which
+# every launcher forwards to every rank (Open MPI's mpirun does not forward SIGTERM: it lets the
+# job run on, then exits 1; hpcmoe stops alike on either signal); hpcmoe then stops at an agreed step boundary, writes run.partial.h5 and exits 0; this
 # script reports the partial file. A requeued job (same run directory) continues from that file with
 # `hpcmoe run ... --resume` (the file is kept as run.partial.before-restart-N.h5); after an attempt
 # killed without a signal (kill -9, a node lost) it continues from the run.h5.tmp it left (kept as
@@ -41,9 +45,10 @@ EOF
 
 hpcmoe_job() {
   local ranks=$1 config=$2; shift 2
-  local extra=() run_dir launcher status gpus=0 needed early_stop=0
+  local extra=() launcher_args=() run_dir launcher status gpus=0 needed early_stop=0
   trap 'early_stop=1' USR1 TERM  # until the launcher runs (bash's default for these would kill the job)
   [[ -n ${HPCMOE_SET:-} ]] && mapfile -d '' -t extra < <(xargs printf '%s\0' <<<"$HPCMOE_SET")
+  [[ -n ${HPCMOE_LAUNCHER_ARGS:-} ]] && mapfile -d '' -t launcher_args < <(xargs printf '%s\0' <<<"$HPCMOE_LAUNCHER_ARGS")
   local args=(run "$config" "$@" "${extra[@]}")
 
   # World size: the launcher starts exactly $ranks ranks inside the allocation's $SLURM_NTASKS.
@@ -100,8 +105,9 @@ hpcmoe_job() {
     srun_nodes=(--nodes=$(( (ranks + SLURM_NTASKS_PER_NODE - 1) / SLURM_NTASKS_PER_NODE )))
   fi
   case $launcher in
-    srun) command=(srun --mpi=pmi2 --ntasks="$ranks" "${srun_nodes[@]}" --kill-on-bad-exit=1 "${command[@]}" "${args[@]}") ;;
-    mpiexec) command=("$mpiexec" -n "$ranks" "${command[@]}" "${args[@]}") ;;
+    srun) command=(srun --mpi=pmi2 --ntasks="$ranks" "${srun_nodes[@]}" --kill-on-bad-exit=1 "${launcher_args[@]}"
+                   "${command[@]}" "${args[@]}") ;;
+    mpiexec) command=("$mpiexec" "${launcher_args[@]}" -n "$ranks" "${command[@]}" "${args[@]}") ;;
     *) jobs_fail "HPCMOE_LAUNCHER=$launcher: expected auto, srun or mpiexec" ;;
   esac
   echo "jobs: GPUs on this node: $gpus; launcher $launcher; run directory $run_dir"
@@ -113,7 +119,7 @@ hpcmoe_job() {
   "${command[@]}" &
   local pid=$!
   trap 'echo "jobs: SIGUSR1: forwarding to the $launcher ranks"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
-  trap 'echo "jobs: SIGTERM: forwarding to the $launcher ranks"; kill -TERM '"$pid"' 2>/dev/null || true' TERM
+  trap 'echo "jobs: SIGTERM: forwarding to the $launcher ranks as SIGUSR1"; kill -USR1 '"$pid"' 2>/dev/null || true' TERM
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
   trap - USR1 TERM
   status=0; wait "$pid" || status=$?  # bash keeps a reaped job's status for wait

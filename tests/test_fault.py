@@ -12,6 +12,7 @@ runs the issue's 20.
 """
 import os
 import random
+import signal
 import subprocess
 import time
 
@@ -205,3 +206,26 @@ def test_ma_without_a_moe_rank_stops_with_a_partial_file_that_resumes(ft_venv, t
     assert resumed.returncode == 0, resumed.stderr
     np.testing.assert_array_equal(read_run(folder / "resumed.h5")["generated"],
                                   reference(tmp_path_factory, *WORKLOAD)["generated"])
+
+
+def test_sigterm_to_a_fault_tolerant_job_stops_it_with_a_partial_file(ft_venv, tmp_path):
+    """jobs/debug.sbatch run by bash with Slurm's environment set by hand, on Open MPI's mpirun with
+    ULFM (HPCMOE_LAUNCHER_ARGS): SIGTERM to the batch shell (scancel, a time limit) reaches the ranks
+    as SIGUSR1 (that mpirun does not forward SIGTERM), and they stop at one step with run.partial.h5."""
+    env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1", "SLURM_SUBMIT_DIR": ROOT, "SLURM_NTASKS": "4",
+           "SLURM_JOB_NAME": "ft", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "HPCMOE_RUNS_DIR": str(tmp_path),
+           "HPCMOE_BIN": FT, "HPCMOE_LAUNCHER": "mpiexec", "HPCMOE_LAUNCHER_ARGS": "--with-ft ulfm --oversubscribe",
+           "HPCMOE_SET": "--set run.fault_tolerance=true --set run.max_new_tokens=3000"}
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "jobs", "debug.sbatch")], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir, deadline = tmp_path / "ft-7", time.monotonic() + 120
+    while not (run_dir / "run.h5.tmp").exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)  # some steps in
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=150)[0]
+    assert job.returncode == 0, output[-3000:]
+    assert "SIGTERM: forwarding to the mpiexec ranks as SIGUSR1" in output and "hpcmoe: stopped by signal at step" in output
+    assert "jobs: partial file written" in output, output[-3000:]
+    with h5py.File(run_dir / "run.partial.h5") as f:
+        assert not f.attrs["complete"] and 1 <= int(f.attrs["stopped_at_step"]) < 3000
