@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 
-from hpcmoe.config import load_config
+from hpcmoe.config import load_config, require
 
 EXIT_BAD_INPUT = 2
 
@@ -126,10 +126,25 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def check_plan_args(args) -> None:
+    """plan's flags, before any config is read: one line naming the flag and its range."""
+    import math
+    from hpcmoe.output import check_output_path
+    require(args.ranks >= 1, f"--ranks: expected an integer >= 1, got {args.ranks}")
+    require(args.ranks_per_node is None or args.ranks_per_node >= 1,
+            f"--ranks-per-node: expected an integer >= 1, got {args.ranks_per_node}")
+    memory = args.device_memory
+    require(memory is None or (math.isfinite(memory) and memory > 0),
+            f"--device-memory: expected a finite number of GiB > 0, got {memory}")
+    if args.json:
+        check_output_path(args.json, "--json", "plan.json", create=False)
+
+
 def command_plan(args) -> int:
     import json
     from hpcmoe.plan import describe, plan
     try:
+        check_plan_args(args)
         config = load_config(args.config, args.set)
         if args.device_memory is not None:
             memory = args.device_memory * 2 ** 30
@@ -177,9 +192,9 @@ def command_predict(args) -> int:
         fail("predict propose: give a predictor file and a config, or --machine MACHINE.yaml and a config")
     try:
         config = load_config(args.config, args.set)
+        model, machine = predict.load(args.predictor)
     except ValueError as e:
         fail(str(e))
-    model, machine = predict.load(args.predictor)
     proposal = predict.propose(model, config, args.ranks, machine, args.threshold)
     print(f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
           f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, predicted "
@@ -188,10 +203,18 @@ def command_predict(args) -> int:
     return 0
 
 
+BENCH_COUNTS = ("tokens", "hidden", "top_k", "reps", "experts", "inner", "decode_tokens", "batch", "prompt_len",
+                "steps", "ranks_per_node")  # bench flags that count something: >= 1
+
+
 def command_bench(args) -> int:
     """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
     from hpcmoe import bench
     from hpcmoe.device import device_kind
+    for name in BENCH_COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            fail(f"bench {args.benchmark} --{name.replace('_', '-')}: expected an integer >= 1, got {value}")
     if args.benchmark in bench.SCENARIOS:
         try:
             config = load_config(args.config, args.set)
@@ -240,22 +263,8 @@ def command_bench(args) -> int:
     return 0
 
 
-def check_output_path(path: str) -> None:
-    """The output file's directory can be created and written: tried (with a probe file) on every
-    rank before anything is built, so a bad location fails at once instead of after the model."""
-    import tempfile
-    if os.path.isdir(path):
-        raise ValueError(f"output.path: {path!r} is a directory; expected a file name such as run.h5")
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".hpcmoe-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"output.path: {path!r}: cannot write in {directory}: {e.strerror or e}") from None
-
-
 def command_run(args) -> int:
+    from hpcmoe.output import check_output_path
     try:
         config = load_config(args.config, args.set)
         if args.output:
@@ -383,7 +392,11 @@ def main(argv=None) -> int:
     if args.command == "predict":
         return command_predict(args)
     if args.command == "calibrate":
-        from hpcmoe.calibrate import calibrate
+        from hpcmoe.calibrate import calibrate, check_inputs
+        try:
+            check_inputs(args.out, os.path.normpath(args.config))
+        except ValueError as e:
+            fail(str(e))
         calibrate(args.out, os.path.normpath(args.config))
         print(f"wrote {args.out}")
         return 0

@@ -313,10 +313,43 @@ def fit_step_costs(raw: dict, config, one: dict, two: dict, wide_config, wide: d
     raw["fixed_us"]["first_step"] = max(0.0, 1e6 * (two["ttft"] - small * (1 + slowdown)))   # the debug model's rest
 
 
+def check_inputs(out: str, config_path: str) -> None:
+    """Before anything is measured: `out` can be written and the config's calibration runs can run;
+    ValueError in one line naming the problem otherwise."""
+    from hpcmoe.config import load_config
+    from hpcmoe.output import check_output_path
+    check_output_path(out, "calibrate --out", "machines/this_box.yaml", create=False)
+    for settings in (CALIBRATION_RUN, CALIBRATION_RUN + WIDE):
+        try:
+            check_run(load_config(config_path, settings))
+        except ValueError as e:
+            raise ValueError(f"calibrate --config {config_path} (its runs set {', '.join(settings)}): {e}") from None
+
+
+def check_run(config) -> None:
+    """One calibration run's config: a dense layer (its MLP is timed), its device, its prompts, and its
+    layout and memory at -n 1 and -n 2 (`hpcmoe plan`'s numbers)."""
+    from hpcmoe.config import require
+    from hpcmoe.device import device_kind
+    from hpcmoe.plan import human_bytes, rank_memory
+    from hpcmoe.topology import available_memory
+    require(config.model.dense_layers >= 1, f"model.dense_layers: expected an integer >= 1 (calibration times a "
+                                            f"dense layer's MLP), got {config.model.dense_layers}; use a model such "
+                                            f"as inputs/debug.yaml")
+    device_kind(config.run.device)
+    config.requests
+    for ranks in (1, 2):
+        needed, available = rank_memory(config, ranks)["max_rank_bytes"], available_memory() / ranks
+        require(needed <= available, f"at -n {ranks} the model needs about {human_bytes(needed)} per rank but "
+                                     f"{human_bytes(available)} is available per rank; calibrate with a smaller "
+                                     f"model (as inputs/debug.yaml)")
+
+
 def calibrate(out: str, config_path: str) -> dict:
-    """Measure, write `out`; -> the figures written."""
+    """Check the inputs (check_inputs), measure, write `out`; -> the figures written."""
     from hpcmoe.config import load_config
     from hpcmoe.machine import write_machine
+    check_inputs(out, config_path)
     started = time.perf_counter()
     kernels = measure_kernels()
     print(f"hpcmoe calibrate: kernels measured ({time.perf_counter() - started:.0f} s)", flush=True)

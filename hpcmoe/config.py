@@ -386,7 +386,15 @@ def build_section(cls, section: dict, path: str):
             hint = f"did you mean {' or '.join(close)}?" if close else f"expected one of {', '.join(known)}"
             raise ValueError(f"unknown config key {path}.{key}: {hint}")
         values[key] = check_type(value, hints[key], f"{path}.{key}")
+    for f in dataclasses.fields(cls):  # a key without a default (run.kill[i].rank) must be given
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        require(f.name in values or not required, f"{path}.{f.name}: required; expected {expected_of(hints[f.name])}")
     return cls(**values)
+
+
+def expected_of(annotation) -> str:
+    """What a key of this type holds, in the words of check_type's errors."""
+    return "a number" if annotation is float else SIMPLE_TYPES.get(annotation, (str(annotation),))[0]
 
 
 SIMPLE_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)),
@@ -467,17 +475,38 @@ def validate_model(m: ModelConfig) -> None:
             f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
     validate_gpt_oss_fields(m)
+    require(m.max_positions is None or m.max_positions >= 1,
+            f"model.max_positions: expected an integer >= 1, got {m.max_positions}")
+    require(m.fp8_block is None or (len(m.fp8_block) == 2 and min(m.fp8_block) >= 1),
+            f"model.fp8_block: expected two integers >= 1 (the scale block's rows and columns), got {m.fp8_block}")
     if m.rope_scaling is not None:
-        unknown = sorted(set(m.rope_scaling) - set(ROPE_SCALING_KEYS))
-        require(not unknown, f"model.rope_scaling.{unknown[0] if unknown else ''}: unknown key; expected "
-                             f"{', '.join(ROPE_SCALING_KEYS)}")
-        kind = m.rope_scaling.get("rope_type")
-        require(kind == "yarn", f"model.rope_scaling.rope_type: {kind!r} is not supported; expected yarn "
-                                f"(or no rope_scaling for plain RoPE)")
-        for key in ("factor", "original_max_position_embeddings"):
-            value = m.rope_scaling.get(key)
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                    f"model.rope_scaling.{key}: expected a number > 0, got {value!r}")
+        validate_rope_scaling(m.rope_scaling)
+
+
+ROPE_SCALING_NUMBERS = {"factor": ">", "original_max_position_embeddings": ">", "attention_factor": ">",
+                        "beta_fast": ">=", "beta_slow": ">=", "mscale": ">=", "mscale_all_dim": ">="}  # against 0
+
+
+def validate_rope_scaling(scaling: dict) -> None:
+    """YaRN's keys: known, rope_type yarn, factor and original_max_position_embeddings given, every
+    number a finite number (> 0, or >= 0 where 0 means the default), truncate true or false."""
+    import math
+    unknown = sorted(set(scaling) - set(ROPE_SCALING_KEYS))
+    require(not unknown, f"model.rope_scaling.{unknown[0] if unknown else ''}: unknown key; expected "
+                         f"{', '.join(ROPE_SCALING_KEYS)}")
+    kind = scaling.get("rope_type")
+    require(kind == "yarn", f"model.rope_scaling.rope_type: {kind!r} is not supported; expected yarn "
+                            f"(or no rope_scaling for plain RoPE)")
+    for key, bound in ROPE_SCALING_NUMBERS.items():
+        value = scaling.get(key)
+        if value is None and key not in ("factor", "original_max_position_embeddings"):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        require(number and (value > 0 if bound == ">" else value >= 0),
+                f"model.rope_scaling.{key}: expected a number {bound} 0, got {value!r}")
+    truncate = scaling.get("truncate")
+    require(truncate is None or isinstance(truncate, bool),
+            f"model.rope_scaling.truncate: expected true or false, got {truncate!r}")
 
 
 def validate_gpt_oss_fields(m: ModelConfig) -> None:
@@ -628,3 +657,36 @@ def validate(config: Config) -> None:
         shortest = r.prompt_len_min
         require(shortest is None or 1 <= shortest <= r.prompt_len,
                 f"run.prompt_len_min: {shortest} must be between 1 and run.prompt_len ({r.prompt_len})")
+    validate_positions(m, r)
+    validate_stop_at_eos(m, r)
+
+
+def check_positions(where: str, prompt: int, new_tokens: int, max_positions: Optional[int]) -> None:
+    """A prompt of `prompt` tokens and `new_tokens` more fit in the model's positions (model.max_positions)."""
+    require(max_positions is None or prompt + new_tokens <= max_positions,
+            f"{where}: prompt of {prompt} tokens + {new_tokens} new tokens exceeds the model's {max_positions} "
+            f"positions (model.max_positions)")
+
+
+def validate_positions(m: ModelConfig, r: RunConfig) -> None:
+    """The longest of run.prompt_ids, or the synthetic workload's run.prompt_len, plus run.max_new_tokens
+    within model.max_positions (a prompt file is checked line by line: hpcmoe.workload.PromptFile)."""
+    if r.prompts is not None:
+        return
+    if r.prompt_ids is not None:
+        i = max(range(len(r.prompt_ids)), key=lambda i: len(r.prompt_ids[i]))
+        check_positions(f"run.prompt_ids[{i}]", len(r.prompt_ids[i]), r.max_new_tokens, m.max_positions)
+    else:
+        check_positions("run.prompt_len", r.prompt_len, r.max_new_tokens, m.max_positions)
+
+
+def validate_stop_at_eos(m: ModelConfig, r: RunConfig) -> None:
+    """run.stop_at_eos: true needs the checkpoint's end-of-sequence id (the default, unset, stops at it
+    when there is one); the checkpoint's files that name it are read (and checked) here."""
+    if r.stop_at_eos is False or not (r.stop_at_eos or m.checkpoint):
+        return
+    from hpcmoe.workload import eos_ids
+    source = f"model.checkpoint {m.checkpoint}" if m.checkpoint else f"model.preset {m.preset} (random weights)"
+    require(bool(eos_ids(m.checkpoint)) or not r.stop_at_eos,
+            f"run.stop_at_eos needs an end-of-sequence id: a model.checkpoint with eos_token_id in its "
+            f"generation_config.json or config.json; {source} has none (set run.stop_at_eos: false)")

@@ -43,8 +43,8 @@ FIGURES = {  # name -> what it is (the unit is in the name)
     "attention_gb_per_s": "KV cache read by decode attention", "memory_gb_per_s": "memory bandwidth (weights, copies)",
     "elementwise_gb_per_s": "elementwise kernels over activations (norms, rotary, residual adds, gathers)",
     "host_link_gb_per_s": "GPU <-> host copies of an MPI that cannot read GPU memory (unused on a cpu machine)",
-    "mfu": "share of every TFLOP/s figure reached (0..1)", "bandwidth_efficiency": "share of every GB/s figure "
-    "reached (0..1)", "intra_node.latency_us": "a message between ranks of one node",
+    "mfu": "share of every TFLOP/s figure reached", "bandwidth_efficiency": "share of every GB/s figure "
+    "reached", "intra_node.latency_us": "a message between ranks of one node",
     "intra_node.gb_per_s": "one rank's outgoing bandwidth inside a node",
     "inter_node.latency_us": "a message between nodes", "inter_node.gb_per_s": "one rank's outgoing bandwidth "
     "to other nodes (its share of the node's network)",
@@ -100,7 +100,7 @@ def figure(raw: dict, name: str):
 
 
 def check(raw, where: str) -> None:
-    """Every figure present, a number, not negative (rates > 0, ratios <= 1); ValueError naming the first bad one."""
+    """Every figure present, a number, not negative (rates > 0, ratios in (0, 1]); ValueError naming the first bad one."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping of figures, got {type(raw).__name__}")
     if raw.get("device") not in ("cpu", "cuda"):
@@ -111,11 +111,11 @@ def check(raw, where: str) -> None:
             raise ValueError(f"{where}: figure {name} is missing ({meaning})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{where}: figure {name} is {value!r}; expected a number ({meaning})")
+        if name in RATIOS and not 0 < value <= 1:
+            raise ValueError(f"{where}: figure {name} is {value}; expected a share in (0, 1] ({meaning})")
         if value < 0 or (value == 0 and any(r in name for r in RATES)):
             raise ValueError(f"{where}: figure {name} is {value}; expected a number {'>' if value == 0 else '>='} 0 "
                              f"({meaning})")
-        if name in RATIOS and value > 1:
-            raise ValueError(f"{where}: figure {name} is {value}; expected a share between 0 and 1")
 
 
 def load_machine(path: str) -> Machine:

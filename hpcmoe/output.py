@@ -211,6 +211,24 @@ def append(dataset, dtype, start: int, values: list) -> None:
     dataset.id.write(h5s.create_simple((count,)), selection, column, mtype=h5t.py_create(dtype))
 
 
+def check_output_path(path: str, key: str = "output.path", example: str = "run.h5", create: bool = True) -> None:
+    """`path` can be written: not a directory, its directory there (or made, with `create`) and
+    writable (tried with a probe file), checked before anything is built or measured, so a bad
+    location fails at once; ValueError naming `key` otherwise."""
+    import tempfile
+    if os.path.isdir(path):
+        raise ValueError(f"{key}: {path!r} is a directory; expected a file name such as {example}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not create and not os.path.isdir(directory):
+        raise ValueError(f"{key}: {path!r}: the directory {directory} does not exist; create it first")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".hpcmoe-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}: {path!r}: cannot write in {directory}: {e.strerror or e}") from None
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

@@ -8,6 +8,8 @@ ranks, each holding 1/tp of the expert; `slot_rank` then names the group's first
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +48,7 @@ class Placement:
 
     def slots_of_rank(self, rank: int) -> range:
         """The contiguous physical slots that `rank` hosts (possibly empty)."""
-        first = next((p for p, r in enumerate(self.slot_rank) if r >= rank), len(self.slot_rank))
-        last = next((p for p, r in enumerate(self.slot_rank) if r > rank), len(self.slot_rank))
-        return range(first, last)
+        return range(bisect.bisect_left(self.slot_rank, rank), bisect.bisect_right(self.slot_rank, rank))
 
     def experts_of_rank(self, rank: int) -> list[int]:
         """The experts `rank` computes (with tensor parallelism: its share of its group's experts)."""
@@ -147,36 +147,65 @@ def _split_tokens(placement: Placement, tokens_from_node: list[list[float]], nod
 def _replica_counts(num_experts: int, num_ranks: int, slots: int, load: list[float]) -> list[int]:
     """[experts] replicas: one each, then extra slots to the highest load per replica (<= ranks each)."""
     counts = [1] * num_experts
+    open_ = [(-load[e], e) for e in range(num_experts) if num_ranks > 1]  # (-load per replica, e): a heap
+    heapq.heapify(open_)
     for _ in range(slots - num_experts):
-        open_ = [e for e in range(num_experts) if counts[e] < num_ranks]
         assert open_, "slots_per_rank <= num_experts leaves room for every slot"
-        counts[min(open_, key=lambda e: (-load[e] / counts[e], e))] += 1
+        _, e = heapq.heappop(open_)
+        counts[e] += 1
+        if counts[e] < num_ranks:
+            heapq.heappush(open_, (-load[e] / counts[e], e))
     return counts
 
 
 def _assign_replicas(counts: list[int], load: list[float], num_ranks: int, slots_per_rank: int):
-    """[ranks][experts] hosted: replicas by decreasing load per replica to the least loaded rank."""
+    """[ranks][experts] hosted: replicas by decreasing load per replica to the least loaded rank
+    (a heap of the ranks with room: O(slots log ranks))."""
     hosted: list[list[int]] = [[] for _ in range(num_ranks)]
     rank_load = [0.0] * num_ranks
+    room = [(0.0, r) for r in range(num_ranks)]  # (load, rank) of every rank with room: a heap
     order = sorted(range(len(counts)), key=lambda e: (-load[e] / counts[e], e))
     for e in order:
         share = load[e] / counts[e]
         for _ in range(counts[e]):
-            room = [r for r in range(num_ranks) if len(hosted[r]) < slots_per_rank]
-            ok = [r for r in room if e not in hosted[r]]
-            if not ok:  # every rank with room holds e: move some f off a full rank q onto r
-                r = min(room, key=lambda r: (rank_load[r], r))
-                q = next(q for q in range(num_ranks) if e not in hosted[q])
-                f = next(f for f in sorted(hosted[q]) if f not in hosted[r])
-                hosted[q].remove(f)
-                hosted[r].append(f)
-                rank_load[q] -= load[f] / counts[f]
-                rank_load[r] += load[f] / counts[f]
-                ok = [q]
-            r = min(ok, key=lambda r: (rank_load[r], r))
+            r = _least_loaded_without(room, hosted, e)
+            if r is None:  # every rank with room holds e: move some f off a full rank onto one
+                r = _make_room(hosted, rank_load, counts, load, e, min(room))
+                room = [(rank_load[q], q) for q in range(num_ranks) if len(hosted[q]) < slots_per_rank and q != r]
+                heapq.heapify(room)
             hosted[r].append(e)
             rank_load[r] += share
+            if len(hosted[r]) < slots_per_rank:
+                heapq.heappush(room, (rank_load[r], r))
     return hosted
+
+
+def _least_loaded_without(room: list, hosted: list[list[int]], e: int):
+    """Pop the least loaded rank of the heap `room` that does not hold e (None when each holds it);
+    the ranks passed over go back."""
+    passed, found = [], None
+    while room and found is None:
+        entry = heapq.heappop(room)
+        if e in hosted[entry[1]]:
+            passed.append(entry)
+        else:
+            found = entry[1]
+    for entry in passed:
+        heapq.heappush(room, entry)
+    return found
+
+
+def _make_room(hosted, rank_load, counts, load, e: int, least: tuple) -> int:
+    """Every rank with room holds e: move an expert f from the first rank q without e onto the least
+    loaded rank with room -> q, which now has room for e."""
+    r = least[1]
+    q = next(q for q in range(len(hosted)) if e not in hosted[q])
+    f = next(f for f in sorted(hosted[q]) if f not in hosted[r])
+    hosted[q].remove(f)
+    hosted[r].append(f)
+    rank_load[q] -= load[f] / counts[f]
+    rank_load[r] += load[f] / counts[f]
+    return q
 
 
 def _column_max(column: np.ndarray, b: int) -> float:

@@ -217,13 +217,41 @@ def save(model: Predictor, machine: dict, runs: list[str], out: str) -> None:
 
 
 def load(path: str) -> tuple[Predictor, dict]:
+    """A file of `save`: plain tensors, numbers and strings, read with torch.load(weights_only=True),
+    which refuses any other object (unpickling one could run code); ValueError in one line otherwise."""
+    import pickle
+    import warnings
+    where = f"parallel.predictor: {path}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on old pickle protocols: the error below says it
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{where}: refused: it holds more than plain tensors and numbers ({refusal(e)}), and "
+                         f"loading that could run code; make it again with `hpcmoe predict train`") from None
+    except Exception as e:  # unreadable: one line, not a traceback
+        raise ValueError(f"{where} is not a predictor from `hpcmoe predict train` ({first_line(e)})") from None
     model = Predictor()
     try:
-        saved = torch.load(path, weights_only=False)
         model.load_state_dict(saved["state_dict"])
-    except Exception as e:  # anything unreadable or of another shape: one clear line, not a traceback
-        raise ValueError(f"parallel.predictor: {path} is not a predictor from `hpcmoe predict train` ({e})") from None
-    return model.eval(), saved["machine"]
+    except Exception as e:  # another shape, or not a mapping
+        raise ValueError(f"{where} is not a predictor from `hpcmoe predict train` ({first_line(e)})") from None
+    machine, figures = saved.get("machine"), ("memory_bandwidth", "peak_gflops")  # of machine_profile
+    if not isinstance(machine, dict) or not all(isinstance(machine.get(name), (int, float)) for name in figures):
+        raise ValueError(f"{where}: its machine figures ({', '.join(figures)}) are missing; make it again with "
+                         f"`hpcmoe predict train`")
+    return model.eval(), machine
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def refusal(error: Exception) -> str:
+    """torch's reason for refusing a file under weights_only, without its advice paragraphs."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(advice)]
+    return (reasons or [first_line(error)])[0].rstrip(".")
 
 
 def choose_split(config, world_size: int):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcmoe.config import check_positions
+
 
 @dataclass(frozen=True)
 class Request:
@@ -128,9 +130,7 @@ class PromptFile:
         new_tokens = item.get("max_new_tokens", self.default_new_tokens)
         if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
             raise ValueError(f"{where}: 'max_new_tokens' must be an integer >= 1, got {new_tokens!r}")
-        if self.max_positions is not None and len(ids) + new_tokens > self.max_positions:
-            raise ValueError(f"{where}: prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the model's "
-                             f"{self.max_positions} positions")
+        check_positions(where, len(ids), new_tokens, self.max_positions)
         return Request(request_id, tuple(ids), new_tokens, item.get("prompt"))
 
 
@@ -178,15 +178,17 @@ def decode(checkpoint: str | None, ids) -> str | None:
 
 def eos_ids(checkpoint: str | None) -> tuple[int, ...]:
     """The checkpoint's end-of-sequence token id(s): generation_config.json, else config.json."""
-    if not checkpoint:
-        return ()
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(checkpoint, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                value = json.load(f).get("eos_token_id")
-            if value is not None:
-                return tuple(value) if isinstance(value, list) else (int(value),)
+    from hpcmoe.checkpoint import read_config
+    names = [name for name in ("generation_config.json", "config.json")
+             if checkpoint and os.path.exists(os.path.join(checkpoint, name))]
+    for name in names:
+        value = read_config(checkpoint, name).get("eos_token_id")
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"model.checkpoint: {os.path.join(checkpoint, name)}: eos_token_id is {value!r}; "
+                             f"expected a token id or a list of them (integers >= 0)")
+        if value is not None:
+            return tuple(ids)
     return ()
 
 
@@ -287,6 +289,19 @@ def run_identity(config) -> dict:
     return {"prompts_sha256": config.requests.sha256, "checkpoint_sha256": checkpoint_sha256(config.model.checkpoint)}
 
 
+def saved_settings(text, where: str) -> dict:
+    """A run file's `config` attribute -> its mapping of sections; ValueError in one line otherwise."""
+    import yaml
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: its config attribute is not a YAML mapping of sections (not written by "
+                         f"hpcmoe run?): it cannot be resumed")
+    return settings
+
+
 def read_partial(path: str, config, world_size: int) -> Resume:
     """The partial file of an earlier run of the same config, prompts and checkpoint (the config as
     it ran: device and dtype resolved). Each mismatch is one line naming it."""
@@ -295,14 +310,17 @@ def read_partial(path: str, config, world_size: int) -> Resume:
     where = f"--resume {path}"
     try:
         with h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("complete", True):
+            if f.attrs.get("complete", False):
                 raise ValueError(f"{where}: not a partial run file (it is complete)")
-            missing = [name for name in ("config", "world_size", "prompts_sha256", "checkpoint_sha256")
-                       if name not in f.attrs] + ([] if "requests" in f else ["/requests"])
+            missing = [name for name in ("complete", "config", "world_size", "prompts_sha256", "checkpoint_sha256")
+                       if name not in f.attrs] + [f"/{name}" for name in ("requests", "routing", "traffic")
+                                                  if name not in f]
+            missing += [f"/requests/{field}" for field in ("index", "finish_reason", "completion_ids")
+                        if "requests" in f and field not in f["requests"]]
             if missing:
                 raise ValueError(f"{where}: the file lacks {', '.join(missing)} (written by an older hpcmoe, or "
                                  f"not by hpcmoe run): it cannot be resumed")
-            theirs = flat_settings(yaml.safe_load(f.attrs["config"]))
+            theirs = flat_settings(saved_settings(f.attrs["config"], where))
             identity = {name: f.attrs[name] for name in ("prompts_sha256", "checkpoint_sha256")}
             # stopped by a signal: its steps and stopped requests go on; killed (a NAME.h5.tmp): the
             # requests it had finished are kept, the others start again, and so do the steps' statistics

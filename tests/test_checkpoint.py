@@ -177,7 +177,7 @@ def broken_copy(source, tmp_path, edit):
 @pytest.mark.parametrize("breakage, message", [
     ("missing", "tensor model.layers.2.mlp.experts.5.up_proj.weight is missing"),
     ("shape", "tensor model.layers.1.self_attn.kv_b_proj.weight has shape [80, 15], expected [80, 16]"),
-    ("model_type", "model_type 'llama' is not supported; expected one of deepseek_v3, glm4_moe, kimi_k2, "
+    ("model_type", "model_type 'llama' is not supported; expected one of deepseek_v3, glm4_moe, gpt_oss, kimi_k2, "
                    "minimax_m2, mixtral, qwen3_moe"),
 ])
 def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, breakage, message):
