@@ -19,6 +19,15 @@ import yaml
 DEBUG = dict(attention="gqa", router="softmax", vocab=512, hidden=64, num_layers=3, dense_layers=1,
              heads=8, kv_heads=4, head_dim=8, num_experts=4, top_k=2, expert_hidden=128, dense_hidden=256,
              norm_topk_prob=True, rope_theta=10000.0, norm_eps=1e-6, dtype="float32", seed=0)
+DEEPSEEK_V3 = dict(
+        attention="mla", router="sigmoid", vocab=129280, hidden=7168, num_layers=61, dense_layers=3,
+        heads=128, kv_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=256, top_k=8,
+        expert_hidden=2048, dense_hidden=18432, shared_experts=1, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        norm_eps=1e-6, dtype="bfloat16", seed=0)
 GPT_OSS = dict(attention="gqa", router="softmax", router_bias=True, vocab=201088, hidden=2880, dense_layers=0,
                heads=64, kv_heads=8, head_dim=64, attention_bias=True, attention_output_bias=True, attention_sinks=True,
                sliding_window=128, top_k=4, expert_hidden=2880, dense_hidden=2880, expert_bias=True,
@@ -30,15 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A seconds-long model for tests and the README's first command.
     "debug": DEBUG,
     # DeepSeek-V3's published config.json (its weights are FP8; here seeded random, bfloat16).
-    "deepseek-v3": dict(
-        attention="mla", router="sigmoid", vocab=129280, hidden=7168, num_layers=61, dense_layers=3,
-        heads=128, kv_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=256, top_k=8,
-        expert_hidden=2048, dense_hidden=18432, shared_experts=1, n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
-        rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-        norm_eps=1e-6, dtype="bfloat16", seed=0),
+    "deepseek-v3": DEEPSEEK_V3,
     # Qwen3-MoE's published config.json files (bfloat16): 235B-A22B and 30B-A3B.
     "qwen3-235b-a22b": dict(attention="gqa", router="softmax", qk_norm=True, vocab=151936, hidden=4096,
                             num_layers=94, dense_layers=0, heads=64, kv_heads=4, head_dim=128, num_experts=128,
@@ -68,14 +69,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Kimi-K2's published config.json: DeepSeek-V3's architecture with 384 experts, 64 heads, one dense
     # layer and its own routing scale and YaRN (its weights are FP8; here bfloat16)
     "kimi-k2": dict(
-        attention="mla", router="sigmoid", vocab=163840, hidden=7168, num_layers=61, dense_layers=1,
-        heads=64, kv_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=384, top_k=8,
-        expert_hidden=2048, dense_hidden=18432, shared_experts=1, n_group=1, topk_group=1,
-        routed_scaling_factor=2.827, norm_topk_prob=True, rope_theta=50000.0,
+        DEEPSEEK_V3, vocab=163840, dense_layers=1, heads=64, kv_heads=64, num_experts=384, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, rope_theta=50000.0, max_positions=131072,
         rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 1, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-        norm_eps=1e-6, max_positions=131072, dtype="bfloat16", seed=0),
+                      "beta_fast": 1, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
     # The MA-separation paper's model: 4 layers, hidden 4096, 32 heads, 16 experts top-2.
     "ma-paper": dict(attention="gqa", router="softmax", vocab=32000, hidden=4096, num_layers=4,
                      dense_layers=0, heads=32, kv_heads=32, head_dim=128, num_experts=16, top_k=2,
