@@ -37,6 +37,9 @@ CALIBRATION_RUN = ["run.max_new_tokens=12", "parallel.threads=1"]   # on inputs/
 WIDE = ["model.hidden=256", "model.head_dim=32", "model.expert_hidden=1024", "model.dense_hidden=1024",
         "run.batch=8", "run.prompt_len=64", "run.prompt_len_min=64"]   # a second size, for the first step's warm-up
 REPEATS = 3
+# the engine runs the fit is made on, by kind: (ranks, settings on the calibrated config). Validation
+# (tools/validate_sim.py) must use configurations outside these: same_configuration tells.
+CALIBRATION_RUNS = {"one": (1, CALIBRATION_RUN), "two": (2, CALIBRATION_RUN), "wide": (2, CALIBRATION_RUN + WIDE)}
 
 
 def seconds_per_call(function, min_seconds: float = 0.05, reps: int = 5) -> float:
@@ -313,6 +316,21 @@ def fit_step_costs(raw: dict, config, one: dict, two: dict, wide_config, wide: d
     raw["fixed_us"]["first_step"] = max(0.0, 1e6 * (two["ttft"] - small * (1 + slowdown)))   # the debug model's rest
 
 
+def same_configuration(a, a_ranks: int, b, b_ranks: int) -> bool:
+    """Whether two runs measure the same thing for a fit: the same model, batch, prompts and layout on
+    the same rank count. Only how long they decode and thread settings may differ."""
+    import dataclasses
+    def shape(config):
+        d = dataclasses.asdict(config)
+        d.pop("output")
+        d["run"].pop("max_new_tokens")
+        d["parallel"].pop("threads")
+        if d["run"]["prompt_len_min"] is None:   # None: every prompt of prompt_len
+            d["run"]["prompt_len_min"] = d["run"]["prompt_len"]
+        return d
+    return a_ranks == b_ranks and shape(a) == shape(b)
+
+
 def check_inputs(out: str, config_path: str) -> None:
     """Before anything is measured: `out` can be written and the config's calibration runs can run;
     ValueError in one line naming the problem otherwise."""
@@ -358,11 +376,10 @@ def calibrate(out: str, config_path: str) -> dict:
         with open(os.path.join(work, "links.json")) as f:
             links = json.load(f)
         print(f"hpcmoe calibrate: links measured ({time.perf_counter() - started:.0f} s)", flush=True)
-        runs = {"one": [], "two": [], "wide": []}
-        settings = [part for setting in CALIBRATION_RUN for part in ("--set", setting)]
-        wide_settings = settings + [part for setting in WIDE for part in ("--set", setting)]
+        runs = {kind: [] for kind in CALIBRATION_RUNS}
         for rep in range(REPEATS):   # alternated, so that a slow spell of the machine hits all alike
-            for kind, ranks, extra in (("one", 1, settings), ("two", 2, settings), ("wide", 2, wide_settings)):
+            for kind, (ranks, run_settings) in CALIBRATION_RUNS.items():
+                extra = [part for setting in run_settings for part in ("--set", setting)]
                 runs[kind].append(os.path.join(work, f"{kind}_{rep}.h5"))
                 launch(mpi_command(ranks, "hpcmoe", "run", config_path, *extra, "--output", runs[kind][-1]))
         print(f"hpcmoe calibrate: engine runs done ({time.perf_counter() - started:.0f} s)", flush=True)

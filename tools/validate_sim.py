@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hpcmoe.calibrate import mpi_command  # noqa: E402
+from hpcmoe.calibrate import CALIBRATION_RUNS, mpi_command, same_configuration  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 from hpcmoe.machine import load_machine  # noqa: E402
 from hpcmoe.simulate import simulate  # noqa: E402
@@ -38,11 +38,12 @@ NODES_OF_2 = ["parallel.ranks_per_node=2"]
 NODES_OF_1 = ["parallel.ranks_per_node=1"]
 LINK_FAST = ["parallel.link={bandwidth_gbps: 1, latency_us: 50}"]
 LINK_SLOW = ["parallel.link={bandwidth_gbps: 0.1, latency_us: 200}"]
+BATCH_12 = ["run.batch=12", "run.prompt_len=32"]
 MA_3_1 = ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]
 REFERENCE = (DEBUG, 1, ["run.max_new_tokens=12"])   # hpcmoe calibrate's -n 1 run
-CONFIGS = {  # name: (config, ranks, settings)
-    "debug_n1": (DEBUG, 1, []),
-    "debug_n2_packed": (DEBUG, 2, []),
+CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (check_disjoint)
+    "debug_n1_batch12": (DEBUG, 1, BATCH_12),
+    "debug_n3": (DEBUG, 3, []),
     "debug_n4_one_per_rank": (DEBUG, 4, []),
     "debug_n4_packed_2_per_rank": (DEBUG, 4, ["parallel.placement=packed", "parallel.experts_per_rank=2"]),
     "debug_n4_nodes2_flat_1gbps": (DEBUG, 4, NODES_OF_2 + LINK_FAST),
@@ -53,10 +54,23 @@ CONFIGS = {  # name: (config, ranks, settings)
     "debug_n2_nodes1_0.1gbps_mb4": (DEBUG, 2, NODES_OF_1 + LINK_SLOW + ["run.micro_batches=4"]),
     "debug_ma_3_1": (DEBUG, 4, MA_3_1),
     "wide_n1": (WIDE, 1, []),
-    "wide_n2": (WIDE, 2, []),
+    "wide_n3": (WIDE, 3, []),
     "wide_n4": (WIDE, 4, []),
     "wide_ma_3_1": (WIDE, 4, MA_3_1),
 }
+
+
+def check_disjoint(configs: dict = CONFIGS) -> None:
+    """No validation configuration is one that `hpcmoe calibrate` fits on (same model, batch, prompts,
+    layout and rank count): those would score the model on its own fit."""
+    calibration = [(load_config(os.path.join(ROOT, DEBUG), settings), ranks)
+                   for ranks, settings in CALIBRATION_RUNS.values()]
+    for name, (config_path, ranks, settings) in configs.items():
+        config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + settings)
+        for fitted, fitted_ranks in calibration:
+            if same_configuration(config, ranks, fitted, fitted_ranks):
+                raise ValueError(f"validation configuration {name} is one of hpcmoe calibrate's runs "
+                                 f"({fitted_ranks} ranks): choose one the fit has not seen")
 
 
 def one_run(config: str, ranks: int, settings: list[str], path: str) -> dict:
@@ -94,6 +108,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep the measured runs of --out; simulate again")
     parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
     args = parser.parse_args()
+    check_disjoint()
     earlier = {}
     if args.reuse and os.path.exists(args.out):
         with open(args.out) as f:
