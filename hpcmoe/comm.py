@@ -96,6 +96,7 @@ def watchdog(where: Where, waited: float) -> None:
     """One line naming this rank, where it waits and for whom; then the whole job ends."""
     sys.stderr.write(f"rank {MPI.COMM_WORLD.Get_rank()}: watchdog: waited {waited:.1f} s in {where}\n")
     sys.stderr.flush()
+    time.sleep(0.2)   # the launcher forwards the line before its abort kills the job (once lost under load)
     MPI.COMM_WORLD.Abort(3)
 
 
