@@ -84,8 +84,8 @@ VARIANTS = {
     "schedule": ["per_source", "per_layer", "auto"],
 }
 EXTRA_KEYS = {  # (scenario, variant) -> keys beyond SAMPLE_KEYS
-    ("overlap", "micro_batches_1"): {"wire_hidden", "ttft_nolink_ms", "wire_ms"},
-    ("overlap", "micro_batches_4"): {"wire_hidden", "ttft_nolink_ms", "wire_ms"},
+    **{("overlap", v): {"wire_hidden", "wire_hidden_raw", "ttft_nolink_ms", "best_nolink_ms", "wire_ms"}
+       for v in ("micro_batches_1", "micro_batches_4")},
     ("rebalance", "online"): {"switches", "moved_mib", "moving_tps_ratio"},
     ("rebalance", "online_unchunked"): {"switches", "moved_mib", "moving_tps_ratio"},
     ("ma", "ma_3_1"): {"busy_fraction_attention", "busy_fraction_moe"},
@@ -127,6 +127,10 @@ def check_scenario(name, result):
         expected = SAMPLE_KEYS | EXTRA_KEYS.get((name, variant), set())
         assert expected <= set(result["median"][variant]), (variant, expected - set(result["median"][variant]))
         assert result["median"][variant]["ttft_ms"] > 0 and result["median"][variant]["tps"] > 0
+    if name == "overlap":  # clamped, with its [min, max] over the reps
+        for variant in variants:
+            low, high = result["spread"][variant]["wire_hidden"]
+            assert 0 <= low <= result["median"][variant]["wire_hidden"] <= high <= 1
 
 
 def check(name, result):
@@ -186,6 +190,7 @@ def test_bench_transformers_on_a_tiny_checkpoint(family, tmp_path):
     result = run_to_json(None, "transformers", ["--checkpoint", str(checkpoint), "--batch", "2", "--prompt-len", "4",
                                                 "--steps", "2", "--device", "cpu"], out)
     assert list(result["median"]) == ["transformers", "hpcmoe"] and result["device"] == "cpu"
+    assert result["tokens_equal"] is True  # hpcmoe ran the checkpoint's weights, not seeded random ones
     for variant in ("transformers", "hpcmoe"):
         assert result["median"][variant]["prefill_tokens_per_s"] > 0
         assert result["median"][variant]["decode_tokens_per_s"] > 0

@@ -89,7 +89,8 @@ for r in by_kind("fault_tolerance"):
           f"{r['recovery_ms_max']:.0f} ms; same tokens in {sum(x['same_tokens'] for x in r['recoveries'])} of "
           f"{len(r['recoveries'])}")
 
-keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "ttft_nolink_ms", "wire_ms", "idle_fraction", "busy_fraction",
+keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "wire_hidden_raw", "ttft_nolink_ms", "best_nolink_ms", "wire_ms",
+        "idle_fraction", "busy_fraction",
         "rank_load_max_over_mean", "rank_load_max_over_mean_per_step", "switches", "moved_mib", "moving_tps_ratio",
         "internode_bytes", "attention_compute_ms", "expert_compute_ms", "busy_fraction_attention", "busy_fraction_moe",
         "experts_ms_per_layer", "weight_read_ms_per_layer"]
@@ -104,7 +105,12 @@ for r in results:
     print("| variant | " + " | ".join(shown) + " |")
     print("|---|" + "---|" * len(shown))
     for variant, medians in r["median"].items():
-        print(f"| {variant} | " + " | ".join(f"{medians.get(k, float('nan')):.4g}" for k in shown) + " |")
+        spread = r.get("spread", {}).get(variant, {})  # [min, max] over the reps (newer files, some keys)
+        print(f"| {variant} | " + " | ".join(f"{medians.get(k, float('nan')):.4g}"
+                                             + (f" ({spread[k][0]:.3g} to {spread[k][1]:.3g})" if k in spread else "")
+                                             for k in shown) + " |")
+    if "wire_hidden" in shown and "best_nolink_ms" not in shown:
+        print("\n(an older file: wire_hidden against each variant's own no-link run, unclamped)")
     ratios = next(v for k, v in r.items() if k.startswith("ratio_to_"))
     last = list(ratios)[-1]
     print(f"\nratio {last} / {list(ratios)[0]}: " + ", ".join(f"{k} {ratios[last][k]:.3f}" for k in shown if k in ratios[last]))
