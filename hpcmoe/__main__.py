@@ -193,9 +193,9 @@ def command_predict(args) -> int:
     try:
         config = load_config(args.config, args.set)
         model, machine = predict.load(args.predictor)
+        proposal = predict.propose(model, config, args.ranks, machine, args.threshold)  # no split fits: one line
     except ValueError as e:
         fail(str(e))
-    proposal = predict.propose(model, config, args.ranks, machine, args.threshold)
     print(f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
           f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, predicted "
           f"{proposal['predicted_attention_ms']:.2f} ms attention vs {proposal['predicted_moe_ms']:.2f} ms MoE, "

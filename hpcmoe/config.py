@@ -368,7 +368,7 @@ def resolve_model(section: dict) -> dict:
         return {**model_fields(checkpoint), **section}
     if preset is None:
         raise ValueError("model.preset: not set; expected one of: " + ", ".join(PRESETS) + " (or model.checkpoint)")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"model.preset: {preset!r} is not a preset; expected one of: " + ", ".join(PRESETS))
     return {**PRESETS[preset], **section}
 
@@ -471,6 +471,10 @@ def validate_model(m: ModelConfig) -> None:
     require(m.dtype is None or m.dtype in DTYPES,
             f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    for name in ("rope_theta", "routed_scaling_factor", "swiglu_alpha"):
+        require(getattr(m, name) > 0, f"model.{name}: expected a number > 0, got {getattr(m, name)}")
+    require(0 < m.partial_rotary_factor <= 1,
+            f"model.partial_rotary_factor: expected a number in (0, 1], got {m.partial_rotary_factor}")
     validate_gpt_oss_fields(m)
     require(m.max_positions is None or m.max_positions >= 1,
             f"model.max_positions: expected an integer >= 1, got {m.max_positions}")
@@ -610,6 +614,11 @@ def validate(config: Config) -> None:
     require(r.skew_drift is None or r.skew_drift >= 1, f"run.skew_drift: expected an integer >= 1, got {r.skew_drift}")
     for i, kill in enumerate(r.kill or []):
         require(kill.phase in KILL_PHASES, f"run.kill[{i}].phase: {kill.phase!r} is not one of {', '.join(KILL_PHASES)}")
+        for name in ("step", "layer"):
+            require(getattr(kill, name) >= 0, f"run.kill[{i}].{name}: expected an integer >= 0, got {getattr(kill, name)}")
+    for name in ("stall_at_step", "signal_at_step"):
+        value = getattr(r, name)
+        require(value is None or value >= 0, f"run.{name}: expected an integer >= 0, got {value}")
     require(r.rebuild_slots >= 0, f"run.rebuild_slots: expected an integer >= 0, got {r.rebuild_slots}")
     require(r.max_new_tokens >= 1, f"run.max_new_tokens: expected an integer >= 1, got {r.max_new_tokens}")
     require(r.prompts is None or r.prompt_ids is None, "run.prompts and run.prompt_ids: give one of them, not both")

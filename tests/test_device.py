@@ -7,7 +7,6 @@ was posted: so "a send is never posted before its copy finished" is checked with
 """
 import os
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -135,23 +134,46 @@ def test_a_staged_receive_lands_on_the_device_after_its_copy_and_frees_its_buffe
     assert staging.pool.allocated == 2
 
 
-def test_device_kind_follows_run_device():
-    assert device_kind("cpu") == "cpu"
-    assert device_kind("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="run.device: cuda, but torch sees no GPU"):
-            device_kind("cuda")
+@pytest.mark.parametrize("requested, gpu, expected", [
+    ("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cpu", False, "cpu"), ("cuda", True, "cuda"),
+])
+def test_device_kind_resolves_run_device_by_whether_torch_sees_a_gpu(monkeypatch, requested, gpu, expected):
+    """Both answers of torch.cuda.is_available on any machine: auto follows it, cpu ignores it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert device_kind(requested) == expected
 
 
-def test_cpu_and_auto_give_the_same_tokens_and_record_the_device(tmp_path):
-    for device in ("cpu", "auto"):
-        result = run_job(2, tmp_path / f"{device}.h5", f"run.device={device}", "run.max_new_tokens=4")
-        assert result.returncode == 0, result.stderr
-    with h5py.File(tmp_path / "cpu.h5") as f, h5py.File(tmp_path / "auto.h5") as g:
-        assert np.array_equal(f["generated"][:], g["generated"][:])
-        assert f.attrs["device"] == "cpu"
-        assert g.attrs["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-        assert "dtype: float32" in f.attrs["config"]
+def test_cuda_without_a_gpu_is_a_value_error_naming_the_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="run.device: cuda, but torch sees no GPU"):
+        device_kind("cuda")
+
+
+def test_the_resolved_device_sets_the_default_dtype_and_run_device():
+    """model.dtype unset: bfloat16 on a GPU, float32 on a CPU; a dtype the user set is kept on either."""
+    from hpcmoe.config import load_config
+    from tests.conftest import DEBUG_CONFIG
+    unset = load_config(DEBUG_CONFIG, ["model.dtype=null"])
+    assert (unset.on_device("cuda").model.dtype, unset.on_device("cuda").run.device) == ("bfloat16", "cuda")
+    assert (unset.on_device("cpu").model.dtype, unset.on_device("cpu").run.device) == ("float32", "cpu")
+    assert load_config(DEBUG_CONFIG, ["model.dtype=float32"]).on_device("cuda").model.dtype == "float32"
+
+
+def test_staging_only_where_mpi_cannot_read_the_tensors(monkeypatch):
+    """CPU tensors and a CUDA-aware MPI: none; a GPU with an MPI that cannot read it: staged. auto
+    asks the MPI library (MPIX_Query_cuda_support) and takes an MPI that cannot be asked as not aware."""
+    from hpcmoe import device
+    gpu = torch.device("cuda", 0)
+    assert device.mpi_reads_device_memory(False, torch.device("cpu"))       # host memory: always readable
+    assert device.mpi_reads_device_memory(True, gpu) and not device.mpi_reads_device_memory(False, gpu)
+    for answer, expected in ((lambda: 1, True), (lambda: 0, False), (None, False)):
+        monkeypatch.setattr(device, "mpi_symbol", lambda name, answer=answer: answer)
+        assert device.mpi_reads_device_memory("auto", gpu) is expected
+    assert device.staging_for(torch.device("cpu"), False) is None
+    assert device.staging_for(gpu, True) is None
+    monkeypatch.setattr(device, "Streams", lambda where: ("streams of", where))  # no GPU needed to build one
+    staged = device.staging_for(gpu, False)
+    assert staged.streams == ("streams of", gpu) and staged.pool.pin
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -15,7 +15,7 @@ import pytest
 from hpcmoe.config import load_config
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.placement import Placement, replicated
-from hpcmoe.rebalance import expert_digest, imbalance, plan_moves, propose
+from hpcmoe.rebalance import expert_digest, imbalance, plan_moves
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.test_report import report
 
@@ -83,13 +83,58 @@ def test_moves_take_each_gained_expert_from_an_old_holder():
     assert sorted((t, e) for e, _, t in moves) == gained
 
 
-def test_the_proposal_lowers_the_predicted_imbalance_and_keeps_the_slot_budget():
-    uniform = replicated(8, 4, 3)                        # extra replicas for experts 0..3
-    load = np.array([[5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 40.0, 30.0]])
-    proposal = propose(uniform, load, [0, 0, 0, 0])
-    assert all(len(proposal.slots_of_rank(r)) == 3 for r in range(4))
-    assert imbalance(proposal, load, [0] * 4) < imbalance(uniform, load, [0] * 4)
-    assert imbalance(Placement((0, 1), (0, 1), 2, "x"), np.array([[9.0, 1.0]]), [0, 0]) == pytest.approx(1.8)
+class Finished:
+    """The window's sum, already complete."""
+
+    def Test(self):
+        return True
+
+
+def decision(old: Placement, load: list[float], min_gain: float):
+    """Rebalancer.decide on one node's summed load, without MPI: -> the Switch it starts and its
+    placement and moves, or None when it keeps the placement."""
+    from hpcmoe.config import RebalanceConfig
+    from hpcmoe.rebalance import Rebalancer
+    rebalancer = Rebalancer.__new__(Rebalancer)
+    rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = \
+        RebalanceConfig(min_gain=min_gain), old, [0] * old.num_ranks, 1
+    rebalancer.summing = (Finished(), np.array([load]), None)
+    started = []
+
+    def start_moves(new, switch):
+        rebalancer.moving = (None, None, switch, new)
+        started.append((switch, new, plan_moves(old, new)))
+    rebalancer.start_moves, rebalancer.say, rebalancer.vote = start_moves, lambda line: None, lambda step: None
+    rebalancer.decide(step=3)
+    return started[0] if started else None
+
+
+# 2 ranks x 3 slots, 4 experts: rank 0 hosts 0 1 2, rank 1 hosts 0 1 3 (experts 0 and 1 twice)
+OLD = Placement((0, 1, 2, 0, 1, 3), (0, 0, 0, 1, 1, 1), 2, "x")
+HOT_2_AND_3 = [0.0, 0.0, 30.0, 10.0]
+
+
+def test_a_proposal_gaining_a_third_is_adopted_above_min_gain_and_kept_below_it():
+    """Load 30 on expert 2 (rank 0 only) and 10 on expert 3 (rank 1 only): ranks get 30 and 10, max/mean
+    30 / 20 = 1.5. Replicating the hot 2 and 3 instead (each rank hosts 2 3 and one of 0 1) splits
+    them: 15 + 5 on each rank, max/mean 1.0, a gain of 0.5 / 1.5 = 1/3 of the current figure. Rank 0
+    gains 3 from rank 1 (its only holder) and rank 1 gains 2 from rank 0."""
+    adopted = decision(OLD, HOT_2_AND_3, min_gain=0.33)
+    assert adopted is not None
+    switch, new, moves = adopted
+    assert (switch.decided_at_step, switch.predicted_before, switch.predicted) == (3, pytest.approx(1.5), pytest.approx(1.0))
+    assert [sorted(new.experts_of_rank(r)) for r in range(2)] == [[0, 2, 3], [1, 2, 3]]
+    assert moves == [(3, 1, 0), (2, 0, 1)]
+    assert imbalance(OLD, np.array([HOT_2_AND_3]), [0, 0]) == pytest.approx(1.5)
+    assert decision(OLD, HOT_2_AND_3, min_gain=0.34) is None       # 1/3 < 0.34: not worth the moves
+
+
+def test_a_balanced_load_or_an_unchanged_placement_moves_nothing():
+    """Even load, or load only on the experts both ranks hold: max/mean is already 1.0 and the proposal
+    is the current placement, so it is kept even with min_gain 0."""
+    assert imbalance(OLD, np.array([[10.0, 10.0, 10.0, 10.0]]), [0, 0]) == pytest.approx(1.0)
+    assert decision(OLD, [10.0, 10.0, 10.0, 10.0], min_gain=0.0) is None
+    assert decision(OLD, [10.0, 10.0, 0.0, 0.0], min_gain=0.0) is None   # both ranks already get 10
 
 
 @pytest.mark.parametrize("ranks, settings, message", [

@@ -1,4 +1,4 @@
-"""`hpcmoe simulate` and machine files: hand arithmetic, the engine's own plan code, one measured run,
+"""`hpcmoe simulate` and machine files: hand arithmetic, the engine's own plan code, measured runs,
 the run-file schema and `hpcmoe report`, and clear errors on a bad machine file."""
 import os
 import subprocess
@@ -111,14 +111,40 @@ def measured_and_simulated(tmp_path_factory):
     return folder / "real.h5", folder / "sim.h5", simulated.stdout
 
 
-def test_a_cheap_run_is_predicted_within_a_generous_factor(measured_and_simulated):
-    """TPOT within 2.5x; TTFT within 4x: on a 6-step run it is mostly the first step's warm-up, which
-    measured 2.7x the simulation while other jobs loaded this box (about 1x when it was quiet)."""
-    real, sim, _ = measured_and_simulated
-    with h5py.File(real) as f, h5py.File(sim) as g:
-        for metric, factor in (("ttft_ms", 4.0), ("tpot_ms", 2.5)):
-            ratio = g["metrics"].attrs[metric] / f["metrics"].attrs[metric]
-            assert 1 / factor < ratio < factor, (metric, ratio)
+def median_step_ms(path) -> tuple[float, float]:
+    """(median decode step, first token) in ms of a run file: the median, not the mean, so that a burst
+    of other work on this shared box during a few steps does not move it."""
+    with h5py.File(path) as f:
+        held = f["metrics/token_time_s"][:]
+    return 1e3 * float(np.median(np.diff(held))), 1e3 * float(held[0])
+
+
+def test_the_simulator_tracks_what_a_wider_model_costs_against_the_debug_model(tmp_path):
+    """Measured against simulated as a ratio of one-rank runs (absolute times here move 2x with the other
+    jobs on this box): the wide model (hidden 256, experts 1024 wide, 64-token prompts) over the debug
+    model, neither a calibration run. Each is measured twice, interleaved, and the faster kept: with
+    two busy loops beside it the decode ratio measured 2.03 to 2.25 (one pair alone once read 3.3).
+    Decode, simulated 2.14: within 1.3x, which a 2x error fails: the machine file's decode GEMM rate
+    halved simulates 3.15 (1.47x), its per-call costs doubled 1.59 (0.74x). Prefill: measured 9.2 to
+    10.5 against 18.3 simulated, a known gap (reported on issue 26); the bound only keeps it from
+    growing."""
+    from hpcmoe.machine import load_machine
+    settings = ["run.max_new_tokens=24", "parallel.threads=1"]
+    configs = {"debug": DEBUG_CONFIG, "wide": os.path.join(ROOT, "inputs", "bench_ep.yaml")}
+    measured = {name: [] for name in configs}
+    for rep in range(2):
+        for name, path in configs.items():
+            result = run_job(1, tmp_path / f"{name}{rep}.h5", *settings, config=path)
+            assert result.returncode == 0, result.stderr
+            measured[name].append(median_step_ms(tmp_path / f"{name}{rep}.h5"))
+    simulated = {}
+    for name, path in configs.items():
+        simulate(load_config(path, settings), load_machine(THIS_BOX), 1, output=str(tmp_path / f"{name}_sim.h5"))
+        simulated[name] = median_step_ms(tmp_path / f"{name}_sim.h5")
+    fastest = {name: np.min(times, axis=0) for name, times in measured.items()}
+    for index, metric, factor in ((0, "decode step", 1.3), (1, "first token", 2.5)):
+        ratio = [times["wide"][index] / times["debug"][index] for times in (fastest, simulated)]
+        assert 1 / factor < ratio[1] / ratio[0] < factor, (metric, ratio, measured, simulated)
 
 
 def test_the_simulated_file_has_the_run_schema_and_report_reads_it(measured_and_simulated):
