@@ -1,7 +1,8 @@
 """Command line: `hpcmoe run CONFIG [--set a.b=value ...] [--output PATH]`.
 
-The config is validated before MPI or torch is imported, so a bad config fails at once with
-the same one-line message on every rank and a non-zero exit, and no file is created.
+The config is validated before torch is imported and before any communicator or file is made: a
+bad input fails at once with exit 2 on every rank, and rank 0 prints its one line for the whole job
+(a rank whose message differs adds its own, naming its ranks).
 """
 from __future__ import annotations
 
@@ -19,6 +20,35 @@ def fail(message: str) -> "NoReturn":
     sys.stderr.write(f"hpcmoe: error: {message}\n")
     sys.stderr.flush()
     sys.exit(EXIT_BAD_INPUT)
+
+
+def agree(world, problem: str | None) -> None:
+    """Every rank's check, gathered (each rank calls this once per check, failed or not, so no rank
+    is left waiting): when any failed, rank 0 prints each distinct message once, naming the ranks
+    when not all share it, and every rank exits 2. One line per job, not one per rank at EP 256."""
+    problems = world.allgather(problem)
+    if not any(problems):
+        return
+    if world.Get_rank() == 0:
+        ranks_of: dict[str, list[int]] = {}
+        for rank, message in enumerate(problems):
+            if message:
+                ranks_of.setdefault(message, []).append(rank)
+        for message, ranks in ranks_of.items():
+            where = "" if len(ranks) == world.Get_size() else f" (on {rank_list(ranks)} of {world.Get_size()})"
+            sys.stderr.write(f"hpcmoe: error: {message}{where}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def rank_list(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2,5'."""
+    spans, start = [], ranks[0]
+    for previous, rank in zip(ranks, ranks[1:] + [None]):
+        if rank != previous + 1:
+            spans.append(f"{start}-{previous}" if previous > start else f"{start}")
+            start = rank
+    return ("ranks " if len(ranks) > 1 else "rank ") + ",".join(spans)
 
 
 def parse_args(argv):
@@ -207,30 +237,40 @@ BENCH_COUNTS = ("tokens", "hidden", "top_k", "reps", "experts", "inner", "decode
                 "steps", "ranks_per_node")  # bench flags that count something: >= 1
 
 
-def command_bench(args) -> int:
-    """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
+def check_bench(args) -> None:
+    """A benchmark's arguments and config, before MPI: ValueError naming the bad one."""
     from hpcmoe import bench
     from hpcmoe.device import device_kind
     for name in BENCH_COUNTS:
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            fail(f"bench {args.benchmark} --{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+        require(value is None or value >= 1,
+                f"bench {args.benchmark} --{name.replace('_', '-')}: expected an integer >= 1, got {value}")
     if args.benchmark in bench.SCENARIOS:
-        try:
-            config = load_config(args.config, args.set)
-            device_kind(config.run.device)  # run.device=cuda without a GPU: one line, not a traceback per rank
-        except ValueError as e:
-            fail(str(e))
-        if args.benchmark == "overlap" and config.parallel.link is None:
-            fail("bench overlap measures the wire time hidden behind an emulated link: the config sets no "
-                 "parallel.link (see inputs/bench_overlap.yaml)")
+        config = load_config(args.config, args.set)
+        device_kind(config.run.device)  # run.device=cuda without a GPU: one line, not a traceback
+        require(args.benchmark != "overlap" or config.parallel.link is not None,
+                "bench overlap measures the wire time hidden behind an emulated link: the config sets no "
+                "parallel.link (see inputs/bench_overlap.yaml)")
     if getattr(args, "device", None) is not None:  # experts, transformers: --device
         try:
             device_kind(args.device)
         except ValueError:
             import torch
-            fail(f"bench {args.benchmark} --device {args.device}: torch sees no GPU (torch {torch.__version__}, "
-                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+            raise ValueError(f"bench {args.benchmark} --device {args.device}: torch sees no GPU (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu "
+                             f"or auto") from None
+
+
+def command_bench(args) -> int:
+    """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
+    from hpcmoe import bench
+    problem = None
+    try:
+        check_bench(args)
+    except ValueError as e:
+        problem = str(e)
+    if args.benchmark in ("experts", "control") and problem:  # one process, no MPI
+        fail(problem)
     if args.benchmark == "experts":  # one process, no MPI
         bench.bench_experts(args.device, args.hidden, args.inner, args.experts, args.tokens, args.decode_tokens,
                             args.dtype, args.reps, args.out)
@@ -241,11 +281,13 @@ def command_bench(args) -> int:
         return 0
     from hpcmoe.topology import init_mpi
     world = init_mpi()
+    agree(world, problem)
     if args.benchmark in bench.SCENARIOS:
-        try:  # every variant's layout at this rank count; every rank fails alike
+        try:  # every variant's layout at this rank count
             bench.check_scenario(args.benchmark, args.config, args.set, world.Get_size())
         except ValueError as e:
-            fail(str(e))
+            problem = str(e)
+        agree(world, problem)
     import torch
     torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
     if args.benchmark == "dispatch":
@@ -271,17 +313,17 @@ def command_run(args) -> int:
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
         check_output_path(config.output.path)
         config.requests  # reads and checks run.prompts (every line) on every rank
+        problem = None
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
     from hpcmoe.topology import init_mpi
-    world = init_mpi()
+    world = init_mpi()   # the checks are gathered (agree), so that a bad input prints one line per job
+    agree(world, problem)
     from hpcmoe.layout import ParallelLayout
     if config.run.fault_tolerance:
         from mpi4py import MPI
         from hpcmoe.fault import ENABLED, check_mpi
-        problem = check_mpi()
-        if problem:
-            fail(problem)
+        agree(world, check_mpi())
         world.Set_errhandler(MPI.ERRORS_RETURN)  # communicators made from it inherit it
         ENABLED[0] = True
     try:
@@ -300,7 +342,8 @@ def command_run(args) -> int:
             from hpcmoe.workload import read_partial
             resume = read_partial(args.resume, config.on_device(device_kind(config.run.device)), world.Get_size())
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
+    agree(world, problem)
     try:
         from hpcmoe.device import device_kind
         config = config.on_device(device_kind(config.run.device))
@@ -310,7 +353,8 @@ def command_run(args) -> int:
             from hpcmoe.output import read_routing
             routing = read_routing(config.parallel.placement_from, config.model.num_experts)
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
+    agree(world, problem)
     import torch
     from hpcmoe.device import choose_device
     from hpcmoe.engine import run

@@ -274,3 +274,38 @@ def test_bench_dispatch_counts_below_one(tmp_path, flag):
     out = tmp_path / "dispatch.json"
     result = hpcmoe("bench", "dispatch", flag, "0", "--out", str(out))
     assert_refused(result, f"bench dispatch {flag}: expected an integer >= 1, got 0", out)
+
+
+class FakeWorld:
+    """What agree() asks of a communicator: every rank's problem, as allgather returns them."""
+    def __init__(self, problems, rank=0):
+        self.problems, self.rank = problems, rank
+
+    def allgather(self, mine):
+        assert mine == self.problems[self.rank]
+        return self.problems
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.problems)
+
+
+def test_one_line_per_job_and_a_line_for_each_rank_that_differs(capsys):
+    """256 ranks failing alike: rank 0 prints one line, with no rank list; ranks 7 and 9-11 failing
+    differently: their line names them; the other ranks print nothing; every rank exits 2."""
+    from hpcmoe.__main__ import agree
+    problems = ["run.batch: expected an integer >= 1, got -1"] * 256
+    for rank, printed in ((0, 1), (5, 0)):
+        with pytest.raises(SystemExit) as stop:
+            agree(FakeWorld(problems, rank), problems[rank])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.count("hpcmoe: error:") == printed
+    problems = [None] * 16
+    problems[7] = problems[9] = problems[10] = problems[11] = "/data/prompts.jsonl: no such file"
+    with pytest.raises(SystemExit):
+        agree(FakeWorld(problems), None)
+    assert capsys.readouterr().err == "hpcmoe: error: /data/prompts.jsonl: no such file (on ranks 7,9-11 of 16)\n"
+    agree(FakeWorld([None] * 4), None)   # nothing failed: no exit, no line
+    assert capsys.readouterr().err == ""
