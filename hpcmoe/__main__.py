@@ -59,6 +59,7 @@ def parse_args(argv):
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run file (refused otherwise)")
     run.add_argument("--resume", metavar="PARTIAL.h5", help="continue a run a signal stopped (its NAME.partial.h5) "
                      "or a job killed (its NAME.h5.tmp, moved aside): same config, prompts and checkpoint")
     planner = commands.add_parser("plan", help="memory per rank for a config and rank count, without building")
@@ -67,7 +68,9 @@ def parse_args(argv):
     planner.add_argument("--ranks-per-node", type=int, help="ranks sharing a node (default: all of them)")
     planner.add_argument("--device-memory", type=float, metavar="GIB",
                          help="memory per rank in GiB (default: this machine's available memory over the node's ranks)")
-    planner.add_argument("--json", metavar="PATH", help="also write the plan as one JSON object")
+    planner.add_argument("--output", "--json", dest="json", metavar="PLAN.json",
+                         help="also write the plan as one JSON object")
+    planner.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     planner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench = commands.add_parser("bench", help="benchmarks: medians of interleaved repetitions, ratios in one run")
     benches = bench.add_subparsers(dest="benchmark", required=True)
@@ -86,7 +89,8 @@ def parse_args(argv):
     reduce.add_argument("--tokens", type=int, default=256)
     reduce.add_argument("--hidden", type=int, default=4096)
     reduce.add_argument("--ranks-per-node", type=int, default=2)
-    reduce.add_argument("--link-gbps", type=float, default=None, help="emulated inter-node link bandwidth")
+    reduce.add_argument("--bandwidth-gbps", "--link-gbps", dest="link_gbps", type=float, default=None,
+                        help="emulated inter-node link bandwidth (as parallel.link.bandwidth_gbps)")
     reduce.add_argument("--latency-us", type=float, default=0.0)
     control = benches.add_parser("control", help="the control path per MoE layer at large rank counts (no MPI)")
     control.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
@@ -106,11 +110,12 @@ def parse_args(argv):
     versus.add_argument("--checkpoint", required=True)
     versus.add_argument("--batch", type=int, default=4)
     versus.add_argument("--prompt-len", type=int, default=32)
-    versus.add_argument("--steps", type=int, default=16)
+    versus.add_argument("--max-new-tokens", "--steps", dest="steps", type=int, default=16, help="as run.max_new_tokens")
     versus.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     for sub in list(benches.choices.values()):
         sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
-        sub.add_argument("--out", help="store the results as JSON here")
+        sub.add_argument("--output", "--out", dest="out", metavar="RESULT.json", help="store the results as JSON here")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     report = commands.add_parser("report", help="text summary and PNG plots of one or more run files")
     report.add_argument("runs", nargs="+", help="run files (HDF5)")
     report.add_argument("--out", help="directory for the plots (default: next to the first run)")
@@ -118,16 +123,18 @@ def parse_args(argv):
     predictions = predict.add_subparsers(dest="action", required=True)
     train = predictions.add_parser("train", help="train on the /timings of run files")
     train.add_argument("runs", nargs="+")
-    train.add_argument("--out", default="predictor.pt")
+    train.add_argument("--output", "--out", dest="out", default="predictor.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     train.add_argument("--test", nargs="*", default=[], help="unseen run files to report the error on")
     train.add_argument("--epochs", type=int, default=3000)
     collect = predictions.add_parser("collect", help="timing runs over attention:MoE splits, batches, prompt lengths")
     collect.add_argument("config", nargs="?", help="the model and settings to run (default: the debug model)")
-    collect.add_argument("--out", default="runs/predict", help="directory for the run files")
+    collect.add_argument("--output", "--out", dest="out", default="runs/predict", help="directory for the run files")
     collect.add_argument("--ranks", default="4", help="rank counts, comma separated")
     collect.add_argument("--batch", default="4,16", help="batches, comma separated")
     collect.add_argument("--prompt-len", default="16,64", help="prompt lengths, comma separated")
-    collect.add_argument("--steps", type=int, default=8, help="new tokens per run")
+    collect.add_argument("--max-new-tokens", "--steps", dest="steps", type=int, default=8,
+                         help="new tokens per run (as run.max_new_tokens)")
     collect.add_argument("--reuse", action="store_true", help="keep complete run files already in --out")
     collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
@@ -138,12 +145,15 @@ def parse_args(argv):
     propose.add_argument("--threshold", type=float, default=0.05, help="flag rebalancing above this mismatch")
     propose.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     calibrate = commands.add_parser("calibrate", help="measure this machine and write its machine file (one process)")
-    calibrate.add_argument("--out", required=True, metavar="MACHINE.yaml")
+    calibrate.add_argument("--output", "--out", dest="out", required=True, metavar="MACHINE.yaml")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     calibrate.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "inputs", "debug.yaml"),
                            help="the model whose short runs give the engine's fixed costs (default: the debug model)")
     export = commands.add_parser("export", help="a run file's requests as JSON lines (id, prompt, completion, ...)")
     export.add_argument("run", metavar="RUN.h5", help="a run file: complete, partial, or left by a killed job (.tmp)")
-    export.add_argument("--jsonl", required=True, metavar="OUT.jsonl", help="where to write (- for stdout)")
+    export.add_argument("--output", "--jsonl", dest="jsonl", required=True, metavar="OUT.jsonl",
+                        help="where to write (- for stdout)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     simulate = commands.add_parser("simulate", help="the engine's schedule on a machine file, without running it")
     simulate.add_argument("config")
     simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -151,6 +161,7 @@ def parse_args(argv):
     simulate.add_argument("--ranks", type=int, required=True)
     simulate.add_argument("--routing", metavar="RUN.h5", help="route by a run file's /routing (default: synthetic)")
     simulate.add_argument("--output", metavar="SIM.h5", help="write a run file of the simulated run")
+    simulate.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     simulate.add_argument("--steady-decode", type=int, metavar="CONTEXT",
                           help="no prefill: every step decodes every request over CONTEXT cached positions")
     return parser.parse_args(argv)
@@ -159,7 +170,7 @@ def parse_args(argv):
 def check_plan_args(args) -> None:
     """plan's flags, before any config is read: one line naming the flag and its range."""
     import math
-    from hpcmoe.output import check_output_path
+    from hpcmoe.output import check_new_output, check_output_path
     require(args.ranks >= 1, f"--ranks: expected an integer >= 1, got {args.ranks}")
     require(args.ranks_per_node is None or args.ranks_per_node >= 1,
             f"--ranks-per-node: expected an integer >= 1, got {args.ranks_per_node}")
@@ -167,7 +178,8 @@ def check_plan_args(args) -> None:
     require(memory is None or (math.isfinite(memory) and memory > 0),
             f"--device-memory: expected a finite number of GiB > 0, got {memory}")
     if args.json:
-        check_output_path(args.json, "--json", "plan.json", create=False)
+        check_output_path(args.json, "--output", "plan.json", create=False)
+        check_new_output(args.json, args.overwrite, "--output")
 
 
 def command_plan(args) -> int:
@@ -193,7 +205,12 @@ def command_plan(args) -> int:
 
 def command_predict(args) -> int:
     from hpcmoe import predict
+    from hpcmoe.output import check_new_output
     if args.action == "train":
+        try:
+            check_new_output(args.out, args.overwrite, "--output")
+        except ValueError as e:
+            fail(str(e))
         predict.command_train(args.runs, args.out, args.test, args.epochs)
         return 0
     if args.action == "collect":
@@ -241,6 +258,8 @@ def check_bench(args) -> None:
     """A benchmark's arguments and config, before MPI: ValueError naming the bad one."""
     from hpcmoe import bench
     from hpcmoe.device import device_kind
+    from hpcmoe.output import check_new_output
+    check_new_output(args.out, args.overwrite, "--output")
     for name in BENCH_COUNTS:
         value = getattr(args, name, None)
         require(value is None or value >= 1,
@@ -306,12 +325,13 @@ def command_bench(args) -> int:
 
 
 def command_run(args) -> int:
-    from hpcmoe.output import check_output_path
+    from hpcmoe.output import check_new_output, check_output_path
     try:
         config = load_config(args.config, args.set)
         if args.output:
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
         check_output_path(config.output.path)
+        check_new_output(config.output.path, args.overwrite, "output.path")
         config.requests  # reads and checks run.prompts (every line) on every rank
         problem = None
     except ValueError as e:
@@ -425,6 +445,7 @@ def summary(config, topo, layout, metrics: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from hpcmoe.output import check_new_output
     from hpcmoe.topology import keep_freed_memory
     keep_freed_memory()
     if args.command == "run":
@@ -438,6 +459,7 @@ def main(argv=None) -> int:
     if args.command == "calibrate":
         from hpcmoe.calibrate import calibrate, check_inputs
         try:
+            check_new_output(args.out, args.overwrite, "--output")
             check_inputs(args.out, os.path.normpath(args.config))
         except ValueError as e:
             fail(str(e))
@@ -447,6 +469,7 @@ def main(argv=None) -> int:
     if args.command == "simulate":
         from hpcmoe.sim_output import command
         try:
+            check_new_output(args.output, args.overwrite, "--output")
             command(args.config, args.set, args.machine, args.ranks, args.routing, args.output, args.steady_decode)
         except ValueError as e:
             fail(str(e))
@@ -454,6 +477,7 @@ def main(argv=None) -> int:
     if args.command == "export":
         from hpcmoe.output import export_jsonl
         try:
+            check_new_output(args.jsonl, args.overwrite, "--output")
             count, note = export_jsonl(args.run, args.jsonl)
         except ValueError as e:
             fail(str(e))

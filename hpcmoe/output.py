@@ -229,6 +229,17 @@ def check_output_path(path: str, key: str = "output.path", example: str = "run.h
         raise ValueError(f"{key}: {path!r}: cannot write in {directory}: {e.strerror or e}") from None
 
 
+def check_new_output(path: str | None, overwrite: bool, key: str) -> None:
+    """A result is never replaced silently: an existing `path` is refused unless --overwrite.
+    A run's `path.tmp` is what a killed job left (resumable): refused alike."""
+    if path is None or path == "-" or overwrite:
+        return
+    for existing, what in ((path, "exists"), (path + ".tmp", "is left by a killed run (--resume reads it)")):
+        if key == "output.path" or existing == path:
+            if os.path.exists(existing):
+                raise ValueError(f"{key}: {existing} {what}; pass --overwrite to replace it, or choose another name")
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
