@@ -439,8 +439,22 @@ def summary(config, topo, layout, metrics: dict) -> str:
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
         f"tps {metrics['tps']:.0f} tok/s",
+        *request_lines(metrics),
         f"wrote {config.output.path}",
     ])
+
+
+def request_lines(metrics: dict) -> list[str]:
+    """The figures serving users compare (vLLM's, SGLang's benchmarks), per request and for the run."""
+    if "requests_per_s" not in metrics:
+        return []
+    quantiles = lambda name, unit, digits: " / ".join(f"{metrics[f'{name}_p{q}']:.{digits}f}" for q in (50, 90, 99)) \
+        + f" {unit}"
+    return [f"per request p50 / p90 / p99: TTFT {quantiles('request_ttft_ms', 'ms', 1)} | ITL "
+            f"{quantiles('request_itl_ms', 'ms', 2)} | end to end {quantiles('request_latency_s', 's', 3)}",
+            f"output {metrics['output_tokens_per_s']:.0f} tok/s | prompt {metrics['prompt_tokens_per_s']:.0f} tok/s | "
+            f"{metrics['requests_per_s']:.2f} requests/s | wall {metrics['wall_s']:.2f} s "
+            f"({metrics['wall_with_load_s']:.2f} s with {metrics['load_s']:.2f} s of start-up and model load)"]
 
 
 def main(argv=None) -> int:

@@ -104,15 +104,20 @@ def compute_metrics(token_times: np.ndarray, prompt_tokens: int, generated) -> t
 
 def request_metrics(ttft_s: np.ndarray, latency_s: np.ndarray, tokens: np.ndarray, total_s: float) -> dict:
     """Per-request figures over the requests that ended ([requests] each: time to first token from
-    joining the batch, joining to last token, tokens made): generated tokens and requests per second
-    of the run, and the median and 90th percentile of TTFT and end-to-end latency."""
+    joining the batch, joining to last token, tokens made), as vLLM's and SGLang's benchmarks give
+    them: p50 / p90 / p99 of TTFT, of each request's mean inter-token latency (ITL, requests of two
+    tokens or more) and of end-to-end latency; output tokens and requests per second of the run."""
     if not len(tokens):
         return {}
-    return {"generated_tokens_per_s": float(tokens.sum()) / total_s, "requests_per_s": len(tokens) / total_s,
-            "request_ttft_ms_p50": 1e3 * float(np.percentile(ttft_s, 50)),
-            "request_ttft_ms_p90": 1e3 * float(np.percentile(ttft_s, 90)),
-            "request_latency_s_p50": float(np.percentile(latency_s, 50)),
-            "request_latency_s_p90": float(np.percentile(latency_s, 90))}
+    out = {"output_tokens_per_s": float(tokens.sum()) / total_s, "requests_per_s": len(tokens) / total_s}
+    out["generated_tokens_per_s"] = out["output_tokens_per_s"]   # the earlier name, kept for scripts
+    several = tokens > 1
+    itl_s = (latency_s - ttft_s)[several] / (tokens[several] - 1)
+    for name, values, scale in (("request_ttft_ms", ttft_s, 1e3), ("request_itl_ms", itl_s, 1e3),
+                                ("request_latency_s", latency_s, 1.0)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}"] = scale * float(np.percentile(values, q)) if len(values) else float("nan")
+    return out
 
 
 NOT_COMPUTE = (b"step", b"output")  # besides *_wait (idle) and *_comm (in flight)
