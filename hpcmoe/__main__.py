@@ -209,9 +209,9 @@ def command_predict(args) -> int:
     if args.action == "train":
         try:
             check_new_output(args.out, args.overwrite, "--output")
+            predict.command_train(args.runs, args.out, args.test, args.epochs)
         except ValueError as e:
             fail(str(e))
-        predict.command_train(args.runs, args.out, args.test, args.epochs)
         return 0
     if args.action == "collect":
         numbers = lambda text: [int(x) for x in text.split(",") if x]

@@ -194,8 +194,29 @@ def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -
             "options": {f"{a}:{e}": float(t) for t, a, e, *_ in sorted(options, key=lambda o: o[1])}}
 
 
+def check_run_files(paths: list[str], what: str) -> None:
+    """Every file a complete run file with what training reads, before any training: ValueError in one
+    line naming the first that is not (a shell glob that matched nothing arrives as its pattern)."""
+    import h5py
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{what}: {path}: no such file")
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [n for n in ("timings", "traffic", "prompt_lengths") if n not in f] + \
+                          [n for n in ("config",) if n not in f.attrs]
+                complete = bool(f.attrs.get("complete", False))
+        except OSError:
+            raise ValueError(f"{what}: {path}: not an HDF5 file") from None
+        if missing or not complete:
+            raise ValueError(f"{what}: {path}: not a complete hpcmoe run file "
+                             f"({'missing ' + ', '.join(missing) if missing else 'complete is not set'})")
+
+
 def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> dict:
     """Train on `runs`, save to `out`, report the error on `test` runs beside the roofline's."""
+    check_run_files(runs, "predict train")
+    check_run_files(test, "predict train --test")
     machine = machine_profile()
     x, y, _ = map(np.concatenate, zip(*(samples_from_run(r, machine) for r in runs)))
     model = train(x, y, epochs)

@@ -385,3 +385,13 @@ def test_progress_is_silent_for_short_work_then_tells_the_time_left(monkeypatch,
     clock[0] = 120.0
     assert line.update(20) == "hpcmoe simulate: 20/40 steps simulated in 20 s, about 20 s left"
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_predict_train_refuses_missing_or_foreign_files_before_training(tmp_path):
+    """A glob that matched nothing (the shell passes the pattern) or a file that is no run file:
+    one line at once, not a traceback after the training."""
+    out = tmp_path / "p.pt"
+    result = hpcmoe("predict", "train", str(tmp_path / "runs" / "*.h5"), "--output", str(out))
+    assert_refused(result, f"predict train: {tmp_path / 'runs' / '*.h5'}: no such file", out)
+    result = hpcmoe("predict", "train", DEBUG_CONFIG, "--output", str(out))
+    assert_refused(result, f"predict train: {DEBUG_CONFIG}: not an HDF5 file", out)
