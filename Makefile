@@ -17,7 +17,7 @@ $(BIN)/hpcmoe: setup.py constraints.txt
 setup: $(BIN)/hpcmoe
 
 run: setup
-	timeout 300 $(BIN)/mpiexec -n $(RANKS) $(BIN)/hpcmoe run inputs/debug.yaml
+	timeout 300 $(BIN)/mpiexec -n $(RANKS) $(BIN)/hpcmoe run inputs/debug.yaml --overwrite
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh

@@ -1,7 +1,8 @@
 """Command line: `hpcmoe run CONFIG [--set a.b=value ...] [--output PATH]`.
 
-The config is validated before MPI or torch is imported, so a bad config fails at once with
-the same one-line message on every rank and a non-zero exit, and no file is created.
+The config is validated before torch is imported and before any communicator or file is made: a
+bad input fails at once with exit 2 on every rank, and rank 0 prints its one line for the whole job
+(a rank whose message differs adds its own, naming its ranks).
 """
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ def fail(message: str) -> "NoReturn":
     sys.exit(EXIT_BAD_INPUT)
 
 
+def agree(world, problem: str | None) -> None:
+    """Every rank's check, gathered (each rank calls this once per check, failed or not, so no rank
+    is left waiting): when any failed, rank 0 prints each distinct message once, naming the ranks
+    when not all share it, and every rank exits 2. One line per job, not one per rank at EP 256."""
+    problems = world.allgather(problem)
+    if not any(problems):
+        return
+    if world.Get_rank() == 0:
+        ranks_of: dict[str, list[int]] = {}
+        for rank, message in enumerate(problems):
+            if message:
+                ranks_of.setdefault(message, []).append(rank)
+        for message, ranks in ranks_of.items():
+            where = "" if len(ranks) == world.Get_size() else f" (on {rank_list(ranks)} of {world.Get_size()})"
+            sys.stderr.write(f"hpcmoe: error: {message}{where}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def rank_list(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2,5'."""
+    spans, start = [], ranks[0]
+    for previous, rank in zip(ranks, ranks[1:] + [None]):
+        if rank != previous + 1:
+            spans.append(f"{start}-{previous}" if previous > start else f"{start}")
+            start = rank
+    return ("ranks " if len(ranks) > 1 else "rank ") + ",".join(spans)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hpcmoe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +59,7 @@ def parse_args(argv):
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value parsed as YAML (repeatable), e.g. model.num_experts=8")
     run.add_argument("--output", help="output HDF5 path (overrides output.path)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run file (refused otherwise)")
     run.add_argument("--resume", metavar="PARTIAL.h5", help="continue a run a signal stopped (its NAME.partial.h5) "
                      "or a job killed (its NAME.h5.tmp, moved aside): same config, prompts and checkpoint")
     planner = commands.add_parser("plan", help="memory per rank for a config and rank count, without building")
@@ -37,7 +68,9 @@ def parse_args(argv):
     planner.add_argument("--ranks-per-node", type=int, help="ranks sharing a node (default: all of them)")
     planner.add_argument("--device-memory", type=float, metavar="GIB",
                          help="memory per rank in GiB (default: this machine's available memory over the node's ranks)")
-    planner.add_argument("--json", metavar="PATH", help="also write the plan as one JSON object")
+    planner.add_argument("--output", "--json", dest="json", metavar="PLAN.json",
+                         help="also write the plan as one JSON object")
+    planner.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     planner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench = commands.add_parser("bench", help="benchmarks: medians of interleaved repetitions, ratios in one run")
     benches = bench.add_subparsers(dest="benchmark", required=True)
@@ -56,7 +89,8 @@ def parse_args(argv):
     reduce.add_argument("--tokens", type=int, default=256)
     reduce.add_argument("--hidden", type=int, default=4096)
     reduce.add_argument("--ranks-per-node", type=int, default=2)
-    reduce.add_argument("--link-gbps", type=float, default=None, help="emulated inter-node link bandwidth")
+    reduce.add_argument("--bandwidth-gbps", "--link-gbps", dest="link_gbps", type=float, default=None,
+                        help="emulated inter-node link bandwidth (as parallel.link.bandwidth_gbps)")
     reduce.add_argument("--latency-us", type=float, default=0.0)
     control = benches.add_parser("control", help="the control path per MoE layer at large rank counts (no MPI)")
     control.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
@@ -76,11 +110,12 @@ def parse_args(argv):
     versus.add_argument("--checkpoint", required=True)
     versus.add_argument("--batch", type=int, default=4)
     versus.add_argument("--prompt-len", type=int, default=32)
-    versus.add_argument("--steps", type=int, default=16)
+    versus.add_argument("--max-new-tokens", "--steps", dest="steps", type=int, default=16, help="as run.max_new_tokens")
     versus.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     for sub in list(benches.choices.values()):
         sub.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median)")
-        sub.add_argument("--out", help="store the results as JSON here")
+        sub.add_argument("--output", "--out", dest="out", metavar="RESULT.json", help="store the results as JSON here")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     report = commands.add_parser("report", help="text summary and PNG plots of one or more run files")
     report.add_argument("runs", nargs="+", help="run files (HDF5)")
     report.add_argument("--out", help="directory for the plots (default: next to the first run)")
@@ -88,16 +123,18 @@ def parse_args(argv):
     predictions = predict.add_subparsers(dest="action", required=True)
     train = predictions.add_parser("train", help="train on the /timings of run files")
     train.add_argument("runs", nargs="+")
-    train.add_argument("--out", default="predictor.pt")
+    train.add_argument("--output", "--out", dest="out", default="predictor.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     train.add_argument("--test", nargs="*", default=[], help="unseen run files to report the error on")
     train.add_argument("--epochs", type=int, default=3000)
     collect = predictions.add_parser("collect", help="timing runs over attention:MoE splits, batches, prompt lengths")
     collect.add_argument("config", nargs="?", help="the model and settings to run (default: the debug model)")
-    collect.add_argument("--out", default="runs/predict", help="directory for the run files")
+    collect.add_argument("--output", "--out", dest="out", default="runs/predict", help="directory for the run files")
     collect.add_argument("--ranks", default="4", help="rank counts, comma separated")
     collect.add_argument("--batch", default="4,16", help="batches, comma separated")
     collect.add_argument("--prompt-len", default="16,64", help="prompt lengths, comma separated")
-    collect.add_argument("--steps", type=int, default=8, help="new tokens per run")
+    collect.add_argument("--max-new-tokens", "--steps", dest="steps", type=int, default=8,
+                         help="new tokens per run (as run.max_new_tokens)")
     collect.add_argument("--reuse", action="store_true", help="keep complete run files already in --out")
     collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     propose = predictions.add_parser("propose", help="propose an attention:MoE split and head shards")
@@ -108,12 +145,15 @@ def parse_args(argv):
     propose.add_argument("--threshold", type=float, default=0.05, help="flag rebalancing above this mismatch")
     propose.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     calibrate = commands.add_parser("calibrate", help="measure this machine and write its machine file (one process)")
-    calibrate.add_argument("--out", required=True, metavar="MACHINE.yaml")
+    calibrate.add_argument("--output", "--out", dest="out", required=True, metavar="MACHINE.yaml")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     calibrate.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "inputs", "debug.yaml"),
                            help="the model whose short runs give the engine's fixed costs (default: the debug model)")
     export = commands.add_parser("export", help="a run file's requests as JSON lines (id, prompt, completion, ...)")
     export.add_argument("run", metavar="RUN.h5", help="a run file: complete, partial, or left by a killed job (.tmp)")
-    export.add_argument("--jsonl", required=True, metavar="OUT.jsonl", help="where to write (- for stdout)")
+    export.add_argument("--output", "--jsonl", dest="jsonl", required=True, metavar="OUT.jsonl",
+                        help="where to write (- for stdout)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     simulate = commands.add_parser("simulate", help="the engine's schedule on a machine file, without running it")
     simulate.add_argument("config")
     simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -121,6 +161,7 @@ def parse_args(argv):
     simulate.add_argument("--ranks", type=int, required=True)
     simulate.add_argument("--routing", metavar="RUN.h5", help="route by a run file's /routing (default: synthetic)")
     simulate.add_argument("--output", metavar="SIM.h5", help="write a run file of the simulated run")
+    simulate.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     simulate.add_argument("--steady-decode", type=int, metavar="CONTEXT",
                           help="no prefill: every step decodes every request over CONTEXT cached positions")
     return parser.parse_args(argv)
@@ -129,7 +170,7 @@ def parse_args(argv):
 def check_plan_args(args) -> None:
     """plan's flags, before any config is read: one line naming the flag and its range."""
     import math
-    from hpcmoe.output import check_output_path
+    from hpcmoe.output import check_new_output, check_output_path
     require(args.ranks >= 1, f"--ranks: expected an integer >= 1, got {args.ranks}")
     require(args.ranks_per_node is None or args.ranks_per_node >= 1,
             f"--ranks-per-node: expected an integer >= 1, got {args.ranks_per_node}")
@@ -137,7 +178,8 @@ def check_plan_args(args) -> None:
     require(memory is None or (math.isfinite(memory) and memory > 0),
             f"--device-memory: expected a finite number of GiB > 0, got {memory}")
     if args.json:
-        check_output_path(args.json, "--json", "plan.json", create=False)
+        check_output_path(args.json, "--output", "plan.json", create=False)
+        check_new_output(args.json, args.overwrite, "--output")
 
 
 def command_plan(args) -> int:
@@ -163,8 +205,13 @@ def command_plan(args) -> int:
 
 def command_predict(args) -> int:
     from hpcmoe import predict
+    from hpcmoe.output import check_new_output
     if args.action == "train":
-        predict.command_train(args.runs, args.out, args.test, args.epochs)
+        try:
+            check_new_output(args.out, args.overwrite, "--output")
+            predict.command_train(args.runs, args.out, args.test, args.epochs)
+        except ValueError as e:
+            fail(str(e))
         return 0
     if args.action == "collect":
         numbers = lambda text: [int(x) for x in text.split(",") if x]
@@ -207,30 +254,42 @@ BENCH_COUNTS = ("tokens", "hidden", "top_k", "reps", "experts", "inner", "decode
                 "steps", "ranks_per_node")  # bench flags that count something: >= 1
 
 
-def command_bench(args) -> int:
-    """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
+def check_bench(args) -> None:
+    """A benchmark's arguments and config, before MPI: ValueError naming the bad one."""
     from hpcmoe import bench
     from hpcmoe.device import device_kind
+    from hpcmoe.output import check_new_output
+    check_new_output(args.out, args.overwrite, "--output")
     for name in BENCH_COUNTS:
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            fail(f"bench {args.benchmark} --{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+        require(value is None or value >= 1,
+                f"bench {args.benchmark} --{name.replace('_', '-')}: expected an integer >= 1, got {value}")
     if args.benchmark in bench.SCENARIOS:
-        try:
-            config = load_config(args.config, args.set)
-            device_kind(config.run.device)  # run.device=cuda without a GPU: one line, not a traceback per rank
-        except ValueError as e:
-            fail(str(e))
-        if args.benchmark == "overlap" and config.parallel.link is None:
-            fail("bench overlap measures the wire time hidden behind an emulated link: the config sets no "
-                 "parallel.link (see inputs/bench_overlap.yaml)")
+        config = load_config(args.config, args.set)
+        device_kind(config.run.device)  # run.device=cuda without a GPU: one line, not a traceback
+        require(args.benchmark != "overlap" or config.parallel.link is not None,
+                "bench overlap measures the wire time hidden behind an emulated link: the config sets no "
+                "parallel.link (see inputs/bench_overlap.yaml)")
     if getattr(args, "device", None) is not None:  # experts, transformers: --device
         try:
             device_kind(args.device)
         except ValueError:
             import torch
-            fail(f"bench {args.benchmark} --device {args.device}: torch sees no GPU (torch {torch.__version__}, "
-                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+            raise ValueError(f"bench {args.benchmark} --device {args.device}: torch sees no GPU (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu "
+                             f"or auto") from None
+
+
+def command_bench(args) -> int:
+    """Benchmarks run under mpiexec like `run`; bad settings fail before MPI starts."""
+    from hpcmoe import bench
+    problem = None
+    try:
+        check_bench(args)
+    except ValueError as e:
+        problem = str(e)
+    if args.benchmark in ("experts", "control") and problem:  # one process, no MPI
+        fail(problem)
     if args.benchmark == "experts":  # one process, no MPI
         bench.bench_experts(args.device, args.hidden, args.inner, args.experts, args.tokens, args.decode_tokens,
                             args.dtype, args.reps, args.out)
@@ -241,11 +300,13 @@ def command_bench(args) -> int:
         return 0
     from hpcmoe.topology import init_mpi
     world = init_mpi()
+    agree(world, problem)
     if args.benchmark in bench.SCENARIOS:
-        try:  # every variant's layout at this rank count; every rank fails alike
+        try:  # every variant's layout at this rank count
             bench.check_scenario(args.benchmark, args.config, args.set, world.Get_size())
         except ValueError as e:
-            fail(str(e))
+            problem = str(e)
+        agree(world, problem)
     import torch
     torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
     if args.benchmark == "dispatch":
@@ -264,24 +325,25 @@ def command_bench(args) -> int:
 
 
 def command_run(args) -> int:
-    from hpcmoe.output import check_output_path
+    from hpcmoe.output import check_new_output, check_output_path
     try:
         config = load_config(args.config, args.set)
         if args.output:
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, path=args.output))
         check_output_path(config.output.path)
+        check_new_output(config.output.path, args.overwrite, "output.path")
         config.requests  # reads and checks run.prompts (every line) on every rank
+        problem = None
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
     from hpcmoe.topology import init_mpi
-    world = init_mpi()
+    world = init_mpi()   # the checks are gathered (agree), so that a bad input prints one line per job
+    agree(world, problem)
     from hpcmoe.layout import ParallelLayout
     if config.run.fault_tolerance:
         from mpi4py import MPI
         from hpcmoe.fault import ENABLED, check_mpi
-        problem = check_mpi()
-        if problem:
-            fail(problem)
+        agree(world, check_mpi())
         world.Set_errhandler(MPI.ERRORS_RETURN)  # communicators made from it inherit it
         ENABLED[0] = True
     try:
@@ -300,7 +362,8 @@ def command_run(args) -> int:
             from hpcmoe.workload import read_partial
             resume = read_partial(args.resume, config.on_device(device_kind(config.run.device)), world.Get_size())
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
+    agree(world, problem)
     try:
         from hpcmoe.device import device_kind
         config = config.on_device(device_kind(config.run.device))
@@ -310,7 +373,8 @@ def command_run(args) -> int:
             from hpcmoe.output import read_routing
             routing = read_routing(config.parallel.placement_from, config.model.num_experts)
     except ValueError as e:
-        fail(str(e))
+        problem = str(e)
+    agree(world, problem)
     import torch
     from hpcmoe.device import choose_device
     from hpcmoe.engine import run
@@ -375,12 +439,27 @@ def summary(config, topo, layout, metrics: dict) -> str:
         f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | "
         f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
         f"tps {metrics['tps']:.0f} tok/s",
+        *request_lines(metrics),
         f"wrote {config.output.path}",
     ])
 
 
+def request_lines(metrics: dict) -> list[str]:
+    """The figures serving users compare (vLLM's, SGLang's benchmarks), per request and for the run."""
+    if "requests_per_s" not in metrics:
+        return []
+    quantiles = lambda name, unit, digits: " / ".join(f"{metrics[f'{name}_p{q}']:.{digits}f}" for q in (50, 90, 99)) \
+        + f" {unit}"
+    return [f"per request p50 / p90 / p99: TTFT {quantiles('request_ttft_ms', 'ms', 1)} | ITL "
+            f"{quantiles('request_itl_ms', 'ms', 2)} | end to end {quantiles('request_latency_s', 's', 3)}",
+            f"output {metrics['output_tokens_per_s']:.0f} tok/s | prompt {metrics['prompt_tokens_per_s']:.0f} tok/s | "
+            f"{metrics['requests_per_s']:.2f} requests/s | wall {metrics['wall_s']:.2f} s "
+            f"({metrics['wall_with_load_s']:.2f} s with {metrics['load_s']:.2f} s of start-up and model load)"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from hpcmoe.output import check_new_output
     from hpcmoe.topology import keep_freed_memory
     keep_freed_memory()
     if args.command == "run":
@@ -394,6 +473,7 @@ def main(argv=None) -> int:
     if args.command == "calibrate":
         from hpcmoe.calibrate import calibrate, check_inputs
         try:
+            check_new_output(args.out, args.overwrite, "--output")
             check_inputs(args.out, os.path.normpath(args.config))
         except ValueError as e:
             fail(str(e))
@@ -403,6 +483,7 @@ def main(argv=None) -> int:
     if args.command == "simulate":
         from hpcmoe.sim_output import command
         try:
+            check_new_output(args.output, args.overwrite, "--output")
             command(args.config, args.set, args.machine, args.ranks, args.routing, args.output, args.steady_decode)
         except ValueError as e:
             fail(str(e))
@@ -410,6 +491,7 @@ def main(argv=None) -> int:
     if args.command == "export":
         from hpcmoe.output import export_jsonl
         try:
+            check_new_output(args.jsonl, args.overwrite, "--output")
             count, note = export_jsonl(args.run, args.jsonl)
         except ValueError as e:
             fail(str(e))

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import hpcmoe
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,6 +192,7 @@ class Made:
     generated: list = field(default_factory=list)         # tokens made per step from `first` on
     step_times: dict = field(default_factory=dict)        # step -> when rank 0 last finished it
     dropped: int = 0
+    load_s: float = 0.0                                   # rank 0: process start to the common start
     records: list | None = None                           # (step, records, times) of every step: rank 0, its deputy
 
     @property
@@ -299,6 +301,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                     torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
                 topo.world.Barrier()  # the common start: every timing row and TTFT count from here
                 timer.restart(time.perf_counter())
+                made.load_s = time.time() - hpcmoe.STARTED
             try:
                 done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors,
                                  mirror)
@@ -662,6 +665,8 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
     writer.write_requests(config)
     rows = writer.file["requests"]
     ended = rows["finish_reason"][:] != b"stop"
+    metrics["prompt_tokens_per_s"] = int(config.requests.prompt_lengths.sum()) / metrics["total_s"]
+    metrics.update(wall_s=metrics["total_s"], load_s=made.load_s, wall_with_load_s=made.load_s + metrics["total_s"])
     metrics.update(request_metrics(rows["ttft_s"][:][ended], (rows["finished_at"][:] - rows["admitted_at"][:])[ended],
                                    np.array([len(c) for c in rows["completion_ids"][:][ended]]), metrics["total_s"]))
     first_tokens = writer.file["requests/first_token_at"][:]

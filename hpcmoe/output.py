@@ -104,15 +104,20 @@ def compute_metrics(token_times: np.ndarray, prompt_tokens: int, generated) -> t
 
 def request_metrics(ttft_s: np.ndarray, latency_s: np.ndarray, tokens: np.ndarray, total_s: float) -> dict:
     """Per-request figures over the requests that ended ([requests] each: time to first token from
-    joining the batch, joining to last token, tokens made): generated tokens and requests per second
-    of the run, and the median and 90th percentile of TTFT and end-to-end latency."""
+    joining the batch, joining to last token, tokens made), as vLLM's and SGLang's benchmarks give
+    them: p50 / p90 / p99 of TTFT, of each request's mean inter-token latency (ITL, requests of two
+    tokens or more) and of end-to-end latency; output tokens and requests per second of the run."""
     if not len(tokens):
         return {}
-    return {"generated_tokens_per_s": float(tokens.sum()) / total_s, "requests_per_s": len(tokens) / total_s,
-            "request_ttft_ms_p50": 1e3 * float(np.percentile(ttft_s, 50)),
-            "request_ttft_ms_p90": 1e3 * float(np.percentile(ttft_s, 90)),
-            "request_latency_s_p50": float(np.percentile(latency_s, 50)),
-            "request_latency_s_p90": float(np.percentile(latency_s, 90))}
+    out = {"output_tokens_per_s": float(tokens.sum()) / total_s, "requests_per_s": len(tokens) / total_s}
+    out["generated_tokens_per_s"] = out["output_tokens_per_s"]   # the earlier name, kept for scripts
+    several = tokens > 1
+    itl_s = (latency_s - ttft_s)[several] / (tokens[several] - 1)
+    for name, values, scale in (("request_ttft_ms", ttft_s, 1e3), ("request_itl_ms", itl_s, 1e3),
+                                ("request_latency_s", latency_s, 1.0)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}"] = scale * float(np.percentile(values, q)) if len(values) else float("nan")
+    return out
 
 
 NOT_COMPUTE = (b"step", b"output")  # besides *_wait (idle) and *_comm (in flight)
@@ -227,6 +232,17 @@ def check_output_path(path: str, key: str = "output.path", example: str = "run.h
             pass
     except OSError as e:
         raise ValueError(f"{key}: {path!r}: cannot write in {directory}: {e.strerror or e}") from None
+
+
+def check_new_output(path: str | None, overwrite: bool, key: str) -> None:
+    """A result is never replaced silently: an existing `path` is refused unless --overwrite.
+    A run's `path.tmp` is what a killed job left (resumable): refused alike."""
+    if path is None or path == "-" or overwrite:
+        return
+    for existing, what in ((path, "exists"), (path + ".tmp", "is left by a killed run (--resume reads it)")):
+        if key == "output.path" or existing == path:
+            if os.path.exists(existing):
+                raise ValueError(f"{key}: {existing} {what}; pass --overwrite to replace it, or choose another name")
 
 
 def now() -> str:

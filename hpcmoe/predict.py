@@ -194,8 +194,29 @@ def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -
             "options": {f"{a}:{e}": float(t) for t, a, e, *_ in sorted(options, key=lambda o: o[1])}}
 
 
+def check_run_files(paths: list[str], what: str) -> None:
+    """Every file a complete run file with what training reads, before any training: ValueError in one
+    line naming the first that is not (a shell glob that matched nothing arrives as its pattern)."""
+    import h5py
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{what}: {path}: no such file")
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [n for n in ("timings", "traffic", "prompt_lengths") if n not in f] + \
+                          [n for n in ("config",) if n not in f.attrs]
+                complete = bool(f.attrs.get("complete", False))
+        except OSError:
+            raise ValueError(f"{what}: {path}: not an HDF5 file") from None
+        if missing or not complete:
+            raise ValueError(f"{what}: {path}: not a complete hpcmoe run file "
+                             f"({'missing ' + ', '.join(missing) if missing else 'complete is not set'})")
+
+
 def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> dict:
     """Train on `runs`, save to `out`, report the error on `test` runs beside the roofline's."""
+    check_run_files(runs, "predict train")
+    check_run_files(test, "predict train --test")
     machine = machine_profile()
     x, y, _ = map(np.concatenate, zip(*(samples_from_run(r, machine) for r in runs)))
     model = train(x, y, epochs)
@@ -296,29 +317,30 @@ def collect(config_path: str | None, settings: list[str], out: str, ranks: list[
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec") or "mpiexec"
     config = load_config(config_path, settings + ["parallel.layout=ma", "parallel.attention_ranks=1",
                                                   "parallel.moe_ranks=1"])
+    from hpcmoe.progress import Progress
+    runs = [(n, attention, moe, batch, prompt_len) for n in ranks for attention, moe in splits(config, n)
+            for batch in batches for prompt_len in prompt_lens]
+    progress = Progress("hpcmoe predict collect", len(runs), "runs", quiet_s=0.0, every_s=0.0)
     written = []
-    for n in ranks:
-        for attention, moe in splits(config, n):
-            for batch in batches:
-                for prompt_len in prompt_lens:
-                    path = os.path.join(out, f"ma_n{n}_a{attention}_m{moe}_b{batch}_l{prompt_len}.h5")
-                    if reuse and os.path.exists(path):
-                        written.append(path)
-                        continue
-                    command = ["timeout", str(timeout), mpiexec, "-n", str(n), sys.executable, "-m", "hpcmoe", "run"]
-                    command += [config_path] if config_path else []
-                    for setting in settings + ["parallel.layout=ma", f"parallel.attention_ranks={attention}",
-                                               f"parallel.moe_ranks={moe}", f"run.batch={batch}",
-                                               f"run.prompt_len={prompt_len}", f"run.prompt_len_min={prompt_len}",
-                                               f"run.max_new_tokens={steps}"]:
-                        command += ["--set", setting]
-                    started = time.perf_counter()
-                    result = subprocess.run(command + ["--output", path], capture_output=True, text=True,
-                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-                    if result.returncode != 0:
-                        print(f"hpcmoe predict collect: {path} failed (exit {result.returncode}): "
-                              f"{result.stderr.strip().splitlines()[-1:] or ''}", flush=True)
-                        continue
-                    written.append(path)
-                    print(f"hpcmoe predict collect: {path} ({time.perf_counter() - started:.0f} s)", flush=True)
+    for done, (n, attention, moe, batch, prompt_len) in enumerate(runs):
+        progress.update(done)
+        path = os.path.join(out, f"ma_n{n}_a{attention}_m{moe}_b{batch}_l{prompt_len}.h5")
+        if reuse and os.path.exists(path):
+            written.append(path)
+            continue
+        command = ["timeout", str(timeout), mpiexec, "-n", str(n), sys.executable, "-m", "hpcmoe", "run"]
+        command += [config_path] if config_path else []
+        for setting in settings + ["parallel.layout=ma", f"parallel.attention_ranks={attention}",
+                                   f"parallel.moe_ranks={moe}", f"run.batch={batch}", f"run.prompt_len={prompt_len}",
+                                   f"run.prompt_len_min={prompt_len}", f"run.max_new_tokens={steps}"]:
+            command += ["--set", setting]
+        started = time.perf_counter()   # the directory is collect's own: its runs are redone on purpose
+        result = subprocess.run(command + ["--output", path, "--overwrite"], capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode != 0:
+            print(f"hpcmoe predict collect: {path} failed (exit {result.returncode}): "
+                  f"{result.stderr.strip().splitlines()[-1:] or ''}", flush=True)
+            continue
+        written.append(path)
+        print(f"hpcmoe predict collect: {path} ({time.perf_counter() - started:.0f} s)", flush=True)
     return written

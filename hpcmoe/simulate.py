@@ -218,12 +218,15 @@ class Simulation:
 
     def run(self) -> list[float]:
         from hpcmoe.sim_schedule import rank_main
+        from hpcmoe.progress import Progress
         for driver in self.drivers:
             driver.gen = rank_main(self, driver.rank)
             self.at(0.0, self.resume, driver)
+        progress = Progress("hpcmoe simulate", self.config.steps, "steps simulated")
         while self.events:
             self.now, _, action, args = heapq.heappop(self.events)
             action(*args)
+            progress.update(len(self.token_times))
         stuck = [d.rank for d in self.drivers if d.gen is not None]
         if stuck:
             raise RuntimeError(f"simulation deadlock: ranks {stuck} never finished (a bug in sim_schedule)")

@@ -19,6 +19,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tools/gpu_check.sh runs them; they skip without one)")
 
 
+def pytest_runtest_logreport(report):
+    """A failure is named the moment it happens (with its last error line), not only in the summary at the
+    end: a suite cut off by a time limit still says what failed."""
+    if report.failed:
+        lines = str(report.longrepr).strip().splitlines()
+        sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when}): {lines[-1] if lines else ''}\n")
+        sys.stderr.flush()
+
+
 def mpiexec() -> str:
     found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if not found:

@@ -60,7 +60,7 @@ def test_plan_refuses_ranks_per_node_below_one(tmp_path, per_node):
 def test_plan_json_into_a_missing_directory(tmp_path):
     out = tmp_path / "missing" / "plan.json"
     result = hpcmoe("plan", DEBUG_CONFIG, "--ranks", "4", "--json", str(out))
-    assert_refused(result, f"--json: {str(out)!r}: the directory {tmp_path / 'missing'} does not exist; "
+    assert_refused(result, f"--output: {str(out)!r}: the directory {tmp_path / 'missing'} does not exist; "
                            f"create it first", out.parent)
     assert result.stdout == ""  # refused before the plan is printed
 
@@ -274,3 +274,124 @@ def test_bench_dispatch_counts_below_one(tmp_path, flag):
     out = tmp_path / "dispatch.json"
     result = hpcmoe("bench", "dispatch", flag, "0", "--out", str(out))
     assert_refused(result, f"bench dispatch {flag}: expected an integer >= 1, got 0", out)
+
+
+class FakeWorld:
+    """What agree() asks of a communicator: every rank's problem, as allgather returns them."""
+    def __init__(self, problems, rank=0):
+        self.problems, self.rank = problems, rank
+
+    def allgather(self, mine):
+        assert mine == self.problems[self.rank]
+        return self.problems
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.problems)
+
+
+def test_one_line_per_job_and_a_line_for_each_rank_that_differs(capsys):
+    """256 ranks failing alike: rank 0 prints one line, with no rank list; ranks 7 and 9-11 failing
+    differently: their line names them; the other ranks print nothing; every rank exits 2."""
+    from hpcmoe.__main__ import agree
+    problems = ["run.batch: expected an integer >= 1, got -1"] * 256
+    for rank, printed in ((0, 1), (5, 0)):
+        with pytest.raises(SystemExit) as stop:
+            agree(FakeWorld(problems, rank), problems[rank])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.count("hpcmoe: error:") == printed
+    problems = [None] * 16
+    problems[7] = problems[9] = problems[10] = problems[11] = "/data/prompts.jsonl: no such file"
+    with pytest.raises(SystemExit):
+        agree(FakeWorld(problems), None)
+    assert capsys.readouterr().err == "hpcmoe: error: /data/prompts.jsonl: no such file (on ranks 7,9-11 of 16)\n"
+    agree(FakeWorld([None] * 4), None)   # nothing failed: no exit, no line
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- results are never replaced silently
+
+def existing(path) -> bytes:
+    path.write_bytes(b"an earlier result")
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("command", [
+    lambda out: ("plan", DEBUG_CONFIG, "--ranks", "4", "--output", out),
+    lambda out: ("plan", DEBUG_CONFIG, "--ranks", "4", "--json", out),          # the older spelling
+    lambda out: ("bench", "control", "--ranks", "4", "--experts", "8", "--tokens", "4", "--reps", "1", "--out", out),
+    lambda out: ("simulate", DEBUG_CONFIG, "--machine", H100, "--ranks", "2", "--output", out),
+    lambda out: ("calibrate", "--output", out),
+    lambda out: ("run", DEBUG_CONFIG, "--output", out),
+    lambda out: ("predict", "train", DEBUG_CONFIG, "--output", out),
+])
+def test_an_existing_result_is_refused_without_overwrite(tmp_path, command):
+    out = tmp_path / "result"
+    before = existing(out)
+    result = hpcmoe(*command(str(out)))
+    key = "output.path" if command(str(out))[0] == "run" else "--output"
+    assert_refused(result, f"{key}: {out} exists; pass --overwrite to replace it, or choose another name")
+    assert out.read_bytes() == before
+
+
+def test_overwrite_replaces_and_a_killed_runs_tmp_file_is_kept(tmp_path):
+    out = tmp_path / "plan.json"
+    existing(out)
+    assert hpcmoe("plan", DEBUG_CONFIG, "--ranks", "4", "--output", str(out), "--overwrite").returncode == 0
+    assert json.loads(out.read_text())["ranks"] == 4
+    run = tmp_path / "run.h5"
+    before = existing(tmp_path / "run.h5.tmp")
+    result = hpcmoe("run", DEBUG_CONFIG, "--output", str(run))
+    assert_refused(result, f"output.path: {run}.tmp is left by a killed run (--resume reads it); pass --overwrite "
+                           f"to replace it, or choose another name", run)
+    assert (tmp_path / "run.h5.tmp").read_bytes() == before
+
+
+def test_export_refuses_an_existing_file(tmp_path):
+    out = tmp_path / "out.jsonl"
+    before = existing(out)
+    result = hpcmoe("export", str(tmp_path / "any.h5"), "--output", str(out))
+    assert_refused(result, f"--output: {out} exists; pass --overwrite to replace it, or choose another name")
+    assert out.read_bytes() == before
+
+
+def test_flags_named_as_their_config_keys_and_the_old_spellings_alike():
+    from hpcmoe.__main__ import parse_args
+    for flag in ("--bandwidth-gbps", "--link-gbps"):
+        assert parse_args(["bench", "reduce", flag, "2.5"]).link_gbps == 2.5
+    for flag in ("--max-new-tokens", "--steps"):
+        assert parse_args(["bench", "transformers", "--checkpoint", "c", flag, "3"]).steps == 3
+        assert parse_args(["predict", "collect", flag, "3"]).steps == 3
+    for flag in ("--output", "--out"):
+        assert parse_args(["bench", "dispatch", flag, "x.json"]).out == "x.json"
+        assert parse_args(["calibrate", flag, "m.yaml"]).out == "m.yaml"
+        assert parse_args(["predict", "train", "a.h5", flag, "p.pt"]).out == "p.pt"
+    assert parse_args(["export", "r.h5", "--jsonl", "o.jsonl"]).jsonl == "o.jsonl"
+
+
+def test_progress_is_silent_for_short_work_then_tells_the_time_left(monkeypatch, capsys):
+    from hpcmoe import progress
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    line = progress.Progress("hpcmoe simulate", 40, "steps simulated", quiet_s=5, every_s=10)
+    clock[0] = 104.0
+    assert line.update(30) is None                       # within the first 5 s: nothing
+    clock[0] = 110.0
+    assert line.update(10) == "hpcmoe simulate: 10/40 steps simulated in 10 s, about 30 s left"
+    clock[0] = 115.0
+    assert line.update(20) is None                       # the next line is due 10 s later
+    clock[0] = 120.0
+    assert line.update(20) == "hpcmoe simulate: 20/40 steps simulated in 20 s, about 20 s left"
+    assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_predict_train_refuses_missing_or_foreign_files_before_training(tmp_path):
+    """A glob that matched nothing (the shell passes the pattern) or a file that is no run file:
+    one line at once, not a traceback after the training."""
+    out = tmp_path / "p.pt"
+    result = hpcmoe("predict", "train", str(tmp_path / "runs" / "*.h5"), "--output", str(out))
+    assert_refused(result, f"predict train: {tmp_path / 'runs' / '*.h5'}: no such file", out)
+    result = hpcmoe("predict", "train", DEBUG_CONFIG, "--output", str(out))
+    assert_refused(result, f"predict train: {DEBUG_CONFIG}: not an HDF5 file", out)

@@ -198,7 +198,7 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
     result = run_job(2, tmp_path / "run.h5", config=str(config_path))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert len(lines) == 2 and len(set(lines)) == 1, result.stderr
+    assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert not os.path.exists(tmp_path / "run.h5") and not os.path.exists(tmp_path / "run.h5.tmp")
 
@@ -240,7 +240,7 @@ MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, name, layout):
     """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head.
-    MiniMax-M2's q/k norm spans every head: ma refuses it, one line on every rank."""
+    MiniMax-M2's q/k norm spans every head: ma refuses it, one line for the job."""
     ranks, parallel = MA_LAYOUTS[layout]
     if name == "minimax_m2":
         config = tmp_path / "config.yaml"
@@ -248,7 +248,7 @@ def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, nam
                                       "parallel": {"layout": "ma", **parallel}}))
         result = run_job(ranks, tmp_path / "run.h5", config=str(config))
         lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-        assert result.returncode == 2 and len(lines) == ranks and "spans every head" in lines[0], result.stderr
+        assert result.returncode == 2 and len(lines) == 1 and "spans every head" in lines[0], result.stderr
         return
     assert_job_equals_transformers(checkpoints[name], tmp_path, ranks, {"layout": "ma", **parallel})
 
@@ -425,7 +425,7 @@ def test_a_header_length_beyond_the_file_is_refused(tmp_path, header_length):
 
 def assert_refused(result, path, ranks):
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert len(lines) == ranks and len(set(lines)) == 1, result.stderr
+    assert len(lines) == 1, result.stderr
     assert path in lines[0] and "(truncated?)" in lines[0], lines[0]
     assert "Traceback" not in result.stderr, result.stderr
 
@@ -589,7 +589,7 @@ def test_malformed_checkpoints_of_each_family_fail_in_one_line_on_every_rank(che
     config.write_text(json.dumps({"model": {"checkpoint": directory}, "run": {"prompt_ids": PROMPTS}}))
     result = run_job(2, tmp_path / "run.h5", config=str(config))
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert result.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert words in lines[0] and "Traceback" not in result.stderr, lines[0]
     assert not os.path.exists(tmp_path / "run.h5") and not os.path.exists(tmp_path / "run.h5.tmp")
 

@@ -181,6 +181,6 @@ def test_cuda_without_a_gpu_fails_on_every_rank_before_any_file(tmp_path):
     result = run_job(4, tmp_path / "out.h5", "run.device=cuda")
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert len(lines) == 4 and len(set(lines)) == 1
+    assert len(lines) == 1
     assert "run.device: cuda, but torch sees no GPU" in lines[0]
     assert os.listdir(tmp_path) == []

@@ -268,5 +268,5 @@ def test_fuzzed_configs_fail_the_same_way_on_every_rank(tmp_path):
         result = run_job(4, tmp_path / f"out{i}.h5", config=str(config), timeout=60)
         assert result.returncode == 2, result.stderr
         lines = [l for l in result.stderr.splitlines() if l.startswith("hpcmoe: error:")]
-        assert len(lines) == 4 and len(set(lines)) == 1, result.stderr
+        assert len(lines) == 1, result.stderr
         assert not os.path.exists(tmp_path / f"out{i}.h5")

@@ -172,7 +172,7 @@ def test_every_bad_prompt_line_fails_on_every_rank_with_one_line(tmp_path, conte
                      "model.max_positions=16", "run.max_new_tokens=8")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr
+    assert len(lines) == 1, result.stderr
     assert message in lines[0] and str(tmp_path) in lines[0]
     assert not os.path.exists(tmp_path / "out" / "run.h5")
 
@@ -187,12 +187,12 @@ def test_checkpoint_without_a_field_and_an_unwritable_output_fail_clearly(worklo
     config.write_text(json.dumps({"model": {"checkpoint": directory}}))
     result = run_job(4, tmp_path / "run.h5", config=str(config))
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert result.returncode == 2 and len(lines) == 4 and len(set(lines)) == 1, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "field 'num_attention_heads' is missing" in lines[0] and "config.json" in lines[0]
     (tmp_path / "a_file").write_text("")
     result = run_job(4, tmp_path / "a_file" / "run.h5")
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert result.returncode == 2 and len(lines) == 4, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "output.path" in lines[0] and "cannot write in" in lines[0]
 
 
@@ -230,6 +230,6 @@ def test_resuming_with_another_config_names_the_differing_keys(tmp_path):
     result = run_job(2, tmp_path / "resumed.h5", "model.num_experts=8", "run.max_new_tokens=12",
                      args=["--resume", str(tmp_path / "run.partial.h5")])
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
-    assert result.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "that run had another config: model.num_experts (4 there, 8 here), run.max_new_tokens (16 there, 12 here)" \
         in lines[0]

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1
 out=docs/bench; mkdir -p "$out"
-run() { echo "+ $*"; timeout 1800 "$@"; }
+run() { echo "+ $* --overwrite"; timeout 1800 "$@" --overwrite; }   # docs/bench is regenerated on purpose
 run hpcmoe bench control --ranks 16,64,256,1024 --out $out/control.json
 for ranks in 2 4; do for hidden in 1024 4096; do for dtype in float32 bfloat16; do
   run mpiexec -n $ranks hpcmoe bench dispatch --tokens 1024 --hidden $hidden --dtype $dtype --out $out/dispatch_n${ranks}_h${hidden}_${dtype}.json
