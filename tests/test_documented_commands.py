@@ -42,9 +42,11 @@ COMMANDS = {
     "--set parallel.moe_ranks=1":
         ("tests/test_jobs.py::test_attention_moe_separation_equals_one_rank[n4-parallel.attention_ranks=3-"
          "parallel.moe_ranks=1]", None),
-    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4,6 --batch 4,16 --prompt-len 16,64 --out runs/predict":
+    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4,6 --batch 4,16 --prompt-len 16,64 --output runs/predict":
         ("here::predict_collect_train_propose", None),
-    "hpcmoe predict train runs/predict/*.h5 --test runs/other/*.h5 --out predictor.pt":
+    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4 --batch 8 --prompt-len 32 --output runs/other":
+        ("here::predict_collect_train_propose", None),
+    "hpcmoe predict train runs/predict/*.h5 --test runs/other/*.h5 --output predictor.pt":
         ("here::predict_collect_train_propose", None),
     "hpcmoe predict propose predictor.pt inputs/debug.yaml --ranks 8": ("here::predict_collect_train_propose", None),
     "mpiexec -n 8 hpcmoe run inputs/debug.yaml --set parallel.layout=ma --set parallel.attention_ranks=auto "
@@ -59,7 +61,7 @@ COMMANDS = {
     "hpcmoe plan inputs/debug.yaml --set model.preset=deepseek-v3 --set run.batch=64 --set run.prompt_len=1024 "
     "--ranks 256 --device-memory 64 --json plan.json":
         ("tests/test_plan.py::test_the_deepseek_v3_preset_plans_in_seconds_without_memory", None),
-    "hpcmoe calibrate --out machines/this_box.yaml":
+    "hpcmoe calibrate --output machines/this_box.yaml --overwrite":
         ("here::calibrate_inputs", "a fixed ~1 minute of measurement with no size flag (beyond this file's budget); "
                                    "its inputs are checked, and tests/test_simulate.py reads the file it wrote"),
     "hpcmoe simulate inputs/debug.yaml --set 'model={preset: deepseek-v3}' --set run.batch=8192 "
