@@ -58,7 +58,8 @@ def samples_from_run(path: str, machine: dict) -> tuple[np.ndarray, np.ndarray, 
         timings, traffic = f["timings"][:], f["traffic"][:]
         prompt_lengths = f["prompt_lengths"][:]
     m, p = config.model, config.parallel
-    ranks, steps = traffic.shape[2], traffic.shape[0]
+    # the steps that made tokens (the file may hold a row beyond them: the last record's)
+    ranks, steps = traffic.shape[2], min(traffic.shape[0], config.run.max_new_tokens)
     itemsize = 4 if m.dtype_name == "float32" else 2
     row_bytes = m.hidden * itemsize
     slots = traffic.sum(axis=(1, 2)) / row_bytes                      # [steps, ranks] token slots received

@@ -205,10 +205,10 @@ def run_model_mapping(tmp_path):
 
 def predict_collect_train_propose(tmp_path):
     """collect at 2 ranks (the one split 1:1), train on it (and score on it: the mechanics, not the
-    error), propose a split of 8 ranks; --steps 3: the fewest that samples_from_run reads."""
+    error), propose a split of 8 ranks; --steps 2, as short as a run gets."""
     runs = tmp_path / "predict"
     shell(*hpcmoe(), "predict", "collect", "inputs/bench_predict.yaml", "--ranks", "2", "--batch", "2",
-          "--prompt-len", "8", "--steps", "3", "--out", runs)
+          "--prompt-len", "8", "--steps", "2", "--out", runs)
     [run] = runs.iterdir()
     predictor = tmp_path / "predictor.pt"
     trained = shell(*hpcmoe(), "predict", "train", run, "--test", run, "--out", predictor, "--epochs", "100")
