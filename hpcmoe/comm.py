@@ -61,14 +61,21 @@ POLL_BY_YIELDING = True  # a core per rank: waits that MPI progresses only while
 WATCHDOG_S = None   # run.timeout_s: a wait longer than this names itself and aborts the job
 
 
-def wait_until(done: Callable[[], bool], where, polled: Callable[[], bool] = lambda: False) -> None:
+def wait_until(done: Callable[[], bool], where, polled: Callable[[], bool] = lambda: False, timer=None) -> None:
     """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms).
+
+    timer: a wait that is not over at once is a row of its own, named by where's phase (a `*_wait`):
+    idle time, even when it happens inside a phase timed as work (rebalance, dispatch_post).
 
     where: a Where, or a function returning one (so that it can name the peers still missing).
     polled(): MPI progresses what is awaited only inside a poll (MPICH moves a non-blocking
     collective's large payload a few KiB per test: 518 tests for 4 MiB), so test again at once
     (measured between 2 ranks on 2 cores: 4 MiB in 5.5 ms yielding between tests, 66 ms with 20 us
     sleeps; with 4 ranks on 2 cores, 64 KiB in 3.4 ms with 20 us sleeps, 4.2 ms yielding)."""
+    if timer is not None and not finished(done, where):
+        at = where() if callable(where) else where
+        with timer.phase(at.phase, at.step, at.layer, at.micro_batch):
+            return wait_until(done, where, polled)
     pause, start = 20e-6, time.monotonic()
     while not finished(done, where):
         if WATCHDOG_S is not None and time.monotonic() - start > WATCHDOG_S:
@@ -100,9 +107,9 @@ def watchdog(where: Where, waited: float) -> None:
     MPI.COMM_WORLD.Abort(3)
 
 
-def wait_all(requests: list, where: Where) -> None:
+def wait_all(requests: list, where: Where, timer=None) -> None:
     if requests:
-        wait_until(lambda: all_done(requests), where)
+        wait_until(lambda: all_done(requests), where, timer=timer)
 
 
 def all_done(requests: list) -> bool:
@@ -306,15 +313,15 @@ class Sender:
     def wait(self, where: Where) -> None:
         wait_until(self.idle, where)
 
-    def settle(self, buffer: torch.Tensor, where: Where) -> None:
+    def settle(self, buffer: torch.Tensor, where: Where, timer=None) -> None:
         """Before `buffer` is written again: wait for the sends still reading it (done in practice:
-        a peer that answered has received)."""
+        a peer that answered has received); timer: a wait is a row of where's phase."""
         if buffer.numel() and (self.in_flight or self.queued) and buffer.device.type == "cpu":
             memory = as_bytes(buffer)
             reading = lambda: [r for r, b, _ in self.in_flight if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)]
-            wait_until(lambda: all_done(reading()), where)
+            wait_until(lambda: all_done(reading()), where, timer=timer)
         elif self.queued:  # a device buffer: its copies to the host (or its gated sends) must be out
-            wait_until(lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where)
+            wait_until(lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where, timer=timer)
 
 
 def tested(requests: list, tests: int = 64) -> bool:

@@ -24,9 +24,8 @@ from hpcmoe.config import Config
 from hpcmoe.fault import KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
-from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, previous_imbalance, rank_load_imbalance,
-                           request_metrics,
-                           run_attrs, step_imbalance)
+from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, file_loads, previous_imbalance,
+                           rank_load_imbalance, request_metrics, run_attrs, step_imbalance)
 from hpcmoe.placement import Placement
 from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
 
@@ -684,11 +683,12 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
             metrics[f"{name}_fraction_moe"] = float(values[attention:].mean())
         metrics["peak_rss_bytes_attention"] = int(per_rank["peak_rss_bytes"][:attention].max())
         metrics["peak_rss_bytes_moe"] = int(per_rank["peak_rss_bytes"][attention:].max())
-    metrics["rank_load_max_over_mean"] = rank_load_imbalance(writer.file["traffic"][:done])
-    metrics["rank_load_max_over_mean_per_step"] = step_imbalance(writer.file["traffic"][:done])
     if config.parallel.rebalance is not None:
         writer.write_placement_history(history, [r[0][2] for r in records], done)
         metrics["placement_switches"] = len(history)
+    loads = file_loads(writer.file, done)   # [steps, moe_layers, places] on the placements in force
+    metrics["rank_load_max_over_mean"] = rank_load_imbalance(loads)
+    metrics["rank_load_max_over_mean_per_step"] = step_imbalance(loads)
     metrics["dropped_token_slots"] = made.dropped
     if config.parallel.placement_from:  # the load balance before this placement, for comparison
         metrics["placement_from_rank_load_max_over_mean"] = previous_imbalance(config.parallel.placement_from)

@@ -160,7 +160,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
         outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
-        sender.settle(outgoing, at.waiting_for("send_wait", ()))
+        sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
         torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
         answers = ctx.pool.get(key("answers"), replies * len(plan.order), hidden, rows.dtype)
         answers = answers.view(replies, len(plan.order), hidden)       # member j's partials in answers[j]
@@ -284,7 +284,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
     shares = tp if me == leader else 1
     partials = ctx.pool.get(key("partials"), shares * len(rows), rows.shape[1], rows.dtype)
     partials = partials.view(shares, len(rows), rows.shape[1])
-    sender.settle(partials, at.waiting_for("send_wait", ()))
+    sender.settle(partials, at.waiting_for("send_wait", ()), ctx.timer)
     if me == leader:
         members = range(leader + 1, leader + tp)
         for member in members:
@@ -350,7 +350,7 @@ class CountedIncoming:
         self.buffer = ctx.pool.get(self.key, int(self.starts[-1]), self.hidden, self.dtype)
         tp = ctx.tables.tp
         if tp > 1 and ctx.tp_forward:
-            ctx.sender.settle(self.buffer, at.waiting_for("send_wait", ()))  # the leader forwarded it last time
+            ctx.sender.settle(self.buffer, at.waiting_for("send_wait", ()), ctx.timer)  # the leader forwarded it last time
             if me % tp:  # a member: everything comes from the leader
                 self.from_leader = True
                 self.receives = ctx.receives({me - me % tp: self.buffer},

@@ -150,17 +150,34 @@ def length(intervals) -> float:
     return sum(end - start for start, end in intervals)
 
 
+def minus(intervals: list[tuple[float, float]], removed: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merged intervals with the merged `removed` cut out of them."""
+    out, holes = [], union(removed)
+    for start, end in union(intervals):
+        for hole_start, hole_end in holes:
+            if hole_end <= start or hole_start >= end:
+                continue
+            if hole_start > start:
+                out.append((start, hole_start))
+            start = max(start, hole_end)
+        if start < end:
+            out.append((start, end))
+    return out
+
+
 def busy_and_idle(timings: np.ndarray, ranks: int) -> dict[str, np.ndarray]:
     """Per rank, as shares of its loop (from the common start to its last row):
-    busy = |compute|, idle = |waiting with nothing runnable| (the `*_wait` phases)."""
+    idle = |waiting| (every `*_wait` row: with nothing runnable, in a rebalance boundary, for a send
+    buffer), busy = |compute| less the waits inside it."""
     busy, idle = np.zeros(ranks), np.zeros(ranks)
     for rank in range(ranks):
         rows = timings[timings["rank"] == rank]
         if not len(rows):
             continue
         loop = max(float(rows["end"].max()), 1e-12)
-        busy[rank] = length(union([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])])) / loop
-        idle[rank] = length(union([(r["start"], r["end"]) for r in rows if is_wait(r["phase"])])) / loop
+        waits = [(r["start"], r["end"]) for r in rows if is_wait(r["phase"])]
+        busy[rank] = length(minus([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])], waits)) / loop
+        idle[rank] = length(union(waits)) / loop
     return {"busy_fraction_per_rank": busy, "idle_fraction_per_rank": idle}
 
 
@@ -180,25 +197,65 @@ def read_routing(path: str, num_experts: int) -> np.ndarray:
     return routing
 
 
-def rank_load_imbalance(traffic: np.ndarray) -> float:
-    """max / mean over ranks of the payload each rank's experts received (traffic [.., src, dst])."""
-    received = traffic.sum(axis=tuple(range(traffic.ndim - 1)))
-    return float(received.max() / received.mean()) if received.mean() > 0 else float("nan")
+def rank_loads(routing: np.ndarray, in_force: list, node_of_rank: list[int], tp: int = 1) -> np.ndarray:
+    """[steps, moe_layers, places] token slots the experts of each place (a rank, or a group of tp
+    ranks) compute, from /routing [steps, moe_layers, sources, experts] and the placement in force
+    at each step (in_force: [(first step, table [experts, replicas] of ranks, -1 padded)], ascending),
+    split over replicas as the dispatcher splits them. A place that hosts no expert in the table in
+    force (an attention rank of ma, a spare) is NaN: it is not a rank that could be loaded. The
+    receiver of the payload, not the wire: two_stage's gateways forward, they do not compute."""
+    from hpcmoe.placement import expected_rank_load, load_from_routing, placement_of
+    steps, layers = routing.shape[:2]
+    places, nodes = len(node_of_rank) // tp, list(node_of_rank)[::tp]
+    out = np.full((steps, layers, places), np.nan)
+    for step in range(steps):
+        table = [t for first, t in in_force if first <= step][-1]
+        placement = placement_of(table, places, tp)
+        hosting = sorted(set(placement.slot_rank))
+        for layer in range(layers):
+            tokens, _ = load_from_routing(routing[step:step + 1, layer:layer + 1], list(node_of_rank))
+            load = expected_rank_load(placement, tokens, nodes)
+            out[step, layer, hosting] = [load[p] for p in hosting]
+    return out
 
 
-def step_imbalance(traffic: np.ndarray) -> float:
-    """Mean over steps of each step's rank load max / mean (traffic [steps, layers, src, dst]): the
-    whole-run figure hides a load that moves from rank to rank during the run; this one does not."""
-    received = traffic.sum(axis=(1, 2)).astype(float)        # [steps, dst]
-    busy = received.mean(axis=1) > 0
-    return float((received[busy].max(1) / received[busy].mean(1)).mean()) if busy.any() else float("nan")
+def max_over_mean(load: np.ndarray) -> float:
+    """max / mean over the places that host experts (NaN entries left out); NaN without load."""
+    hosting = load[~np.isnan(load)]
+    return float(hosting.max() / hosting.mean()) if len(hosting) and hosting.mean() > 0 else float("nan")
+
+
+def rank_load_imbalance(loads: np.ndarray) -> float:
+    """Whole run: per MoE layer, max / mean over expert-hosting places of the slots each computed
+    over all steps, then the mean over layers (loads: rank_loads' [steps, moe_layers, places])."""
+    per_layer = [max_over_mean(np.where(np.isnan(loads[:, l]).all(0), np.nan, np.nansum(loads[:, l], 0)))
+                 for l in range(loads.shape[1])]
+    return float(np.nanmean(per_layer)) if not np.isnan(per_layer).all() else float("nan")
+
+
+def step_imbalance(loads: np.ndarray) -> float:
+    """Mean over steps and MoE layers of each one's max / mean over expert-hosting places: the
+    whole-run figure hides a load that moves from rank to rank, or from layer to layer; this one
+    does not (layer 0 all on rank 0 and layer 1 all on rank 1 reads 2 at 2 ranks, not 1)."""
+    each = [max_over_mean(loads[s, l]) for s in range(loads.shape[0]) for l in range(loads.shape[1])]
+    return float(np.nanmean(each)) if len(each) and not np.isnan(each).all() else float("nan")
+
+
+def file_loads(f, steps: int | None = None) -> np.ndarray:
+    """rank_loads of an open run file (its first `steps` steps, default all): its /routing on
+    /placement, then each switch of /placement_history from its step."""
+    placement = f["placement"]
+    in_force = [(0, placement[0])] + [(int(row["step"]), row["placement"]) for row in f["placement_history"][:]] \
+        if "placement_history" in f else [(0, placement[0])]
+    return rank_loads(f["routing"][:steps], in_force, [int(n) for n in f.attrs["node_of_rank"]],
+                      int(placement.attrs.get("expert_tp", 1)))
 
 
 def previous_imbalance(path: str) -> float:
     """The rank load max/mean of an earlier run file."""
     import h5py
     with h5py.File(path, "r") as f:
-        return rank_load_imbalance(f["traffic"][:])
+        return rank_load_imbalance(file_loads(f))
 
 
 def append(dataset, dtype, start: int, values: list) -> None:

@@ -129,6 +129,13 @@ def _num_nodes(tokens_from_node: list[list[float]], node_of_rank: list[int]) -> 
     return nodes
 
 
+def placement_of(table, places: int, tp: int = 1) -> Placement:
+    """A /placement (or /placement_history) table [expert, replica] of ranks (-1 pads) -> the
+    Placement over expert groups (ranks without expert_tp)."""
+    pairs = sorted((int(rank) // tp, expert) for expert, ranks in enumerate(table) for rank in ranks if rank >= 0)
+    return Placement(tuple(e for _, e in pairs), tuple(p for p, _ in pairs), places, "table")
+
+
 def _split_tokens(placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]):
     """Yield (src_node, dst_rank, tokens): a node's tokens for e split evenly over its candidates."""
     if len(node_of_rank) != placement.num_ranks:

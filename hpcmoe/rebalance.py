@@ -144,7 +144,7 @@ class Rebalancer:
 
     def decide(self, step: int) -> None:
         request, total, _ = self.summing
-        wait_all([request], Where(step, -1, 0, "rebalance_wait"))
+        wait_all([request], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
         self.summing = None
         tokens = total.astype(float)
         new = propose(self.placement, tokens, self.node_of_place)
@@ -162,7 +162,7 @@ class Rebalancer:
         mover, layers, switch, new = self.moving
         if self.voting is not None:
             request, everyone, _ = self.voting
-            wait_all([request], Where(step, -1, 0, "rebalance_wait"))
+            wait_all([request], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
             self.voting = None
             if everyone[0]:
                 self.switch(step + 1, layers, switch, new)
@@ -231,9 +231,9 @@ class Rebalancer:
         """End of the run: finish what is in flight (every rank posted the same collectives), free."""
         for pending in (self.summing, self.voting):
             if pending is not None:
-                wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"))
+                wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
         if self.moving is not None:
-            wait_until(self.moving[0].done, Where(step, -1, 0, "rebalance_wait"))
+            wait_until(self.moving[0].done, Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
             self.engine.sender.background = None
         self.comm.Free()
 

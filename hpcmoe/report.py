@@ -260,19 +260,11 @@ def plot_traffic(run: dict, path: str) -> None:
     save(fig, path)
 
 
-def placement_of(table: np.ndarray, places: int, tp: int):
-    """A /placement (or /placement_history) table [expert, replica] of ranks -> the Placement over
-    expert groups (ranks without expert_tp)."""
-    from hpcmoe.placement import Placement
-    pairs = sorted((int(rank) // tp, expert) for expert, ranks in enumerate(table) for rank in ranks if rank >= 0)
-    return Placement(tuple(e for _, e in pairs), tuple(p for p, _ in pairs), places, "table")
-
-
 def rank_load_over_steps(run: dict) -> np.ndarray:
     """[steps, places] token slots each rank (expert group) receives per step: the step's /routing on
     the placement in force (the initial one, then each switch's from its step), split over replicas
     as the dispatcher splits them."""
-    from hpcmoe.placement import expected_rank_load, load_from_routing
+    from hpcmoe.placement import expected_rank_load, load_from_routing, placement_of
     tp = int(run["placement_attrs"].get("expert_tp", 1))
     nodes = [int(n) for n in run["node_of_rank"]]
     places = run["world_size"] // tp

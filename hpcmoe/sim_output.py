@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcmoe.output import (TIMING_DTYPE, RunWriter, busy_and_idle, compute_metrics, rank_load_imbalance,
-                           request_metrics, run_attrs, step_imbalance)
+                           rank_loads, request_metrics, run_attrs, step_imbalance)
 
 
 def metrics_and_file(sim, output: str | None) -> dict:
@@ -28,12 +28,18 @@ def metrics_and_file(sim, output: str | None) -> dict:
             values = per_rank[f"{name}_fraction_per_rank"]
             metrics[f"{name}_fraction_attention"] = float(values[:attention].mean())
             metrics[f"{name}_fraction_moe"] = float(values[attention:].mean())
+    metrics["prompt_tokens_per_s"] = sum(len(r.prompt_ids) for r in requests) / metrics["total_s"]
+    # the start-up and model load are not simulated: NaN, not a figure that looks measured
+    metrics.update(wall_s=metrics["total_s"], load_s=float("nan"), wall_with_load_s=float("nan"))
     times, limits = np.array(sim.token_times), requests.max_new_tokens  # every request in the first batch
     metrics.update(request_metrics(np.full(len(limits), times[0]), times[np.minimum(limits, len(times)) - 1], limits,
                                    metrics["total_s"]))
-    metrics["rank_load_max_over_mean"] = rank_load_imbalance(sim.traffic)
-    metrics["rank_load_max_over_mean_per_step"] = step_imbalance(sim.traffic)
-    metrics["dropped_token_slots"] = 0
+    table = np.array([ranks + [-1] * (max(map(len, sim.placement.expert_ranks())) - len(ranks))
+                      for ranks in sim.placement.expert_ranks()])
+    loads = rank_loads(sim.routing_counts, [(0, table)], list(sim.node_of_rank), sim.placement.tp)
+    metrics["rank_load_max_over_mean"] = rank_load_imbalance(loads)
+    metrics["rank_load_max_over_mean_per_step"] = step_imbalance(loads)
+    metrics["dropped_token_slots"] = sim.dropped
     metrics["tokens_per_s_per_rank"] = metrics["decode_tokens_per_s"] / ranks
     memory = rank_memory(config, ranks)["max_rank_bytes"]
     per_unit = sim.machine.memory_bytes / (1 if sim.machine.device == "cuda" else max(sim.ranks_on_host.values()))

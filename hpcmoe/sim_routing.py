@@ -23,6 +23,7 @@ class PlanInfo:
     expert_counts: np.ndarray     # [E] token slots per expert (the /routing row)
     rank_counts: np.ndarray       # [R] rows to each rank
     send_counts: np.ndarray       # [R, S] rows to each rank's slots
+    dropped: int = 0              # token slots over capacity (parallel.capacity_factor), as the engine drops them
     node_counts: list = field(default_factory=list)   # two_stage: rows to each node's gateway
     node_slots: list = field(default_factory=list)    # two_stage: [t, k] slots of those rows, per node
 
@@ -66,7 +67,7 @@ def plan(sim, rank: int, step: int, layer: int, n: int) -> PlanInfo:
             slots = dispatch.apply_capacity(slots, sim.config.parallel.capacity_factor, tables.num_slots)
         plan = dispatch.plan_from_slots(slots, tables)
         info = PlanInfo(dispatch.count(ids.reshape(-1), sim.config.model.num_experts).numpy(), plan.rank_counts.numpy(),
-                        plan.send_counts.numpy())
+                        plan.send_counts.numpy(), int((slots < 0).sum()))
         if sim.config.parallel.dispatch == "two_stage":
             groups = dispatch.node_groups(slots, torch.zeros(slots.shape), tables)
             info.node_counts = groups.node_counts

@@ -138,6 +138,7 @@ def route(sim, rank: int, at: tuple, n: int):
     step, layer, mb = at
     info = sim_routing.plan(sim, rank, step, layer, n)
     sim.routing_counts[step, layer - sim.config.model.dense_layers, rank] += info.expert_counts
+    sim.dropped += info.dropped
     yield Work(sim.costs.route(n), "route", layer, mb)
     return info
 

@@ -203,6 +203,7 @@ class Simulation:
         m, steps = config.model, config.steps
         self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
         self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
+        self.dropped = 0   # token slots over capacity, summed over ranks, steps and layers
         self.token_times: list[float] = []
         self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
         self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}

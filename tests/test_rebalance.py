@@ -182,10 +182,10 @@ def test_the_per_step_rank_load_reads_badly_where_the_whole_run_figure_flatters(
     """All of each step's load on one rank, a different rank each step: over the run every rank
     received the same (whole-run max/mean 1.0); every single step was as unbalanced as it gets (4.0)."""
     from hpcmoe.output import rank_load_imbalance, step_imbalance
-    traffic = np.zeros((4, 1, 1, 4), np.int64)          # [steps, moe_layers, src, dst]
+    loads = np.zeros((4, 1, 4))                           # [steps, moe_layers, places]
     for step in range(4):
-        traffic[step, 0, 0, step] = 100
-    assert rank_load_imbalance(traffic) == pytest.approx(1.0)
-    assert step_imbalance(traffic) == pytest.approx(4.0)
-    traffic[:] = 25                                     # evenly spread every step: both read 1
-    assert step_imbalance(traffic) == pytest.approx(1.0)
+        loads[step, 0, step] = 100
+    assert rank_load_imbalance(loads) == pytest.approx(1.0)
+    assert step_imbalance(loads) == pytest.approx(4.0)
+    loads[:] = 25                                       # evenly spread every step: both read 1
+    assert step_imbalance(loads) == pytest.approx(1.0)

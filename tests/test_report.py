@@ -65,14 +65,22 @@ def expected(path) -> dict:
         t, m = f["timings"][:], f["metrics"].attrs
         held = f["metrics/token_time_s"][:]   # when rank 0 held each step's tokens
         spans = np.diff(np.concatenate([[0.0], held]))
-        received = f["traffic"][:].sum(axis=(0, 1, 2))
-        slots = f["routing"][:].sum(axis=(0, 1, 2))
+        routing, table = f["routing"][:], f["placement"][0]         # one node: replicas share evenly
+        slots = routing.sum(axis=(0, 1, 2))
+        hosting = sorted({int(r) for ranks in table for r in ranks if r >= 0})
+        per_layer = []
+        for layer in range(routing.shape[1]):                         # max/mean over expert hosts, per layer
+            load = np.zeros(f.attrs["world_size"])
+            for expert, ranks in enumerate(table):
+                ranks = [r for r in ranks if r >= 0]
+                load[ranks] += routing[:, layer, :, expert].sum() / len(ranks)
+            per_layer.append(load[hosting].max() / load[hosting].mean())
         prompt, batch = f["prompt_lengths"][:].sum(), f["generated"].shape[0]
         return {"ttft_ms": 1e3 * held[0], "tpot_ms": 1e3 * np.mean(spans[1:]),
                 "tps": (prompt + batch * (len(spans) - 1)) / held[-1],
                 "idle_fraction": float(np.mean(f["metrics/idle_fraction_per_rank"][:])),
                 "busy_fraction": float(m["busy_fraction"]),
-                "rank_load_max_over_mean": received.max() / received.mean(),
+                "rank_load_max_over_mean": float(np.mean(per_layer)),
                 "expert_slots_max": slots.max(), "timings": t, "placement": f["placement"][0]}
 
 

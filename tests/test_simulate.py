@@ -233,3 +233,18 @@ def test_expert_schedule_per_layer_runs_experts_once_per_layer_and_changes_decod
     assert auto[0]["ttft_ms"] == pytest.approx(source[0]["ttft_ms"])
     assert auto[1] == pytest.approx(layer[1])       # decode steps as per_layer's
     assert (source[2] == layer[2]).all() and (auto[2] == layer[2]).all()   # the same rows, per destination
+
+
+def test_the_simulator_counts_the_slots_its_routing_drops(tmp_path):
+    """parallel.capacity_factor: the simulator routes with the engine's apply_capacity, so it drops
+    slots; its metrics (and file) count them, as the engine's do, instead of writing 0. Skewed
+    routing with capacity 0.5 must drop; without a capacity nothing is dropped."""
+    from hpcmoe.machine import load_machine
+    machine = load_machine(os.path.join(ROOT, "machines", "h100_sxm.yaml"))
+    skewed = ["model.router_skew=8", "run.max_new_tokens=3"]
+    capped = simulate(load_config(DEBUG_CONFIG, skewed + ["parallel.capacity_factor=0.5"]), machine, 4,
+                      output=str(tmp_path / "capped.h5"))
+    free = simulate(load_config(DEBUG_CONFIG, skewed), machine, 4)
+    assert capped["dropped_token_slots"] > 0 and free["dropped_token_slots"] == 0
+    with h5py.File(tmp_path / "capped.h5") as f:
+        assert f["metrics"].attrs["dropped_token_slots"] == capped["dropped_token_slots"]
