@@ -22,9 +22,9 @@ run: setup
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 
-# the longer sweeps: 20 seeded kill points for run.fault_tolerance (make test runs 6)
+# the longer sweeps: 40 seeded kill points for run.fault_tolerance (make test runs 8)
 test-all: setup
-	HPCMOE_FT_POINTS=20 PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
+	HPCMOE_FT_POINTS=40 PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 
 # make ft: a fault-tolerant MPI from pip (the Open MPI wheel, ULFM built in) in its own venv;
 # launch with .venv-ft/bin/mpirun --with-ft ulfm ... (see README: Surviving a dead rank).

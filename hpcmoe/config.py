@@ -80,7 +80,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DTYPES = ("float32", "bfloat16")
 MXFP4_BLOCK = 32  # weights per shared exponent
-KILL_PHASES = ("dispatch", "combine", "record", "between_steps")
+# run.kill points: in MoE layer `layer` (route, dispatch, experts, combine), or of the step (its record to
+# rank 0, its stop vote, after it), or in the recovery from an earlier death (after the survivors shrank)
+LAYER_KILL_PHASES = ("route", "dispatch", "experts", "combine")
+KILL_PHASES = LAYER_KILL_PHASES + ("record", "stop_vote", "between_steps", "recovery")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                      "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -207,7 +210,8 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class KillConfig:
     """Testing run.fault_tolerance: world rank `rank` kills itself (SIGKILL) in `step`, at `phase`
-    (dispatch or combine of MoE layer `layer`, or the step's record to rank 0, or after the step)."""
+    (KILL_PHASES: route, dispatch, experts or combine of MoE layer `layer`; the step's record to rank 0,
+    its stop vote, after the step; or while the survivors recover from a death in `step`)."""
     rank: int
     step: int = 1
     layer: int = 1

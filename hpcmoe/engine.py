@@ -20,8 +20,8 @@ import torch
 
 from hpcmoe.attention import StepInputs
 from hpcmoe.comm import Where, wait_all, wait_until
-from hpcmoe.config import Config
-from hpcmoe.fault import KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
+from hpcmoe.config import LAYER_KILL_PHASES, Config
+from hpcmoe.fault import CLOCK, KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
 from hpcmoe.layout import ParallelLayout
 from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, file_loads, previous_imbalance,
@@ -143,7 +143,7 @@ def run(config: Config, topo: Topology, layout: ParallelLayout, load=None, routi
     rank, size = topo.rank, topo.size
     config = config.on_device(device.type)
     max_batch = max_batch or config.run.max_batch or len(config.requests)
-    KILL[:] = [(k.step, k.layer if k.phase in ("dispatch", "combine") else -1, k.phase)
+    KILL[:] = [(k.step, k.layer if k.phase in LAYER_KILL_PHASES else -1, k.phase)
                for k in config.run.kill or [] if k.rank == rank]
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
@@ -277,6 +277,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
              resume=None, max_batch: int = 1) -> dict:
     """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
     survivors rebuild everything among themselves and go on with the requests not finished."""
+    from mpi4py import MPI
     from hpcmoe.device import Streams
     timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
     made, survivors = Made(first=resume.step if resume is not None else 0), None
@@ -289,6 +290,10 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     longest = int((requests.prompt_lengths + requests.max_new_tokens).max())
     try:
         while True:
+          try:
+            if survivors is not None:   # after a recovery: the (maybe new) deputy mirrors rank 0
+                mirror = Mirror(topo.world, made)
+                mirror.hand_over(topo.world)
             engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
             new_rows = lambda n: engine.new_cache(n, longest)
             cache = new_rows(0)
@@ -301,15 +306,13 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                 topo.world.Barrier()  # the common start: every timing row and TTFT count from here
                 timer.restart(time.perf_counter())
                 made.load_s = time.time() - hpcmoe.STARTED
-            try:
-                done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors,
-                                 mirror)
-                break
-            except RankFailed as failed:
-                topo, layout, placement, survivors, earlier, writer = recover(recovery, topo, layout, placement,
-                                                                              writer, timer, made, failed, survivors)
-                mirror = Mirror(topo.world, made)
-                mirror.hand_over(topo.world)
+                CLOCK[0] = timer.now
+            done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors, mirror)
+            break
+          except (RankFailed, MPI.Exception) as error:   # MPI.Exception: a death while the engine is built
+            failed = error if isinstance(error, RankFailed) else building_failed(config, error, made, timer)
+            topo, layout, placement, survivors, earlier, writer = recover(recovery, topo, layout, placement,
+                                                                          writer, timer, made, failed, survivors)
         stop.close(done)
         if progress is not None:
             progress.update(done - 1, writer, made, last=True)
@@ -332,6 +335,14 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                   failure_rows(recovery.failures, made.step_times))
 
 
+def building_failed(config: Config, error, made: Made, timer) -> RankFailed:
+    """A failure met outside the step loop (its collectives: communicators, the common start), as
+    the step loop would report it; any other error goes on up."""
+    if not (config.run.fault_tolerance and is_failure(error)):
+        raise error
+    return RankFailed(made.done, getattr(error, "where", None), timer.now())
+
+
 def batch_of(config: Config, engine, requests, new_rows, cache, max_batch: int, earlier) -> "Batch":
     """This rank's Batch: the requests its engine serves (every attention group's in turn, in file
     order), the checkpoint's end-of-sequence tokens when requests stop at them."""
@@ -352,41 +363,52 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
     primary's head shard. When rank 0 (the writer) died its deputy, the new rank 0, writes the file
     from the steps it mirrored. When the survivors cannot go on, the run stops (stop_after_failure).
     -> (topology, layout, placement, Survivors, Done, writer) of the survivors."""
+    from mpi4py import MPI
     from hpcmoe.fault import Survivors, survive
     from hpcmoe.layout import MALayout
     from hpcmoe.placement import on_survivors
     from hpcmoe.topology import build_topology
     config, original = recovery.config, recovery.original
     now = survivors.world_ranks if survivors is not None else tuple(range(topo.size))
-    shrunk, dead_now, step, kept_now = survive(topo.world, failed.step)
-    dead, kept = [now[r] for r in dead_now], tuple(now[r] for r in kept_now)
-    where = failed.where
+    world, kept_now, dead, where = topo.world, list(range(topo.size)), [], failed.where
     row = lambda action: [(rank, step, getattr(where, "layer", -1), getattr(where, "phase", ""), failed.detected_at,
                            timer.now(), action, made.done) for rank in dead]
-    stop = lambda reason: stop_after_failure(recovery, shrunk, writer, timer, made, dead, step, kept, reason)
-    moved = 0 in dead_now
-    if moved:  # the writer died: its deputy (now rank 0) takes over with the steps it holds, if it holds them
-        if not shrunk.bcast(made.records is not None if shrunk.Get_rank() == 0 else None, root=0):
-            stop("")
-        if shrunk.Get_rank() == 0:
-            writer = take_over_writer(recovery, made, now[0])
-    done = shrunk.bcast(made.done, root=0)
-    progress = shrunk.bcast(writer.done() if writer is not None else None, root=0)  # what every request made
+    while True:   # again when a rank dies during the recovery itself: survive among those left
+        shrunk, dead_here, kept_here = survive(world)
+        dead += [now[kept_now[r]] for r in dead_here]
+        kept_now = [kept_now[r] for r in kept_here]          # this layout's ranks still alive
+        kept = tuple(now[r] for r in kept_now)
+        stop = lambda reason: stop_after_failure(recovery, shrunk, writer, timer, made, dead, step, kept, reason)
+        try:
+            step = shrunk.allreduce(failed.step, op=MPI.MIN)   # the earliest step any survivor failed in
+            maybe_die(step, -1, "recovery")   # testing: a second death, after the shrink
+            moved = kept_now[0] != 0
+            if moved and made.records is not None and shrunk.Get_rank() == 0 and writer is None:
+                writer = take_over_writer(recovery, made, now[0])   # the writer died: its deputy takes over
+            if moved and not shrunk.bcast(writer is not None if shrunk.Get_rank() == 0 else None, root=0):
+                stop("")   # ... unless the deputy died too
+            done = shrunk.bcast(made.done, root=0)
+            progress = shrunk.bcast(writer.done() if writer is not None else None, root=0)  # what every request made
+            new_topo = build_topology(shrunk, config.parallel.ranks_per_node)
+            break
+        except MPI.Exception as error:
+            if not is_failure(error):
+                raise
+            world = shrunk
     try:
         if isinstance(layout, MALayout):
-            layout = layout.survivors(list(kept_now))
+            layout = layout.survivors(kept_now)
             hosts = range(layout.attention_ranks, layout.world_size)
         else:
             hosts = range(shrunk.Get_size())
-        new_topo = build_topology(shrunk, config.parallel.ranks_per_node)
         if placement.tp > 1:  # expert groups are formed afresh from the survivors (run.kill names original
             layout = ParallelLayout.from_config(   # ranks: it is not checked against the survivors)
                 dataclasses.replace(config, run=dataclasses.replace(config.run, kill=None)), shrunk.Get_size())
-            broken = {placement.leader(r) for r in dead_now}
+            broken = {placement.leader(r) for r in set(range(topo.size)) - set(kept_now)}
             lost = [e for e, holders in enumerate(placement.expert_ranks()) if set(holders) <= broken]
             placement = layout.placement(new_topo.node_of_rank)
         else:
-            placement, lost = on_survivors(placement, list(kept_now), list(hosts), recovery.capacity)
+            placement, lost = on_survivors(placement, kept_now, list(hosts), recovery.capacity)
     except ValueError as why:
         recovery.failures += row(f"stopped: {why}"[:96])
         stop(str(why))
@@ -641,6 +663,7 @@ def run_steps(config, engine, timer, state: Batch, gather, writer, progress, sto
             # the vote posted now is read at the next boundary (at once after the first step): so it
             # says whether this rank still has requests after the next step
             at_once = step - 1 == first
+            maybe_die(step - 1, -1, "stop_vote")
             if stop.agreed(step - 1, requests_left=state.busy if at_once else state.busy_after_next, at_once=at_once):
                 return step
             maybe_die(step - 1, -1, "between_steps")

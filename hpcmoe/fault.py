@@ -25,11 +25,25 @@ KILL: list = []  # run.kill: the (step, layer, phase) points at which this rank 
 ENABLED = [False]  # run.fault_tolerance is on in this process
 
 
+CLOCK: list = [None]  # the run's clock (seconds since the common start), for the kill line
+
+
 def maybe_die(step: int, layer: int, phase: str) -> None:
-    """run.kill: a process failure as a real one looks, SIGKILL, at a configured point."""
-    if KILL and (step, layer if phase in ("dispatch", "combine") else -1, phase) in KILL:
+    """run.kill: a process failure as a real one looks, SIGKILL, at a configured point. Its last line
+    gives the time on the run's clock, from which recovery is measured (the survivors learn of the
+    death only later: that detection latency is part of the recovery a user sees)."""
+    from hpcmoe.config import LAYER_KILL_PHASES
+    if KILL and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in KILL:
+        at = f" at {CLOCK[0]():.6f} s on the run's clock" if CLOCK[0] is not None else ""
+        sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
         sys.stderr.flush()
         os.kill(os.getpid(), 9)
+
+
+def killed_at(stderr: str) -> list[float]:
+    """The run-clock times of the kill lines (maybe_die) in a job's stderr, in order."""
+    import re
+    return [float(t) for t in re.findall(r"hpcmoe: killed \(run\.kill\) .* at ([0-9.]+) s on the run's clock", stderr)]
 
 
 def check_mpi() -> str | None:
@@ -51,11 +65,13 @@ def track(comm):
 
 
 def is_failure(error: BaseException) -> bool:
-    """A dead process, or a communicator another survivor revoked (also when a test of several
-    requests reports it only as an error in one of their statuses: the run's messages are well
-    formed, so under fault tolerance that error is a dead peer)."""
+    """A dead process, or a communicator another survivor revoked. Also the classes a dead peer
+    shows up as where MPI does not name it: an error in one of several requests' statuses
+    (ERR_IN_STATUS, ERR_PENDING), and ERR_OTHER from a collective whose peer died between its stages
+    (Open MPI's bcast of a pickled object): the run's messages are well formed, so under fault
+    tolerance these are a dead peer too. Recovery checks that someone did die (engine.recover)."""
     from mpi4py import MPI
-    classes = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS,
+    classes = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS, MPI.ERR_PENDING, MPI.ERR_OTHER,
                getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
     return isinstance(error, MPI.Exception) and error.Get_error_class() in classes
 
@@ -105,9 +121,10 @@ def failure_rows(failures: list, step_times: dict) -> list:
     return [row[:5] + (step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
 
 
-def survive(world, step: int):
-    """Revoke everything, shrink to the survivors, agree on the failed step.
-    -> (survivors' communicator, dead world ranks, the earliest step any survivor failed in)."""
+def survive(world):
+    """Revoke everything and shrink to the survivors (the survivors then agree on the step: a death
+    during that agreement is one more failure to survive, engine.recover).
+    -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
     from mpi4py import MPI
     for comm in COMMUNICATORS + [world]:
         try:
@@ -117,7 +134,7 @@ def survive(world, step: int):
     shrunk = world.Shrink()
     survivors = MPI.Group.Translate_ranks(shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group())
     dead = sorted(set(range(world.Get_size())) - set(survivors))
-    return shrunk, dead, shrunk.allreduce(step, op=MPI.MIN), list(survivors)
+    return shrunk, dead, list(survivors)
 
 
 def leave(code: int) -> "NoReturn":

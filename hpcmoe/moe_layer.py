@@ -127,6 +127,7 @@ class ExchangeContext:
 
 def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """h: [n, H] -> (slots [n, k], weights [n, k]), and this rank's routing statistics."""
+    maybe_die(at.step, at.layer, "route")
     ctx.before_dispatch(at.step)
     with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
         expert_ids, weights = moe.route(h)
@@ -225,6 +226,7 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
+    maybe_die(step, layer, "experts")
     if len(incoming):
         with phase("experts", step, layer, mb):
             run_once(moe, incoming, slots, served)
@@ -257,6 +259,7 @@ def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, a
     arrive and answer at once; its own rows' answers land in `own_answers`."""
     me = ctx.rank
     yield from incoming.start()
+    maybe_die(at.step, at.layer, "experts")   # the counts are in: serving (also when nothing comes)
     while not incoming.finished():
         arrived = yield incoming.pending()
         for source in sorted(arrived):
@@ -285,6 +288,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
     partials = ctx.pool.get(key("partials"), shares * len(rows), rows.shape[1], rows.dtype)
     partials = partials.view(shares, len(rows), rows.shape[1])
     sender.settle(partials, at.waiting_for("send_wait", ()), ctx.timer)
+    maybe_die(step, layer, "experts")
     if me == leader:
         members = range(leader + 1, leader + tp)
         for member in members:

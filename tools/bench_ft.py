@@ -6,8 +6,10 @@ the recovery time after one.
 
 Failure-free runs with fault tolerance off and on, interleaved, under the same `mpirun --with-ft
 ulfm` (medians of tokens/s and TPOT); then runs where one rank SIGKILLs itself at seeded points:
-recovery = /metrics/failures recovered_at - detected_at (detection to the end of the step done
-again after it), and whether /generated equals the failure-free run's. Rank 0 (the writer, whose
+recovery from the kill = /metrics/failures recovered_at - the time the victim printed as it died
+(its kill line, on the run's clock), split into detection (detected_at - that time) and recovery
+from detection (recovered_at - detected_at: to the end of the step done again), and whether
+/generated equals the failure-free run's. Rank 0 (the writer, whose
 deputy takes over) is among the ranks killed; in ma (2 groups of primary + standby, 1 MoE rank) the
 attention ranks are (the only MoE rank's death cannot be survived).
 """
@@ -21,6 +23,9 @@ import tempfile
 
 import h5py
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hpcmoe.fault import killed_at  # noqa: E402
 
 LAYOUT = ["ep"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,21 +76,28 @@ def main() -> None:
     median = {v: {k: float(np.median([s[k] for s in rows])) for k in rows[0]} for v, rows in samples.items()}
     rng, recoveries = random.Random(3), []
     for i in range(args.kills):
-        phase = ["dispatch", "combine", "record", "between_steps"][i % 4]
-        victims = range(args.ranks) if args.layout == "ep" else [0, 2] if phase in ("dispatch", "combine") else range(4)
+        phase = ["dispatch", "combine", "record", "between_steps", "route", "experts", "stop_vote"][i % 7]
+        layered = phase in ("route", "dispatch", "experts", "combine")
+        victims = range(args.ranks) if args.layout == "ep" else [0, 2] if layered else range(4)
+        phase = "dispatch" if args.layout == "ma" and phase == "experts" else phase   # ma's experts: its one MoE rank
         rank, step = rng.choice(list(victims)), rng.randint(2, 20)
         path = os.path.join(work, f"kill{i}.h5")
-        job(args.ranks, path, ["run.fault_tolerance=true", f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"])
+        result = job(args.ranks, path, ["run.fault_tolerance=true",
+                                        f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"])
+        [killed] = killed_at(result.stderr)
         with h5py.File(path) as f:
             row = f["metrics/failures"][0]
             recoveries.append({"rank": rank, "step": step, "phase": phase,
                                "recovery_ms": 1e3 * float(row["recovered_at"] - row["detected_at"]),
+                               "recovery_from_kill_ms": 1e3 * float(row["recovered_at"] - killed),
+                               "detection_ms": 1e3 * float(row["detected_at"] - killed),
                                "same_tokens": bool(np.array_equal(f["generated"][:], reference))})
     result = {"benchmark": "fault_tolerance", "layout": args.layout, "ranks": args.ranks, "reps": args.reps, "workload": WORKLOAD,
               "median": median, "tps_on_over_off": median["on"]["tps"] / median["off"]["tps"],
               "recoveries": recoveries,
-              "recovery_ms_median": float(np.median([r["recovery_ms"] for r in recoveries])),
-              "recovery_ms_max": float(max(r["recovery_ms"] for r in recoveries))}
+              **{f"{key}_{name}": float(reduce([r[key] for r in recoveries]))
+                 for key in ("recovery_ms", "recovery_from_kill_ms", "detection_ms")
+                 for name, reduce in (("median", np.median), ("max", np.max))}}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
