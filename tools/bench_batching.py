@@ -56,7 +56,7 @@ def run(ranks: int, settings: list[str], output: str, timeout: int, resume: str 
     command = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), os.path.join(BIN, "hpcmoe"), "run", config]
     for item in settings:
         command += ["--set", item]
-    command += ["--output", output] + (["--resume", resume] if resume else [])
+    command += ["--output", output, "--overwrite"] + (["--resume", resume] if resume else [])
     start = time.perf_counter()
     done = subprocess.run(["timeout", str(timeout)] + command, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -172,7 +172,7 @@ def resume_case(args, checkpoint: str) -> dict:
                 os.remove(stale)
         run(args.ranks, settings, whole, args.timeout)
         command = [os.path.join(BIN, "mpiexec"), "-n", str(args.ranks), os.path.join(BIN, "hpcmoe"), "run",
-                   os.path.join(args.dir, "empty.yaml"), "--output", stopped]
+                   os.path.join(args.dir, "empty.yaml"), "--output", stopped, "--overwrite"]
         for item in settings:
             command += ["--set", item]
         job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

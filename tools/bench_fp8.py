@@ -191,7 +191,7 @@ def whole_model(args) -> dict:
                                "run": {"prompt_ids": prompts, "max_new_tokens": args.model_steps,
                                        "stop_at_eos": False}}, f)
                 command = ["timeout", "600", mpiexec, "-n", "1", sys.executable, "-m", "hpcmoe", "run", config,
-                           "--output", output]
+                           "--output", output, "--overwrite"]
                 result = subprocess.run(command, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
                     return {"failed": " ".join(command), "stderr": result.stderr[-2000:]}

@@ -40,7 +40,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "OMPI_ALLOW_RUN
 def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedProcess:
     settings = (MA if LAYOUT[0] == "ma" else []) + settings
     command = ["timeout", "300", f"{FT}/mpirun", "--with-ft", "ulfm", "--oversubscribe", "-n", str(ranks),
-               f"{FT}/python", "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output]
+               f"{FT}/python", "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output,
+               "--overwrite"]   # the benchmark reuses its own files
     for setting in WORKLOAD + settings:
         command += ["--set", setting]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV)

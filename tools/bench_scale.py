@@ -27,7 +27,8 @@ def launch(ranks: int, experts: int, output: str, tokens: int, extra: list[str])
     settings = [f"model.num_experts={experts}", f"run.batch={2 * experts}", f"run.max_new_tokens={tokens}",
                 "parallel.ranks_per_node=8", "output.save_logits=false", *extra]
     command = ["timeout", "1800", os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(ranks),
-               sys.executable, "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output]
+               sys.executable, "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output,
+               "--overwrite"]   # the benchmark reuses its own files
     for setting in settings:
         command += ["--set", setting]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

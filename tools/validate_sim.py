@@ -75,7 +75,7 @@ def check_disjoint(configs: dict = CONFIGS) -> None:
 
 def one_run(config: str, ranks: int, settings: list[str], path: str) -> dict:
     """A real run -> {ttft_ms, tpot_ms} from its run file."""
-    command = mpi_command(ranks, "hpcmoe", "run", os.path.join(ROOT, config), "--output", path)
+    command = mpi_command(ranks, "hpcmoe", "run", os.path.join(ROOT, config), "--output", path, "--overwrite")
     for setting in ONE_THREAD + settings:
         command += ["--set", setting]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
