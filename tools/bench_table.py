@@ -88,6 +88,11 @@ for r in by_kind("fault_tolerance"):
           f"SIGKILL at {len(r['recoveries'])} seeded points: median {r['recovery_ms_median']:.0f} ms, max "
           f"{r['recovery_ms_max']:.0f} ms; same tokens in {sum(x['same_tokens'] for x in r['recoveries'])} of "
           f"{len(r['recoveries'])}")
+    if "recovery_from_kill_ms_median" in r:   # measured from the kill since [4/7]
+        print(f"recovery from the kill (the victim's last line) to its step done again: median "
+              f"{r['recovery_from_kill_ms_median']:.0f} ms, max {r['recovery_from_kill_ms_max']:.0f} ms; of it, "
+              f"detection: median {r['detection_ms_median']:.0f} ms, max {r['detection_ms_max']:.0f} ms "
+              f"(phases {', '.join(sorted({x['phase'] for x in r['recoveries']}))})")
 
 keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "wire_hidden_raw", "ttft_nolink_ms", "best_nolink_ms", "wire_ms",
         "idle_fraction", "busy_fraction",
