@@ -119,6 +119,10 @@ def parse_args(argv):
     report = commands.add_parser("report", help="text summary and PNG plots of one or more run files")
     report.add_argument("runs", nargs="+", help="run files (HDF5)")
     report.add_argument("--out", help="directory for the plots (default: next to the first run)")
+    report.add_argument("--ranks", metavar="A-B", help="figures of these ranks only (one row per rank up to 64)")
+    report.add_argument("--nodes", metavar="A-B", help="figures of the ranks on these nodes only")
+    report.add_argument("--step", type=int, metavar="K",
+                        help="timeline of step K (default: the prefill and a representative decode step)")
     predict = commands.add_parser("predict", help="the attention/MoE time predictor")
     predictions = predict.add_subparsers(dest="action", required=True)
     train = predictions.add_parser("train", help="train on the /timings of run files")
@@ -501,7 +505,7 @@ def main(argv=None) -> int:
     if args.command == "report":
         from hpcmoe.report import main as report_main
         try:
-            return report_main(args.runs, args.out)
+            return report_main(args.runs, args.out, args.ranks, args.step, args.nodes)
         except ValueError as e:
             fail(str(e))
     return 1

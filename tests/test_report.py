@@ -189,3 +189,145 @@ def test_without_matplotlib_says_what_to_install(runs):
     assert result.returncode == 2
     assert result.stderr == "hpcmoe: error: hpcmoe report needs matplotlib: pip install 'hpcmoe[plots]'\n"
     assert result.stdout == ""
+
+
+# --- at scale: figures of bounded size, partial files, the zoom flags --------------------------------
+
+def simulated(path, ranks: int, *settings: str):
+    """`hpcmoe simulate` of the debug model with one expert per rank on H100 nodes of 8 ranks."""
+    command = [sys.executable, "-m", "hpcmoe", "simulate", os.path.join(ROOT, "inputs", "debug.yaml"),
+               "--ranks", str(ranks), "--machine", os.path.join(ROOT, "machines", "h100_sxm.yaml"),
+               "--set", f"model.num_experts={ranks}", "--set", "run.max_new_tokens=3", "--set", "run.batch=32",
+               *[x for s in settings for x in ("--set", s)], "--output", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def tiled(source, path, times: int):
+    """A run file of `times` x the ranks of `source`: its ranks, nodes and experts repeated (simulating
+    1024 ranks takes ~20 s, most of it compiling the dispatch plan; the report reads the same schema)."""
+    shutil.copy(source, path)
+    with h5py.File(path, "a") as f:
+        ranks, nodes = int(f.attrs["world_size"]), np.asarray(f.attrs["node_of_rank"])
+        f.attrs["world_size"] = ranks * times
+        f.attrs["node_of_rank"] = np.concatenate([nodes + i * (nodes.max() + 1) for i in range(times)])
+        table, timings = f["placement"][:], np.concatenate([f["timings"][:] for _ in range(times)])
+        timings["rank"] += np.repeat(np.arange(times) * ranks, len(timings) // times).astype(timings["rank"].dtype)
+        copies = [np.where(table >= 0, table + i * ranks, -1) for i in range(times)]
+        replaced = {"placement": np.concatenate(copies, axis=1), "timings": timings}
+        for name in ("routing", "traffic"):  # each copy routes to its own experts: block diagonal
+            data = f[name][:]
+            replaced[name] = np.zeros(data.shape[:2] + (ranks * times, data.shape[3] * times), data.dtype)
+            for i in range(times):
+                replaced[name][:, :, i * ranks:(i + 1) * ranks, i * data.shape[3]:(i + 1) * data.shape[3]] = data
+        for name, data in replaced.items():
+            attrs = dict(f[name].attrs)
+            del f[name]
+            f[name] = data
+            f[name].attrs.update(attrs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report_big")
+    ep256 = simulated(folder / "ep256.h5", 256)
+    return {"ep256": ep256, "ep1024": tiled(ep256, folder / "ep1024.h5", 4),
+            "ma256": simulated(folder / "ma256.h5", 256, "model.heads=32", "parallel.layout=ma",
+                               "parallel.attention_ranks=32", "parallel.moe_ranks=224", "model.num_experts=224")}
+
+
+@pytest.mark.parametrize("name", ["ep256", "ep1024", "ma256"])
+def test_figures_of_bounded_size_at_scale(big, tmp_path, name):
+    from PIL import Image
+    result = report(big[name], "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = [line[len("wrote "):] for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(written) == len(PLOTS)
+    for path in written:
+        assert max(Image.open(path).size) <= 4000, path
+    lines = result.stdout.splitlines()
+    experts = [line for line in lines if line.startswith("  expert ")]
+    assert len(experts) == 16 and lines[lines.index(experts[-1]) + 1].startswith("  ... ")  # not one per expert
+    assert "  replicas per expert: 1: " in result.stdout
+
+
+def test_rows_are_nodes_past_64_ranks_and_roles_are_not_mixed():
+    from hpcmoe.report import groups
+    for layout, world in (("ep", 16), ("ep", 256), ("ep", 1024), ("ma", 256)):
+        run = {"world_size": world, "node_of_rank": np.arange(world) // 8,
+               "parallel": {"layout": layout, "attention_ranks": 32}}
+        rows = groups(run)
+        assert len(rows) <= 64
+        assert sorted(r for _, _, ranks in rows for r in ranks) == list(range(world))  # each rank once
+        for _, role, ranks in rows:
+            assert all((r < 32) == (role == "attention") for r in ranks) or layout == "ep"
+        if world <= 64:
+            assert [label for label, _, _ in rows] == [f"rank {r}" for r in range(world)]
+        else:
+            assert all(len({r // 8 for r in ranks}) * 8 == len(ranks) for _, _, ranks in rows)  # whole nodes
+
+
+def drawn(path, ranks=None, nodes=None, step=None) -> dict:
+    """{plot name: figure} of one run, drawn in this process."""
+    from hpcmoe import report as module
+    run = module.load(str(path))
+    module.choose(run, ranks, nodes, step)
+    figures = {}
+    original = module.save
+    try:
+        module.save = lambda fig, path: figures.__setitem__(path, fig)
+        for name in ("timeline", "expert_load", "traffic"):
+            getattr(module, f"plot_{name}")(run, name)
+    finally:
+        module.save = original
+    return figures
+
+
+def test_timeline_shows_prefill_and_decode_and_colours_start_at_zero(big):
+    figures = drawn(big["ma256"])
+    titles = [ax.get_title() for ax in figures["timeline"].axes]
+    assert "prefill step 0" in titles[0] and "representative decode step" in titles[1]
+    labels = [t.get_text() for t in figures["timeline"].axes[0].get_yticklabels()]
+    assert labels[0].startswith("attn node 0 (ranks 0-7)") and labels[-1].startswith("moe node 31 (ranks 248-255)")
+    legend = [t.get_text() for t in figures["timeline"].axes[0].get_legend().get_texts()]
+    assert legend.index("COMPUTE") < legend.index("experts") < legend.index("COMMUNICATION IN FLIGHT (THIN LANES)") \
+        < legend.index("dispatch_comm") < legend.index("WAITING (HATCHED)") < legend.index("dispatch_wait")
+    for name in ("expert_load", "traffic"):
+        assert figures[name].axes[0].images[0].get_clim()[0] == 0, name
+
+
+def test_ranks_nodes_and_step_zoom(big):
+    figures = drawn(big["ep256"], ranks="8-31", nodes="2-9", step=1)
+    timeline = figures["timeline"].axes[0]
+    assert [t.get_text() for t in timeline.get_yticklabels()] == [f"rank {r}" for r in range(16, 32)]
+    assert "chosen step 1" in timeline.get_title() and len(figures["timeline"].axes) == 1  # one panel
+    assert figures["traffic"].axes[0].images[0].get_array().shape == (16, 16)
+
+
+def test_partial_file_is_reported_as_partial(tmp_path):
+    assert run_job(2, tmp_path / "run.h5", "run.signal_at_step=1").returncode == 0
+    partial = tmp_path / "run.partial.h5"
+    with h5py.File(partial) as f:
+        done = int(f.attrs["stopped_at_step"])
+    result = report(partial, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"partial: yes, stopped at step {done} (steps 0-{done - 1} done so far" in result.stdout
+    titles = [ax.get_title() for fig in drawn(partial).values() for ax in fig.axes if ax.get_title()]
+    assert titles and all(f"PARTIAL: steps 0-{done - 1} only" in t for t in titles)
+    beyond = report(partial, "--step", done, "--out", tmp_path / "more")
+    assert beyond.returncode == 2 and f"--step {done}: " in beyond.stderr and "partial" in beyond.stderr
+
+
+@pytest.mark.parametrize("args, says", [(["--ranks", "5-2"], "--ranks 5-2: expected A-B"),
+                                        (["--ranks", "x"], "--ranks x: expected A-B"),
+                                        (["--ranks", "0-4"], "--ranks 0-4: "),
+                                        (["--nodes", "0-7"], "--nodes 0-7: "),
+                                        (["--step", "99"], "--step 99: ")])
+def test_bad_zoom_flags_exit_2_with_one_line(runs, tmp_path, args, says):
+    result = report(runs["ep"], *args, "--out", tmp_path / "plots")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"hpcmoe: error: {says}") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "plots").exists()
