@@ -555,7 +555,10 @@ def main(runs: list[str], out: str | None, ranks: str | None = None, step: int |
         print(summary(run), end="\n\n")
     if out:
         os.makedirs(out, exist_ok=True)
-    for function, argument, path in plots:
+    from hpcmoe.progress import Progress
+    progress = Progress("hpcmoe report", len(plots), "figures")   # on stderr: the figures' list stays clean
+    for done, (function, argument, path) in enumerate(plots):
+        progress.update(done)
         function(argument, path)
-        print(f"wrote {path}")
+        print(f"wrote {path}", flush=True)
     return 0
