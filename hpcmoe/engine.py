@@ -290,29 +290,29 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     longest = int((requests.prompt_lengths + requests.max_new_tokens).max())
     try:
         while True:
-          try:
-            if survivors is not None:   # after a recovery: the (maybe new) deputy mirrors rank 0
-                mirror = Mirror(topo.world, made)
-                mirror.hand_over(topo.world)
-            engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
-            new_rows = lambda n: engine.new_cache(n, longest)
-            cache = new_rows(0)
-            state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
-            gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
-            progress = Progress(len(requests), earlier) if topo.rank == 0 else None
-            if survivors is None:
-                if device.type != "cpu":
-                    torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
-                topo.world.Barrier()  # the common start: every timing row and TTFT count from here
-                timer.restart(time.perf_counter())
-                made.load_s = time.time() - hpcmoe.STARTED
-                CLOCK[0] = timer.now
-            done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors, mirror)
-            break
-          except (RankFailed, MPI.Exception) as error:   # MPI.Exception: a death while the engine is built
-            failed = error if isinstance(error, RankFailed) else building_failed(config, error, made, timer)
-            topo, layout, placement, survivors, earlier, writer = recover(recovery, topo, layout, placement,
-                                                                          writer, timer, made, failed, survivors)
+            try:
+                if survivors is not None:   # after a recovery: the (maybe new) deputy mirrors rank 0
+                    mirror = Mirror(topo.world, made)
+                    mirror.hand_over(topo.world)
+                engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
+                new_rows = lambda n: engine.new_cache(n, longest)
+                cache = new_rows(0)
+                state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
+                gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
+                progress = Progress(len(requests), earlier) if topo.rank == 0 else None
+                if survivors is None:
+                    if device.type != "cpu":
+                        torch.accelerator.synchronize(device)  # the model and cache are in place before the clock starts
+                    topo.world.Barrier()  # the common start: every timing row and TTFT count from here
+                    timer.restart(time.perf_counter())
+                    made.load_s = time.time() - hpcmoe.STARTED
+                    CLOCK[0] = timer.now
+                done = run_steps(config, engine, timer, state, gather, writer, progress, stop, made, survivors, mirror)
+                break
+            except (RankFailed, MPI.Exception) as error:   # MPI.Exception: a death while the engine is built
+                failed = error if isinstance(error, RankFailed) else building_failed(config, error, made, timer)
+                topo, layout, placement, survivors, earlier, writer = recover(recovery, topo, layout, placement,
+                                                                              writer, timer, made, failed, survivors)
         stop.close(done)
         if progress is not None:
             progress.update(done - 1, writer, made, last=True)
@@ -340,7 +340,9 @@ def building_failed(config: Config, error, made: Made, timer) -> RankFailed:
     the step loop would report it; any other error goes on up."""
     if not (config.run.fault_tolerance and is_failure(error)):
         raise error
-    return RankFailed(made.done, getattr(error, "where", None), timer.now())
+    failed = RankFailed(made.done, getattr(error, "where", None), timer.now())
+    failed.__cause__ = error
+    return failed
 
 
 def batch_of(config: Config, engine, requests, new_rows, cache, max_batch: int, earlier) -> "Batch":
@@ -373,8 +375,11 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
     world, kept_now, dead, where = topo.world, list(range(topo.size)), [], failed.where
     row = lambda action: [(rank, step, getattr(where, "layer", -1), getattr(where, "phase", ""), failed.detected_at,
                            timer.now(), action, made.done) for rank in dead]
+    retrying = None
     while True:   # again when a rank dies during the recovery itself: survive among those left
         shrunk, dead_here, kept_here = survive(world)
+        if retrying is not None and not dead_here:   # an MPI error in the recovery, and no one else died
+            raise retrying
         dead += [now[kept_now[r]] for r in dead_here]
         kept_now = [kept_now[r] for r in kept_here]          # this layout's ranks still alive
         kept = tuple(now[r] for r in kept_now)
@@ -394,7 +399,9 @@ def recover(recovery: Recovery, topo: Topology, layout, placement: Placement, wr
         except MPI.Exception as error:
             if not is_failure(error):
                 raise
-            world = shrunk
+            world, retrying = shrunk, error
+    if not dead:   # an error class taken for a dead peer (ERR_OTHER, ERR_PENDING) that was none: a real error
+        raise failed.__cause__ or RuntimeError(f"an MPI failure in step {failed.step}, and no rank died")
     try:
         if isinstance(layout, MALayout):
             layout = layout.survivors(kept_now)
