@@ -118,7 +118,8 @@ def parse_args(argv):
         sub.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     report = commands.add_parser("report", help="text summary and PNG plots of one or more run files")
     report.add_argument("runs", nargs="+", help="run files (HDF5)")
-    report.add_argument("--out", help="directory for the plots (default: next to the first run)")
+    report.add_argument("--output", "--out", dest="out", metavar="DIR",
+                        help="directory for the plots (default: next to the first run)")
     report.add_argument("--ranks", metavar="A-B", help="figures of these ranks only (one row per rank up to 64)")
     report.add_argument("--nodes", metavar="A-B", help="figures of the ranks on these nodes only")
     report.add_argument("--step", type=int, metavar="K",

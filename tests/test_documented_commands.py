@@ -24,7 +24,7 @@ COMMAND_WORDS = ("hpcmoe", "mpiexec", "mpirun", "timeout", "python", "make", "sb
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")  # ```yaml and ```python blocks hold no commands
 TIMEOUT = 120
 BENCH = "tests/test_bench_smoke.py::test_bench_runs_and_stores_the_documented_keys"
-FT = "tests/test_fault.py::test_a_killed_rank_is_survived_with_the_same_tokens[flat-3-1-2-dispatch]"
+FT = "tests/test_fault.py::test_a_killed_rank_is_survived_with_the_same_tokens[flat-r3s0combine]"
 
 # command as documented -> (the test that runs it, None or why it cannot run here as written).
 # "here::NAME" is SMOKE[NAME] below.
