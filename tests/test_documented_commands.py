@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import ROOT, mpiexec
 
-DOCS = ("README.md", "docs/PERFORMANCE.md", "docs/SIMULATION.md")
+DOCS = ("README.md", "docs/REFERENCE.md", "docs/PERFORMANCE.md", "docs/SIMULATION.md")
 COMMAND_WORDS = ("hpcmoe", "mpiexec", "mpirun", "timeout", "python", "make", "sbatch", "srun", "bash")
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")  # ```yaml and ```python blocks hold no commands
 TIMEOUT = 120
@@ -105,6 +105,15 @@ COMMANDS = {
     "python tools/sim_tables.py": ("here::sim_tables", None),
     "hpcmoe predict propose --machine machines/this_box.yaml inputs/bench_predict.yaml --ranks 6":
         ("here::predict_propose_machine", None),
+    # README's next steps
+    ".venv/bin/hpcmoe report runs/debug.h5 --output runs/debug_report": ("here::report_and_export", None),
+    ".venv/bin/hpcmoe export runs/debug.h5 --output runs/debug.jsonl": ("here::report_and_export", None),
+    "mpiexec -n 4 .venv/bin/hpcmoe run inputs/checkpoint.yaml --set model.checkpoint=/path/to/checkpoint "
+    "--set run.prompts=prompts.jsonl": ("here::checkpoint_config", None),
+    ".venv/bin/hpcmoe plan inputs/checkpoint.yaml --set model.checkpoint=/path/to/checkpoint --ranks 16":
+        ("here::checkpoint_config", None),
+    "sbatch jobs/debug.sbatch": ("tests/test_slurm.py::test_debug_job_completes[auto]",
+                                 "needs Slurm: submitted to the one-node Slurm of tools/slurm-local.sh when it is up"),
 }
 
 
@@ -274,6 +283,35 @@ def validate_sim(tmp_path):
     assert row["name"] == name and row["tpot_ms"]["predicted"] > 0
 
 
+def report_and_export(tmp_path):
+    """The README's first next step on a 2-rank debug run."""
+    run = tmp_path / "debug.h5"
+    shell(mpiexec(), "-n", "2", *hpcmoe(), "run", "inputs/debug.yaml", *sets("run.max_new_tokens=2"), "--output", run)
+    shown = shell(*hpcmoe(), "report", run, "--output", tmp_path / "debug_report")
+    assert "ttft_ms" in shown.stdout and (tmp_path / "debug_report" / "debug.timeline.png").exists()
+    shell(*hpcmoe(), "export", run, "--output", tmp_path / "debug.jsonl")
+    assert len((tmp_path / "debug.jsonl").read_text().splitlines()) == 6
+
+
+def checkpoint_config(tmp_path):
+    """inputs/checkpoint.yaml with a tiny checkpoint (its own tokenizer) and a prompt file of text and
+    ids: planned, run on 2 ranks, the completions decoded."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("experts route tokens to a few experts out of many on every rank\n" * 20)
+    checkpoint = tmp_path / "mixtral"
+    shell(sys.executable, "tools/make_tiny_checkpoint.py", "mixtral", checkpoint, "--tokenizer", corpus,
+          "--set", "vocab_size=320")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "q1", "prompt": "experts route tokens"}\n{"id": "q2", "prompt_ids": [1, 5, 9]}\n')
+    where = sets(f"model.checkpoint={checkpoint}", f"run.prompts={prompts}", "run.max_new_tokens=3")
+    assert "per ep rank" in shell(*hpcmoe(), "plan", "inputs/checkpoint.yaml", *where, "--ranks", "2").stdout
+    output = tmp_path / "run.h5"
+    shell(mpiexec(), "-n", "2", *hpcmoe(), "run", "inputs/checkpoint.yaml", *where, "--output", output)
+    with h5py.File(output) as f:
+        assert f.attrs["complete"] and [x.decode() for x in f["request_ids"][:]] == ["q1", "q2"]
+        assert "generated_text" in f
+
+
 def sim_tables(tmp_path):
     shown = shell(sys.executable, "tools/sim_tables.py")
     assert "| configuration | ranks |" in shown.stdout
@@ -281,7 +319,7 @@ def sim_tables(tmp_path):
 
 SMOKE = {f.__name__: f for f in (make_targets, run_model_mapping, predict_collect_train_propose,
                                  predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale,
-                                 project_sim, validate_sim, sim_tables)}
+                                 project_sim, validate_sim, sim_tables, report_and_export, checkpoint_config)}
 
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
