@@ -27,7 +27,7 @@ test-all: setup
 	HPCMOE_FT_POINTS=40 PATH=$(CURDIR)/$(BIN):$$PATH tools/run_tests.sh
 
 # make ft: a fault-tolerant MPI from pip (the Open MPI wheel, ULFM built in) in its own venv;
-# launch with .venv-ft/bin/mpirun --with-ft ulfm ... (see README: Surviving a dead rank).
+# launch with .venv-ft/bin/mpirun --with-ft ulfm ... (see docs/REFERENCE.md: Surviving a dead rank).
 $(FT_VENV)/bin/hpcmoe: setup.py constraints.txt
 	$(PYTHON) -m venv $(FT_VENV)
 	$(FT_VENV)/bin/pip install -q --upgrade pip
