@@ -120,6 +120,9 @@ def parse_args(argv):
     report.add_argument("runs", nargs="+", help="run files (HDF5)")
     report.add_argument("--output", "--out", dest="out", metavar="DIR",
                         help="directory for the plots (default: next to the first run)")
+    report.add_argument("--json", metavar="PATH", help="also write each run's figures (TTFT, ITL, latency p50/p90/p99, "
+                        "tokens/s, requests/s, wall time, ...) as JSON")
+    report.add_argument("--csv", metavar="PATH", help="the same as CSV, one row per run")
     report.add_argument("--ranks", metavar="A-B", help="figures of these ranks only (one row per rank up to 64)")
     report.add_argument("--nodes", metavar="A-B", help="figures of the ranks on these nodes only")
     report.add_argument("--step", type=int, metavar="K",
@@ -506,7 +509,7 @@ def main(argv=None) -> int:
     if args.command == "report":
         from hpcmoe.report import main as report_main
         try:
-            return report_main(args.runs, args.out, args.ranks, args.step, args.nodes)
+            return report_main(args.runs, args.out, args.ranks, args.step, args.nodes, args.json, args.csv)
         except ValueError as e:
             fail(str(e))
     return 1

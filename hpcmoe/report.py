@@ -12,6 +12,9 @@ from hpcmoe.output import is_comm, is_compute, is_wait, length, union
 
 DATASETS = ("generated", "prompt_lengths", "routing", "traffic", "placement", "timings", "metrics")
 METRICS = ("ttft_ms", "tpot_ms", "tps", "prefill_tokens_per_s", "decode_tokens_per_s",
+           "output_tokens_per_s", "prompt_tokens_per_s", "requests_per_s",
+           *(f"request_{name}_p{q}" for name in ("ttft_ms", "itl_ms", "latency_s") for q in (50, 90, 99)),
+           "wall_s", "load_s", "wall_with_load_s",
            "idle_fraction", "busy_fraction", "busy_fraction_attention", "busy_fraction_moe",
            "idle_fraction_attention", "idle_fraction_moe")
 
@@ -541,9 +544,35 @@ def choose(run: dict, ranks: str | None, nodes: str | None, step: int | None) ->
     run["step"] = step
 
 
+def figures(run: dict) -> dict:
+    """The figures users compare, of one run (run.metrics attributes, NaN where the run has none)."""
+    return {"run": run["path"], **{key: run["metrics"].get(key, float("nan")) for key in METRICS},
+            "rank_load_max_over_mean": run["metrics"].get("rank_load_max_over_mean", float("nan")),
+            "rank_load_max_over_mean_per_step": run["metrics"].get("rank_load_max_over_mean_per_step", float("nan"))}
+
+
+def write_figures(loaded: list[dict], json_path: str | None, csv_path: str | None) -> None:
+    """--json: a list of objects, one per run; --csv: a header and one row per run; the same keys."""
+    import csv
+    import json
+    rows = [figures(run) for run in loaded]
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def main(runs: list[str], out: str | None, ranks: str | None = None, step: int | None = None,
-         nodes: str | None = None) -> int:
-    """Print the summary of each run, write the plots and print their paths."""
+         nodes: str | None = None, json_path: str | None = None, csv_path: str | None = None) -> int:
+    """Print the summary of each run, write the figures (--json, --csv) and the plots, print their paths."""
+    from hpcmoe.output import check_output_path
+    for path, flag in ((json_path, "--json"), (csv_path, "--csv")):
+        if path:
+            check_output_path(path, flag, f"report.{flag[2:]}", create=False)
     loaded = [load(path) for path in runs]
     for run in loaded:
         choose(run, ranks, nodes, step)
@@ -553,6 +582,7 @@ def main(runs: list[str], out: str | None, ranks: str | None = None, step: int |
     pyplot()  # fail before printing anything when matplotlib is missing
     for run in loaded:
         print(summary(run), end="\n\n")
+    write_figures(loaded, json_path, csv_path)
     if out:
         os.makedirs(out, exist_ok=True)
     from hpcmoe.progress import Progress

@@ -331,3 +331,22 @@ def test_bad_zoom_flags_exit_2_with_one_line(runs, tmp_path, args, says):
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith(f"hpcmoe: error: {says}") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "plots").exists()
+
+
+def test_json_and_csv_give_the_figures_users_compare(runs, tmp_path):
+    """--json and --csv: one entry per run with the per-request percentiles, throughput and wall
+    times, equal to the run file's /metrics (read here apart), NaN where a run has none."""
+    import csv
+    import json
+    result = report(runs["ep"], runs["ma"], "--out", tmp_path, "--json", tmp_path / "f.json", "--csv", tmp_path / "f.csv")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "f.json").read_text())
+    table = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert [r["run"] for r in rows] == [r["run"] for r in table] == [str(runs["ep"]), str(runs["ma"])]
+    for row, line in zip(rows, table):
+        with h5py.File(row["run"]) as f:
+            attrs = f["metrics"].attrs
+            for key in ("request_ttft_ms_p99", "request_itl_ms_p50", "request_latency_s_p90", "output_tokens_per_s",
+                        "requests_per_s", "wall_with_load_s"):
+                assert row[key] == pytest.approx(float(attrs[key])) and float(line[key]) == pytest.approx(row[key])
+    assert "request_itl_ms_p99" in result.stdout   # the text summary shows them too
