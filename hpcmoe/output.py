@@ -204,18 +204,23 @@ def rank_loads(routing: np.ndarray, in_force: list, node_of_rank: list[int], tp:
     split over replicas as the dispatcher splits them. A place that hosts no expert in the table in
     force (an attention rank of ma, a spare) is NaN: it is not a rank that could be loaded. The
     receiver of the payload, not the wire: two_stage's gateways forward, they do not compute."""
-    from hpcmoe.placement import expected_rank_load, load_from_routing, placement_of
-    steps, layers = routing.shape[:2]
+    from hpcmoe.placement import placement_of, rank_load_shares
+    steps, layers, _, experts = routing.shape
     places, nodes = len(node_of_rank) // tp, list(node_of_rank)[::tp]
+    by_node = np.einsum("tlse,sn->tlne", routing.astype(float), np.eye(max(node_of_rank) + 1)[list(node_of_rank)])
     out = np.full((steps, layers, places), np.nan)
-    for step in range(steps):
-        table = [t for first, t in in_force if first <= step][-1]
+    for i, (first, table) in enumerate(in_force):   # every step at once, per placement in force
+        last = in_force[i + 1][0] if i + 1 < len(in_force) else steps
+        if first >= min(last, steps):
+            continue
         placement = placement_of(table, places, tp)
+        shares = rank_load_shares(placement, nodes)
+        orphans = shares.sum(axis=2) == 0                                   # [nodes, experts] with no replica
+        if (by_node[first:last][..., orphans] > 0).any():
+            expert = int(np.flatnonzero(orphans.any(0) & (by_node[first:last].sum((0, 1, 2)) > 0))[0])
+            raise ValueError(f"token slots sent to expert {expert}, which has no replica")
         hosting = sorted(set(placement.slot_rank))
-        for layer in range(layers):
-            tokens, _ = load_from_routing(routing[step:step + 1, layer:layer + 1], list(node_of_rank))
-            load = expected_rank_load(placement, tokens, nodes)
-            out[step, layer, hosting] = [load[p] for p in hosting]
+        out[first:last][..., hosting] = np.einsum("tlne,ner->tlr", by_node[first:last], shares)[..., hosting]
     return out
 
 

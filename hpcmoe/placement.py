@@ -137,7 +137,7 @@ def placement_of(table, places: int, tp: int = 1) -> Placement:
 
 
 def _split_tokens(placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]):
-    """Yield (src_node, dst_rank, tokens): a node's tokens for e split evenly over its candidates."""
+    """Yield (src_node, expert, dst_rank, tokens): a node's tokens for e split evenly over its candidates."""
     if len(node_of_rank) != placement.num_ranks:
         raise ValueError(f"node_of_rank has {len(node_of_rank)} entries, placement has {placement.num_ranks} ranks")
     expert_ranks = placement.expert_ranks()
@@ -148,7 +148,7 @@ def _split_tokens(placement: Placement, tokens_from_node: list[list[float]], nod
                 raise ValueError(f"node {a} sends {tokens} tokens to expert {e}, which has no replica")
             candidates = replica_split(ranks, node_of_rank.index(a), node_of_rank) if ranks else []
             for rank in candidates:
-                yield a, rank, tokens / len(candidates)
+                yield a, e, rank, tokens / len(candidates)
 
 
 def _replica_counts(num_experts: int, num_ranks: int, slots: int, load: list[float]) -> list[int]:
@@ -309,7 +309,7 @@ def link_loads(placement: Placement, tokens_from_node: list[list[float]],
     """
     nodes = _num_nodes(tokens_from_node, node_of_rank)
     loads = {(a, b): 0.0 for a in range(nodes) for b in range(nodes) if a != b}
-    for a, rank, tokens in _split_tokens(placement, tokens_from_node, node_of_rank):
+    for a, _, rank, tokens in _split_tokens(placement, tokens_from_node, node_of_rank):
         if node_of_rank[rank] != a:
             loads[(a, node_of_rank[rank])] += tokens
     return loads
@@ -329,9 +329,21 @@ def expected_rank_load(placement: Placement, tokens_from_node: list[list[float]]
     expectation that splits a source's tokens for e evenly over its candidates, as here.
     """
     out = [0.0] * placement.num_ranks
-    for _, rank, tokens in _split_tokens(placement, tokens_from_node, node_of_rank):
+    for _, _, rank, tokens in _split_tokens(placement, tokens_from_node, node_of_rank):
         out[rank] += tokens
     return out
+
+
+def rank_load_shares(placement: Placement, node_of_rank: list[int]) -> np.ndarray:
+    """[nodes, experts, ranks] the share of a node's token slots for an expert that each rank
+    receives: expected_rank_load is tokens_from_node contracted with it, for many steps at once.
+    An expert without a replica has no share (it may receive no tokens)."""
+    nodes, expert_ranks = max(node_of_rank) + 1, placement.expert_ranks()
+    ones = [[1.0 if ranks else 0.0 for ranks in expert_ranks] for _ in range(nodes)]
+    shares = np.zeros((nodes, len(expert_ranks), placement.num_ranks))
+    for a, e, rank, share in _split_tokens(placement, ones, node_of_rank):
+        shares[a, e, rank] += share
+    return shares
 
 
 def topology_aware(tokens_from_node: list[list[float]], node_of_rank: list[int]) -> Placement:

@@ -419,18 +419,12 @@ def plot_traffic(run: dict, path: str) -> None:
 def rank_load_over_steps(run: dict) -> np.ndarray:
     """[steps, places] token slots each rank (expert group) receives per step: the step's /routing on
     the placement in force (the initial one, then each switch's from its step), split over replicas
-    as the dispatcher splits them."""
-    from hpcmoe.placement import expected_rank_load, load_from_routing, placement_of
-    tp = int(run["placement_attrs"].get("expert_tp", 1))
-    nodes = [int(n) for n in run["node_of_rank"]]
-    places = run["world_size"] // tp
+    as the dispatcher splits them (output.rank_loads, summed over MoE layers; 0 where no expert)."""
+    from hpcmoe.output import rank_loads
     in_force = [(0, run["placement"][0])] + list(run["switches"])
-    rows = []
-    for step in range(run["routing"].shape[0]):
-        table = [t for first, t in in_force if first <= step][-1]
-        tokens, _ = load_from_routing(run["routing"][step:step + 1], nodes)
-        rows.append(expected_rank_load(placement_of(table, places, tp), tokens, nodes[::tp]))
-    return np.array(rows)
+    loads = rank_loads(run["routing"], in_force, [int(n) for n in run["node_of_rank"]],
+                       int(run["placement_attrs"].get("expert_tp", 1)))
+    return np.nan_to_num(loads).sum(axis=1)
 
 
 def plot_rank_load(run: dict, path: str) -> None:
