@@ -468,8 +468,6 @@ def request_lines(metrics: dict) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hpcmoe.output import check_new_output
-    from hpcmoe.topology import keep_freed_memory
-    keep_freed_memory()
     if args.command == "run":
         return command_run(args)
     if args.command == "bench":
