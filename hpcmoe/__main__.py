@@ -423,7 +423,7 @@ def check_model(config, layout, is_root: bool):
                           + (f" with {r['experts_per_rank']} expert(s) per MoE layer" if "experts_per_rank" in r
                              else "") + (f", 1/{r['expert_tp']} of each" if r.get("expert_tp", 1) > 1 else "")
                           + f", {human_bytes(r['kv_cache'])} KV cache, {human_bytes(r['activations'])} activations, "
-                            f"{human_bytes(r['runtime'])} runtime)"
+                            f"{human_bytes(r['runtime'])} runtime; {human_bytes(r['build'])} build temporary)"
                           for name, r in memory["roles"].items())
         print(f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {len(config.requests)} "
               f"requests, up to {max_batch} live per rank ({config.run.batching} batching); {roles}; "
@@ -468,8 +468,6 @@ def request_lines(metrics: dict) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hpcmoe.output import check_new_output
-    from hpcmoe.topology import keep_freed_memory
-    keep_freed_memory()
     if args.command == "run":
         return command_run(args)
     if args.command == "bench":

@@ -27,7 +27,7 @@ from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, file_loads, previous_imbalance,
                            rank_load_imbalance, request_metrics, run_attrs, step_imbalance)
 from hpcmoe.placement import Placement
-from hpcmoe.topology import STOP_REQUESTED, Topology, listen_for_stop
+from hpcmoe.topology import STOP_REQUESTED, Topology, keep_freed_memory, listen_for_stop
 
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
 
@@ -295,6 +295,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
                     mirror = Mirror(topo.world, made)
                     mirror.hand_over(topo.world)
                 engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
+                keep_freed_memory()   # from here: the build's large temporaries went back to the kernel
                 new_rows = lambda n: engine.new_cache(n, longest)
                 cache = new_rows(0)
                 state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
