@@ -403,6 +403,9 @@ def command_run(args) -> int:
     return 0
 
 
+MEMORY_MARGIN = 0.15  # measured peaks run up to this far above the estimate (docs/bench/memory.json)
+
+
 def check_model(config, layout, is_root: bool):
     """Check the checkpoint's tensors (headers only), size run.max_batch when it is not set, and
     check that each rank's share fits in memory (hpcmoe.plan: the same numbers as `hpcmoe plan`, with
@@ -434,6 +437,10 @@ def check_model(config, layout, is_root: bool):
                          f"{human_bytes(available)} is available per rank; use more ranks, fewer layers "
                          f"(--set model.num_layers=N), narrower experts (--set model.expert_hidden=N) or a "
                          f"smaller run.max_batch; `hpcmoe plan CONFIG --ranks N` tells what fits")
+    if needed * (1 + MEMORY_MARGIN) > available and is_root:
+        print(f"hpcmoe: warning: the estimate leaves less than {MEMORY_MARGIN:.0%} of the available memory free "
+              f"(measured peaks run up to {MEMORY_MARGIN:.0%} above it: tools/bench_memory.py)", file=sys.stderr,
+              flush=True)
     return load, max_batch
 
 

@@ -27,6 +27,7 @@ from hpcmoe.model import rotate_skew
 from hpcmoe.output import (RunWriter, Timer, busy_and_idle, compute_metrics, file_loads, previous_imbalance,
                            rank_load_imbalance, request_metrics, run_attrs, step_imbalance)
 from hpcmoe.placement import Placement
+from hpcmoe.plan import process_bytes, rank_estimates
 from hpcmoe.topology import STOP_REQUESTED, Topology, keep_freed_memory, listen_for_stop
 
 RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
@@ -192,6 +193,7 @@ class Made:
     step_times: dict = field(default_factory=dict)        # step -> when rank 0 last finished it
     dropped: int = 0
     load_s: float = 0.0                                   # rank 0: process start to the common start
+    runtime_bytes: int = 0                                # rank 0's resident memory before the model is built
     records: list | None = None                           # (step, records, times) of every step: rank 0, its deputy
 
     @property
@@ -280,7 +282,7 @@ def generate(config: Config, topo: Topology, layout, placement: Placement, sourc
     from mpi4py import MPI
     from hpcmoe.device import Streams
     timer = Timer(topo.rank, time.perf_counter(), Streams(device))  # rows keep the original world rank
-    made, survivors = Made(first=resume.step if resume is not None else 0), None
+    made, survivors = Made(first=resume.step if resume is not None else 0, runtime_bytes=process_bytes()), None
     recovery = Recovery(config, topo, placement, source, device, max_batch, resume)
     mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
     given = writer
@@ -706,6 +708,10 @@ def finish(config, topo, writer, records, made: Made, done: int, signalled: bool
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
     metrics["busy_fraction"] = float(per_rank["busy_fraction_per_rank"].mean())
     per_rank["peak_rss_bytes"] = np.array([r[0][0] for r in records], np.int64)
+    per_rank["memory_estimate_bytes"] = rank_estimates(config, topo.size, int(writer.file.attrs["max_batch"]),
+                                                       made.runtime_bytes)
+    metrics["memory_estimate_bytes"] = int(per_rank["memory_estimate_bytes"].max())
+    metrics["peak_over_estimate"] = float((per_rank["peak_rss_bytes"] / per_rank["memory_estimate_bytes"]).max())
     if config.parallel.layout == "ma":
         attention = config.parallel.attention_ranks
         for name in ("busy", "idle"):

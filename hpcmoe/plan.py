@@ -73,6 +73,9 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max
         width = int(prompts.max()) if r.batching == "static" else min(int(prompts.max()), r.prefill_chunk)
         return rows * width * (16 * m.hidden * itemsize + 3 * heads * longest * 4) + fed * m.vocab * 4
 
+    def expert_activations(slots: int) -> int:  # the experts' inputs, gate, up and outputs of the slots a rank receives
+        return 4 * slots * (m.hidden + m.expert_hidden) * itemsize
+
     def exchange_buffers(tokens: int) -> int:  # send and receive buffers of one exchange, k slots per token
         return 2 * tokens * m.top_k * m.hidden * itemsize
 
@@ -87,7 +90,7 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max
         routed = tokens * layout.replicas
         roles["moe"] = {"ranks": layout.moe_ranks, "weights": experts * sizes.per_expert, "kv_cache": 0,
                         "buffers": exchange_buffers(-(-routed // layout.moe_ranks)), "experts_per_rank": experts,
-                        "activations": 4 * routed * m.top_k * (m.hidden + m.expert_hidden) * itemsize // layout.moe_ranks}
+                        "activations": expert_activations(-(-routed * m.top_k // layout.moe_ranks))}
     else:
         served, tokens = largest_block(ranks)
         tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
@@ -97,7 +100,9 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max
             buffers += experts * sizes.per_expert // tp
         roles["ep"] = {"ranks": ranks, "weights": sizes.base + experts * sizes.per_expert // tp,
                        "kv_cache": served * longest * cache_bytes_per_token(m), "buffers": buffers,
-                       "activations": activations(served, tokens, m.heads), "experts_per_rank": experts, "expert_tp": tp}
+                       "activations": activations(served, tokens, m.heads) + expert_activations(
+                           -(-tokens * ranks * m.top_k * experts // m.num_experts) // tp),
+                       "experts_per_rank": experts, "expert_tp": tp}
     for role in roles.values():
         # the build's temporary is gone before the KV cache, buffers and activations exist: the larger counts
         role["runtime"], role["build"] = runtime, sizes.build
@@ -107,6 +112,16 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max
 
 
 MAX_BATCH_CAP = 1024  # the default run.max_batch never exceeds this, however much memory is free
+
+
+def rank_estimates(config: Config, ranks: int, max_batch: int, runtime: int) -> np.ndarray:
+    """-> [ranks] bytes: each rank's estimate, its role's largest rank (the start-up check's numbers),
+    stored in the run file beside the measured peak."""
+    roles = rank_memory(config, ranks, max_batch=max_batch, runtime=runtime)["roles"]
+    if "ep" in roles:
+        return np.full(ranks, roles["ep"]["total"], np.int64)
+    attention = roles["attention"]["ranks"]
+    return np.array([roles["attention" if r < attention else "moe"]["total"] for r in range(ranks)], np.int64)
 
 
 def default_max_batch(config: Config, ranks: int, memory_bytes: float, runtime: int = 0,

@@ -174,6 +174,10 @@ def test_run_file_has_the_whole_schema(tmp_path_factory):
                      "idle_fraction", "rank_load_max_over_mean"):
             assert metrics[name] > 0, name
         assert f["metrics/peak_rss_bytes"].shape == (4,) and (f["metrics/peak_rss_bytes"][:] > 2 ** 20).all()
+        # the start-up estimate beside the peak, each rank's own ([5/7]: within 15% above it, or below)
+        peak, estimate = f["metrics/peak_rss_bytes"][:], f["metrics/memory_estimate_bytes"][:]
+        assert 0.7 < (peak / estimate).min() and (peak / estimate).max() <= 1.15
+        assert np.isclose(metrics["peak_over_estimate"], (peak / estimate).max())
         steps_s = f["metrics/step_seconds"][:]
         assert np.isclose(metrics["ttft_ms"], 1e3 * steps_s[0])
         assert np.isclose(metrics["tpot_ms"], 1e3 * steps_s[1:].mean())
