@@ -469,10 +469,42 @@ def request_lines(metrics: dict) -> list[str]:
             f"{quantiles('request_itl_ms', 'ms', 2)} | end to end {quantiles('request_latency_s', 's', 3)}",
             f"output {metrics['output_tokens_per_s']:.0f} tok/s | prompt {metrics['prompt_tokens_per_s']:.0f} tok/s | "
             f"{metrics['requests_per_s']:.2f} requests/s | wall {metrics['wall_s']:.2f} s "
-            f"({metrics['wall_with_load_s']:.2f} s with {metrics['load_s']:.2f} s of start-up and model load)"]
+            f"({metrics['wall_with_load_s']:.2f} s with {metrics['load_s']:.2f} s of start-up and model load)"
+            + (f" | peak memory {metrics['peak_over_estimate']:.2f}x the start-up estimate"
+               if "peak_over_estimate" in metrics else "")]
+
+
+class ReaderMayLeave:
+    """stdout for `hpcmoe report run.h5 | head`: once the reader has gone, the rest of the text goes
+    to /dev/null and the work (the figures, the files) goes on, with no traceback."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self) -> None:
+        # the stream's own buffer is flushed at exit too: point its descriptor at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def main(argv=None) -> int:
+    if sys.stdout is sys.__stdout__ and sys.stdout is not None:   # the process's own, not a test's capture
+        sys.stdout = ReaderMayLeave(sys.stdout)
     args = parse_args(argv)
     from hpcmoe.output import check_new_output
     if args.command == "run":

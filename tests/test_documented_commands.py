@@ -99,6 +99,7 @@ COMMANDS = {
     "mpiexec -n 4 hpcmoe bench schedule inputs/bench_schedule.yaml": (f"{BENCH}[schedule]", None),
     "mpiexec -n 4 hpcmoe bench dispatch --tokens 32 --hidden 4096 --dtype bfloat16":
         (f"{BENCH}[dispatch_bf16_spin]", None),
+    "python tools/bench_memory.py": ("here::bench_memory", None),
     "python tools/project_sim.py --only c": ("here::project_sim", None),
     "python tools/project_sim.py": ("here::project_sim", None),
     "python tools/validate_sim.py": ("here::validate_sim", None),
@@ -254,6 +255,14 @@ def bench_scale(tmp_path):
     assert json.loads(out.read_text())
 
 
+def bench_memory(tmp_path):
+    """The default input at its rank count: its peak within the goal above the estimate, not far below."""
+    out = tmp_path / "memory.json"
+    shell(sys.executable, "tools/bench_memory.py", "--only", "debug", "--output", out, timeout=180)
+    run = json.loads(out.read_text())["runs"]["debug"]
+    assert run["within_goal"] and run["peak_over_estimate_min"] > 0.7, run
+
+
 def project_sim(tmp_path):
     """On a copy of docs/bench/projections.json: every point is stored (simulations are deterministic,
     keyed by settings, machine file and tools/project_sim.py's CODE), so both documented runs rebuild
@@ -318,7 +327,7 @@ def sim_tables(tmp_path):
 
 
 SMOKE = {f.__name__: f for f in (make_targets, run_model_mapping, predict_collect_train_propose,
-                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale,
+                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale, bench_memory,
                                  project_sim, validate_sim, sim_tables, report_and_export, checkpoint_config)}
 
 

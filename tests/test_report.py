@@ -350,3 +350,14 @@ def test_json_and_csv_give_the_figures_users_compare(runs, tmp_path):
                         "requests_per_s", "wall_with_load_s"):
                 assert row[key] == pytest.approx(float(attrs[key])) and float(line[key]) == pytest.approx(row[key])
     assert "request_itl_ms_p99" in result.stdout   # the text summary shows them too
+
+
+def test_a_reader_that_leaves_early_costs_no_figure(runs, tmp_path):
+    """`hpcmoe report run.h5 | head -1`: no BrokenPipeError traceback, exit 0, every figure drawn."""
+    command = (f"{sys.executable} -m hpcmoe report {runs['ep']} --output {tmp_path} | head -1; "
+               f"exit ${{PIPESTATUS[0]}}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("run: ") and result.stdout.count("\n") == 1
+    assert_pngs([tmp_path / f"ep.{name}.png" for name in PLOTS])

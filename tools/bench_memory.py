@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,8 @@ def deepseek_checkpoint(directory: str) -> None:
 
 def measure(name: str, ranks: int, sets: list[str], workdir: str) -> dict:
     output = os.path.join(workdir, f"{name.replace(':', '_')}.h5")
-    command = ["timeout", "900", "mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcmoe", "run",
+    mpiexec = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    command = ["timeout", "900", mpiexec, "-n", str(ranks), sys.executable, "-m", "hpcmoe", "run",
                os.path.join(HERE, "inputs", f"{name.split(':')[0]}.yaml"), "--output", output, "--overwrite",
                *[a for s in sets for a in ("--set", s)]]
     print("+", " ".join(command), flush=True)
@@ -69,7 +71,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="these inputs only")
     parser.add_argument("--output", "--out", help="write the results here (JSON)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     args = parser.parse_args()
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        parser.error(f"--output {args.output} exists: pass --overwrite to replace it")
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.only or RUNS:
@@ -91,7 +96,9 @@ def main() -> int:
     print(f"worst peak/estimate {worst:.3f} (goal <= {GOAL})")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"benchmark": "memory", "goal_peak_over_estimate": GOAL, "runs": results}, f, indent=1)
+            json.dump({"benchmark": "memory", "what": "peak RSS per rank against the start-up estimate, every input in "
+                       "inputs/ and a DeepSeek-V3-shaped FP8 checkpoint", "goal_peak_over_estimate": GOAL,
+                       "runs": results}, f, indent=1)
     return 0
 
 

@@ -101,7 +101,7 @@ keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "wire_hidden_raw", "ttft_nol
         "experts_ms_per_layer", "weight_read_ms_per_layer"]
 for r in results:
     if r.get("benchmark") in (None, "dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
-                          "experts", "batching"):
+                          "experts", "batching", "memory"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
@@ -135,3 +135,13 @@ for r in by_kind("experts"):  # tools/gpu_check.sh: docs/bench/gpu/experts.json
     for key, value in r["derived"].items():
         print(f"| {key} | {value:.3f} |")
     print(f"\ngoal: {r['goal']}")
+
+for r in by_kind("memory"):
+    print(f"\n### memory ({r['file']}): {r['what']}: `python tools/bench_memory.py`\n")
+    print("| input | ranks | peak MiB (largest rank) | estimate MiB (largest rank) | peak / estimate, min to max |")
+    print("|---|---|---|---|---|")
+    for name, m in r["runs"].items():
+        print(f"| {name} | {m['ranks']} | {max(m['peak_mib']):.0f} | {max(m['estimate_mib']):.0f} | "
+              f"{m['peak_over_estimate_min']:.2f} to {m['peak_over_estimate_max']:.2f} |")
+    worst = max(m["peak_over_estimate_max"] for m in r["runs"].values())
+    print(f"\nworst peak / estimate {worst:.3f} (goal <= {r['goal_peak_over_estimate']})")
