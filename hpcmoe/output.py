@@ -151,12 +151,15 @@ def length(intervals) -> float:
 
 
 def minus(intervals: list[tuple[float, float]], removed: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Merged intervals with the merged `removed` cut out of them."""
-    out, holes = [], union(removed)
+    """Merged intervals with the merged `removed` cut out of them. One pass over both, sorted: a
+    run of 20,000 requests has a million timing rows."""
+    out, holes, first = [], union(removed), 0
     for start, end in union(intervals):
-        for hole_start, hole_end in holes:
-            if hole_end <= start or hole_start >= end:
-                continue
+        while first < len(holes) and holes[first][1] <= start:   # holes before this interval, and the next
+            first += 1
+        for hole_start, hole_end in holes[first:]:
+            if hole_start >= end:
+                break
             if hole_start > start:
                 out.append((start, hole_start))
             start = max(start, hole_end)
@@ -175,8 +178,11 @@ def busy_and_idle(timings: np.ndarray, ranks: int) -> dict[str, np.ndarray]:
         if not len(rows):
             continue
         loop = max(float(rows["end"].max()), 1e-12)
-        waits = [(r["start"], r["end"]) for r in rows if is_wait(r["phase"])]
-        busy[rank] = length(minus([(r["start"], r["end"]) for r in rows if is_compute(r["phase"])], waits)) / loop
+        phases = np.unique(rows["phase"])
+        spans = lambda kind: list(zip(*(rows[np.isin(rows["phase"], [p for p in phases if kind(p)])][key].tolist()
+                                        for key in ("start", "end"))))
+        waits = spans(is_wait)
+        busy[rank] = length(minus(spans(is_compute), waits)) / loop
         idle[rank] = length(union(waits)) / loop
     return {"busy_fraction_per_rank": busy, "idle_fraction_per_rank": idle}
 
