@@ -123,6 +123,8 @@ def parse_args(argv):
     report.add_argument("--json", metavar="PATH", help="also write each run's figures (TTFT, ITL, latency p50/p90/p99, "
                         "tokens/s, requests/s, wall time, ...) as JSON")
     report.add_argument("--csv", metavar="PATH", help="the same as CSV, one row per run")
+    report.add_argument("--overwrite", action="store_true", help="replace existing plots, --json and --csv "
+                        "(refused otherwise)")
     report.add_argument("--ranks", metavar="A-B", help="figures of these ranks only (one row per rank up to 64)")
     report.add_argument("--nodes", metavar="A-B", help="figures of the ranks on these nodes only")
     report.add_argument("--step", type=int, metavar="K",
@@ -546,7 +548,8 @@ def main(argv=None) -> int:
     if args.command == "report":
         from hpcmoe.report import main as report_main
         try:
-            return report_main(args.runs, args.out, args.ranks, args.step, args.nodes, args.json, args.csv)
+            return report_main(args.runs, args.out, args.ranks, args.step, args.nodes, args.json, args.csv,
+                               args.overwrite)
         except ValueError as e:
             fail(str(e))
     return 1

@@ -561,16 +561,21 @@ def write_figures(loaded: list[dict], json_path: str | None, csv_path: str | Non
 
 
 def main(runs: list[str], out: str | None, ranks: str | None = None, step: int | None = None,
-         nodes: str | None = None, json_path: str | None = None, csv_path: str | None = None) -> int:
-    """Print the summary of each run, write the figures (--json, --csv) and the plots, print their paths."""
-    from hpcmoe.output import check_output_path
+         nodes: str | None = None, json_path: str | None = None, csv_path: str | None = None,
+         overwrite: bool = False) -> int:
+    """Print the summary of each run, write the figures (--json, --csv) and the plots, print their
+    paths. Existing files are refused before any work unless `overwrite`."""
+    from hpcmoe.output import check_new_output, check_output_path
     for path, flag in ((json_path, "--json"), (csv_path, "--csv")):
         if path:
             check_output_path(path, flag, f"report.{flag[2:]}", create=False)
+            check_new_output(path, overwrite, flag)
     loaded = [load(path) for path in runs]
     for run in loaded:
         choose(run, ranks, nodes, step)
     plots = plot_paths(loaded, out)
+    for _, _, path in plots:
+        check_new_output(path, overwrite, "--output")
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: not a directory")
     pyplot()  # fail before printing anything when matplotlib is missing

@@ -361,3 +361,13 @@ def test_a_reader_that_leaves_early_costs_no_figure(runs, tmp_path):
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert result.stdout.startswith("run: ") and result.stdout.count("\n") == 1
     assert_pngs([tmp_path / f"ep.{name}.png" for name in PLOTS])
+
+
+def test_a_second_report_refuses_to_replace_the_first_unless_overwrite(runs, tmp_path):
+    assert report(runs["ep"], "--out", tmp_path).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = report(runs["ep"], "--out", tmp_path, "--json", tmp_path / "f.json")
+    assert again.returncode == 2 and again.stdout == "" and len(again.stderr.splitlines()) == 1, again.stderr
+    assert "--overwrite" in again.stderr and not (tmp_path / "f.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    assert report(runs["ep"], "--out", tmp_path, "--overwrite").returncode == 0
