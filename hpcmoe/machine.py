@@ -56,6 +56,10 @@ FIGURES = {  # name -> what it is (the unit is in the name)
     "memory bandwidth, the OS's other work); 0 for one rank per GPU",
     **{f"fixed_us.{phase}": f"engine cost outside the modelled math, {meaning}" for phase, meaning in FIXED_MEANING.items()},
 }
+OPTIONAL = {  # name -> what it is; absent: the default said
+    "inter_node.nics_per_node": "network cards of a node, shared by its ranks in turn (rank i uses card i mod "
+    "this; absent: one per rank, as DeepSeek's and the seeds' GPU nodes have)",
+}
 RATIOS = ("mfu", "bandwidth_efficiency")
 RATES = ("tflops", "gb_per_s", "compute_units_per_node", "decode_rows_below", "memory_gb", "quantum")  # > 0, not just >= 0
 
@@ -84,6 +88,7 @@ class Machine:
     first_step_slowdown: float
     shared_node_slowdown: float
     fixed: dict                  # phase -> seconds
+    nics_per_node: int = 0       # 0: one network card per rank
 
     def collective_seconds(self, ranks: int) -> float:
         """A small non-blocking collective among `ranks` ranks (Bruck-like: log2 rounds)."""
@@ -116,6 +121,10 @@ def check(raw, where: str) -> None:
         if value < 0 or (value == 0 and any(r in name for r in RATES)):
             raise ValueError(f"{where}: figure {name} is {value}; expected a number {'>' if value == 0 else '>='} 0 "
                              f"({meaning})")
+    for name, meaning in OPTIONAL.items():
+        value = figure(raw, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: figure {name} is {value!r}; expected a whole number >= 1 ({meaning})")
 
 
 def load_machine(path: str) -> Machine:
@@ -148,7 +157,8 @@ def machine_from(raw: dict, where: str = "machine") -> Machine:
         collective_s=1e-6 * raw["collective_latency_us"], sleep_overshoot_s=1e-6 * raw["sleep_overshoot_us"],
         quantum_s=1e-6 * raw["scheduler_quantum_us"], first_step_slowdown=float(raw["first_step_slowdown"]),
         shared_node_slowdown=float(raw["shared_node_slowdown"]),
-        fixed={phase: 1e-6 * raw["fixed_us"][phase] for phase in PHASES})
+        fixed={phase: 1e-6 * raw["fixed_us"][phase] for phase in PHASES},
+        nics_per_node=int(figure(raw, "inter_node.nics_per_node") or 0))
 
 
 def write_machine(path: str, raw: dict, header: str) -> None:

@@ -195,7 +195,7 @@ class Simulation:
         self.mails: dict = {}
         self.collectives: dict = {}
         self.awaiting_progress: dict = {}  # rank -> collectives waiting for its next MPI call
-        self.free_at: dict = {}          # (rank, link) -> when its queue is free
+        self.free_at: dict = {}          # (rank, "emulated") -> when its emulated link is free
         self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
         self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
         self.rows: list = []
@@ -207,6 +207,17 @@ class Simulation:
         self.token_times: list[float] = []
         self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
         self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
+        # the queues messages take, out of and into each rank: its own inside a node; across nodes
+        # its node's network card, one per rank unless the machine file has inter_node.nics_per_node
+        self.ports = {"intra": np.arange(ranks), "inter": np.arange(ranks)}
+        if machine.nics_per_node:
+            index_on_host = np.zeros(ranks, np.int64)
+            for host in set(self.host_of_rank):
+                on_host = np.flatnonzero(self.hosts == host)
+                index_on_host[on_host] = np.arange(len(on_host))
+            self.ports["inter"] = self.hosts * machine.nics_per_node + index_on_host % machine.nics_per_node
+        self.free_out = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
+        self.free_in = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
         self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
         self.is_ma = isinstance(self.layout, MALayout)
         # synthetic routing without drift: the same law in every layer and step (plans made once per rank and n)
@@ -386,9 +397,19 @@ class Simulation:
         for link, mask in (("intra", same_host), ("inter", ~same_host)):
             if mask.any():
                 latency, bandwidth = m.intra if link == "intra" else m.inter
-                ends, self.free_at[src, link] = queue(self.free_at.get((src, link), 0.0), sent[mask],
-                                                      nbytes[mask] / bandwidth)
-                delivered[mask] = ends + latency
+                durations, port = nbytes[mask] / bandwidth, self.ports[link][src]
+                ends, self.free_out[link][port] = queue(self.free_out[link][port], sent[mask], durations)
+                # the receiving end takes one message at a time too: many senders into one rank (or
+                # one shared card) queue there, after the last byte has left its sender
+                into, free_in = self.ports[link][dsts[mask]], self.free_in[link]
+                if len(np.unique(into)) == len(into):
+                    got = np.maximum(ends, free_in[into] + durations)
+                    free_in[into] = got
+                else:   # ranks of one node behind one card: one after another
+                    got = np.empty(len(into))
+                    for i, (card, end, duration) in enumerate(zip(into, ends, durations)):
+                        free_in[card] = got[i] = max(end, free_in[card] + duration)
+                delivered[mask] = got + latency
         if m.device == "cuda" and p.cuda_aware_mpi is False:
             delivered += 2 * nbytes / m.host_link_bytes_per_s
         emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)

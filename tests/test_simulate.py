@@ -249,3 +249,40 @@ def test_the_simulator_counts_the_slots_its_routing_drops(tmp_path):
     assert capped["dropped_token_slots"] > 0 and free["dropped_token_slots"] == 0
     with h5py.File(tmp_path / "capped.h5") as f:
         assert f["metrics"].attrs["dropped_token_slots"] == capped["dropped_token_slots"]
+
+
+def network(ranks: int, ranks_per_node: int, **inter):
+    """A Simulation of `ranks` ranks on nodes of `ranks_per_node` over a 1 GB/s, 50 us network."""
+    from hpcmoe.simulate import Simulation
+    raw = machine(one_box=False, compute_units_per_node=ranks_per_node,
+                  inter_node={"latency_us": 50, "gb_per_s": 1, **inter})
+    config = load_config(DEBUG_CONFIG, [f"parallel.ranks_per_node={ranks_per_node}", f"model.num_experts={ranks}"])
+    return Simulation(config, machine_from(raw), ranks)
+
+
+def test_eight_senders_into_one_rank_queue_at_its_card():
+    """Receiver contention: ranks 1-8, each on its own node, send 1 MB to rank 0 at once: its card
+    takes one message at a time, so the k-th is in at 50 us + k ms (without the receiver's queue
+    every one was in at 50 us + 1 ms)."""
+    sim = network(9, 1)
+    for source in range(1, 9):
+        sim.send(("test",), source, [0], 1e6, 0.0)
+    arrived = np.sort(sim.mail(("test",)).times[1:9, 0])
+    assert arrived == pytest.approx(50e-6 + 1e-3 * np.arange(1, 9), rel=1e-12)
+
+
+@pytest.mark.parametrize("nics, expected", [(None, [1, 1, 1, 1]), (1, [1, 2, 3, 4]), (2, [1, 1, 2, 2])])
+def test_ranks_of_a_node_share_its_network_cards(nics, expected):
+    """Ranks 0-3 (node 0) each send 1 MB to their peer on node 1 at once: one card per rank by
+    default (each in at 50 us + 1 ms); one card for the node: one after another; two: two at a time."""
+    sim = network(8, 4, **({"nics_per_node": nics} if nics else {}))
+    for source in range(4):
+        sim.send(("test",), source, [4 + source], 1e6, 0.0)
+    arrived = np.sort([sim.mail(("test",)).times[s, 4 + s] for s in range(4)])
+    assert arrived == pytest.approx(50e-6 + 1e-3 * np.array(expected), rel=1e-12)
+
+
+def test_a_bad_optional_figure_is_one_clear_error(tmp_path):
+    raw = machine(inter_node={"latency_us": 50, "gb_per_s": 1, "nics_per_node": 0})
+    with pytest.raises(ValueError, match=r"figure inter_node.nics_per_node is 0; expected a whole number >= 1"):
+        machine_from(raw)
