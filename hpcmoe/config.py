@@ -550,10 +550,12 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
             require(value in ("auto", None), f"parallel.{name}: {value!r} with an auto split; set both to auto "
                                              f"(the predictor chooses attention_ranks + moe_ranks = world size)")
         require(p.predictor is not None,
-                "parallel.attention_ranks: auto needs parallel.predictor: PATH, a predictor made by "
+                "parallel.attention_ranks: auto needs parallel.predictor: PATH, a machine file (every split "
+                "simulated on it, e.g. machines/this_box.yaml from `hpcmoe calibrate`) or a predictor made by "
                 "`hpcmoe predict train RUN.h5 ... --out PATH` from runs of `hpcmoe predict collect`")
-        require(os.path.isfile(p.predictor), f"parallel.predictor: {p.predictor!r} is not a file; make one with "
-                                             f"`hpcmoe predict train RUN.h5 ... --out {p.predictor}`")
+        require(os.path.isfile(p.predictor), f"parallel.predictor: {p.predictor!r} is not a file; give a machine "
+                                             f"file (`hpcmoe calibrate --output {p.predictor}` for a .yaml) or "
+                                             f"a predictor (`hpcmoe predict train RUN.h5 ... --out {p.predictor}`)")
         return  # the rest is checked once the predictor has chosen (hpcmoe.predict.choose_split)
     for name, value in (("attention_ranks", a), ("moe_ranks", e)):
         require(value is None or isinstance(value, int), f"parallel.{name}: expected an integer or auto, got {value!r}")

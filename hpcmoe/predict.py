@@ -235,7 +235,31 @@ def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> di
 
 
 def save(model: Predictor, machine: dict, runs: list[str], out: str) -> None:
-    torch.save({"state_dict": model.state_dict(), "machine": machine, "trained_on": runs}, out)
+    torch.save({"state_dict": model.state_dict(), "machine": machine, "trained_on": runs,
+                "fitted_ranges": fitted_ranges(runs)}, out)
+
+
+def fitted_ranges(runs: list[str]) -> dict:
+    """{ranks, batch, prompt_length: [lowest, highest]} over the training runs (their run files; the
+    ranks from the timing rows where the file does not say)."""
+    import h5py
+    seen = {"ranks": [], "batch": [], "prompt_length": []}
+    for path in runs:
+        with h5py.File(path, "r") as f:
+            seen["ranks"].append(int(f.attrs["world_size"]) if "world_size" in f.attrs
+                                 else len(np.unique(f["timings"]["rank"])))
+            seen["batch"].append(len(f["prompt_lengths"]))
+            seen["prompt_length"].append(int(f["prompt_lengths"][:].max()))
+    return {name: [min(values), max(values)] for name, values in seen.items()}
+
+
+def load_ranges(path: str) -> dict:
+    """The fitted ranges saved with a predictor ({} for a file saved before they were)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    return saved.get("fitted_ranges", {})
 
 
 def load(path: str) -> tuple[Predictor, dict]:
@@ -277,22 +301,58 @@ def refusal(error: Exception) -> str:
 
 
 def choose_split(config, world_size: int):
-    """parallel.attention_ranks: auto -> the config with the predictor's split of `world_size` ranks,
-    and one line saying what it chose and why."""
+    """parallel.attention_ranks: auto -> the config with the chosen split of `world_size` ranks, and
+    one line saying what chose it and why. parallel.predictor a machine file (YAML): every split is
+    simulated on it with the engine's schedule (hpcmoe.sim_output.propose); a file of `hpcmoe
+    predict train`: the trained predictor's times, with a warning outside the runs it was fitted on."""
     import dataclasses
     from hpcmoe.config import validate
     p = config.parallel
-    model, machine = load(p.predictor)
-    proposal = propose(model, config, world_size, machine)
+    if is_machine_file(p.predictor):
+        from hpcmoe.sim_output import propose as simulate_splits
+        proposal = simulate_splits(config, world_size, p.predictor)
+        by = f"simulated on {p.predictor} (machine {proposal['machine']})"
+        side = f"TPOT {proposal['predicted_tpot_ms']:.2f} ms"
+        warning = ""
+    else:
+        model, machine = load(p.predictor)
+        proposal = propose(model, config, world_size, machine)
+        by = f"predicted by {p.predictor}"
+        side = (f"its decode step: attention {proposal['predicted_attention_ms']:.2f} ms, "
+                f"MoE {proposal['predicted_moe_ms']:.2f} ms")
+        warning = outside_training(p.predictor, config, world_size, proposal)
     chosen = dataclasses.replace(p, attention_ranks=proposal["attention_ranks"], moe_ranks=proposal["moe_ranks"])
     config = dataclasses.replace(config, parallel=chosen)
     validate(config)
     options = ", ".join(f"{split} {ms:.1f} ms" for split, ms in proposal["options"].items())
     why = (f"hpcmoe: parallel.attention_ranks=auto: {proposal['attention_ranks']} attention : {proposal['moe_ranks']} "
-           f"MoE ranks (heads per attention rank {proposal['heads_per_rank']}), the fastest predicted generation "
-           f"by {p.predictor} ({options}); its decode step: attention {proposal['predicted_attention_ms']:.2f} ms, "
-           f"MoE {proposal['predicted_moe_ms']:.2f} ms")
+           f"MoE ranks (heads per attention rank {proposal['heads_per_rank']}), the fastest generation {by} "
+           f"({options}); {side}{warning}")
     return config, why
+
+
+def is_machine_file(path: str) -> bool:
+    return path.endswith((".yaml", ".yml"))
+
+
+def outside_training(path: str, config, world_size: int, proposal: dict) -> str:
+    """'' or a warning: a trained predictor's times for ranks, batch or prompt lengths outside the
+    runs it was fitted on (from their config, stored in the file) are extrapolated, and a predictor
+    that answers the same time for every split tells nothing."""
+    times = list(proposal["options"].values())
+    if len(times) > 1 and max(times) - min(times) <= 1e-6 * max(max(times), 1e-12):
+        raise ValueError(f"parallel.predictor: {path} predicts the same time ({times[0]:.1f} ms) for every split "
+                         f"of {world_size} ranks: it cannot choose; use a machine file (the simulator) or "
+                         f"set parallel.attention_ranks and moe_ranks")
+    fitted = load_ranges(path)
+    if not fitted:
+        return ""
+    batch = len(config.requests)
+    prompt = int(config.requests.prompt_lengths.max())
+    outside = [f"{name} {value} (fitted on {low}..{high})" for name, value, (low, high) in
+               (("ranks", world_size, fitted["ranks"]), ("batch", batch, fitted["batch"]),
+                ("prompt length", prompt, fitted["prompt_length"])) if not low <= value <= high]
+    return ("; WARNING: outside the runs it was fitted on: " + ", ".join(outside)) if outside else ""
 
 
 def splits(config, ranks: int) -> list[tuple[int, int]]:

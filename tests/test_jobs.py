@@ -202,8 +202,8 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
     (["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=2", "model.heads=1", "model.kv_heads=1"],
      "hpcmoe: error: model.heads (1) must be >= attention ranks per replica (2)"),
     (["parallel.layout=ma", "parallel.attention_ranks=auto", "parallel.moe_ranks=auto"],
-     "hpcmoe: error: parallel.attention_ranks: auto needs parallel.predictor: PATH, a predictor made by "
-     "`hpcmoe predict train"),
+     "hpcmoe: error: parallel.attention_ranks: auto needs parallel.predictor: PATH, a machine file (every split "
+     "simulated on it"),
     (["model.num_experts=2", "model.top_k=1", "parallel.placement=one_per_rank"],
      "hpcmoe: error: parallel.placement=one_per_rank needs model.num_experts (2) == world size (4)"),
     (["parallel.expert_tp=3"], "hpcmoe: error: parallel.expert_tp (3) must divide model.expert_hidden (128)"),

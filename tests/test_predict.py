@@ -3,6 +3,8 @@
 The synthetic runs here follow a known law, so they test the machinery, not the predictor's worth:
 its error on real runs (split by run, against the roofline) is measured by tools/bench_predict.py
 and reported in docs/PERFORMANCE.md."""
+import os
+
 import h5py
 import yaml
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from hpcmoe import predict
 from hpcmoe.config import load_config
 from hpcmoe.output import TIMING_DTYPE
-from tests.conftest import DEBUG_CONFIG
+from tests.conftest import DEBUG_CONFIG, ROOT
 
 MACHINE = {"memory_bandwidth": 10.0, "peak_gflops": 50.0}
 
@@ -145,6 +147,41 @@ def test_auto_split_asks_the_predictor_and_says_why(tmp_path):
         parallel = yaml.safe_load(f.attrs["config"])["parallel"]
     assert parallel["attention_ranks"] + parallel["moe_ranks"] == 4 and isinstance(parallel["attention_ranks"], int)
     assert f"{parallel['attention_ranks']} attention : {parallel['moe_ranks']} MoE ranks" in line
+
+
+def test_auto_split_by_the_simulator_says_so_and_takes_its_fastest_split(tmp_path):
+    """parallel.predictor a machine file: every split simulated with the engine's schedule; the run
+    takes the split sim_output.propose ranks first, and its line names the machine file."""
+    from hpcmoe.sim_output import propose
+    from tests.conftest import run_job
+    machine = os.path.join(ROOT, "machines", "this_box.yaml")
+    settings = ["parallel.layout=ma", "parallel.attention_ranks=auto", "parallel.moe_ranks=auto",
+                f"parallel.predictor={machine}"]
+    result = run_job(4, tmp_path / "run.h5", *settings)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "parallel.attention_ranks=auto:" in line]
+    expected = propose(load_config(DEBUG_CONFIG, settings[:1] + ["parallel.attention_ranks=1",
+                                                                 "parallel.moe_ranks=1"]), 4, machine)
+    with h5py.File(tmp_path / "run.h5") as f:
+        parallel = yaml.safe_load(f.attrs["config"])["parallel"]
+    assert (parallel["attention_ranks"], parallel["moe_ranks"]) == (expected["attention_ranks"], expected["moe_ranks"])
+    assert f"simulated on {machine}" in line and "WARNING" not in line
+
+
+def test_a_trained_predictor_warns_outside_its_runs_and_refuses_when_it_cannot_tell(tmp_path):
+    runs = [synthetic_run(tmp_path / f"r{i}.h5", batch, 16, seed=i) for i, batch in enumerate([2, 4])]
+    x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, MACHINE) for r in runs)))
+    path = str(tmp_path / "predictor.pt")
+    predict.save(predict.train(x, y, epochs=50), MACHINE, runs, path)
+    assert predict.load_ranges(path) == {"ranks": [2, 2], "batch": [2, 4], "prompt_length": [16, 16]}
+    inside = load_config(DEBUG_CONFIG, ["run.batch=4", "run.prompt_len=16", "run.prompt_len_min=16"])
+    options = {"options": {"1:1": 3.0}}
+    assert predict.outside_training(path, inside, 2, options) == ""
+    outside = load_config(DEBUG_CONFIG, ["run.batch=16", "run.prompt_len=16", "run.prompt_len_min=16"])
+    warning = predict.outside_training(path, outside, 8, {"options": {"1:7": 3.0, "2:6": 4.0}})
+    assert warning == "; WARNING: outside the runs it was fitted on: ranks 8 (fitted on 2..2), batch 16 (fitted on 2..4)"
+    with pytest.raises(ValueError, match=r"predicts the same time \(0.0 ms\) for every split of 8 ranks"):
+        predict.outside_training(path, inside, 8, {"options": {"1:7": 0.0, "2:6": 0.0}})
 
 
 def test_a_step_on_shared_cores_takes_every_ranks_work_over_the_cores():
