@@ -369,8 +369,10 @@ def calibrate(out: str, config_path: str) -> dict:
     from hpcmoe.machine import write_machine
     check_inputs(out, config_path)
     started = time.perf_counter()
-    kernels = measure_kernels()
-    print(f"hpcmoe calibrate: kernels measured ({time.perf_counter() - started:.0f} s)", flush=True)
+    kernels, spread = repeated(measure_kernels, REPEATS)
+    widest = max(spread, key=spread.get)
+    print(f"hpcmoe calibrate: kernels measured {REPEATS} times ({time.perf_counter() - started:.0f} s): medians "
+          f"kept; the widest spread {spread[widest]:.0f}% ({widest}; max - min over the median)", flush=True)
     with tempfile.TemporaryDirectory(prefix="hpcmoe-calibrate-") as work:
         launch(mpi_command(2, "hpcmoe.calibrate", "probe", os.path.join(work, "links.json"), timeout=120))
         with open(os.path.join(work, "links.json")) as f:
@@ -398,8 +400,27 @@ def calibrate(out: str, config_path: str) -> dict:
               f"({', '.join(CALIBRATION_RUN)}) and a wider model at -n 2; step, resume and the first step fitted\n"
               "against simulations of those runs; gateway, reduce and gather are not in them and are taken from\n"
               "similar calls. This box is shared: its speed drifts by tens of percent within minutes.")
+    raw["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    raw["spread_percent"] = spread
     write_machine(out, raw, header)
     return raw
+
+
+def repeated(measure, times: int) -> tuple[dict, dict]:
+    """`measure()` (a nested dict of figures) `times` times -> (the median of each figure, its spread:
+    100 x (max - min) / median, by dotted name). This box's speed moves by tens of percent within
+    minutes (two calibrations 40 minutes apart differed 24x in the bfloat16 GEMM rate): one sample
+    of each figure could be anywhere in that."""
+    samples = [measure() for _ in range(times)]
+
+    def combine(parts: list, name: str, spread: dict):
+        if isinstance(parts[0], dict):
+            return {key: combine([p[key] for p in parts], f"{name}.{key}" if name else key, spread) for key in parts[0]}
+        median = float(np.median(parts))
+        spread[name] = 100 * (max(parts) - min(parts)) / median if median else 0.0
+        return median
+    spread: dict = {}
+    return combine(samples, "", spread), spread
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "probe":

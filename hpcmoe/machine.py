@@ -89,6 +89,7 @@ class Machine:
     shared_node_slowdown: float
     fixed: dict                  # phase -> seconds
     nics_per_node: int = 0       # 0: one network card per rank
+    measured_at: str = ""        # calibrated files: when
 
     def collective_seconds(self, ranks: int) -> float:
         """A small non-blocking collective among `ranks` ranks (Bruck-like: log2 rounds)."""
@@ -121,6 +122,12 @@ def check(raw, where: str) -> None:
         if value < 0 or (value == 0 and any(r in name for r in RATES)):
             raise ValueError(f"{where}: figure {name} is {value}; expected a number {'>' if value == 0 else '>='} 0 "
                              f"({meaning})")
+    if "measured_at" in raw and not isinstance(raw["measured_at"], str):
+        raise ValueError(f"{where}: measured_at is {raw['measured_at']!r}; expected a date and time as text")
+    spread = raw.get("spread_percent", {})
+    if not isinstance(spread, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+                                           for v in spread.values()):
+        raise ValueError(f"{where}: spread_percent must map figure names to numbers >= 0")
     for name, meaning in OPTIONAL.items():
         value = figure(raw, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -158,7 +165,13 @@ def machine_from(raw: dict, where: str = "machine") -> Machine:
         quantum_s=1e-6 * raw["scheduler_quantum_us"], first_step_slowdown=float(raw["first_step_slowdown"]),
         shared_node_slowdown=float(raw["shared_node_slowdown"]),
         fixed={phase: 1e-6 * raw["fixed_us"][phase] for phase in PHASES},
-        nics_per_node=int(figure(raw, "inter_node.nics_per_node") or 0))
+        nics_per_node=int(figure(raw, "inter_node.nics_per_node") or 0), measured_at=str(raw.get("measured_at", "")))
+
+
+def yaml_number(value: float, digits: int = 6) -> str:
+    """A float as YAML reads it back as one: PyYAML takes 1e+09 for text, 1.0e+09 for a number."""
+    text = f"{float(value):.{digits}g}"
+    return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
 
 
 def write_machine(path: str, raw: dict, header: str) -> None:
@@ -174,6 +187,11 @@ def write_machine(path: str, raw: dict, header: str) -> None:
             if section not in written:
                 written.add(section)
                 lines.append(f"{'  ' * (depth - 1)}{parts[depth - 1]}:")
-        lines.append(f"{'  ' * (len(parts) - 1)}{parts[-1]}: {float(figure(raw, name)):.6g}   # {meaning}")
+        lines.append(f"{'  ' * (len(parts) - 1)}{parts[-1]}: {yaml_number(figure(raw, name))}   # {meaning}")
+    if "measured_at" in raw:
+        lines.append(f"measured_at: '{raw['measured_at']}'   # when `hpcmoe calibrate` measured it")
+    if raw.get("spread_percent"):
+        lines.append("spread_percent:   # of each measured figure over its repeats: 100 x (max - min) / median")
+        lines += [f"  {name}: {yaml_number(value, 3)}" for name, value in raw["spread_percent"].items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

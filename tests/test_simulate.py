@@ -286,3 +286,21 @@ def test_a_bad_optional_figure_is_one_clear_error(tmp_path):
     raw = machine(inter_node={"latency_us": 50, "gb_per_s": 1, "nics_per_node": 0})
     with pytest.raises(ValueError, match=r"figure inter_node.nics_per_node is 0; expected a whole number >= 1"):
         machine_from(raw)
+
+
+def test_calibration_keeps_the_median_of_its_repeats_and_writes_their_spread_and_date(tmp_path):
+    from hpcmoe.calibrate import repeated
+    from hpcmoe.machine import load_machine, write_machine
+    samples = iter([{"gemm_tflops": {"float32": 1.0}, "memory_gb_per_s": 10.0},
+                    {"gemm_tflops": {"float32": 3.0}, "memory_gb_per_s": 10.0},
+                    {"gemm_tflops": {"float32": 2.0}, "memory_gb_per_s": 10.0}])
+    medians, spread = repeated(lambda: next(samples), 3)
+    assert medians == {"gemm_tflops": {"float32": 2.0}, "memory_gb_per_s": 10.0}
+    assert spread == {"gemm_tflops.float32": pytest.approx(100.0), "memory_gb_per_s": 0.0}
+    raw = machine(measured_at="2026-12-05T13:00:00+0000", spread_percent=spread)
+    write_machine(str(tmp_path / "m.yaml"), raw, "test")
+    assert load_machine(str(tmp_path / "m.yaml")).measured_at == "2026-12-05T13:00:00+0000"
+    with open(tmp_path / "m.yaml") as f:
+        assert yaml.safe_load(f)["spread_percent"] == {"gemm_tflops.float32": 100, "memory_gb_per_s": 0}
+    with pytest.raises(ValueError, match="spread_percent must map figure names to numbers >= 0"):
+        machine_from(machine(spread_percent={"gemm_tflops.float32": -1}))
