@@ -358,10 +358,7 @@ def command_run(args) -> int:
         ENABLED[0] = True
     try:
         if config.parallel.layout == "ma" and "auto" in (config.parallel.attention_ranks, config.parallel.moe_ranks):
-            from hpcmoe.predict import choose_split
-            config, why = choose_split(config, world.Get_size())
-            if world.Get_rank() == 0:
-                print(why, file=sys.stderr, flush=True)
+            config = split_on_rank_0(world, config)
         layout = ParallelLayout.from_config(config, world.Get_size())
         resume = None
         if args.resume and os.path.abspath(args.resume) == os.path.abspath(config.output.path + ".tmp"):
@@ -403,6 +400,28 @@ def command_run(args) -> int:
     if RECOVERED[0]:
         leave(0)  # MPI finalization can hang after a failure
     return 0
+
+
+def split_on_rank_0(world, config):
+    """parallel.attention_ranks: auto: rank 0 chooses the split (simulating every split, or asking a
+    trained predictor) and says why; every rank takes its choice, or its error."""
+    from hpcmoe.config import validate
+    from hpcmoe.predict import choose_split
+    chosen = None
+    if world.Get_rank() == 0:
+        try:
+            made, why = choose_split(config, world.Get_size())
+            chosen = (made.parallel.attention_ranks, made.parallel.moe_ranks, None)
+            print(why, file=sys.stderr, flush=True)
+        except ValueError as e:
+            chosen = (None, None, str(e))
+    attention, moe, problem = world.bcast(chosen, root=0)
+    if problem is not None:
+        raise ValueError(problem)
+    config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, attention_ranks=attention,
+                                                                      moe_ranks=moe))
+    validate(config)
+    return config
 
 
 MEMORY_MARGIN = 0.15  # measured peaks run up to this far above the estimate (docs/bench/memory.json)

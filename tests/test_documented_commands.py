@@ -52,6 +52,9 @@ COMMANDS = {
     "mpiexec -n 8 hpcmoe run inputs/debug.yaml --set parallel.layout=ma --set parallel.attention_ranks=auto "
     "--set parallel.moe_ranks=auto --set parallel.predictor=predictor.pt":
         ("tests/test_predict.py::test_auto_split_asks_the_predictor_and_says_why", None),
+    "mpiexec -n 6 hpcmoe run inputs/bench_predict.yaml --set parallel.attention_ranks=auto "
+    "--set parallel.moe_ranks=auto --set parallel.predictor=machines/this_box.yaml":
+        ("tests/test_predict.py::test_auto_split_by_the_simulator_says_so_and_takes_its_fastest_split", None),
     "mpiexec -n 6 hpcmoe run inputs/debug.yaml --set model.router_skew=4 --set run.skew_drift=6 "
     "--set 'parallel.rebalance={every_steps: 2, window_steps: 2}'":
         ("tests/test_rebalance.py::test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit"
@@ -100,6 +103,7 @@ COMMANDS = {
     "mpiexec -n 4 hpcmoe bench dispatch --tokens 32 --hidden 4096 --dtype bfloat16":
         (f"{BENCH}[dispatch_bf16_spin]", None),
     "python tools/bench_memory.py": ("here::bench_memory", None),
+    "python tools/bench_split.py": ("here::bench_split", None),
     "python tools/project_sim.py --only c": ("here::project_sim", None),
     "python tools/project_sim.py": ("here::project_sim", None),
     "python tools/validate_sim.py": ("here::validate_sim", None),
@@ -263,6 +267,16 @@ def bench_memory(tmp_path):
     assert run["within_goal"] and run["peak_over_estimate_min"] > 0.7, run
 
 
+def bench_split(tmp_path):
+    """Every split of 2 ranks (there is one) run once, the simulator's choice scored, the table drawn."""
+    out = tmp_path / "split.json"
+    shell(sys.executable, "tools/bench_split.py", "--ranks", "2", "--reps", "1", "--output", out, timeout=180)
+    row = json.loads(out.read_text())["ranks"]["2"]
+    assert row["best"] == "1:1" and row["simulator"] == {"chosen": "1:1", "chosen_over_best": 1.0}
+    shown = shell(sys.executable, "tools/bench_table.py", tmp_path).stdout
+    assert "### split (split.json)" in shown
+
+
 def project_sim(tmp_path):
     """On a copy of docs/bench/projections.json: every point is stored (simulations are deterministic,
     keyed by settings, machine file and tools/project_sim.py's CODE), so both documented runs rebuild
@@ -327,7 +341,7 @@ def sim_tables(tmp_path):
 
 
 SMOKE = {f.__name__: f for f in (make_targets, run_model_mapping, predict_collect_train_propose,
-                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale, bench_memory,
+                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale, bench_memory, bench_split,
                                  project_sim, validate_sim, sim_tables, report_and_export, checkpoint_config)}
 
 

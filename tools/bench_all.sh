@@ -30,6 +30,7 @@ run mpiexec -n 16 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-nod
 run python tools/bench_predict.py --out $out/predict.json --work runs/predict
 run python tools/bench_batching.py --prompts 20000 --ranks 4 --max-batch 64 --out $out/batching.json
 run python tools/bench_memory.py --output $out/memory.json
+run python tools/bench_split.py --output $out/split.json
 # One rank against transformers: the tiny checkpoints of the issue (hidden 512, 4 layers, 8 / 16 experts)
 checkpoints=$(mktemp -d)
 python tools/make_tiny_checkpoint.py mixtral "$checkpoints/mixtral" --set hidden_size=512 --set num_hidden_layers=4 \

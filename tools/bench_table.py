@@ -101,7 +101,7 @@ keys = ["ttft_ms", "tpot_ms", "tps", "wire_hidden", "wire_hidden_raw", "ttft_nol
         "experts_ms_per_layer", "weight_read_ms_per_layer"]
 for r in results:
     if r.get("benchmark") in (None, "dispatch", "transformers", "reduce", "control", "scale", "predict", "fault_tolerance",
-                          "experts", "batching", "memory"):
+                          "experts", "batching", "memory", "split"):
         continue
     shown = [k for k in keys if any(k in m for m in r["median"].values())]
     print(f"\n### {r['benchmark']} ({r['file']}): {r['what']}\n")
@@ -145,3 +145,15 @@ for r in by_kind("memory"):
               f"{m['peak_over_estimate_min']:.2f} to {m['peak_over_estimate_max']:.2f} |")
     worst = max(m["peak_over_estimate_max"] for m in r["runs"].values())
     print(f"\nworst peak / estimate {worst:.3f} (goal <= {r['goal_peak_over_estimate']})")
+
+for r in by_kind("split"):
+    print(f"\n### split ({r['file']}): {r['what']}: `python tools/bench_split.py`, faster of {r['reps']} runs\n")
+    choosers = [name for name in ("simulator", "predictor") if name in next(iter(r["ranks"].values()))]
+    print("| ranks | measured TPOT ms per split | best | " + " | ".join(f"{c} chose (x best)" for c in choosers) + " |")
+    print("|---|---|---|" + "---|" * len(choosers))
+    for ranks, row in r["ranks"].items():
+        measured = ", ".join(f"{split} {ms:.1f}" for split, ms in row["measured_tpot_ms"].items())
+        chose = " | ".join(f"{row[c]['chosen']} ({row[c]['chosen_over_best']:.3f})" for c in choosers)
+        print(f"| {ranks} | {measured} | {row['best']} | {chose} |")
+    print("\nworst chosen / best: " + ", ".join(f"{k} {v:.3f}" for k, v in r["worst"].items())
+          + f" (goal <= {r['goal_chosen_over_best']})")
