@@ -8,6 +8,12 @@ directory = sys.argv[1] if len(sys.argv) > 1 else "docs/bench"
 results = [json.load(open(path)) | {"file": os.path.basename(path)} for path in sorted(glob.glob(f"{directory}/*.json"))]
 by_kind = lambda kind: [r for r in results if r.get("benchmark") == kind]  # projections etc. have their own docs
 
+
+def header(*columns: str) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 for r in by_kind("control"):
     print(f"### control path ({r['file']}): {r['what']}\n")
     print("| ranks | flat ms | two-stage stage 1 ms | per_layer exchange ms | per_source exchange ms |\n|---|---|---|---|---|")
@@ -138,8 +144,7 @@ for r in by_kind("experts"):  # tools/gpu_check.sh: docs/bench/gpu/experts.json
 
 for r in by_kind("memory"):
     print(f"\n### memory ({r['file']}): {r['what']}: `python tools/bench_memory.py`\n")
-    print("| input | ranks | peak MiB (largest rank) | estimate MiB (largest rank) | peak / estimate, min to max |")
-    print("|---|---|---|---|---|")
+    header("input", "ranks", "peak MiB (largest rank)", "estimate MiB (largest rank)", "peak / estimate, min to max")
     for name, m in r["runs"].items():
         print(f"| {name} | {m['ranks']} | {max(m['peak_mib']):.0f} | {max(m['estimate_mib']):.0f} | "
               f"{m['peak_over_estimate_min']:.2f} to {m['peak_over_estimate_max']:.2f} |")
@@ -149,8 +154,7 @@ for r in by_kind("memory"):
 for r in by_kind("split"):
     print(f"\n### split ({r['file']}): {r['what']}: `python tools/bench_split.py`, faster of {r['reps']} runs\n")
     choosers = [name for name in ("simulator", "predictor") if name in next(iter(r["ranks"].values()))]
-    print("| ranks | measured TPOT ms per split | best | " + " | ".join(f"{c} chose (x best)" for c in choosers) + " |")
-    print("|---|---|---|" + "---|" * len(choosers))
+    header("ranks", "measured TPOT ms per split", "best", *(f"{c} chose (x best)" for c in choosers))
     for ranks, row in r["ranks"].items():
         measured = ", ".join(f"{split} {ms:.1f}" for split, ms in row["measured_tpot_ms"].items())
         chose = " | ".join(f"{row[c]['chosen']} ({row[c]['chosen_over_best']:.3f})" for c in choosers)
