@@ -341,8 +341,9 @@ def sim_tables(tmp_path):
 
 
 SMOKE = {f.__name__: f for f in (make_targets, run_model_mapping, predict_collect_train_propose,
-                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale, bench_memory, bench_split,
-                                 project_sim, validate_sim, sim_tables, report_and_export, checkpoint_config)}
+                                 predict_propose_machine, calibrate_inputs, simulate_steady_decode, bench_scale,
+                                 bench_memory, bench_split, project_sim, validate_sim, sim_tables, report_and_export,
+                                 checkpoint_config)}
 
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
