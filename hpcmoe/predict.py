@@ -221,7 +221,7 @@ def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> di
     machine = machine_profile()
     x, y, _ = map(np.concatenate, zip(*(samples_from_run(r, machine) for r in runs)))
     model = train(x, y, epochs)
-    save(model, machine, runs, out)
+    save(model, machine, runs, out, fitted_ranges(runs))
     report = {"samples": len(x), "train_error": relative_error(model.predict_ms(x), y)}
     print(f"hpcmoe predict: trained on {len(x)} (rank, step) samples of {len(runs)} runs -> {out}")
     if test:
@@ -234,9 +234,10 @@ def command_train(runs: list[str], out: str, test: list[str], epochs: int) -> di
     return report
 
 
-def save(model: Predictor, machine: dict, runs: list[str], out: str) -> None:
+def save(model: Predictor, machine: dict, runs: list[str], out: str, ranges: dict | None = None) -> None:
+    """ranges: fitted_ranges of the runs (auto splits outside them are warned about)."""
     torch.save({"state_dict": model.state_dict(), "machine": machine, "trained_on": runs,
-                "fitted_ranges": fitted_ranges(runs)}, out)
+                "fitted_ranges": ranges or {}}, out)
 
 
 def fitted_ranges(runs: list[str]) -> dict:

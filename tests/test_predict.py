@@ -172,7 +172,7 @@ def test_a_trained_predictor_warns_outside_its_runs_and_refuses_when_it_cannot_t
     runs = [synthetic_run(tmp_path / f"r{i}.h5", batch, 16, seed=i) for i, batch in enumerate([2, 4])]
     x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, MACHINE) for r in runs)))
     path = str(tmp_path / "predictor.pt")
-    predict.save(predict.train(x, y, epochs=50), MACHINE, runs, path)
+    predict.save(predict.train(x, y, epochs=50), MACHINE, runs, path, predict.fitted_ranges(runs))
     assert predict.load_ranges(path) == {"ranks": [2, 2], "batch": [2, 4], "prompt_length": [16, 16]}
     inside = load_config(DEBUG_CONFIG, ["run.batch=4", "run.prompt_len=16", "run.prompt_len_min=16"])
     options = {"options": {"1:1": 3.0}}
