@@ -64,7 +64,8 @@ def rank_memory(config: Config, ranks: int, sizes: ModelSizes | None = None, max
     experts = max(len(placement.experts_of_rank(r)) for r in moe_ranks)
 
     def largest_block(parts: int) -> tuple[int, int]:  # (live requests, tokens fed) of the fullest step of a rank
-        share = np.sort(prompts[:parts])[::-1] if parts > len(prompts) else np.sort(prompts[0::parts])[::-1]
+        # the requests go round-robin (rank r: r, r + parts, ...); past one each, a rank has at most one
+        share = np.sort(prompts[0::parts])[::-1] if parts <= len(prompts) else prompts.max(keepdims=True)
         rows = min(max_batch, len(share))
         fed = int(share[:rows].sum())
         return rows, fed if r.batching == "static" else min(fed, rows - 1 + r.prefill_chunk)
