@@ -109,6 +109,7 @@ class Predictor(nn.Module):
         self.net = nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
         self.register_buffer("mean", torch.zeros(5))
         self.register_buffer("std", torch.ones(5))
+        self.fitted_ranges: dict = {}   # of the runs it was trained on (fitted_ranges), as saved
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net((torch.log1p(features) - self.mean) / self.std)
@@ -254,15 +255,6 @@ def fitted_ranges(runs: list[str]) -> dict:
     return {name: [min(values), max(values)] for name, values in seen.items()}
 
 
-def load_ranges(path: str) -> dict:
-    """The fitted ranges saved with a predictor ({} for a file saved before they were)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-    return saved.get("fitted_ranges", {})
-
-
 def load(path: str) -> tuple[Predictor, dict]:
     """A file of `save`: plain tensors, numbers and strings, read with torch.load(weights_only=True),
     which refuses any other object (unpickling one could run code); ValueError in one line otherwise."""
@@ -287,6 +279,7 @@ def load(path: str) -> tuple[Predictor, dict]:
     if not isinstance(machine, dict) or not all(isinstance(machine.get(name), (int, float)) for name in figures):
         raise ValueError(f"{where}: its machine figures ({', '.join(figures)}) are missing; make it again with "
                          f"`hpcmoe predict train`")
+    model.fitted_ranges = saved.get("fitted_ranges", {})   # {} in a file saved before they were
     return model.eval(), machine
 
 
@@ -321,7 +314,7 @@ def choose_split(config, world_size: int):
         by = f"predicted by {p.predictor}"
         side = (f"its decode step: attention {proposal['predicted_attention_ms']:.2f} ms, "
                 f"MoE {proposal['predicted_moe_ms']:.2f} ms")
-        warning = outside_training(p.predictor, config, world_size, proposal)
+        warning = outside_training(p.predictor, model.fitted_ranges, config, world_size, proposal)
     chosen = dataclasses.replace(p, attention_ranks=proposal["attention_ranks"], moe_ranks=proposal["moe_ranks"])
     config = dataclasses.replace(config, parallel=chosen)
     validate(config)
@@ -336,16 +329,15 @@ def is_machine_file(path: str) -> bool:
     return path.endswith((".yaml", ".yml"))
 
 
-def outside_training(path: str, config, world_size: int, proposal: dict) -> str:
+def outside_training(path: str, fitted: dict, config, world_size: int, proposal: dict) -> str:
     """'' or a warning: a trained predictor's times for ranks, batch or prompt lengths outside the
-    runs it was fitted on (from their config, stored in the file) are extrapolated, and a predictor
-    that answers the same time for every split tells nothing."""
+    runs it was fitted on (`fitted`: its fitted_ranges) are extrapolated, and a predictor that
+    answers the same time for every split tells nothing."""
     times = list(proposal["options"].values())
     if len(times) > 1 and max(times) - min(times) <= 1e-6 * max(max(times), 1e-12):
         raise ValueError(f"parallel.predictor: {path} predicts the same time ({times[0]:.1f} ms) for every split "
                          f"of {world_size} ranks: it cannot choose; use a machine file (the simulator) or "
                          f"set parallel.attention_ranks and moe_ranks")
-    fitted = load_ranges(path)
     if not fitted:
         return ""
     batch = len(config.requests)

@@ -173,15 +173,16 @@ def test_a_trained_predictor_warns_outside_its_runs_and_refuses_when_it_cannot_t
     x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, MACHINE) for r in runs)))
     path = str(tmp_path / "predictor.pt")
     predict.save(predict.train(x, y, epochs=50), MACHINE, runs, path, predict.fitted_ranges(runs))
-    assert predict.load_ranges(path) == {"ranks": [2, 2], "batch": [2, 4], "prompt_length": [16, 16]}
+    fitted = predict.load(path)[0].fitted_ranges
+    assert fitted == {"ranks": [2, 2], "batch": [2, 4], "prompt_length": [16, 16]}
     inside = load_config(DEBUG_CONFIG, ["run.batch=4", "run.prompt_len=16", "run.prompt_len_min=16"])
     options = {"options": {"1:1": 3.0}}
-    assert predict.outside_training(path, inside, 2, options) == ""
+    assert predict.outside_training(path, fitted, inside, 2, options) == ""
     outside = load_config(DEBUG_CONFIG, ["run.batch=16", "run.prompt_len=16", "run.prompt_len_min=16"])
-    warning = predict.outside_training(path, outside, 8, {"options": {"1:7": 3.0, "2:6": 4.0}})
+    warning = predict.outside_training(path, fitted, outside, 8, {"options": {"1:7": 3.0, "2:6": 4.0}})
     assert warning == "; WARNING: outside the runs it was fitted on: ranks 8 (fitted on 2..2), batch 16 (fitted on 2..4)"
     with pytest.raises(ValueError, match=r"predicts the same time \(0.0 ms\) for every split of 8 ranks"):
-        predict.outside_training(path, inside, 8, {"options": {"1:7": 0.0, "2:6": 0.0}})
+        predict.outside_training(path, fitted, inside, 8, {"options": {"1:7": 0.0, "2:6": 0.0}})
 
 
 def test_a_step_on_shared_cores_takes_every_ranks_work_over_the_cores():
