@@ -195,7 +195,6 @@ class Simulation:
         self.mails: dict = {}
         self.collectives: dict = {}
         self.awaiting_progress: dict = {}  # rank -> collectives waiting for its next MPI call
-        self.free_at: dict = {}          # (rank, "emulated") -> when its emulated link is free
         self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
         self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
         self.rows: list = []
@@ -218,6 +217,7 @@ class Simulation:
             self.ports["inter"] = self.hosts * machine.nics_per_node + index_on_host % machine.nics_per_node
         self.free_out = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
         self.free_in = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
+        self.free_out["emulated"] = np.zeros(ranks)   # parallel.link: each rank's own, queued at the sender only
         self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
         self.is_ma = isinstance(self.layout, MALayout)
         # synthetic routing without drift: the same law in every layer and step (plans made once per rank and n)
@@ -414,7 +414,7 @@ class Simulation:
             delivered += 2 * nbytes / m.host_link_bytes_per_s
         emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)
         if emulated.any():  # comm.Link: stamped when posted, queued behind this rank's earlier messages
-            ends, self.free_at[src, "emulated"] = queue(self.free_at.get((src, "emulated"), 0.0), sent[emulated],
+            ends, self.free_out["emulated"][src] = queue(self.free_out["emulated"][src], sent[emulated],
                                                         nbytes[emulated] * 8 / (p.link.bandwidth_gbps * 1e9))
             delivered[emulated] = np.maximum(delivered[emulated], ends + p.link.latency_us * 1e-6)
         box = self.mail(key)
