@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
@@ -57,6 +58,9 @@ def init_mpi():
         sys.stderr.write(f"hpcmoe: rank {world.Get_rank()}: unhandled {kind.__name__}, aborting the job\n{text}")
         sys.stderr.flush()
         sys.stdout.flush()
+        # the launcher forwards our pipes asynchronously and stops reading once the abort reaches it:
+        # under load the traceback above was lost; give it a moment to be read
+        time.sleep(0.5)
         world.Abort(1)
 
     sys.excepthook = abort_on_exception
