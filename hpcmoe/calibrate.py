@@ -6,8 +6,9 @@ minute in all:
    dtype, prefill-shaped (FLOP/s, the median of three shapes) and decode-shaped (4 rows: weight
    bytes per second); attention (masked SDPA, as the engine calls it) against sequence length:
    prefill FLOP/s from the growth between two lengths, decode KV bytes per second likewise; copy
-   bandwidth; the engine's own attention profiled for its passes over the activations (elementwise
-   rate); how long time.sleep overshoots; the OS's time slice (one more busy process than cores);
+   bandwidth; the decode GEMM's rate against its rows and the weights a step reads (decode_rates:
+   in the cache or streamed); the engine's own attention profiled for its passes over the activations
+   (elementwise rate); how long time.sleep overshoots; the OS's time slice (one more busy process than cores);
 2. `mpiexec -n 2 python -m hpcmoe.calibrate probe OUT`: ping-pong latency and bandwidth between two
    ranks, a two-rank Ialltoall, and the engine's own cost of posting a message (comm.Sender.send,
    comm.Receives);
@@ -90,7 +91,38 @@ def measure_kernels() -> dict:
     asked = 20e-6
     found["sleep_overshoot_us"] = 1e6 * (seconds_per_call(lambda: time.sleep(asked), 0.02) - asked)
     found["elementwise_gb_per_s"] = elementwise_rate()
+    found["decode_rates"] = decode_rates(found["gemm_decode_gb_per_s"]["float32"])
     found["scheduler_quantum_us"] = scheduler_quantum_us()
+    return found
+
+
+DECODE_POOLS_MIB = (4, 16, 64)   # weights a decode step reads: in the cache, about its size, streamed
+DECODE_ROWS = (1, 4, 8, 16, 24)   # rows of a decode-shaped GEMM (per expert for the grouped kernel)
+
+
+def decode_rates(reference: float) -> dict:
+    """Decode kernels (float32) cycling over pools of 4 MiB of weights, as a step reads each layer's
+    weights once: a F.linear, and the grouped experts' bmm (4 experts, as MoE.run_grouped), at
+    DECODE_ROWS rows -> {kernel: {rows: {pool MiB: weight bytes/s over `reference`}}}
+    (gemm_decode_gb_per_s.float32). Measured here, weights GB/s: 1 row 55 in the cache, 14 streamed;
+    16 rows 7 and 6; the bmm about 0.6x of that once streamed (a 32 MiB L3 shared with the box)."""
+    import torch
+    import torch.nn.functional as F
+    kernels = {"linear": (lambda rows: torch.randn(rows, 1024), (1024, 1024), F.linear),
+               "grouped": (lambda rows: torch.randn(4, rows, 256), (4, 1024, 256),
+                           lambda x, w: torch.bmm(x, w.transpose(1, 2)))}
+    found: dict = {}
+    for kernel, (rows_of, shape, run) in kernels.items():
+        for mib in DECODE_POOLS_MIB:
+            pool, turn = [torch.randn(shape) for _ in range(mib // 4)], [0]
+            for rows in DECODE_ROWS:
+                x = rows_of(rows)
+
+                def call():
+                    turn[0] = (turn[0] + 1) % len(pool)
+                    run(x, pool[turn[0]])
+                rate = 4 * 2 ** 20 / seconds_per_call(call, 0.03) / 1e9
+                found.setdefault(kernel, {}).setdefault(rows, {})[mib] = rate / reference
     return found
 
 
@@ -253,8 +285,10 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
     how much longer the same calls take at -n 2, both cores busy, the median over SAME_WORK)."""
     from hpcmoe.costs import Costs
     from hpcmoe.machine import PHASES, machine_from
-    costs = Costs(config.model, machine_from(machine_raw(kernels, links, {phase: 0.0 for phase in PHASES})))
+    from hpcmoe.model import parameter_bytes
     m, batch = config.model, len(config.requests)
+    machine = machine_from(machine_raw(kernels, links, {phase: 0.0 for phase in PHASES}))
+    costs, costs_two = Costs(m, machine, parameter_bytes(m, 0)[0]), Costs(m, machine, two_rank_weights(m))
     half = -(-batch // 2)                     # the -n 2 run's fuller rank, one decode token each
     context = max(len(r.prompt_ids) for r in config.requests) + config.steps // 2
     slowdown = max(0.0, float(np.median([two[phase] / one[phase] for phase in SAME_WORK])) - 1)
@@ -263,7 +297,7 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
              "dispatch_post": costs.dispatch_post(batch * m.top_k), "shared_experts": 0.0}
     fixed = {phase: max(0.0, one[phase] - seconds) for phase, seconds in alone.items()}
     slots = np.array([[half * m.top_k // m.num_experts] * (m.num_experts // 2)])   # one source's rows, -n 2
-    together = {"combine": costs.combine(half), "experts": float(costs.experts(slots)[0])}
+    together = {"combine": costs_two.combine(half), "experts": float(costs_two.experts(slots)[0])}
     fixed.update({phase: max(0.0, two[phase] / (1 + slowdown) - seconds) for phase, seconds in together.items()})
     fixed["message"] = 1e-6 * links["message_us"]
     fixed["counts"] = max(0.0, two["dispatch_post"] / (1 + slowdown) - one["dispatch_post"] - 2 * fixed["message"])
@@ -275,6 +309,35 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
     return {phase: 1e6 * seconds for phase, seconds in fixed.items()}, slowdown
 
 
+SCALED_PHASES = ("embed", "attention", "mlp", "route", "lm_head")   # a rank's own work, every step
+
+
+def two_rank_weights(m) -> int:
+    """Weight bytes two ep ranks of this box read each step: all but the experts twice, the experts once."""
+    from hpcmoe.model import parameter_bytes
+    whole, base = parameter_bytes(m, 0)
+    return whole + base
+
+
+def fixed_scale(raw: dict, config, wide_config, wide: dict) -> dict:
+    """fixed_by_working_set: 1 at the debug model's -n 2 weights (its runs gave fixed_us); at the wide
+    model's, the multiplier of fixed_us with which the wide -n 2 runs' SCALED_PHASES take their
+    measured time (less shared_node_slowdown): its weights stream past the cache and evict the
+    engine's own code and data, so its per-call overheads grow (measured here: about 1.5x)."""
+    from hpcmoe.costs import Costs
+    from hpcmoe.machine import machine_from
+    small, large = two_rank_weights(config.model), two_rank_weights(wide_config.model)
+    m, batch = wide_config.model, len(wide_config.requests)
+    half, costs = -(-batch // 2), Costs(wide_config.model, machine_from(raw), large)
+    context = max(len(r.prompt_ids) for r in wide_config.requests) + wide_config.steps // 2
+    modelled = {"embed": costs.embed(half, 1), "attention": costs.attention(half, 1, context, m.heads, m.kv_heads),
+                "mlp": costs.mlp(half), "route": costs.route(half), "lm_head": costs.lm_head(half, m.vocab)}
+    fixed = sum(costs.fixed[phase] for phase in SCALED_PHASES)
+    measured = sum(wide[phase] for phase in SCALED_PHASES) / (1 + raw["shared_node_slowdown"])
+    multiplier = max(0.1, (measured - sum(modelled.values()) + fixed) / fixed)
+    return {small / 2 ** 20: 1.0, large / 2 ** 20: multiplier} if large > small else {}
+
+
 def machine_raw(kernels: dict, links: dict, fixed_us: dict) -> dict:
     """The machine file's figures from the measurements (measured rates: efficiencies 1.0)."""
     from hpcmoe.topology import available_memory
@@ -283,6 +346,7 @@ def machine_raw(kernels: dict, links: dict, fixed_us: dict) -> dict:
     return {"name": "this_box", "device": "cpu", "one_box": True, "compute_units_per_node": cores,
             "device_memory_gb": available_memory() / 1e9, "gemm_tflops": kernels["gemm_tflops"],
             "gemm_decode_gb_per_s": kernels["gemm_decode_gb_per_s"], "decode_rows_below": 32,
+            "decode_rates": kernels["decode_rates"],
             "attention_tflops": kernels["attention_tflops"], "attention_gb_per_s": kernels["attention_gb_per_s"],
             "memory_gb_per_s": kernels["memory_gb_per_s"], "elementwise_gb_per_s": kernels["elementwise_gb_per_s"],
             "host_link_gb_per_s": kernels["memory_gb_per_s"], "mfu": 1.0, "bandwidth_efficiency": 1.0,
@@ -390,7 +454,9 @@ def calibrate(out: str, config_path: str) -> dict:
         fixed, shared_node_slowdown = fixed_costs(kernels, links, one, two, config)
         raw = machine_raw(kernels, links, fixed)
         raw["shared_node_slowdown"] = shared_node_slowdown
-        fit_step_costs(raw, config, one, two, load_config(config_path, CALIBRATION_RUN + WIDE).on_device("cpu"), wide)
+        wide_config = load_config(config_path, CALIBRATION_RUN + WIDE).on_device("cpu")
+        raw["fixed_by_working_set"] = fixed_scale(raw, config, wide_config, wide)
+        fit_step_costs(raw, config, one, two, wide_config, wide)
     header = (f"This machine, measured by `hpcmoe calibrate` on {time.strftime('%Y-%m-%d %H:%M')} in "
               f"{time.perf_counter() - started:.0f} s ({os.uname().nodename}, {raw['compute_units_per_node']} cores).\n"
               "Rates of one thread (a rank's share of a core); efficiencies 1.0 because they are measured.\n"

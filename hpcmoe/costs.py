@@ -5,9 +5,10 @@ every phase it schedules; nothing here knows about time or ranks.
 Shapes as the engine runs them: attention on the micro-batch padded to [b, t] new positions over
 s visible keys (the mask is applied inside a dense kernel), MLPs and experts on the valid rows.
 A GEMM of m rows costs max(FLOPs / rate, weight bytes / bandwidth), the bandwidth by shape class
-(m < decode_rows_below: decode-shaped, the rate at which such GEMMs stream their weights; else the
-memory bandwidth). Passes over activations (norms, rotary, residual adds, the gathers and sums of
-the exchange) go at the elementwise rate. Expert calls follow MoE.run_experts: small groups as two
+(m < decode_rows_below: decode-shaped, the rate at which such GEMMs stream their weights, faster
+while the weights that ranks sharing a cache read each step fit in it; else the memory bandwidth).
+Passes over activations (norms, rotary, residual adds, the gathers and sums of the exchange) go at
+the elementwise rate. Expert calls follow MoE.run_experts: small groups as two
 batched GEMMs over every hosted expert, else one GEMM chain per hit expert; FP8 experts are
 dequantized per call into the model dtype (1 byte read, then written and read in that dtype).
 """
@@ -18,19 +19,29 @@ import numpy as np
 from hpcmoe.machine import Machine
 from hpcmoe.model import MoE
 
+# phases whose fixed cost runs between the model's weight reads (machine.fixed_factor scales them);
+# the step's record, the file append and MPI posting run apart from them
+AMONG_WEIGHTS = ("embed", "attention", "mlp", "route", "shared_experts", "dispatch_post", "experts", "combine",
+                 "gateway", "reduce", "gather", "lm_head")
 ELEMENTWISE_PASSES = 12  # norms, rotary, cache writes, residual adds around one attention: passes over [rows, H]
 
 
 class Costs:
     """Seconds of each phase for one model (config.model with its dtype resolved) on one machine."""
 
-    def __init__(self, model, machine: Machine):
+    def __init__(self, model, machine: Machine, weights_per_cache: float = 0.0):
+        """weights_per_cache: bytes of weights the ranks sharing a cache read each step (their sum):
+        whether decode GEMMs find them in the cache (Machine.decode_rate_factors), and how much of the
+        engine's own code and data they evict (Machine.fixed_factor)."""
         self.m, self.machine = model, machine
         self.item = 2 if model.dtype_name == "bfloat16" else 4
         self.rate = machine.gemm_flops[model.dtype_name]
         self.decode_weights = machine.gemm_decode_bytes_per_s[model.dtype_name]
+        self.decode_factors = {kernel: machine.decode_rate_factors(weights_per_cache, kernel)
+                               for kernel in ("linear", "grouped")}
         self.attention_rate = machine.attention_flops[model.dtype_name]
-        self.fixed = machine.fixed
+        scale = machine.fixed_factor(weights_per_cache)
+        self.fixed = {phase: seconds * (scale if phase in AMONG_WEIGHTS else 1.0) for phase, seconds in machine.fixed.items()}
         # bytes per weight an expert call reads: FP8 (MXFP4: 4.25 bits) is read, written in the model
         # dtype, read again
         quantized = 1 if model.fp8_block else 4.25 / 8 if model.mxfp4 else 0
@@ -42,10 +53,12 @@ class Costs:
     def activations(self, nbytes):
         return np.asarray(nbytes, float) / self.machine.elementwise_bytes_per_s
 
-    def gemm(self, rows, flops, weight_bytes):
-        """rows, flops: scalars or arrays -> seconds: max(compute, weights streamed at the shape class's rate)."""
+    def gemm(self, rows, flops, weight_bytes, kernel: str = "linear"):
+        """rows, flops: scalars or arrays -> seconds: max(compute, weights streamed at the shape class's
+        rate: decode-shaped, the kernel's at those rows and this working set)."""
         rows = np.asarray(rows, float)
-        stream = np.where(rows < self.machine.decode_rows_below, self.decode_weights, self.machine.memory_bytes_per_s)
+        decode = self.decode_weights * np.interp(rows, *self.decode_factors[kernel])
+        stream = np.where(rows < self.machine.decode_rows_below, decode, self.machine.memory_bytes_per_s)
         return np.maximum(np.asarray(flops, float) / self.rate, np.asarray(weight_bytes, float) / stream)
 
     # ------------------------------------------------------------ per micro-batch and layer
@@ -142,6 +155,6 @@ class Costs:
         per_expert = 3 * H * inner
         most, hit = counts.max(1, initial=0), (counts > 0).sum(1)
         grouped = (slots >= 2) & (not (self.m.fp8_block or self.m.mxfp4)) & (hit > 0) & (most <= MoE.GROUPED_ROWS) & (2 * hit >= slots)
-        batched = self.gemm(most, 2 * per_expert * slots * most, slots * per_expert * self.item)
+        batched = self.gemm(most, 2 * per_expert * slots * most, slots * per_expert * self.item, "grouped")
         chains = np.where(counts > 0, self.gemm(counts, 2 * per_expert * counts, per_expert * self.expert_item), 0.0)
         return self.fixed["experts"] + np.where(grouped, batched, chains.sum(1))

@@ -10,8 +10,9 @@ datasheet numbers (GPU files, with the seeds' 0.60 and 0.80) or measured ones (c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import yaml
 
 PHASES = ("embed", "attention", "mlp", "route", "shared_experts", "dispatch_post", "counts", "message", "resume",
@@ -60,6 +61,17 @@ OPTIONAL = {  # name -> what it is; absent: the default said
     "inter_node.nics_per_node": "network cards of a node, shared by its ranks in turn (rank i uses card i mod "
     "this; absent: one per rank, as DeepSeek's and the seeds' GPU nodes have)",
 }
+DECODE_RATES = "decode_rates"   # optional: {kernel: {rows: {MiB of weights read per step: rate factor}}}
+DECODE_KERNELS = {"linear": "a decode-shaped GEMM of that many rows (projections, dense MLPs, expert chains, the "
+                            "LM head)", "grouped": "the batched GEMMs of grouped experts, that many rows per expert "
+                                                   "(MoE.run_grouped)"}
+DECODE_RATES_MEANING = ("weight bytes/s of each decode kernel over gemm_decode_gb_per_s.float32, by rows, when the "
+                        "ranks sharing a cache read this many MiB of weights each step (measured in float32; "
+                        "interpolated on rows and log size, clamped at the ends; absent: 1)")
+FIXED_SCALE = "fixed_by_working_set"   # optional: {MiB of weights read per step: multiplier of every fixed_us}
+FIXED_SCALE_MEANING = ("the fixed_us of the phases among the weights (costs.AMONG_WEIGHTS) times this when the ranks sharing a cache read this many MiB of weights "
+                       "each step (the weights evict the engine's own code and data; fitted on the calibration runs; "
+                       "interpolated on log size, clamped at the ends; absent: 1)")
 RATIOS = ("mfu", "bandwidth_efficiency")
 RATES = ("tflops", "gb_per_s", "compute_units_per_node", "decode_rows_below", "memory_gb", "quantum")  # > 0, not just >= 0
 
@@ -90,10 +102,33 @@ class Machine:
     fixed: dict                  # phase -> seconds
     nics_per_node: int = 0       # 0: one network card per rank
     measured_at: str = ""        # calibrated files: when
+    decode_rates: dict = field(default_factory=dict)  # kernel -> {rows: ((bytes, factor), ...) ascending}
+    fixed_scale: tuple = ()      # ((bytes, multiplier), ...) ascending: fixed_factor's points
 
     def collective_seconds(self, ranks: int) -> float:
         """A small non-blocking collective among `ranks` ranks (Bruck-like: log2 rounds)."""
         return self.collective_s * max(1, math.ceil(math.log2(max(ranks, 2))))
+
+    def decode_rate_factors(self, weight_bytes: float, kernel: str) -> tuple[list, list]:
+        """A decode kernel's weight rate over gemm_decode_bytes_per_s when the ranks sharing a cache read
+        `weight_bytes` of weights each step -> (rows, factor at those rows): high while the weights stay
+        in the cache and the rows are few. ([1], [1]) without a measured table."""
+        table = self.decode_rates.get(kernel)
+        if not table or weight_bytes <= 0:
+            return [1], [1.0]
+        rows = sorted(table)
+        return rows, [log_interp(weight_bytes, table[r]) for r in rows]
+
+
+    def fixed_factor(self, weight_bytes: float) -> float:
+        """How much longer the engine's fixed costs take when the ranks sharing a cache read
+        `weight_bytes` of weights each step; 1 without a fitted curve."""
+        return log_interp(weight_bytes, self.fixed_scale) if self.fixed_scale and weight_bytes > 0 else 1.0
+
+
+def log_interp(x: float, points) -> float:
+    """points: ((size, value), ...) ascending -> the value at x, linear in log size, clamped at the ends."""
+    return float(np.interp(math.log(x), [math.log(size) for size, _ in points], [value for _, value in points]))
 
 
 def figure(raw: dict, name: str):
@@ -132,6 +167,18 @@ def check(raw, where: str) -> None:
         value = figure(raw, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{where}: figure {name} is {value!r}; expected a whole number >= 1 ({meaning})")
+    tables = raw.get(DECODE_RATES)
+    positive = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and not math.isnan(v)
+    curve = lambda c: isinstance(c, dict) and len(c) >= 2 and all(positive(k) and positive(v) for k, v in c.items())
+    if raw.get(FIXED_SCALE) is not None and not curve(raw[FIXED_SCALE]):
+        raise ValueError(f"{where}: {FIXED_SCALE} is {raw[FIXED_SCALE]!r}; expected two or more `MiB: multiplier` "
+                         f"pairs of numbers > 0 ({FIXED_SCALE_MEANING})")
+    if tables is not None and not (isinstance(tables, dict) and set(tables) <= set(DECODE_KERNELS) and all(
+            isinstance(t, dict) and t and all(positive(rows) and curve(c) for rows, c in t.items())
+            for t in tables.values())):
+        raise ValueError(f"{where}: {DECODE_RATES} is {tables!r}; expected, for kernels among "
+                         f"{', '.join(DECODE_KERNELS)}, rows mapped to two or more `MiB: factor` pairs of numbers > 0 "
+                         f"({DECODE_RATES_MEANING})")
 
 
 def load_machine(path: str) -> Machine:
@@ -165,7 +212,11 @@ def machine_from(raw: dict, where: str = "machine") -> Machine:
         quantum_s=1e-6 * raw["scheduler_quantum_us"], first_step_slowdown=float(raw["first_step_slowdown"]),
         shared_node_slowdown=float(raw["shared_node_slowdown"]),
         fixed={phase: 1e-6 * raw["fixed_us"][phase] for phase in PHASES},
-        nics_per_node=int(figure(raw, "inter_node.nics_per_node") or 0), measured_at=str(raw.get("measured_at", "")))
+        nics_per_node=int(figure(raw, "inter_node.nics_per_node") or 0), measured_at=str(raw.get("measured_at", "")),
+        decode_rates={kernel: {rows: tuple((2 ** 20 * size, float(factor)) for size, factor in sorted(curve.items()))
+                               for rows, curve in table.items()}
+                      for kernel, table in (raw.get(DECODE_RATES) or {}).items()},
+        fixed_scale=tuple((2 ** 20 * size, float(value)) for size, value in sorted((raw.get(FIXED_SCALE) or {}).items())))
 
 
 def yaml_number(value: float, digits: int = 6) -> str:
@@ -188,6 +239,16 @@ def write_machine(path: str, raw: dict, header: str) -> None:
                 written.add(section)
                 lines.append(f"{'  ' * (depth - 1)}{parts[depth - 1]}:")
         lines.append(f"{'  ' * (len(parts) - 1)}{parts[-1]}: {yaml_number(figure(raw, name))}   # {meaning}")
+    if raw.get(DECODE_RATES):
+        lines.append(f"{DECODE_RATES}:   # {DECODE_RATES_MEANING}")
+        for kernel, table in raw[DECODE_RATES].items():
+            lines.append(f"  {kernel}:   # {DECODE_KERNELS[kernel]}")
+            lines += [f"    {rows}: {{" + ", ".join(f"{yaml_number(size, 4)}: {yaml_number(factor, 3)}"
+                                              for size, factor in sorted(curve.items())) + "}"
+                      for rows, curve in sorted(table.items())]
+    if raw.get(FIXED_SCALE):
+        lines.append(f"{FIXED_SCALE}: {{" + ", ".join(f"{yaml_number(size, 4)}: {yaml_number(value, 3)}" for size, value
+                                                       in sorted(raw[FIXED_SCALE].items())) + f"}}   # {FIXED_SCALE_MEANING}")
     if "measured_at" in raw:
         lines.append(f"measured_at: '{raw['measured_at']}'   # when `hpcmoe calibrate` measured it")
     if raw.get("spread_percent"):

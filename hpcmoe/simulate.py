@@ -162,6 +162,36 @@ def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ..
     return tuple(r // size for r in range(ranks))
 
 
+def weights_per_cache(config: Config, machine: Machine, layout, tables: list, host_of_rank: list) -> float:
+    """Bytes of weights the ranks sharing the busiest cache read each step: all a rank holds (ep:
+    every weight but the routed experts, and its expert slots; ma: its attention shard, or its
+    slots). A cpu's ranks share their host's last-level cache; a GPU's, its own."""
+    from hpcmoe.attention import split_heads
+    from hpcmoe.layout import request_range
+    from hpcmoe.model import attention_shard_bytes, parameter_bytes
+    m = config.model
+    base = parameter_bytes(m, 0)[1]
+    per_slot = parameter_bytes(m, 1)[1] - base
+    shards: dict = {}
+
+    def rank_bytes(rank: int) -> float:
+        slots = per_slot * tables[rank].served_slots(rank)
+        if not isinstance(layout, MALayout):
+            return base + slots
+        if not layout.is_attention(rank):
+            return slots
+        count = len(layout.primaries(rank))
+        if count not in shards:
+            shards[count] = attention_shard_bytes(m, split_heads(m.heads, count)[0], request_range(m.vocab, count, 0))[0]
+        return shards[count]
+
+    per_host: dict = {}
+    for rank, host in enumerate(host_of_rank):
+        per_host.setdefault(host, []).append(rank_bytes(rank))
+    sharers = lambda ranks: ranks if machine.device == "cpu" else -(-ranks // machine.units_per_node)
+    return max(sum(values) / len(values) * sharers(len(values)) for values in per_host.values())
+
+
 class Simulation:
     """The event loop, the ranks, their links and mail; `run()` -> the rank-0 token times."""
 
@@ -188,8 +218,9 @@ class Simulation:
             placed_by = read_routing(p.placement_from, config.model.num_experts)
         self.placement = self.layout.placement(self.node_of_rank, placed_by)
         self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
-        self.costs = Costs(config.model, machine)
         self.host_of_rank = [0] * ranks if machine.one_box else list(self.node_of_rank)
+        self.costs = Costs(config.model, machine, weights_per_cache(config, machine, self.layout, self.tables,
+                                                                     self.host_of_rank))
         self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
         self.now, self.events, self.order = 0.0, [], itertools.count()
         self.mails: dict = {}
