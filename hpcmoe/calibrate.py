@@ -18,7 +18,8 @@ minute in all:
    calls take with both cores busy is shared_node_slowdown; the per-step cost (-n 1), the cost of
    resuming a waiting coroutine (-n 2), and the first step's warm-up (a share of the wide model's
    work, then a fixed part from the debug model) are fitted so that simulations of these runs give
-   their measured TPOT and TTFT.
+   their measured TPOT and TTFT; the wide runs' per-call costs against the debug runs' give how
+   they grow once the weights stream past the cache (fixed_by_working_set).
 Means of the runs (TPOT is a mean, and this machine's slow spells are part of it); medians of the
 kernel timings.
 """
