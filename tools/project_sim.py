@@ -8,14 +8,15 @@
 (c) DeepSeek's decode deployment: EP 144 on 18 H800 nodes, 2 expert slots per GPU (256 experts +
     32 redundant), FP8 experts; published: about 14.8k output tokens/s per node.
 Every point is steady decode (`simulate(..., context=C)`: no prefill, every request over C cached
-positions), one rank per GPU waiting by spinning (parallel.wait=spin), and is simulated four
-ways to say which modelled cost explains a gap: the engine as it is; with every host cost
-(machine fixed_us) at zero; a what-if that is NOT the engine's schedule, each rank running its
-experts once per layer on all sources' rows instead of once per source as they arrive; and both
-(what the hardware allows that what-if schedule).
+positions), one rank per GPU waiting by spinning (parallel.wait=spin), and is simulated three
+ways, each the engine's own schedule on a machine file, to say which cost explains a gap: the
+engine as it is (parallel.expert_schedule auto: in decode each rank runs its experts once per
+layer on every source's rows, [1/7]); the engine with every host cost (machine fixed_us) at zero;
+the engine's other schedule (parallel.expert_schedule=per_source: experts once per source as its
+rows arrive, the schedule before [1/7]).
 
     python tools/project_sim.py [--out docs/bench/projections.json] [--only a b c]
-    python tools/project_sim.py --only a --ep 16 256 --dtype bfloat16 --ways engine no_host_costs --no-packed
+    python tools/project_sim.py --only a --ep 16 256 --dtype bfloat16 --ways engine per_source --no-packed
 """
 from __future__ import annotations
 
@@ -31,14 +32,13 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hpcmoe import sim_schedule  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 from hpcmoe.machine import PHASES, machine_from  # noqa: E402
-from hpcmoe.simulate import AllFrom, Wait, Work, simulate  # noqa: E402
+from hpcmoe.simulate import simulate  # noqa: E402
 
 ON_GPUS = ["parallel.wait=spin", "run.prompt_len=1", "run.prompt_len_min=1", "run.max_new_tokens=3", "output.save_logits=false"]
 V3 = ["model={preset: deepseek-v3}"] + ON_GPUS
-CODE = "1"   # bump when the simulator changes: stored points of another version are not reused
+CODE = "2"   # bump when the simulator changes: stored points of another version are not reused
 FP8 = ["model.fp8_block=[128, 128]"]
 
 
@@ -58,35 +58,14 @@ def without_host_costs(name: str, **changes):
     return machine(name, **changes, **{f"fixed_us.{phase}": 0.0 for phase in PHASES})
 
 
-def serve_once(sim, rank, at, dispatch, answers, counts, members, kind, posted):
-    """What-if (not the engine): wait for every source's rows, run the experts once on all of them,
-    answer every source."""
-    step, layer, mb = at
-    yield Wait(counts, "counts_wait", layer, mb)
-    members = np.array(members)
-    incoming = dispatch.counts[members, rank, :sim.tables[rank].served_slots(rank)]
-    sources, incoming = members[incoming.sum(1) > 0], incoming[incoming.sum(1) > 0]
-    remote = sources != rank
-    yield Work(sim.costs.messages(int(remote.sum())))
-    yield Wait(AllFrom(dispatch, rank, int(remote.sum())), "dispatch_wait", layer, mb)
-    if not len(sources):
-        return
-    seconds = float(sim.costs.experts(incoming.sum(0, keepdims=True))[0]) + sim.costs.messages(int(remote.sum()))
-    yield Work(seconds, "experts", layer, mb,
-               then=lambda ends: sim.send((kind, step, layer, mb, "answers"), rank, sources[remote],
-                                          incoming[remote].sum(1) * sim.config.model.hidden * sim.costs.item, ends[-1]))
-
-
-WAYS = ("engine", "no_host_costs", "experts_once_per_layer", "both")   # "both": the hardware floor of the what-if
-# Since the third wave's [1/7] steady decode runs the engine's per_layer schedule, which is what the
-# "experts once per layer" what-if modelled: --ways engine no_host_costs skips the two that now repeat it.
-SWEEP = {"ep": (16, 32, 64, 128, 256), "dtype": ("bfloat16", "fp8"), "ways": WAYS, "packed": True}   # (a), from the flags
+WAYS = {"engine": [], "no_host_costs": [], "per_source": ["parallel.expert_schedule=per_source"]}   # way -> settings
+SWEEP = {"ep": (16, 32, 64, 128, 256), "dtype": ("bfloat16", "fp8"), "ways": tuple(WAYS), "packed": True}   # (a)
 
 
 DONE: dict = {}   # points already simulated (this file's "points"): a rerun goes on where it stopped
 
 
-def point(settings: list[str], ranks: int, machine_name: str, context: int, ways=WAYS, **changes) -> dict:
+def point(settings: list[str], ranks: int, machine_name: str, context: int, ways=tuple(WAYS), **changes) -> dict:
     """One configuration, each of `ways` -> its numbers (simulations are deterministic: a point
     done with the same code, machine file and settings is taken from DONE)."""
     with open(os.path.join(ROOT, "machines", f"{machine_name}.yaml"), "rb") as f:
@@ -94,18 +73,12 @@ def point(settings: list[str], ranks: int, machine_name: str, context: int, ways
                           hashlib.sha256(f.read()).hexdigest(), CODE])
     if key in DONE:
         return DONE[key]
-    config = load_config(os.path.join(ROOT, "inputs", "debug.yaml"), settings)
     row = {"settings": settings, "ranks": ranks, "machine": machine_name, "context": context, "changes": changes}
     started = time.perf_counter()
     for way in ways:
-        chosen = (without_host_costs if way in ("no_host_costs", "both") else machine)(machine_name, **changes)
-        original = sim_schedule.serve
-        if way in ("experts_once_per_layer", "both"):
-            sim_schedule.serve = serve_once
-        try:
-            metrics = simulate(config, chosen, ranks, context=context)
-        finally:
-            sim_schedule.serve = original
+        config = load_config(os.path.join(ROOT, "inputs", "debug.yaml"), settings + WAYS[way])
+        chosen = (without_host_costs if way == "no_host_costs" else machine)(machine_name, **changes)
+        metrics = simulate(config, chosen, ranks, context=context)
         row[way] = {"tpot_ms": float(metrics["tpot_ms"]), "decode_tokens_per_s": float(metrics["decode_tokens_per_s"]),
                     "tokens_per_s_per_gpu": float(metrics["decode_tokens_per_s"]) / ranks,
                     "busy_fraction": float(metrics["busy_fraction"]), "idle_fraction": float(metrics["idle_fraction"])}
@@ -142,7 +115,7 @@ def save(section: str = None, value=None) -> None:
 def deepseek_on_h100() -> dict:
     """(a): bf16 and FP8 experts, EP 16..256, 32 requests per GPU at context 2048; packed 8 per GPU at 256."""
     rows = []
-    for dtype, extra, ways in (("bfloat16", [], WAYS), ("fp8", FP8, ("engine", "both"))):   # fp8: the two ends
+    for dtype, extra, ways in (("bfloat16", [], tuple(WAYS)), ("fp8", FP8, ("engine", "no_host_costs"))):
         if dtype not in SWEEP["dtype"]:
             continue
         ways = tuple(way for way in ways if way in SWEEP["ways"])

@@ -42,7 +42,7 @@ def validation() -> str:
     return "\n".join(lines)
 
 
-WAYS = ("engine", "no_host_costs", "experts_once_per_layer", "both")
+WAYS = ("engine", "no_host_costs", "per_source")   # tools/project_sim.py's ways
 
 
 def ways(row: dict, key: str = "tpot_ms", digits: int = 1) -> str:
@@ -53,8 +53,8 @@ def projections() -> str:
     data, out = load("projections.json"), []
     if "a" in data:
         out += ["### (a) DeepSeek-V3 on H100 SXM, 32 requests per GPU, context 2048", "",
-                "| dtype | EP | placement | fits 80 GB | TPOT engine | no host costs | experts once per layer | both | "
-                "tok/s per GPU engine | no host costs | experts once | both |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| dtype | EP | placement | fits 80 GB | TPOT engine | no host costs | per_source | "
+                "tok/s per GPU engine | no host costs | per_source |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in data["a"]["rows"]:
             out.append(f"| {row['dtype']} | {row['ep']} | {row['placement']} | {'yes' if row['fits_memory'] else 'no'} "
                        f"({row['planned_gib_per_rank']:.0f} GiB) | {ways(row)} | "
@@ -64,8 +64,8 @@ def projections() -> str:
                    + ", ".join(f"{dtype} {100 * value:.0f}%" for dtype, value in efficiency.items()) + ".\n")
     if "b" in data:
         out += ["### (b) The MA paper's model on 16 A100 (4 nodes x 4), 24 requests, context 2048", "",
-                "| layout | inter-node | TPOT engine | no host costs | experts once per layer | both | tokens/s engine | "
-                "no host costs | experts once | both |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| layout | inter-node | TPOT engine | no host costs | per_source | tokens/s engine | "
+                "no host costs | per_source |", "|---|---|---|---|---|---|---|---|"]
         for row in data["b"]["rows"]:
             out.append(f"| {row['layout']} | {row['nic']} | {ways(row, digits=2)} | "
                        f"{ways(row, 'decode_tokens_per_s', 0)} |")
@@ -75,7 +75,7 @@ def projections() -> str:
     if "c" in data:
         row = data["c"]["rows"][0]
         out += ["### (c) DeepSeek's decode deployment: EP 144 on 18 H800 nodes, FP8 experts, 96 requests per GPU, "
-                "context 4096", "", "| | engine | no host costs | experts once per layer | both |", "|---|---|---|---|---|",
+                "context 4096", "", "| | engine | no host costs | per_source |", "|---|---|---|---|",
                 f"| TPOT ms | {ways(row, digits=1)} |",
                 f"| output tokens/s per node | {ways(row, 'tokens_per_s_per_node', 0)} |",
                 f"\nPublished: about {data['c']['published']['tokens_per_s_per_node']:,} output tokens/s per node "
