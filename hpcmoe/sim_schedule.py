@@ -3,8 +3,9 @@
 Each function follows the engine function named in its docstring, phase for phase and message
 for message: it yields Work (compute on the rank, with the phase the engine's timer records) and
 Wait (what the engine's coroutine yields a Pending for), and posts messages and collectives where
-the engine posts them. The requests of a rank and micro-batch, the plans, gateways, head split
-and reduction plan come from the engine's own code; only time is modelled.
+the engine posts them. The requests of a rank and micro-batch, the plans, gateways, head split,
+reduction plan and the scheduler's loop (scheduler.passes) come from the engine's own code; only
+time is modelled.
 """
 from __future__ import annotations
 
@@ -15,36 +16,25 @@ from hpcmoe import sim_routing
 from hpcmoe.attention import kv_heads_for, split_heads
 from hpcmoe.dispatch import packed_row_bytes
 from hpcmoe.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
+from hpcmoe.scheduler import PASSED, RESUMING, passes
 from hpcmoe.simulate import PROGRESS, AllFrom, AnyFrom, Wait, Work
 
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
 
 
 def concurrently(sim, generators: list):
-    """scheduler.run_concurrently: passes over the coroutines in order, resuming each that can go on
-    (its compute runs inline); when none can, the rank waits (comm.wait_until) for the first of them."""
-    results, waiting = [None] * len(generators), {i: None for i in range(len(generators))}
-    while waiting:
-        progressed = False
-        for i in sorted(waiting):
-            pending = waiting[i]
-            if pending is None or (pending.on.time is not None and pending.on.time <= sim.now):
-                try:
-                    if pending is not None:   # found ready by a pass: the host work of resuming it
-                        yield Work(sim.costs.fixed["resume"])
-                    command = generators[i].send(None)
-                    while isinstance(command, Work):
-                        yield command
-                        command = generators[i].send(None)
-                    waiting[i] = command
-                except StopIteration as finished:
-                    results[i] = finished.value
-                    del waiting[i]
-                progressed = True
-        yield PROGRESS   # sender.test() after every pass
-        if waiting and not progressed:
-            yield [waiting[i] for i in sorted(waiting)]
-    return results
+    """scheduler.passes, the engine's own loop, on the simulation's clock: a coroutine can go on once
+    what it waits for has happened by now; resuming one costs fixed.resume; each pass ends in a test
+    of the sends (PROGRESS); when none can go on the rank waits for the first of them."""
+    loop = passes(generators, lambda wait: True if wait.on.time is not None and wait.on.time <= sim.now else None,
+                  lambda command: isinstance(command, Work))
+    try:
+        command = next(loop)
+        while True:
+            yield Work(sim.costs.fixed["resume"]) if command is RESUMING else PROGRESS if command is PASSED else command
+            command = next(loop)
+    except StopIteration as finished:
+        return finished.value
 
 
 def rank_main(sim, rank: int):

@@ -12,7 +12,8 @@ bytes / bandwidth, one message after another, as comm.Link), collectives that mo
 their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 20 us doubling to
 1 ms, each a little longer than asked).
 
-The schedule mirrors the engine module by module: sim_schedule.py holds the step of an ep rank
+The scheduler's loop is the engine's own (scheduler.passes, driven on the simulated clock). The rest
+of the schedule mirrors the engine module by module: sim_schedule.py holds the step of an ep rank
 (engine.run_steps, ep.EPEngine, moe_layer.flat / two_stage / dispatch_and_serve / serve) and of
 ma's roles (ma.AttentionEngine, MoEEngine, hierarchical_sum); sim_routing.py the routing and the
 engine's plans; sim_output.py the metrics, the run file and the command; this file the event loop,

@@ -372,3 +372,38 @@ def test_the_cache_figures_are_written_and_read_back(tmp_path):
     write_machine(str(tmp_path / "m.yaml"), raw, "test")
     loaded = load_machine(str(tmp_path / "m.yaml"))
     assert loaded.decode_rates == machine_from(raw).decode_rates and loaded.fixed_scale == machine_from(raw).fixed_scale
+
+
+# ---------------------------------------------------------------- one scheduler for the engine and the simulator
+
+def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_alike(monkeypatch):
+    """scheduler.passes is the engine's loop and the simulator's: reversing the order a pass visits
+    the coroutines (no simulator code touched) starts the engine's second micro-batch first, and the
+    simulated prefill's second micro-batch embeds first too."""
+    from hpcmoe import scheduler
+
+    def first_embed(sim_rows) -> int:
+        return min((start, mb) for rank, layer, mb, step, phase, start, end in sim_rows if phase == b"embed")[1]
+
+    def engine_order() -> list:
+        log = []
+
+        def coroutine(name):
+            log.append(name)
+            return name
+            yield   # a generator that finishes when first resumed
+
+        class NoSends:
+            def test(self):
+                return False
+        assert scheduler.run_concurrently([coroutine("mb0"), coroutine("mb1")], None, 0, NoSends()) == ["mb0", "mb1"]
+        return log
+
+    config = load_config(DEBUG_CONFIG, ["run.micro_batches=2", "run.max_new_tokens=2"])
+    simulated = Simulation(config, machine_from(machine({"embed": 10, "attention": 50})), 1)
+    simulated.run()
+    assert engine_order() == ["mb0", "mb1"] and first_embed(simulated.rows) == 0
+    monkeypatch.setattr(scheduler, "pass_order", lambda waiting: sorted(waiting, reverse=True))
+    simulated = Simulation(config, machine_from(machine({"embed": 10, "attention": 50})), 1)
+    simulated.run()
+    assert engine_order() == ["mb1", "mb0"] and first_embed(simulated.rows) == 1
