@@ -113,7 +113,9 @@ def propose(config, ranks: int, machine_path: str, threshold: float = 0.05) -> d
     """`hpcmoe predict propose --machine M.yaml`: every attention:MoE split of `ranks` (predict.splits)
     simulated on the machine; the split whose run ends first (prefill and every decode step, each as
     the engine schedules it) -> predict.propose's keys, `rebalance` when the chosen split's attention
-    and MoE ranks are busy for shares of the run more than `threshold` apart."""
+    and MoE ranks are busy for shares of the run more than `threshold` apart. Where the engine would
+    batch a rank's requests in turns (run.max_batch, run.prefill_chunk) every split is still
+    simulated with all of them from the first step: a ranking, not the run's time."""
     import dataclasses
     from hpcmoe.attention import split_heads
     from hpcmoe.machine import load_machine
@@ -122,7 +124,7 @@ def propose(config, ranks: int, machine_path: str, threshold: float = 0.05) -> d
     machine, options = load_machine(machine_path), {}
     for attention, moe in splits(config, ranks):
         split = dataclasses.replace(config.parallel, layout="ma", attention_ranks=attention, moe_ranks=moe)
-        metrics = simulate(dataclasses.replace(config, parallel=split), machine, ranks)
+        metrics = simulate(dataclasses.replace(config, parallel=split), machine, ranks, one_batch=False)
         options[attention, moe] = metrics
     if not options:
         raise ValueError(f"no attention:MoE split of {ranks} ranks fits {config.model.heads} heads and "

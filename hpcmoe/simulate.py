@@ -163,6 +163,30 @@ def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ..
     return tuple(r // size for r in range(ranks))
 
 
+def check_one_batch(config: Config, layout, ranks: int) -> None:
+    """The simulator starts every request of a rank in the first step, its whole prompt in that step's
+    prefill. The engine's Batch does the same only where run.max_batch holds all of a rank's
+    requests and, batching continuous, run.prefill_chunk all of their prompt tokens: ValueError
+    (one line, naming the setting) otherwise, rather than a simulation of another schedule."""
+    from hpcmoe.plan import MAX_BATCH_CAP
+    r, requests = config.run, config.requests
+    is_ma = isinstance(layout, MALayout)
+    for rank in range(ranks):
+        if is_ma and not layout.is_attention(rank):
+            continue
+        mine = layout.group_requests(len(requests), rank) if is_ma else range(rank, len(requests), ranks)
+        held = r.max_batch or MAX_BATCH_CAP
+        if len(mine) > held:
+            raise ValueError(f"hpcmoe simulate starts every request of a rank at once: rank {rank} holds {len(mine)} "
+                             f"requests and run.max_batch{'=' + str(r.max_batch) if r.max_batch else ' (at most ' + str(held) + ')'} "
+                             f"would start {held}; continuous batching is not simulated (use --steady-decode, or more ranks)")
+        prompt = sum(len(requests[i].prompt_ids) for i in mine)
+        if r.batching == "continuous" and prompt > r.prefill_chunk:
+            raise ValueError(f"hpcmoe simulate prefills a rank's prompts in the first step: rank {rank}'s {prompt} "
+                             f"prompt tokens take more than one step at run.prefill_chunk={r.prefill_chunk}; set "
+                             f"run.prefill_chunk >= {prompt} or run.batching=static (or use --steady-decode)")
+
+
 def weights_per_cache(config: Config, machine: Machine, layout, tables: list, host_of_rank: list) -> float:
     """Bytes of weights the ranks sharing the busiest cache read each step: all a rank holds (ep:
     every weight but the routed experts, and its expert slots; ma: its attention shard, or its
@@ -197,7 +221,7 @@ class Simulation:
     """The event loop, the ranks, their links and mail; `run()` -> the rank-0 token times."""
 
     def __init__(self, config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
-                 context: Optional[int] = None):
+                 context: Optional[int] = None, one_batch: bool = True):
         p = config.parallel
         unsupported = [name for name, on in (("parallel.expert_tp > 1", p.expert_tp > 1),
                                              ("parallel.rebalance", p.rebalance is not None),
@@ -210,6 +234,8 @@ class Simulation:
         self.config = config = config.on_device(machine.device)
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
+        if context is None and one_batch:
+            check_one_batch(config, self.layout, ranks)
         self.node_of_rank = node_of_ranks(config, machine, ranks)
         # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
         self.poll_by_yielding = max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
@@ -506,12 +532,14 @@ class Simulation:
 
 
 def simulate(config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
-             output: Optional[str] = None, context: Optional[int] = None) -> dict:
+             output: Optional[str] = None, context: Optional[int] = None, one_batch: bool = True) -> dict:
     """Simulate the run of `config` on `ranks` ranks of `machine` -> metrics; with `output`, a run
     file in the schema of `hpcmoe run` (root attrs simulated, machine; /generated all -1).
     context: steady decode instead of the run (no prefill; every step a decode step of every request
-    over `context` cached positions and more): TPOT at a context without simulating its prefill."""
+    over `context` cached positions and more): TPOT at a context without simulating its prefill.
+    one_batch=False: simulate every request from the first step even where the engine would batch
+    them in turns (check_one_batch refuses that otherwise)."""
     from hpcmoe.sim_output import metrics_and_file
-    sim = Simulation(config, machine, ranks, routing, context)
+    sim = Simulation(config, machine, ranks, routing, context, one_batch)
     sim.run()
     return metrics_and_file(sim, output)

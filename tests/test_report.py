@@ -236,7 +236,8 @@ def big(tmp_path_factory):
     ep256 = simulated(folder / "ep256.h5", 256)
     return {"ep256": ep256, "ep1024": tiled(ep256, folder / "ep1024.h5", 4),
             "ma256": simulated(folder / "ma256.h5", 256, "model.heads=32", "parallel.layout=ma",
-                               "parallel.attention_ranks=32", "parallel.moe_ranks=224", "model.num_experts=224")}
+                               "parallel.attention_ranks=32", "parallel.moe_ranks=224", "model.num_experts=224",
+                               "run.prefill_chunk=1024")}   # one group's 32 prompts (557 tokens) in one step
 
 
 @pytest.mark.parametrize("name", ["ep256", "ep1024", "ma256"])

@@ -1,6 +1,7 @@
 """`hpcmoe simulate` and machine files: hand arithmetic, the engine's own plan code, measured runs,
 the run-file schema and `hpcmoe report`, and clear errors on a bad machine file."""
 import os
+import re
 import subprocess
 import sys
 
@@ -407,3 +408,16 @@ def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_
     simulated = Simulation(config, machine_from(machine({"embed": 10, "attention": 50})), 1)
     simulated.run()
     assert engine_order() == ["mb1", "mb0"] and first_embed(simulated.rows) == 1
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("run.max_batch=1", "rank 0 holds 3 requests and run.max_batch=1 would start 1; continuous batching is not simulated"),
+    ("run.prefill_chunk=16", "rank 0's 53 prompt tokens take more than one step at run.prefill_chunk=16"),
+], ids=["max_batch", "prefill_chunk"])
+def test_batching_the_simulator_does_not_model_is_refused_in_one_line(setting, message):
+    """The engine would start these requests in turns (engine.Batch); a simulation of them all at
+    once would be another schedule. Steady decode (no prefill, every request live) still runs."""
+    config = load_config(DEBUG_CONFIG, [setting])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simulate(config, machine_from(machine()), 2)
+    assert simulate(config, machine_from(machine({"step": 10})), 2, context=64)["tpot_ms"] > 0
