@@ -7,7 +7,7 @@ and the dispatch plan (hpcmoe.dispatch), the two_stage gateways and node groups,
 each rank and micro-batch (request_range, MALayout's groups), ma's head split and reduction plan,
 and the router functions that turn scores into experts. What is modelled: each phase's cost
 (hpcmoe.costs on a hpcmoe.machine file), ranks as compute resources (time-sliced like an OS does
-when a node has more ranks than cores or GPUs), each rank's outgoing links as queues (latency +
+when a node has more ranks than cores or GPUs; a rank that spins while it waits keeps its core), each rank's outgoing links as queues (latency +
 bytes / bandwidth, one message after another, as comm.Link), collectives that move on only when
 their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 20 us doubling to
 1 ms, each a little longer than asked).
@@ -136,6 +136,8 @@ class Driver:
     work_start: float = 0.0
     remaining: float = 0.0
     slice_start: float = 0.0
+    spinning: bool = False        # waits while holding its core (parallel.wait=spin, more ranks than cores)
+    ready: Optional[float] = None  # a spinning wait: when what it waits for is there (None: not known yet)
 
 
 def queue(free_at: float, sent: np.ndarray, durations: np.ndarray):
@@ -322,7 +324,11 @@ class Simulation:
             driver.waiting, driver.idle_since = waits, self.now
             for w in waits:
                 self.watch(w.on, driver)
-            self.release(driver)
+            if self.spins_on_shared_cores(driver):   # it keeps testing: its core stays busy
+                driver.spinning, driver.ready = True, None
+                self.start_work(driver, Work(float("inf")))
+            else:
+                self.release(driver)
             return self.plan_wake(driver)
 
     def watch(self, on, driver: Driver) -> None:
@@ -331,8 +337,17 @@ class Simulation:
         else:
             on.mail.watchers.setdefault(on.dst, set()).add(driver.rank)
 
+    def spins_on_shared_cores(self, driver: Driver) -> bool:
+        return self.config.parallel.wait == "spin" and self.ranks_on_host[driver.host] > self.machine.units_per_node
+
     def plan_wake(self, driver: Driver) -> None:
         known = [w.on.time for w in driver.waiting if w.on.time is not None]
+        if driver.spinning:   # it goes on once it holds its core at or after `ready` (run_slice)
+            if known:
+                driver.ready = max(min(known), self.now)
+                if driver.rank in self.holders.get(driver.host, {}):
+                    self.run_slice(driver)
+            return
         driver.version += 1
         if known:
             ready = max(min(known), self.now)
@@ -386,6 +401,8 @@ class Simulation:
         """The rank holds a core until its slice ends: run its work until then."""
         driver.version += 1
         driver.slice_start = self.now
+        if driver.spinning:   # spins until what it waits for is there
+            driver.remaining = float("inf") if driver.ready is None else max(0.0, driver.ready - self.now)
         slice_end = self.holders[driver.host][driver.rank]
         if self.now + driver.remaining <= slice_end:
             self.at(self.now + driver.remaining, self.slice_done, driver, driver.version, True)
@@ -421,6 +438,12 @@ class Simulation:
             self.run_slice(driver)
 
     def finish_work(self, driver: Driver) -> None:
+        if driver.spinning:   # what it spun for is there: the wait's row, then on
+            driver.busy, driver.spinning = False, False
+            first = driver.waiting[0]
+            self.row(driver.rank, first.phase, first.layer, first.mb, driver.idle_since, self.now)
+            driver.waiting = None
+            return self.resume(driver)
         work, start = driver.work, driver.work_start
         parts = np.atleast_1d(np.asarray(work.seconds, float))
         total = parts.sum()
