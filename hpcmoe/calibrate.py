@@ -414,7 +414,9 @@ def check_run(config) -> None:
     layout and memory at -n 1 and -n 2 (`hpcmoe plan`'s numbers)."""
     from hpcmoe.config import require
     from hpcmoe.device import device_kind
+    from hpcmoe.layout import ParallelLayout
     from hpcmoe.plan import human_bytes, rank_memory
+    from hpcmoe.simulate import check_one_batch
     from hpcmoe.topology import available_memory
     require(config.model.dense_layers >= 1, f"model.dense_layers: expected an integer >= 1 (calibration times a "
                                             f"dense layer's MLP), got {config.model.dense_layers}; use a model such "
@@ -426,6 +428,8 @@ def check_run(config) -> None:
         require(needed <= available, f"at -n {ranks} the model needs about {human_bytes(needed)} per rank but "
                                      f"{human_bytes(available)} is available per rank; calibrate with a smaller "
                                      f"model (as inputs/debug.yaml)")
+        # the fit simulates these runs: the simulator must start their requests as the engine does
+        check_one_batch(config, ParallelLayout.from_config(config, ranks), ranks, available)
 
 
 def calibrate(out: str, config_path: str) -> dict:
@@ -456,7 +460,9 @@ def calibrate(out: str, config_path: str) -> dict:
         raw = machine_raw(kernels, links, fixed)
         raw["shared_node_slowdown"] = shared_node_slowdown
         wide_config = load_config(config_path, CALIBRATION_RUN + WIDE).on_device("cpu")
-        raw["fixed_by_working_set"] = fixed_scale(raw, config, wide_config, wide)
+        scale = fixed_scale(raw, config, wide_config, wide)
+        if scale:   # none when the wide run reads no more weights than the debug runs (a wider --config)
+            raw["fixed_by_working_set"] = scale
         fit_step_costs(raw, config, one, two, wide_config, wide)
     header = (f"This machine, measured by `hpcmoe calibrate` on {time.strftime('%Y-%m-%d %H:%M')} in "
               f"{time.perf_counter() - started:.0f} s ({os.uname().nodename}, {raw['compute_units_per_node']} cores).\n"

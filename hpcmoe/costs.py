@@ -20,7 +20,8 @@ from hpcmoe.machine import Machine
 from hpcmoe.model import MoE
 
 # phases whose fixed cost runs between the model's weight reads (machine.fixed_factor scales them);
-# the step's record, the file append and MPI posting run apart from them
+# the step's record, the file append and MPI posting run apart from them. The factor is fitted on
+# the first five (calibrate.SCALED_PHASES) and taken to hold for the exchange's phases too.
 AMONG_WEIGHTS = ("embed", "attention", "mlp", "route", "shared_experts", "dispatch_post", "experts", "combine",
                  "gateway", "reduce", "gather", "lm_head")
 ELEMENTWISE_PASSES = 12  # norms, rotary, cache writes, residual adds around one attention: passes over [rows, H]

@@ -65,10 +65,10 @@ DECODE_RATES = "decode_rates"   # optional: {kernel: {rows: {MiB of weights read
 DECODE_KERNELS = {"linear": "a decode-shaped GEMM of that many rows (projections, dense MLPs, expert chains, the "
                             "LM head)", "grouped": "the batched GEMMs of grouped experts, that many rows per expert "
                                                    "(MoE.run_grouped)"}
-DECODE_RATES_MEANING = ("weight bytes/s of each decode kernel over gemm_decode_gb_per_s.float32, by rows, when the "
-                        "ranks sharing a cache read this many MiB of weights each step (measured in float32; "
-                        "interpolated on rows and log size, clamped at the ends; absent: 1)")
-FIXED_SCALE = "fixed_by_working_set"   # optional: {MiB of weights read per step: multiplier of every fixed_us}
+DECODE_RATES_MEANING = ("weight bytes/s of each decode kernel over gemm_decode_gb_per_s, by rows, when the ranks "
+                        "sharing a cache read this many MiB of weights each step (measured in float32 and taken to "
+                        "hold for every dtype; interpolated on rows and log size, clamped at the ends; absent: 1)")
+FIXED_SCALE = "fixed_by_working_set"   # optional: {MiB of weights read per step: multiplier of fixed_us among them}
 FIXED_SCALE_MEANING = ("the fixed_us of the phases among the weights (costs.AMONG_WEIGHTS) times this when the ranks sharing a cache read this many MiB of weights "
                        "each step (the weights evict the engine's own code and data; fitted on the calibration runs; "
                        "interpolated on log size, clamped at the ends; absent: 1)")
@@ -118,7 +118,6 @@ class Machine:
             return [1], [1.0]
         rows = sorted(table)
         return rows, [log_interp(weight_bytes, table[r]) for r in rows]
-
 
     def fixed_factor(self, weight_bytes: float) -> float:
         """How much longer the engine's fixed costs take when the ranks sharing a cache read

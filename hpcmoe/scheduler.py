@@ -62,17 +62,16 @@ def passes(generators: list, ready: Callable, computes: Callable = lambda comman
 def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list:
     """Drive the generators to completion with real waits; -> their return values in order."""
     loop = passes(generators, lambda pending: pending.poll())
-    try:
-        command = next(loop)
-        while True:
-            if command is PASSED:
-                sender.test()
-            elif isinstance(command, list):   # idle: wait for the first that can go on
-                where = command[0].where()
-                with timer.phase(where.phase, step, where.layer, where.micro_batch):
-                    # sender.test() while idle too: queued sends (and background moves) go on
-                    wait_until(lambda: sender.test() or any(p.poll() is not None for p in command),
-                               command[0].where, polled=lambda: any(p.polled() for p in command))
+    while True:
+        try:
             command = next(loop)
-    except StopIteration as finished:
-        return finished.value
+        except StopIteration as finished:
+            return finished.value
+        if command is PASSED:
+            sender.test()
+        elif isinstance(command, list):   # idle: wait for the first that can go on
+            where = command[0].where()
+            with timer.phase(where.phase, step, where.layer, where.micro_batch):
+                # sender.test() while idle too: queued sends (and background moves) go on
+                wait_until(lambda: sender.test() or any(p.poll() is not None for p in command),
+                           command[0].where, polled=lambda: any(p.polled() for p in command))

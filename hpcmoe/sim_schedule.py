@@ -28,13 +28,12 @@ def concurrently(sim, generators: list):
     of the sends (PROGRESS); when none can go on the rank waits for the first of them."""
     loop = passes(generators, lambda wait: True if wait.on.time is not None and wait.on.time <= sim.now else None,
                   lambda command: isinstance(command, Work))
-    try:
-        command = next(loop)
-        while True:
-            yield Work(sim.costs.fixed["resume"]) if command is RESUMING else PROGRESS if command is PASSED else command
+    while True:
+        try:
             command = next(loop)
-    except StopIteration as finished:
-        return finished.value
+        except StopIteration as finished:
+            return finished.value
+        yield Work(sim.costs.fixed["resume"]) if command is RESUMING else PROGRESS if command is PASSED else command
 
 
 def rank_main(sim, rank: int):

@@ -165,23 +165,25 @@ def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ..
     return tuple(r // size for r in range(ranks))
 
 
-def check_one_batch(config: Config, layout, ranks: int) -> None:
+def check_one_batch(config: Config, layout, ranks: int, memory_per_rank: float) -> None:
     """The simulator starts every request of a rank in the first step, its whole prompt in that step's
-    prefill. The engine's Batch does the same only where run.max_batch holds all of a rank's
-    requests and, batching continuous, run.prefill_chunk all of their prompt tokens: ValueError
-    (one line, naming the setting) otherwise, rather than a simulation of another schedule."""
-    from hpcmoe.plan import MAX_BATCH_CAP
+    prefill. The engine's Batch does the same only where run.max_batch (unset: what the start-up
+    check allows in `memory_per_rank`, plan.default_max_batch) holds all of a rank's requests and,
+    batching continuous, run.prefill_chunk all of their prompt tokens: ValueError (one line, naming
+    the setting) otherwise, rather than a simulation of another schedule."""
+    from hpcmoe.plan import default_max_batch
     r, requests = config.run, config.requests
     is_ma = isinstance(layout, MALayout)
+    held = r.max_batch or default_max_batch(config, ranks, memory_per_rank)
     for rank in range(ranks):
         if is_ma and not layout.is_attention(rank):
             continue
         mine = layout.group_requests(len(requests), rank) if is_ma else range(rank, len(requests), ranks)
-        held = r.max_batch or MAX_BATCH_CAP
         if len(mine) > held:
+            limit = f"run.max_batch={held}" if r.max_batch else f"run.max_batch unset: {held}, what memory allows"
             raise ValueError(f"hpcmoe simulate starts every request of a rank at once: rank {rank} holds {len(mine)} "
-                             f"requests and run.max_batch{'=' + str(r.max_batch) if r.max_batch else ' (at most ' + str(held) + ')'} "
-                             f"would start {held}; continuous batching is not simulated (use --steady-decode, or more ranks)")
+                             f"requests and the engine would start {held} ({limit}); continuous batching is not "
+                             f"simulated (use --steady-decode, or more ranks)")
         prompt = sum(len(requests[i].prompt_ids) for i in mine)
         if r.batching == "continuous" and prompt > r.prefill_chunk:
             raise ValueError(f"hpcmoe simulate prefills a rank's prompts in the first step: rank {rank}'s {prompt} "
@@ -236,9 +238,11 @@ class Simulation:
         self.config = config = config.on_device(machine.device)
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
-        if context is None and one_batch:
-            check_one_batch(config, self.layout, ranks)
         self.node_of_rank = node_of_ranks(config, machine, ranks)
+        if context is None and one_batch:
+            sharing = 1 if machine.device == "cuda" else ranks if machine.one_box else \
+                max(self.node_of_rank.count(n) for n in set(self.node_of_rank))
+            check_one_batch(config, self.layout, ranks, machine.memory_bytes / sharing)
         # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
         self.poll_by_yielding = max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
         placed_by = None

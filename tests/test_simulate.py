@@ -412,7 +412,8 @@ def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("run.max_batch=1", "rank 0 holds 3 requests and run.max_batch=1 would start 1; continuous batching is not simulated"),
+    ("run.max_batch=1", "rank 0 holds 3 requests and the engine would start 1 (run.max_batch=1); continuous "
+                        "batching is not simulated"),
     ("run.prefill_chunk=16", "rank 0's 53 prompt tokens take more than one step at run.prefill_chunk=16"),
 ], ids=["max_batch", "prefill_chunk"])
 def test_batching_the_simulator_does_not_model_is_refused_in_one_line(setting, message):
@@ -422,6 +423,20 @@ def test_batching_the_simulator_does_not_model_is_refused_in_one_line(setting, m
     with pytest.raises(ValueError, match=re.escape(message)):
         simulate(config, machine_from(machine()), 2)
     assert simulate(config, machine_from(machine({"step": 10})), 2, context=64)["tpot_ms"] > 0
+
+
+def test_an_unset_max_batch_is_what_memory_allows_as_the_engine_resolves_it():
+    """run.max_batch unset: the engine starts what plan.default_max_batch allows in a rank's memory.
+    A 2 GB box holds the debug model's 3 requests per rank; 4 MB (2 MB a rank: 1.4 MB at one request,
+    2.2 MB at three, within 80%) does not: refused, naming the engine's number."""
+    from hpcmoe.plan import default_max_batch
+    config = load_config(DEBUG_CONFIG, [])
+    assert simulate(config, machine_from(machine(device_memory_gb=2)), 2)["tpot_ms"] >= 0
+    small = 0.004
+    held = default_max_batch(config, 2, small * 1e9 / 2)
+    assert held < 3
+    with pytest.raises(ValueError, match=re.escape(f"the engine would start {held} (run.max_batch unset: {held}")):
+        simulate(config, machine_from(machine(device_memory_gb=small)), 2)
 
 
 def test_spinning_ranks_on_shared_cores_keep_them_and_read_badly():
