@@ -280,6 +280,18 @@ def phase_means(paths: list[str]) -> dict:
 SAME_WORK = ("embed", "route", "lm_head", "mlp", "shared_experts")  # phases whose calls cost about the same at -n 1 and -n 2
 
 
+SCALED_PHASES = ("embed", "attention", "mlp", "route", "lm_head")   # a rank's own work, every step
+
+
+def own_work(costs, config, rows: int) -> dict:
+    """The modelled seconds of SCALED_PHASES for a rank decoding `rows` requests, one token each, at the
+    middle of the run's context (fixed costs included)."""
+    m = config.model
+    context = max(len(r.prompt_ids) for r in config.requests) + config.steps // 2
+    return {"embed": costs.embed(rows, 1), "attention": costs.attention(rows, 1, context, m.heads, m.kv_heads),
+            "mlp": costs.mlp(rows), "route": costs.route(rows), "lm_head": costs.lm_head(rows, m.vocab)}
+
+
 def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tuple[dict, float]:
     """Each phase's fixed cost: its mean call on this machine, a rank alone (-n 1), minus the modelled
     math of that call; what exchanging adds from the -n 2 runs. -> (fixed_us, shared_node_slowdown:
@@ -291,11 +303,9 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
     machine = machine_from(machine_raw(kernels, links, {phase: 0.0 for phase in PHASES}))
     costs, costs_two = Costs(m, machine, parameter_bytes(m, 0)[0]), Costs(m, machine, two_rank_weights(m))
     half = -(-batch // 2)                     # the -n 2 run's fuller rank, one decode token each
-    context = max(len(r.prompt_ids) for r in config.requests) + config.steps // 2
     slowdown = max(0.0, float(np.median([two[phase] / one[phase] for phase in SAME_WORK])) - 1)
-    alone = {"embed": costs.embed(batch, 1), "attention": costs.attention(batch, 1, context, m.heads, m.kv_heads),
-             "mlp": costs.mlp(batch), "route": costs.route(batch), "lm_head": costs.lm_head(batch, m.vocab),
-             "dispatch_post": costs.dispatch_post(batch * m.top_k), "shared_experts": 0.0}
+    alone = {**own_work(costs, config, batch), "dispatch_post": costs.dispatch_post(batch * m.top_k),
+             "shared_experts": 0.0}
     fixed = {phase: max(0.0, one[phase] - seconds) for phase, seconds in alone.items()}
     slots = np.array([[half * m.top_k // m.num_experts] * (m.num_experts // 2)])   # one source's rows, -n 2
     together = {"combine": costs_two.combine(half), "experts": float(costs_two.experts(slots)[0])}
@@ -308,9 +318,6 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
     fixed["record"] = max(0.0, two["output_rank0"] / (1 + slowdown) - one["output_rank0"])
     fixed["resume"] = fixed["step"] = fixed["first_step"] = 0.0   # fitted against simulations (fit_step_costs)
     return {phase: 1e6 * seconds for phase, seconds in fixed.items()}, slowdown
-
-
-SCALED_PHASES = ("embed", "attention", "mlp", "route", "lm_head")   # a rank's own work, every step
 
 
 def two_rank_weights(m) -> int:
@@ -328,11 +335,8 @@ def fixed_scale(raw: dict, config, wide_config, wide: dict) -> dict:
     from hpcmoe.costs import Costs
     from hpcmoe.machine import machine_from
     small, large = two_rank_weights(config.model), two_rank_weights(wide_config.model)
-    m, batch = wide_config.model, len(wide_config.requests)
-    half, costs = -(-batch // 2), Costs(wide_config.model, machine_from(raw), large)
-    context = max(len(r.prompt_ids) for r in wide_config.requests) + wide_config.steps // 2
-    modelled = {"embed": costs.embed(half, 1), "attention": costs.attention(half, 1, context, m.heads, m.kv_heads),
-                "mlp": costs.mlp(half), "route": costs.route(half), "lm_head": costs.lm_head(half, m.vocab)}
+    costs = Costs(wide_config.model, machine_from(raw), large)
+    modelled = own_work(costs, wide_config, -(-len(wide_config.requests) // 2))   # the -n 2 run's fuller rank
     fixed = sum(costs.fixed[phase] for phase in SCALED_PHASES)
     measured = sum(wide[phase] for phase in SCALED_PHASES) / (1 + raw["shared_node_slowdown"])
     multiplier = max(0.1, (measured - sum(modelled.values()) + fixed) / fixed)

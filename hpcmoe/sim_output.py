@@ -42,9 +42,8 @@ def metrics_and_file(sim, output: str | None) -> dict:
     metrics["dropped_token_slots"] = sim.dropped
     metrics["tokens_per_s_per_rank"] = metrics["decode_tokens_per_s"] / ranks
     memory = rank_memory(config, ranks)["max_rank_bytes"]
-    per_unit = sim.machine.memory_bytes / (1 if sim.machine.device == "cuda" else max(sim.ranks_on_host.values()))
     metrics["planned_max_rank_bytes"] = int(memory)
-    metrics["fits_machine_memory"] = bool(memory <= per_unit)
+    metrics["fits_machine_memory"] = bool(memory <= sim.memory_per_rank)
     per_rank["token_time_s"] = np.array(sim.token_times)
     if output:
         write_run_file(sim, output, metrics, spans, per_rank, timings)

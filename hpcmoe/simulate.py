@@ -239,10 +239,12 @@ class Simulation:
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
         self.node_of_rank = node_of_ranks(config, machine, ranks)
+        self.host_of_rank = [0] * ranks if machine.one_box else list(self.node_of_rank)
+        self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
+        # a GPU's memory is its rank's; a cpu host's is shared by its ranks
+        self.memory_per_rank = machine.memory_bytes / (1 if machine.device == "cuda" else max(self.ranks_on_host.values()))
         if context is None and one_batch:
-            sharing = 1 if machine.device == "cuda" else ranks if machine.one_box else \
-                max(self.node_of_rank.count(n) for n in set(self.node_of_rank))
-            check_one_batch(config, self.layout, ranks, machine.memory_bytes / sharing)
+            check_one_batch(config, self.layout, ranks, self.memory_per_rank)
         # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
         self.poll_by_yielding = max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
         placed_by = None
@@ -251,7 +253,6 @@ class Simulation:
             placed_by = read_routing(p.placement_from, config.model.num_experts)
         self.placement = self.layout.placement(self.node_of_rank, placed_by)
         self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
-        self.host_of_rank = [0] * ranks if machine.one_box else list(self.node_of_rank)
         self.costs = Costs(config.model, machine, weights_per_cache(config, machine, self.layout, self.tables,
                                                                      self.host_of_rank))
         self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
@@ -269,7 +270,6 @@ class Simulation:
         self.dropped = 0   # token slots over capacity, summed over ranks, steps and layers
         self.token_times: list[float] = []
         self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
-        self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
         # the queues messages take, out of and into each rank: its own inside a node; across nodes
         # its node's network card, one per rank unless the machine file has inter_node.nics_per_node
         self.ports = {"intra": np.arange(ranks), "inter": np.arange(ranks)}
