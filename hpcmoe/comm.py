@@ -242,6 +242,10 @@ class Sender:
     bytes_sent: int = 0
     background: Any = None  # with progress(): other traffic moved on whenever this rank tests or waits
 
+    def receives(self, buffers: dict, tag: int) -> Receives:
+        """Receives of this rank's messages into `buffers` (staged through pinned memory where the MPI needs it)."""
+        return Receives(self.comm, buffers, tag, self.link, self.staging)
+
     def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[Receives] = None) -> None:
         """Isend `data` to `peer`; to this rank itself it is copied into `own` instead."""
         me = self.comm.Get_rank()

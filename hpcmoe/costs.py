@@ -122,10 +122,10 @@ class Costs:
         """The host read of the counts and the gather of `rows` sent rows into one buffer."""
         return float(self.fixed["dispatch_post"] + self.activations(2 * rows * self.m.hidden * self.item))
 
-    def combine(self, n: int) -> float:
-        """n tokens' k answers summed with their weights (one weighted gather-sum)."""
+    def combine(self, tokens: int) -> float:
+        """The tokens' k answers summed with their weights (one weighted gather-sum)."""
         m = self.m
-        return float(self.fixed["combine"] + self.activations((n * m.top_k + 2 * n) * m.hidden * self.item))
+        return float(self.fixed["combine"] + self.activations((tokens * m.top_k + 2 * tokens) * m.hidden * self.item))
 
     def gateway(self, rows: int, row_bytes: int) -> float:
         """A two_stage gateway phase over `rows` packed rows (unpack and plan, or partial combine)."""

@@ -95,7 +95,7 @@ class Messaging:
         self.sender = messaging(config, topo, device)
         stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
-        self.exchange = moe_layer.two_stage if config.parallel.dispatch == "two_stage" else moe_layer.flat
+        self.exchange = moe_layer.exchange_for(config.parallel.dispatch)
 
     def step_micro_batches(self, prefill: bool) -> int:
         """How many micro-batches this step runs (every rank of the run agrees)."""

@@ -12,7 +12,6 @@ they arrive and answer at once. The engine and the exchange meet through `Exchan
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -114,10 +113,12 @@ class ExchangeContext:
     before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
     tp_forward: bool = False          # expert groups: rows go to the leader, which forwards (else to every member)
     schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
+    # bytes of one row of a [rows, W] tensor on the wire (the simulator's rows are narrower than the model's)
+    row_bytes: Callable[[torch.Tensor], int] = lambda rows: rows.shape[1] * rows.element_size()
 
     def receives(self, buffers: dict, tag: int) -> Receives:
         """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
-        return Receives(self.world, buffers, tag, self.link, self.sender.staging)
+        return self.sender.receives(buffers, tag)
 
     def close(self) -> None:
         self.group.close()
@@ -154,10 +155,10 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     replies = 1 if tp == 1 or ctx.tp_forward else tp   # answers per row: one, or one partial per member
     dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (DISPATCH, RETURNS))
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
-    posted = time.perf_counter()
-    with phase("dispatch_post", step, layer, mb):
+    posted = ctx.timer.mark()
+    with phase("dispatch_post", step, layer, mb, rows=len(plan.order)):
         send_counts, destinations, first, sizes = group.destinations(plan, tp, replies > 1)  # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * hidden * rows.element_size()
+        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * ctx.row_bytes(rows)
         span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
         outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
@@ -206,10 +207,10 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     wait = slot.turn(at, layer - ctx.first_moe_layer)
     if wait is not None:
         yield wait
-    posted = time.perf_counter()
-    with phase("dispatch_post", step, layer, mb):
+    posted = ctx.timer.mark()
+    with phase("dispatch_post", step, layer, mb, rows=sent):
         send_counts, rows_to, first = group.shares(plan, tp)   # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, list(group.ranks)] += rows_to * hidden * rows.element_size()
+        stats.traffic[layer - ctx.first_moe_layer, list(group.ranks)] += rows_to * ctx.row_bytes(rows)
         outgoing = ctx.pool.get(key("send"), sent, hidden, rows.dtype)
         torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
         counts, counts_in = slot.post(send_counts, at)
@@ -293,7 +294,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
         members = range(leader + 1, leader + tp)
         for member in members:
             sender.send(member, rows, tag(TP_FORWARD))
-            stats.traffic[layer - ctx.first_moe_layer, member] += rows.numel() * rows.element_size()
+            stats.traffic[layer - ctx.first_moe_layer, member] += len(rows) * ctx.row_bytes(rows)
         from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(TP_PARTIAL))
     with ctx.timer.phase("experts", step, layer, mb):
         if ctx.schedule.per_layer:
@@ -395,7 +396,7 @@ def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats
     with ctx.timer.phase("shared_experts", at.step, at.layer, at.micro_batch):  # computed while the tokens travel
         shared = moe.shared(h)
     returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.group, at, stats)
-    with ctx.timer.phase("combine", at.step, at.layer, at.micro_batch):
+    with ctx.timer.phase("combine", at.step, at.layer, at.micro_batch, tokens=len(h)):
         routed = combine_tokens(plan, returned, weights)
         return routed if shared is None else routed + shared
 
@@ -408,11 +409,12 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     key = lambda purpose: ("gateway", purpose, mb, layer % 2)
     slots, weights = route(ctx, moe, at, h, stats)
     k, hidden, row_bytes = slots.shape[1], h.shape[1], packed_row_bytes(h.shape[1], h.dtype, slots.shape[1])
-    posted = time.perf_counter()
+    posted = ctx.timer.mark()
     # stage 1: one message per destination node, to that node's gateway for this rank
-    with phase("dispatch_post", step, layer, mb):
+    with phase("dispatch_post", step, layer, mb) as work:
         groups = node_groups(slots, weights, tables)
         node_counts = groups.node_counts
+        work["rows"] = sum(node_counts)
         node_ends = np.cumsum([0] + node_counts)
         send = np.zeros((tables.num_ranks, 1), np.int64)
         for node, count in enumerate(node_counts):
@@ -424,7 +426,7 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
         node_part = lambda t, node: t[node_ends[node]:node_ends[node + 1]]
         returns = ctx.receives({tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(GATEWAY_RETURNS))
         for node in active:
-            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * row_bytes
+            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * ctx.row_bytes(packed)
             if tables.gateway[node] != me:
                 sender.send(tables.gateway[node], node_part(packed, node), tag(GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
@@ -440,19 +442,24 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
         sender.send(me, node_part(packed, tables.gateway.index(me)), tag(GATEWAY_DISPATCH), incoming)
     yield incoming.all_in(at, "dispatch_wait")
     # stage 2: the gateway forwards its tokens to the experts of its own node
-    with phase("gateway", step, layer, mb):
+    with phase("gateway", step, layer, mb, rows=len(incoming_buffer), row_bytes=ctx.row_bytes(incoming_buffer)):
         rows, gate_slots, gate_weights = unpack_rows(incoming_buffer, hidden, h.dtype, k)
         plan = plan_from_slots(gate_slots, tables)
     answered = yield from dispatch_and_serve(ctx, moe, plan, rows, ctx.node_group, at, stats, buffers="node")
-    with phase("gateway", step, layer, mb):
+    with phase("gateway", step, layer, mb, rows=len(rows), row_bytes=ctx.row_bytes(rows)):
         partial = combine_tokens(plan, answered, gate_weights)  # this node's share of each token
         for i, source in enumerate(served):
             sender.send(source, partial[starts[i]:starts[i + 1]], tag(GATEWAY_RETURNS), returns)
     yield returns.all_in(at, "combine_wait")
-    with phase("combine", step, layer, mb):
+    with phase("combine", step, layer, mb, tokens=len(h)):
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for node in active:  # node order: the same sum on every run
             tokens = groups.tokens[node_ends[node]:node_ends[node + 1]]
             out[tokens] += node_part(returns_buffer, node).float()
         routed = out.to(h.dtype)
         return routed if shared is None else routed + shared
+
+
+def exchange_for(dispatch: str):
+    """parallel.dispatch -> the exchange a MoE layer runs (flat or two_stage)."""
+    return two_stage if dispatch == "two_stage" else flat

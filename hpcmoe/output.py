@@ -51,13 +51,20 @@ class Timer:
         event.record(self.streams.compute())
         return event
 
+    def mark(self) -> float:
+        """A point in time for `add` (a perf_counter value)."""
+        return time.perf_counter()
+
     @contextmanager
-    def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0):
+    def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0, **work):
+        """A row for the work inside. work: what the phase computes, in the shapes hpcmoe.costs prices
+        (rows=, tokens=, row_bytes=), for the simulator's clock (sim_net.SimTimer); unused here. The
+        body may add to it (`as work`) what it learns inside."""
         on_device = self.streams is not None and self.reference is not None and not name.endswith(("_wait", "_comm"))
         start = time.perf_counter()
         begin = self.event() if on_device else None
         try:
-            yield
+            yield work
         finally:
             if on_device:
                 self.timed.append((len(self.rows), begin, self.event()))

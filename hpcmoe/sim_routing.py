@@ -1,31 +1,15 @@
-"""The routing of a simulated run and the engine's plans for it (hpcmoe.simulate).
+"""The routing of a simulated run (hpcmoe.simulate): which experts each rank's tokens go to.
 
 Experts come from the engine's router functions (hpcmoe.router) on synthetic scores (the seeded
 router's logits are about N(0, 1), plus model.router_skew as Router.forward adds it) or on a recorded
-/routing's distribution; each rank's plan from the engine's own dispatch code: compile_placement's
-tables, choose_slots, apply_capacity, plan_from_slots, node_groups. Looked up as `dispatch.NAME` at
-each call, so that a change there changes the simulation (tests/test_simulate.py does one).
+/routing's distribution. Slots, capacity and plans are the engine's own: the exchange that runs in
+the simulation (sim_net) is moe_layer's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 
-from hpcmoe import dispatch
 from hpcmoe.router import sigmoid_group_topk, softmax_topk
-
-
-@dataclass
-class PlanInfo:
-    """One source's dispatch plan for one exchange, as the engine computes it (numpy on the host)."""
-    expert_counts: np.ndarray     # [E] token slots per expert (the /routing row)
-    rank_counts: np.ndarray       # [R] rows to each rank
-    send_counts: np.ndarray       # [R, S] rows to each rank's slots
-    dropped: int = 0              # token slots over capacity (parallel.capacity_factor), as the engine drops them
-    node_counts: list = field(default_factory=list)   # two_stage: rows to each node's gateway
-    node_slots: list = field(default_factory=list)    # two_stage: [t, k] slots of those rows, per node
 
 
 def expert_ids(sim, rank: int, step: int, layer: int, n: int) -> torch.Tensor:
@@ -53,33 +37,10 @@ def expert_ids(sim, rank: int, step: int, layer: int, n: int) -> torch.Tensor:
                               m.norm_topk_prob, m.routed_scaling_factor)[0]
 
 
-def plan(sim, rank: int, step: int, layer: int, n: int) -> PlanInfo:
-    """The engine's plan for this rank's n tokens (compile_placement, choose_slots, capacity,
-    plan_from_slots, node_groups). Synthetic routing without drift is the same law in every
-    layer and step, so its plans are made once per (rank, n)."""
-    same_law = sim.same_law
-    key = (rank, n) if same_law else (rank, n, step, layer)
-    if key not in sim.plans:
-        tables = sim.tables[rank]
-        ids = expert_ids(sim, rank, 0 if same_law else step, 0 if same_law else layer, n)
-        slots = dispatch.choose_slots(ids, tables)
-        if sim.config.parallel.capacity_factor is not None:
-            slots = dispatch.apply_capacity(slots, sim.config.parallel.capacity_factor, tables.num_slots)
-        plan = dispatch.plan_from_slots(slots, tables)
-        info = PlanInfo(dispatch.count(ids.reshape(-1), sim.config.model.num_experts).numpy(), plan.rank_counts.numpy(),
-                        plan.send_counts.numpy(), int((slots < 0).sum()))
-        if sim.config.parallel.dispatch == "two_stage":
-            groups = dispatch.node_groups(slots, torch.zeros(slots.shape), tables)
-            info.node_counts = groups.node_counts
-            info.node_slots = list(groups.slots.split(groups.node_counts))
-        sim.plans[key] = info
-    return sim.plans[key]
-
-
-def gateway_plan(sim, gateway: int, slots: torch.Tensor, key) -> PlanInfo:
-    """Stage 2 of two_stage: the gateway's plan of the rows it received (their slots [t, k]);
-    `key` names rows that are the same whenever it repeats (made once)."""
-    if (gateway, key) not in sim.plans:
-        plan = dispatch.plan_from_slots(slots, sim.tables[gateway])
-        sim.plans[gateway, key] = PlanInfo(np.zeros(0), plan.rank_counts.numpy(), plan.send_counts.numpy())
-    return sim.plans[gateway, key]
+def experts(sim, rank: int, step: int, layer: int, n: int) -> torch.Tensor:
+    """expert_ids, drawn once per (rank, n) where every layer and step follows the same law
+    (synthetic routing without drift)."""
+    key = (rank, n) if sim.same_law else (rank, n, step, layer)
+    if key not in sim.routes:
+        sim.routes[key] = expert_ids(sim, rank, 0 if sim.same_law else step, 0 if sim.same_law else layer, n)
+    return sim.routes[key]

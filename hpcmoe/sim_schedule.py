@@ -1,23 +1,25 @@
 """The engine's step, rank by rank, as generators that the simulation drives (hpcmoe.simulate).
 
-Each function follows the engine function named in its docstring, phase for phase and message
-for message: it yields Work (compute on the rank, with the phase the engine's timer records) and
-Wait (what the engine's coroutine yields a Pending for), and posts messages and collectives where
-the engine posts them. The requests of a rank and micro-batch, the plans, gateways, head split,
-reduction plan and the scheduler's loop (scheduler.passes) come from the engine's own code; only
-time is modelled.
+Every MoE layer's exchange is the engine's own (moe_layer.flat / two_stage and all they call, run
+on the simulated clock by sim_net), and so is the scheduler's loop (scheduler.passes). Around them,
+the functions here follow the engine function named in their docstring, phase for phase and
+message for message: they yield Work (compute on the rank, with the phase the engine's timer
+records) and Wait (what the engine's coroutine yields a Pending for), and post messages and
+collectives where the engine posts them. The requests of a rank and micro-batch, head split and
+reduction plan come from the engine's own code; only time is modelled.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from hpcmoe import sim_routing
+from hpcmoe import moe_layer
 from hpcmoe.attention import kv_heads_for, split_heads
-from hpcmoe.dispatch import packed_row_bytes
-from hpcmoe.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
+from hpcmoe.comm import Where
+from hpcmoe.layout import request_range, requests_per_rank, step_micro_batches
+from hpcmoe.moe_layer import StepStats
 from hpcmoe.scheduler import PASSED, RESUMING, passes
-from hpcmoe.simulate import PROGRESS, AllFrom, AnyFrom, Wait, Work
+from hpcmoe.sim_net import charged
+from hpcmoe.simulate import PROGRESS, AllFrom, Wait, Work
 
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
 
@@ -45,11 +47,19 @@ def rank_main(sim, rank: int):
         mine = range(rank, len(requests), sim.ranks)
     else:
         mine = layout.group_requests(len(requests), rank) if layout.is_attention(rank) else range(0)
+    if sim.is_ma:
+        from hpcmoe.ma import exchange_members
+        members = tuple(exchange_members(layout))
+    else:
+        members = tuple(range(sim.ranks))
     vote = None
     for step in range(config.steps):
         sim.step_of[rank] = step
         if rank == 0:
             sim.forget(step)
+        stats = StepStats.zeros(m.moe_layers, m.num_experts, sim.ranks)
+        if rank in members:   # as Messaging.run_step sets it
+            sim.net.context(rank, members).schedule.prefill = prefill_step(sim, step)
         started = sim.now
         alive = [i for i in mine if requests[i].max_new_tokens > step]
         if sim.context is None:   # the engine's run: a prefill, then one token per step
@@ -62,17 +72,18 @@ def rank_main(sim, rank: int):
         micro_batches = step_micro_batches(config.run.micro_batches, config.run.decode_micro_batch_min,
                                            requests_per_rank(len(requests), data_parallel), prefill_step(sim, step))
         if sim.is_ma and not layout.is_attention(rank):
-            from hpcmoe.ma import exchange_members
-            members = tuple(exchange_members(layout))
-            generators = [flat(sim, rank, (step, layer, mb), 0, members)
+            generators = [exchange(sim, rank, Where(step, layer, mb), 0, members, stats)
                           for layer in range(m.dense_layers, m.num_layers) for mb in range(micro_batches)]
         else:
             blocks = [request_range(len(alive), micro_batches, i) for i in range(micro_batches)]
             part = lambda values, block: values[block.start:block.stop]
             body = ma_micro_batch if sim.is_ma else ep_micro_batch
-            generators = [body(sim, rank, step, mb, part(new, block), part(cached, block))
+            generators = [body(sim, rank, step, mb, part(new, block), part(cached, block), members, stats)
                           for mb, block in enumerate(blocks)]
         yield from concurrently(sim, generators)
+        sim.routing_counts[step, :, rank] = stats.routing.numpy()
+        sim.traffic[step, :, rank] = stats.traffic
+        sim.dropped += int(stats.dropped)
         sim.row(rank, "step", -1, 0, started, sim.now)
         vote = yield from finish_step(sim, rank, step, sum(r.max_new_tokens > step for r in requests) > 0, vote)
 
@@ -107,7 +118,7 @@ def padded(new: list, cached: list) -> tuple[int, int, int, int]:
     return len(new), max(new, default=1), max(ends, default=1), sum(new)
 
 
-def ep_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list):
+def ep_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats):
     """ep.EPEngine.forward_micro_batch: embed, every layer's attention then MLP or MoE exchange, LM head."""
     costs, m = sim.costs, sim.config.model
     b, t, s, n = padded(new, cached)
@@ -115,69 +126,19 @@ def ep_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list):
     for layer in range(m.num_layers):
         yield Work(costs.attention(b, t, s, m.heads, m.kv_heads), "attention", layer, mb)
         if layer >= m.dense_layers:
-            exchange = two_stage if sim.config.parallel.dispatch == "two_stage" else flat
-            yield from exchange(sim, rank, (step, layer, mb), n, tuple(range(sim.ranks)))
+            yield from exchange(sim, rank, Where(step, layer, mb), n, members, stats)
         else:
             yield Work(costs.mlp(n), "mlp", layer, mb)
     yield Work(costs.lm_head(b, m.vocab), "lm_head", -1, mb)
 
 
-def route(sim, rank: int, at: tuple, n: int):
-    """moe_layer.route: the router and slot choice; the step's /routing row."""
-    step, layer, mb = at
-    info = sim_routing.plan(sim, rank, step, layer, n)
-    sim.routing_counts[step, layer - sim.config.model.dense_layers, rank] += info.expert_counts
-    sim.dropped += info.dropped
-    yield Work(sim.costs.route(n), "route", layer, mb)
-    return info
-
-
-def flat(sim, rank: int, at: tuple, n: int, members: tuple):
-    """moe_layer.flat: route, shared experts while the tokens travel, dispatch and serve, combine."""
-    info = yield from route(sim, rank, at, n)
-    yield Work(sim.costs.shared_experts(n), "shared_experts", at[1], at[2])
-    yield from dispatch_and_serve(sim, rank, at, info, members, "flat")
-    yield Work(sim.costs.combine(n), "combine", at[1], at[2])
-
-
-def row_bytes(sim) -> int:
-    return sim.config.model.hidden * sim.costs.item
-
-
-def dispatch_and_serve(sim, rank: int, at: tuple, info, members: tuple, kind: str):
-    """moe_layer.dispatch_and_serve: counts (one collective) and rows to the experts' ranks, serve
-    what arrives, wait for the answers; alone in the group, the experts run at once."""
-    step, layer, mb = at
-    costs, ranks, width = sim.costs, sim.ranks, row_bytes(sim)
-    member = np.zeros(ranks, bool)
-    member[list(members)] = True
-    destinations = np.flatnonzero((info.rank_counts > 0) & member)
-    sim.traffic[step, layer - sim.config.model.dense_layers, rank, destinations] += info.rank_counts[destinations] * width
-    rows, posted = int(info.rank_counts.sum()), sim.now
-    if members == (rank,):
-        yield Work(costs.dispatch_post(rows), "dispatch_post", layer, mb)
-        yield Work(costs.experts(info.send_counts[rank:rank + 1, :sim.tables[rank].served_slots(rank)]), "experts",
-                   layer, mb)
-        return
-    if per_layer(sim, step):
-        yield from exchange_per_layer(sim, rank, at, info, members, kind, destinations)
-        return
-    dispatch, answers = sim.mail((kind, step, layer, mb, "rows")), sim.mail((kind, step, layer, mb, "answers"))
-    others = destinations[destinations != rank]
-    counts = []
-
-    def post_counts(ends):
-        dispatch.announce(rank, info.send_counts)
-        counts.append(sim.collective(("counts", step, layer, mb, kind, members[0]), members, rank))
-
-    yield Work(costs.dispatch_post(rows), "dispatch_post", layer, mb, then=post_counts)
-    parts = np.concatenate([[costs.fixed["counts"] + costs.messages(len(others))], np.full(len(others), costs.fixed["message"])])
-    yield Work(parts, "dispatch_post", layer, mb,   # the counts and the answers' receives, then one send per destination
-               then=lambda ends: sim.send(dispatch_key(at, kind), rank, others, info.rank_counts[others] * width, ends[1:]))
-    yield from serve(sim, rank, at, dispatch, answers, counts[0], members, kind, posted)
-    sim.row(rank, "dispatch_comm", layer, mb, posted, sim.now)
-    yield Wait(AllFrom(answers, rank, len(others)), "combine_wait", layer, mb)
-    sim.row(rank, "combine_comm", layer, mb, posted, sim.now)
+def exchange(sim, rank: int, at: Where, n: int, members: tuple, stats: StepStats):
+    """ep.Messaging.exchange: the engine's own moe_layer.flat or two_stage for n tokens among
+    `members`, on the simulated clock (sim_net)."""
+    net = sim.net
+    run = moe_layer.exchange_for(sim.config.parallel.dispatch)
+    return (yield from charged(net, rank, run(net.context(rank, members), net.moe(rank, at.layer), at, net.tokens(n),
+                                                 stats)))
 
 
 def prefill_step(sim, step: int) -> bool:
@@ -185,140 +146,12 @@ def prefill_step(sim, step: int) -> bool:
     return step == 0 and sim.context is None
 
 
-def per_layer(sim, step: int) -> bool:
-    """The engine's ExpertSchedule for the simulated step."""
-    return ExpertSchedule(sim.config.parallel.expert_schedule, prefill_step(sim, step)).per_layer
-
-
-def exchange_per_layer(sim, rank: int, at: tuple, info, members: tuple, kind: str, destinations: np.ndarray):
-    """moe_layer.exchange_per_layer: the counts collective, then all rows in one Ialltoallv (one host
-    call; the rows still travel as one message per destination, all posted at once), wait for every
-    source's rows, each local expert once on all of them, all answers back in one Ialltoallv, wait
-    for every answer. Each Ialltoallv completes when its data is in and, as a collective, once every
-    member has posted it and made progress."""
-    step, layer, mb = at
-    costs, width, fixed = sim.costs, row_bytes(sim), sim.costs.fixed
-    dispatch, answers = sim.mail((kind, step, layer, mb, "rows")), sim.mail((kind, step, layer, mb, "answers"))
-    collective = lambda what: (what, step, layer, mb, kind, members[0])
-    others = destinations[destinations != rank]
-    rows, posted, counts, done = int(info.rank_counts.sum()), sim.now, [], {}
-
-    def post_counts(ends):
-        dispatch.announce(rank, info.send_counts)
-        counts.append(sim.collective(collective("counts"), members, rank))
-
-    yield Work(costs.dispatch_post(rows) + fixed["counts"], "dispatch_post", layer, mb, then=post_counts)
-    yield Wait(counts[0], "counts_wait", layer, mb)
-    sim.row(rank, "counts_comm", layer, mb, posted, sim.now)
-    group = np.array(members)
-    incoming = dispatch.counts[group, rank, :sim.tables[rank].served_slots(rank)]    # [members, my slots]
-    rows_from = incoming.sum(1)
-    senders = np.flatnonzero((rows_from > 0) & (group != rank))
-    sources = group[senders]
-
-    def post_rows(ends):
-        sim.send(dispatch_key(at, kind), rank, others, info.rank_counts[others] * width, ends[-1])
-        done["rows"] = sim.collective(collective("rows_alltoallv"), members, rank, polled=True)
-
-    yield Work(fixed["counts"], then=post_rows)       # one Ialltoallv: one host call, whatever the peers
-    yield Wait(AllFrom(dispatch, rank, len(sources)), "dispatch_wait", layer, mb)
-    yield Wait(done["rows"], "dispatch_wait", layer, mb)
-    sim.row(rank, "dispatch_comm", layer, mb, posted, sim.now)
-    if rows_from.sum():
-        yield Work(float(costs.experts(incoming.sum(0, keepdims=True))[0]), "experts", layer, mb)
-
-    def post_answers(ends):
-        sim.send((kind, step, layer, mb, "answers"), rank, sources, rows_from[senders] * width, ends[-1])
-        done["answers"] = sim.collective(collective("answers_alltoallv"), members, rank, polled=True)
-
-    yield Work(fixed["counts"], then=post_answers)
-    yield Wait(AllFrom(answers, rank, len(others)), "combine_wait", layer, mb)
-    yield Wait(done["answers"], "combine_wait", layer, mb)
-    sim.row(rank, "combine_comm", layer, mb, posted, sim.now)
-
-
-def dispatch_key(at: tuple, kind: str) -> tuple:
-    return (kind, at[0], at[1], at[2], "rows")
-
-
-def serve(sim, rank: int, at: tuple, dispatch, answers, counts, members: tuple, kind: str, posted: float):
-    """moe_layer.serve (CountedIncoming): once the counts are in, receives for the sources that send;
-    each source's rows are run through this rank's experts as they arrive and answered at once."""
-    step, layer, mb = at
-    yield Wait(counts, "counts_wait", layer, mb)
-    sim.row(rank, "counts_comm", layer, mb, posted, sim.now)
-    members = np.array(members)
-    incoming = dispatch.counts[members, rank, :sim.tables[rank].served_slots(rank)]    # [members, my slots]
-    sources = members[incoming.sum(1) > 0]
-    incoming = incoming[incoming.sum(1) > 0]
-    yield Work(sim.costs.messages(int((sources != rank).sum())))
-    waiting = np.ones(len(sources), bool)
-    while waiting.any():
-        arrived = waiting & ((sources == rank) | (dispatch.times[sources, rank] <= sim.now))
-        if not arrived.any():
-            yield Wait(AnyFrom(dispatch, rank, sources[waiting].tolist()), "dispatch_wait", layer, mb)
-            continue
-        remote = sources[arrived] != rank
-        seconds = sim.costs.experts(incoming[arrived]) + remote * sim.costs.fixed["message"]
-
-        def answer(ends, to=sources[arrived][remote], rows=incoming[arrived][remote].sum(1), remote=remote):
-            sim.send((kind, step, layer, mb, "answers"), rank, to, rows * row_bytes(sim), ends[remote])
-
-        yield Work(seconds, "experts", layer, mb, then=answer)
-        waiting &= ~arrived
-
-
-def two_stage(sim, rank: int, at: tuple, n: int, members: tuple):
-    """moe_layer.two_stage: one message per destination node to that node's gateway for this rank;
-    the gateway plans its rows over its node (stage 2), then answers each source with the node's sum."""
-    step, layer, mb = at
-    costs, m, tables = sim.costs, sim.config.model, sim.tables[rank]
-    info = yield from route(sim, rank, at, n)
-    packed = packed_row_bytes(m.hidden, getattr(torch, m.dtype_name), m.top_k)
-    active = [node for node, rows in enumerate(info.node_counts) if rows]
-    gateways = [tables.gateway[node] for node in active]
-    out = np.array([g for g in gateways if g != rank], np.int64)
-    for node, gateway in zip(active, gateways):
-        sim.traffic[step, layer - m.dense_layers, rank, gateway] += info.node_counts[node] * packed
-    stage1, back = sim.mail(("gateway", step, layer, mb, "rows")), sim.mail(("gateway", step, layer, mb, "answers"))
-    posted, counts = sim.now, []
-
-    def post(ends):
-        stage1.sent[rank] = {g: (info.node_counts[node], info.node_slots[node], n) for node, g in zip(active, gateways)}
-        counts.append(sim.collective(("counts", step, layer, mb, "gateway"), members, rank))
-        sim.send(("gateway", step, layer, mb, "rows"), rank, out,
-                 [info.node_counts[node] * packed for node, g in zip(active, gateways) if g != rank], ends[-1])
-
-    yield Work(costs.dispatch_post(sum(info.node_counts)) + costs.fixed["counts"] + costs.messages(len(active) + len(out)),
-               "dispatch_post",
-               layer, mb, then=post)
-    yield Work(costs.shared_experts(n), "shared_experts", layer, mb)
-    yield Wait(counts[0], "counts_wait", layer, mb)
-    served = [s for s in members if rank in stage1.sent[s]]
-    yield Work(costs.messages(len([s for s in served if s != rank])))
-    yield Wait(AllFrom(stage1, rank, len([s for s in served if s != rank])), "dispatch_wait", layer, mb)
-    rows = {s: stage1.sent[s][rank][0] for s in served}
-    yield Work(costs.gateway(sum(rows.values()), packed), "gateway", layer, mb)
-    same = ("law", tuple((s, stage1.sent[s][rank][2]) for s in served)) if sim.same_law else at
-    plan = sim_routing.gateway_plan(sim, rank, torch.cat([stage1.sent[s][rank][1] for s in served]) if served else
-                            torch.zeros(0, m.top_k, dtype=torch.int64), same)
-    node = tuple(r for r in members if sim.node_of_rank[r] == sim.node_of_rank[rank])
-    yield from dispatch_and_serve(sim, rank, at, plan, node, "node")
-    back_to = np.array([s for s in served if s != rank], np.int64)
-    yield Work(costs.gateway(sum(rows.values()), row_bytes(sim)) + costs.messages(len(back_to)), "gateway", layer, mb,
-               then=lambda ends: sim.send(("gateway", step, layer, mb, "answers"), rank, back_to,
-                                          [rows[s] * row_bytes(sim) for s in back_to], ends[-1]))
-    yield Wait(AllFrom(back, rank, len(out)), "combine_wait", layer, mb)
-    yield Work(costs.combine(n), "combine", layer, mb)
-
-
 # ---------------------------------------------------------------- attention/MoE separation
 
-def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list):
+def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats):
     """ma.AttentionEngine.forward_micro_batch: this rank's heads, the group's hierarchical sum, its
     slice of the tokens through the MoE ranks, the group's all-gather; its vocabulary slice and the
     (max, index) all-gather that picks the token."""
-    from hpcmoe.ma import exchange_members
     costs, m, layout = sim.costs, sim.config.model, sim.layout
     primaries = layout.primaries(rank)
     shard, shards = primaries.index(rank), len(primaries)
@@ -326,7 +159,7 @@ def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list):
     kv = len(kv_heads_for(heads, m.heads, m.kv_heads)) if m.attention == "gqa" else 0
     b, t, s, n = padded(new, cached)
     slices = [request_range(n, shards, i) for i in range(shards)]
-    members, group = tuple(exchange_members(layout)), layout.group_ranks(rank)
+    group = layout.group_ranks(rank)
     yield Work(costs.embed(b, t), "embed", -1, mb)
     for layer in range(m.num_layers):
         at = (step, layer, mb)
@@ -336,11 +169,11 @@ def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list):
         sim.row(rank, "reduce_comm", layer, mb, posted, sim.now)
         yield Work(costs.residual(b, t), "attention", layer, mb)
         if layer >= m.dense_layers:
-            yield from flat(sim, rank, at, len(slices[shard]), members)
+            yield from exchange(sim, rank, Where(*at), len(slices[shard]), members, stats)
         else:
             yield Work(costs.mlp(len(slices[shard])), "mlp", layer, mb)
         posted = sim.now
-        yield from all_gather(sim, rank, at, "gather", [len(x) * row_bytes(sim) for x in slices], primaries, group)
+        yield from all_gather(sim, rank, at, "gather", [len(x) * sim.config.model.hidden * sim.costs.item for x in slices], primaries, group)
         sim.row(rank, "gather_comm", layer, mb, posted, sim.now)
     vocab = request_range(m.vocab, shards, shard)
     yield Work(costs.lm_head(b, len(vocab)), "lm_head", -1, mb)

@@ -12,12 +12,12 @@ bytes / bandwidth, one message after another, as comm.Link), collectives that mo
 their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 20 us doubling to
 1 ms, each a little longer than asked).
 
-The scheduler's loop is the engine's own (scheduler.passes, driven on the simulated clock). The rest
-of the schedule mirrors the engine module by module: sim_schedule.py holds the step of an ep rank
-(engine.run_steps, ep.EPEngine, moe_layer.flat / two_stage / dispatch_and_serve / serve) and of
-ma's roles (ma.AttentionEngine, MoEEngine, hierarchical_sum); sim_routing.py the routing and the
-engine's plans; sim_output.py the metrics, the run file and the command; this file the event loop,
-the ranks' compute, their links and the collectives.
+The scheduler's loop (scheduler.passes) and every MoE layer's exchange (moe_layer.flat / two_stage
+and all they call: slot choice, capacity, plans, counts, serving, expert_schedule) are the engine's
+own code, run on the simulated clock against stand-ins for MPI and the model (sim_net.py). Around
+them, sim_schedule.py follows the engine's step (engine.run_steps, ep.EPEngine, ma's roles and
+hierarchical sum); sim_routing.py draws the routing; sim_output.py makes the metrics, the run file
+and the command; this file holds the event loop, the ranks' compute, their links and the collectives.
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ class Collective:
     conds: dict                          # member -> Cond: when it completes there
     posted: set = field(default_factory=set)
     progress: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)   # what its members contributed (sim_net.SimCounts)
 
 
 class Mail:
@@ -263,7 +264,7 @@ class Simulation:
         self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
         self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
         self.rows: list = []
-        self.plans: dict = {}            # sim_routing's plans, made once per key
+        self.routes: dict = {}           # sim_routing's experts, drawn once per key
         m, steps = config.model, config.steps
         self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
         self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
@@ -284,7 +285,7 @@ class Simulation:
         self.free_out["emulated"] = np.zeros(ranks)   # parallel.link: each rank's own, queued at the sender only
         self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
         self.is_ma = isinstance(self.layout, MALayout)
-        # synthetic routing without drift: the same law in every layer and step (plans made once per rank and n)
+        # synthetic routing without drift: the same law in every layer and step (drawn once per rank and n)
         self.same_law = routing is None and not (config.model.router_skew and config.run.skew_drift)
 
     # ------------------------------------------------------------ the event loop
@@ -295,6 +296,8 @@ class Simulation:
     def run(self) -> list[float]:
         from hpcmoe.sim_schedule import rank_main
         from hpcmoe.progress import Progress
+        from hpcmoe.sim_net import SimNet
+        self.net = SimNet(self)
         for driver in self.drivers:
             driver.gen = rank_main(self, driver.rank)
             self.at(0.0, self.resume, driver)
@@ -516,9 +519,7 @@ class Simulation:
         waits); a member's part completes a latency after all the *others* have, and it sees that at
         its own next test. (Measured here: a member that posts last and computes right away keeps the
         others waiting until it next tests, up to a millisecond and more.)"""
-        if key not in self.collectives:
-            self.collectives[key] = Collective(tuple(members), {m: Cond() for m in members})
-        entry = self.collectives[key]
+        entry = self.joining(key, members)
         entry.posted.add(rank)
         if len(entry.posted) == len(entry.members):
             entry.progress[rank] = self.now
@@ -534,6 +535,12 @@ class Simulation:
                     self.awaiting_progress.setdefault(member, []).append(entry)
             self.complete(entry)
         return entry.conds[rank]
+
+    def joining(self, key, members) -> Collective:
+        """The collective `key` among `members` (made by the first to ask)."""
+        if key not in self.collectives:
+            self.collectives[key] = Collective(tuple(members), {m: Cond() for m in members})
+        return self.collectives[key]
 
     def progressed(self, driver: Driver) -> None:
         """The rank calls into MPI now (a scheduler pass, or the first test of a wait)."""

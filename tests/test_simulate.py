@@ -64,7 +64,7 @@ def test_two_ranks_over_a_link_take_the_bytes_over_the_bandwidth():
 def test_the_simulator_runs_the_engines_placement_and_plan(monkeypatch):
     """Change the engine's slot choice (every token slot to slot 0) and its placement code: the
     simulated traffic follows, so the simulator has no plan of its own."""
-    import hpcmoe.dispatch
+    import hpcmoe.moe_layer
     from hpcmoe.layout import ParallelLayout
     config = load_config(DEBUG_CONFIG, ["run.max_new_tokens=2"])
 
@@ -79,8 +79,8 @@ def test_the_simulator_runs_the_engines_placement_and_plan(monkeypatch):
 
     spread = received()
     assert (spread > 0).all()                                       # one expert per rank, every rank gets rows
-    choose = hpcmoe.dispatch.choose_slots
-    to_slot_0 = received((hpcmoe.dispatch, "choose_slots", lambda ids, tables: choose(ids, tables) * 0))
+    choose = hpcmoe.moe_layer.choose_slots                         # as the engine's exchange calls it
+    to_slot_0 = received((hpcmoe.moe_layer, "choose_slots", lambda ids, tables: choose(ids, tables) * 0))
     assert to_slot_0[0] == spread.sum() and (to_slot_0[1:] == 0).all()
     place = ParallelLayout.place
     reversed_ranks = received((ParallelLayout, "place", lambda self, nodes, routing: hpcmoe.placement.Placement(
@@ -409,6 +409,49 @@ def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_
     simulated = Simulation(config, machine_from(machine({"embed": 10, "attention": 50})), 1)
     simulated.run()
     assert engine_order() == ["mb1", "mb0"] and first_embed(simulated.rows) == 1
+
+
+def test_a_change_to_the_engines_exchange_changes_the_simulation(monkeypatch):
+    """The simulation runs moe_layer's own exchange. Change how the engine serves (experts only once
+    every source's rows are in, instead of each source's as they arrive), with no simulator code
+    touched: simulated experts rows that began before their layer's last dispatch wait ended (its
+    own rows, served while the others travel) are gone, and decode gets slower."""
+    from hpcmoe import moe_layer
+    config = load_config(DEBUG_CONFIG, ["run.max_new_tokens=3", "parallel.ranks_per_node=2",
+                                        "parallel.link={bandwidth_gbps: 0.02, latency_us: 500}",
+                                        "parallel.expert_schedule=per_source"])
+    costly = machine({"experts": 100, "message": 5})
+
+    def early_experts(rows) -> int:
+        """experts rows that start before the last dispatch_wait of their (rank, step, layer, micro-batch) ends"""
+        last = {}
+        for rank, layer, mb, step, phase, start, end in rows:
+            if phase == b"dispatch_wait":
+                last[rank, step, layer, mb] = max(end, last.get((rank, step, layer, mb), -1.0))
+        return sum(1 for rank, layer, mb, step, phase, start, end in rows
+                   if phase == b"experts" and start < last.get((rank, step, layer, mb), -1.0))
+
+    def simulated():
+        sim = Simulation(config, machine_from(costly), 4)
+        sim.run()
+        return early_experts(sim.rows), simulate(config, machine_from(costly), 4)["tpot_ms"]
+
+    def serve_once_all_are_in(ctx, moe, incoming, own_answers, at, returns_tag):
+        yield from incoming.start()
+        yield incoming.all_in()
+        for source in sorted(incoming.sources):
+            with ctx.timer.phase("experts", at.step, at.layer, at.micro_batch):
+                out = moe.run_experts(incoming.rows(source), incoming.slot_counts(source),
+                                      own_answers if source == ctx.rank else None)
+                if source != ctx.rank:
+                    ctx.sender.send(source, out, returns_tag)
+            incoming.served.add(source)
+
+    as_they_arrive, tpot = simulated()
+    monkeypatch.setattr(moe_layer, "serve", serve_once_all_are_in)
+    all_in, tpot_all_in = simulated()
+    assert as_they_arrive > 0 and all_in == 0, (as_they_arrive, all_in)
+    assert tpot_all_in > tpot
 
 
 @pytest.mark.parametrize("setting, message", [
