@@ -30,11 +30,12 @@ ELEMENTWISE_PASSES = 12  # norms, rotary, cache writes, residual adds around one
 class Costs:
     """Seconds of each phase for one model (config.model with its dtype resolved) on one machine."""
 
-    def __init__(self, model, machine: Machine, weights_per_cache: float = 0.0):
+    def __init__(self, model, machine: Machine, weights_per_cache: float = 0.0, expert_tp: int = 1):
         """weights_per_cache: bytes of weights the ranks sharing a cache read each step (their sum):
         whether decode GEMMs find them in the cache (Machine.decode_rate_factors), and how much of the
-        engine's own code and data they evict (Machine.fixed_factor)."""
-        self.m, self.machine = model, machine
+        engine's own code and data they evict (Machine.fixed_factor). expert_tp: a rank computes
+        1/expert_tp of each expert it serves (parallel.expert_tp)."""
+        self.m, self.machine, self.expert_tp = model, machine, expert_tp
         self.item = 2 if model.dtype_name == "bfloat16" else 4
         self.rate = machine.gemm_flops[model.dtype_name]
         self.decode_weights = machine.gemm_decode_bytes_per_s[model.dtype_name]
@@ -148,11 +149,12 @@ class Costs:
     # ------------------------------------------------------------ expert calls, vectorized over calls
 
     def experts(self, counts: np.ndarray) -> np.ndarray:
-        """counts: [calls, S] rows per hosted expert slot of each run_experts call -> [calls] seconds.
+        """counts: [calls, S] rows per hosted expert slot of each run_experts call -> [calls] seconds
+        (of this rank's share of each expert, with expert_tp).
         Small groups (at most MoE.GROUPED_ROWS rows, at least half the experts hit) run as two batched
         GEMMs padded over every hosted expert; otherwise one GEMM chain per hit expert."""
         counts = np.asarray(counts, float).reshape(len(counts), -1)
-        slots, H, inner = counts.shape[1], self.m.hidden, self.m.expert_hidden
+        slots, H, inner = counts.shape[1], self.m.hidden, self.m.expert_hidden / self.expert_tp
         per_expert = 3 * H * inner
         most, hit = counts.max(1, initial=0), (counts > 0).sum(1)
         grouped = (slots >= 2) & (not (self.m.fp8_block or self.m.mxfp4)) & (hit > 0) & (most <= MoE.GROUPED_ROWS) & (2 * hit >= slots)

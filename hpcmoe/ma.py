@@ -15,8 +15,6 @@ interleaved micro-batches cannot mismatch collectives.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from hpcmoe.attention import StepInputs, split_heads
@@ -69,7 +67,11 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
         return {j: t[start:start + len(bounds[j])] for j, start in zip(js, starts)}
 
     def receive(buffers: dict, kind: int) -> Receives:
-        return Receives(ctx.comm, buffers, tag(kind), ctx.link, ctx.sender.staging)
+        return ctx.sender.receives(buffers, tag(kind))
+
+    def summing(operands: int):  # the phase of adding `operands` partials of this rank's chunks
+        return ctx.timer.phase("reduce", at.step, at.layer, at.micro_batch,
+                               nbytes=operands * size(owned) * x.element_size())
 
     owned = owned_by(mine, ctx.rank)
     # 1. reduce-scatter inside the node
@@ -78,9 +80,10 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
         ctx.sender.send(r, joined(flat, owned_by(mine, r)), tag(SCATTER))
     yield parts.all_in(at, "reduce_wait")
     node_sum = None
-    for r in mine:
-        part = joined(flat, owned) if r == ctx.rank else parts.received[r]
-        node_sum = part.clone() if node_sum is None else node_sum.add_(part)
+    with summing(len(mine)):
+        for r in mine:
+            part = joined(flat, owned) if r == ctx.rank else parts.received[r]
+            node_sum = part.clone() if node_sum is None else node_sum.add_(part)
     node_sum = split(node_sum, owned)
     # 2. all-reduce of each owned chunk across nodes, with its owner in every other node
     shared_with: dict[int, list[int]] = {}  # owner in another node -> my chunks it owns there
@@ -94,11 +97,12 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
                         tag(ACROSS_NODES))
     yield across.all_in(at, "reduce_wait")
     from_peer = {peer: split(across.received[peer], js) for peer, js in shared_with.items()}
-    for j in owned:
-        total = piece(result, j)
-        for n, members in enumerate(nodes):
-            value = node_sum[j] if members is mine else from_peer[members[j % len(members)]][j]
-            total.copy_(value) if n == 0 else total.add_(value)
+    with summing(len(nodes)):
+        for j in owned:
+            total = piece(result, j)
+            for n, members in enumerate(nodes):
+                value = node_sum[j] if members is mine else from_peer[members[j % len(members)]][j]
+                total.copy_(value) if n == 0 else total.add_(value)
     # 3. all-gather inside the node: one chunk lands straight in the result
     theirs = {r: owned_by(mine, r) for r in others}
     back = receive({r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js))
@@ -120,8 +124,7 @@ def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: lis
     """Generator: each sender's rows [counts[i], W] -> all of them in sender order on every group rank
     (a standby sends nothing and receives everything); like: a tensor of the rows' width, dtype, device."""
     everything = like.new_empty(sum(counts), like.shape[-1])
-    receives = Receives(ctx.comm, dict(zip(senders, everything.split(counts))), tag(kind), ctx.link,
-                        ctx.sender.staging)
+    receives = ctx.sender.receives(dict(zip(senders, everything.split(counts))), tag(kind))
     if ctx.rank in senders:
         for r in group:
             ctx.sender.send(r, rows, tag(kind), receives)
@@ -131,7 +134,7 @@ def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: lis
 
 def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
     """Generator: a standby receives its primary's total."""
-    receives = Receives(ctx.comm, {twin: torch.empty_like(like)}, tag(TO_STANDBY), ctx.link, ctx.sender.staging)
+    receives = ctx.sender.receives({twin: torch.empty_like(like)}, tag(TO_STANDBY))
     yield receives.all_in(at, "reduce_wait")
     return receives.received[twin]
 
@@ -206,7 +209,7 @@ class AttentionEngine:
             maybe_fail(self.config, self.rank, step, layer)
             with phase("attention", step, layer, mb):
                 partial = block.self_attn(block.input_layernorm(x), layer_cache, inputs).float()
-            posted = time.perf_counter()
+            posted = self.timer.mark()
             if self.standby:
                 total = yield from from_twin(self, partial, self.twin, tag(layer), where(layer))
             else:
@@ -223,11 +226,12 @@ class AttentionEngine:
             elif not self.standby:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
-            posted = time.perf_counter()
+            posted = self.timer.mark()
             everything = yield from all_gather_rows(self, out, self.primaries, self.group, [len(s) for s in slices],
                                                     x, tag(layer), where(layer))
             self.timer.add("gather_comm", step, layer, mb, posted)
-            inputs.add_flat(x, everything)
+            with phase("gather", step, layer, mb, nbytes=everything.numel() * everything.element_size()):
+                inputs.add_flat(x, everything)
         with phase("lm_head", step, micro_batch=mb):
             local = model.logits(x, inputs)                         # [b_mb, this rank's vocabulary slice]
             best, index = local.max(dim=-1)                         # the lowest index among equal maxima

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -194,7 +195,7 @@ class SimSender:
         key = ("message", self.net.sim.step_of[self.rank], tag)
         self.ledger.charge(self.net.sim.costs.fixed["message"])
         self.net.payloads[key, self.rank, peer] = data.clone()
-        self.ledger.send(key, [peer], [len(data) * self.net.row_bytes(data)])
+        self.ledger.send(key, [peer], [self.net.wire_bytes(data)])
 
     def settle(self, *args, **kwargs) -> None:
         """Sends complete in the simulation once delivered; a buffer is never written under one."""
@@ -285,8 +286,20 @@ class SimNet:
         self.payloads: dict = {}    # (mail key, source, destination) -> the message's tensor
         plain, packed = m.hidden * sim.costs.item, packed_row_bytes(m.hidden, self.dtype, m.top_k)
         self.row_bytes = lambda rows: packed if rows.dtype == torch.uint8 else plain
+        self.senders = [SimSender(self, rank) for rank in range(sim.ranks)]
+        self.timers = [SimTimer(self, rank) for rank in range(sim.ranks)]
         self.contexts: dict = {}
         self.moes: dict = {}
+
+    def wire_bytes(self, data: torch.Tensor) -> int:
+        """Bytes of a message: a tensor of the engine's shape holding no data (device meta) is what it
+        says; a narrow [rows, W] one has the model's rows."""
+        return data.numel() * data.element_size() if data.is_meta else len(data) * self.row_bytes(data)
+
+    def role(self, rank: int) -> SimpleNamespace:
+        """What ma's sums and gathers use of an AttentionEngine (`ctx`)."""
+        return SimpleNamespace(rank=rank, topo=SimpleNamespace(node_of_rank=self.sim.node_of_rank),
+                               sender=self.senders[rank], timer=self.timers[rank])
 
     def context(self, rank: int, members: tuple) -> ExchangeContext:
         """The rank's ExchangeContext among `members`, as ep.build_exchange makes it."""
@@ -303,10 +316,11 @@ class SimNet:
             node_group = group(tuple(r for r in members if sim.node_of_rank[r] == node), f"node {node}") \
                 if p.dispatch == "two_stage" else None
             self.contexts[rank] = ExchangeContext(
-                rank=rank, world=None, sender=SimSender(self, rank), link=Link(sim.node_of_rank),
+                rank=rank, world=None, sender=self.senders[rank], link=Link(sim.node_of_rank),
                 tables=sim.tables[rank], group=group(members, "exchange"), node_group=node_group,
-                timer=SimTimer(self, rank), micro_batches=micro_batches, first_moe_layer=sim.config.model.dense_layers,
-                capacity_factor=p.capacity_factor, pool=BufferPool(), schedule=ExpertSchedule(p.expert_schedule),
+                timer=self.timers[rank], micro_batches=micro_batches, first_moe_layer=sim.config.model.dense_layers,
+                capacity_factor=p.capacity_factor, pool=BufferPool(), tp_forward=p.expert_tp_dispatch == "leader",
+                schedule=ExpertSchedule(p.expert_schedule),
                 row_bytes=self.row_bytes)
         return self.contexts[rank]
 

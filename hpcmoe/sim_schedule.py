@@ -10,11 +10,11 @@ reduction plan come from the engine's own code; only time is modelled.
 """
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from hpcmoe import moe_layer
 from hpcmoe.attention import kv_heads_for, split_heads
-from hpcmoe.comm import Where
+from hpcmoe.comm import Where, tag_for
 from hpcmoe.layout import request_range, requests_per_rank, step_micro_batches
 from hpcmoe.moe_layer import StepStats
 from hpcmoe.scheduler import PASSED, RESUMING, passes
@@ -151,8 +151,11 @@ def prefill_step(sim, step: int) -> bool:
 def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats):
     """ma.AttentionEngine.forward_micro_batch: this rank's heads, the group's hierarchical sum, its
     slice of the tokens through the MoE ranks, the group's all-gather; its vocabulary slice and the
-    (max, index) all-gather that picks the token."""
-    costs, m, layout = sim.costs, sim.config.model, sim.layout
+    (max, index) all-gather that picks the token. The sums and gathers are ma's own functions, on
+    tensors of the engine's shapes that hold no data (device meta)."""
+    from hpcmoe import ma
+    costs, m, layout, net = sim.costs, sim.config.model, sim.layout, sim.net
+    role = net.role(rank)
     primaries = layout.primaries(rank)
     shard, shards = primaries.index(rank), len(primaries)
     heads = split_heads(m.heads, shards)[shard]
@@ -160,68 +163,35 @@ def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, 
     b, t, s, n = padded(new, cached)
     slices = [request_range(n, shards, i) for i in range(shards)]
     group = layout.group_ranks(rank)
+    empty = lambda *shape, dtype=net.dtype: torch.empty(*shape, dtype=dtype, device="meta")
+    tag = lambda layer: lambda kind: tag_for(kind, layer, mb, sim.config.run.micro_batches)
     yield Work(costs.embed(b, t), "embed", -1, mb)
     for layer in range(m.num_layers):
-        at = (step, layer, mb)
+        at = Where(step, layer, mb)
         yield Work(costs.attention(b, t, s, len(heads), kv), "attention", layer, mb)
         posted = sim.now
-        yield from hierarchical_sum(sim, rank, at, b * t * m.hidden * 4, primaries)
+        partial = empty(b, t, m.hidden, dtype=torch.float32)
+        yield from charged(net, rank, ma.hierarchical_sum(role, partial, primaries, tag(layer), at))
         sim.row(rank, "reduce_comm", layer, mb, posted, sim.now)
         yield Work(costs.residual(b, t), "attention", layer, mb)
         if layer >= m.dense_layers:
-            yield from exchange(sim, rank, Where(*at), len(slices[shard]), members, stats)
+            yield from exchange(sim, rank, at, len(slices[shard]), members, stats)
         else:
             yield Work(costs.mlp(len(slices[shard])), "mlp", layer, mb)
         posted = sim.now
-        yield from all_gather(sim, rank, at, "gather", [len(x) * sim.config.model.hidden * sim.costs.item for x in slices], primaries, group)
+        everything = yield from charged(net, rank, ma.all_gather_rows(
+            role, empty(len(slices[shard]), m.hidden), primaries, group, [len(x) for x in slices], empty(0, m.hidden),
+            tag(layer), at))
         sim.row(rank, "gather_comm", layer, mb, posted, sim.now)
-    vocab = request_range(m.vocab, shards, shard)
-    yield Work(costs.lm_head(b, len(vocab)), "lm_head", -1, mb)
-    done = (step, m.num_layers, mb)
-    yield from all_gather(sim, rank, done, "choice", [16 * b] * shards, primaries, group)
+        yield Work(costs.gather(everything.numel() * everything.element_size()), "gather", layer, mb)
+    vocab = [request_range(m.vocab, shards, i) for i in range(shards)]
+    yield Work(costs.lm_head(b, len(vocab[shard])), "lm_head", -1, mb)
+    done = Where(step, m.num_layers, mb)
+    pairs = empty(1, 2 * b, dtype=torch.float64)
+    yield from charged(net, rank, ma.all_gather_rows(role, pairs, primaries, group, [1] * shards, pairs,
+                                                     tag(done.layer), done, ma.CHOICE))
     if sim.config.output.save_logits:
-        yield from all_gather(sim, rank, done, "logits",
-                              [4 * b * len(request_range(m.vocab, shards, i)) for i in range(shards)], primaries, group)
-
-
-def all_gather(sim, rank: int, at: tuple, kind: str, nbytes: list, senders: list, group: list):
-    """ma.all_gather_rows: each sender's rows to every group rank; wait for the other senders'."""
-    step, layer, mb = at
-    key = (kind, step, layer, mb)
-    others = np.array([r for r in group if r != rank], np.int64)
-    if rank in senders:
-        mine = nbytes[senders.index(rank)]
-        yield Work(sim.costs.messages(len(others) + len(senders)),
-                   then=lambda ends: sim.send(key, rank, others, mine, ends[-1]))
-    yield Wait(AllFrom(sim.mail(key), rank, len([r for r in senders if r != rank])), "gather_wait", layer, mb)
-    yield Work(sim.costs.gather(sum(nbytes)))
-
-
-def hierarchical_sum(sim, rank: int, at: tuple, nbytes: int, group: list):
-    """ma.hierarchical_sum over ma.reduction_plan: reduce-scatter inside the node, all-reduce of each
-    owned chunk across nodes with its owner there (chunk j of a node of m ranks: its (j mod m)-th
-    rank), all-gather inside the node. nbytes: the float32 partial."""
-    from hpcmoe.ma import reduction_plan
-    step, layer, mb = at
-    nodes, chunks = reduction_plan(group, sim.node_of_rank)
-    mine = next(members for members in nodes if rank in members)
-    others = [r for r in mine if r != rank]
-    bounds = [request_range(nbytes // 4, chunks, j) for j in range(chunks)]
-    owned_by = lambda members, r: [j for j in range(chunks) if members[j % len(members)] == r]
-    size = lambda js: 4 * sum(len(bounds[j]) for j in js)
-    owned = owned_by(mine, rank)
-    shared_with: dict = {}
-    for members in nodes:
-        if members is not mine:
-            for j in owned:
-                shared_with.setdefault(members[j % len(members)], []).append(j)
-    rounds = (("reduce_scatter", others, [size(owned_by(mine, r)) for r in others], len(mine)),
-              ("across_nodes", list(shared_with), [size(js) for js in shared_with.values()], len(nodes)),
-              ("gather_back", others, [size(owned)] * len(others), 0))
-    for kind, peers, sizes, summed in rounds:
-        key = (kind, step, layer, mb)
-        yield Work(sim.costs.messages(2 * len(peers)),
-                   then=lambda ends, key=key, peers=peers, sizes=sizes: sim.send(key, rank, peers, sizes, ends[-1]))
-        yield Wait(AllFrom(sim.mail(key), rank, len(peers)), "reduce_wait", layer, mb)
-        if summed:
-            yield Work(sim.costs.reduce(size(owned) * summed))
+        columns = empty(len(vocab[shard]), b, dtype=torch.float32)
+        yield from charged(net, rank, ma.all_gather_rows(role, columns, primaries, group, [len(v) for v in vocab],
+                                                         empty(0, b, dtype=torch.float32), tag(done.layer), done,
+                                                         ma.LOGITS))

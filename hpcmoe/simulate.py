@@ -201,7 +201,7 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
     from hpcmoe.model import attention_shard_bytes, parameter_bytes
     m = config.model
     base = parameter_bytes(m, 0)[1]
-    per_slot = parameter_bytes(m, 1)[1] - base
+    per_slot = (parameter_bytes(m, 1)[1] - base) / config.parallel.expert_tp   # a member holds its share of each
     shards: dict = {}
 
     def rank_bytes(rank: int) -> float:
@@ -228,8 +228,7 @@ class Simulation:
     def __init__(self, config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
                  context: Optional[int] = None, one_batch: bool = True):
         p = config.parallel
-        unsupported = [name for name, on in (("parallel.expert_tp > 1", p.expert_tp > 1),
-                                             ("parallel.rebalance", p.rebalance is not None),
+        unsupported = [name for name, on in (("parallel.rebalance", p.rebalance is not None),
                                              ("parallel.attention_standby", p.attention_standby)) if on]
         if unsupported:
             raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
@@ -255,7 +254,7 @@ class Simulation:
         self.placement = self.layout.placement(self.node_of_rank, placed_by)
         self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
         self.costs = Costs(config.model, machine, weights_per_cache(config, machine, self.layout, self.tables,
-                                                                     self.host_of_rank))
+                                                                     self.host_of_rank), p.expert_tp)
         self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
         self.now, self.events, self.order = 0.0, [], itertools.count()
         self.mails: dict = {}

@@ -57,6 +57,8 @@ CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (
     "wide_n3": (WIDE, 3, []),
     "wide_n4": (WIDE, 4, []),
     "wide_ma_3_1": (WIDE, 4, MA_3_1),
+    "debug_n4_expert_tp2_members": (DEBUG, 4, ["parallel.expert_tp=2"]),
+    "debug_n4_expert_tp2_leader": (DEBUG, 4, ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader"]),
 }
 
 
