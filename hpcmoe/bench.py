@@ -438,6 +438,9 @@ class CountingSender:
         self.sender, self.node_of_rank, self.internode_bytes = sender, node_of_rank, 0
         self.staging, self.link = sender.staging, sender.link
 
+    def receives(self, buffers: dict, tag: int):
+        return self.sender.receives(buffers, tag)
+
     def send(self, peer, data, tag, own=None):
         if self.node_of_rank[peer] != self.node_of_rank[self.sender.comm.Get_rank()]:
             self.internode_bytes += data.numel() * data.element_size()
@@ -466,7 +469,7 @@ def bench_reduce(tokens: int, hidden: int, ranks_per_node: int, reps: int, out: 
 
     def through_link(name, algorithm):
         sender = CountingSender(Sender(world, link), topo.node_of_rank)
-        ctx = SimpleNamespace(comm=world, sender=sender, link=link, topo=topo, rank=topo.rank)
+        ctx = SimpleNamespace(comm=world, sender=sender, link=link, topo=topo, rank=topo.rank, timer=Timer(0, 0.0))
 
         def run():
             sender.internode_bytes = 0

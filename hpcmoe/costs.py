@@ -123,10 +123,12 @@ class Costs:
         """The host read of the counts and the gather of `rows` sent rows into one buffer."""
         return float(self.fixed["dispatch_post"] + self.activations(2 * rows * self.m.hidden * self.item))
 
-    def combine(self, tokens: int) -> float:
-        """The tokens' k answers summed with their weights (one weighted gather-sum)."""
+    def combine(self, tokens: int = 0, partial_rows: int = 0) -> float:
+        """The tokens' k answers summed with their weights (one weighted gather-sum); with expert_tp,
+        `partial_rows` members' partial rows summed in float32 (moe_layer.sum_partials)."""
         m = self.m
-        return float(self.fixed["combine"] + self.activations((tokens * m.top_k + 2 * tokens) * m.hidden * self.item))
+        weighted = (tokens * m.top_k + 2 * tokens) * self.item
+        return float(self.fixed["combine"] + self.activations((weighted + partial_rows * (self.item + 8)) * m.hidden))
 
     def gateway(self, rows: int, row_bytes: int) -> float:
         """A two_stage gateway phase over `rows` packed rows (unpack and plan, or partial combine)."""

@@ -190,7 +190,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     if replies == 1:
         return answers[0]
-    with phase("combine", step, layer, mb):
+    with phase("combine", step, layer, mb, partial_rows=answers.shape[0] * answers.shape[1]):
         return sum_partials(answers)
 
 
@@ -239,7 +239,7 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     if tp == 1:
         return answers
-    with phase("combine", step, layer, mb):
+    with phase("combine", step, layer, mb, partial_rows=tp * sent):
         return sum_partials(answers.view(tp, sent, hidden))
 
 
@@ -306,7 +306,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
         sender.send(leader, partials[0], tag(TP_PARTIAL))
         return
     yield from_members.all_in(at, "expert_tp_wait")
-    with ctx.timer.phase("experts", step, layer, mb):
+    with ctx.timer.phase("combine", step, layer, mb, partial_rows=partials.shape[0] * partials.shape[1]):
         summed = sum_partials(partials)
         for source in incoming.sources:
             if source == me:

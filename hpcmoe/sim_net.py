@@ -9,9 +9,9 @@ simulation against stand-ins for what they touch of MPI and of the model.
 - CostedMoE: the model's part of an exchange (route, shared experts, experts), charged from the
   machine file by its shapes, with the simulation's routing (sim_routing).
 - SimTimer: the engine's timer. A rank's code runs inline between two yields, so what it computes is
-  charged to a ledger of parts; at each yield the ledger becomes one Work, run on the rank's core
-  (time-sliced with others), and what the code did on the way (a send posted, a collective joined,
-  a timing row closed) happens at the end of the part it followed. A phase prices the shapes the
+  charged to a ledger of parts; at each yield the ledger becomes Works run on the rank's core
+  (time-sliced with others), cut where something happens (a collective joined, a timing row
+  closed), which happens when that Work ends; a send leaves at the end of the part it followed. A phase prices the shapes the
   engine names in it (`timer.phase(name, ..., rows=...)`) with hpcmoe.costs' method of that name.
 
 Rows are 8 bytes wide, so they cost nothing to move here; their bytes on the wire are the
@@ -32,7 +32,7 @@ from hpcmoe.comm import BufferPool, Link, Pending, Where
 from hpcmoe.dispatch import packed_row_bytes
 from hpcmoe.layout import ExpertSchedule
 from hpcmoe.moe_layer import ExchangeContext, ExchangeGroup
-from hpcmoe.simulate import AllFrom, AnyFrom, Cond, Wait, Work
+from hpcmoe.simulate import AllFrom, AnyFrom, Cond, Latest, Wait, Work
 
 ALREADY = Cond()        # a wait on something this rank already holds
 ALREADY.time = -np.inf
@@ -76,24 +76,35 @@ class Ledger:
         """Messages posted at the end of the part charged last (sends always follow a charge)."""
         self.outbox.append((len(self.parts) - 1, key, destinations, nbytes))
 
-    def work(self) -> Optional[Work]:
-        """-> everything charged since the last call as one Work (None when nothing was)."""
+    def works(self) -> list[Work]:
+        """-> everything charged since the last call, as Works cut after each part at whose end
+        something happens that others see at once or that a timing row records (a collective
+        joined, a row's end); the messages of a Work leave at the ends of their parts."""
         if not self.parts:
-            return None
+            return []
         parts, after, outbox = np.array(self.parts), self.after, self.outbox
         self.parts, self.after, self.outbox = [], [], []
+        cuts = sorted({index for index, _ in after} | {len(parts) - 1})
+        works, first = [], 0
+        for last in cuts:
+            callbacks = [callback for index, callback in after if index == last]
+            sends = [(index - first, key, to, nbytes) for index, key, to, nbytes in outbox if first <= index <= last]
+            works.append(Work(parts[first:last + 1], then=lambda ends, c=callbacks, s=sends: self.happen(ends, c, s)))
+            first = last + 1
+        return works
 
-        def done(ends: np.ndarray) -> None:
-            for index, callback in after:
-                callback(float(ends[index]))
-            by_key: dict = {}
-            for index, key, destinations, nbytes in outbox:   # one call per kind of message, in posting order
-                by_key.setdefault(key, []).append((np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index]))
-            for key, messages in by_key.items():
-                self.sim.send(key, self.rank, np.concatenate([d for d, _, _ in messages]),
-                              np.concatenate([b for _, b, _ in messages]),
-                              np.concatenate([np.full(len(d), sent) for d, _, sent in messages]))
-        return Work(parts, then=done)
+    def happen(self, ends: np.ndarray, callbacks: list, sends: list) -> None:
+        """At the end of a Work: its messages leave (one call per kind, in posting order), then what
+        happens at its end."""
+        by_key: dict = {}
+        for index, key, destinations, nbytes in sends:
+            by_key.setdefault(key, []).append((np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index]))
+        for key, messages in by_key.items():
+            self.sim.send(key, self.rank, np.concatenate([d for d, _, _ in messages]),
+                          np.concatenate([b for _, b, _ in messages]),
+                          np.concatenate([np.full(len(d), sent) for d, _, sent in messages]))
+        for callback in callbacks:
+            callback(float(ends[-1]))
 
 
 class SimTimer:
@@ -109,9 +120,13 @@ class SimTimer:
 
     @contextmanager
     def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0, **work):
-        start = self.mark()
+        """Shapes named on entry are charged first (the phase's work, then what its body posts);
+        shapes the body adds are charged when it ends."""
+        start, named = self.mark(), bool(work)
+        if named:
+            self.ledger.charge(getattr(self.costs, name)(**work))
         yield work
-        if work:
+        if len(work) and not named:
             self.ledger.charge(getattr(self.costs, name)(**work))
         self.add(name, step, layer, micro_batch, start)
 
@@ -148,16 +163,18 @@ class SimReceives:
         self.key = ("message", net.sim.step_of[rank], tag)
         self.mail = net.sim.mail(self.key)
         self.expected = [peer for peer, buffer in buffers.items() if buffer.numel() and peer != rank]
+        self.missing = np.array(self.expected, np.int64)   # expected peers not yet in
         self.done.update(peer for peer, buffer in buffers.items() if not buffer.numel())
         for _ in self.expected:
             net.ledgers[rank].charge(net.sim.costs.fixed["message"])
 
     def arrived(self) -> set[int]:
-        now = self.net.sim.now
-        for peer in self.expected:
-            if peer not in self.done and self.mail.times[peer, self.me] <= now:
+        if len(self.missing):
+            landed = self.mail.times[self.missing, self.me] <= self.net.sim.now
+            for peer in self.missing[landed].tolist():
                 self.received[peer].copy_(self.net.payloads.pop((self.key, peer, self.me)))
                 self.done.add(peer)
+            self.missing = self.missing[~landed]
         return self.done
 
     def keep_own(self, data: torch.Tensor) -> None:
@@ -248,11 +265,9 @@ class SimCounts:
         to = np.flatnonzero(send_counts)
         to = to[to != self.index]
         self.ledger.send(key, np.asarray(self.ranks)[to], send_counts[to] * self.net.row_bytes(send))
-        cond = entry.conds[self.rank]
         rows_in = AllFrom(self.sim.mail(key), self.rank, int(np.count_nonzero(recv_counts)) - bool(recv_counts[self.index]))
-        now = lambda on: on.time is not None and on.time <= self.sim.now
-        yield pending(lambda: True if now(rows_in) else None, where, phase, rows_in)
-        yield pending(lambda: True if now(cond) else None, where, phase, cond)
+        done = Latest(rows_in, entry.conds[self.rank])     # the rows are in and the collective complete here
+        yield pending(lambda: True if done.time is not None and done.time <= self.sim.now else None, where, phase, done)
 
     def turn(self, at: Where, index: int) -> Optional[SimPending]:
         """comm.CountsGroup.turn: the step's index-th MoE layer posts once those before it are done."""
@@ -342,13 +357,9 @@ def charged(net: SimNet, rank: int, generator):
         try:
             waiting = generator.send(value)
         except StopIteration as finished:
-            work = ledger.work()
-            if work is not None:
-                yield work
+            yield from ledger.works()
             return finished.value
-        work = ledger.work()
-        if work is not None:
-            yield work
+        yield from ledger.works()
         yield waiting.wait
         value = waiting.poll()
         assert value is not None, f"rank {rank} resumed before {waiting.where()}"

@@ -124,6 +124,18 @@ class AnyFrom:
 
 
 @dataclass
+class Latest:
+    """The later of two conditions: known once both are."""
+    first: object
+    second: object
+
+    @property
+    def time(self):
+        times = (self.first.time, self.second.time)
+        return None if None in times else max(times)
+
+
+@dataclass
 class Driver:
     """One rank: its top generator, whether it computes (and what), what it waits for."""
     rank: int
@@ -232,6 +244,10 @@ class Simulation:
                                              ("parallel.attention_standby", p.attention_standby)) if on]
         if unsupported:
             raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
+        micro_batches, layers = config.run.micro_batches, config.model.num_layers
+        if 15 + 16 * (micro_batches - 1 + micro_batches * layers) + 100 >= 32000:   # comm.tag_for's range
+            raise ValueError(f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
+                             f"{micro_batches} over {layers} layers: use fewer micro-batches")
         if p.layout == "ma" and "auto" in (p.attention_ranks, p.moe_ranks):
             raise ValueError("hpcmoe simulate needs parallel.attention_ranks and moe_ranks set "
                              "(`hpcmoe predict propose --machine` ranks the splits with the simulator)")
@@ -338,7 +354,10 @@ class Simulation:
             return self.plan_wake(driver)
 
     def watch(self, on, driver: Driver) -> None:
-        if isinstance(on, Cond):
+        if isinstance(on, Latest):
+            self.watch(on.first, driver)
+            self.watch(on.second, driver)
+        elif isinstance(on, Cond):
             on.watchers.add(driver.rank)
         else:
             on.mail.watchers.setdefault(on.dst, set()).add(driver.rank)

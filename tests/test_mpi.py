@@ -96,7 +96,8 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype, ranks_pe
     world = MPI.COMM_WORLD
     topo = build_topology(world, ranks_per_node)
     link = Link(topo.node_of_rank)
-    ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, topo=topo, rank=topo.rank)
+    ctx = SimpleNamespace(comm=world, sender=Sender(world, link), link=link, topo=topo, rank=topo.rank,
+                          timer=Timer(topo.rank, 0.0))
     x = torch.randn(7, 33, generator=torch.Generator().manual_seed(topo.rank)).to(getattr(torch, dtype))
     flat = np.empty((7, 33))
     world.Allreduce(x.double().numpy(), flat, op=MPI.SUM)
