@@ -9,9 +9,9 @@ simulation against stand-ins for what they touch of MPI and of the model.
 - CostedMoE: the model's part of an exchange (route, shared experts, experts), charged from the
   machine file by its shapes, with the simulation's routing (sim_routing).
 - SimTimer: the engine's timer. A rank's code runs inline between two yields, so what it computes is
-  charged to a ledger of parts; at each yield the ledger becomes Works run on the rank's core
-  (time-sliced with others), cut where something happens (a collective joined, a timing row
-  closed), which happens when that Work ends; a send leaves at the end of the part it followed. A phase prices the shapes the
+  charged to a ledger of parts; at each yield the ledger becomes Works run on the rank's core. A
+  send leaves, a collective is joined and a timing row ends at the end of the part it followed
+  (Ledger.works says how, with a unit per rank and with ranks time-sliced on shared units). A phase prices the shapes the
   engine names in it (`timer.phase(name, ..., rows=...)`) with hpcmoe.costs' method of that name.
 
 Rows are 8 bytes wide, so they cost nothing to move here; their bytes on the wire are the
@@ -54,21 +54,23 @@ class Marker:
 
 
 class Ledger:
-    """A rank's compute since it last yielded, as parts run back to back, and what happens at their ends."""
+    """A rank's compute since it last yielded, as parts run back to back, and what happens at their
+    ends: messages leave, collectives are joined, timing rows end (callbacks)."""
 
     def __init__(self, sim, rank: int):
         self.sim, self.rank = sim, rank
         self.parts: list[float] = []
-        self.after: list = []      # (part index, callback(time))
+        self.after: list = []      # (part index, callback(time), whether others see it at once: a collective)
         self.outbox: list = []     # (part index, mail key, destinations, bytes of each)
 
     def charge(self, seconds: float) -> None:
         self.parts.append(float(seconds))
 
-    def then(self, callback) -> None:
-        """callback(time) at the end of the part charged last (now, when none is)."""
+    def then(self, callback, joins: bool = False) -> None:
+        """callback(time) at the end of the part charged last (now, when none is); joins: it posts to
+        a collective, which others see the moment it happens."""
         if self.parts:
-            self.after.append((len(self.parts) - 1, callback))
+            self.after.append((len(self.parts) - 1, callback, joins))
         else:
             callback(self.sim.now)
 
@@ -77,25 +79,46 @@ class Ledger:
         self.outbox.append((len(self.parts) - 1, key, destinations, nbytes))
 
     def works(self) -> list[Work]:
-        """-> everything charged since the last call, as Works cut after each part at whose end
-        something happens that others see at once or that a timing row records (a collective
-        joined, a row's end); the messages of a Work leave at the ends of their parts."""
+        """-> everything charged since the last call, as Works.
+
+        With a unit of its own a rank runs its work the moment it starts, so every part's end is known
+        now: messages are posted and rows closed at once, at those times, and a Work ends only where a
+        collective is joined (the simulation sees it at its own time). A rank that shares its unit is
+        time-sliced: a Work ends wherever something happens, which happens when that Work ends."""
         if not self.parts:
             return []
         parts, after, outbox = np.array(self.parts), self.after, self.outbox
         self.parts, self.after, self.outbox = [], [], []
-        cuts = sorted({index for index, _ in after} | {len(parts) - 1})
+        sim, own_unit = self.sim, self.sim.has_unit(self.rank)
+        if own_unit:
+            ends = sim.now + np.cumsum(parts * (sim.slower(self.rank) or 1.0))
+            self.post(ends, [(index, key, to, nbytes) for index, key, to, nbytes in outbox])
+            for index, callback, joins in after:
+                if not joins:
+                    callback(float(ends[index]))
+            after = [entry for entry in after if entry[2]]
+            outbox = []
+        by_end: dict = {}
+        for index, callback, _ in after:
+            by_end.setdefault(index, ([], []))[0].append(callback)
+        for entry in outbox:
+            by_end.setdefault(entry[0], ([], []))[1].append(entry)
         works, first = [], 0
-        for last in cuts:
-            callbacks = [callback for index, callback in after if index == last]
-            sends = [(index - first, key, to, nbytes) for index, key, to, nbytes in outbox if first <= index <= last]
-            works.append(Work(parts[first:last + 1], then=lambda ends, c=callbacks, s=sends: self.happen(ends, c, s)))
+        for last in sorted(set(by_end) | {len(parts) - 1}):
+            callbacks, sends = by_end.get(last, ([], []))
+            sends = [(index - first, key, to, nbytes) for index, key, to, nbytes in sends]
+            works.append(Work(parts[first:last + 1], then=lambda ends, c=callbacks, m=sends: self.happen(ends, c, m)))
             first = last + 1
         return works
 
     def happen(self, ends: np.ndarray, callbacks: list, sends: list) -> None:
-        """At the end of a Work: its messages leave (one call per kind, in posting order), then what
-        happens at its end."""
+        """At the end of a Work: its messages leave, then what happens at its end."""
+        self.post(ends, sends)
+        for callback in callbacks:
+            callback(float(ends[-1]))
+
+    def post(self, ends: np.ndarray, sends: list) -> None:
+        """The messages, each at the end of its part: one call per kind, in posting order."""
         by_key: dict = {}
         for index, key, destinations, nbytes in sends:
             by_key.setdefault(key, []).append((np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index]))
@@ -103,8 +126,6 @@ class Ledger:
             self.sim.send(key, self.rank, np.concatenate([d for d, _, _ in messages]),
                           np.concatenate([b for _, b, _ in messages]),
                           np.concatenate([np.full(len(d), sent) for d, _, sent in messages]))
-        for callback in callbacks:
-            callback(float(ends[-1]))
 
 
 class SimTimer:
@@ -140,6 +161,7 @@ class CostedMoE:
 
     def __init__(self, net: "SimNet", rank: int, layer: int):
         self.sim, self.rank, self.layer, self.ledger = net.sim, rank, layer, net.ledgers[rank]
+        self.seconds = net.expert_seconds   # run_experts' cost by its counts, shared by the ranks
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.ledger.charge(self.sim.costs.route(len(h)))
@@ -151,7 +173,10 @@ class CostedMoE:
         return None
 
     def run_experts(self, rows: torch.Tensor, counts: list[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.ledger.charge(float(self.sim.costs.experts(np.array([counts]))[0]))
+        key = tuple(counts)
+        if key not in self.seconds:
+            self.seconds[key] = float(self.sim.costs.experts(np.array([counts]))[0])
+        self.ledger.charge(self.seconds[key])
         return torch.zeros_like(rows) if out is None else out
 
 
@@ -237,7 +262,7 @@ class SimCounts:
         self.posted += 1
         key = (what, where.step, self.name, self.posted)
         entry = self.sim.joining(key, self.ranks)
-        self.ledger.then(lambda time: self.sim.collective(key, self.ranks, self.rank, polled))
+        self.ledger.then(lambda time: self.sim.collective(key, self.ranks, self.rank, polled), joins=True)
         return key, entry
 
     def post(self, send: np.ndarray, where: Where, phase: str = "counts_wait"):
@@ -305,6 +330,7 @@ class SimNet:
         self.timers = [SimTimer(self, rank) for rank in range(sim.ranks)]
         self.contexts: dict = {}
         self.moes: dict = {}
+        self.expert_seconds: dict = {}
 
     def wire_bytes(self, data: torch.Tensor) -> int:
         """Bytes of a message: a tensor of the engine's shape holding no data (device meta) is what it

@@ -399,19 +399,29 @@ class Simulation:
 
     # ------------------------------------------------------------ compute: ranks share their host's units
 
+    def slower(self, rank: int) -> float:
+        """How much longer the rank's work takes now (0: as costed): in the first step (first calls,
+        fresh memory) and on a node shared with other ranks (shared caches)."""
+        extra = (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0) + \
+            (self.machine.shared_node_slowdown if self.ranks_on_host[self.host_of_rank[rank]] > 1 else 0.0)
+        return 1 + extra if extra else 0.0
+
+    def has_unit(self, rank: int) -> bool:
+        """Whether the rank has a core (or GPU) of its own: its work runs the moment it is started."""
+        return self.ranks_on_host[self.host_of_rank[rank]] <= self.machine.units_per_node
+
     def start_work(self, driver: Driver, work: Work) -> None:
         """Run `work` on the rank: at once when its host has a unit per rank; otherwise the host's
         units are time-sliced as an OS scheduler does: a rank keeps its core for a quantum, then goes
         behind the ranks waiting for one; a rank coming back from a wait goes first in that line."""
         parts = np.atleast_1d(np.asarray(work.seconds, float))
-        slower = (self.machine.first_step_slowdown if self.step_of[driver.rank] == 0 else 0.0) + \
-            (self.machine.shared_node_slowdown if self.ranks_on_host[driver.host] > 1 else 0.0)
-        if slower:   # the first step (first calls, fresh memory); other ranks on the node (shared caches)
-            parts = parts * (1 + slower)
+        slower = self.slower(driver.rank)
+        if slower:
+            parts = parts * slower
             work.seconds = parts
         driver.busy, driver.work, driver.work_start, driver.remaining = True, work, self.now, float(parts.sum())
         host = driver.host
-        if self.ranks_on_host[host] <= self.machine.units_per_node:
+        if self.has_unit(driver.rank):
             self.at(self.now + driver.remaining, self.finish_work, driver)
             return
         holders = self.holders.setdefault(host, {})
