@@ -11,6 +11,11 @@ is given with the prediction scaled by how much slower the reference ran than it
 (`drift`: the median over the reps of measured over simulated reference TPOT): the error the model
 would have had if the machine had kept the speed it had while being calibrated.
 
+The `text_*` rows run a tiny DeepSeek-V3 checkpoint with FP8 experts (tools/make_tiny_checkpoint.py,
+built afresh: it is seeded) on prompts of real text through its tokenizer (tests/data/tiny_corpus.txt);
+they are simulated twice: with the routing recorded from real text (a -n 1 run of the same prompts:
+`hpcmoe simulate --routing`) and with the simulator's synthetic routing.
+
     python tools/validate_sim.py [--machine machines/this_box.yaml] [--out docs/bench/simulation.json] [--reps 3]
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, ROOT)
 from hpcmoe.calibrate import CALIBRATION_RUNS, mpi_command, same_configuration  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 from hpcmoe.machine import load_machine  # noqa: E402
+from hpcmoe.output import read_routing  # noqa: E402
 from hpcmoe.simulate import simulate  # noqa: E402
 
 DEBUG, WIDE = "inputs/debug.yaml", "inputs/bench_ep.yaml"   # the debug model; hidden 256, experts 1024 wide
@@ -41,6 +47,9 @@ LINK_SLOW = ["parallel.link={bandwidth_gbps: 0.1, latency_us: 200}"]
 BATCH_12 = ["run.batch=12", "run.prompt_len=32"]
 MA_3_1 = ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]
 REFERENCE = (DEBUG, 1, ["run.max_new_tokens=12"])   # hpcmoe calibrate's -n 1 run
+CHECKPOINT = "inputs/checkpoint.yaml"   # with {checkpoint} and {prompts} filled in by text_workload
+TEXT = ["model.checkpoint={checkpoint}", "run.prompts={prompts}", "run.stop_at_eos=false",
+        "run.sampling={{temperature: 0}}", "run.max_new_tokens=12"]
 CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (check_disjoint)
     "debug_n1_batch12": (DEBUG, 1, BATCH_12),
     "debug_n3": (DEBUG, 3, []),
@@ -59,7 +68,27 @@ CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (
     "wide_ma_3_1": (WIDE, 4, MA_3_1),
     "debug_n4_expert_tp2_members": (DEBUG, 4, ["parallel.expert_tp=2"]),
     "debug_n4_expert_tp2_leader": (DEBUG, 4, ["parallel.expert_tp=2", "parallel.expert_tp_dispatch=leader"]),
+    "text_fp8_n2": (CHECKPOINT, 2, TEXT),
+    "text_fp8_n4": (CHECKPOINT, 4, TEXT),
 }
+RECORDING = 1   # ranks of the run whose /routing the text rows are simulated with (none of theirs)
+
+
+def text_workload(folder: str) -> dict:
+    """The tiny FP8 checkpoint with its tokenizer and a prompt file of real text, made in `folder`
+    -> the values of TEXT's placeholders."""
+    checkpoint, prompts = os.path.join(folder, "checkpoint"), os.path.join(folder, "prompts.jsonl")
+    corpus = os.path.join(ROOT, "tests", "data", "tiny_corpus.txt")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_checkpoint.py"), "deepseek_v3", checkpoint,
+                    "--tokenizer", corpus, "--fp8", "16", "16"], check=True, capture_output=True)
+    with open(corpus) as f, open(prompts, "w") as out:
+        for i, line in enumerate(line.strip() for line in f if line.strip()):
+            out.write(json.dumps({"id": f"line{i}", "prompt": line}) + "\n")
+    return {"checkpoint": checkpoint, "prompts": prompts}
+
+
+def filled(settings: list[str], workload: dict) -> list[str]:
+    return [setting.format(**workload) for setting in settings]
 
 
 def check_disjoint(configs: dict = CONFIGS) -> None:
@@ -68,6 +97,8 @@ def check_disjoint(configs: dict = CONFIGS) -> None:
     calibration = [(load_config(os.path.join(ROOT, DEBUG), settings), ranks)
                    for ranks, settings in CALIBRATION_RUNS.values()]
     for name, (config_path, ranks, settings) in configs.items():
+        if config_path == CHECKPOINT:   # another model than the debug model that calibrate runs
+            continue
         config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + settings)
         for fitted, fitted_ranks in calibration:
             if same_configuration(config, ranks, fitted, fitted_ranks):
@@ -102,6 +133,37 @@ def error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
 
+def validate(name: str, config_path: str, ranks: int, settings: list[str], earlier: dict, machine, reference: dict,
+             reps: int, workload: dict, recorded) -> dict:
+    """One configuration measured (or its earlier runs kept) and simulated -> its row. A text row is
+    simulated with the routing recorded from real text, and again with synthetic routing."""
+    text = config_path == CHECKPOINT
+    run_settings = filled(settings, workload) if text else settings
+    runs = earlier[name]["measured_runs"] if name in earlier else measure(config_path, ranks, run_settings, reps)
+    config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + run_settings)
+    predicted = simulate(config, machine, ranks, routing=recorded if text else None)
+    synthetic = simulate(config, machine, ranks) if text else None
+    drift = float(np.median([run.get("reference_tpot_ms", np.nan) for run in runs])) / reference["tpot_ms"]
+    row = {"name": name, "config": config_path, "ranks": ranks, "settings": settings, "measured_runs": runs,
+           "drift": drift}
+    for metric in ("ttft_ms", "tpot_ms"):
+        measured = float(np.median([run[metric] for run in runs]))
+        row[metric] = {"measured_median": measured, "predicted": float(predicted[metric]),
+                       "error": error(float(predicted[metric]), measured),
+                       "error_at_calibration_speed": error(drift * float(predicted[metric]), measured)}
+        if text:
+            row[metric]["predicted_synthetic_routing"] = float(synthetic[metric])
+            row[metric]["error_synthetic_routing"] = error(float(synthetic[metric]), measured)
+    print(f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
+          f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
+          f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
+          f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
+          f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%"
+          + (f"   synthetic routing: TPOT {100 * row['tpot_ms']['error_synthetic_routing']:+6.1f}%" if text else ""),
+          flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machine", default=os.path.join(ROOT, "machines", "this_box.yaml"))
@@ -117,27 +179,17 @@ def main() -> None:
             earlier = {row["name"]: row for row in json.load(f)["configurations"]}
     machine = load_machine(args.machine)
     reference = simulate(load_config(os.path.join(ROOT, REFERENCE[0]), ONE_THREAD + REFERENCE[2]), machine, 1)
-    rows = []
-    for name, (config_path, ranks, settings) in CONFIGS.items():
-        if args.only and name not in args.only:
-            continue
-        runs = earlier[name]["measured_runs"] if name in earlier else measure(config_path, ranks, settings, args.reps)
-        config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + settings)
-        predicted = simulate(config, machine, ranks)
-        drift = float(np.median([run.get("reference_tpot_ms", np.nan) for run in runs])) / reference["tpot_ms"]
-        row = {"name": name, "config": config_path, "ranks": ranks, "settings": settings, "measured_runs": runs,
-               "drift": drift}
-        for metric in ("ttft_ms", "tpot_ms"):
-            measured = float(np.median([run[metric] for run in runs]))
-            row[metric] = {"measured_median": measured, "predicted": float(predicted[metric]),
-                           "error": error(float(predicted[metric]), measured),
-                           "error_at_calibration_speed": error(drift * float(predicted[metric]), measured)}
-        rows.append(row)
-        print(f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
-              f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
-              f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
-              f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
-              f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%", flush=True)
+    chosen = {name: row for name, row in CONFIGS.items() if not args.only or name in args.only}
+    with tempfile.TemporaryDirectory(prefix="hpcmoe-validate-text-") as folder:
+        workload = recorded = None
+        if any(config_path == CHECKPOINT for config_path, _, _ in chosen.values()):
+            workload = text_workload(folder)
+            recording = os.path.join(folder, "recording.h5")
+            one_run(CHECKPOINT, RECORDING, filled(TEXT, workload), recording)
+            experts = load_config(os.path.join(ROOT, CHECKPOINT), filled(TEXT, workload)).model.num_experts
+            recorded = read_routing(recording, experts)
+        rows = [validate(name, *row, earlier, machine, reference, args.reps, workload, recorded)
+                for name, row in chosen.items()]
     summary = {}
     for kind in ("error", "error_at_calibration_speed"):
         errors = np.abs([row[m][kind] for row in rows for m in ("ttft_ms", "tpot_ms")])
