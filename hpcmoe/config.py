@@ -268,8 +268,8 @@ class Config:
 
     @functools.cached_property
     def requests(self):
-        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
-        from hpcmoe.workload import requests_of
+        """The run's requests (hpcmoe.runtime.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
+        from hpcmoe.runtime.workload import requests_of
         return requests_of(self)
 
     @property
@@ -286,15 +286,6 @@ class Config:
         dtype = self.model.dtype or ("bfloat16" if device == "cuda" else "float32")
         return dataclasses.replace(self, model=dataclasses.replace(self.model, dtype=dtype),
                                    run=dataclasses.replace(self.run, device=device))
-
-
-def synthetic_prompts(run: RunConfig, vocab: int) -> list[list[int]]:
-    """Seeded random prompts, lengths uniform in [prompt_len_min, prompt_len]; same on every rank."""
-    import random
-    rng = random.Random(run.seed)
-    shortest = run.prompt_len if run.prompt_len_min is None else run.prompt_len_min
-    lengths = [rng.randint(shortest, run.prompt_len) for _ in range(run.batch)]
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -368,7 +359,7 @@ def resolve_model(section: dict) -> dict:
                              f"only model.dtype may be set")
         if not isinstance(checkpoint, str):
             raise ValueError(f"model.checkpoint: expected a directory path, got {checkpoint!r}")
-        from hpcmoe.checkpoint import model_fields
+        from hpcmoe.model.checkpoint import model_fields
         return {**model_fields(checkpoint), **section}
     if preset is None:
         raise ValueError("model.preset: not set; expected one of: " + ", ".join(PRESETS) + " (or model.checkpoint)")
@@ -556,7 +547,7 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
         require(os.path.isfile(p.predictor), f"parallel.predictor: {p.predictor!r} is not a file; give a machine "
                                              f"file (`hpcmoe calibrate --output {p.predictor}` for a .yaml) or "
                                              f"a predictor (`hpcmoe predict train RUN.h5 ... --out {p.predictor}`)")
-        return  # the rest is checked once the predictor has chosen (hpcmoe.predict.choose_split)
+        return  # the rest is checked once the predictor has chosen (hpcmoe.analysis.predict.choose_split)
     for name, value in (("attention_ranks", a), ("moe_ranks", e)):
         require(value is None or isinstance(value, int), f"parallel.{name}: expected an integer or auto, got {value!r}")
     require(a is not None and a >= 1 and e is not None and e >= 1,
@@ -673,16 +664,10 @@ def validate(config: Config) -> None:
     validate_stop_at_eos(m, r)
 
 
-def check_positions(where: str, prompt: int, new_tokens: int, max_positions: Optional[int]) -> None:
-    """A prompt of `prompt` tokens and `new_tokens` more fit in the model's positions (model.max_positions)."""
-    require(max_positions is None or prompt + new_tokens <= max_positions,
-            f"{where}: prompt of {prompt} tokens + {new_tokens} new tokens exceeds the model's {max_positions} "
-            f"positions (model.max_positions)")
-
-
 def validate_positions(m: ModelConfig, r: RunConfig) -> None:
     """The longest of run.prompt_ids, or the synthetic workload's run.prompt_len, plus run.max_new_tokens
-    within model.max_positions (a prompt file is checked line by line: hpcmoe.workload.PromptFile)."""
+    within model.max_positions (a prompt file is checked line by line: hpcmoe.runtime.workload.PromptFile)."""
+    from hpcmoe.runtime.workload import check_positions
     if r.prompts is not None:
         return
     if r.prompt_ids is not None:
@@ -697,7 +682,7 @@ def validate_stop_at_eos(m: ModelConfig, r: RunConfig) -> None:
     when there is one); the checkpoint's files that name it are read (and checked) here."""
     if r.stop_at_eos is False or not (r.stop_at_eos or m.checkpoint):
         return
-    from hpcmoe.workload import eos_ids
+    from hpcmoe.runtime.workload import eos_ids
     source = f"model.checkpoint {m.checkpoint}" if m.checkpoint else f"model.preset {m.preset} (random weights)"
     require(bool(eos_ids(m.checkpoint)) or not r.stop_at_eos,
             f"run.stop_at_eos needs an end-of-sequence id: a model.checkpoint with eos_token_id in its "

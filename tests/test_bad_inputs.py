@@ -76,7 +76,7 @@ def test_plan_of_16384_ranks_finishes(tmp_path):
 
 
 def test_replicated_placement_at_16384_ranks_is_balanced():
-    from hpcmoe.placement import replicated
+    from hpcmoe.parallel.placement import replicated
     placement = replicated(4, 16384, 1)
     assert placement.slot_rank == tuple(range(16384))
     assert np.bincount(placement.slot_expert).tolist() == [4096] * 4
@@ -236,7 +236,7 @@ class RunsCode:
 
 
 def test_predictor_that_would_run_code_is_refused(tmp_path):
-    from hpcmoe import predict
+    from hpcmoe.analysis import predict
     marker, path = tmp_path / "ran", tmp_path / "predictor.pt"
     torch.save({"state_dict": predict.Predictor().state_dict(), "machine": RunsCode(marker), "trained_on": []}, path)
     result = hpcmoe("predict", "propose", str(path), DEBUG_CONFIG, "--ranks", "4")
@@ -246,7 +246,7 @@ def test_predictor_that_would_run_code_is_refused(tmp_path):
 
 
 def test_predictor_of_predict_train_still_loads(tmp_path):
-    from hpcmoe import predict
+    from hpcmoe.analysis import predict
     path, machine = str(tmp_path / "predictor.pt"), {"memory_bandwidth": 10.0, "peak_gflops": 50.0, "cores": 2}
     model = predict.Predictor()
     predict.save(model, machine, ["a.h5"], path)
@@ -295,7 +295,7 @@ class FakeWorld:
 def test_one_line_per_job_and_a_line_for_each_rank_that_differs(capsys):
     """256 ranks failing alike: rank 0 prints one line, with no rank list; ranks 7 and 9-11 failing
     differently: their line names them; the other ranks print nothing; every rank exits 2."""
-    from hpcmoe.__main__ import agree
+    from hpcmoe.cli import agree
     problems = ["run.batch: expected an integer >= 1, got -1"] * 256
     for rank, printed in ((0, 1), (5, 0)):
         with pytest.raises(SystemExit) as stop:
@@ -358,7 +358,7 @@ def test_export_refuses_an_existing_file(tmp_path):
 
 
 def test_flags_named_as_their_config_keys_and_the_old_spellings_alike():
-    from hpcmoe.__main__ import parse_args
+    from hpcmoe.cli import parse_args
     for flag in ("--bandwidth-gbps", "--link-gbps"):
         assert parse_args(["bench", "reduce", flag, "2.5"]).link_gbps == 2.5
     for flag in ("--max-new-tokens", "--steps"):

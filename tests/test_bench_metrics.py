@@ -1,4 +1,4 @@
-"""The benchmark figures of hpcmoe.bench, each where it must read badly (pure: no MPI, no engine run).
+"""The benchmark figures of hpcmoe.analysis.bench, each where it must read badly (pure: no MPI, no engine run).
 
 - wire_hidden: against the fastest schedule without the link, so a schedule slower with and without
   the link cannot read well; clamped to [0, 1] with the unclamped value and its parts beside it.
@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcmoe.bench import moving_cost, moving_tps_ratio, overlap_figures, report, wire_hidden, wire_hidden_raw
+from hpcmoe.analysis.bench import moving_cost, moving_tps_ratio, overlap_figures, report, wire_hidden, wire_hidden_raw
 
 
 def test_a_schedule_slower_with_and_without_the_link_reads_badly():

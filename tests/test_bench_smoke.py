@@ -68,7 +68,7 @@ CASES = {
 }
 TRANSFORMERS_FAMILIES = ("mixtral", "deepseek_v3")  # tools/bench_all.sh runs both
 
-# What every engine scenario stores for each variant (hpcmoe.bench.run_sample), and the variants
+# What every engine scenario stores for each variant (hpcmoe.analysis.bench.run_sample), and the variants
 # whose names docs/PERFORMANCE.md's tables show: baseline first.
 SAMPLE_KEYS = {"ttft_ms", "tpot_ms", "tps", "idle_fraction", "busy_fraction", "rank_load_max_over_mean",
                "rank_load_max_over_mean_per_step", "internode_bytes", "attention_compute_ms", "expert_compute_ms"}

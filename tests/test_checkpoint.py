@@ -78,9 +78,9 @@ def transformers_greedy(model, prompts, steps):
 
 
 def load_local(directory, *settings):
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
     from hpcmoe.config import load_config
-    from hpcmoe.model import build_model, expected_tensors
+    from hpcmoe.model.transformer import build_model, expected_tensors
     config = load_config(None, [f"model.checkpoint={directory}", *settings])
     index = check_tensors(directory, expected_tensors(config.model))
     return config, build_model(config.model, list(range(config.model.num_experts)), tensor_loader(directory, index))
@@ -88,7 +88,7 @@ def load_local(directory, *settings):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_one_process_equals_transformers_with_wide_margins(checkpoints, name, monkeypatch):
-    from hpcmoe.model import generate_local
+    from hpcmoe.model.transformer import generate_local
     from tests.test_model import recording_margins
     directory, tokens, logits = checkpoints[name]
     top2 = np.sort(logits, axis=-1)[..., -2:]
@@ -134,7 +134,7 @@ def test_each_family_with_expert_groups_and_two_stage_dispatch(checkpoints, tmp_
 
 
 def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
-    from hpcmoe.attention import StepInputs
+    from hpcmoe.model.attention import StepInputs
     config, model = load_local(checkpoints["deepseek_v3"][0])
     attention = model.layers[1].self_attn
     x = torch.randn(3, 5, config.model.hidden, generator=torch.Generator().manual_seed(0))
@@ -151,8 +151,8 @@ def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
 
 
 def test_latent_cache_holds_only_the_latent_and_the_rope_key(checkpoints):
-    from hpcmoe.attention import MLAttention
-    from hpcmoe.model import cache_bytes_per_token
+    from hpcmoe.model.attention import MLAttention
+    from hpcmoe.model.transformer import cache_bytes_per_token
     config, model = load_local(checkpoints["deepseek_v3"][0])
     m = config.model
     cache = model.new_cache(batch=2, max_len=10)
@@ -206,7 +206,7 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
 def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path):
     """mlp_only_layers and decoder_sparse_step: a dense prefix is read as dense_layers; dense layers
     after a MoE layer are one error naming both fields."""
-    from hpcmoe.checkpoint import model_fields
+    from hpcmoe.model.checkpoint import model_fields
     directory = tmp_path / "qwen3"
     shutil.copytree(checkpoints["qwen3_moe"][0], directory)
     config = json.load(open(directory / "config.json"))
@@ -221,7 +221,7 @@ def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path
 
 def test_kimi_k2_is_read_as_deepseek_v3(checkpoints, tmp_path):
     """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's architecture: the same fields."""
-    from hpcmoe.checkpoint import model_fields
+    from hpcmoe.model.checkpoint import model_fields
     directory = tmp_path / "kimi"
     shutil.copytree(checkpoints["deepseek_v3"][0], directory)
     config = json.load(open(directory / "config.json"))
@@ -258,10 +258,10 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     """The second of three attention ranks (heads 2..3 of 4, vocabulary 85..170 of 256) and a MoE rank
     hosting experts 1 and 4: their tensors (names and shapes), their values (slices of the whole
     model's), and the bytes read from the checkpoint (exactly the bytes of what they hold)."""
-    from hpcmoe.attention import split_heads
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.layout import request_range
-    from hpcmoe.model import build_experts, build_model, expected_tensors
+    from hpcmoe.model.attention import split_heads
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.parallel.layout import request_range
+    from hpcmoe.model.transformer import build_experts, build_model, expected_tensors
     directory = checkpoints[name][0]
     config, whole = load_local(directory)
     m = config.model
@@ -327,9 +327,9 @@ def rewrite_header(path, edit):
 
 
 def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
-    from hpcmoe.checkpoint import check_tensors
+    from hpcmoe.model.checkpoint import check_tensors
     from hpcmoe.config import load_config
-    from hpcmoe.model import expected_tensors
+    from hpcmoe.model.transformer import expected_tensors
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     expected = expected_tensors(load_config(None, [f"model.checkpoint={directory}"]).model)
     truncate(path, 0.55)
@@ -341,9 +341,9 @@ def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
 
 
 def test_a_file_truncated_after_its_header_was_checked_is_a_short_read(checkpoints, tmp_path):
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
     from hpcmoe.config import load_config
-    from hpcmoe.model import expected_tensors
+    from hpcmoe.model.transformer import expected_tensors
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     config = load_config(None, [f"model.checkpoint={directory}"])
     index = check_tensors(directory, expected_tensors(config.model))
@@ -389,7 +389,7 @@ def negative_shape(header):
     (negative_shape, "shape [-1, 64] is not a list of non-negative integers"),
 ])
 def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, edit, message):
-    from hpcmoe.checkpoint import read_header
+    from hpcmoe.model.checkpoint import read_header
     _, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     rewrite_header(path, edit)
     with pytest.raises(ValueError) as e:
@@ -401,7 +401,7 @@ def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, 
 
 
 def test_check_header_accepts_empty_tensors_and_metadata():
-    from hpcmoe.checkpoint import check_header
+    from hpcmoe.model.checkpoint import check_header
     header = {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
               "b": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
               "c": {"dtype": "I64", "shape": [], "data_offsets": [4, 12]}}
@@ -416,7 +416,7 @@ def test_check_header_accepts_empty_tensors_and_metadata():
 @pytest.mark.parametrize("header_length", [2 ** 40, 10 ** 6])
 def test_a_header_length_beyond_the_file_is_refused(tmp_path, header_length):
     import struct
-    from hpcmoe.checkpoint import read_header
+    from hpcmoe.model.checkpoint import read_header
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", header_length) + b"{}" * 10)
     with pytest.raises(ValueError, match="does not fit in the file's 28 bytes"):
@@ -470,7 +470,7 @@ def test_gpt_oss_sliding_window_matters_exactly_where_a_query_passes_its_edge(ch
     """Window 4 on layers 0 and 2: request 1 (2 prompt tokens) makes its logits at positions 1, 2, 3,
     4, ...; with the window taken away they stay equal while every position is in the window (the
     first three) and differ from the fourth on."""
-    from hpcmoe.model import generate_local
+    from hpcmoe.model.transformer import generate_local
     directory, _, logits = checkpoints["gpt_oss"]
     _, model = load_local(directory)
     assert [block.self_attn.window for block in model.layers] == [4, None, 4, None]
@@ -483,7 +483,7 @@ def test_gpt_oss_sliding_window_matters_exactly_where_a_query_passes_its_edge(ch
 
 def test_gpt_oss_sinks_change_the_result(checkpoints):
     """A zero sink and a large sink differ; a sink far below every score is no sink at all."""
-    from hpcmoe.attention import GQAttention, StepInputs
+    from hpcmoe.model.attention import GQAttention, StepInputs
     _, model = load_local(checkpoints["gpt_oss"][0])
     attention = model.layers[1].self_attn
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
@@ -504,7 +504,7 @@ def test_gpt_oss_sinks_change_the_result(checkpoints):
 def test_gpt_oss_mxfp4_is_its_dequantized_twin_bit_for_bit(checkpoints, tmp_path):
     """The MXFP4 checkpoint (4.25 bits a weight in memory) and the float32 checkpoint of its
     dequantized weights give the same logits, bit for bit."""
-    from hpcmoe.model import generate_local
+    from hpcmoe.model.transformer import generate_local
     directory = checkpoints["gpt_oss_mxfp4"][0]
     made = make("gpt_oss", str(tmp_path / "mxfp4"), mxfp4=True)  # the same seed: the same weights
     made.save_pretrained(str(tmp_path / "twin"))
@@ -602,9 +602,9 @@ def test_each_family_with_eos_joins_and_experts_moving_equals_transformers(check
     moving: the oracle's tokens, cut after each request's first EOS; each rank's experts after the
     switch hash as a fresh read of the checkpoint of what it hosts. (Slots per rank: counts where the
     tiny models' routing leaves the rebalancer a gain; a run without a switch fails the test.)"""
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model import build_model, expected_tensors
-    from hpcmoe.rebalance import expert_digest
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.runtime.rebalance import expert_digest
     source, tokens, logits = checkpoints[name]
     directory = str(tmp_path / "checkpoint")
     shutil.copytree(source, directory)
@@ -684,7 +684,7 @@ def test_each_family_survives_a_killed_rank_with_the_same_tokens(ft_venv, checkp
 def test_make_tiny_checkpoint_writes_mxfp4_and_its_twin(tmp_path):
     """`tools/make_tiny_checkpoint.py gpt_oss DIR --mxfp4 --twin TWIN`: MXFP4 experts as published
     (uint8 blocks and exponents, quantization_config mxfp4) and a float32 twin of the same weights."""
-    from hpcmoe.checkpoint import tensor_index
+    from hpcmoe.model.checkpoint import tensor_index
     tool = os.path.join(ROOT, "tools", "make_tiny_checkpoint.py")
     made = subprocess.run([sys.executable, tool, "gpt_oss", str(tmp_path / "packed"), "--mxfp4", "--twin",
                            str(tmp_path / "twin")], capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcmoe.dispatch import apply_capacity, choose_slots, compile_placement, node_groups, plan_from_slots
-from hpcmoe.placement import Placement, one_per_rank, packed, replica_split, replicated, topology_aware
+from hpcmoe.parallel.dispatch import apply_capacity, choose_slots, compile_placement, node_groups, plan_from_slots
+from hpcmoe.parallel.placement import Placement, one_per_rank, packed, replica_split, replicated, topology_aware
 
 
 # ---------------------------------------------------------------- the reference: plain loops

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcmoe.comm import Link, Receives, Sender
-from hpcmoe.device import PinnedPool, Staging, device_kind
+from hpcmoe.runtime.comm import Link, Receives, Sender
+from hpcmoe.runtime.device import PinnedPool, Staging, device_kind
 from tests.conftest import run_job
 
 
@@ -162,7 +162,7 @@ def test_the_resolved_device_sets_the_default_dtype_and_run_device():
 def test_staging_only_where_mpi_cannot_read_the_tensors(monkeypatch):
     """CPU tensors and a CUDA-aware MPI: none; a GPU with an MPI that cannot read it: staged. auto
     asks the MPI library (MPIX_Query_cuda_support) and takes an MPI that cannot be asked as not aware."""
-    from hpcmoe import device
+    from hpcmoe.runtime import device
     gpu = torch.device("cuda", 0)
     assert device.mpi_reads_device_memory(False, torch.device("cpu"))       # host memory: always readable
     assert device.mpi_reads_device_memory(True, gpu) and not device.mpi_reads_device_memory(False, gpu)

@@ -1,10 +1,10 @@
 """The dispatch plan and combine math, with R ranks simulated in one process (pure)."""
 import torch
 
-from hpcmoe.dispatch import (apply_capacity, choose_slots, combine_tokens, compile_placement, internode_bytes,
+from hpcmoe.parallel.dispatch import (apply_capacity, choose_slots, combine_tokens, compile_placement, internode_bytes,
                              make_plan, node_groups, pack_rows, unpack_rows)
-from hpcmoe.placement import Placement
-from hpcmoe.placement import one_per_rank, packed
+from hpcmoe.parallel.placement import Placement
+from hpcmoe.parallel.placement import one_per_rank, packed
 
 
 def tables_of(placement, source=0, nodes=None):

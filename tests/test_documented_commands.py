@@ -238,7 +238,7 @@ def predict_propose_machine(tmp_path):
 
 
 def calibrate_inputs(tmp_path):
-    from hpcmoe.calibrate import check_inputs
+    from hpcmoe.sim.calibrate import check_inputs
     check_inputs(str(tmp_path / "this_box.yaml"), os.path.join(ROOT, "inputs", "debug.yaml"))
 
 

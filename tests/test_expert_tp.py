@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpcmoe.config import load_config
-from hpcmoe.layout import ParallelLayout
+from hpcmoe.parallel.layout import ParallelLayout
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.test_checkpoint import assert_job_equals_transformers, checkpoints  # noqa: F401 (a fixture)
 from tests.test_fp8 import BLOCK, fp8_checkpoint  # noqa: F401 (a fixture)
@@ -67,8 +67,8 @@ def test_expert_groups_are_bit_identical_from_run_to_run(tmp_path, ranks, settin
 def test_each_member_holds_and_reads_a_slice_of_each_expert(checkpoints):  # noqa: F811
     """Rank 1 of groups of 2 (tiny DeepSeek-V3 checkpoint): the second half of gate/up's rows and of
     down's columns of its group's experts, equal to the whole model's, and only those bytes read."""
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model import build_model, expected_tensors
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.transformer import build_model, expected_tensors
     from tests.test_checkpoint import load_local
     directory = checkpoints["deepseek_v3"][0]
     config, whole = load_local(directory)
@@ -89,8 +89,8 @@ def test_each_member_holds_and_reads_a_slice_of_each_expert(checkpoints):  # noq
 
 
 def test_fp8_members_read_their_blocks_as_stored(fp8_checkpoint):  # noqa: F811
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model import build_model, expected_tensors
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.transformer import build_model, expected_tensors
     directory = fp8_checkpoint[0]
     m = load_config(None, [f"model.checkpoint={directory}"]).model
     index = check_tensors(directory, expected_tensors(m), BLOCK)

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcmoe.fault import killed_at
+from hpcmoe.runtime.fault import killed_at
 from tests.conftest import DEBUG_CONFIG, ROOT, assert_same_run, read_run, run_job
 from tests.test_report import report
 
@@ -150,7 +150,7 @@ def test_a_killed_rank_is_survived_with_the_same_tokens(ft_venv, tmp_path_factor
 def test_two_failures_and_an_expert_that_lost_every_replica(ft_venv, tmp_path_factory):
     """Ranks 1 and 4 die in step 2 (expert 1's two replicas: rebuilt), then rank 3 in step 5."""
     from hpcmoe.config import load_config
-    from hpcmoe.layout import ParallelLayout
+    from hpcmoe.parallel.layout import ParallelLayout
     holders = ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
     expert, (a, b) = next((e, ranks) for e, ranks in enumerate(holders) if 0 not in ranks)
     third = next(r for r in range(1, 6) if r not in (a, b))
@@ -204,7 +204,7 @@ def test_rank_0_and_its_deputy_killed_stop_without_a_complete_file(ft_venv, tmp_
 def test_an_expert_without_room_stops_with_its_name(ft_venv, tmp_path):
     """run.rebuild_slots 0: no survivor may take an expert that lost its last replica."""
     from hpcmoe.config import load_config
-    from hpcmoe.layout import ParallelLayout
+    from hpcmoe.parallel.layout import ParallelLayout
     holders = ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
     expert, (a, b) = next((e, ranks) for e, ranks in enumerate(holders) if 0 not in ranks and 1 not in ranks)
     result = ft_job(6, tmp_path / "run.h5", *WORKLOAD, "run.rebuild_slots=0",

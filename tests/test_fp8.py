@@ -61,9 +61,9 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(fp8_check
 
 
 def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
-    from hpcmoe.checkpoint import check_tensors, tensor_loader
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
     from hpcmoe.config import load_config
-    from hpcmoe.model import build_experts, expected_tensors, parameter_bytes
+    from hpcmoe.model.transformer import build_experts, expected_tensors, parameter_bytes
     directory = fp8_checkpoint[0]
     m = load_config(None, [f"model.checkpoint={directory}"]).model
     assert m.fp8_block == BLOCK
@@ -109,9 +109,9 @@ def test_malformed_fp8_checkpoints_fail_naming_the_tensor(fp8_checkpoint, tmp_pa
 
 
 def test_every_e4m3_byte_dequantizes_exactly():
-    """hpcmoe/fp8.py's integer and float16 conversion gives float8 value x scale, rounded once, for all
+    """hpcmoe/model/fp8.py's integer and float16 conversion gives float8 value x scale, rounded once, for all
     256 bytes but the two NaNs (which checkpoints do not hold)."""
-    from hpcmoe import fp8
+    from hpcmoe.model import fp8
     weight = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(16, 16)
     scale = torch.tensor([[0.37]])
     out = fp8.dequantize_rows(weight, fp8.scaled(scale, "test"), [16, 16], 0, 16, torch.empty(16, 16),
@@ -128,9 +128,9 @@ def test_every_e4m3_byte_dequantizes_exactly():
     (200, 300, [128, 128], 256 * 100),  # a partial last block row, partial column blocks
 ])
 def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, hidden, inner, block, chunk):
-    from hpcmoe import fp8
-    from hpcmoe.checkpoint import dequantize
-    from hpcmoe.model import MLP
+    from hpcmoe.model import fp8
+    from hpcmoe.model.checkpoint import dequantize
+    from hpcmoe.model.transformer import MLP
     from make_tiny_checkpoint import block_quantize
     if chunk is not None:
         monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)

@@ -68,12 +68,12 @@ def test_tiny_checkpoints_equal_transformers_on_the_gpu(tmp_path, family):
 
 
 def test_fp8_experts_on_the_gpu():
-    """hpcmoe/fp8.py on the GPU: float32 computes with exactly the dequantized weights (as on the CPU);
+    """hpcmoe/model/fp8.py on the GPU: float32 computes with exactly the dequantized weights (as on the CPU);
     bfloat16 runs the FP8 GEMM with the block scales where torch and the GPU support it (activations
     quantized per 1 x 128 block: near the dequantized result, not equal), else the dequantized path."""
     import torch.nn.functional as F
-    from hpcmoe import fp8
-    from hpcmoe.checkpoint import dequantize
+    from hpcmoe.model import fp8
+    from hpcmoe.model.checkpoint import dequantize
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_tiny_checkpoint import block_quantize
     block, hidden, inner = [128, 128], 512, 256

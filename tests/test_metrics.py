@@ -48,15 +48,15 @@ def test_idle_fraction_is_high_behind_a_slow_link(tmp_path):
 def run_in_process(path, *settings):
     from mpi4py import MPI
     from hpcmoe.config import load_config
-    from hpcmoe.engine import run
-    from hpcmoe.layout import ParallelLayout
-    from hpcmoe.topology import build_topology
+    from hpcmoe.runtime.engine import run
+    from hpcmoe.parallel.layout import ParallelLayout
+    from hpcmoe.runtime.topology import build_topology
     config = load_config(DEBUG_CONFIG, [f"output.path={path}", "run.max_new_tokens=6", *settings])
     return run(config, build_topology(MPI.COMM_SELF, None), ParallelLayout.from_config(config, 1))
 
 
 def test_a_slow_writer_shows_in_tpot(tmp_path, monkeypatch):
-    from hpcmoe.output import RunWriter
+    from hpcmoe.runfile.output import RunWriter
     normal = run_in_process(tmp_path / "normal.h5")
     append = RunWriter.append_step
 
@@ -80,7 +80,7 @@ def test_rank_load_counts_only_the_ranks_that_host_experts():
     """ma 3+1: ranks 0-2 hold attention, rank 3 every expert. Its load is the whole load and it is
     the only expert host: balanced (1.0), where a mean over all four ranks read 4.0."""
     import numpy as np
-    from hpcmoe.output import rank_load_imbalance, rank_loads, step_imbalance
+    from hpcmoe.runfile.output import rank_load_imbalance, rank_loads, step_imbalance
     routing = np.full((2, 2, 4, 4), 5)                      # [steps, moe_layers, sources, experts]
     table = np.array([[3], [3], [3], [3]])
     loads = rank_loads(routing, [(0, table)], [0, 0, 0, 0])
@@ -92,7 +92,7 @@ def test_rank_load_per_layer_sees_layers_that_load_different_ranks():
     """Layer 0 sends everything to expert 0 (rank 0), layer 1 to expert 1 (rank 1): each layer is
     as unbalanced as 2 ranks can be (2.0). Summing the layers first read 1.0, perfect balance."""
     import numpy as np
-    from hpcmoe.output import rank_load_imbalance, rank_loads, step_imbalance
+    from hpcmoe.runfile.output import rank_load_imbalance, rank_loads, step_imbalance
     routing = np.zeros((1, 2, 2, 2), np.int64)
     routing[0, 0, :, 0] = 10
     routing[0, 1, :, 1] = 10
@@ -106,7 +106,7 @@ def test_rank_load_splits_replicas_and_follows_a_placement_switch():
     """Expert 0 on ranks 0 and 1 (replicas share its tokens), expert 1 on rank 2; from step 1 the
     placement in force puts expert 1 on rank 0 only and leaves ranks 1 and 2 without experts."""
     import numpy as np
-    from hpcmoe.output import rank_loads
+    from hpcmoe.runfile.output import rank_loads
     routing = np.zeros((2, 1, 3, 2), np.int64)
     routing[:, 0, :, 0] = 4
     routing[:, 0, :, 1] = 2
@@ -138,14 +138,14 @@ def test_two_stage_gateways_forwarding_is_not_load(tmp_path):
 
 def timing_rows(*rows):
     import numpy as np
-    from hpcmoe.output import TIMING_DTYPE
+    from hpcmoe.runfile.output import TIMING_DTYPE
     return np.array([(0, -1, 0, 0, phase.encode(), start, end) for phase, start, end in rows], dtype=TIMING_DTYPE)
 
 
 def test_a_wait_inside_a_phase_timed_as_work_is_idle():
     """A rank 80% of whose loop is a rebalance boundary spent waiting on the others' vote (and a send
     buffer's settle inside dispatch_post): idle, not busy. Timed as work, it read busy 1.0, idle 0."""
-    from hpcmoe.output import busy_and_idle
+    from hpcmoe.runfile.output import busy_and_idle
     rows = timing_rows(("attention", 0.0, 0.1), ("rebalance", 0.1, 0.9), ("rebalance_wait", 0.15, 0.85),
                        ("dispatch_post", 0.9, 1.0), ("send_wait", 0.92, 0.97))
     shares = busy_and_idle(rows, 1)
@@ -156,8 +156,8 @@ def test_a_wait_inside_a_phase_timed_as_work_is_idle():
 def test_a_blocking_wait_is_a_row_of_its_own_and_an_instant_one_is_none():
     """wait_until with the run's timer (the rebalance boundary's votes, a send buffer's settle): a
     wait that is not over at once is a `*_wait` row inside the enclosing phase; one that is, none."""
-    from hpcmoe.comm import Where, wait_until
-    from hpcmoe.output import Timer
+    from hpcmoe.runtime.comm import Where, wait_until
+    from hpcmoe.runfile.output import Timer
     timer, polls = Timer(0, 0.0), iter([False, False, False, True])
     with timer.phase("rebalance", 3):
         wait_until(lambda: True, Where(3, -1, 0, "rebalance_wait"), timer=timer)

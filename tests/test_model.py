@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from hpcmoe.config import load_config
-from hpcmoe.attention import kv_heads_for, split_heads
-from hpcmoe.model import StepInputs, build_model, forward_local, generate_local
-from hpcmoe.router import score_gap
+from hpcmoe.model.attention import kv_heads_for, split_heads
+from hpcmoe.model.transformer import StepInputs, build_model, forward_local, generate_local
+from hpcmoe.model.router import score_gap
 from tests.conftest import DEBUG_CONFIG, WORKLOADS
 
 torch.set_num_threads(1)
@@ -18,7 +18,7 @@ def debug_model(*settings):
 
 def recording_margins(monkeypatch) -> list:
     """Record the margin of every top-k choice the routers make (expert and group choices)."""
-    from hpcmoe import router
+    from hpcmoe.model import router
     margins, choose = [], router.topk_lower_index_first
 
     def recording(scores, k):
@@ -128,8 +128,8 @@ def test_head_shards_hold_their_slices_and_their_partials_sum_to_the_whole(setti
 
 
 def test_vocabulary_split_greedy_choice_equals_the_whole_head_ties_included():
-    from hpcmoe.layout import request_range
-    from hpcmoe.ma import greedy_over_slices
+    from hpcmoe.parallel.layout import request_range
+    from hpcmoe.runtime.ma import greedy_over_slices
     generator = torch.Generator().manual_seed(0)
     logits = torch.randint(0, 4, (64, 50), generator=generator).float()  # many ties, across slices too
     logits[0] = 3.0                                                      # a tie over the whole vocabulary

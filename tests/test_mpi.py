@@ -15,20 +15,20 @@ torch.set_num_threads(1)
 
 def setup_run(comm, *settings, output="unused.h5"):
     from hpcmoe.config import load_config
-    from hpcmoe.layout import ParallelLayout
-    from hpcmoe.topology import build_topology
+    from hpcmoe.parallel.layout import ParallelLayout
+    from hpcmoe.runtime.topology import build_topology
     config = load_config(DEBUG_CONFIG, list(settings) + [f"output.path={output}"])
     return config, build_topology(comm, config.parallel.ranks_per_node), ParallelLayout.from_config(config, comm.Get_size())
 
 
 def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
-    from hpcmoe.comm import Where
-    from hpcmoe.ep import EPEngine
-    from hpcmoe.moe_layer import StepStats, flat
-    from hpcmoe.model import build_model, moe_local
-    from hpcmoe.output import Timer
-    from hpcmoe.scheduler import run_concurrently
+    from hpcmoe.runtime.comm import Where
+    from hpcmoe.runtime.ep import EPEngine
+    from hpcmoe.runtime.moe_layer import StepStats, flat
+    from hpcmoe.model.transformer import build_model, moe_local
+    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runtime.scheduler import run_concurrently
     config, topo, layout = setup_run(MPI.COMM_WORLD, "run.micro_batches=2", "run.decode_micro_batch_min=1")
     engine = EPEngine(config, topo, layout.placement(topo.node_of_rank), Timer(topo.rank, 0.0))
     everything = build_model(config.model, list(range(config.model.num_experts)))
@@ -66,7 +66,7 @@ def test_node_communicators_follow_ranks_per_node():
 def test_generate_over_the_world_equals_each_rank_alone(mpi_tmp_path, settings):
     """Every rank runs the whole job alone on COMM_SELF, then all run it together."""
     from mpi4py import MPI
-    from hpcmoe.engine import run
+    from hpcmoe.runtime.engine import run
     world = MPI.COMM_WORLD
     alone = mpi_tmp_path / f"alone_{world.Get_rank()}.h5"
     one_rank = [s for s in settings if not s.startswith("parallel.")]  # the layout of one rank is its own
@@ -88,11 +88,11 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype, ranks_pe
     within rounding of a flat Allreduce in float64, and bit-identical on every rank."""
     from types import SimpleNamespace
     from mpi4py import MPI
-    from hpcmoe.comm import Link, Sender, Where, tag_for
-    from hpcmoe.ma import hierarchical_sum
-    from hpcmoe.output import Timer
-    from hpcmoe.scheduler import run_concurrently
-    from hpcmoe.topology import build_topology
+    from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
+    from hpcmoe.runtime.ma import hierarchical_sum
+    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.topology import build_topology
     world = MPI.COMM_WORLD
     topo = build_topology(world, ranks_per_node)
     link = Link(topo.node_of_rank)

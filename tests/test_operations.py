@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from hpcmoe.config import Config, build_config
-from hpcmoe.layout import ParallelLayout
+from hpcmoe.parallel.layout import ParallelLayout
 from tests.conftest import DEBUG_CONFIG, ROOT, mpiexec, run_job
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hpcmoe.config import load_config
-from hpcmoe.layout import ParallelLayout, request_range
-from hpcmoe.placement import (Placement, _assign_replicas, expected_rank_load, link_loads, load_from_routing,
+from hpcmoe.parallel.layout import ParallelLayout, request_range
+from hpcmoe.parallel.placement import (Placement, _assign_replicas, expected_rank_load, link_loads, load_from_routing,
                                max_link_load, one_per_rank, packed, replica_split, replicated, round_robin,
                                topology_aware)
 from tests.conftest import DEBUG_CONFIG
@@ -224,7 +224,7 @@ def test_load_from_routing_sums_steps_and_layers_and_groups_sources_by_node():
 
 
 def test_survivors_keep_their_slots_and_lost_experts_go_to_the_emptiest_with_room():
-    from hpcmoe.placement import on_survivors
+    from hpcmoe.parallel.placement import on_survivors
     p = replicated(3, 6, 1, [1.0, 1.0, 1.0])     # 3 experts x 2 replicas, one slot per rank
     holders = p.expert_ranks()
     dead = set(holders[1])                                  # expert 1 loses both replicas
@@ -240,7 +240,7 @@ def test_survivors_keep_their_slots_and_lost_experts_go_to_the_emptiest_with_roo
 
 
 def test_a_standby_takes_its_dead_primarys_shard():
-    from hpcmoe.layout import MALayout
+    from hpcmoe.parallel.layout import MALayout
     ma = MALayout(5, 3, 4, 1, 2, standby=True)             # groups (0 | 1) and (2 | 3), MoE rank 4
     assert ma.primaries(3) == [2] and ma.twin(2) == 3 and ma.group_ranks(1) == [0, 1]
     left = ma.survivors([0, 1, 3, 4])                       # rank 2 died: its standby (now rank 2) is primary

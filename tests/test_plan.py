@@ -20,10 +20,10 @@ def held_bytes(module) -> int:
     (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
     (5, ["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=3"])])
 def test_plan_weights_equal_the_built_model(ranks, settings):
-    from hpcmoe.attention import split_heads
-    from hpcmoe.layout import ParallelLayout, request_range
-    from hpcmoe.model import build_experts, build_model
-    from hpcmoe.plan import rank_memory
+    from hpcmoe.model.attention import split_heads
+    from hpcmoe.parallel.layout import ParallelLayout, request_range
+    from hpcmoe.model.transformer import build_experts, build_model
+    from hpcmoe.parallel.plan import rank_memory
     config = load_config(DEBUG_CONFIG, settings)
     m = config.model
     memory = rank_memory(config, ranks)
@@ -65,7 +65,7 @@ def test_the_deepseek_v3_preset_plans_in_seconds_without_memory(tmp_path):
 def test_plan_suggests_expert_groups_when_one_expert_is_too_large():
     """Experts of 16384 (about 24 MiB of weights a rank at one expert per rank, 47 MiB with the prefill's
     expert activations) on 30 MiB devices: only halves fit (25 MiB: half the weights and activations)."""
-    from hpcmoe.plan import plan
+    from hpcmoe.parallel.plan import plan
     config = load_config(DEBUG_CONFIG, ["model.expert_hidden=16384"])
     result = plan(config, 4, 30 * 2 ** 20)
     assert not result["fits"]
@@ -83,7 +83,7 @@ def test_a_published_preset_counts_its_published_parameters(preset, published):
     (DeepSeek-V3's 671B excludes its 14B multi-token prediction module, which hpcmoe does not run; GLM-4.6's
     355B includes its one, so hpcmoe counts 0.6% fewer; gpt-oss's experts are MXFP4, 4.25 bits a weight,
     so its 116.83B weigh 60.8 GiB; Kimi-K2's technical report gives 1.04T)."""
-    from hpcmoe.plan import plan
+    from hpcmoe.parallel.plan import plan
     result = plan(load_config(None, [f"model.preset={preset}", "run.batch=1", "run.prompt_len=8"]), 64, 80e9)
     assert abs(result["total_parameters"] / published - 1) < 0.02, result["total_parameters"]
     bits = 8 * result["total_weight_bytes"] / result["total_parameters"]

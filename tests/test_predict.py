@@ -10,9 +10,9 @@ import yaml
 import numpy as np
 import pytest
 
-from hpcmoe import predict
+from hpcmoe.analysis import predict
 from hpcmoe.config import load_config
-from hpcmoe.output import TIMING_DTYPE
+from hpcmoe.runfile.output import TIMING_DTYPE
 from tests.conftest import DEBUG_CONFIG, ROOT
 
 MACHINE = {"memory_bandwidth": 10.0, "peak_gflops": 50.0}
@@ -152,7 +152,7 @@ def test_auto_split_asks_the_predictor_and_says_why(tmp_path):
 def test_auto_split_by_the_simulator_says_so_and_takes_its_fastest_split(tmp_path):
     """parallel.predictor a machine file: every split simulated with the engine's schedule; the run
     takes the split sim_output.propose ranks first, and its line names the machine file."""
-    from hpcmoe.sim_output import propose
+    from hpcmoe.analysis.predict import simulate_splits as propose
     from tests.conftest import run_job
     machine = os.path.join(ROOT, "machines", "this_box.yaml")
     settings = ["parallel.layout=ma", "parallel.attention_ranks=auto", "parallel.moe_ranks=auto",

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from hpcmoe.config import load_config
-from hpcmoe.layout import ParallelLayout
-from hpcmoe.placement import Placement, replicated
-from hpcmoe.rebalance import expert_digest, imbalance, plan_moves
+from hpcmoe.parallel.layout import ParallelLayout
+from hpcmoe.parallel.placement import Placement, replicated
+from hpcmoe.runtime.rebalance import expert_digest, imbalance, plan_moves
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.test_report import report
 
@@ -43,7 +43,7 @@ def reference(tmp_path_factory, experts: int):
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(tmp_path_factory, name):
-    from hpcmoe.model import build_model
+    from hpcmoe.model.transformer import build_model
     ranks, settings = JOBS[name]
     path = tmp_path_factory.mktemp("rebalance") / f"{name}.h5"
     result = run_job(ranks, path, "output.save_logits=true", *DRIFT, EVERY_2, *settings, timeout=240)
@@ -94,8 +94,8 @@ def decision(old: Placement, load: list[float], min_gain: float):
     """Rebalancer.decide on one node's summed load, without MPI: -> the Switch it starts and its
     placement and moves, or None when it keeps the placement."""
     from hpcmoe.config import RebalanceConfig
-    from hpcmoe.output import Timer
-    from hpcmoe.rebalance import Rebalancer
+    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runtime.rebalance import Rebalancer
     rebalancer = Rebalancer.__new__(Rebalancer)
     rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = \
         RebalanceConfig(min_gain=min_gain), old, [0] * old.num_ranks, 1
@@ -183,7 +183,7 @@ def test_a_rank_lost_while_weights_move_ends_the_job_without_a_complete_file(tmp
 def test_the_per_step_rank_load_reads_badly_where_the_whole_run_figure_flatters():
     """All of each step's load on one rank, a different rank each step: over the run every rank
     received the same (whole-run max/mean 1.0); every single step was as unbalanced as it gets (4.0)."""
-    from hpcmoe.output import rank_load_imbalance, step_imbalance
+    from hpcmoe.runfile.output import rank_load_imbalance, step_imbalance
     loads = np.zeros((4, 1, 4))                           # [steps, moe_layers, places]
     for step in range(4):
         loads[step, 0, step] = 100

@@ -182,7 +182,7 @@ def test_bad_input_exits_2_with_one_line(runs, tmp_path, make):
 
 
 def test_without_matplotlib_says_what_to_install(runs):
-    code = ("import sys; sys.modules['matplotlib'] = None; from hpcmoe.__main__ import main; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from hpcmoe.cli import main; "
             f"sys.exit(main(['report', {str(runs['ep'])!r}]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
@@ -256,7 +256,7 @@ def test_figures_of_bounded_size_at_scale(big, tmp_path, name):
 
 
 def test_rows_are_nodes_past_64_ranks_and_roles_are_not_mixed():
-    from hpcmoe.report import groups
+    from hpcmoe.analysis.report import groups
     for layout, world in (("ep", 16), ("ep", 256), ("ep", 1024), ("ma", 256)):
         run = {"world_size": world, "node_of_rank": np.arange(world) // 8,
                "parallel": {"layout": layout, "attention_ranks": 32}}
@@ -273,7 +273,7 @@ def test_rows_are_nodes_past_64_ranks_and_roles_are_not_mixed():
 
 def drawn(path, ranks=None, nodes=None, step=None) -> dict:
     """{plot name: figure} of one run, drawn in this process."""
-    from hpcmoe import report as module
+    from hpcmoe.analysis import report as module
     run = module.load(str(path))
     module.choose(run, ranks, nodes, step)
     figures = {}

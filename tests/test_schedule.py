@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcmoe.dispatch import expert_major
-from hpcmoe.layout import step_micro_batches
+from hpcmoe.parallel.dispatch import expert_major
+from hpcmoe.parallel.layout import step_micro_batches
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.conftest import finished_run as finished
 
@@ -26,8 +26,8 @@ def test_expert_major_reads_each_slot_from_every_source_in_order():
 def test_experts_once_equal_experts_per_source():
     """run_once on a source-major buffer gives, row for row, what one call per source gives."""
     from hpcmoe.config import load_config
-    from hpcmoe.model import build_model
-    from hpcmoe.moe_layer import run_once
+    from hpcmoe.model.transformer import build_model
+    from hpcmoe.runtime.moe_layer import run_once
     config = load_config(DEBUG_CONFIG, ["model.num_experts=8", "model.dtype=float32"])
     moe = next(b.mlp for b in build_model(config.model, [1, 4, 6]).layers if b.is_moe)
     counts = np.array([[3, 0, 2], [1, 4, 0], [0, 0, 5]])   # [sources, hosted experts]

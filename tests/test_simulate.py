@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from hpcmoe.config import load_config
-from hpcmoe.machine import PHASES, machine_from
-from hpcmoe.simulate import FIRST_PAUSE_S, LONGEST_PAUSE_S, Simulation, simulate
+from hpcmoe.sim.machine import PHASES, machine_from
+from hpcmoe.sim.simulate import FIRST_PAUSE_S, LONGEST_PAUSE_S, Simulation, simulate
 from tests.conftest import DEBUG_CONFIG, ROOT, run_job
 
 THIS_BOX = os.path.join(ROOT, "machines", "this_box.yaml")
@@ -64,36 +64,36 @@ def test_two_ranks_over_a_link_take_the_bytes_over_the_bandwidth():
 def test_the_simulator_runs_the_engines_placement_and_plan(monkeypatch):
     """Change the engine's slot choice (every token slot to slot 0) and its placement code: the
     simulated traffic follows, so the simulator has no plan of its own."""
-    import hpcmoe.moe_layer
-    from hpcmoe.layout import ParallelLayout
+    import hpcmoe.runtime.moe_layer
+    from hpcmoe.parallel.layout import ParallelLayout
     config = load_config(DEBUG_CONFIG, ["run.max_new_tokens=2"])
 
     def received(*patches):
         with monkeypatch.context() as patch:
             for owner, name, replacement in patches:
                 patch.setattr(owner, name, replacement)
-            from hpcmoe.simulate import Simulation
+            from hpcmoe.sim.simulate import Simulation
             sim = Simulation(config, machine_from(machine()), 4)
             sim.run()
             return sim.traffic.sum(axis=(0, 1, 2))                  # bytes received per rank
 
     spread = received()
     assert (spread > 0).all()                                       # one expert per rank, every rank gets rows
-    choose = hpcmoe.moe_layer.choose_slots                         # as the engine's exchange calls it
-    to_slot_0 = received((hpcmoe.moe_layer, "choose_slots", lambda ids, tables: choose(ids, tables) * 0))
+    choose = hpcmoe.runtime.moe_layer.choose_slots                         # as the engine's exchange calls it
+    to_slot_0 = received((hpcmoe.runtime.moe_layer, "choose_slots", lambda ids, tables: choose(ids, tables) * 0))
     assert to_slot_0[0] == spread.sum() and (to_slot_0[1:] == 0).all()
     place = ParallelLayout.place
-    reversed_ranks = received((ParallelLayout, "place", lambda self, nodes, routing: hpcmoe.placement.Placement(
+    reversed_ranks = received((ParallelLayout, "place", lambda self, nodes, routing: hpcmoe.parallel.placement.Placement(
         tuple(reversed(place(self, nodes, routing).slot_expert)), tuple(range(4)), 4, "reversed")))
     assert reversed_ranks.sum() == spread.sum() and not np.array_equal(reversed_ranks, spread)
 
 
 def test_waits_poll_as_the_engine_does(monkeypatch):
     """The simulator's model of comm.wait_until's sleeps: 20 us doubling to at most 1 ms."""
-    import hpcmoe.comm
+    import hpcmoe.runtime.comm
     pauses = []
-    monkeypatch.setattr(hpcmoe.comm.time, "sleep", pauses.append)
-    hpcmoe.comm.wait_until(lambda: len(pauses) >= 9, "test")
+    monkeypatch.setattr(hpcmoe.runtime.comm.time, "sleep", pauses.append)
+    hpcmoe.runtime.comm.wait_until(lambda: len(pauses) >= 9, "test")
     expected = [min(FIRST_PAUSE_S * 2 ** i, LONGEST_PAUSE_S) for i in range(9)]
     assert pauses == pytest.approx(expected)
 
@@ -130,7 +130,7 @@ def test_the_simulator_tracks_what_a_wider_model_costs_against_the_debug_model(t
     GEMM rate halved simulates 5.14 (1.47x), the fixed costs doubled 2.60 (0.75x), the machine
     file without its cache figures (decode_rates, fixed_by_working_set) 2.15 (0.62x: the simulator
     before them). Prefill: a known gap (reported on issue 26); the bound only keeps it from growing."""
-    from hpcmoe.machine import load_machine
+    from hpcmoe.sim.machine import load_machine
     settings = ["run.max_new_tokens=24", "parallel.threads=1"]
     configs = {"debug": DEBUG_CONFIG, "wide": os.path.join(ROOT, "inputs", "bench_ep.yaml")}
     measured = {name: [] for name in configs}
@@ -150,7 +150,7 @@ def test_the_simulator_tracks_what_a_wider_model_costs_against_the_debug_model(t
 
 
 def test_the_simulated_file_has_the_run_schema_and_report_reads_it(measured_and_simulated):
-    from hpcmoe.report import load
+    from hpcmoe.analysis.report import load
     real, sim, stdout = measured_and_simulated
     assert "(simulated)" in stdout and f"wrote {sim}" in stdout
     run = load(str(sim))                                             # what `hpcmoe report` checks and reads
@@ -242,7 +242,7 @@ def test_the_simulator_counts_the_slots_its_routing_drops(tmp_path):
     """parallel.capacity_factor: the simulator routes with the engine's apply_capacity, so it drops
     slots; its metrics (and file) count them, as the engine's do, instead of writing 0. Skewed
     routing with capacity 0.5 must drop; without a capacity nothing is dropped."""
-    from hpcmoe.machine import load_machine
+    from hpcmoe.sim.machine import load_machine
     machine = load_machine(os.path.join(ROOT, "machines", "h100_sxm.yaml"))
     skewed = ["model.router_skew=8", "run.max_new_tokens=3"]
     capped = simulate(load_config(DEBUG_CONFIG, skewed + ["parallel.capacity_factor=0.5"]), machine, 4,
@@ -255,7 +255,7 @@ def test_the_simulator_counts_the_slots_its_routing_drops(tmp_path):
 
 def network(ranks: int, ranks_per_node: int, **inter):
     """A Simulation of `ranks` ranks on nodes of `ranks_per_node` over a 1 GB/s, 50 us network."""
-    from hpcmoe.simulate import Simulation
+    from hpcmoe.sim.simulate import Simulation
     raw = machine(one_box=False, compute_units_per_node=ranks_per_node,
                   inter_node={"latency_us": 50, "gb_per_s": 1, **inter})
     config = load_config(DEBUG_CONFIG, [f"parallel.ranks_per_node={ranks_per_node}", f"model.num_experts={ranks}"])
@@ -319,8 +319,8 @@ def test_a_bad_optional_figure_is_one_clear_error(tmp_path):
 
 
 def test_calibration_keeps_the_median_of_its_repeats_and_writes_their_spread_and_date(tmp_path):
-    from hpcmoe.calibrate import repeated
-    from hpcmoe.machine import load_machine, write_machine
+    from hpcmoe.sim.calibrate import repeated
+    from hpcmoe.sim.machine import load_machine, write_machine
     samples = iter([{"gemm_tflops": {"float32": 1.0}, "memory_gb_per_s": 10.0},
                     {"gemm_tflops": {"float32": 3.0}, "memory_gb_per_s": 10.0},
                     {"gemm_tflops": {"float32": 2.0}, "memory_gb_per_s": 10.0}])
@@ -344,7 +344,7 @@ MIB = 2 ** 20
 def test_a_decode_gemm_streams_at_the_rate_of_its_rows_and_working_set_by_hand():
     """decode_rates linear: 1 row {4 MiB: 2.0, 64 MiB: 0.5}, 9 rows {4: 1.0, 64: 0.25}. At 16 MiB (the
     log midpoint) and 5 rows (the rows' midpoint): 1 row 1.25, 9 rows 0.625 -> 0.9375 of 10 GB/s."""
-    from hpcmoe.costs import Costs
+    from hpcmoe.sim.costs import Costs
     raw = machine(gemm_decode_gb_per_s={"float32": 10.0, "bfloat16": 10.0},
                   decode_rates={"linear": {1: {4: 2.0, 64: 0.5}, 9: {4: 1.0, 64: 0.25}}})
     model = load_config(DEBUG_CONFIG, []).model
@@ -361,7 +361,7 @@ def test_a_decode_gemm_streams_at_the_rate_of_its_rows_and_working_set_by_hand()
 def test_fixed_costs_among_the_weights_grow_with_the_working_set_by_hand():
     """fixed_by_working_set {2 MiB: 1, 32 MiB: 3}: at 8 MiB (the log midpoint) the phases among the
     weights cost 2x their fixed_us; the step's output does not."""
-    from hpcmoe.costs import Costs
+    from hpcmoe.sim.costs import Costs
     raw = machine({"attention": 100, "output": 100}, fixed_by_working_set={2: 1.0, 32: 3.0})
     costs = Costs(load_config(DEBUG_CONFIG, []).model, machine_from(raw), 8 * MIB)
     assert costs.fixed["attention"] == pytest.approx(200e-6) and costs.fixed["output"] == pytest.approx(100e-6)
@@ -370,8 +370,8 @@ def test_fixed_costs_among_the_weights_grow_with_the_working_set_by_hand():
 def test_the_working_set_is_what_the_ranks_sharing_a_cache_hold():
     """ep on one box: every rank holds all but the routed experts, and its share of the experts;
     one cpu cache for them all. A GPU's ranks: its own. ma: attention shards and expert slots."""
-    from hpcmoe.model import parameter_bytes
-    from hpcmoe.simulate import weights_per_cache
+    from hpcmoe.model.transformer import parameter_bytes
+    from hpcmoe.sim.simulate import weights_per_cache
     config = load_config(DEBUG_CONFIG, [])
     whole, base = parameter_bytes(config.model, 0)
     sim = Simulation(config, machine_from(machine()), 4)
@@ -396,7 +396,7 @@ def test_a_bad_cache_figure_is_one_clear_error(figures, message):
 
 
 def test_the_cache_figures_are_written_and_read_back(tmp_path):
-    from hpcmoe.machine import load_machine, write_machine
+    from hpcmoe.sim.machine import load_machine, write_machine
     raw = machine(decode_rates={"linear": {1: {4: 2.0, 64: 0.5}}, "grouped": {4: {4: 1.5, 64: 0.25}}},
                   fixed_by_working_set={1.5: 1.0, 36.5: 1.9})
     write_machine(str(tmp_path / "m.yaml"), raw, "test")
@@ -410,7 +410,7 @@ def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_
     """scheduler.passes is the engine's loop and the simulator's: reversing the order a pass visits
     the coroutines (no simulator code touched) starts the engine's second micro-batch first, and the
     simulated prefill's second micro-batch embeds first too."""
-    from hpcmoe import scheduler
+    from hpcmoe.runtime import scheduler
 
     def first_embed(sim_rows) -> int:
         return min((start, mb) for rank, layer, mb, step, phase, start, end in sim_rows if phase == b"embed")[1]
@@ -444,7 +444,7 @@ def test_a_change_to_the_engines_exchange_changes_the_simulation(monkeypatch):
     every source's rows are in, instead of each source's as they arrive), with no simulator code
     touched: simulated experts rows that began before their layer's last dispatch wait ended (its
     own rows, served while the others travel) are gone, and the decode time moves."""
-    from hpcmoe import moe_layer
+    from hpcmoe.runtime import moe_layer
     config = load_config(DEBUG_CONFIG, ["run.max_new_tokens=3", "parallel.ranks_per_node=2",
                                         "parallel.link={bandwidth_gbps: 0.02, latency_us: 500}",
                                         "parallel.expert_schedule=per_source"])
@@ -500,7 +500,7 @@ def test_an_unset_max_batch_is_what_memory_allows_as_the_engine_resolves_it():
     """run.max_batch unset: the engine starts what plan.default_max_batch allows in a rank's memory.
     A 2 GB box holds the debug model's 3 requests per rank; 4 MB (2 MB a rank: 1.4 MB at one request,
     2.2 MB at three, within 80%) does not: refused, naming the engine's number."""
-    from hpcmoe.plan import default_max_batch
+    from hpcmoe.parallel.plan import default_max_batch
     config = load_config(DEBUG_CONFIG, [])
     assert simulate(config, machine_from(machine(device_memory_gb=2)), 2)["tpot_ms"] >= 0
     small = 0.004

@@ -139,7 +139,7 @@ def test_choice_rules_on_constructed_logits():
     """Top-k keeps exactly k candidates, top-p the smallest likely set, and the draw depends only on
     (seed, request id, step)."""
     from types import SimpleNamespace
-    from hpcmoe.workload import choose
+    from hpcmoe.runtime.workload import choose
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 400, dtype=np.float32))
     ids = [str(i) for i in range(400)]
     draw = lambda **s: choose(logits, ids, [3] * len(ids), SimpleNamespace(**{"temperature": 1.0, "top_k": None,

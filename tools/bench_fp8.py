@@ -3,14 +3,14 @@
     python tools/bench_fp8.py [--threads 1] [--reps 5] [--bf16] [--model] [--out docs/bench/fp8_decode.json]
     python tools/bench_fp8.py --shapes h1024_i4096 --rows 1 32 --chunks 65536 524288 2097152   # tune the chunk
 
-One expert (hpcmoe.model.MLP) per shape, its weights block-quantized once ([128, 128] as DeepSeek-V3
+One expert (hpcmoe.model.transformer.MLP) per shape, its weights block-quantized once ([128, 128] as DeepSeek-V3
 ships; [16, 16] as tests/test_fp8.py for the debug shape), the float32 twin holds exactly those weights dequantized (bfloat16: the twin rounded). Calls
 of 1..32 rows (decode) and 512 rows (prefill) of each variant run interleaved, the order rotating
 each repetition; a repetition runs every expert of a pool whose weights exceed the caches several
 times over (--cold-mib per variant), so weights come from memory as in a whole model; medians.
-Variants: float32 and bfloat16 (the fused gate/up path), fp8 (hpcmoe/fp8.py, float32 compute),
+Variants: float32 and bfloat16 (the fused gate/up path), fp8 (hpcmoe/model/fp8.py, float32 compute),
 fp8_before (the previous code: each projection dequantized whole into a fresh float32 tensor) and
-with --bf16 fp8_bf16 (hpcmoe/fp8.py in bfloat16 compute, against bfloat16). Each fp8 variant's
+with --bf16 fp8_bf16 (hpcmoe/model/fp8.py in bfloat16 compute, against bfloat16). Each fp8 variant's
 output is checked against its twin's (bitwise, or the largest difference).
 
 --model also runs whole 1-rank jobs (`mpiexec -n 1 python -m hpcmoe run`, batch 4, prompt 32,
@@ -39,9 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from hpcmoe import fp8  # noqa: E402
-from hpcmoe.checkpoint import dequantize  # noqa: E402
-from hpcmoe.model import MLP  # noqa: E402
+from hpcmoe.model import fp8  # noqa: E402
+from hpcmoe.model.checkpoint import dequantize  # noqa: E402
+from hpcmoe.model.transformer import MLP  # noqa: E402
 from make_tiny_checkpoint import block_quantize  # noqa: E402
 
 SHAPES = {  # name -> (hidden, expert_hidden, FP8 block)
@@ -54,7 +54,7 @@ MAX_EXPERTS = 64
 
 
 def fp8_before(mlp: MLP, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """MLP.forward's FP8 branch before hpcmoe/fp8.py: three whole dequantized copies per call."""
+    """MLP.forward's FP8 branch before hpcmoe/model/fp8.py: three whole dequantized copies per call."""
     act = F.silu(F.linear(x, mlp.dequantized(mlp.gate_proj, x.dtype))) * \
         F.linear(x, mlp.dequantized(mlp.up_proj, x.dtype))
     return torch.mm(act, mlp.dequantized(mlp.down_proj, x.dtype).t(), out=out)

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpcmoe.fault import killed_at  # noqa: E402
+from hpcmoe.runtime.fault import killed_at  # noqa: E402
 
 LAYOUT = ["ep"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

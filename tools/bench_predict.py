@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpcmoe import predict  # noqa: E402
+from hpcmoe.analysis import predict  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inputs", "bench_predict.yaml")

@@ -91,7 +91,7 @@ MXFP4_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # [E, in,
 @torch.no_grad()
 def round_experts_to_mxfp4(model) -> None:
     """Every expert weight to its nearest MXFP4 value, in place (the dequantized twin's weights)."""
-    from hpcmoe import mxfp4
+    from hpcmoe.model import mxfp4
     for name, param in model.named_parameters():
         if name.endswith(MXFP4_STACKED):
             for e in range(param.shape[0]):
@@ -102,7 +102,7 @@ def mxfp4_tensors(name: str, tensor: torch.Tensor) -> dict:
     """gpt-oss's published layout: NAME_blocks [E, out, in / 32, 16] and NAME_scales [E, out, in / 32]."""
     if not name.endswith(MXFP4_STACKED):
         return {name: tensor}
-    from hpcmoe import mxfp4
+    from hpcmoe.model import mxfp4
     parts = [mxfp4.quantize(tensor[e].t()) for e in range(tensor.shape[0])]
     return {name + "_blocks": torch.stack([b for b, _ in parts]), name + "_scales": torch.stack([s for _, s in parts])}
 

@@ -33,8 +33,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hpcmoe.config import load_config  # noqa: E402
-from hpcmoe.machine import PHASES, machine_from  # noqa: E402
-from hpcmoe.simulate import simulate  # noqa: E402
+from hpcmoe.sim.machine import PHASES, machine_from  # noqa: E402
+from hpcmoe.sim.simulate import simulate  # noqa: E402
 
 ON_GPUS = ["parallel.wait=spin", "run.prompt_len=1", "run.prompt_len_min=1", "run.max_new_tokens=3", "output.save_logits=false"]
 V3 = ["model={preset: deepseek-v3}"] + ON_GPUS

@@ -91,9 +91,9 @@ def splits_against_predict_runs() -> str:
     import sys
     sys.path.insert(0, ROOT)
     from hpcmoe.config import load_config
-    from hpcmoe.machine import load_machine
-    from hpcmoe.predict import splits
-    from hpcmoe.simulate import simulate
+    from hpcmoe.sim.machine import load_machine
+    from hpcmoe.analysis.predict import splits
+    from hpcmoe.sim.simulate import simulate
     measured, machine = load("predict.json")["proposals"], load_machine(os.path.join(ROOT, "machines", "this_box.yaml"))
     config = load_config(os.path.join(ROOT, "inputs", "bench_predict.yaml"),
                          ["run.batch=8", "run.prompt_len=32", "run.prompt_len_min=32", "run.max_new_tokens=8"])

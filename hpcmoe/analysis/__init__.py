@@ -1,0 +1,3 @@
+"""Looking at runs: reports and plots of run files, the attention:MoE split predictor, and
+the benchmark scenarios.
+"""

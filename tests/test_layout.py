@@ -1,0 +1,73 @@
+"""The package layout by layer (README "Where things live"): read from the import graph of hpcmoe's
+modules, every import counted, at the top of a module or inside a function."""
+import ast
+import os
+
+from tests.conftest import ROOT
+
+PACKAGE = os.path.join(ROOT, "hpcmoe")
+LOWER = {"model": {"runtime", "sim", "analysis"}, "parallel": {"runtime", "sim", "analysis"},
+         "runtime": {"sim", "analysis"}}   # a layer -> the layers it must not import
+
+
+def modules() -> dict:
+    """hpcmoe's modules by dotted name -> their file."""
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                found[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
+    return found
+
+
+def import_graph() -> dict:
+    """module -> the hpcmoe modules it imports (a name imported from a package counts as its module
+    when it is one, else as the package)."""
+    known, graph = modules(), {}
+    for module, path in known.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names if alias.name.startswith("hpcmoe"))
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpcmoe"):
+                for alias in node.names:
+                    inner = f"{node.module}.{alias.name}"
+                    imported.add(inner if inner in known else node.module)
+        graph[module] = {name for name in imported if name in known and name != module} - {"hpcmoe"}
+    return graph
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    wrong = [f"{module} imports {name}" for module, names in import_graph().items() for name in sorted(names)
+             if layer(name) in LOWER.get(layer(module), set())]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_itself_through_others():
+    graph, cycles = import_graph(), []
+
+    def visit(module, path):
+        for name in sorted(graph[module]):
+            if name == path[0]:
+                cycles.append(" -> ".join(path + [name]))
+            elif name not in path and name > path[0]:   # each cycle once, from its smallest module
+                visit(name, path + [name])
+    for module in sorted(graph):
+        visit(module, [module])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_every_package_says_what_it_owns():
+    for name in ("model", "parallel", "runtime", "runfile", "sim", "analysis"):
+        with open(os.path.join(PACKAGE, name, "__init__.py")) as f:
+            doc = ast.get_docstring(ast.parse(f.read()))
+        assert doc and len(doc.split()) >= 15, name
