@@ -26,6 +26,7 @@ from mpi4py import MPI
 from hpcmoe.runtime.device import DONE
 from hpcmoe.runtime import fault
 from hpcmoe.runtime.fault import track
+from hpcmoe.runtime.tags import tag_for  # noqa: F401 (the exchanges' tags, imported from here too)
 
 HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
 
@@ -336,11 +337,6 @@ def tested(requests: list, tests: int = 64) -> bool:
         if all_done(requests):
             return True
     return False
-
-
-def tag_for(kind: int, layer: int, micro_batch: int, micro_batches: int) -> int:
-    """Distinct tags per (layer, micro-batch, message kind) so exchanges in flight never cross."""
-    return (kind + 16 * (micro_batch + micro_batches * max(layer, 0))) % 32000 + 100
 
 
 class CountsGroup:

@@ -20,6 +20,7 @@ import torch
 
 from hpcmoe.model.attention import StepInputs
 from hpcmoe.runtime.comm import Where, wait_all, wait_until
+from hpcmoe.runtime import tags
 from hpcmoe.config import LAYER_KILL_PHASES, Config
 from hpcmoe.runtime.fault import CLOCK, KILL, RECOVERED, RankFailed, failure_rows, is_failure, maybe_die, track
 from hpcmoe.parallel.layout import ParallelLayout
@@ -30,7 +31,6 @@ from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import process_bytes, rank_estimates
 from hpcmoe.runtime.topology import STOP_REQUESTED, Topology, keep_freed_memory, listen_for_stop
 
-RECORD_TAG = 7  # per-step records to rank 0 (MoE exchanges use tags >= 100)
 
 
 class RootGather:
@@ -44,16 +44,16 @@ class RootGather:
         if comm.Get_rank() != 0:
             with self.timer.phase("record_wait", step):
                 wait_all(self.pending, where)  # the previous record is out: one in flight at most
-            self.pending = [comm.isend(record, dest=0, tag=RECORD_TAG)]
+            self.pending = [comm.isend(record, dest=0, tag=tags.RECORD)]
             return None
         records = [record]
         for source in range(1, comm.Get_size()):
-            found = comm.improbe(source=source, tag=RECORD_TAG)
+            found = comm.improbe(source=source, tag=tags.RECORD)
             if found is None:
                 with self.timer.phase("record_wait", step):
                     def arrived() -> bool:
                         nonlocal found
-                        found = comm.improbe(source=source, tag=RECORD_TAG)
+                        found = comm.improbe(source=source, tag=tags.RECORD)
                         return found is not None
 
                     wait_until(arrived, where.waiting_for("record_wait", (source,)))
@@ -215,7 +215,6 @@ class Made:
             self.records.append((step, records, times))
 
 
-MIRROR_TAG = 8  # rank 0 -> its deputy: each step's records
 
 
 class Mirror:
@@ -233,11 +232,11 @@ class Mirror:
         """Rank 0: (step, records, (started_at, held_at), written_at) to the deputy."""
         if self.rank == 0:
             self.pending = [request for request in self.pending if not request.Test()]
-            self.pending.append(self.comm.isend(entry, dest=1, tag=MIRROR_TAG))
+            self.pending.append(self.comm.isend(entry, dest=1, tag=tags.MIRROR))
 
     def receive(self) -> None:
         """The deputy: every entry that has arrived (never waits)."""
-        while self.rank == 1 and (found := self.comm.improbe(source=0, tag=MIRROR_TAG)) is not None:
+        while self.rank == 1 and (found := self.comm.improbe(source=0, tag=tags.MIRROR)) is not None:
             self.made.add(*found.recv())
 
     def close(self, done: int, step: int) -> None:

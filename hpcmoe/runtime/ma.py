@@ -18,14 +18,13 @@ from __future__ import annotations
 import torch
 
 from hpcmoe.model.attention import StepInputs, split_heads
-from hpcmoe.runtime.comm import Receives, Where, tag_for
+from hpcmoe.runtime.comm import Receives, Where
+from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
 from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.model.transformer import build_experts, build_model
 from hpcmoe.runtime.moe_layer import StepStats
 
-# message kinds beside moe_layer's 0..3
-SCATTER, ACROSS_NODES, GATHER_BACK, GATHER, TO_STANDBY, CHOICE, LOGITS = range(4, 11)
 
 
 # ---------------------------------------------------------------- the seed's hierarchical reduction
@@ -75,9 +74,9 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
 
     owned = owned_by(mine, ctx.rank)
     # 1. reduce-scatter inside the node
-    parts = receive({r: flat.new_empty(size(owned)) for r in others}, SCATTER)
+    parts = receive({r: flat.new_empty(size(owned)) for r in others}, Kind.SCATTER)
     for r in others:
-        ctx.sender.send(r, joined(flat, owned_by(mine, r)), tag(SCATTER))
+        ctx.sender.send(r, joined(flat, owned_by(mine, r)), tag(Kind.SCATTER))
     yield parts.all_in(at, "reduce_wait")
     node_sum = None
     with summing(len(mine)):
@@ -91,10 +90,10 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
         if members is not mine:
             for j in owned:
                 shared_with.setdefault(members[j % len(members)], []).append(j)
-    across = receive({peer: flat.new_empty(size(js)) for peer, js in shared_with.items()}, ACROSS_NODES)
+    across = receive({peer: flat.new_empty(size(js)) for peer, js in shared_with.items()}, Kind.ACROSS_NODES)
     for peer, js in shared_with.items():
         ctx.sender.send(peer, node_sum[js[0]] if len(js) == 1 else torch.cat([node_sum[j] for j in js]),
-                        tag(ACROSS_NODES))
+                        tag(Kind.ACROSS_NODES))
     yield across.all_in(at, "reduce_wait")
     from_peer = {peer: split(across.received[peer], js) for peer, js in shared_with.items()}
     with summing(len(nodes)):
@@ -106,9 +105,9 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     # 3. all-gather inside the node: one chunk lands straight in the result
     theirs = {r: owned_by(mine, r) for r in others}
     back = receive({r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js))
-                    for r, js in theirs.items()}, GATHER_BACK)
+                    for r, js in theirs.items()}, Kind.GATHER_BACK)
     for r in others:
-        ctx.sender.send(r, joined(result, owned), tag(GATHER_BACK))
+        ctx.sender.send(r, joined(result, owned), tag(Kind.GATHER_BACK))
     yield back.all_in(at, "reduce_wait")
     for r, js in theirs.items():
         if len(js) > 1:
@@ -120,7 +119,7 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
 # ---------------------------------------------------------------- gathers inside a group
 
 def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], like: torch.Tensor,
-                    tag, at: Where, kind: int = GATHER):
+                    tag, at: Where, kind: int = Kind.GATHER):
     """Generator: each sender's rows [counts[i], W] -> all of them in sender order on every group rank
     (a standby sends nothing and receives everything); like: a tensor of the rows' width, dtype, device."""
     everything = like.new_empty(sum(counts), like.shape[-1])
@@ -134,7 +133,7 @@ def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: lis
 
 def from_twin(ctx, like: torch.Tensor, twin: int, tag, at: Where):
     """Generator: a standby receives its primary's total."""
-    receives = ctx.sender.receives({twin: torch.empty_like(like)}, tag(TO_STANDBY))
+    receives = ctx.sender.receives({twin: torch.empty_like(like)}, tag(Kind.TO_STANDBY))
     yield receives.all_in(at, "reduce_wait")
     return receives.received[twin]
 
@@ -215,7 +214,7 @@ class AttentionEngine:
             else:
                 total = yield from hierarchical_sum(self, partial, self.primaries, tag(layer), where(layer))
                 if self.twin is not None:
-                    self.sender.send(self.twin, total, tag(layer)(TO_STANDBY))
+                    self.sender.send(self.twin, total, tag(layer)(Kind.TO_STANDBY))
             self.timer.add("reduce_comm", step, layer, mb, posted)
             with phase("attention", step, layer, mb):
                 x = x + total.to(x.dtype)
@@ -240,14 +239,14 @@ class AttentionEngine:
         b = len(local)
         pairs = yield from all_gather_rows(self, pair.reshape(1, -1), self.primaries, self.group,
                                            [1] * len(self.primaries), pair.reshape(1, -1), tag(done), where(done),
-                                           CHOICE)
+                                           Kind.CHOICE)
         pairs = pairs.view(len(self.primaries), b, 2)
         chosen = greedy_over_slices(pairs[..., 0], pairs[..., 1].long())
         if not self.whole_logits:
             return chosen, None
         columns = yield from all_gather_rows(self, local.t().contiguous(), self.primaries, self.group,
                                              [len(v) for v in self.vocab_slices], local.new_empty(0, b), tag(done),
-                                             where(done), LOGITS)
+                                             where(done), Kind.LOGITS)
         return chosen, columns.t()
 
     def close(self) -> None:

@@ -18,14 +18,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where, tag_for
+from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
+from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.parallel.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count,
                              expert_major, node_groups, pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
 from hpcmoe.runtime.fault import maybe_die
 from hpcmoe.parallel.layout import ExpertSchedule
 
-DISPATCH, RETURNS, GATEWAY_DISPATCH, GATEWAY_RETURNS = range(4)  # message kinds (tags); ma uses 4..10
-TP_FORWARD, TP_PARTIAL = 11, 12  # expert groups with a forwarding leader: leader -> members, members -> leader
 
 
 @dataclass
@@ -153,7 +152,7 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
     tp = ctx.tables.tp
     replies = 1 if tp == 1 or ctx.tp_forward else tp   # answers per row: one, or one partial per member
-    dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (DISPATCH, RETURNS))
+    dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (Kind.DISPATCH, Kind.RETURNS))
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = ctx.timer.mark()
     with phase("dispatch_post", step, layer, mb, rows=len(plan.order)):
@@ -293,9 +292,9 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
     if me == leader:
         members = range(leader + 1, leader + tp)
         for member in members:
-            sender.send(member, rows, tag(TP_FORWARD))
+            sender.send(member, rows, tag(Kind.TP_FORWARD))
             stats.traffic[layer - ctx.first_moe_layer, member] += len(rows) * ctx.row_bytes(rows)
-        from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(TP_PARTIAL))
+        from_members = ctx.receives({m: partials[m - leader] for m in members}, tag(Kind.TP_PARTIAL))
     with ctx.timer.phase("experts", step, layer, mb):
         if ctx.schedule.per_layer:
             run_once(moe, rows, incoming.slots, partials[0])
@@ -303,7 +302,7 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
             for source in incoming.sources:
                 moe.run_experts(incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source))
     if me != leader:
-        sender.send(leader, partials[0], tag(TP_PARTIAL))
+        sender.send(leader, partials[0], tag(Kind.TP_PARTIAL))
         return
     yield from_members.all_in(at, "expert_tp_wait")
     with ctx.timer.phase("combine", step, layer, mb, partial_rows=partials.shape[0] * partials.shape[1]):
@@ -359,7 +358,7 @@ class CountedIncoming:
             if me % tp:  # a member: everything comes from the leader
                 self.from_leader = True
                 self.receives = ctx.receives({me - me % tp: self.buffer},
-                                             tag_for(TP_FORWARD, at.layer, at.micro_batch, ctx.micro_batches))
+                                             tag_for(Kind.TP_FORWARD, at.layer, at.micro_batch, ctx.micro_batches))
                 return
         self.receives = ctx.receives({s: self.segment(self.buffer, s) for s in self.sources}, self.tag)
         if me in self.sources:
@@ -424,11 +423,11 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
         returns_buffer = ctx.pool.get(key("returns"), len(groups.tokens), hidden, h.dtype)
         active = [node for node, count in enumerate(node_counts) if count]
         node_part = lambda t, node: t[node_ends[node]:node_ends[node + 1]]
-        returns = ctx.receives({tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(GATEWAY_RETURNS))
+        returns = ctx.receives({tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(Kind.GATEWAY_RETURNS))
         for node in active:
             stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * ctx.row_bytes(packed)
             if tables.gateway[node] != me:
-                sender.send(tables.gateway[node], node_part(packed, node), tag(GATEWAY_DISPATCH))
+                sender.send(tables.gateway[node], node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
         shared = moe.shared(h)
     yield counts_in
@@ -437,9 +436,9 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     starts = np.cumsum(np.concatenate([[0], counts[members, 0]]))
     incoming_buffer = ctx.pool.get(key("incoming"), int(starts[-1]), row_bytes, torch.uint8)
     incoming = ctx.receives({s: incoming_buffer[starts[i]:starts[i + 1]] for i, s in enumerate(served)},
-                            tag(GATEWAY_DISPATCH))
+                            tag(Kind.GATEWAY_DISPATCH))
     if me in served:
-        sender.send(me, node_part(packed, tables.gateway.index(me)), tag(GATEWAY_DISPATCH), incoming)
+        sender.send(me, node_part(packed, tables.gateway.index(me)), tag(Kind.GATEWAY_DISPATCH), incoming)
     yield incoming.all_in(at, "dispatch_wait")
     # stage 2: the gateway forwards its tokens to the experts of its own node
     with phase("gateway", step, layer, mb, rows=len(incoming_buffer), row_bytes=ctx.row_bytes(incoming_buffer)):
@@ -449,7 +448,7 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     with phase("gateway", step, layer, mb, rows=len(rows), row_bytes=ctx.row_bytes(rows)):
         partial = combine_tokens(plan, answered, gate_weights)  # this node's share of each token
         for i, source in enumerate(served):
-            sender.send(source, partial[starts[i]:starts[i + 1]], tag(GATEWAY_RETURNS), returns)
+            sender.send(source, partial[starts[i]:starts[i + 1]], tag(Kind.GATEWAY_RETURNS), returns)
     yield returns.all_in(at, "combine_wait")
     with phase("combine", step, layer, mb, tokens=len(h)):
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)

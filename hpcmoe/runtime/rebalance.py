@@ -29,11 +29,11 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
+from hpcmoe.runtime import tags
 from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.runtime.fault import track
 from hpcmoe.parallel.placement import Placement, expected_rank_load, replicated
 
-MOVE_TAG = 7  # on the rebalancer's own communicator: one tag, messages matched in posting order
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Mover:
         self.queue = deque((peer, chunk) for peer, t in sends for chunk in chunks(t))
         self.landing = [(t, torch.empty(t.numel() * t.element_size(), dtype=torch.uint8) if t.device.type != "cpu"
                          else t) for _, t in receives]   # (target, where it is received)
-        self.receives = [comm.Irecv([chunk, MPI.BYTE], source=peer, tag=MOVE_TAG)
+        self.receives = [comm.Irecv([chunk, MPI.BYTE], source=peer, tag=tags.MOVE)
                          for (peer, _), (_, host) in zip(receives, self.landing) for chunk in chunks(host)]
         self.sending: list = []
 
@@ -96,7 +96,7 @@ class Mover:
         self.sending = [r for r in self.sending if not r.Test()]
         while self.queue and len(self.sending) < self.in_flight:
             peer, chunk = self.queue.popleft()
-            self.sending.append(self.comm.Isend([chunk, MPI.BYTE], dest=peer, tag=MOVE_TAG))
+            self.sending.append(self.comm.Isend([chunk, MPI.BYTE], dest=peer, tag=tags.MOVE))
         if self.receives and all_done(self.receives):
             self.receives = []
             for target, host in self.landing:

@@ -14,7 +14,8 @@ import torch
 
 from hpcmoe.runtime import moe_layer
 from hpcmoe.model.attention import kv_heads_for, split_heads
-from hpcmoe.runtime.comm import Where, tag_for
+from hpcmoe.runtime.comm import Where
+from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.parallel.layout import request_range, requests_per_rank, step_micro_batches
 from hpcmoe.runtime.moe_layer import StepStats
 from hpcmoe.runtime.scheduler import PASSED, RESUMING, passes
@@ -189,9 +190,9 @@ def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, 
     done = Where(step, m.num_layers, mb)
     pairs = empty(1, 2 * b, dtype=torch.float64)
     yield from charged(net, rank, ma.all_gather_rows(role, pairs, primaries, group, [1] * shards, pairs,
-                                                     tag(done.layer), done, ma.CHOICE))
+                                                     tag(done.layer), done, Kind.CHOICE))
     if sim.config.output.save_logits:
         columns = empty(len(vocab[shard]), b, dtype=torch.float32)
         yield from charged(net, rank, ma.all_gather_rows(role, columns, primaries, group, [len(v) for v in vocab],
                                                          empty(0, b, dtype=torch.float32), tag(done.layer), done,
-                                                         ma.LOGITS))
+                                                         Kind.LOGITS))

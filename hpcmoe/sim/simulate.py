@@ -33,6 +33,7 @@ from hpcmoe.config import Config
 from hpcmoe.sim.costs import Costs
 from hpcmoe.parallel import dispatch
 from hpcmoe.parallel.layout import MALayout, ParallelLayout
+from hpcmoe.runtime import tags
 from hpcmoe.sim.events import (FIRST_PAUSE_S, LONGEST_PAUSE_S, PROGRESS, AllFrom, AnyFrom, Collective, Cond,  # noqa: F401
                                  Latest, Mail, Wait, Work, poll_time, queue)
 from hpcmoe.sim.machine import Machine
@@ -130,7 +131,7 @@ class Simulation:
         if unsupported:
             raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
         micro_batches, layers = config.run.micro_batches, config.model.num_layers
-        if 15 + 16 * (micro_batches - 1 + micro_batches * layers) + 100 >= 32000:   # comm.tag_for's range
+        if tags.KINDS * micro_batches * (layers + 1) > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE:   # tags.tag_for's range
             raise ValueError(f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
                              f"{micro_batches} over {layers} layers: use fewer micro-batches")
         if p.layout == "ma" and "auto" in (p.attention_ranks, p.moe_ranks):
