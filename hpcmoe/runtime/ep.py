@@ -101,6 +101,14 @@ class Messaging:
         """How many micro-batches this step runs (every rank of the run agrees)."""
         return step_micro_batches(self.micro_batches, self.decode_min, self.requests_per_rank, prefill)
 
+    def step_coroutines(self, inputs: StepInputs, cache, prefill: bool, body, stats: StepStats) -> list:
+        """The step's coroutines: body(micro-batch, its inputs, its cache rows, stats) for each block of
+        the rank's requests."""
+        count = self.step_micro_batches(prefill)
+        blocks = [request_range(inputs.tokens.shape[0], count, i) for i in range(count)]
+        return [body(i, inputs.rows(r.start, r.stop), [[c.rows(r.start, r.stop) for c in layer] for layer in cache],
+                     stats) for i, r in enumerate(blocks)]
+
     def run_step(self, generators: list, step: int, prefill: bool) -> list:
         """Drive this step's generators (a prefill or a decode step), then wait for this rank's sends."""
         if self.ctx is not None:
@@ -158,12 +166,7 @@ class EPEngine:
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> tuple[torch.Tensor, torch.Tensor]:
         """One step for this rank's requests: [b, t] tokens -> (greedy tokens [b], logits [b, vocab] float32)."""
-        b = inputs.tokens.shape[0]
-        count = self.net.step_micro_batches(self.prefill)
-        blocks = [request_range(b, count, i) for i in range(count)]
-        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
-                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
-                      for i, r in enumerate(blocks)]
+        generators = self.net.step_coroutines(inputs, cache, self.prefill, self.forward_micro_batch, stats)
         logits = torch.cat(self.net.run_step(generators, self.step, self.prefill))
         return logits.argmax(dim=-1), logits
 

@@ -184,12 +184,7 @@ class AttentionEngine:
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats):
         """The group's step: -> (greedy tokens [b], logits [b, vocab] when output.save_logits, else None)."""
-        b = inputs.tokens.shape[0]
-        count = self.net.step_micro_batches(self.prefill)
-        blocks = [request_range(b, count, i) for i in range(count)]
-        generators = [self.forward_micro_batch(i, inputs.rows(r.start, r.stop),
-                                               [[c.rows(r.start, r.stop) for c in layer] for layer in cache], stats)
-                      for i, r in enumerate(blocks)]
+        generators = self.net.step_coroutines(inputs, cache, self.prefill, self.forward_micro_batch, stats)
         results = self.net.run_step(generators, self.step, self.prefill)
         chosen = torch.cat([c for c, _ in results])
         return chosen, torch.cat([x for _, x in results]) if self.whole_logits else None
