@@ -213,8 +213,8 @@ def expert_time(timings: np.ndarray, placement: np.ndarray, config) -> dict:
     total, with_one = parameter_bytes(m, 1)
     expert_bytes = (with_one - parameter_bytes(m, 0)[1]) / m.moe_layers          # one expert of one layer
     most = np.bincount(placement[0][placement[0] >= 0].reshape(-1)).max()         # slots on the fullest rank
-    machine = load_machine(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "machines",
-                                        "this_box.yaml"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+    machine = load_machine(os.path.join(root, "machines", "this_box.yaml"))
     return {"experts_ms_per_layer": 1e3 * float(np.median(list(slowest.values()))),
             "weight_read_ms_per_layer": 1e3 * most * expert_bytes / machine.memory_bytes_per_s}
 
