@@ -8,7 +8,7 @@ sleeps in comm.wait_until (the one place a rank waits) under a `*_wait` phase, w
 `idle_fraction` counts.
 
 The order of that work is `passes`, written once: the engine drives it with real waits
-(`run_concurrently`), the simulator with its clock (sim_schedule.concurrently), so a change to the
+(`run_concurrently`), the simulator with its clock (sim.schedule.concurrently), so a change to the
 order here changes both.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ simulation against stand-ins for what they touch of MPI and of the model.
   Simulation.collective says). They carry the engine's tensors, so what a rank reads (the counts,
   a gateway's slots) is what its peers sent.
 - CostedMoE: the model's part of an exchange (route, shared experts, experts), charged from the
-  machine file by its shapes, with the simulation's routing (sim_routing).
+  machine file by its shapes, with the simulation's routing (sim.routing).
 - SimTimer: the engine's timer. A rank's code runs inline between two yields, so what it computes is
   charged to a ledger of parts; at each yield the ledger becomes Works run on the rank's core. A
   send leaves, a collective is joined and a timing row ends at the end of the part it followed
@@ -157,7 +157,7 @@ class SimTimer:
 
 class CostedMoE:
     """A MoE layer's model calls as the exchange makes them, charged by their shapes; the experts
-    each token goes to are sim_routing's."""
+    each token goes to are sim.routing's."""
 
     def __init__(self, net: "SimNet", rank: int, layer: int):
         self.sim, self.rank, self.layer, self.ledger = net.sim, rank, layer, net.ledgers[rank]

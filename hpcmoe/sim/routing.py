@@ -3,7 +3,7 @@
 Experts come from the engine's router functions (hpcmoe.model.router) on synthetic scores (the seeded
 router's logits are about N(0, 1), plus model.router_skew as Router.forward adds it) or on a recorded
 /routing's distribution. Slots, capacity and plans are the engine's own: the exchange that runs in
-the simulation (sim_net) is moe_layer's.
+the simulation (sim.net) is moe_layer's.
 """
 from __future__ import annotations
 

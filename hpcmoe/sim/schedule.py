@@ -1,7 +1,7 @@
 """The engine's step, rank by rank, as generators that the simulation drives (hpcmoe.sim.simulate).
 
 Every MoE layer's exchange is the engine's own (moe_layer.flat / two_stage and all they call, run
-on the simulated clock by sim_net), and so is the scheduler's loop (scheduler.passes). Around them,
+on the simulated clock by sim.net), and so is the scheduler's loop (scheduler.passes). Around them,
 the functions here follow the engine function named in their docstring, phase for phase and
 message for message: they yield Work (compute on the rank, with the phase the engine's timer
 records) and Wait (what the engine's coroutine yields a Pending for), and post messages and
@@ -135,7 +135,7 @@ def ep_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, 
 
 def exchange(sim, rank: int, at: Where, n: int, members: tuple, stats: StepStats):
     """ep.Messaging.exchange: the engine's own moe_layer.flat or two_stage for n tokens among
-    `members`, on the simulated clock (sim_net)."""
+    `members`, on the simulated clock (sim.net)."""
     net = sim.net
     run = moe_layer.exchange_for(sim.config.parallel.dispatch)
     return (yield from charged(net, rank, run(net.context(rank, members), net.moe(rank, at.layer), at, net.tokens(n),

@@ -165,7 +165,7 @@ class Simulation:
         self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
         self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
         self.rows: list = []
-        self.routes: dict = {}           # sim_routing's experts, drawn once per key
+        self.routes: dict = {}           # sim.routing's experts, drawn once per key
         m, steps = config.model, config.steps
         self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
         self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
@@ -209,7 +209,7 @@ class Simulation:
             progress.update(len(self.token_times))
         stuck = [d.rank for d in self.drivers if d.gen is not None]
         if stuck:
-            raise RuntimeError(f"simulation deadlock: ranks {stuck} never finished (a bug in sim_schedule)")
+            raise RuntimeError(f"simulation deadlock: ranks {stuck} never finished (a bug in sim.schedule)")
         return self.token_times
 
     def resume(self, driver: Driver) -> None:
