@@ -151,7 +151,7 @@ def test_auto_split_asks_the_predictor_and_says_why(tmp_path):
 
 def test_auto_split_by_the_simulator_says_so_and_takes_its_fastest_split(tmp_path):
     """parallel.predictor a machine file: every split simulated with the engine's schedule; the run
-    takes the split sim_output.propose ranks first, and its line names the machine file."""
+    takes the split predict.simulate_splits ranks first, and its line names the machine file."""
     from hpcmoe.analysis.predict import simulate_splits as propose
     from tests.conftest import run_job
     machine = os.path.join(ROOT, "machines", "this_box.yaml")

@@ -56,7 +56,7 @@ class Collective:
     conds: dict                          # member -> Cond: when it completes there
     posted: set = field(default_factory=set)
     progress: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)   # what its members contributed (sim_net.SimCounts)
+    data: dict = field(default_factory=dict)   # what its members contributed (sim.net.SimCounts)
 
 
 class Mail:
