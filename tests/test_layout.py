@@ -33,17 +33,28 @@ def import_graph() -> dict:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names if alias.name.startswith("hpcmoe"))
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpcmoe"):
-                for alias in node.names:
-                    inner = f"{node.module}.{alias.name}"
-                    imported.add(inner if inner in known else node.module)
+            elif isinstance(node, ast.ImportFrom):
+                source = node.module or ""
+                if node.level:   # relative: from the module's own package
+                    package = module.split(".")[:len(module.split(".")) - node.level + (path.endswith("__init__.py"))]
+                    source = ".".join(package + ([source] if source else []))
+                if source.startswith("hpcmoe"):
+                    for alias in node.names:
+                        inner = f"{source}.{alias.name}"
+                        imported.add(inner if inner in known else source)
         graph[module] = {name for name in imported if name in known and name != module} - {"hpcmoe"}
     return graph
 
 
 def layer(module: str) -> str:
+    """hpcmoe.sim.net -> sim; the package hpcmoe.sim -> sim; top-level modules (cli, config, progress) -> ""."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 else ""
+    return parts[1] if len(parts) > 2 or os.path.isdir(os.path.join(PACKAGE, parts[-1])) else ""
+
+
+def test_the_graph_is_read():
+    graph = import_graph()
+    assert len(graph) > 40 and graph["hpcmoe.sim.net"] >= {"hpcmoe.runtime.moe_layer", "hpcmoe.sim.events"}
 
 
 def test_lower_layers_do_not_import_higher_ones():

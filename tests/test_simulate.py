@@ -305,7 +305,7 @@ def test_expert_tp_splits_each_experts_work_over_its_group(dispatch):
 
 
 def test_a_run_whose_message_tags_repeat_is_refused_in_one_line():
-    """The simulation tells messages apart by the engine's tags (comm.tag_for), which wrap after 32000:
+    """The simulation tells messages apart by the engine's tags (tags.tag_for), which wrap after 32000:
     64 micro-batches over 40 layers would mix one layer's messages with another's."""
     config = load_config(DEBUG_CONFIG, ["run.micro_batches=64", "model.num_layers=40", "run.batch=128"])
     with pytest.raises(ValueError, match="tags, which repeat at run.micro_batches=64 over 40 layers"):

@@ -404,30 +404,31 @@ def leader_sum(ctx, x, group: list[int], tag, at):
     """The first wave's sum of attention partials, kept to measure against: node leaders gather their
     node, exchange whole node sums with every other leader, and send the total to each member."""
     from hpcmoe.runtime.comm import Receives
+    from hpcmoe.runtime.tags import Kind
     node = ctx.topo.node_of_rank
     mine = [r for r in group if node[r] == node[ctx.rank]]
     leaders = sorted({min(r for r in group if node[r] == node[s]) for s in group})
     receive = lambda peers, kind: Receives(ctx.comm, {r: x.new_empty(x.shape) for r in peers}, tag(kind), ctx.link)
     if ctx.rank != mine[0]:
-        back = receive([mine[0]], 6)
-        ctx.sender.send(mine[0], x, tag(4))
+        back = receive([mine[0]], Kind.GATHER_BACK)
+        ctx.sender.send(mine[0], x, tag(Kind.SCATTER))
         yield back.all_in(at, "reduce_wait")
         return back.received[mine[0]]
-    members = receive(mine[1:], 4)
+    members = receive(mine[1:], Kind.SCATTER)
     yield members.all_in(at, "reduce_wait")
     node_sum = x.clone()
     for r in mine[1:]:
         node_sum += members.received[r]
-    others = receive([r for r in leaders if r != ctx.rank], 5)
+    others = receive([r for r in leaders if r != ctx.rank], Kind.ACROSS_NODES)
     for r in leaders:
         if r != ctx.rank:
-            ctx.sender.send(r, node_sum, tag(5))
+            ctx.sender.send(r, node_sum, tag(Kind.ACROSS_NODES))
     yield others.all_in(at, "reduce_wait")
     total = x.new_zeros(x.shape)
     for r in leaders:
         total += node_sum if r == ctx.rank else others.received[r]
     for r in mine[1:]:
-        ctx.sender.send(r, total, tag(6))
+        ctx.sender.send(r, total, tag(Kind.GATHER_BACK))
     return total
 
 
