@@ -304,6 +304,15 @@ def test_expert_tp_splits_each_experts_work_over_its_group(dispatch):
         pytest.approx(whole, rel=0.1)
 
 
+@pytest.mark.parametrize("settings, named", [
+    (["parallel.rebalance={every_steps: 2}"], "parallel.rebalance"),
+    (["parallel.layout=ma", "parallel.attention_ranks=2", "parallel.moe_ranks=1", "parallel.attention_replicas=1",
+      "parallel.attention_standby=true"], "parallel.attention_standby")])
+def test_settings_the_simulator_does_not_model_are_refused_in_one_line(settings, named):
+    with pytest.raises(ValueError, match=f"hpcmoe simulate does not model {named}"):
+        simulate(load_config(DEBUG_CONFIG, settings), machine_from(machine()), 4)
+
+
 def test_a_run_whose_message_tags_repeat_is_refused_in_one_line():
     """The simulation tells messages apart by the engine's tags (tags.tag_for), which wrap after 32000:
     64 micro-batches over 40 layers would mix one layer's messages with another's."""
