@@ -91,8 +91,8 @@ class Ledger:
         self.parts, self.after, self.outbox = [], [], []
         sim, own_unit = self.sim, self.sim.has_unit(self.rank)
         if own_unit:
-            ends = sim.now + np.cumsum(parts * (sim.slower(self.rank) or 1.0))
-            self.post(ends, [(index, key, to, nbytes) for index, key, to, nbytes in outbox])
+            ends = sim.now + np.cumsum(parts * sim.slower(self.rank))
+            self.post(ends, outbox)
             for index, callback, joins in after:
                 if not joins:
                     callback(float(ends[index]))
@@ -273,7 +273,7 @@ class SimCounts:
         received, cond = np.empty_like(send), entry.conds[self.rank]
 
         def poll():
-            if cond.time is None or cond.time > self.sim.now:
+            if not self.sim.passed(cond):
                 return None
             received[:] = table[:, self.index]
             return True
@@ -292,7 +292,7 @@ class SimCounts:
         self.ledger.send(key, np.asarray(self.ranks)[to], send_counts[to] * self.net.row_bytes(send))
         rows_in = AllFrom(self.sim.mail(key), self.rank, int(np.count_nonzero(recv_counts)) - bool(recv_counts[self.index]))
         done = Latest(rows_in, entry.conds[self.rank])     # the rows are in and the collective complete here
-        yield pending(lambda: True if done.time is not None and done.time <= self.sim.now else None, where, phase, done)
+        yield pending(lambda: True if self.sim.passed(done) else None, where, phase, done)
 
     def turn(self, at: Where, index: int) -> Optional[SimPending]:
         """comm.CountsGroup.turn: the step's index-th MoE layer posts once those before it are done."""

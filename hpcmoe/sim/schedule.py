@@ -29,7 +29,7 @@ def concurrently(sim, generators: list):
     """scheduler.passes, the engine's own loop, on the simulation's clock: a coroutine can go on once
     what it waits for has happened by now; resuming one costs fixed.resume; each pass ends in a test
     of the sends (PROGRESS); when none can go on the rank waits for the first of them."""
-    loop = passes(generators, lambda wait: True if wait.on.time is not None and wait.on.time <= sim.now else None,
+    loop = passes(generators, lambda wait: True if sim.passed(wait.on) else None,
                   lambda command: isinstance(command, Work))
     while True:
         try:

@@ -226,8 +226,7 @@ class Simulation:
             if command is PROGRESS:
                 continue
             waits = command if isinstance(command, list) else [command]
-            times = [w.on.time for w in waits]
-            if any(t is not None and t <= self.now for t in times):
+            if any(self.passed(w.on) for w in waits):
                 continue
             driver.waiting, driver.idle_since = waits, self.now
             for w in waits:
@@ -286,11 +285,14 @@ class Simulation:
     # ------------------------------------------------------------ compute: ranks share their host's units
 
     def slower(self, rank: int) -> float:
-        """How much longer the rank's work takes now (0: as costed): in the first step (first calls,
-        fresh memory) and on a node shared with other ranks (shared caches)."""
-        extra = (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0) + \
+        """The factor on the rank's costed work now (1: as costed): longer in the first step (first
+        calls, fresh memory) and on a node shared with other ranks (shared caches)."""
+        return 1.0 + (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0) + \
             (self.machine.shared_node_slowdown if self.ranks_on_host[self.host_of_rank[rank]] > 1 else 0.0)
-        return 1 + extra if extra else 0.0
+
+    def passed(self, on) -> bool:
+        """Whether a condition's time (Cond, AllFrom, AnyFrom, Latest) is known and not later than now."""
+        return on.time is not None and on.time <= self.now
 
     def has_unit(self, rank: int) -> bool:
         """Whether the rank has a core (or GPU) of its own: its work runs the moment it is started."""
@@ -302,7 +304,7 @@ class Simulation:
         behind the ranks waiting for one; a rank coming back from a wait goes first in that line."""
         parts = np.atleast_1d(np.asarray(work.seconds, float))
         slower = self.slower(driver.rank)
-        if slower:
+        if slower != 1.0:
             parts = parts * slower
             work.seconds = parts
         driver.busy, driver.work, driver.work_start, driver.remaining = True, work, self.now, float(parts.sum())
