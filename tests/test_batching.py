@@ -8,6 +8,7 @@ One tiny Mixtral checkpoint (float32, with a byte-level tokenizer) is built once
 its eos token is chosen so that some requests end early at it. Every job is tiny: the whole file
 runs in a few minutes on two cores.
 """
+
 import copy
 import json
 import os
@@ -50,14 +51,23 @@ NUL_TEXT = "\x00"
 
 # ---------------------------------------------------------------- helpers
 
+
 @torch.no_grad()
 def greedy(model, prompt, limit, eos):
     """transformers' generate on one prompt alone -> (new tokens, the eos kept; smallest top-2 logit gap)."""
     ids = torch.tensor([prompt])
-    out = model.generate(ids, max_new_tokens=limit, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                         attention_mask=torch.ones_like(ids), output_scores=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=limit,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(ids),
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    return out.sequences[0, len(prompt):].tolist(), min(gaps)
+    return out.sequences[0, len(prompt) :].tolist(), min(gaps)
 
 
 def write_prompts(path, prompts):
@@ -71,8 +81,14 @@ def write_prompts(path, prompts):
 
 def write_config(path, checkpoint, prompts, **run):
     """A config of the checkpoint (no preset) and the prompt file; run settings on top."""
-    path.write_text(json.dumps({"model": {"checkpoint": str(checkpoint)},
-                                "run": {"prompts": str(prompts), "max_new_tokens": LIMIT, **run}}))
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"checkpoint": str(checkpoint)},
+                "run": {"prompts": str(prompts), "max_new_tokens": LIMIT, **run},
+            }
+        )
+    )
     return str(path)
 
 
@@ -96,8 +112,13 @@ def request_rows(path) -> dict:
 
 def export(path, out="-"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run(["timeout", "60", sys.executable, "-m", "hpcmoe", "export", str(path), "--jsonl", out],
-                          capture_output=True, text=True, env=env, timeout=90)
+    return subprocess.run(
+        ["timeout", "60", sys.executable, "-m", "hpcmoe", "export", str(path), "--jsonl", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+    )
 
 
 def error_lines(result):
@@ -106,11 +127,13 @@ def error_lines(result):
 
 # ---------------------------------------------------------------- the checkpoint and its oracle
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The checkpoint, its tokenizer, the prompt file and transformers' tokens per request (eos chosen
     so that some requests end at it before their limit, others at their limit)."""
     from tokenizers import Tokenizer
+
     directory = tmp_path_factory.mktemp("mixtral")
     model = make("mixtral", str(directory), vocab_size=320)
     train_tokenizer(str(directory), CORPUS, 320)
@@ -118,12 +141,18 @@ def tiny(tmp_path_factory):
     ids = [tokenizer.encode(p).ids if isinstance(p, str) else p for _, p, _ in PROMPTS]
     limits = [limit or LIMIT for _, _, limit in PROMPTS]
     free = [greedy(model, p, n, None)[0] for p, n in zip(ids, limits)]
+
     # eos: the token made (first in file order on a tie) that ends the most requests early after at least one
     # other token of theirs, while at least 4 requests never make it
     def early(candidate):
         return sum(candidate in tokens[1:-1] and tokens.index(candidate) >= 1 for tokens in free)
-    candidates = [t for tokens in free for t in tokens
-                  if t not in (0, 1) and sum(t not in tokens for tokens in free) >= 4]
+
+    candidates = [
+        t
+        for tokens in free
+        for t in tokens
+        if t not in (0, 1) and sum(t not in tokens for tokens in free) >= 4
+    ]
     eos = max(candidates, key=early)  # max keeps the first of equals
     assert early(eos) >= 1, free
     for name in ("config.json", "generation_config.json"):
@@ -133,16 +162,28 @@ def tiny(tmp_path_factory):
     for i, (prompt, limit) in enumerate(zip(ids, limits)):
         made, gap = greedy(model, prompt, limit, eos)
         assert gap >= 1e-4, f"request {i}: the oracle's greedy choice is a near tie ({gap})"
-        tokens[i, :len(made)] = made
+        tokens[i, : len(made)] = made
     lengths = (tokens >= 0).sum(1)
     reasons = [b"eos" if tokens[i, n - 1] == eos else b"length" for i, n in enumerate(lengths)]
     assert b"eos" in reasons and reasons.count(b"length") >= 4, reasons
-    assert any(r == b"eos" and 2 <= n < limit for r, n, limit in zip(reasons, lengths, limits)), \
-        (eos, tokens)  # one ends at eos, early, after other tokens
+    assert any(r == b"eos" and 2 <= n < limit for r, n, limit in zip(reasons, lengths, limits)), (
+        eos,
+        tokens,
+    )  # one ends at eos, early, after other tokens
     prompts = directory / "prompts.jsonl"
     write_prompts(prompts, PROMPTS)
-    return SimpleNamespace(directory=directory, model=model, tokenizer=tokenizer, prompts=prompts, eos=eos,
-                           ids=ids, limits=limits, tokens=tokens, lengths=lengths, reasons=reasons)
+    return SimpleNamespace(
+        directory=directory,
+        model=model,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        eos=eos,
+        ids=ids,
+        limits=limits,
+        tokens=tokens,
+        lengths=lengths,
+        reasons=reasons,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +198,16 @@ def reference(tiny, tmp_path_factory):
 
 # ---------------------------------------------------------------- 1. equal to transformers per request
 
-@pytest.mark.parametrize("ranks, settings", [
-    (1, []),
-    (2, ["run.micro_batches=2", "run.decode_micro_batch_min=1"]),
-    (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"])],
-    ids=["n1", "n2-micro2", "ma-3+1"])
+
+@pytest.mark.parametrize(
+    "ranks, settings",
+    [
+        (1, []),
+        (2, ["run.micro_batches=2", "run.decode_micro_batch_min=1"]),
+        (4, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]),
+    ],
+    ids=["n1", "n2-micro2", "ma-3+1"],
+)
 def test_continuous_batching_equals_transformers_per_request(tiny, reference, tmp_path, ranks, settings):
     if ranks == 1 and not settings:
         path = reference
@@ -180,7 +226,7 @@ def test_continuous_batching_equals_transformers_per_request(tiny, reference, tm
     assert rows["index"].tolist() == list(range(len(PROMPTS)))
     assert rows["finish_reason"].tolist() == tiny.reasons
     for i, completion in enumerate(rows["completion_ids"]):
-        assert completion.tolist() == tiny.tokens[i, :tiny.lengths[i]].tolist()
+        assert completion.tolist() == tiny.tokens[i, : tiny.lengths[i]].tolist()
         assert rows["prompt_ids"][i].tolist() == list(tiny.ids[i])
         expected = tiny.tokenizer.decode(completion.tolist(), skip_special_tokens=False).encode()
         assert bytes(rows["text"][i]) == expected
@@ -208,6 +254,7 @@ def test_requests_join_as_others_end_and_long_prompts_are_prefilled_in_chunks(ti
 
 # ---------------------------------------------------------------- 2. sampling does not depend on batching
 
+
 @pytest.fixture(scope="module")
 def sampled(tiny, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sampled")
@@ -217,8 +264,11 @@ def sampled(tiny, tmp_path_factory):
     return generated(directory / "run.h5")
 
 
-@pytest.mark.parametrize("ranks, settings", [
-    (2, CHUNKED), (1, ["run.batching=static", "run.max_batch=10"])], ids=["n2-continuous", "n1-static"])
+@pytest.mark.parametrize(
+    "ranks, settings",
+    [(2, CHUNKED), (1, ["run.batching=static", "run.max_batch=10"])],
+    ids=["n2-continuous", "n1-static"],
+)
 def test_sampling_draws_do_not_depend_on_batching(tiny, sampled, reference, tmp_path, ranks, settings):
     assert (sampled != generated(reference)).any()  # it does sample
     config = write_config(tmp_path / "config.yaml", tiny.directory, tiny.prompts, stop_at_eos=True)
@@ -229,6 +279,7 @@ def test_sampling_draws_do_not_depend_on_batching(tiny, sampled, reference, tmp_
 
 # ---------------------------------------------------------------- 3. continuous vs static
 
+
 def test_static_batching_gives_the_same_tokens_batch_after_batch(tiny, reference, tmp_path):
     config = write_config(tmp_path / "config.yaml", tiny.directory, tiny.prompts, stop_at_eos=True)
     result = job(1, tmp_path / "run.h5", config, "run.batching=static", "run.max_batch=3")
@@ -237,16 +288,18 @@ def test_static_batching_gives_the_same_tokens_batch_after_batch(tiny, reference
     rows = request_rows(tmp_path / "run.h5")
     admitted, finished = rows["admitted_step"], rows["finished_step"]
     for start in range(3, len(PROMPTS), 3):  # a batch starts when the one before it has ended
-        assert (admitted[start:start + 3] == admitted[start]).all()
-        assert admitted[start] > finished[start - 3:start].max()
+        assert (admitted[start : start + 3] == admitted[start]).all()
+        assert admitted[start] > finished[start - 3 : start].max()
 
 
 # ---------------------------------------------------------------- 4. a NUL byte in a completion
+
 
 def test_a_nul_byte_in_a_completion_is_kept_exactly(tiny, tmp_path):
     """The NUL token's LM-head row is made twice the row of the token greedy decoding picks first,
     so that it wins: /requests/text keeps the NUL byte, /generated_text shows U+2400, export keeps it."""
     from safetensors.torch import load_file, save_file
+
     nul = next(i for i in range(320) if tiny.tokenizer.decode([i]) == NUL_TEXT)
     checkpoint = tmp_path / "nul"
     shutil.copytree(tiny.directory, checkpoint)
@@ -283,7 +336,11 @@ def test_a_nul_byte_in_a_completion_is_kept_exactly(tiny, tmp_path):
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "\\u0000" in lines[0]
     first_line = json.loads(lines[0])
-    assert first_line["id"] == "nul" and first_line["completion"] == expected and "\u0000" in first_line["completion"]
+    assert (
+        first_line["id"] == "nul"
+        and first_line["completion"] == expected
+        and "\u0000" in first_line["completion"]
+    )
     assert first_line["tokens"] == made and first_line["prompt"] == prompt
 
 
@@ -308,8 +365,9 @@ def stopped(tiny, tmp_path_factory):
     stopped_rows = rows["finish_reason"] == b"stop"
     assert (~stopped_rows).any(), "the stop should come after a request has ended"
     assert any(len(c) for c in rows["completion_ids"][stopped_rows]), "and while one is part way"
-    return SimpleNamespace(directory=directory, checkpoint=checkpoint, prompts=prompts, config=config,
-                           partial=partial)
+    return SimpleNamespace(
+        directory=directory, checkpoint=checkpoint, prompts=prompts, config=config, partial=partial
+    )
 
 
 def resume(stopped, output):
@@ -342,12 +400,16 @@ def test_resume_refuses_a_changed_checkpoint(stopped, tmp_path):
         path.write_text(original)
     assert result.returncode == 2, result.stderr
     errors = error_lines(result)
-    assert len(errors) == 1 and result.stderr.count("the checkpoint changed since that run") == 1, result.stderr
+    assert len(errors) == 1 and result.stderr.count("the checkpoint changed since that run") == 1, (
+        result.stderr
+    )
     assert f"--resume {stopped.partial}: the checkpoint changed since that run" in errors[0]
     assert not list(tmp_path.iterdir())
 
 
-def test_resume_of_a_checkpoint_run_with_text_prompts_gives_the_uninterrupted_tokens(stopped, reference, tmp_path):
+def test_resume_of_a_checkpoint_run_with_text_prompts_gives_the_uninterrupted_tokens(
+    stopped, reference, tmp_path
+):
     result = resume(stopped, tmp_path / "resumed.h5")
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(generated(tmp_path / "resumed.h5"), generated(reference))
@@ -368,10 +430,14 @@ KILL_PROMPTS = 30
 def kill_workload(tiny, tmp_path_factory):
     directory = tmp_path_factory.mktemp("kill")
     words = open(CORPUS).read().split()
-    prompts = [(f"k{i}", tiny.tokenizer.encode(" ".join(words[i:i + 1 + i % 4])).ids, 2 + i % 3)
-               for i in range(KILL_PROMPTS)]
+    prompts = [
+        (f"k{i}", tiny.tokenizer.encode(" ".join(words[i : i + 1 + i % 4])).ids, 2 + i % 3)
+        for i in range(KILL_PROMPTS)
+    ]
     write_prompts(directory / "prompts.jsonl", prompts)
-    config = write_config(directory / "config.yaml", tiny.directory, directory / "prompts.jsonl", stop_at_eos=True)
+    config = write_config(
+        directory / "config.yaml", tiny.directory, directory / "prompts.jsonl", stop_at_eos=True
+    )
     result = job(2, directory / "reference.h5", config, "run.max_batch=2")
     assert result.returncode == 0, result.stderr
     return directory, config, request_rows(directory / "reference.h5")
@@ -381,7 +447,9 @@ def test_a_job_killed_mid_run_keeps_every_finished_request(kill_workload):
     directory, config, expected = kill_workload
     step = int(np.median(expected["finished_step"]))
     output = directory / "killed.h5"
-    result = job(2, output, config, "run.max_batch=2", f"run.kill=[{{rank: 1, step: {step}, phase: between_steps}}]")
+    result = job(
+        2, output, config, "run.max_batch=2", f"run.kill=[{{rank: 1, step: {step}, phase: between_steps}}]"
+    )
     assert result.returncode != 0, result.stdout
     assert not output.exists()
     leftover = directory / "killed.h5.tmp"
@@ -414,9 +482,16 @@ STREAMED = 3000
 def test_a_long_prompt_file_is_streamed_in_file_order(tmp_path):
     with open(tmp_path / "prompts.jsonl", "w") as f:
         for i in range(STREAMED):
-            f.write(json.dumps({"id": f"p{i}", "prompt_ids": [1 + i % 97, 2 + i % 89][:1 + i % 2]}) + "\n")
-    result = run_job(1, tmp_path / "run.h5", f"run.prompts={tmp_path / 'prompts.jsonl'}", "run.max_new_tokens=1",
-                     "run.max_batch=64", "output.save_logits=false", timeout=240)
+            f.write(json.dumps({"id": f"p{i}", "prompt_ids": [1 + i % 97, 2 + i % 89][: 1 + i % 2]}) + "\n")
+    result = run_job(
+        1,
+        tmp_path / "run.h5",
+        f"run.prompts={tmp_path / 'prompts.jsonl'}",
+        "run.max_new_tokens=1",
+        "run.max_batch=64",
+        "output.save_logits=false",
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "run.h5", "r") as f:
         assert f.attrs["complete"]

@@ -5,19 +5,29 @@
 - moving_tps_ratio: generated tokens over wall time over the whole moving window, the step where
   moves start and the switch step included.
 """
+
 import h5py
 import numpy as np
 import pytest
 
-from hpcmoe.analysis.bench import moving_cost, moving_tps_ratio, overlap_figures, report, wire_hidden, wire_hidden_raw
+from hpcmoe.analysis.bench import (
+    moving_cost,
+    moving_tps_ratio,
+    overlap_figures,
+    report,
+    wire_hidden,
+    wire_hidden_raw,
+)
 
 
 def test_a_schedule_slower_with_and_without_the_link_reads_badly():
     """docs/bench/overlap_n2.json's case: B is 30 ms slower than A without the link and only 5 ms
     slower with it than without. Against its own no-link run it read 0.83; against A's, it hid
     little of the 30 ms wire."""
-    rows = {"a": {"ttft_ms": [185.0], "ttft_nolink_ms": [160.0], "wire_ms": [30.0]},
-            "b": {"ttft_ms": [195.0], "ttft_nolink_ms": [190.0], "wire_ms": [30.0]}}
+    rows = {
+        "a": {"ttft_ms": [185.0], "ttft_nolink_ms": [160.0], "wire_ms": [30.0]},
+        "b": {"ttft_ms": [195.0], "ttft_nolink_ms": [190.0], "wire_ms": [30.0]},
+    }
     overlap_figures(rows)
     assert rows["b"]["best_nolink_ms"] == [160.0]
     assert rows["b"]["wire_hidden"][0] <= 0.2, rows["b"]
@@ -34,8 +44,18 @@ def test_wire_hidden_is_bounded_when_noise_pushes_it_out():
 def test_the_best_no_link_run_is_taken_per_rep_and_the_spread_is_stored(tmp_path):
     """Rep 2 ran slow for everyone: each rep is compared with its own fastest no-link run, not a
     fast run of another rep; report() stores [min, max] over the reps beside the median."""
-    rows = {"one": {"ttft_ms": [110.0, 220.0, 112.0], "ttft_nolink_ms": [80.0, 160.0, 82.0], "wire_ms": [40.0] * 3},
-            "four": {"ttft_ms": [95.0, 190.0, 101.0], "ttft_nolink_ms": [90.0, 180.0, 92.0], "wire_ms": [40.0] * 3}}
+    rows = {
+        "one": {
+            "ttft_ms": [110.0, 220.0, 112.0],
+            "ttft_nolink_ms": [80.0, 160.0, 82.0],
+            "wire_ms": [40.0] * 3,
+        },
+        "four": {
+            "ttft_ms": [95.0, 190.0, 101.0],
+            "ttft_nolink_ms": [90.0, 180.0, 92.0],
+            "wire_ms": [40.0] * 3,
+        },
+    }
     overlap_figures(rows)
     assert rows["four"]["best_nolink_ms"] == [80.0, 160.0, 82.0]
     assert rows["four"]["wire_hidden"] == pytest.approx([0.625, 0.25, 0.525])
@@ -65,7 +85,7 @@ def test_moving_cost_reads_tokens_over_time_from_a_run_file(tmp_path):
     at step 7 (fewer tokens after it, not slower steps: the outside rate counts what was made)."""
     times, _, _ = slow_window()
     history = np.zeros(1, [("step", np.int64), ("decided_at_step", np.int64), ("bytes_moved", np.int64)])
-    history[0] = (10, 5, 3 * 2 ** 20)
+    history[0] = (10, 5, 3 * 2**20)
     with h5py.File(tmp_path / "run.h5", "w") as f:
         f["placement_history"] = history
         f["metrics/token_time_s"] = times
@@ -75,7 +95,7 @@ def test_moving_cost_reads_tokens_over_time_from_a_run_file(tmp_path):
             made[i] = np.arange(n)
     found = moving_cost(str(tmp_path / "run.h5"))
     assert found["switches"] == 1 and found["moved_mib"] == 3.0
-    window = (4 + 4 + 2 + 2 + 2) / 0.130                            # steps 6..10
-    outside = (4 * 5 + 2 * 9) / (0.010 * 14)                           # steps 1..5 and 11..19
+    window = (4 + 4 + 2 + 2 + 2) / 0.130  # steps 6..10
+    outside = (4 * 5 + 2 * 9) / (0.010 * 14)  # steps 1..5 and 11..19
     assert found["moving_tps_ratio"] == pytest.approx(window / outside)
     assert found["moving_tps_ratio"] < 0.6

@@ -4,17 +4,31 @@ The reference is the obvious loop over experts, slots and ranks that the first w
 the property test draws random placements of every mode (1 to 64 ranks, 1 to 4 emulated nodes)
 and random routings, and requires exactly the same slots, counts and send order.
 """
+
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from hpcmoe.parallel.dispatch import apply_capacity, choose_slots, compile_placement, node_groups, plan_from_slots
-from hpcmoe.parallel.placement import Placement, one_per_rank, packed, replica_split, replicated, topology_aware
-
+from hpcmoe.parallel.dispatch import (
+    apply_capacity,
+    choose_slots,
+    compile_placement,
+    node_groups,
+    plan_from_slots,
+)
+from hpcmoe.parallel.placement import (
+    Placement,
+    one_per_rank,
+    packed,
+    replica_split,
+    replicated,
+    topology_aware,
+)
 
 # ---------------------------------------------------------------- the reference: plain loops
+
 
 def reference_candidates(placement: Placement, source: int, node_of_rank) -> list[list[int]]:
     candidates = []
@@ -57,7 +71,9 @@ def reference_plan(slots, placement):
     flat = [s for row in slots for s in row]
     order = sorted((i for i, s in enumerate(flat) if s >= 0), key=lambda i: (flat[i], i))
     slot_counts = [sum(1 for s in flat if s == p) for p in range(len(placement.slot_rank))]
-    rank_counts = [sum(slot_counts[p] for p in placement.slots_of_rank(r)) for r in range(placement.num_ranks)]
+    rank_counts = [
+        sum(slot_counts[p] for p in placement.slots_of_rank(r)) for r in range(placement.num_ranks)
+    ]
     width = max(max(len(placement.slots_of_rank(r)) for r in range(placement.num_ranks)), 1)
     per_destination = [[0] * width for _ in range(placement.num_ranks)]
     for r in range(placement.num_ranks):
@@ -67,6 +83,7 @@ def reference_plan(slots, placement):
 
 
 # ---------------------------------------------------------------- random cases
+
 
 def random_case(rng: random.Random):
     ranks = rng.randint(1, 64)
@@ -90,13 +107,18 @@ def random_case(rng: random.Random):
         placement = replicated(experts, ranks, slots_per_rank, load)
     else:
         experts = rng.randint(1, ranks)
-        placement = topology_aware([[rng.random() for _ in range(experts)] for _ in range(nodes)], node_of_rank)
+        placement = topology_aware(
+            [[rng.random() for _ in range(experts)] for _ in range(nodes)], node_of_rank
+        )
     experts = placement.num_experts
     tokens, k = rng.randint(0, 40), rng.randint(1, min(4, experts))
     skew = torch.tensor([rng.random() ** 4 for _ in range(experts)])  # some experts far hotter than others
-    generator = torch.Generator().manual_seed(rng.randrange(2 ** 31))
-    expert_ids = torch.stack([torch.multinomial(skew + 1e-3, k, generator=generator) for _ in range(tokens)]) \
-        if tokens else torch.zeros(0, k, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    expert_ids = (
+        torch.stack([torch.multinomial(skew + 1e-3, k, generator=generator) for _ in range(tokens)])
+        if tokens
+        else torch.zeros(0, k, dtype=torch.int64)
+    )
     return placement, node_of_rank, expert_ids
 
 
@@ -136,14 +158,20 @@ def test_node_groups_hold_each_token_once_per_node_it_reaches():
         weights = torch.rand(slots.shape, generator=torch.Generator().manual_seed(1))
         groups = node_groups(slots, weights, tables)
         nodes = max(node_of_rank) + 1
-        expected = [(b, t) for b in range(nodes) for t in range(len(slots))
-                    if any(node_of_rank[placement.slot_rank[s]] == b for s in slots[t].tolist())]
+        expected = [
+            (b, t)
+            for b in range(nodes)
+            for t in range(len(slots))
+            if any(node_of_rank[placement.slot_rank[s]] == b for s in slots[t].tolist())
+        ]
         ends = np.cumsum([0] + groups.node_counts)
-        got = [(b, t) for b in range(nodes) for t in groups.tokens[ends[b]:ends[b + 1]].tolist()]
+        got = [(b, t) for b in range(nodes) for t in groups.tokens[ends[b] : ends[b + 1]].tolist()]
         assert got == expected
         for row, (b, t) in enumerate(got):  # the row keeps exactly its choices on that node
             on_node = [node_of_rank[placement.slot_rank[s]] == b for s in slots[t].tolist()]
-            assert groups.slots[row].tolist() == [s if here else -1 for s, here in zip(slots[t].tolist(), on_node)]
+            assert groups.slots[row].tolist() == [
+                s if here else -1 for s, here in zip(slots[t].tolist(), on_node)
+            ]
             assert torch.equal(groups.weights[row], torch.where(torch.tensor(on_node), weights[t], 0.0))
 
 
@@ -152,10 +180,29 @@ def test_bench_control_runs_and_stores_its_medians(tmp_path):
     import json
     import subprocess
     import sys
+
     from tests.conftest import ROOT
+
     out = tmp_path / "control.json"
-    result = subprocess.run([sys.executable, "-m", "hpcmoe", "bench", "control", "--ranks", "16,64", "--reps", "1",
-                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpcmoe",
+            "bench",
+            "control",
+            "--ranks",
+            "16,64",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     medians = json.loads(out.read_text())["median"]
     assert set(medians) == {"ranks_16", "ranks_64"}

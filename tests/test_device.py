@@ -5,6 +5,7 @@ send posted only once the copy's event has completed, pinned buffers reused) run
 streams whose events complete when the test says so, and a fake communicator that records what
 was posted: so "a send is never posted before its copy finished" is checked without a GPU.
 """
+
 import os
 
 import numpy as np
@@ -30,6 +31,7 @@ class Completion:
 
 class FakeStreams:
     """Copies happen at once (CPU), but their events complete only when the test completes them."""
+
     gpu = True
 
     def __init__(self):
@@ -74,16 +76,16 @@ def test_a_send_is_posted_only_after_its_copy_to_pinned_memory_completed():
     sender, comm, streams, staging = staged_sender()
     data = torch.arange(12, dtype=torch.float32)
     sender.send(1, data, tag=7)
-    (gate, copied), = streams.copies
-    assert gate is streams.recorded[0]          # the copy waited for the compute stream's event
-    assert comm.sent == []                       # the copy has not completed: nothing posted
+    ((gate, copied),) = streams.copies
+    assert gate is streams.recorded[0]  # the copy waited for the compute stream's event
+    assert comm.sent == []  # the copy has not completed: nothing posted
     sender.test()
     assert comm.sent == []
     copied.done = True
     sender.test()
     payload, dest, tag, request = comm.sent[0]
     assert (dest, tag) == (1, 7) and payload == data.numpy().tobytes()
-    assert not sender.idle()                     # the Isend is in flight
+    assert not sender.idle()  # the Isend is in flight
     request.done = True
     assert sender.idle()
 
@@ -120,23 +122,30 @@ def test_a_staged_receive_lands_on_the_device_after_its_copy_and_frees_its_buffe
     host, source, tag, request = comm.posted_receives[0]
     assert (source, tag) == (1, 3) and not np.shares_memory(host, target.numpy())  # into pinned memory
     assert receives.arrived() == set()
-    host[:] = np.arange(6, dtype=np.float32).view(np.uint8)   # what MPI delivers
+    host[:] = np.arange(6, dtype=np.float32).view(np.uint8)  # what MPI delivers
     request.done = True
     assert receives.arrived() == {1}
     assert torch.equal(target, torch.arange(6, dtype=torch.float32))
-    (_, copied), = streams.copies
-    assert streams.waited == [copied]            # the compute stream waits for the copy to the device
+    ((_, copied),) = streams.copies
+    assert streams.waited == [copied]  # the compute stream waits for the copy to the device
     assert staging.pool.allocated == 1
-    staging.pool.take(24)                        # the copy has not completed: its buffer is not free yet
+    staging.pool.take(24)  # the copy has not completed: its buffer is not free yet
     assert staging.pool.allocated == 2
     copied.done = True
     staging.pool.take(24)
     assert staging.pool.allocated == 2
 
 
-@pytest.mark.parametrize("requested, gpu, expected", [
-    ("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cpu", False, "cpu"), ("cuda", True, "cuda"),
-])
+@pytest.mark.parametrize(
+    "requested, gpu, expected",
+    [
+        ("auto", True, "cuda"),
+        ("auto", False, "cpu"),
+        ("cpu", True, "cpu"),
+        ("cpu", False, "cpu"),
+        ("cuda", True, "cuda"),
+    ],
+)
 def test_device_kind_resolves_run_device_by_whether_torch_sees_a_gpu(monkeypatch, requested, gpu, expected):
     """Both answers of torch.cuda.is_available on any machine: auto follows it, cpu ignores it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
@@ -153,6 +162,7 @@ def test_the_resolved_device_sets_the_default_dtype_and_run_device():
     """model.dtype unset: bfloat16 on a GPU, float32 on a CPU; a dtype the user set is kept on either."""
     from hpcmoe.config import load_config
     from tests.conftest import DEBUG_CONFIG
+
     unset = load_config(DEBUG_CONFIG, ["model.dtype=null"])
     assert (unset.on_device("cuda").model.dtype, unset.on_device("cuda").run.device) == ("bfloat16", "cuda")
     assert (unset.on_device("cpu").model.dtype, unset.on_device("cpu").run.device) == ("float32", "cpu")
@@ -163,8 +173,9 @@ def test_staging_only_where_mpi_cannot_read_the_tensors(monkeypatch):
     """CPU tensors and a CUDA-aware MPI: none; a GPU with an MPI that cannot read it: staged. auto
     asks the MPI library (MPIX_Query_cuda_support) and takes an MPI that cannot be asked as not aware."""
     from hpcmoe.runtime import device
+
     gpu = torch.device("cuda", 0)
-    assert device.mpi_reads_device_memory(False, torch.device("cpu"))       # host memory: always readable
+    assert device.mpi_reads_device_memory(False, torch.device("cpu"))  # host memory: always readable
     assert device.mpi_reads_device_memory(True, gpu) and not device.mpi_reads_device_memory(False, gpu)
     for answer, expected in ((lambda: 1, True), (lambda: 0, False), (None, False)):
         monkeypatch.setattr(device, "mpi_symbol", lambda name, answer=answer: answer)

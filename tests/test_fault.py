@@ -10,6 +10,7 @@ replica, or the only MoE rank dies, the run stops with the documented message (a
 resumes, or none). HPCMOE_FT_POINTS sets how many seeded points run (default 8: every phase of a
 step, prefill and decode, and a second death during the recovery); `make test-all` runs 40.
 """
+
 import os
 import random
 import signal
@@ -25,11 +26,23 @@ from tests.conftest import DEBUG_CONFIG, ROOT, assert_same_run, read_run, run_jo
 from tests.test_report import report
 
 FT = os.path.join(ROOT, ".venv-ft", "bin")
-WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=8"]   # 6 ranks: 3 experts x 2 replicas
-MA = ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2",
-      "parallel.attention_standby=true"]                   # 2+2 attention (primary + standby) + 1 MoE rank
-ROOT_ENV = {k: "1" for k in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "PRTE_ALLOW_RUN_AS_ROOT",
-                             "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM")}
+WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=8"]  # 6 ranks: 3 experts x 2 replicas
+MA = [
+    "parallel.layout=ma",
+    "parallel.attention_ranks=4",
+    "parallel.moe_ranks=1",
+    "parallel.attention_replicas=2",
+    "parallel.attention_standby=true",
+]  # 2+2 attention (primary + standby) + 1 MoE rank
+ROOT_ENV = {
+    k: "1"
+    for k in (
+        "OMPI_ALLOW_RUN_AS_ROOT",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+        "PRTE_ALLOW_RUN_AS_ROOT",
+        "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM",
+    )
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +51,9 @@ def ft_venv():
     made = subprocess.run(["make", "ft"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
     if made.returncode != 0:
         tail = made.stderr.strip().splitlines()[-3:]
-        if any(word in made.stderr for word in ("Could not find a version", "Failed to establish", "No matching")):
+        if any(
+            word in made.stderr for word in ("Could not find a version", "Failed to establish", "No matching")
+        ):
             pytest.skip(f"pip cannot install the Open MPI wheel here: {' '.join(tail)}")
         pytest.fail(f"make ft failed: {made.stderr[-2000:]}")
     return FT
@@ -46,16 +61,33 @@ def ft_venv():
 
 def ft_job(ranks: int, output, *settings: str, timeout: int = 150):
     """`timeout T .venv-ft/bin/mpirun --with-ft ulfm -n ranks hpcmoe run ...` with run.fault_tolerance on."""
-    command = ["timeout", str(timeout), f"{FT}/mpirun", "--with-ft", "ulfm", "--oversubscribe", "-n", str(ranks),
-               f"{FT}/python", "-m", "hpcmoe", "run", DEBUG_CONFIG, "--output", str(output),
-               "--set", "run.fault_tolerance=true"]
+    command = [
+        "timeout",
+        str(timeout),
+        f"{FT}/mpirun",
+        "--with-ft",
+        "ulfm",
+        "--oversubscribe",
+        "-n",
+        str(ranks),
+        f"{FT}/python",
+        "-m",
+        "hpcmoe",
+        "run",
+        DEBUG_CONFIG,
+        "--output",
+        str(output),
+        "--set",
+        "run.fault_tolerance=true",
+    ]
     for setting in settings:
         command += ["--set", setting]
     env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout + 30)
     deadline = time.monotonic() + 10  # a rank of a stopped run may still be exiting as mpirun returns
-    while (left := subprocess.run(["pgrep", "-f", str(output)], capture_output=True, text=True).stdout.split()) \
-            and time.monotonic() < deadline:
+    while (
+        left := subprocess.run(["pgrep", "-f", str(output)], capture_output=True, text=True).stdout.split()
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left behind 10 s after mpirun returned: {left}"
     return result
@@ -111,8 +143,10 @@ def seeded_points(count: int) -> list:
 
 
 def kill_setting(kills) -> str:
-    entries = [f"{{rank: {rank}, step: {step}, layer: {max(layer, 0)}, phase: {phase}}}"
-               for rank, step, layer, phase in kills]
+    entries = [
+        f"{{rank: {rank}, step: {step}, layer: {max(layer, 0)}, phase: {phase}}}"
+        for rank, step, layer, phase in kills
+    ]
     return f"run.kill=[{', '.join(entries)}]"
 
 
@@ -125,8 +159,11 @@ def test_fault_tolerance_needs_an_mpi_with_ulfm(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("layout, kills", seeded_points(int(os.environ.get("HPCMOE_FT_POINTS", "8"))),
-                         ids=lambda p: p if isinstance(p, str) else "+".join(f"r{k[0]}s{k[1]}{k[3]}" for k in p))
+@pytest.mark.parametrize(
+    "layout, kills",
+    seeded_points(int(os.environ.get("HPCMOE_FT_POINTS", "8"))),
+    ids=lambda p: p if isinstance(p, str) else "+".join(f"r{k[0]}s{k[1]}{k[3]}" for k in p),
+)
 def test_a_killed_rank_is_survived_with_the_same_tokens(ft_venv, tmp_path_factory, layout, kills):
     output = tmp_path_factory.mktemp("ft") / "run.h5"
     ranks, extra = (5, MA) if layout == "ma" else (6, [f"parallel.dispatch={layout}"])
@@ -137,13 +174,18 @@ def test_a_killed_rank_is_survived_with_the_same_tokens(ft_venv, tmp_path_factor
     assert_same_run(read_run(output), reference(tmp_path_factory, *WORKLOAD))  # tokens, and logits
     rows = failures(output)
     killed = killed_at(result.stderr)
-    assert len(killed) == len(kills) and sorted(rows["rank"]) == sorted(k[0] for k in kills), (rows, result.stderr)
+    assert len(killed) == len(kills) and sorted(rows["rank"]) == sorted(k[0] for k in kills), (
+        rows,
+        result.stderr,
+    )
     rank, step, _, phase = kills[0]
     # seen in the step it died in, or (after its step's exchanges: record, vote, between steps) the next
     latest = step + (phase in ("record", "stop_vote", "between_steps"))
     assert all(step <= row["step"] <= latest for row in rows), rows
     for row in rows:
-        assert row["recovered_at"] > row["detected_at"] >= killed[0] - 0.05  # no death is seen before it happens
+        assert (
+            row["recovered_at"] > row["detected_at"] >= killed[0] - 0.05
+        )  # no death is seen before it happens
         assert row["action"].decode().startswith(f"continued on {ranks - len(kills)} ranks")
 
 
@@ -151,12 +193,17 @@ def test_two_failures_and_an_expert_that_lost_every_replica(ft_venv, tmp_path_fa
     """Ranks 1 and 4 die in step 2 (expert 1's two replicas: rebuilt), then rank 3 in step 5."""
     from hpcmoe.config import load_config
     from hpcmoe.parallel.layout import ParallelLayout
-    holders = ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
+
+    holders = (
+        ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
+    )
     expert, (a, b) = next((e, ranks) for e, ranks in enumerate(holders) if 0 not in ranks)
     third = next(r for r in range(1, 6) if r not in (a, b))
     output = tmp_path_factory.mktemp("ft") / "run.h5"
-    kill = (f"run.kill=[{{rank: {a}, step: 2, phase: record}}, {{rank: {b}, step: 2, phase: record}}, "
-            f"{{rank: {third}, step: 5, phase: combine}}]")
+    kill = (
+        f"run.kill=[{{rank: {a}, step: 2, phase: record}}, {{rank: {b}, step: 2, phase: record}}, "
+        f"{{rank: {third}, step: 5, phase: combine}}]"
+    )
     result = ft_job(6, output, *WORKLOAD, kill)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(read_run(output), reference(tmp_path_factory, *WORKLOAD))  # tokens, and logits
@@ -187,8 +234,12 @@ def test_rank_0_killed_its_deputy_writes_and_the_run_goes_on(ft_venv, tmp_path_f
 
 def test_rank_0_and_its_deputy_killed_stop_without_a_complete_file(ft_venv, tmp_path):
     output = tmp_path / "run.h5"
-    result = ft_job(6, output, *WORKLOAD, "run.kill=[{rank: 0, step: 3, phase: dispatch}, "
-                                          "{rank: 1, step: 3, phase: dispatch}]")
+    result = ft_job(
+        6,
+        output,
+        *WORKLOAD,
+        "run.kill=[{rank: 0, step: 3, phase: dispatch}, {rank: 1, step: 3, phase: dispatch}]",
+    )
     assert result.returncode == 4, result.stderr[-3000:]
     assert "rank 0 (the writer) and its deputy among them: the run stops without a file" in result.stderr
     assert not output.exists() and not (tmp_path / "run.partial.h5").exists()
@@ -205,13 +256,23 @@ def test_an_expert_without_room_stops_with_its_name(ft_venv, tmp_path):
     """run.rebuild_slots 0: no survivor may take an expert that lost its last replica."""
     from hpcmoe.config import load_config
     from hpcmoe.parallel.layout import ParallelLayout
-    holders = ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
+
+    holders = (
+        ParallelLayout.from_config(load_config(DEBUG_CONFIG, WORKLOAD), 6).placement((0,) * 6).expert_ranks()
+    )
     expert, (a, b) = next((e, ranks) for e, ranks in enumerate(holders) if 0 not in ranks and 1 not in ranks)
-    result = ft_job(6, tmp_path / "run.h5", *WORKLOAD, "run.rebuild_slots=0",
-                    f"run.kill=[{{rank: {a}, step: 2, phase: record}}, {{rank: {b}, step: 2, phase: record}}]")
+    result = ft_job(
+        6,
+        tmp_path / "run.h5",
+        *WORKLOAD,
+        "run.rebuild_slots=0",
+        f"run.kill=[{{rank: {a}, step: 2, phase: record}}, {{rank: {b}, step: 2, phase: record}}]",
+    )
     assert result.returncode == 4, result.stderr[-3000:]
-    assert f"expert {expert} lost every replica (rank(s) {min(a, b)}, {max(a, b)}) and no survivor has room" \
+    assert (
+        f"expert {expert} lost every replica (rank(s) {min(a, b)}, {max(a, b)}) and no survivor has room"
         in result.stderr
+    )
     with h5py.File(tmp_path / "run.partial.h5") as f:
         assert not f.attrs["complete"] and sorted(f["metrics/failures"]["rank"]) == sorted([a, b])
 
@@ -223,26 +284,47 @@ def test_ma_without_a_moe_rank_stops_with_a_partial_file_that_resumes(ft_venv, t
     folder = tmp_path_factory.mktemp("ft_ma")
     result = ft_job(5, folder / "run.h5", *WORKLOAD, *MA, "run.kill=[{rank: 4, step: 3, phase: combine}]")
     assert result.returncode == 4, result.stderr[-3000:]
-    assert "the survivors cannot go on (every MoE rank (4..4) is dead: experts 0, 1, 2 have nowhere" in result.stderr
+    assert (
+        "the survivors cannot go on (every MoE rank (4..4) is dead: experts 0, 1, 2 have nowhere"
+        in result.stderr
+    )
     partial = folder / "run.partial.h5"
     with h5py.File(partial) as f:
         assert not f.attrs["complete"] and f["metrics/failures"][0]["rank"] == 4
     resumed = run_job(5, folder / "resumed.h5", *WORKLOAD, *MA, args=["--resume", str(partial)])
     assert resumed.returncode == 0, resumed.stderr
-    np.testing.assert_array_equal(read_run(folder / "resumed.h5")["generated"],
-                                  reference(tmp_path_factory, *WORKLOAD)["generated"])
+    np.testing.assert_array_equal(
+        read_run(folder / "resumed.h5")["generated"], reference(tmp_path_factory, *WORKLOAD)["generated"]
+    )
 
 
 def test_sigterm_to_a_fault_tolerant_job_stops_it_with_a_partial_file(ft_venv, tmp_path):
     """jobs/debug.sbatch run by bash with Slurm's environment set by hand, on Open MPI's mpirun with
     ULFM (HPCMOE_LAUNCHER_ARGS): SIGTERM to the batch shell (scancel, a time limit) reaches the ranks
     as SIGUSR1 (that mpirun does not forward SIGTERM), and they stop at one step with run.partial.h5."""
-    env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1", "SLURM_SUBMIT_DIR": ROOT, "SLURM_NTASKS": "4",
-           "SLURM_JOB_NAME": "ft", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "HPCMOE_RUNS_DIR": str(tmp_path),
-           "HPCMOE_BIN": FT, "HPCMOE_LAUNCHER": "mpiexec", "HPCMOE_LAUNCHER_ARGS": "--with-ft ulfm --oversubscribe",
-           "HPCMOE_SET": "--set run.fault_tolerance=true --set run.max_new_tokens=3000"}
-    job = subprocess.Popen(["bash", os.path.join(ROOT, "jobs", "debug.sbatch")], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        **ROOT_ENV,
+        "OMP_NUM_THREADS": "1",
+        "SLURM_SUBMIT_DIR": ROOT,
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NAME": "ft",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "1",
+        "HPCMOE_RUNS_DIR": str(tmp_path),
+        "HPCMOE_BIN": FT,
+        "HPCMOE_LAUNCHER": "mpiexec",
+        "HPCMOE_LAUNCHER_ARGS": "--with-ft ulfm --oversubscribe",
+        "HPCMOE_SET": "--set run.fault_tolerance=true --set run.max_new_tokens=3000",
+    }
+    job = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "jobs", "debug.sbatch")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run_dir, deadline = tmp_path / "ft-7", time.monotonic() + 120
     while not (run_dir / "run.h5.tmp").exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.2)
@@ -250,7 +332,10 @@ def test_sigterm_to_a_fault_tolerant_job_stops_it_with_a_partial_file(ft_venv, t
     job.send_signal(signal.SIGTERM)
     output = job.communicate(timeout=150)[0]
     assert job.returncode == 0, output[-3000:]
-    assert "SIGTERM: forwarding to the mpiexec ranks as SIGUSR1" in output and "hpcmoe: stopped by signal at step" in output
+    assert (
+        "SIGTERM: forwarding to the mpiexec ranks as SIGUSR1" in output
+        and "hpcmoe: stopped by signal at step" in output
+    )
     assert "jobs: partial file written" in output, output[-3000:]
     with h5py.File(run_dir / "run.partial.h5") as f:
         assert not f.attrs["complete"] and 1 <= int(f.attrs["stopped_at_step"]) < 3000

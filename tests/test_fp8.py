@@ -5,6 +5,7 @@ most matrices have several blocks and partial edge blocks). The oracle is transf
 checkpoint dequantized here, in float32, with the same block recipe: hpcmoe computes in float32
 from exactly those weights, so the usual float32 tolerance holds.
 """
+
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ BLOCK = [16, 16]
 def dequantized(directory: str) -> dict:
     """The checkpoint's tensors with every FP8 weight times its block scales, in float32 (the oracle's own code)."""
     from safetensors.torch import load_file
+
     tensors = load_file(os.path.join(directory, "model.safetensors"))
     weights = {}
     for name, tensor in tensors.items():
@@ -43,6 +45,7 @@ def dequantized(directory: str) -> dict:
 def fp8_checkpoint(tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+
     directory = str(tmp_path_factory.mktemp("fp8"))
     make("deepseek_v3", directory)
     quantize_fp8(directory, BLOCK)
@@ -61,15 +64,17 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(fp8_check
 
 
 def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
-    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
     from hpcmoe.config import load_config
+    from hpcmoe.model.checkpoint import check_tensors, tensor_loader
     from hpcmoe.model.transformer import build_experts, expected_tensors, parameter_bytes
+
     directory = fp8_checkpoint[0]
     m = load_config(None, [f"model.checkpoint={directory}"]).model
     assert m.fp8_block == BLOCK
     reads = []
-    experts = build_experts(m, [1, 4], tensor_loader(directory, check_tensors(directory, expected_tensors(m), BLOCK),
-                                                     reads))
+    experts = build_experts(
+        m, [1, 4], tensor_loader(directory, check_tensors(directory, expected_tensors(m), BLOCK), reads)
+    )
     weights = [p for n, p in experts.named_parameters() if n.endswith(".weight")]
     scales = [p for n, p in experts.named_parameters() if n.endswith("_scale_inv")]
     assert weights and all(p.dtype == torch.float8_e4m3fn and p.element_size() == 1 for p in weights)
@@ -80,13 +85,20 @@ def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
     assert held == 2 * per_expert
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("shape", "tensor model.layers.1.mlp.experts.3.up_proj.weight_scale_inv has shape [1, 8] (F32), expected [2, 4]"),
-    ("missing", "tensor model.layers.2.self_attn.kv_b_proj.weight_scale_inv (the scales of FP8"),
-    ("block", "weight_block_size [16]: expected two positive integers"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (
+            "shape",
+            "tensor model.layers.1.mlp.experts.3.up_proj.weight_scale_inv has shape [1, 8] (F32), expected [2, 4]",
+        ),
+        ("missing", "tensor model.layers.2.self_attn.kv_b_proj.weight_scale_inv (the scales of FP8"),
+        ("block", "weight_block_size [16]: expected two positive integers"),
+    ],
+)
 def test_malformed_fp8_checkpoints_fail_naming_the_tensor(fp8_checkpoint, tmp_path, breakage, message):
     from safetensors.torch import load_file, save_file
+
     directory = str(tmp_path / "broken")
     shutil.copytree(fp8_checkpoint[0], directory)
     path = os.path.join(directory, "model.safetensors")
@@ -112,26 +124,39 @@ def test_every_e4m3_byte_dequantizes_exactly():
     """hpcmoe/model/fp8.py's integer and float16 conversion gives float8 value x scale, rounded once, for all
     256 bytes but the two NaNs (which checkpoints do not hold)."""
     from hpcmoe.model import fp8
+
     weight = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(16, 16)
     scale = torch.tensor([[0.37]])
-    out = fp8.dequantize_rows(weight, fp8.scaled(scale, "test"), [16, 16], 0, 16, torch.empty(16, 16),
-                              torch.empty(16, 16, dtype=torch.int16))
+    out = fp8.dequantize_rows(
+        weight,
+        fp8.scaled(scale, "test"),
+        [16, 16],
+        0,
+        16,
+        torch.empty(16, 16),
+        torch.empty(16, 16, dtype=torch.int16),
+    )
     expected = weight.float() * 0.37
     finite = ~expected.isnan()
     assert finite.sum() == 254 and torch.equal(out[finite], expected[finite])
 
 
-@pytest.mark.parametrize("hidden, inner, block, chunk", [
-    (64, 32, [16, 16], None),          # the tiny checkpoint's expert, one chunk
-    (200, 72, [16, 16], None),          # partial edge blocks
-    (256, 384, [128, 128], 128 * 64),   # chunks of a quarter block row
-    (200, 300, [128, 128], 256 * 100),  # a partial last block row, partial column blocks
-])
+@pytest.mark.parametrize(
+    "hidden, inner, block, chunk",
+    [
+        (64, 32, [16, 16], None),  # the tiny checkpoint's expert, one chunk
+        (200, 72, [16, 16], None),  # partial edge blocks
+        (256, 384, [128, 128], 128 * 64),  # chunks of a quarter block row
+        (200, 300, [128, 128], 256 * 100),  # a partial last block row, partial column blocks
+    ],
+)
 def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, hidden, inner, block, chunk):
+    from make_tiny_checkpoint import block_quantize
+
     from hpcmoe.model import fp8
     from hpcmoe.model.checkpoint import dequantize
     from hpcmoe.model.transformer import MLP
-    from make_tiny_checkpoint import block_quantize
+
     if chunk is not None:
         monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(hidden + inner)
@@ -143,17 +168,26 @@ def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, h
     with torch.no_grad():
         for name in ("gate_proj", "up_proj", "down_proj"):
             q, t = getattr(quantized, name), getattr(twin, name)
-            weight, scale = block_quantize(torch.randn(q.weight.shape, generator=generator) * q.weight.shape[1] ** -0.5,
-                                           block)
+            weight, scale = block_quantize(
+                torch.randn(q.weight.shape, generator=generator) * q.weight.shape[1] ** -0.5, block
+            )
             q.weight.copy_(weight)
             q.weight_scale_inv.copy_(scale)
             t.weight.copy_(dequantize(weight, scale, block))
             rows = weight.shape[0]
             step = fp8.chunk_rows(weight.shape[1], block[0], rows)
-            pieces = [fp8.dequantize_rows(weight, fp8.scaled(scale, "test"), block, start, min(rows, start + step),
-                                          torch.empty(min(rows, start + step) - start, weight.shape[1]),
-                                          torch.empty(min(rows, start + step) - start, weight.shape[1],
-                                                      dtype=torch.int16)).clone() for start in range(0, rows, step)]
+            pieces = [
+                fp8.dequantize_rows(
+                    weight,
+                    fp8.scaled(scale, "test"),
+                    block,
+                    start,
+                    min(rows, start + step),
+                    torch.empty(min(rows, start + step) - start, weight.shape[1]),
+                    torch.empty(min(rows, start + step) - start, weight.shape[1], dtype=torch.int16),
+                ).clone()
+                for start in range(0, rows, step)
+            ]
             assert torch.equal(torch.cat(pieces), t.weight)  # the same weights, bit for bit
     for m in (1, 5, 40):
         x = torch.randn(m, hidden, generator=generator)

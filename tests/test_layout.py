@@ -1,13 +1,17 @@
 """The package layout by layer (README "Where things live"): read from the import graph of hpcmoe's
 modules, every import counted, at the top of a module or inside a function."""
+
 import ast
 import os
 
 from tests.conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "hpcmoe")
-LOWER = {"model": {"runtime", "sim", "analysis"}, "parallel": {"runtime", "sim", "analysis"},
-         "runtime": {"sim", "analysis"}}   # a layer -> the layers it must not import
+LOWER = {
+    "model": {"runtime", "sim", "analysis"},
+    "parallel": {"runtime", "sim", "analysis"},
+    "runtime": {"sim", "analysis"},
+}  # a layer -> the layers it must not import
 
 
 def modules() -> dict:
@@ -18,7 +22,7 @@ def modules() -> dict:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
                 dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                found[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
+                found[dotted[: -len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
     return found
 
 
@@ -35,8 +39,10 @@ def import_graph() -> dict:
                 imported.update(alias.name for alias in node.names if alias.name.startswith("hpcmoe"))
             elif isinstance(node, ast.ImportFrom):
                 source = node.module or ""
-                if node.level:   # relative: from the module's own package
-                    package = module.split(".")[:len(module.split(".")) - node.level + (path.endswith("__init__.py"))]
+                if node.level:  # relative: from the module's own package
+                    package = module.split(".")[
+                        : len(module.split(".")) - node.level + (path.endswith("__init__.py"))
+                    ]
                     source = ".".join(package + ([source] if source else []))
                 if source.startswith("hpcmoe"):
                     for alias in node.names:
@@ -58,8 +64,12 @@ def test_the_graph_is_read():
 
 
 def test_lower_layers_do_not_import_higher_ones():
-    wrong = [f"{module} imports {name}" for module, names in import_graph().items() for name in sorted(names)
-             if layer(name) in LOWER.get(layer(module), set())]
+    wrong = [
+        f"{module} imports {name}"
+        for module, names in import_graph().items()
+        for name in sorted(names)
+        if layer(name) in LOWER.get(layer(module), set())
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -70,8 +80,9 @@ def test_no_module_imports_itself_through_others():
         for name in sorted(graph[module]):
             if name == path[0]:
                 cycles.append(" -> ".join(path + [name]))
-            elif name not in path and name > path[0]:   # each cycle once, from its smallest module
+            elif name not in path and name > path[0]:  # each cycle once, from its smallest module
                 visit(name, path + [name])
+
     for module in sorted(graph):
         visit(module, [module])
     assert not cycles, "\n".join(cycles)

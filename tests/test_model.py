@@ -1,11 +1,12 @@
 """The model in one process: caching, padding, seeding, and the margins equality relies on."""
+
 import pytest
 import torch
 
 from hpcmoe.config import load_config
 from hpcmoe.model.attention import kv_heads_for, split_heads
-from hpcmoe.model.transformer import StepInputs, build_model, forward_local, generate_local
 from hpcmoe.model.router import score_gap
+from hpcmoe.model.transformer import StepInputs, build_model, forward_local, generate_local
 from tests.conftest import DEBUG_CONFIG, WORKLOADS
 
 torch.set_num_threads(1)
@@ -19,6 +20,7 @@ def debug_model(*settings):
 def recording_margins(monkeypatch) -> list:
     """Record the margin of every top-k choice the routers make (expert and group choices)."""
     from hpcmoe.model import router
+
     margins, choose = [], router.topk_lower_index_first
 
     def recording(scores, k):
@@ -49,7 +51,7 @@ def test_kv_cache_decode_equals_recomputing_the_whole_sequence():
     for i, prompt in enumerate(prompts):
         sequence = prompt + tokens[i, :-1].tolist()
         for j in range(5):
-            upto = sequence[:len(prompt) + j]
+            upto = sequence[: len(prompt) + j]
             inputs = StepInputs.build([upto], torch.zeros(1, dtype=torch.int64))
             full = forward_local(model, inputs, model.new_cache(1, len(upto)))
             torch.testing.assert_close(logits[i, j], full[0], atol=1e-4, rtol=0)
@@ -73,7 +75,9 @@ def test_weights_depend_only_on_the_tensor_name():
     assert list(experts(one)) == ["2"]
     assert torch.equal(experts(one)["2"].gate_proj.weight, experts(everything)["2"].gate_proj.weight)
     assert torch.equal(one.embed_tokens.weight, everything.embed_tokens.weight)
-    assert not torch.equal(experts(everything)["1"].gate_proj.weight, experts(everything)["2"].gate_proj.weight)
+    assert not torch.equal(
+        experts(everything)["1"].gate_proj.weight, experts(everything)["2"].gate_proj.weight
+    )
     _, other_seed = debug_model("model.seed=1")
     assert not torch.equal(other_seed.embed_tokens.weight, everything.embed_tokens.weight)
 
@@ -88,7 +92,9 @@ def test_bfloat16_model_generates_close_to_float32():
     assert (logits16[:, 0] - logits32[:, 0]).abs().max() < 0.25  # bf16 keeps ~3 significant digits
 
 
-@pytest.mark.parametrize("heads, kv_heads, ranks", [(32, 8, 12), (8, 4, 3), (8, 2, 5), (7, 7, 3), (16, 1, 16), (6, 3, 4)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, ranks", [(32, 8, 12), (8, 4, 3), (8, 2, 5), (7, 7, 3), (16, 1, 16), (6, 3, 4)]
+)
 def test_uneven_head_splits_cover_every_head_once_with_the_kv_heads_they_need(heads, kv_heads, ranks):
     shards = split_heads(heads, ranks)
     assert [h for shard in shards for h in shard] == list(range(heads))
@@ -102,8 +108,14 @@ def test_uneven_head_splits_cover_every_head_once_with_the_kv_heads_they_need(he
         assert [len(s) for s in shards] == [3, 3, 2]
 
 
-MLA = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
-       "model.qk_rope_head_dim=4", "model.v_head_dim=8"]
+MLA = [
+    "model.attention=mla",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8",
+    "model.qk_rope_head_dim=4",
+    "model.v_head_dim=8",
+]
 
 
 @pytest.mark.parametrize("settings", [[], MLA], ids=["gqa", "mla"])
@@ -122,7 +134,9 @@ def test_head_shards_hold_their_slices_and_their_partials_sum_to_the_whole(setti
         for name, param in shard.named_parameters():
             full = dict(whole.named_parameters())[name]
             part = shard.weight_slices().get(name)
-            assert torch.equal(param, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), name
+            assert torch.equal(param, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), (
+                name
+            )
         partials.append(shard(x, shard.new_cache(2, 5, torch.float32), inputs))
     torch.testing.assert_close(sum(partials), expected, atol=1e-5, rtol=0)
 
@@ -130,13 +144,14 @@ def test_head_shards_hold_their_slices_and_their_partials_sum_to_the_whole(setti
 def test_vocabulary_split_greedy_choice_equals_the_whole_head_ties_included():
     from hpcmoe.parallel.layout import request_range
     from hpcmoe.runtime.ma import greedy_over_slices
+
     generator = torch.Generator().manual_seed(0)
     logits = torch.randint(0, 4, (64, 50), generator=generator).float()  # many ties, across slices too
-    logits[0] = 3.0                                                      # a tie over the whole vocabulary
+    logits[0] = 3.0  # a tie over the whole vocabulary
     for parts in (1, 3, 7):
         slices = [request_range(50, parts, i) for i in range(parts)]
-        best = torch.stack([logits[:, s.start:s.stop].max(-1).values for s in slices])
-        index = torch.stack([logits[:, s.start:s.stop].max(-1).indices + s.start for s in slices])
+        best = torch.stack([logits[:, s.start : s.stop].max(-1).values for s in slices])
+        index = torch.stack([logits[:, s.start : s.stop].max(-1).indices + s.start for s in slices])
         chosen = greedy_over_slices(best, index)
         assert torch.equal(chosen, logits.argmax(-1)) and chosen[0] == 0
     assert (logits == logits.max(-1, keepdim=True).values).sum(-1).gt(1).sum() > 30  # ties were exercised

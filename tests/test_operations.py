@@ -1,4 +1,5 @@
 """Operations: the hang watchdog, a clean stop on SIGUSR1, crash-safe output, fuzzed bad configs."""
+
 import copy
 import dataclasses
 import functools
@@ -26,20 +27,38 @@ def test_watchdog_names_the_stalled_rank_and_ends_the_job(tmp_path):
     elapsed = time.monotonic() - started
     assert result.returncode not in (0, 124)
     assert elapsed < 2 * 10, f"the job took {elapsed:.1f} s"
-    lines = [l for l in result.stderr.splitlines() if "watchdog" in l]
-    assert lines and re.fullmatch(r"rank [013]: watchdog: waited 10\.\d s in step 0 layer 1 micro_batch 0 "
-                                  r"phase \w+ for rank 2", lines[0]), result.stderr
+    lines = [line for line in result.stderr.splitlines() if "watchdog" in line]
+    assert lines and re.fullmatch(
+        r"rank [013]: watchdog: waited 10\.\d s in step 0 layer 1 micro_batch 0 "
+        r"phase \w+ for rank 2",
+        lines[0],
+    ), result.stderr
     assert not os.path.exists(tmp_path / "out.h5")
 
 
 def launch(tmp_path, steps: int, ranks: int = 4):
     """A long run in its own session, so that the test can signal or kill all of it."""
     output = tmp_path / "run.h5"
-    command = ["timeout", "120", mpiexec(), "-n", str(ranks), sys.executable, "-m", "hpcmoe", "run", DEBUG_CONFIG,
-               "--output", str(output), "--set", f"run.max_new_tokens={steps}"]
+    command = [
+        "timeout",
+        "120",
+        mpiexec(),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "hpcmoe",
+        "run",
+        DEBUG_CONFIG,
+        "--output",
+        str(output),
+        "--set",
+        f"run.max_new_tokens={steps}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     return process, output
 
 
@@ -56,8 +75,11 @@ def wait_for_steps(process, output, seconds: float = 60) -> None:
     time.sleep(1.0)
 
 
-@pytest.mark.parametrize("signum, target", [(signal.SIGUSR1, "rank"), (signal.SIGTERM, "rank"),
-                                            (signal.SIGTERM, "launcher")], ids=["usr1-rank", "term-rank", "term-launcher"])
+@pytest.mark.parametrize(
+    "signum, target",
+    [(signal.SIGUSR1, "rank"), (signal.SIGTERM, "rank"), (signal.SIGTERM, "launcher")],
+    ids=["usr1-rank", "term-rank", "term-launcher"],
+)
 def test_a_stop_signal_stops_every_rank_at_the_same_step_with_a_partial_file(tmp_path, signum, target):
     """SIGUSR1 (Slurm's warning) or SIGTERM (scancel, a time limit) to one rank or to mpiexec."""
     process, output = launch(tmp_path, steps=2000)
@@ -67,12 +89,14 @@ def test_a_stop_signal_stops_every_rank_at_the_same_step_with_a_partial_file(tmp
     if target == "rank":
         os.kill(pids[-1], signum)  # one rank only: the ranks must agree on the stop step
     else:
-        launcher = subprocess.run(["pgrep", "-f", f"mpiexec -n 4 .*{output}"], capture_output=True, text=True).stdout
+        launcher = subprocess.run(
+            ["pgrep", "-f", f"mpiexec -n 4 .*{output}"], capture_output=True, text=True
+        ).stdout
         os.kill(int(launcher.split()[0]), signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     partial = tmp_path / "run.partial.h5"
-    assert f"hpcmoe: stopped by signal at step" in stdout and str(partial) in stdout
+    assert "hpcmoe: stopped by signal at step" in stdout and str(partial) in stdout
     assert not os.path.exists(output) and not os.path.exists(f"{output}.tmp")
     with h5py.File(partial) as f:
         done = int(f.attrs["stopped_at_step"])
@@ -101,6 +125,7 @@ def test_sigkill_at_any_point_leaves_no_file_that_claims_to_be_complete(tmp_path
 
 # ---------------------------------------------------------------- config fuzz, generated from the schema
 
+
 def valid_raw() -> dict:
     with open(DEBUG_CONFIG) as f:
         return yaml.safe_load(f)
@@ -112,15 +137,27 @@ CONTEXTS = {  # valid configs a bad value is tried in: some keys are read only b
     "mla": {"model": {"preset": "deepseek-v3"}},
     "ma": {"parallel": {"layout": "ma", "attention_ranks": 3, "moe_ranks": 3}},
 }
-SECTION_BASE = {"parallel.link": {"bandwidth_gbps": 1.0}, "run.kill": [{"rank": 1}]}  # the smallest valid ones
+SECTION_BASE = {
+    "parallel.link": {"bandwidth_gbps": 1.0},
+    "run.kill": [{"rank": 1}],
+}  # the smallest valid ones
 ANY_VALUE = {  # keys where the out-of-range candidates below are valid, and why
-    "model.seed": "any integer seeds the weights", "run.seed": "any integer seeds the workload",
-    "run.sampling.seed": "any integer seeds the sampler", "model.router_skew": "negative makes the last experts hot",
-    "output.path": "any file name", "parallel.placement_from": "a run file, read once MPI has started",
+    "model.seed": "any integer seeds the weights",
+    "run.seed": "any integer seeds the workload",
+    "run.sampling.seed": "any integer seeds the sampler",
+    "model.router_skew": "negative makes the last experts hot",
+    "output.path": "any file name",
+    "parallel.placement_from": "a run file, read once MPI has started",
     "parallel.predictor": "read only with an auto split, which needs a trained predictor file",
 }
 CANDIDATES = ["nonsense", -7, 2.5, True, None, [-7], ["nonsense"], {"nonsense": 1}]
-OUT_OF_RANGE = ("nonsense", -7, [-7], ["nonsense"], {"nonsense": 1})  # bad wherever their type fits, unless ANY_VALUE
+OUT_OF_RANGE = (
+    "nonsense",
+    -7,
+    [-7],
+    ["nonsense"],
+    {"nonsense": 1},
+)  # bad wherever their type fits, unless ANY_VALUE
 
 
 def schema_keys(cls=Config, prefix=""):
@@ -162,10 +199,10 @@ def with_value(context: dict, path: str, value) -> dict:
     parts = path.replace("[0]", "").split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, copy.deepcopy(SECTION_BASE.get(".".join(parts[:depth + 1]), {})))
+        node = node.setdefault(part, copy.deepcopy(SECTION_BASE.get(".".join(parts[: depth + 1]), {})))
         node = node[0] if isinstance(node, list) else node
     current = node.get(parts[-1]) or SECTION_BASE.get(path)
-    if value == {"nonsense": 1} and isinstance(current, dict):   # a section: an unknown key beside valid ones
+    if value == {"nonsense": 1} and isinstance(current, dict):  # a section: an unknown key beside valid ones
         value = {**current, "nonsense": 1}
     node[parts[-1]] = copy.deepcopy(value)
     return raw
@@ -186,7 +223,7 @@ def fuzz_cases() -> list[tuple[str, object]]:
 def check(raw: dict) -> None:
     """What `hpcmoe run` checks before any work: the config, its prompts, the layout at RANKS ranks."""
     config = build_config(raw)
-    config.requests
+    _ = config.requests  # reads and checks run.prompts
     ParallelLayout.from_config(config, RANKS)
 
 
@@ -206,8 +243,11 @@ def failure(path: str, value):
         try:
             check(with_value(context, path, value))
         except ValueError as error:
-            base = with_value(context, enclosing, SECTION_BASE.get(enclosing, {})) if "." in enclosing \
+            base = (
+                with_value(context, enclosing, SECTION_BASE.get(enclosing, {}))
+                if "." in enclosing
                 else in_context(context)
+            )
             if path in str(error) and loads(base):
                 return name, str(error)
     return None
@@ -219,8 +259,16 @@ def fuzz_failures() -> list:
     return [(path, value, failure(path, value)) for path, value in fuzz_cases()]
 
 
-REQUIRED_COVERAGE = ("run.kill", "parallel.rebalance", "run.sampling", "model.rope_scaling", "model.fp8_block",
-                     "parallel.cuda_aware_mpi", "parallel.predictor", "parallel.expert_tp")
+REQUIRED_COVERAGE = (
+    "run.kill",
+    "parallel.rebalance",
+    "run.sampling",
+    "model.rope_scaling",
+    "model.fp8_block",
+    "parallel.cuda_aware_mpi",
+    "parallel.predictor",
+    "parallel.expert_tp",
+)
 
 
 def test_every_schema_key_rejects_bad_values_naming_the_key():
@@ -230,7 +278,9 @@ def test_every_schema_key_rejects_bad_values_naming_the_key():
     cases = fuzz_cases()
     keys = {path for path, _ in cases}
     for key in REQUIRED_COVERAGE:
-        assert key in keys and any(p.startswith(key + ".") or p.startswith(key + "[") or p == key for p in keys)
+        assert key in keys and any(
+            p.startswith(key + ".") or p.startswith(key + "[") or p == key for p in keys
+        )
     assert {"run.kill[0].phase", "parallel.rebalance.min_gain", "run.sampling.top_p"} <= keys
     accepted = []
     for path, value, found in fuzz_failures():
@@ -238,7 +288,9 @@ def test_every_schema_key_rejects_bad_values_naming_the_key():
             accepted.append((path, value))
         else:
             assert "\n" not in found[1], (path, value, found)
-    assert not accepted, f"{len(accepted)} bad values accepted or failing without naming their key: {accepted}"
+    assert not accepted, (
+        f"{len(accepted)} bad values accepted or failing without naming their key: {accepted}"
+    )
     assert len(cases) > 400
     with pytest.raises(ValueError, match="unknown config section 'paralel'"):
         check({**valid_raw(), "paralel": {"layout": "ep"}})
@@ -253,8 +305,13 @@ def test_a_sample_of_fuzzed_configs_fails_on_the_command_line_in_one_line(tmp_pa
     for i, (path, value) in enumerate(sample):
         config, output = tmp_path / f"bad{i}.yaml", tmp_path / f"out{i}.h5"
         config.write_text(yaml.safe_dump(with_value({}, path, value)))
-        result = subprocess.run([sys.executable, "-m", "hpcmoe", "run", str(config), "--output", str(output)],
-                                capture_output=True, text=True, env=env, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "hpcmoe", "run", str(config), "--output", str(output)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert result.returncode == 2, (path, value, result.stderr)
         assert result.stderr.startswith("hpcmoe: error:") and result.stderr.count("\n") == 1, result.stderr
         assert path in result.stderr and not output.exists(), (path, value, result.stderr)
@@ -267,6 +324,6 @@ def test_fuzzed_configs_fail_the_same_way_on_every_rank(tmp_path):
         config.write_text(yaml.safe_dump(with_value({}, path, value)))
         result = run_job(4, tmp_path / f"out{i}.h5", config=str(config), timeout=60)
         assert result.returncode == 2, result.stderr
-        lines = [l for l in result.stderr.splitlines() if l.startswith("hpcmoe: error:")]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
         assert len(lines) == 1, result.stderr
         assert not os.path.exists(tmp_path / f"out{i}.h5")

@@ -1,4 +1,5 @@
 """Placement maps and the validated layout (pure)."""
+
 import itertools
 from collections import Counter
 
@@ -7,9 +8,20 @@ import pytest
 
 from hpcmoe.config import load_config
 from hpcmoe.parallel.layout import ParallelLayout, request_range
-from hpcmoe.parallel.placement import (Placement, _assign_replicas, expected_rank_load, link_loads, load_from_routing,
-                               max_link_load, one_per_rank, packed, replica_split, replicated, round_robin,
-                               topology_aware)
+from hpcmoe.parallel.placement import (
+    Placement,
+    _assign_replicas,
+    expected_rank_load,
+    link_loads,
+    load_from_routing,
+    max_link_load,
+    one_per_rank,
+    packed,
+    replica_split,
+    replicated,
+    round_robin,
+    topology_aware,
+)
 from tests.conftest import DEBUG_CONFIG
 
 
@@ -51,14 +63,25 @@ def test_auto_placement_follows_the_rank_count():
     assert layout(4, "parallel.experts_per_rank=2").placement((0,) * 4).experts_of_rank(2) == []
 
 
-@pytest.mark.parametrize("ranks, settings, message", [
-    (8, ["parallel.placement=packed"], r"placement=packed with world size \(8\) > model.num_experts \(4\)"),
-    (2, ["parallel.placement=topology_aware"], r"needs model.num_experts \(4\) <= world size \(2\)"),
-    (4, ["parallel.placement=replicated", "parallel.experts_per_rank=5"], r"slots_per_rank \(5\) <= num_experts \(4\)"),
-    (2, ["parallel.placement=one_per_rank"], r"needs model.num_experts \(4\) == world size \(2\)"),
-    (2, ["parallel.experts_per_rank=1"], r"ceil\(num_experts \(4\) / 1\) = 4 ranks, have 2"),
-    (2, ["run.fail_rank=2"], r"run.fail_rank: 2 must be between 0 and world size - 1 \(1\)"),
-])
+@pytest.mark.parametrize(
+    "ranks, settings, message",
+    [
+        (
+            8,
+            ["parallel.placement=packed"],
+            r"placement=packed with world size \(8\) > model.num_experts \(4\)",
+        ),
+        (2, ["parallel.placement=topology_aware"], r"needs model.num_experts \(4\) <= world size \(2\)"),
+        (
+            4,
+            ["parallel.placement=replicated", "parallel.experts_per_rank=5"],
+            r"slots_per_rank \(5\) <= num_experts \(4\)",
+        ),
+        (2, ["parallel.placement=one_per_rank"], r"needs model.num_experts \(4\) == world size \(2\)"),
+        (2, ["parallel.experts_per_rank=1"], r"ceil\(num_experts \(4\) / 1\) = 4 ranks, have 2"),
+        (2, ["run.fail_rank=2"], r"run.fail_rank: 2 must be between 0 and world size - 1 \(1\)"),
+    ],
+)
 def test_layouts_that_do_not_fit_name_the_numbers(ranks, settings, message):
     with pytest.raises(ValueError, match=message):
         layout(ranks, *settings)
@@ -118,7 +141,9 @@ def test_replicated_always_fills_every_slot_without_duplicates(seed):
     experts, ranks = int(rng.integers(1, 10)), int(rng.integers(1, 10))
     slots_per_rank = int(rng.integers(-(-experts // ranks), experts + 1))
     load = rng.choice([0, 1, 2, 50], size=experts).tolist()
-    assert_well_formed_replicated(replicated(experts, ranks, slots_per_rank, load), experts, ranks, slots_per_rank)
+    assert_well_formed_replicated(
+        replicated(experts, ranks, slots_per_rank, load), experts, ranks, slots_per_rank
+    )
 
 
 def test_replica_assignment_repairs_when_only_ranks_holding_the_expert_have_room():
@@ -126,11 +151,14 @@ def test_replica_assignment_repairs_when_only_ranks_holding_the_expert_have_room
     assert _assign_replicas([1, 2, 1, 1, 1], [100, 2, 20, 20, 20], 2, 3) == [[0, 1, 2], [3, 4, 1]]
 
 
-@pytest.mark.parametrize("args, message", [
-    ((6, 4, 1), r"slots_per_rank \(1\) x ranks \(4\) >= num_experts \(6\)"),
-    ((2, 4, 3), r"slots_per_rank \(3\) <= num_experts \(2\)"),
-    ((2, 4, 1, [1, 2, 3]), r"load has 3 entries, num_experts is 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((6, 4, 1), r"slots_per_rank \(1\) x ranks \(4\) >= num_experts \(6\)"),
+        ((2, 4, 3), r"slots_per_rank \(3\) <= num_experts \(2\)"),
+        ((2, 4, 1, [1, 2, 3]), r"load has 3 entries, num_experts is 2"),
+    ],
+)
 def test_replicated_errors_name_the_numbers(args, message):
     with pytest.raises(ValueError, match=message):
         replicated(*args)
@@ -155,7 +183,13 @@ def test_link_loads_and_expected_rank_load_match_a_hand_count():
     # three nodes: node 0's 8 tokens for e0 split evenly over its replicas on nodes 1 and 2
     p = Placement((0, 0), (1, 2), 3, "test")
     assert link_loads(p, [[8], [0], [0]], [0, 1, 2]) == {
-        (0, 1): 4.0, (0, 2): 4.0, (1, 0): 0.0, (1, 2): 0.0, (2, 0): 0.0, (2, 1): 0.0}
+        (0, 1): 4.0,
+        (0, 2): 4.0,
+        (1, 0): 0.0,
+        (1, 2): 0.0,
+        (2, 0): 0.0,
+        (2, 1): 0.0,
+    }
     assert max_link_load(p, [[8], [0], [0]], [0, 1, 2]) == 4.0
 
 
@@ -188,7 +222,8 @@ def test_topology_aware_on_two_nodes_hosts_each_expert_once_on_its_own_rank(seed
     assert sorted(p.slot_expert) == list(range(experts))
     assert len(set(p.slot_rank)) == experts
     assert max_link_load(p, tokens, [0, 0, 0, 1, 1, 1]) <= max_link_load(
-        round_robin(experts, 6), tokens, [0, 0, 0, 1, 1, 1])
+        round_robin(experts, 6), tokens, [0, 0, 0, 1, 1, 1]
+    )
 
 
 def test_topology_aware_local_search_reaches_the_brute_force_optimum():
@@ -198,8 +233,9 @@ def test_topology_aware_local_search_reaches_the_brute_force_optimum():
     def cost(nodes):  # expert e on the next free rank of node nodes[e]
         ranks = [2 * n + nodes[:e].count(n) for e, n in enumerate(nodes)]
         pairs = sorted(zip(ranks, range(6)))
-        return max_link_load(Placement(tuple(e for _, e in pairs), tuple(r for r, _ in pairs), 6, "test"),
-                             tokens, node_of_rank)
+        return max_link_load(
+            Placement(tuple(e for _, e in pairs), tuple(r for r, _ in pairs), 6, "test"), tokens, node_of_rank
+        )
 
     best = min(cost(n) for n in itertools.product(range(3), repeat=6) if max(Counter(n).values()) <= 2)
     assert best == 9.0
@@ -225,25 +261,29 @@ def test_load_from_routing_sums_steps_and_layers_and_groups_sources_by_node():
 
 def test_survivors_keep_their_slots_and_lost_experts_go_to_the_emptiest_with_room():
     from hpcmoe.parallel.placement import on_survivors
-    p = replicated(3, 6, 1, [1.0, 1.0, 1.0])     # 3 experts x 2 replicas, one slot per rank
+
+    p = replicated(3, 6, 1, [1.0, 1.0, 1.0])  # 3 experts x 2 replicas, one slot per rank
     holders = p.expert_ranks()
-    dead = set(holders[1])                                  # expert 1 loses both replicas
+    dead = set(holders[1])  # expert 1 loses both replicas
     kept = [r for r in range(6) if r not in dead]
     survived, lost = on_survivors(p, kept, list(range(4)), capacity=2)
     assert lost == [1] and survived.num_ranks == 4
-    for new, old in enumerate(kept):                        # every survivor still serves what it held
+    for new, old in enumerate(kept):  # every survivor still serves what it held
         assert set(p.experts_of_rank(old)) <= set(survived.experts_of_rank(new))
     assert sorted(survived.slot_expert) == [0, 0, 1, 2, 2]
     assert survived.experts_of_rank(0) == [p.experts_of_rank(kept[0])[0], 1]  # the lowest of the emptiest
-    with pytest.raises(ValueError, match=r"expert 1 lost every replica \(rank\(s\) .*\) and no survivor has room"):
+    with pytest.raises(
+        ValueError, match=r"expert 1 lost every replica \(rank\(s\) .*\) and no survivor has room"
+    ):
         on_survivors(p, kept, list(range(4)), capacity=1)
 
 
 def test_a_standby_takes_its_dead_primarys_shard():
     from hpcmoe.parallel.layout import MALayout
-    ma = MALayout(5, 3, 4, 1, 2, standby=True)             # groups (0 | 1) and (2 | 3), MoE rank 4
+
+    ma = MALayout(5, 3, 4, 1, 2, standby=True)  # groups (0 | 1) and (2 | 3), MoE rank 4
     assert ma.primaries(3) == [2] and ma.twin(2) == 3 and ma.group_ranks(1) == [0, 1]
-    left = ma.survivors([0, 1, 3, 4])                       # rank 2 died: its standby (now rank 2) is primary
+    left = ma.survivors([0, 1, 3, 4])  # rank 2 died: its standby (now rank 2) is primary
     assert left.primaries(2) == [2] and left.twin(2) is None and left.group_ranks(0) == [0, 1]
     assert (left.attention_ranks, left.moe_ranks, left.group_requests(6, 2)) == (3, 1, range(1, 6, 2))
     with pytest.raises(ValueError, match="attention group 1 .ranks 2, 3. has no surviving rank"):

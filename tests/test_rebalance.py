@@ -6,6 +6,7 @@ rank's expert weights hash to those of a fresh build of what it hosts (bit for b
 fails or stalls while weights move ends the job with the abort's or the watchdog's message and no
 complete file; bad settings fail naming the numbers.
 """
+
 import os
 
 import h5py
@@ -23,10 +24,22 @@ DRIFT = ["model.router_skew=4", "run.skew_drift=6"]
 EVERY_2 = "parallel.rebalance={every_steps: 2, window_steps: 2, checksums: true}"
 JOBS = {  # name: (ranks, settings)
     "n4_flat": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3"]),
-    "n4_two_stage_mb4": (4, ["model.num_experts=8", "parallel.placement=replicated", "parallel.experts_per_rank=3",
-                             "parallel.ranks_per_node=2", "parallel.dispatch=two_stage", "run.micro_batches=4",
-                             "run.decode_micro_batch_min=1"]),
-    "n6_flat_mb4": (6, ["run.micro_batches=4", "run.decode_micro_batch_min=1"]),      # auto: 4 experts on 6 ranks, replicated
+    "n4_two_stage_mb4": (
+        4,
+        [
+            "model.num_experts=8",
+            "parallel.placement=replicated",
+            "parallel.experts_per_rank=3",
+            "parallel.ranks_per_node=2",
+            "parallel.dispatch=two_stage",
+            "run.micro_batches=4",
+            "run.decode_micro_batch_min=1",
+        ],
+    ),
+    "n6_flat_mb4": (
+        6,
+        ["run.micro_batches=4", "run.decode_micro_batch_min=1"],
+    ),  # auto: 4 experts on 6 ranks, replicated
     "n6_two_stage": (6, ["parallel.ranks_per_node=3", "parallel.dispatch=two_stage"]),
 }
 _references = {}
@@ -44,6 +57,7 @@ def reference(tmp_path_factory, experts: int):
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(tmp_path_factory, name):
     from hpcmoe.model.transformer import build_model
+
     ranks, settings = JOBS[name]
     path = tmp_path_factory.mktemp("rebalance") / f"{name}.h5"
     result = run_job(ranks, path, "output.save_logits=true", *DRIFT, EVERY_2, *settings, timeout=240)
@@ -59,10 +73,12 @@ def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(t
     for row in history:
         assert row["step"] > row["decided_at_step"] + 1 and row["bytes_moved"] > 0
         assert row["predicted_rank_load_max_over_mean"] < row["predicted_rank_load_max_over_mean_before"]
-        assert not np.array_equal(row["placement"][:, :previous.shape[1]], previous)
+        assert not np.array_equal(row["placement"][:, : previous.shape[1]], previous)
         for rank in range(ranks):  # what the rank hosts now, built afresh from the seed, hashes the same
             hosted = sorted(e for e, holders in enumerate(row["placement"]) if rank in holders)
-            assert row["weights_sha256"][rank].decode() == expert_digest(build_model(config.model, hosted)), rank
+            assert row["weights_sha256"][rank].decode() == expert_digest(build_model(config.model, hosted)), (
+                rank
+            )
         previous = row["placement"]
     if name == "n6_two_stage":  # the report marks the switches
         shown = report(path, "--out", path.parent)
@@ -72,14 +88,16 @@ def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(t
 
 
 def test_moves_take_each_gained_expert_from_an_old_holder():
-    old = replicated(4, 4, 2)                             # every expert twice
-    new = replicated(4, 4, 2, [10.0, 1.0, 1.0, 1.0])      # expert 0 hot: more replicas of it
+    old = replicated(4, 4, 2)  # every expert twice
+    new = replicated(4, 4, 2, [10.0, 1.0, 1.0, 1.0])  # expert 0 hot: more replicas of it
     moves = plan_moves(old, new)
     assert moves, "a different placement moves something"
     for expert, source, target in moves:
         assert expert in old.experts_of_rank(source) and expert not in old.experts_of_rank(target)
         assert expert in new.experts_of_rank(target)
-    gained = sorted((t, e) for t in range(4) for e in set(new.experts_of_rank(t)) - set(old.experts_of_rank(t)))
+    gained = sorted(
+        (t, e) for t in range(4) for e in set(new.experts_of_rank(t)) - set(old.experts_of_rank(t))
+    )
     assert sorted((t, e) for e, _, t in moves) == gained
 
 
@@ -96,17 +114,27 @@ def decision(old: Placement, load: list[float], min_gain: float):
     from hpcmoe.config import RebalanceConfig
     from hpcmoe.runfile.output import Timer
     from hpcmoe.runtime.rebalance import Rebalancer
+
     rebalancer = Rebalancer.__new__(Rebalancer)
-    rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = \
-        RebalanceConfig(min_gain=min_gain), old, [0] * old.num_ranks, 1
+    rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = (
+        RebalanceConfig(min_gain=min_gain),
+        old,
+        [0] * old.num_ranks,
+        1,
+    )
     rebalancer.summing = (Finished(), np.array([load]), None)
-    rebalancer.timer = Timer(0, 0.0)   # the boundary's waits are timed (none here: the sum is in)
+    rebalancer.timer = Timer(0, 0.0)  # the boundary's waits are timed (none here: the sum is in)
     started = []
 
     def start_moves(new, switch):
         rebalancer.moving = (None, None, switch, new)
         started.append((switch, new, plan_moves(old, new)))
-    rebalancer.start_moves, rebalancer.say, rebalancer.vote = start_moves, lambda line: None, lambda step: None
+
+    rebalancer.start_moves, rebalancer.say, rebalancer.vote = (
+        start_moves,
+        lambda line: None,
+        lambda step: None,
+    )
     rebalancer.decide(step=3)
     return started[0] if started else None
 
@@ -124,11 +152,15 @@ def test_a_proposal_gaining_a_third_is_adopted_above_min_gain_and_kept_below_it(
     adopted = decision(OLD, HOT_2_AND_3, min_gain=0.33)
     assert adopted is not None
     switch, new, moves = adopted
-    assert (switch.decided_at_step, switch.predicted_before, switch.predicted) == (3, pytest.approx(1.5), pytest.approx(1.0))
+    assert (switch.decided_at_step, switch.predicted_before, switch.predicted) == (
+        3,
+        pytest.approx(1.5),
+        pytest.approx(1.0),
+    )
     assert [sorted(new.experts_of_rank(r)) for r in range(2)] == [[0, 2, 3], [1, 2, 3]]
     assert moves == [(3, 1, 0), (2, 0, 1)]
     assert imbalance(OLD, np.array([HOT_2_AND_3]), [0, 0]) == pytest.approx(1.5)
-    assert decision(OLD, HOT_2_AND_3, min_gain=0.34) is None       # 1/3 < 0.34: not worth the moves
+    assert decision(OLD, HOT_2_AND_3, min_gain=0.34) is None  # 1/3 < 0.34: not worth the moves
 
 
 def test_a_balanced_load_or_an_unchanged_placement_moves_nothing():
@@ -136,32 +168,60 @@ def test_a_balanced_load_or_an_unchanged_placement_moves_nothing():
     is the current placement, so it is kept even with min_gain 0."""
     assert imbalance(OLD, np.array([[10.0, 10.0, 10.0, 10.0]]), [0, 0]) == pytest.approx(1.0)
     assert decision(OLD, [10.0, 10.0, 10.0, 10.0], min_gain=0.0) is None
-    assert decision(OLD, [10.0, 10.0, 0.0, 0.0], min_gain=0.0) is None   # both ranks already get 10
+    assert decision(OLD, [10.0, 10.0, 0.0, 0.0], min_gain=0.0) is None  # both ranks already get 10
 
 
-@pytest.mark.parametrize("ranks, settings, message", [
-    (4, [], r"parallel.rebalance needs spare expert slots, but placement one_per_rank has 1 slot\(s\) per rank x 4 "
-            r"= 4 for model.num_experts \(4\)"),
-    (2, ["parallel.placement=packed"], r"placement packed has 2 slot\(s\) per rank x 2 = 4"),
-    (6, ["parallel.rebalance.window_steps=20"], r"window_steps \(20\) must be <= the run's steps \(16"),
-    (6, ["parallel.rebalance.every_steps=0"], r"parallel.rebalance.every_steps: expected an integer >= 1, got 0"),
-    (6, ["parallel.rebalance.min_gain=1.5"], r"parallel.rebalance.min_gain: expected a number in \[0, 1\), got 1.5"),
-    (6, ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=3"],
-     r"parallel.rebalance moves experts between ep ranks"),
-])
+@pytest.mark.parametrize(
+    "ranks, settings, message",
+    [
+        (
+            4,
+            [],
+            r"parallel.rebalance needs spare expert slots, but placement one_per_rank has 1 slot\(s\) per rank x 4 "
+            r"= 4 for model.num_experts \(4\)",
+        ),
+        (2, ["parallel.placement=packed"], r"placement packed has 2 slot\(s\) per rank x 2 = 4"),
+        (6, ["parallel.rebalance.window_steps=20"], r"window_steps \(20\) must be <= the run's steps \(16"),
+        (
+            6,
+            ["parallel.rebalance.every_steps=0"],
+            r"parallel.rebalance.every_steps: expected an integer >= 1, got 0",
+        ),
+        (
+            6,
+            ["parallel.rebalance.min_gain=1.5"],
+            r"parallel.rebalance.min_gain: expected a number in \[0, 1\), got 1.5",
+        ),
+        (
+            6,
+            ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=3"],
+            r"parallel.rebalance moves experts between ep ranks",
+        ),
+    ],
+)
 def test_bad_rebalance_settings_name_the_numbers(ranks, settings, message):
     with pytest.raises(ValueError, match=message):
         ParallelLayout.from_config(load_config(DEBUG_CONFIG, ["parallel.rebalance={}", *settings]), ranks)
 
 
-SLOW_MOVES = "parallel.rebalance={every_steps: 2, window_steps: 2, min_gain: 0, chunk_kib: 1, chunks_in_flight: 1}"
-COLD_START = ["model.router_skew=-4"]  # the hot experts are 3 and 2, which the uniform placement replicates last
+SLOW_MOVES = (
+    "parallel.rebalance={every_steps: 2, window_steps: 2, min_gain: 0, chunk_kib: 1, chunks_in_flight: 1}"
+)
+COLD_START = [
+    "model.router_skew=-4"
+]  # the hot experts are 3 and 2, which the uniform placement replicates last
 
 
-@pytest.mark.parametrize("failure, message", [
-    (["run.fail_rank=2", "run.fail_at_step=4", "run.fail_at_layer=1"], "hpcmoe: rank 2: unhandled RuntimeError"),
-    (["run.stall_rank=2", "run.stall_at_step=4", "run.timeout_s=5"], "watchdog: waited"),
-])
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (
+            ["run.fail_rank=2", "run.fail_at_step=4", "run.fail_at_layer=1"],
+            "hpcmoe: rank 2: unhandled RuntimeError",
+        ),
+        (["run.stall_rank=2", "run.stall_at_step=4", "run.timeout_s=5"], "watchdog: waited"),
+    ],
+)
 def test_a_rank_lost_while_weights_move_ends_the_job_without_a_complete_file(tmp_path, failure, message):
     """1 KiB chunks one at a time: the moves decided after step 2 are still in flight in step 4."""
     output = tmp_path / "out.h5"
@@ -179,15 +239,15 @@ def test_a_rank_lost_while_weights_move_ends_the_job_without_a_complete_file(tmp
             pass
 
 
-
 def test_the_per_step_rank_load_reads_badly_where_the_whole_run_figure_flatters():
     """All of each step's load on one rank, a different rank each step: over the run every rank
     received the same (whole-run max/mean 1.0); every single step was as unbalanced as it gets (4.0)."""
     from hpcmoe.runfile.output import rank_load_imbalance, step_imbalance
-    loads = np.zeros((4, 1, 4))                           # [steps, moe_layers, places]
+
+    loads = np.zeros((4, 1, 4))  # [steps, moe_layers, places]
     for step in range(4):
         loads[step, 0, step] = 100
     assert rank_load_imbalance(loads) == pytest.approx(1.0)
     assert step_imbalance(loads) == pytest.approx(4.0)
-    loads[:] = 25                                       # evenly spread every step: both read 1
+    loads[:] = 25  # evenly spread every step: both read 1
     assert step_imbalance(loads) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ docs/PERFORMANCE.md's DeepSeek-V3-shaped FP8 checkpoint (tools/make_tiny_checkpo
 128 x 128; --model-set to change it) and on its dequantized twin (float32), interleaved, and
 reports the median TPOT of each and whether the generated tokens are equal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from make_tiny_checkpoint import block_quantize  # noqa: E402
+
 from hpcmoe.model import fp8  # noqa: E402
 from hpcmoe.model.checkpoint import dequantize  # noqa: E402
 from hpcmoe.model.transformer import MLP  # noqa: E402
-from make_tiny_checkpoint import block_quantize  # noqa: E402
 
 SHAPES = {  # name -> (hidden, expert_hidden, FP8 block)
-    "debug": (64, 128, [16, 16]),                 # inputs/debug.yaml (preset debug), the tests' block
+    "debug": (64, 128, [16, 16]),  # inputs/debug.yaml (preset debug), the tests' block
     "h1024_i4096": (1024, 4096, [128, 128]),
     "deepseek_v3_small": (7168, 2048, [128, 128]),  # inputs/deepseek_v3_small.yaml (DeepSeek-V3's expert)
 }
@@ -55,8 +57,9 @@ MAX_EXPERTS = 64
 
 def fp8_before(mlp: MLP, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """MLP.forward's FP8 branch before hpcmoe/model/fp8.py: three whole dequantized copies per call."""
-    act = F.silu(F.linear(x, mlp.dequantized(mlp.gate_proj, x.dtype))) * \
-        F.linear(x, mlp.dequantized(mlp.up_proj, x.dtype))
+    act = F.silu(F.linear(x, mlp.dequantized(mlp.gate_proj, x.dtype))) * F.linear(
+        x, mlp.dequantized(mlp.up_proj, x.dtype)
+    )
     return torch.mm(act, mlp.dequantized(mlp.down_proj, x.dtype).t(), out=out)
 
 
@@ -68,12 +71,16 @@ def make_expert(hidden: int, inner: int, seed: int, block: list[int] = BLOCK) ->
     quantized.keep_fp8(block)
     quantized.allocate_fp8("cpu")
     twin.allocate(torch.empty(2 * inner, hidden), torch.empty(hidden, inner))
-    half.allocate(torch.empty(2 * inner, hidden, dtype=torch.bfloat16), torch.empty(hidden, inner, dtype=torch.bfloat16))
+    half.allocate(
+        torch.empty(2 * inner, hidden, dtype=torch.bfloat16), torch.empty(hidden, inner, dtype=torch.bfloat16)
+    )
     with torch.no_grad():
         for name in ("gate_proj", "up_proj", "down_proj"):
             q, t, h = (getattr(m, name) for m in (quantized, twin, half))
             rows, columns = q.weight.shape
-            weight, scale = block_quantize(torch.randn(rows, columns, generator=generator) * columns ** -0.5, block)
+            weight, scale = block_quantize(
+                torch.randn(rows, columns, generator=generator) * columns**-0.5, block
+            )
             q.weight.copy_(weight)
             q.weight_scale_inv.copy_(scale)
             t.weight.copy_(dequantize(weight, scale, block))
@@ -87,7 +94,7 @@ def expert_bytes(hidden: int, inner: int, itemsize: float) -> float:
 
 def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
     hidden, inner, block = SHAPES[name]
-    count = min(MAX_EXPERTS, max(1, -(-args.cold_mib * 2 ** 20 // int(expert_bytes(hidden, inner, 1)))))
+    count = min(MAX_EXPERTS, max(1, -(-args.cold_mib * 2**20 // int(expert_bytes(hidden, inner, 1)))))
     experts = [make_expert(hidden, inner, seed, block) for seed in range(count)]
     results = []
     for rows in rows_list:
@@ -102,8 +109,9 @@ def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
             "fp8_before": lambda e: fp8_before(e[0], x32, out32),
         }
         for chunk in args.chunks:
-            variants["fp8" if len(args.chunks) == 1 else f"fp8_c{chunk}"] = \
-                (lambda c: lambda e: (setattr(fp8, "CHUNK_ELEMENTS", c), e[0](x32, out=out32)))(chunk)
+            variants["fp8" if len(args.chunks) == 1 else f"fp8_c{chunk}"] = (
+                lambda c: lambda e: (setattr(fp8, "CHUNK_ELEMENTS", c), e[0](x32, out=out32))
+            )(chunk)
         fp8.CHUNK_ELEMENTS = args.chunks[0]
         if args.bf16:
             variants["fp8_bf16"] = lambda e: e[0](x16, out=out16)  # bfloat16 compute: against bfloat16
@@ -113,45 +121,72 @@ def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
             out = out16 if variant == "fp8_bf16" else out32
             variants[variant](pool[0])
             reference = references[out.dtype]
-            checks[variant] = dict(bitwise_equal=bool(torch.equal(out, reference)),
-                                   max_abs_diff=float((out.float() - reference.float()).abs().max()))
+            checks[variant] = dict(
+                bitwise_equal=bool(torch.equal(out, reference)),
+                max_abs_diff=float((out.float() - reference.float()).abs().max()),
+            )
         reps = args.reps if rows <= 32 else max(3, args.reps // 2)
         times = {v: [] for v in variants}
         order = list(variants)
         for rep in range(reps + 1):  # the first round warms up
-            for variant in order[rep % len(order):] + order[:rep % len(order)]:
+            for variant in order[rep % len(order) :] + order[: rep % len(order)]:
                 start = time.perf_counter()
                 for expert in pool:
                     variants[variant](expert)
                 if rep:
                     times[variant].append((time.perf_counter() - start) / len(pool) * 1e3)
         ms = {v: statistics.median(t) for v, t in times.items()}
-        result = dict(shape=name, hidden=hidden, expert_hidden=inner, fp8_block=block, rows=rows, experts=len(pool), reps=reps,
-                      ms=ms, checks=checks,
-                      ratio_to_float32={v: ms[v] / ms["float32"] for v in ms if v not in ("float32", "fp8_bf16")})
+        result = dict(
+            shape=name,
+            hidden=hidden,
+            expert_hidden=inner,
+            fp8_block=block,
+            rows=rows,
+            experts=len(pool),
+            reps=reps,
+            ms=ms,
+            checks=checks,
+            ratio_to_float32={v: ms[v] / ms["float32"] for v in ms if v not in ("float32", "fp8_bf16")},
+        )
         if "fp8_bf16" in ms:
             result["ratio_fp8_bf16_to_bfloat16"] = ms["fp8_bf16"] / ms["bfloat16"]
         results.append(result)
         ratios = " ".join(f"{v}/fp32={r:.2f}" for v, r in result["ratio_to_float32"].items())
         if "fp8_bf16" in ms:
             ratios += f" fp8_bf16/bf16={result['ratio_fp8_bf16_to_bfloat16']:.2f}"
-        print(f"{name:18s} rows {rows:4d} | " + " ".join(f"{v} {t:8.3f}" for v, t in ms.items()) + f" ms | {ratios}"
-              + " | " + " ".join(f"{v}: {'bitwise' if c['bitwise_equal'] else c['max_abs_diff']}"
-                                 for v, c in checks.items()), flush=True)
+        print(
+            f"{name:18s} rows {rows:4d} | "
+            + " ".join(f"{v} {t:8.3f}" for v, t in ms.items())
+            + f" ms | {ratios}"
+            + " | "
+            + " ".join(
+                f"{v}: {'bitwise' if c['bitwise_equal'] else c['max_abs_diff']}" for v, c in checks.items()
+            ),
+            flush=True,
+        )
     return results
 
 
 # ---------------------------------------------------------------- whole 1-rank jobs
 
+
 def write_dequantized(directory: str, twin: str) -> None:
     """The checkpoint with every FP8 weight times its block scales, in float32, without quantization_config."""
     from safetensors.torch import load_file, save_file
+
     tensors = load_file(os.path.join(directory, "model.safetensors"))
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     block = config.pop("quantization_config")["weight_block_size"]
-    weights = {name: (dequantize(t, tensors[name + "_scale_inv"], block) if t.dtype == torch.float8_e4m3fn
-                      else t.float()) for name, t in tensors.items() if not name.endswith("_scale_inv")}
+    weights = {
+        name: (
+            dequantize(t, tensors[name + "_scale_inv"], block)
+            if t.dtype == torch.float8_e4m3fn
+            else t.float()
+        )
+        for name, t in tensors.items()
+        if not name.endswith("_scale_inv")
+    }
     os.makedirs(twin, exist_ok=True)
     with open(os.path.join(twin, "config.json"), "w") as f:
         json.dump(config, f)
@@ -159,21 +194,36 @@ def write_dequantized(directory: str, twin: str) -> None:
 
 
 # docs/PERFORMANCE.md's FP8 checkpoint (second wave [5/8]): DeepSeek-V3-shaped, 32 experts 1024 wide
-MODEL = dict(hidden_size=512, moe_intermediate_size=1024, intermediate_size=2048, n_routed_experts=32,
-             num_hidden_layers=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
-             v_head_dim=32, n_group=4, topk_group=2)
+MODEL = dict(
+    hidden_size=512,
+    moe_intermediate_size=1024,
+    intermediate_size=2048,
+    n_routed_experts=32,
+    num_hidden_layers=4,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    n_group=4,
+    topk_group=2,
+)
 
 
 def whole_model(args) -> dict:
     import h5py
     import yaml
     from make_tiny_checkpoint import make, quantize_fp8
+
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if not mpiexec:
         return {"skipped": "no mpiexec"}
     work = tempfile.mkdtemp(prefix="hpcmoe-bench-fp8-")
     try:
-        shape = {**MODEL, **{k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.model_set)}}
+        shape = {
+            **MODEL,
+            **{k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.model_set)},
+        }
         quantized, twin = os.path.join(work, "fp8"), os.path.join(work, "float32")
         make("deepseek_v3", quantized, **shape)
         quantize_fp8(quantized, BLOCK)
@@ -186,12 +236,33 @@ def whole_model(args) -> dict:
             for kind in ("fp8", "float32") if rep % 2 == 0 else ("float32", "fp8"):
                 config, output = os.path.join(work, f"{kind}.yaml"), os.path.join(work, f"{kind}.h5")
                 with open(config, "w") as f:
-                    json.dump({"model": {"checkpoint": quantized if kind == "fp8" else twin},
-                               "parallel": {"threads": args.threads},  # else the rank takes every core
-                               "run": {"prompt_ids": prompts, "max_new_tokens": args.model_steps,
-                                       "stop_at_eos": False}}, f)
-                command = ["timeout", "600", mpiexec, "-n", "1", sys.executable, "-m", "hpcmoe", "run", config,
-                           "--output", output, "--overwrite"]
+                    json.dump(
+                        {
+                            "model": {"checkpoint": quantized if kind == "fp8" else twin},
+                            "parallel": {"threads": args.threads},  # else the rank takes every core
+                            "run": {
+                                "prompt_ids": prompts,
+                                "max_new_tokens": args.model_steps,
+                                "stop_at_eos": False,
+                            },
+                        },
+                        f,
+                    )
+                command = [
+                    "timeout",
+                    "600",
+                    mpiexec,
+                    "-n",
+                    "1",
+                    sys.executable,
+                    "-m",
+                    "hpcmoe",
+                    "run",
+                    config,
+                    "--output",
+                    output,
+                    "--overwrite",
+                ]
                 result = subprocess.run(command, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
                     return {"failed": " ".join(command), "stderr": result.stderr[-2000:]}
@@ -199,15 +270,25 @@ def whole_model(args) -> dict:
                     runs[kind].append(float(f["metrics"].attrs["tpot_ms"]))
                     generated[kind] = f["generated"][:]
         tpot = {k: statistics.median(v) for k, v in runs.items()}
-        summary = dict(checkpoint=dict(family="deepseek_v3", fp8_block=BLOCK, **shape), threads=args.threads,
-                       batch=args.model_batch,
-                       prompt_len=32, new_tokens=args.model_steps, reps=args.model_reps, tpot_ms=tpot,
-                       tpot_samples_ms=runs, ratio_fp8_to_float32=tpot["fp8"] / tpot["float32"],
-                       tokens_equal=bool((generated["fp8"] == generated["float32"]).all()))
-        print(f"whole model, 1 rank, {args.threads} thread(s) (batch {args.model_batch}, prompt 32, "
-              f"{args.model_steps} new tokens): "
-              f"TPOT fp8 {tpot['fp8']:.2f} ms, float32 {tpot['float32']:.2f} ms, "
-              f"ratio {summary['ratio_fp8_to_float32']:.2f}, tokens equal: {summary['tokens_equal']}", flush=True)
+        summary = dict(
+            checkpoint=dict(family="deepseek_v3", fp8_block=BLOCK, **shape),
+            threads=args.threads,
+            batch=args.model_batch,
+            prompt_len=32,
+            new_tokens=args.model_steps,
+            reps=args.model_reps,
+            tpot_ms=tpot,
+            tpot_samples_ms=runs,
+            ratio_fp8_to_float32=tpot["fp8"] / tpot["float32"],
+            tokens_equal=bool((generated["fp8"] == generated["float32"]).all()),
+        )
+        print(
+            f"whole model, 1 rank, {args.threads} thread(s) (batch {args.model_batch}, prompt 32, "
+            f"{args.model_steps} new tokens): "
+            f"TPOT fp8 {tpot['fp8']:.2f} ms, float32 {tpot['float32']:.2f} ms, "
+            f"ratio {summary['ratio_fp8_to_float32']:.2f}, tokens equal: {summary['tokens_equal']}",
+            flush=True,
+        )
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -215,18 +296,37 @@ def whole_model(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES),
-                        help="expert shapes (none: only --model)")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=list(SHAPES),
+        choices=list(SHAPES),
+        help="expert shapes (none: only --model)",
+    )
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 32, 512])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--cold-mib", type=int, default=96, help="each variant's weights per repetition, at least")
-    parser.add_argument("--chunks", nargs="+", type=int, default=[fp8.CHUNK_ELEMENTS],
-                        help="fp8.CHUNK_ELEMENTS values to compare (one: the variant is called fp8)")
+    parser.add_argument(
+        "--cold-mib", type=int, default=96, help="each variant's weights per repetition, at least"
+    )
+    parser.add_argument(
+        "--chunks",
+        nargs="+",
+        type=int,
+        default=[fp8.CHUNK_ELEMENTS],
+        help="fp8.CHUNK_ELEMENTS values to compare (one: the variant is called fp8)",
+    )
     parser.add_argument("--bf16", action="store_true", help="also FP8 experts in bfloat16 compute (fp8_bf16)")
-    parser.add_argument("--model", action="store_true", help="also whole 1-rank jobs: FP8 checkpoint vs its twin")
-    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the whole-model checkpoint's transformers config")
+    parser.add_argument(
+        "--model", action="store_true", help="also whole 1-rank jobs: FP8 checkpoint vs its twin"
+    )
+    parser.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the whole-model checkpoint's transformers config",
+    )
     parser.add_argument("--model-batch", type=int, default=4)
     parser.add_argument("--model-steps", type=int, default=16)
     parser.add_argument("--model-reps", type=int, default=6)
@@ -239,11 +339,18 @@ def main() -> None:
     for name in args.shapes:
         results += bench_shape(name, args.rows, args)
     fp8.CHUNK_ELEMENTS = default_chunk
-    report = dict(command=" ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
-                                    else "python"] + sys.argv),
-                  torch=torch.__version__, threads=args.threads, cpu=platform.processor() or platform.machine(),
-                  cpu_capability=torch.backends.cpu.get_cpu_capability(), chunk_elements=default_chunk,
-                  results=results)
+    report = dict(
+        command=" ".join(
+            [os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else "python"]
+            + sys.argv
+        ),
+        torch=torch.__version__,
+        threads=args.threads,
+        cpu=platform.processor() or platform.machine(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        chunk_elements=default_chunk,
+        results=results,
+    )
     if args.model:
         report["whole_model"] = whole_model(args)
     report["load_average"] = dict(before=load_before, after=os.getloadavg())  # other work on this box

@@ -13,6 +13,7 @@ from detection (recovered_at - detected_at: to the end of the step done again), 
 deputy takes over) is among the ranks killed; in ma (2 groups of primary + standby, 1 MoE rank) the
 attention ranks are (the only MoE rank's death cannot be survived).
 """
+
 import argparse
 import json
 import os
@@ -31,17 +32,44 @@ LAYOUT = ["ep"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FT = os.path.join(ROOT, ".venv-ft", "bin")
 WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=32", "run.batch=12"]
-MA = ["parallel.layout=ma", "parallel.attention_ranks=4", "parallel.moe_ranks=1", "parallel.attention_replicas=2",
-      "parallel.attention_standby=true"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "OMPI_ALLOW_RUN_AS_ROOT": "1",
-       "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PRTE_ALLOW_RUN_AS_ROOT": "1", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+MA = [
+    "parallel.layout=ma",
+    "parallel.attention_ranks=4",
+    "parallel.moe_ranks=1",
+    "parallel.attention_replicas=2",
+    "parallel.attention_standby=true",
+]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": ROOT,
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+}
 
 
 def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedProcess:
     settings = (MA if LAYOUT[0] == "ma" else []) + settings
-    command = ["timeout", "300", f"{FT}/mpirun", "--with-ft", "ulfm", "--oversubscribe", "-n", str(ranks),
-               f"{FT}/python", "-m", "hpcmoe", "run", os.path.join(ROOT, "inputs", "debug.yaml"), "--output", output,
-               "--overwrite"]   # the benchmark reuses its own files
+    command = [
+        "timeout",
+        "300",
+        f"{FT}/mpirun",
+        "--with-ft",
+        "ulfm",
+        "--oversubscribe",
+        "-n",
+        str(ranks),
+        f"{FT}/python",
+        "-m",
+        "hpcmoe",
+        "run",
+        os.path.join(ROOT, "inputs", "debug.yaml"),
+        "--output",
+        output,
+        "--overwrite",
+    ]  # the benchmark reuses its own files
     for setting in WORKLOAD + settings:
         command += ["--set", setting]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV)
@@ -71,7 +99,9 @@ def main() -> None:
             job(args.ranks, path, [f"run.fault_tolerance={str(variant == 'on').lower()}"])
             with h5py.File(path) as f:
                 if rep:
-                    samples[variant].append({k: float(f["metrics"].attrs[k]) for k in ("tps", "tpot_ms", "ttft_ms")})
+                    samples[variant].append(
+                        {k: float(f["metrics"].attrs[k]) for k in ("tps", "tpot_ms", "ttft_ms")}
+                    )
                 if variant == "off":
                     reference = f["generated"][:]
     median = {v: {k: float(np.median([s[k] for s in rows])) for k in rows[0]} for v, rows in samples.items()}
@@ -80,25 +110,45 @@ def main() -> None:
         phase = ["dispatch", "combine", "record", "between_steps", "route", "experts", "stop_vote"][i % 7]
         layered = phase in ("route", "dispatch", "experts", "combine")
         victims = range(args.ranks) if args.layout == "ep" else [0, 2] if layered else range(4)
-        phase = "dispatch" if args.layout == "ma" and phase == "experts" else phase   # ma's experts: its one MoE rank
+        phase = (
+            "dispatch" if args.layout == "ma" and phase == "experts" else phase
+        )  # ma's experts: its one MoE rank
         rank, step = rng.choice(list(victims)), rng.randint(2, 20)
         path = os.path.join(work, f"kill{i}.h5")
-        result = job(args.ranks, path, ["run.fault_tolerance=true",
-                                        f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"])
+        result = job(
+            args.ranks,
+            path,
+            ["run.fault_tolerance=true", f"run.kill=[{{rank: {rank}, step: {step}, phase: {phase}}}]"],
+        )
         [killed] = killed_at(result.stderr)
         with h5py.File(path) as f:
             row = f["metrics/failures"][0]
-            recoveries.append({"rank": rank, "step": step, "phase": phase,
-                               "recovery_ms": 1e3 * float(row["recovered_at"] - row["detected_at"]),
-                               "recovery_from_kill_ms": 1e3 * float(row["recovered_at"] - killed),
-                               "detection_ms": 1e3 * float(row["detected_at"] - killed),
-                               "same_tokens": bool(np.array_equal(f["generated"][:], reference))})
-    result = {"benchmark": "fault_tolerance", "layout": args.layout, "ranks": args.ranks, "reps": args.reps, "workload": WORKLOAD,
-              "median": median, "tps_on_over_off": median["on"]["tps"] / median["off"]["tps"],
-              "recoveries": recoveries,
-              **{f"{key}_{name}": float(reduce([r[key] for r in recoveries]))
-                 for key in ("recovery_ms", "recovery_from_kill_ms", "detection_ms")
-                 for name, reduce in (("median", np.median), ("max", np.max))}}
+            recoveries.append(
+                {
+                    "rank": rank,
+                    "step": step,
+                    "phase": phase,
+                    "recovery_ms": 1e3 * float(row["recovered_at"] - row["detected_at"]),
+                    "recovery_from_kill_ms": 1e3 * float(row["recovered_at"] - killed),
+                    "detection_ms": 1e3 * float(row["detected_at"] - killed),
+                    "same_tokens": bool(np.array_equal(f["generated"][:], reference)),
+                }
+            )
+    result = {
+        "benchmark": "fault_tolerance",
+        "layout": args.layout,
+        "ranks": args.ranks,
+        "reps": args.reps,
+        "workload": WORKLOAD,
+        "median": median,
+        "tps_on_over_off": median["on"]["tps"] / median["off"]["tps"],
+        "recoveries": recoveries,
+        **{
+            f"{key}_{name}": float(reduce([r[key] for r in recoveries]))
+            for key in ("recovery_ms", "recovery_from_kill_ms", "detection_ms")
+            for name, reduce in (("median", np.median), ("max", np.max))
+        },
+    }
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

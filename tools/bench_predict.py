@@ -9,6 +9,7 @@
 
     python tools/bench_predict.py [--out docs/bench/predict.json] [--work runs/predict]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hpcmoe.analysis import predict  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inputs", "bench_predict.yaml")
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inputs", "bench_predict.yaml"
+)
 
 
 def main() -> None:
@@ -33,23 +36,43 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3000)
     parser.add_argument("--reuse", action="store_true", help="keep run files already in --work")
     args = parser.parse_args()
-    train_runs = predict.collect(CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8,
-                                 reuse=args.reuse)
+    train_runs = predict.collect(
+        CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8, reuse=args.reuse
+    )
     target = {"batch": 8, "prompt_len": 32}
-    unseen = predict.collect(CONFIG, [], os.path.join(args.work, "unseen"), [4, 6, 8], [target["batch"]],
-                             [target["prompt_len"]], 8, reuse=args.reuse)
+    unseen = predict.collect(
+        CONFIG,
+        [],
+        os.path.join(args.work, "unseen"),
+        [4, 6, 8],
+        [target["batch"]],
+        [target["prompt_len"]],
+        8,
+        reuse=args.reuse,
+    )
     machine = predict.machine_profile()
     x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in train_runs)))
     model = predict.train(x, y, args.epochs)
     tx, ty, roofline = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in unseen)))
-    errors = {"predictor": predict.relative_error(model.predict_ms(tx), ty),
-              "roofline": predict.relative_error(roofline, ty)}
-    print(f"error on {len(unseen)} unseen runs ({len(tx)} samples; trained on {len(train_runs)} runs, {len(x)} samples):")
+    errors = {
+        "predictor": predict.relative_error(model.predict_ms(tx), ty),
+        "roofline": predict.relative_error(roofline, ty),
+    }
+    print(
+        f"error on {len(unseen)} unseen runs ({len(tx)} samples; trained on {len(train_runs)} runs, {len(x)} samples):"
+    )
     for i, name in enumerate(predict.TARGETS):
         print(f"  {name:<13} predictor {errors['predictor'][i]:.3f}   roofline {errors['roofline'][i]:.3f}")
     proposals = {}
-    config = load_config(CONFIG, [f"run.batch={target['batch']}", f"run.prompt_len={target['prompt_len']}",
-                                  f"run.prompt_len_min={target['prompt_len']}", "run.max_new_tokens=8"])
+    config = load_config(
+        CONFIG,
+        [
+            f"run.batch={target['batch']}",
+            f"run.prompt_len={target['prompt_len']}",
+            f"run.prompt_len_min={target['prompt_len']}",
+            "run.max_new_tokens=8",
+        ],
+    )
     for ranks in (4, 6, 8):
         measured = {}
         for path in unseen:
@@ -60,16 +83,32 @@ def main() -> None:
         proposal = predict.propose(model, config, ranks, machine)
         chosen = f"{proposal['attention_ranks']}:{proposal['moe_ranks']}"
         best = min(measured, key=measured.get)
-        proposals[ranks] = {"measured_tpot_ms": measured, "proposed": chosen, "best": best,
-                            "proposed_over_best": measured[chosen] / measured[best],
-                            "predicted_total_ms": proposal["options"]}
-        print(f"  {ranks} ranks: proposed {chosen} TPOT {measured[chosen]:.1f} ms, best {best} {measured[best]:.1f} ms "
-              f"-> {measured[chosen] / measured[best]:.2f}x  (all: " +
-              ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items())) + ")")
-    result = {"benchmark": "predict", "goal": "proposed split's TPOT within 10% of the best measured split",
-              "command": "python tools/bench_predict.py", "train_runs": len(train_runs), "unseen_runs": len(unseen),
-              "train_samples": len(x), "unseen_samples": len(tx), "error_on_unseen_runs": errors,
-              "targets": list(predict.TARGETS), "proposals": proposals, "machine": machine}
+        proposals[ranks] = {
+            "measured_tpot_ms": measured,
+            "proposed": chosen,
+            "best": best,
+            "proposed_over_best": measured[chosen] / measured[best],
+            "predicted_total_ms": proposal["options"],
+        }
+        print(
+            f"  {ranks} ranks: proposed {chosen} TPOT {measured[chosen]:.1f} ms, best {best} {measured[best]:.1f} ms "
+            f"-> {measured[chosen] / measured[best]:.2f}x  (all: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items()))
+            + ")"
+        )
+    result = {
+        "benchmark": "predict",
+        "goal": "proposed split's TPOT within 10% of the best measured split",
+        "command": "python tools/bench_predict.py",
+        "train_runs": len(train_runs),
+        "unseen_runs": len(unseen),
+        "train_samples": len(x),
+        "unseen_samples": len(tx),
+        "error_on_unseen_runs": errors,
+        "targets": list(predict.TARGETS),
+        "proposals": proposals,
+        "machine": machine,
+    }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -12,6 +12,7 @@ of the machine file (hpcmoe.sim.calibrate.CALIBRATION_RUNS: the debug model) nor
 predictor, one it was fitted on unless you trained it on them.
 Goal ([6/7]): the chosen split within 10% of the best measured TPOT at 4, 6 and 8 ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import h5py
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from hpcmoe.config import load_config  # noqa: E402
 from hpcmoe.analysis.predict import choose_split, splits  # noqa: E402
+from hpcmoe.config import load_config  # noqa: E402
 
 CONFIG = os.path.join(HERE, "inputs", "bench_predict.yaml")
 GOAL = 1.10
@@ -36,10 +37,26 @@ SETTINGS = ["parallel.layout=ma", "parallel.threads=1"]
 
 def measure(ranks: int, attention: int, moe: int, output: str) -> float:
     """One run of the split -> its TPOT in ms."""
-    mpiexec = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    mpiexec = shutil.which(
+        "mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    )
     sets = SETTINGS + [f"parallel.attention_ranks={attention}", f"parallel.moe_ranks={moe}"]
-    command = ["timeout", "600", mpiexec, "-n", str(ranks), sys.executable, "-m", "hpcmoe", "run", CONFIG,
-               "--output", output, "--overwrite", *[a for s in sets for a in ("--set", s)]]
+    command = [
+        "timeout",
+        "600",
+        mpiexec,
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "hpcmoe",
+        "run",
+        CONFIG,
+        "--output",
+        output,
+        "--overwrite",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     with h5py.File(output) as f:
         return float(f["metrics"].attrs["tpot_ms"])
@@ -47,8 +64,11 @@ def measure(ranks: int, attention: int, moe: int, output: str) -> float:
 
 def chosen(ranks: int, predictor: str) -> str:
     """The split `parallel.attention_ranks: auto` takes with this predictor (a machine file or a .pt)."""
-    config = load_config(CONFIG, SETTINGS + ["parallel.attention_ranks=auto", "parallel.moe_ranks=auto",
-                                             f"parallel.predictor={predictor}"])
+    config = load_config(
+        CONFIG,
+        SETTINGS
+        + ["parallel.attention_ranks=auto", "parallel.moe_ranks=auto", f"parallel.predictor={predictor}"],
+    )
     config, _ = choose_split(config, ranks)
     return f"{config.parallel.attention_ranks}:{config.parallel.moe_ranks}"
 
@@ -60,7 +80,9 @@ def main() -> int:
     parser.add_argument("--machine", default=os.path.join(HERE, "machines", "this_box.yaml"))
     parser.add_argument("--predictor", help="also score a trained predictor (hpcmoe predict train)")
     parser.add_argument("--output", "--out")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output (refused otherwise)"
+    )
     args = parser.parse_args()
     if args.output and os.path.exists(args.output) and not args.overwrite:
         parser.error(f"--output {args.output} exists: pass --overwrite to replace it")
@@ -74,7 +96,9 @@ def main() -> int:
             for rep in range(args.reps):
                 for split in options:
                     attention, moe = map(int, split.split(":"))
-                    runs[split].append(measure(ranks, attention, moe, os.path.join(work, f"{ranks}_{split}.h5")))
+                    runs[split].append(
+                        measure(ranks, attention, moe, os.path.join(work, f"{ranks}_{split}.h5"))
+                    )
                     print(f"-n {ranks} {split} rep {rep}: TPOT {runs[split][-1]:.2f} ms", flush=True)
             tpot = {split: min(times) for split, times in runs.items()}
             best = min(tpot, key=tpot.get)
@@ -82,18 +106,34 @@ def main() -> int:
             for name, predictor in choosers.items():
                 split = chosen(ranks, predictor)
                 row[name] = {"chosen": split, "chosen_over_best": tpot[split] / tpot[best]}
-                print(f"-n {ranks}: best {best} ({tpot[best]:.2f} ms); {name} chose {split} "
-                      f"({tpot[split]:.2f} ms, {tpot[split] / tpot[best]:.3f}x)", flush=True)
+                print(
+                    f"-n {ranks}: best {best} ({tpot[best]:.2f} ms); {name} chose {split} "
+                    f"({tpot[split]:.2f} ms, {tpot[split] / tpot[best]:.3f}x)",
+                    flush=True,
+                )
             results[str(ranks)] = row
     worst = {name: max(r[name]["chosen_over_best"] for r in results.values()) for name in choosers}
-    print("worst chosen / best: " + ", ".join(f"{name} {value:.3f}" for name, value in worst.items())
-          + f" (goal <= {GOAL})")
+    print(
+        "worst chosen / best: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in worst.items())
+        + f" (goal <= {GOAL})"
+    )
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"benchmark": "split", "what": "the split attention_ranks: auto chooses against every split "
-                       f"measured on {os.path.relpath(CONFIG, HERE)}", "goal_chosen_over_best": GOAL,
-                       "reps": args.reps, "machine": os.path.relpath(args.machine, HERE), "ranks": results,
-                       "worst": worst}, f, indent=1)
+            json.dump(
+                {
+                    "benchmark": "split",
+                    "what": "the split attention_ranks: auto chooses against every split "
+                    f"measured on {os.path.relpath(CONFIG, HERE)}",
+                    "goal_chosen_over_best": GOAL,
+                    "reps": args.reps,
+                    "machine": os.path.relpath(args.machine, HERE),
+                    "ranks": results,
+                    "worst": worst,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

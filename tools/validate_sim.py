@@ -18,6 +18,7 @@ they are simulated twice: with the routing recorded from real text (a -n 1 run o
 
     python tools/validate_sim.py [--machine machines/this_box.yaml] [--out docs/bench/simulation.json] [--reps 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hpcmoe.sim.calibrate import CALIBRATION_RUNS, mpi_command, same_configuration  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
-from hpcmoe.sim.machine import load_machine  # noqa: E402
 from hpcmoe.runfile.output import read_routing  # noqa: E402
+from hpcmoe.sim.calibrate import CALIBRATION_RUNS, mpi_command, same_configuration  # noqa: E402
+from hpcmoe.sim.machine import load_machine  # noqa: E402
 from hpcmoe.sim.simulate import simulate  # noqa: E402
 
-DEBUG, WIDE = "inputs/debug.yaml", "inputs/bench_ep.yaml"   # the debug model; hidden 256, experts 1024 wide
+DEBUG, WIDE = "inputs/debug.yaml", "inputs/bench_ep.yaml"  # the debug model; hidden 256, experts 1024 wide
 ONE_THREAD = ["parallel.threads=1"]
 NODES_OF_2 = ["parallel.ranks_per_node=2"]
 NODES_OF_1 = ["parallel.ranks_per_node=1"]
@@ -46,10 +47,15 @@ LINK_FAST = ["parallel.link={bandwidth_gbps: 1, latency_us: 50}"]
 LINK_SLOW = ["parallel.link={bandwidth_gbps: 0.1, latency_us: 200}"]
 BATCH_12 = ["run.batch=12", "run.prompt_len=32"]
 MA_3_1 = ["parallel.layout=ma", "parallel.attention_ranks=3", "parallel.moe_ranks=1"]
-REFERENCE = (DEBUG, 1, ["run.max_new_tokens=12"])   # hpcmoe calibrate's -n 1 run
-CHECKPOINT = "inputs/checkpoint.yaml"   # with {checkpoint} and {prompts} filled in by text_workload
-TEXT = ["model.checkpoint={checkpoint}", "run.prompts={prompts}", "run.stop_at_eos=false",
-        "run.sampling={{temperature: 0}}", "run.max_new_tokens=12"]
+REFERENCE = (DEBUG, 1, ["run.max_new_tokens=12"])  # hpcmoe calibrate's -n 1 run
+CHECKPOINT = "inputs/checkpoint.yaml"  # with {checkpoint} and {prompts} filled in by text_workload
+TEXT = [
+    "model.checkpoint={checkpoint}",
+    "run.prompts={prompts}",
+    "run.stop_at_eos=false",
+    "run.sampling={{temperature: 0}}",
+    "run.max_new_tokens=12",
+]
 CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (check_disjoint)
     "debug_n1_batch12": (DEBUG, 1, BATCH_12),
     "debug_n3": (DEBUG, 3, []),
@@ -71,7 +77,7 @@ CONFIGS = {  # name: (config, ranks, settings); none of them a calibration run (
     "text_fp8_n2": (CHECKPOINT, 2, TEXT),
     "text_fp8_n4": (CHECKPOINT, 4, TEXT),
 }
-RECORDING = 1   # ranks of the run whose /routing the text rows are simulated with (none of theirs)
+RECORDING = 1  # ranks of the run whose /routing the text rows are simulated with (none of theirs)
 
 
 def text_workload(folder: str) -> dict:
@@ -79,8 +85,21 @@ def text_workload(folder: str) -> dict:
     -> the values of TEXT's placeholders."""
     checkpoint, prompts = os.path.join(folder, "checkpoint"), os.path.join(folder, "prompts.jsonl")
     corpus = os.path.join(ROOT, "tests", "data", "tiny_corpus.txt")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_checkpoint.py"), "deepseek_v3", checkpoint,
-                    "--tokenizer", corpus, "--fp8", "16", "16"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "make_tiny_checkpoint.py"),
+            "deepseek_v3",
+            checkpoint,
+            "--tokenizer",
+            corpus,
+            "--fp8",
+            "16",
+            "16",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with open(corpus) as f, open(prompts, "w") as out:
         for i, line in enumerate(line.strip() for line in f if line.strip()):
             out.write(json.dumps({"id": f"line{i}", "prompt": line}) + "\n")
@@ -94,16 +113,20 @@ def filled(settings: list[str], workload: dict) -> list[str]:
 def check_disjoint(configs: dict = CONFIGS) -> None:
     """No validation configuration is one that `hpcmoe calibrate` fits on (same model, batch, prompts,
     layout and rank count): those would score the model on its own fit."""
-    calibration = [(load_config(os.path.join(ROOT, DEBUG), settings), ranks)
-                   for ranks, settings in CALIBRATION_RUNS.values()]
+    calibration = [
+        (load_config(os.path.join(ROOT, DEBUG), settings), ranks)
+        for ranks, settings in CALIBRATION_RUNS.values()
+    ]
     for name, (config_path, ranks, settings) in configs.items():
-        if config_path == CHECKPOINT:   # another model than the debug model that calibrate runs
+        if config_path == CHECKPOINT:  # another model than the debug model that calibrate runs
             continue
         config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + settings)
         for fitted, fitted_ranks in calibration:
             if same_configuration(config, ranks, fitted, fitted_ranks):
-                raise ValueError(f"validation configuration {name} is one of hpcmoe calibrate's runs "
-                                 f"({fitted_ranks} ranks): choose one the fit has not seen")
+                raise ValueError(
+                    f"validation configuration {name} is one of hpcmoe calibrate's runs "
+                    f"({fitted_ranks} ranks): choose one the fit has not seen"
+                )
 
 
 def one_run(config: str, ranks: int, settings: list[str], path: str) -> dict:
@@ -111,9 +134,13 @@ def one_run(config: str, ranks: int, settings: list[str], path: str) -> dict:
     command = mpi_command(ranks, "hpcmoe", "run", os.path.join(ROOT, config), "--output", path, "--overwrite")
     for setting in ONE_THREAD + settings:
         command += ["--set", setting]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"{config} -n {ranks} {settings}: exit {result.returncode}: {result.stderr[-400:]}")
+        raise RuntimeError(
+            f"{config} -n {ranks} {settings}: exit {result.returncode}: {result.stderr[-400:]}"
+        )
     with h5py.File(path, "r") as f:
         return {k: float(f["metrics"].attrs[k]) for k in ("ttft_ms", "tpot_ms")}
 
@@ -124,8 +151,12 @@ def measure(config: str, ranks: int, settings: list[str], reps: int) -> list[dic
     with tempfile.TemporaryDirectory(prefix="hpcmoe-validate-") as work:
         for rep in range(reps):
             reference = one_run(*REFERENCE, os.path.join(work, "reference.h5"))
-            runs.append({**one_run(config, ranks, settings, os.path.join(work, f"run{rep}.h5")),
-                         "reference_tpot_ms": reference["tpot_ms"]})
+            runs.append(
+                {
+                    **one_run(config, ranks, settings, os.path.join(work, f"run{rep}.h5")),
+                    "reference_tpot_ms": reference["tpot_ms"],
+                }
+            )
     return runs
 
 
@@ -133,34 +164,61 @@ def error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
 
-def validate(name: str, config_path: str, ranks: int, settings: list[str], earlier: dict, machine, reference: dict,
-             reps: int, workload: dict, recorded) -> dict:
+def validate(
+    name: str,
+    config_path: str,
+    ranks: int,
+    settings: list[str],
+    earlier: dict,
+    machine,
+    reference: dict,
+    reps: int,
+    workload: dict,
+    recorded,
+) -> dict:
     """One configuration measured (or its earlier runs kept) and simulated -> its row. A text row is
     simulated with the routing recorded from real text, and again with synthetic routing."""
     text = config_path == CHECKPOINT
     run_settings = filled(settings, workload) if text else settings
-    runs = earlier[name]["measured_runs"] if name in earlier else measure(config_path, ranks, run_settings, reps)
+    runs = (
+        earlier[name]["measured_runs"] if name in earlier else measure(config_path, ranks, run_settings, reps)
+    )
     config = load_config(os.path.join(ROOT, config_path), ONE_THREAD + run_settings)
     predicted = simulate(config, machine, ranks, routing=recorded if text else None)
     synthetic = simulate(config, machine, ranks) if text else None
     drift = float(np.median([run.get("reference_tpot_ms", np.nan) for run in runs])) / reference["tpot_ms"]
-    row = {"name": name, "config": config_path, "ranks": ranks, "settings": settings, "measured_runs": runs,
-           "drift": drift}
+    row = {
+        "name": name,
+        "config": config_path,
+        "ranks": ranks,
+        "settings": settings,
+        "measured_runs": runs,
+        "drift": drift,
+    }
     for metric in ("ttft_ms", "tpot_ms"):
         measured = float(np.median([run[metric] for run in runs]))
-        row[metric] = {"measured_median": measured, "predicted": float(predicted[metric]),
-                       "error": error(float(predicted[metric]), measured),
-                       "error_at_calibration_speed": error(drift * float(predicted[metric]), measured)}
+        row[metric] = {
+            "measured_median": measured,
+            "predicted": float(predicted[metric]),
+            "error": error(float(predicted[metric]), measured),
+            "error_at_calibration_speed": error(drift * float(predicted[metric]), measured),
+        }
         if text:
             row[metric]["predicted_synthetic_routing"] = float(synthetic[metric])
             row[metric]["error_synthetic_routing"] = error(float(synthetic[metric]), measured)
-    print(f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
-          f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
-          f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
-          f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
-          f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%"
-          + (f"   synthetic routing: TPOT {100 * row['tpot_ms']['error_synthetic_routing']:+6.1f}%" if text else ""),
-          flush=True)
+    print(
+        f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
+        f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
+        f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
+        f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
+        f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%"
+        + (
+            f"   synthetic routing: TPOT {100 * row['tpot_ms']['error_synthetic_routing']:+6.1f}%"
+            if text
+            else ""
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -169,7 +227,9 @@ def main() -> None:
     parser.add_argument("--machine", default=os.path.join(ROOT, "machines", "this_box.yaml"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "simulation.json"))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--reuse", action="store_true", help="keep the measured runs of --out; simulate again")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the measured runs of --out; simulate again"
+    )
     parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
     args = parser.parse_args()
     check_disjoint()
@@ -188,21 +248,37 @@ def main() -> None:
             one_run(CHECKPOINT, RECORDING, filled(TEXT, workload), recording)
             experts = load_config(os.path.join(ROOT, CHECKPOINT), filled(TEXT, workload)).model.num_experts
             recorded = read_routing(recording, experts)
-        rows = [validate(name, *row, earlier, machine, reference, args.reps, workload, recorded)
-                for name, row in chosen.items()]
+        rows = [
+            validate(name, *row, earlier, machine, reference, args.reps, workload, recorded)
+            for name, row in chosen.items()
+        ]
     summary = {}
     for kind in ("error", "error_at_calibration_speed"):
         errors = np.abs([row[m][kind] for row in rows for m in ("ttft_ms", "tpot_ms")])
-        summary[kind] = {"median_abs": float(np.nanmedian(errors)), "max_abs": float(np.nanmax(errors)),
-                         "ttft_median_abs": float(np.nanmedian([abs(r["ttft_ms"][kind]) for r in rows])),
-                         "tpot_median_abs": float(np.nanmedian([abs(r["tpot_ms"][kind]) for r in rows]))}
-        print(f"{kind}: median |error| {100 * summary[kind]['median_abs']:.1f}%, max {100 * summary[kind]['max_abs']:.1f}% "
-              f"(TTFT median {100 * summary[kind]['ttft_median_abs']:.1f}%, TPOT median "
-              f"{100 * summary[kind]['tpot_median_abs']:.1f}%)")
+        summary[kind] = {
+            "median_abs": float(np.nanmedian(errors)),
+            "max_abs": float(np.nanmax(errors)),
+            "ttft_median_abs": float(np.nanmedian([abs(r["ttft_ms"][kind]) for r in rows])),
+            "tpot_median_abs": float(np.nanmedian([abs(r["tpot_ms"][kind]) for r in rows])),
+        }
+        print(
+            f"{kind}: median |error| {100 * summary[kind]['median_abs']:.1f}%, max {100 * summary[kind]['max_abs']:.1f}% "
+            f"(TTFT median {100 * summary[kind]['ttft_median_abs']:.1f}%, TPOT median "
+            f"{100 * summary[kind]['tpot_median_abs']:.1f}%)"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": os.path.relpath(args.machine, ROOT), "reps": args.reps, "summary": summary,
-                   "reference_simulated_tpot_ms": reference["tpot_ms"], "configurations": rows}, f, indent=1)
+        json.dump(
+            {
+                "machine": os.path.relpath(args.machine, ROOT),
+                "reps": args.reps,
+                "summary": summary,
+                "reference_simulated_tpot_ms": reference["tpot_ms"],
+                "configurations": rows,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,7 @@
 """Offline analysis of run files: `hpcmoe report RUN.h5 [MORE.h5 ...] [--out DIR]`: a text summary
 per run, and PNG plots `<stem>.timeline.png`, `.expert_load.png`, `.traffic.png`, `.rank_load.png`,
 `.failures.png` after a dead rank (+ `compare.png`)."""
+
 from __future__ import annotations
 
 import os
@@ -11,17 +12,32 @@ import yaml
 from hpcmoe.runfile.output import is_comm, is_compute, is_wait, length, union
 
 DATASETS = ("generated", "prompt_lengths", "routing", "traffic", "placement", "timings", "metrics")
-METRICS = ("ttft_ms", "tpot_ms", "tps", "prefill_tokens_per_s", "decode_tokens_per_s",
-           "output_tokens_per_s", "prompt_tokens_per_s", "requests_per_s",
-           *(f"request_{name}_p{q}" for name in ("ttft_ms", "itl_ms", "latency_s") for q in (50, 90, 99)),
-           "wall_s", "load_s", "wall_with_load_s",
-           "idle_fraction", "busy_fraction", "busy_fraction_attention", "busy_fraction_moe",
-           "idle_fraction_attention", "idle_fraction_moe")
+METRICS = (
+    "ttft_ms",
+    "tpot_ms",
+    "tps",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "output_tokens_per_s",
+    "prompt_tokens_per_s",
+    "requests_per_s",
+    *(f"request_{name}_p{q}" for name in ("ttft_ms", "itl_ms", "latency_s") for q in (50, 90, 99)),
+    "wall_s",
+    "load_s",
+    "wall_with_load_s",
+    "idle_fraction",
+    "busy_fraction",
+    "busy_fraction_attention",
+    "busy_fraction_moe",
+    "idle_fraction_attention",
+    "idle_fraction_moe",
+)
 
 
 def load(path: str) -> dict:
     """Everything the report needs from one run file; ValueError if it is not a complete run."""
     import h5py
+
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
@@ -29,8 +45,9 @@ def load(path: str) -> dict:
     except OSError:
         raise ValueError(f"{path}: not an HDF5 file") from None
     with f:
-        missing = [name for name in DATASETS if name not in f] + \
-                  [name for name in ("config", "world_size", "node_of_rank") if name not in f.attrs]
+        missing = [name for name in DATASETS if name not in f] + [
+            name for name in ("config", "world_size", "node_of_rank") if name not in f.attrs
+        ]
         # a run stopped by a signal (NAME.partial.h5) holds its steps so far; a killed one nothing usable
         partial = None if f.attrs.get("complete", False) else f.attrs.get("stopped_at_step")
         if missing or (partial is None and not f.attrs.get("complete", False)):
@@ -40,19 +57,28 @@ def load(path: str) -> dict:
             parallel = yaml.safe_load(f.attrs["config"])["parallel"]
         except (yaml.YAMLError, KeyError, TypeError):
             raise ValueError(f"{path}: not a complete hpcmoe run file (unreadable config)") from None
-        return {"path": path, "stem": os.path.splitext(os.path.basename(path))[0],
-                "parallel": parallel, "world_size": int(f.attrs["world_size"]),
-                "node_of_rank": np.asarray(f.attrs["node_of_rank"]),
-                "partial": None if partial is None else int(partial),
-                "steady": "steady_decode_context" in f.attrs,
-                "routing": f["routing"][:], "traffic": summed_traffic(f["traffic"]), "timings": f["timings"][:],
-                "placement": f["placement"][:], "placement_attrs": dict(f["placement"].attrs),
-                "switches": [(int(row["step"]), row["placement"]) for row in f["placement_history"][:]]
-                if "placement_history" in f else [],
-                "failures": f["metrics/failures"][:] if "metrics/failures" in f else [],
-                "metrics": {k: float(v) for k, v in f["metrics"].attrs.items()
-                            if isinstance(v, (int, float, np.number))},
-                "samples": samples(f, yaml.safe_load(f.attrs["config"])["model"].get("checkpoint"))}
+        return {
+            "path": path,
+            "stem": os.path.splitext(os.path.basename(path))[0],
+            "parallel": parallel,
+            "world_size": int(f.attrs["world_size"]),
+            "node_of_rank": np.asarray(f.attrs["node_of_rank"]),
+            "partial": None if partial is None else int(partial),
+            "steady": "steady_decode_context" in f.attrs,
+            "routing": f["routing"][:],
+            "traffic": summed_traffic(f["traffic"]),
+            "timings": f["timings"][:],
+            "placement": f["placement"][:],
+            "placement_attrs": dict(f["placement"].attrs),
+            "switches": [(int(row["step"]), row["placement"]) for row in f["placement_history"][:]]
+            if "placement_history" in f
+            else [],
+            "failures": f["metrics/failures"][:] if "metrics/failures" in f else [],
+            "metrics": {
+                k: float(v) for k, v in f["metrics"].attrs.items() if isinstance(v, (int, float, np.number))
+            },
+            "samples": samples(f, yaml.safe_load(f.attrs["config"])["model"].get("checkpoint")),
+        }
 
 
 def summed_traffic(dataset) -> np.ndarray:
@@ -71,8 +97,12 @@ def samples(f, checkpoint) -> list[tuple[str, str, str]]:
     """(request id, prompt, completion) of the first requests: text through the checkpoint's
     tokenizer when it has one, else token ids."""
     from hpcmoe.runtime.workload import decode
-    ids = [x.decode() for x in f["request_ids"][:SHOWN_REQUESTS]] if "request_ids" in f else \
-        [str(i) for i in range(min(SHOWN_REQUESTS, len(f["generated"])))]
+
+    ids = (
+        [x.decode() for x in f["request_ids"][:SHOWN_REQUESTS]]
+        if "request_ids" in f
+        else [str(i) for i in range(min(SHOWN_REQUESTS, len(f["generated"])))]
+    )
     shown = []
     for i, request in enumerate(ids):
         prompt, made = f["prompt_ids"][i], f["generated"][i]
@@ -117,9 +147,16 @@ def kind_seconds(timings: np.ndarray, ranks: list[int]) -> dict[str, float]:
 def summary(run: dict) -> str:
     """The text summary of one run, one `key: value` per line."""
     p, m = run["parallel"], run["metrics"]
-    lines = [f"run: {run['path']}"] + (partial_lines(run) if run.get("partial") is not None else []) + \
-        [f"layout: {p['layout']}", f"world_size: {run['world_size']}",
-             f"num_nodes: {len(np.unique(run['node_of_rank']))}", "metrics:"]
+    lines = (
+        [f"run: {run['path']}"]
+        + (partial_lines(run) if run.get("partial") is not None else [])
+        + [
+            f"layout: {p['layout']}",
+            f"world_size: {run['world_size']}",
+            f"num_nodes: {len(np.unique(run['node_of_rank']))}",
+            "metrics:",
+        ]
+    )
     for key in METRICS:
         if key in m:
             lines.append(f"  {key}: {m[key]:.4f}" if "fraction" in key else f"  {key}: {m[key]:.3f}")
@@ -130,25 +167,35 @@ def summary(run: dict) -> str:
         merged = kind_seconds(run["timings"], ranks)
         lines.append("  merged: " + ", ".join(f"{kind} {s:.6f}" for kind, s in merged.items()))
     slots = run["routing"].sum(axis=(0, 1, 2))  # token slots per expert: all steps, layers, sources
-    lines += ["load imbalance:", f"  rank_load_max_over_mean: {m.get('rank_load_max_over_mean', np.nan):.4f}",
-              f"  expert_slots_max: {slots.max()}", f"  expert_slots_mean: {slots.mean():.3f}",
-              f"  expert_slots_max_over_mean: {slots.max() / max(slots.mean(), 1e-12):.4f}"]
+    lines += [
+        "load imbalance:",
+        f"  rank_load_max_over_mean: {m.get('rank_load_max_over_mean', np.nan):.4f}",
+        f"  expert_slots_max: {slots.max()}",
+        f"  expert_slots_mean: {slots.mean():.3f}",
+        f"  expert_slots_max_over_mean: {slots.max() / max(slots.mean(), 1e-12):.4f}",
+    ]
     attrs = run["placement_attrs"]
     tp = int(attrs.get("expert_tp", 1))
-    lines.append(f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}"
-                 + (f", expert_tp {tp}: each replica on the {tp} ranks from the one listed" if tp > 1 else ""))
+    lines.append(
+        f"placement (moe layer 0): mode {attrs.get('mode', '?')}, source {attrs.get('source', '?')}"
+        + (f", expert_tp {tp}: each replica on the {tp} ranks from the one listed" if tp > 1 else "")
+    )
     lines += placement_lines(run["placement"][0])
     for row in run["failures"]:
-        lines.append(f"failure: rank {row['rank']} in step {row['step']} (layer {row['layer']}, {row['phase'].decode() or '-'}):"
-                     f" detected at {row['detected_at']:.3f} s, recovered (its step done again) at "
-                     f"{row['recovered_at']:.3f} s: recovery {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms; "
-                     f"{row['action'].decode()}")
+        lines.append(
+            f"failure: rank {row['rank']} in step {row['step']} (layer {row['layer']}, {row['phase'].decode() or '-'}):"
+            f" detected at {row['detected_at']:.3f} s, recovered (its step done again) at "
+            f"{row['recovered_at']:.3f} s: recovery {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms; "
+            f"{row['action'].decode()}"
+        )
     if run["switches"]:
         load = rank_load_over_steps(run)
         ratio = load.max(1) / np.maximum(load.mean(1), 1e-12)
-        lines.append(f"online rebalancing: {len(run['switches'])} switch(es), at steps "
-                     f"{', '.join(str(step) for step, _ in run['switches'])}; rank load max/mean per step: "
-                     f"mean {ratio.mean():.3f}")
+        lines.append(
+            f"online rebalancing: {len(run['switches'])} switch(es), at steps "
+            f"{', '.join(str(step) for step, _ in run['switches'])}; rank load max/mean per step: "
+            f"mean {ratio.mean():.3f}"
+        )
     lines.append(f"first {len(run['samples'])} requests (prompt -> completion):")
     lines += [f"  {request}: {prompt!r} -> {completion!r}" for request, prompt, completion in run["samples"]]
     return "\n".join(lines)
@@ -156,7 +203,9 @@ def summary(run: dict) -> str:
 
 def partial_lines(run: dict) -> list[str]:
     done = run["partial"]
-    return [f"partial: yes, stopped at step {done} (steps 0-{done - 1} done so far; a time-limit or signal stop)"]
+    return [
+        f"partial: yes, stopped at step {done} (steps 0-{done - 1} done so far; a time-limit or signal stop)"
+    ]
 
 
 PLACEMENT_LINES = 16  # experts listed one per line; past it, a summary and the first few
@@ -173,9 +222,14 @@ def placement_lines(table: np.ndarray) -> list[str]:
     per_rank = np.bincount([r for ranks in listed for r in ranks])
     hosting = per_rank[per_rank > 0]
     counts = ", ".join(f"{n}: {count} experts" for n, count in enumerate(replicas) if count)
-    return [f"  replicas per expert: {counts}",
-            f"  experts per hosting rank: min {hosting.min()}, max {hosting.max()}, over {len(hosting)} ranks"] + \
-        lines[:PLACEMENT_LINES] + [f"  ... {len(listed) - PLACEMENT_LINES} more experts (all: the file's /placement)"]
+    return (
+        [
+            f"  replicas per expert: {counts}",
+            f"  experts per hosting rank: min {hosting.min()}, max {hosting.max()}, over {len(hosting)} ranks",
+        ]
+        + lines[:PLACEMENT_LINES]
+        + [f"  ... {len(listed) - PLACEMENT_LINES} more experts (all: the file's /placement)"]
+    )
 
 
 def pyplot():
@@ -186,12 +240,13 @@ def pyplot():
         raise ValueError("hpcmoe report needs matplotlib: pip install 'hpcmoe[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 DPI = 110
-MAX_INCHES = 34   # 34 in x 110 dpi = 3740 px: every figure stays under 4000 px a side
-MAX_ROWS = 64     # rows a figure draws one per rank; past it, one per node (and role in ma)
+MAX_INCHES = 34  # 34 in x 110 dpi = 3740 px: every figure stays under 4000 px a side
+MAX_ROWS = 64  # rows a figure draws one per rank; past it, one per node (and role in ma)
 MAX_COLUMNS = 64  # experts drawn one per column; past it, blocks of consecutive experts
 ROLE_COLOURS = {"attention": "tab:blue", "moe": "tab:orange"}
 
@@ -211,8 +266,11 @@ def groups(run: dict) -> list[tuple[str, str, list[int]]]:
     per node and role, consecutive nodes merged so that there are at most MAX_ROWS rows."""
     shown = run.get("shown", list(range(run["world_size"])))
     role_of = {r: name for name, ranks in roles(run) for r in ranks}
-    tag = (lambda role: f"{'attn' if role == 'attention' else role} ") if run["parallel"]["layout"] == "ma" \
+    tag = (
+        (lambda role: f"{'attn' if role == 'attention' else role} ")
+        if run["parallel"]["layout"] == "ma"
         else (lambda role: "")
+    )
     if len(shown) <= MAX_ROWS:
         return [(f"{tag(role_of[r])}rank {r}", role_of[r], [r]) for r in shown]
     by_node = {}  # (role, node) -> ranks, in rank order
@@ -223,8 +281,8 @@ def groups(run: dict) -> list[tuple[str, str, list[int]]]:
     for role in dict.fromkeys(role for role, _ in by_node):
         keys = [key for key in by_node if key[0] == role]
         for i in range(0, len(keys), per_row):
-            nodes = [node for _, node in keys[i:i + per_row]]
-            ranks = [r for key in keys[i:i + per_row] for r in by_node[key]]
+            nodes = [node for _, node in keys[i : i + per_row]]
+            ranks = [r for key in keys[i : i + per_row] for r in by_node[key]]
             where = f"node {nodes[0]}" if len(nodes) == 1 else f"nodes {nodes[0]}-{nodes[-1]}"
             rows.append((f"{tag(role)}{where} (ranks {ranks[0]}-{ranks[-1]})", role, ranks))
     return rows
@@ -253,21 +311,30 @@ def shown_steps(run: dict) -> list[tuple[str, int]]:
     return ([(first, int(steps[0]))] if middle != steps[0] else []) + [("representative decode", middle)]
 
 
-PHASE_KINDS = (("compute", lambda p: is_compute(p)), ("communication in flight (thin lanes)", is_comm),
-               ("waiting (hatched)", is_wait), ("other", lambda p: True))
+PHASE_KINDS = (
+    ("compute", lambda p: is_compute(p)),
+    ("communication in flight (thin lanes)", is_comm),
+    ("waiting (hatched)", is_wait),
+    ("other", lambda p: True),
+)
 
 
 def phase_styles(phases: list[bytes], plt) -> dict[bytes, tuple[dict, int]]:
     """(bar style, lane) per phase: compute solid and waits hatched grey in lane 0, comm phases in thin lanes 1..."""
-    colours = [plt.get_cmap("tab10")(i) for i in range(10)] + \
-              [plt.get_cmap("tab20")(2 * i + 1) for i in range(10)]
+    colours = [plt.get_cmap("tab10")(i) for i in range(10)] + [
+        plt.get_cmap("tab20")(2 * i + 1) for i in range(10)
+    ]
     hatches = ["//", "\\\\", "xx", "..", "++", "oo"]
     compute = [p for p in phases if is_compute(p) or p == b"output"]
     waits = [p for p in phases if is_wait(p) and p not in compute]
     comms = [p for p in phases if is_comm(p)]
     styles = {p: ({"facecolors": colours[i % 20]}, 0) for i, p in enumerate(compute)}
-    styles.update({p: ({"facecolors": "0.85", "edgecolor": "0.4", "hatch": hatches[i % 6], "linewidth": 0}, 0)
-                   for i, p in enumerate(waits)})
+    styles.update(
+        {
+            p: ({"facecolors": "0.85", "edgecolor": "0.4", "hatch": hatches[i % 6], "linewidth": 0}, 0)
+            for i, p in enumerate(waits)
+        }
+    )
     styles.update({p: ({"facecolors": plt.get_cmap("Dark2")(i % 8)}, 1 + i) for i, p in enumerate(comms)})
     return styles
 
@@ -275,13 +342,16 @@ def phase_styles(phases: list[bytes], plt) -> dict[bytes, tuple[dict, int]]:
 def phase_legend(ax, styles: dict) -> None:
     """One legend, its phases under the headings compute / communication / waiting."""
     from matplotlib.patches import Patch
+
     handles, taken = [], set()
     for heading, test in PHASE_KINDS:
         mine = [p for p in styles if test(p) and p not in taken]
         if mine:
             handles.append(Patch(color="none", label=heading.upper()))
-            handles += [Patch(label=p.decode(), **{k.removesuffix("s"): v for k, v in styles[p][0].items()})
-                        for p in mine]
+            handles += [
+                Patch(label=p.decode(), **{k.removesuffix("s"): v for k, v in styles[p][0].items()})
+                for p in mine
+            ]
             taken.update(mine)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
 
@@ -306,20 +376,33 @@ def plot_timeline(run: dict, path: str) -> None:
                 these = bars[bars["phase"] == phase]
                 if len(these):
                     spans = [(1e3 * (s - t0), 1e3 * (e - s)) for s, e in zip(these["start"], these["end"])]
-                    low, tall = (y - 0.45, 0.55) if lane == 0 else (y + 0.12 + 0.3 * (lane - 1) / lanes, 0.3 / lanes)
+                    low, tall = (
+                        (y - 0.45, 0.55) if lane == 0 else (y + 0.12 + 0.3 * (lane - 1) / lanes, 0.3 / lanes)
+                    )
                     ax.broken_barh(spans, (low, tall), **style)
         grouped = any(len(ranks) > 1 for _, _, ranks in rows)
-        ax.set_yticks(range(len(rows)), [name + (f" r{rank}" if grouped else "")
-                                         for (name, _, _), rank in zip(rows, drawn)], fontsize=8)
+        ax.set_yticks(
+            range(len(rows)),
+            [name + (f" r{rank}" if grouped else "") for (name, _, _), rank in zip(rows, drawn)],
+            fontsize=8,
+        )
         mark_roles(ax, rows)
         ax.set_ylim(len(rows) - 0.5, -0.5)  # rank 0 at the top, no blank band above it
         ax.set_xlabel(f"ms since the start of step {step}")
-        ax.set_title(title(run, f"{label} step {step}" + (": per row of ranks, its slowest (rN)" if grouped else "")),
-                     fontsize=10)
+        ax.set_title(
+            title(run, f"{label} step {step}" + (": per row of ranks, its slowest (rN)" if grouped else "")),
+            fontsize=10,
+        )
     phase_legend(axes[0, 0], styles)
     if any(role == "moe" for _, role, _ in rows):
-        axes[-1, 0].text(0, -0.08 - 0.3 / height, "blue labels: attention ranks; orange: MoE ranks",
-                         transform=axes[-1, 0].transAxes, fontsize=8, va="top")
+        axes[-1, 0].text(
+            0,
+            -0.08 - 0.3 / height,
+            "blue labels: attention ranks; orange: MoE ranks",
+            transform=axes[-1, 0].transAxes,
+            fontsize=8,
+            va="top",
+        )
     save(fig, path)
 
 
@@ -335,12 +418,19 @@ def plot_failures(run: dict, path: str) -> None:
     for row in run["failures"]:
         ax.axvline(row["detected_at"], color="black", lw=1)
         ax.axvline(row["recovered_at"], color="green", lw=1)
-        ax.text(row["detected_at"], -0.6, f" rank {row['rank']} dead: {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms",
-                fontsize=8, va="bottom")
+        ax.text(
+            row["detected_at"],
+            -0.6,
+            f" rank {row['rank']} dead: {1e3 * (row['recovered_at'] - row['detected_at']):.0f} ms",
+            fontsize=8,
+            va="bottom",
+        )
     ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
     mark_roles(ax, rows)
     ax.set_ylim(len(rows) - 0.5, -1)
-    ax.set_xlabel("seconds since the common start (gray: steps; black: failure detected; green: its step done again)")
+    ax.set_xlabel(
+        "seconds since the common start (gray: steps; black: failure detected; green: its step done again)"
+    )
     ax.set_title(title(run, "steps and failures"))
     save(fig, path)
 
@@ -348,6 +438,7 @@ def plot_failures(run: dict, path: str) -> None:
 def heatmap(ax, values: np.ndarray, fig, label: str) -> None:
     """imshow with a colour bar from zero, integer ticks, and the numbers in the cells when there are few."""
     from matplotlib.ticker import MaxNLocator
+
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     fig.colorbar(image, ax=ax, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -356,7 +447,9 @@ def heatmap(ax, values: np.ndarray, fig, label: str) -> None:
         middle = values.max() / 2
         for (i, j), v in np.ndenumerate(values):
             text = f"{v:.0f}" if v < 1e4 else f"{v / 1e3:.0f}k" if v < 1e7 else f"{v / 1e6:.0f}M"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if v > middle else "white")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=8, color="black" if v > middle else "white"
+            )
 
 
 def plot_expert_load(run: dict, path: str) -> None:
@@ -371,13 +464,24 @@ def plot_expert_load(run: dict, path: str) -> None:
         padded = np.full((layers, -(-experts // block) * block), np.nan)
         padded[:, :experts] = load
         load = np.nanmean(padded.reshape(layers, -1, block), axis=2)
-    fig, ax = plt.subplots(figsize=(inches(max(6, 0.25 * load.shape[1] + 4)), inches(max(4, 0.4 * layers + 2))))
+    fig, ax = plt.subplots(
+        figsize=(inches(max(6, 0.25 * load.shape[1] + 4)), inches(max(4, 0.4 * layers + 2)))
+    )
     heatmap(ax, load, fig, "token slots" + (" (block mean)" if block > 1 else ""))
-    ax.set_xlabel("expert" if block == 1 else
-                  f"experts, in blocks of {block} (block b: experts {block}b-{block}b+{block - 1})")
+    ax.set_xlabel(
+        "expert"
+        if block == 1
+        else f"experts, in blocks of {block} (block b: experts {block}b-{block}b+{block - 1})"
+    )
     ax.set_ylabel("MoE layer")
-    ax.set_title(title(run, f"token slots per expert, all steps (colours from 0; max/mean per layer "
-                            f"{imbalance.min():.3f}-{imbalance.max():.3f})"), fontsize=10)
+    ax.set_title(
+        title(
+            run,
+            f"token slots per expert, all steps (colours from 0; max/mean per layer "
+            f"{imbalance.min():.3f}-{imbalance.max():.3f})",
+        ),
+        fontsize=10,
+    )
     save(fig, path)
 
 
@@ -386,6 +490,7 @@ def plot_traffic(run: dict, path: str) -> None:
     with each node's block outlined."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
+
     rows = groups(run)
     row_of = np.full(run["world_size"], -1)
     for i, (_, _, ranks) in enumerate(rows):
@@ -406,8 +511,16 @@ def plot_traffic(run: dict, path: str) -> None:
         start = 0
         for i in range(1, len(shown) + 1):  # one square per run of consecutive rows on one node
             if i == len(shown) or nodes[i] != nodes[start]:
-                ax.add_patch(Rectangle((start - 0.5, start - 0.5), i - start, i - start,
-                                       fill=False, edgecolor="red", linewidth=2))
+                ax.add_patch(
+                    Rectangle(
+                        (start - 0.5, start - 0.5),
+                        i - start,
+                        i - start,
+                        fill=False,
+                        edgecolor="red",
+                        linewidth=2,
+                    )
+                )
                 start = i
     ax.set_xlabel("destination")
     ax.set_ylabel("source")
@@ -421,9 +534,14 @@ def rank_load_over_steps(run: dict) -> np.ndarray:
     the placement in force (the initial one, then each switch's from its step), split over replicas
     as the dispatcher splits them (output.rank_loads, summed over MoE layers; 0 where no expert)."""
     from hpcmoe.runfile.output import rank_loads
+
     in_force = [(0, run["placement"][0])] + list(run["switches"])
-    loads = rank_loads(run["routing"], in_force, [int(n) for n in run["node_of_rank"]],
-                       int(run["placement_attrs"].get("expert_tp", 1)))
+    loads = rank_loads(
+        run["routing"],
+        in_force,
+        [int(n) for n in run["node_of_rank"]],
+        int(run["placement_attrs"].get("expert_tp", 1)),
+    )
     return np.nan_to_num(loads).sum(axis=1)
 
 
@@ -433,23 +551,32 @@ def plot_rank_load(run: dict, path: str) -> None:
     plt = pyplot()
     load = rank_load_over_steps(run)
     if len(run["failures"]):  # the survivors' placements are not in the file: show the steps before
-        load = load[:max(1, int(min(run["failures"]["step"])))]
+        load = load[: max(1, int(min(run["failures"]["step"])))]
     share = load / np.maximum(load.sum(1, keepdims=True), 1e-12)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(inches(max(7, 0.3 * len(load) + 4)), 7), sharex=True)
     from matplotlib.ticker import MaxNLocator
+
     image = top.imshow(share.T, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
-    fig.colorbar(image, ax=[top, bottom], label="share of the step's token slots")  # both panels keep one width
+    fig.colorbar(
+        image, ax=[top, bottom], label="share of the step's token slots"
+    )  # both panels keep one width
     top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("rank" if int(run["placement_attrs"].get("expert_tp", 1)) == 1 else "expert group")
     bottom.plot(range(len(load)), load.max(1) / np.maximum(load.mean(1), 1e-12), marker="o")
     bottom.axhline(1.0, color="0.6", linewidth=0.8)
     for i, (step, _) in enumerate(run["switches"]):
         for ax in (top, bottom):
-            ax.axvline(step - 0.5, color="red", linestyle="--", label="switch" if i == 0 and ax is bottom else None)
-    for i, row in enumerate(run["failures"]):
+            ax.axvline(
+                step - 0.5, color="red", linestyle="--", label="switch" if i == 0 and ax is bottom else None
+            )
+    for row in run["failures"]:
         for ax in (top, bottom):
-            ax.axvline(row["step"] - 0.5, color="black", linestyle=":",
-                       label=f"rank {row['rank']} failed" if ax is bottom else None)
+            ax.axvline(
+                row["step"] - 0.5,
+                color="black",
+                linestyle=":",
+                label=f"rank {row['rank']} failed" if ax is bottom else None,
+            )
     if len(run["switches"]) or len(run["failures"]):
         bottom.legend()
     bottom.set_xlabel("step")
@@ -487,8 +614,12 @@ def plot_paths(runs: list[dict], out: str | None) -> list[tuple]:
     plots = []
     for run in runs:
         folder = out or os.path.dirname(os.path.abspath(run["path"]))
-        for name, function in (("timeline", plot_timeline), ("expert_load", plot_expert_load),
-                               ("traffic", plot_traffic), ("rank_load", plot_rank_load)):
+        for name, function in (
+            ("timeline", plot_timeline),
+            ("expert_load", plot_expert_load),
+            ("traffic", plot_traffic),
+            ("rank_load", plot_rank_load),
+        ):
             plots.append((function, run, os.path.join(folder, f"{run['stem']}.{name}.png")))
         if len(run["failures"]):
             plots.append((plot_failures, run, os.path.join(folder, f"{run['stem']}.failures.png")))
@@ -533,22 +664,30 @@ def choose(run: dict, ranks: str | None, nodes: str | None, step: int | None) ->
     if step is not None:
         steps = np.unique(run["timings"]["step"][run["timings"]["step"] >= 0])
         if step not in steps:
-            raise ValueError(f"--step {step}: {run['path']} has steps {steps[0]}-{steps[-1]}"
-                             + (" (a partial file)" if run.get("partial") is not None else ""))
+            raise ValueError(
+                f"--step {step}: {run['path']} has steps {steps[0]}-{steps[-1]}"
+                + (" (a partial file)" if run.get("partial") is not None else "")
+            )
     run["step"] = step
 
 
 def figures(run: dict) -> dict:
     """The figures users compare, of one run (run.metrics attributes, NaN where the run has none)."""
-    return {"run": run["path"], **{key: run["metrics"].get(key, float("nan")) for key in METRICS},
-            "rank_load_max_over_mean": run["metrics"].get("rank_load_max_over_mean", float("nan")),
-            "rank_load_max_over_mean_per_step": run["metrics"].get("rank_load_max_over_mean_per_step", float("nan"))}
+    return {
+        "run": run["path"],
+        **{key: run["metrics"].get(key, float("nan")) for key in METRICS},
+        "rank_load_max_over_mean": run["metrics"].get("rank_load_max_over_mean", float("nan")),
+        "rank_load_max_over_mean_per_step": run["metrics"].get(
+            "rank_load_max_over_mean_per_step", float("nan")
+        ),
+    }
 
 
 def write_figures(loaded: list[dict], json_path: str | None, csv_path: str | None) -> None:
     """--json: a list of objects, one per run; --csv: a header and one row per run; the same keys."""
     import csv
     import json
+
     rows = [figures(run) for run in loaded]
     if json_path:
         with open(json_path, "w") as f:
@@ -560,12 +699,20 @@ def write_figures(loaded: list[dict], json_path: str | None, csv_path: str | Non
             writer.writerows(rows)
 
 
-def main(runs: list[str], out: str | None, ranks: str | None = None, step: int | None = None,
-         nodes: str | None = None, json_path: str | None = None, csv_path: str | None = None,
-         overwrite: bool = False) -> int:
+def main(
+    runs: list[str],
+    out: str | None,
+    ranks: str | None = None,
+    step: int | None = None,
+    nodes: str | None = None,
+    json_path: str | None = None,
+    csv_path: str | None = None,
+    overwrite: bool = False,
+) -> int:
     """Print the summary of each run, write the figures (--json, --csv) and the plots, print their
     paths. Existing files are refused before any work unless `overwrite`."""
     from hpcmoe.runfile.output import check_new_output, check_output_path
+
     for path, flag in ((json_path, "--json"), (csv_path, "--csv")):
         if path:
             check_output_path(path, flag, f"report.{flag[2:]}", create=False)
@@ -585,7 +732,8 @@ def main(runs: list[str], out: str | None, ranks: str | None = None, step: int |
     if out:
         os.makedirs(out, exist_ok=True)
     from hpcmoe.progress import Progress
-    progress = Progress("hpcmoe report", len(plots), "figures")   # on stderr: the figures' list stays clean
+
+    progress = Progress("hpcmoe report", len(plots), "figures")  # on stderr: the figures' list stays clean
     for done, (function, argument, path) in enumerate(plots):
         progress.update(done)
         function(argument, path)

@@ -3,6 +3,7 @@ attention (MLA) with a latent KV cache. Pure torch.
 
 Shapes: b = requests, t = new tokens this step, s = visible cached positions, h = heads.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,13 +27,16 @@ def host_tensor(values: list[int], device) -> torch.Tensor:
 @dataclass
 class StepInputs:
     """One forward step of a batch of requests, right-padded to t tokens."""
-    tokens: torch.Tensor      # [b, t] int64, pads are 0
-    positions: torch.Tensor   # [b, t] int64, each request's own positions (start at 0)
-    valid: torch.Tensor       # [b, t] bool, False on padding
-    dense: bool = False       # every position valid (decode, equal prompts): no masking of rows needed
+
+    tokens: torch.Tensor  # [b, t] int64, pads are 0
+    positions: torch.Tensor  # [b, t] int64, each request's own positions (start at 0)
+    valid: torch.Tensor  # [b, t] bool, False on padding
+    dense: bool = False  # every position valid (decode, equal prompts): no masking of rows needed
     lengths: torch.Tensor = None  # [b] new tokens per request (host), to advance the cache positions
-    valid_index: torch.Tensor = None  # [valid positions] flat index of each valid position (no per-layer mask)
-    cached: torch.Tensor = None   # [b] positions already in the cache (host)
+    valid_index: torch.Tensor = (
+        None  # [valid positions] flat index of each valid position (no per-layer mask)
+    )
+    cached: torch.Tensor = None  # [b] positions already in the cache (host)
     rotations: dict = field(default_factory=dict, compare=False)  # (Rope, dtype) -> (cos, sin), once per step
 
     def cos_sin(self, rope: "Rope", dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +61,9 @@ class StepInputs:
             ends = self.cached + self.lengths
             keys = torch.arange(int(ends.max()) if len(ends) else 1, device=self.positions.device)
             ends = ends.to(self.positions.device, non_blocking=True)
-            self.rotations["attend"] = ((keys <= self.positions[..., None]) & (keys < ends[:, None, None]))[:, None]
+            self.rotations["attend"] = ((keys <= self.positions[..., None]) & (keys < ends[:, None, None]))[
+                :, None
+            ]
         return self.rotations["attend"]
 
     def windowed(self, window: int) -> torch.Tensor:
@@ -79,18 +85,30 @@ class StepInputs:
         padded[valid] = torch.tensor([token for row in tokens for token in row], dtype=torch.int64)
         positions = cached[:, None] + torch.arange(t)
         move = lambda x: x.to(device, non_blocking=True) if device is not None else x
-        return cls(move(padded), move(positions), move(valid), dense=bool(lengths.eq(t).all()), lengths=lengths,
-                   valid_index=move(valid.reshape(-1).nonzero().flatten()), cached=cached.clone())
+        return cls(
+            move(padded),
+            move(positions),
+            move(valid),
+            dense=bool(lengths.eq(t).all()),
+            lengths=lengths,
+            valid_index=move(valid.reshape(-1).nonzero().flatten()),
+            cached=cached.clone(),
+        )
 
     def rows(self, start: int, stop: int) -> "StepInputs":
         """The requests [start, stop) of this step (views), padded only to their own longest."""
         lengths = self.lengths[start:stop]
         t = max(int(lengths.max()), 1) if len(lengths) else 1
         valid = torch.arange(t) < lengths[:, None]
-        return StepInputs(self.tokens[start:stop, :t], self.positions[start:stop, :t], self.valid[start:stop, :t],
-                          bool(lengths.eq(t).all()), lengths,
-                          valid.reshape(-1).nonzero().flatten().to(self.tokens.device, non_blocking=True),
-                          self.cached[start:stop])
+        return StepInputs(
+            self.tokens[start:stop, :t],
+            self.positions[start:stop, :t],
+            self.valid[start:stop, :t],
+            bool(lengths.eq(t).all()),
+            lengths,
+            valid.reshape(-1).nonzero().flatten().to(self.tokens.device, non_blocking=True),
+            self.cached[start:stop],
+        )
 
     def parts(self) -> list[tuple[int, int]]:
         """Row ranges whose attention runs apart: the leading rows that decode (one token each) and
@@ -132,20 +150,22 @@ class PositionCache:
         else:  # only the valid positions: a padded one may lie past the end of its row's cache
             flat = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, inputs.valid_index)
             self.data[flat(inputs.request_index), flat(inputs.positions)] = flat(x)
-        return self.data[:, :inputs.attend.shape[-1]]
+        return self.data[:, : inputs.attend.shape[-1]]
 
 
 # ---------------------------------------------------------------- rotary position embedding
 
+
 @dataclass(frozen=True)
 class Rope:
     """Rotary embedding of `dim` channels; YaRN when scaling is given (as transformers computes it)."""
+
     dim: int
     theta: float
-    interleaved: bool = False        # DeepSeek: rotate (x0, x1), (x2, x3), ... pairs
-    scaling: tuple = ()               # sorted (key, value) pairs of a YaRN rope_scaling mapping
+    interleaved: bool = False  # DeepSeek: rotate (x0, x1), (x2, x3), ... pairs
+    scaling: tuple = ()  # sorted (key, value) pairs of a YaRN rope_scaling mapping
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (a handful of Rope values live for the run)
     def inverse_frequencies(self) -> tuple[torch.Tensor, float]:
         """-> (inv_freq [dim / 2], attention factor multiplying cos and sin); computed once per Rope."""
         base = self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
@@ -208,6 +228,7 @@ class RMSNorm(nn.Module):
 
 # ---------------------------------------------------------------- grouped-query attention
 
+
 class GQAttention(nn.Module):
     """Grouped-query attention (Mixtral, the debug model): cache [b, s, kv_heads, head_dim] x 2.
     Options by model: q/k norm, biases, partial rotary, a sliding `window` (this layer's), and
@@ -229,7 +250,9 @@ class GQAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden, h * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden, g * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden, bias=cfg.attention_output_bias and self.head_range.start == 0)
+        self.o_proj = nn.Linear(
+            h * d, cfg.hidden, bias=cfg.attention_output_bias and self.head_range.start == 0
+        )
         self.sinks = nn.Parameter(torch.empty(h)) if cfg.attention_sinks else None
         self.window = window
         self.qk_norm_all_heads = cfg.qk_norm_all_heads
@@ -241,8 +264,11 @@ class GQAttention(nn.Module):
         self.qkv_bias: torch.Tensor | None = None  # [(h + 2 g) * head_dim] with attention_bias
         group = cfg.heads // cfg.kv_heads
         # a shard that cuts a kv group: each query head's kv head, picked per step
-        self.kv_of_head = None if self.head_range.start % group == 0 and h % group == 0 else \
-            [i // group - self.kv_range.start for i in self.head_range]
+        self.kv_of_head = (
+            None
+            if self.head_range.start % group == 0 and h % group == 0
+            else [i // group - self.kv_range.start for i in self.head_range]
+        )
 
     def weight_slices(self) -> dict[str, tuple[int, int, int]]:
         """Parameter -> (dim, start, stop) of the whole model's tensor that this shard holds."""
@@ -250,8 +276,12 @@ class GQAttention(nn.Module):
             return {}
         d, heads, kv = self.head_dim, self.head_range, self.kv_range
         rows = lambda r: (0, r.start * d, r.stop * d)
-        slices = {"q_proj.weight": rows(heads), "k_proj.weight": rows(kv), "v_proj.weight": rows(kv),
-                  "o_proj.weight": (1, heads.start * d, heads.stop * d)}
+        slices = {
+            "q_proj.weight": rows(heads),
+            "k_proj.weight": rows(kv),
+            "v_proj.weight": rows(kv),
+            "o_proj.weight": (1, heads.start * d, heads.stop * d),
+        }
         if self.q_proj.bias is not None:
             slices.update({"q_proj.bias": rows(heads), "k_proj.bias": rows(kv), "v_proj.bias": rows(kv)})
         if self.sinks is not None:
@@ -259,7 +289,10 @@ class GQAttention(nn.Module):
         return slices
 
     def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
-        return [PositionCache(batch, max_len, (len(self.kv_range), self.head_dim), dtype, device) for _ in range(2)]
+        return [
+            PositionCache(batch, max_len, (len(self.kv_range), self.head_dim), dtype, device)
+            for _ in range(2)
+        ]
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: q, k and v projections as views of one tensor (one GEMM)."""
@@ -279,23 +312,36 @@ class GQAttention(nn.Module):
         d, h, g = self.head_dim, len(self.head_range), len(self.kv_range)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         weight = self.qkv if self.qkv is not None else torch.cat([p.weight for p in projections])
-        bias = None if self.q_proj.bias is None else self.qkv_bias if self.qkv_bias is not None else \
-            torch.cat([p.bias for p in projections])
-        qkv = F.linear(x, weight, bias)                                    # [b, t, (h + 2 g) d]
+        bias = (
+            None
+            if self.q_proj.bias is None
+            else self.qkv_bias
+            if self.qkv_bias is not None
+            else torch.cat([p.bias for p in projections])
+        )
+        qkv = F.linear(x, weight, bias)  # [b, t, (h + 2 g) d]
         if self.qk_norm_all_heads:
-            qkv = torch.cat([self.q_norm(qkv[..., :h * d]), self.k_norm(qkv[..., h * d:(h + g) * d]),
-                             qkv[..., (h + g) * d:]], dim=-1)
+            qkv = torch.cat(
+                [
+                    self.q_norm(qkv[..., : h * d]),
+                    self.k_norm(qkv[..., h * d : (h + g) * d]),
+                    qkv[..., (h + g) * d :],
+                ],
+                dim=-1,
+            )
         qkv = qkv.view(b, t, h + 2 * g, d).transpose(1, 2)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
-        qk = qkv[:, :h + g]
+        qk = qkv[:, : h + g]
         if hasattr(self, "q_norm") and not self.qk_norm_all_heads:
             qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
         if self.rotary_dim < d:  # partial rotary: the other features pass as they are
-            qk = torch.cat([self.rope.apply(qk[..., :self.rotary_dim], cos, sin), qk[..., self.rotary_dim:]], dim=-1)
+            qk = torch.cat(
+                [self.rope.apply(qk[..., : self.rotary_dim], cos, sin), qk[..., self.rotary_dim :]], dim=-1
+            )
         else:
-            qk = self.rope.apply(qk, cos, sin)                              # [b, h + g, t, d]
+            qk = self.rope.apply(qk, cos, sin)  # [b, h + g, t, d]
         keys = cache[0].update(qk[:, h:].transpose(1, 2), inputs).transpose(1, 2)
-        values = cache[1].update(qkv[:, h + g:].transpose(1, 2), inputs).transpose(1, 2)
+        values = cache[1].update(qkv[:, h + g :].transpose(1, 2), inputs).transpose(1, 2)
         if self.kv_of_head is not None:
             uses = host_tensor(self.kv_of_head, keys.device)
             keys, values = keys.index_select(1, uses), values.index_select(1, uses)
@@ -311,14 +357,17 @@ class GQAttention(nn.Module):
         return 2 * cfg.kv_heads * cfg.head_dim * itemsize
 
 
-def attention_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                         sinks: torch.Tensor) -> torch.Tensor:
+def attention_with_sinks(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor
+) -> torch.Tensor:
     """q [b, h, t, d], keys and values [b, g, s, d] (g divides h; query head i reads kv head i // (h / g)),
     mask [b, 1, t, s] bool, sinks [h] -> [b, h, t, d]: each head's softmax over its visible keys and
     its sink logit, the sink's share dropped (so a large sink shrinks the output). A row that sees
     no key gives zeros, not NaN."""
     (b, h, t, d), (g, s) = q.shape, keys.shape[1:3]
-    scores = torch.matmul(q.reshape(b, g, h // g * t, d), keys.transpose(-1, -2)).mul_(d ** -0.5).view(b, h, t, s)
+    scores = (
+        torch.matmul(q.reshape(b, g, h // g * t, d), keys.transpose(-1, -2)).mul_(d**-0.5).view(b, h, t, s)
+    )
     scores.masked_fill_(~mask, float("-inf"))
     logits = torch.cat([scores, sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
     probs = torch.softmax(logits, dim=-1)[..., :-1]
@@ -326,6 +375,7 @@ def attention_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 # ---------------------------------------------------------------- multi-head latent attention
+
 
 class MLAttention(nn.Module):
     """DeepSeek MLA. The cache keeps only the normalized latent [b, s, kv_lora_rank] and the
@@ -362,41 +412,53 @@ class MLAttention(nn.Module):
         first, last = self.head_range.start, self.head_range.stop
         per_head = lambda width: (0, first * width, last * width)
         query = "q_b_proj.weight" if hasattr(self, "q_b_proj") else "q_proj.weight"
-        return {query: per_head(self.nope + self.rope_dim), "kv_b_proj.weight": per_head(self.nope + self.v_dim),
-                "o_proj.weight": (1, first * self.v_dim, last * self.v_dim)}
+        return {
+            query: per_head(self.nope + self.rope_dim),
+            "kv_b_proj.weight": per_head(self.nope + self.v_dim),
+            "o_proj.weight": (1, first * self.v_dim, last * self.v_dim),
+        }
 
     def new_cache(self, batch: int, max_len: int, dtype, device=None) -> list[PositionCache]:
-        return [PositionCache(batch, max_len, (self.rank,), dtype, device),
-                PositionCache(batch, max_len, (self.rope_dim,), dtype, device)]
+        return [
+            PositionCache(batch, max_len, (self.rank,), dtype, device),
+            PositionCache(batch, max_len, (self.rope_dim,), dtype, device),
+        ]
 
-    def forward(self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: list[PositionCache], inputs: StepInputs, absorb: bool | None = None
+    ) -> torch.Tensor:
         """x: [b, t, H] -> [b, t, H]; absorb=None absorbs at decode (t == 1) only."""
         b, t, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = (
+            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            if hasattr(self, "q_a_proj")
+            else self.q_proj(x)
+        )
         q = q.view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         cos, sin = inputs.cos_sin(self.rope, x.dtype)
         q_rope = self.rope.apply(q_rope, cos, sin)
         k_rope = self.rope.apply(k_rope[:, None], cos, sin)[:, 0]
-        latent = cache[0].update(self.kv_a_layernorm(latent), inputs)[:, None]   # [b, 1, s, rank]
-        k_rope = cache[1].update(k_rope, inputs)[:, None]                         # [b, 1, s, rope]
+        latent = cache[0].update(self.kv_a_layernorm(latent), inputs)[:, None]  # [b, 1, s, rank]
+        k_rope = cache[1].update(k_rope, inputs)[:, None]  # [b, 1, s, rope]
         s = latent.shape[2]
         w_kv = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
-        w_k, w_v = w_kv.split([self.nope, self.v_dim], dim=1)    # [h, nope, rank], [h, v, rank]
+        w_k, w_v = w_kv.split([self.nope, self.v_dim], dim=1)  # [h, nope, rank], [h, v, rank]
         if absorb if absorb is not None else t == 1:
-            query = torch.cat([q_nope @ w_k, q_rope], dim=-1)                     # [b, h, t, rank + rope]
+            query = torch.cat([q_nope @ w_k, q_rope], dim=-1)  # [b, h, t, rank + rope]
             keys = torch.cat([latent, k_rope], dim=-1).expand(b, self.heads, s, -1)
-            out = F.scaled_dot_product_attention(query, keys, latent.expand(b, self.heads, s, -1),
-                                                 attn_mask=inputs.attend, scale=self.scaling)
-            out = out @ w_v.transpose(1, 2)                                        # [b, h, t, v]
+            out = F.scaled_dot_product_attention(
+                query, keys, latent.expand(b, self.heads, s, -1), attn_mask=inputs.attend, scale=self.scaling
+            )
+            out = out @ w_v.transpose(1, 2)  # [b, h, t, v]
         else:
             kv = self.kv_b_proj(latent[:, 0]).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
             k_nope, values = kv.split([self.nope, self.v_dim], dim=-1)
             keys = torch.cat([k_nope, k_rope.expand(b, self.heads, s, -1)], dim=-1)
-            out = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], dim=-1), keys, values,
-                                                 attn_mask=inputs.attend, scale=self.scaling)
+            out = F.scaled_dot_product_attention(
+                torch.cat([q_nope, q_rope], dim=-1), keys, values, attn_mask=inputs.attend, scale=self.scaling
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
 
     @staticmethod

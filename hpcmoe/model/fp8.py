@@ -23,16 +23,17 @@ per 1 x 128 block as DeepSeek-V3 does: not the dequantized twin's numbers); wher
 supported (torch restricts these block scales to some GPUs; the first failure marks the device) and
 in float32 the dequantized path runs, with whole projections as its chunks.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 19   # weights per dequantized chunk on a CPU: 2 MiB of float32, 1 MiB of int16
-                           # (tools/bench_fp8.py --chunks: 2**18..2**20 alike, 2**17 and 2**21 slower)
-F16_OF_E4M3_MASK = -16385   # 0xBFFF as int16: clears bit 14 (the sign copy that the shift leaves there)
-E4M3_SHIFT = 128            # << 7: e4m3's exponent and mantissa bits under float16's
-UNSCALE = 256.0             # 2 ** 8, folded into the block scales
+CHUNK_ELEMENTS = 1 << 19  # weights per dequantized chunk on a CPU: 2 MiB of float32, 1 MiB of int16
+# (tools/bench_fp8.py --chunks: 2**18..2**20 alike, 2**17 and 2**21 slower)
+F16_OF_E4M3_MASK = -16385  # 0xBFFF as int16: clears bit 14 (the sign copy that the shift leaves there)
+E4M3_SHIFT = 128  # << 7: e4m3's exponent and mantissa bits under float16's
+UNSCALE = 256.0  # 2 ** 8, folded into the block scales
 
 
 class Scratch:
@@ -42,7 +43,9 @@ class Scratch:
     def __init__(self):
         self.buffers: dict[tuple, tuple[torch.Tensor, dict]] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         key = (name, dtype, device)
         entry = self.buffers.get(key)
         view = entry[1].get(shape) if entry is not None else None
@@ -68,22 +71,29 @@ def scaled(scale: torch.Tensor, name: str) -> torch.Tensor:
     return torch.mul(scale, UNSCALE, out=SCRATCH.get(name, tuple(scale.shape), torch.float32, scale.device))
 
 
-def dequantize_rows(weight: torch.Tensor, scales: torch.Tensor, block: list[int], start: int, stop: int,
-                    out: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def dequantize_rows(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    block: list[int],
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    bits: torch.Tensor,
+) -> torch.Tensor:
     """Rows start:stop of an FP8 weight -> out [stop - start, columns] float32, exactly the weight
     times its block scales; scales from `scaled`, bits an int16 scratch of out's shape."""
-    bits.copy_(weight[start:stop].view(torch.int8))   # sign-extended
+    bits.copy_(weight[start:stop].view(torch.int8))  # sign-extended
     bits.mul_(E4M3_SHIFT).bitwise_and_(F16_OF_E4M3_MASK)
-    out.copy_(bits.view(torch.float16))              # the e4m3 value times 2**-8, exactly
+    out.copy_(bits.view(torch.float16))  # the e4m3 value times 2**-8, exactly
     (b0, b1), columns = block, out.shape[1]
-    whole = columns % b1 == 0                        # no partial block of columns: scales broadcast by a view
+    whole = columns % b1 == 0  # no partial block of columns: scales broadcast by a view
     if whole and start % b0 == 0 and (stop - start) % b0 == 0:
         first, count = start // b0, (stop - start) // b0
-        out.view(count, b0, columns // b1, b1).mul_(scales[first:first + count, None, :, None])
+        out.view(count, b0, columns // b1, b1).mul_(scales[first : first + count, None, :, None])
         return out
-    for b in range(start // b0, -(-stop // b0)):     # a part of a block row, or a partial last one
+    for b in range(start // b0, -(-stop // b0)):  # a part of a block row, or a partial last one
         low, high = max(start, b * b0), min(stop, (b + 1) * b0)
-        piece = out[low - start:high - start]
+        piece = out[low - start : high - start]
         if whole:
             piece.view(high - low, columns // b1, b1).mul_(scales[b].view(1, -1, 1))
         else:
@@ -99,7 +109,9 @@ def chunk_rows(columns: int, block_rows: int, total: int) -> int:
     return max(1, min(rows, total))
 
 
-def mlp_dequantized(x: torch.Tensor, gate, up, down, block: list[int], out: torch.Tensor | None) -> torch.Tensor:
+def mlp_dequantized(
+    x: torch.Tensor, gate, up, down, block: list[int], out: torch.Tensor | None
+) -> torch.Tensor:
     """SwiGLU of x [m, H] with FP8 projections (weight, scale) -> [m, H] in x's dtype (into `out`
     when given): gate and up dequantized together chunk by chunk, one GEMM per chunk for both,
     then down chunk by chunk (whole projections as one chunk off the CPU)."""
@@ -128,13 +140,22 @@ def mlp_dequantized(x: torch.Tensor, gate, up, down, block: list[int], out: torc
         torch.mul(F.silu(both[:, :n], inplace=True), both[:, n:], out=act[:, start:stop])
 
     rows = chunk_rows(inner, block[0], hidden) if cpu else hidden
-    direct = out.is_contiguous() and (m == 1 or rows >= hidden)  # GEMMs straight into out: one row, or one chunk
+    direct = out.is_contiguous() and (
+        m == 1 or rows >= hidden
+    )  # GEMMs straight into out: one row, or one chunk
     for start in range(0, hidden, rows):
         stop = min(hidden, start + rows)
         n = stop - start
         bits = SCRATCH.get("bits", (n, inner), torch.int16, device)
-        weights = dequantize_rows(down_w, scales[2], block, start, stop,
-                                  SCRATCH.get("weights", (n, inner), torch.float32, device), bits)
+        weights = dequantize_rows(
+            down_w,
+            scales[2],
+            block,
+            start,
+            stop,
+            SCRATCH.get("weights", (n, inner), torch.float32, device),
+            bits,
+        )
         if dtype != torch.float32:
             weights = SCRATCH.get("cast", (n, inner), dtype, device).copy_(weights)
         if direct:
@@ -155,7 +176,12 @@ def scaled_mm_usable(x: torch.Tensor, weights, block: list[int]) -> bool:
     (float32 keeps the dequantized path: it equals the dequantized twin there too), blocks of
     128 x 128, whole blocks, and no earlier failure on this device."""
     device = x.device
-    if device.type != "cuda" or x.dtype == torch.float32 or device in SCALED_MM_FAILED or list(block) != [128, 128]:
+    if (
+        device.type != "cuda"
+        or x.dtype == torch.float32
+        or device in SCALED_MM_FAILED
+        or list(block) != [128, 128]
+    ):
         return False
     if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability(device) < (8, 9):
         return False
@@ -180,8 +206,15 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     k_blocks = scale.shape[1]
     w_scale = F.pad(scale, (0, -k_blocks % 4)) if k_blocks % 4 else scale  # K blocks padded to 4
     if hasattr(F, "scaled_mm"):
-        y = F.scaled_mm(xq, weight.t(), x_scale, F.ScalingType.BlockWise1x128, w_scale.t(),
-                        F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        y = F.scaled_mm(
+            xq,
+            weight.t(),
+            x_scale,
+            F.ScalingType.BlockWise1x128,
+            w_scale.t(),
+            F.ScalingType.BlockWise128x128,
+            output_dtype=torch.bfloat16,
+        )
     else:  # older torch: the block recipe is told by the scales' shapes
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
     return y[:m].to(x.dtype)
@@ -200,5 +233,7 @@ def mlp(x: torch.Tensor, gate, up, down, block: list[int], out: torch.Tensor | N
         try:
             return mlp_scaled_mm(x, gate, up, down, out)
         except (RuntimeError, ValueError, NotImplementedError, TypeError):
-            SCALED_MM_FAILED.add(x.device)  # not on this device (or this torch): the dequantized path from now on
+            SCALED_MM_FAILED.add(
+                x.device
+            )  # not on this device (or this torch): the dequantized path from now on
     return mlp_dequantized(x, gate, up, down, block, out)

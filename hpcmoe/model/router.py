@@ -1,4 +1,5 @@
 """Gating: router scores -> top-k experts and weights per token (pure torch, no MPI)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,15 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     return expert_ids, weights
 
 
-def sigmoid_group_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int,
-                       renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sigmoid_group_topk(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 routing. logits: [tokens, experts] float32; bias: [experts] correction bias.
 
     The bias steers the choice only; weights come from the unbiased sigmoid scores. Groups are
@@ -31,7 +39,7 @@ def sigmoid_group_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group
     choice = scores + bias.float()
     tokens, experts = choice.shape
     grouped = choice.view(tokens, n_group, experts // n_group)
-    group_scores = grouped.topk(min(2, experts // n_group), dim=-1).values.sum(-1)   # [tokens, n_group]
+    group_scores = grouped.topk(min(2, experts // n_group), dim=-1).values.sum(-1)  # [tokens, n_group]
     best_groups = topk_lower_index_first(group_scores, topk_group)
     allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
     choice = choice.masked_fill(~allowed.repeat_interleave(experts // n_group, dim=1), float("-inf"))

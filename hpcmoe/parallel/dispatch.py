@@ -10,6 +10,7 @@ The exchanges that move these tensors are in hpcmoe/runtime/moe_layer.py.
 Shapes: n tokens, k choices, H hidden, E experts, P physical slots, R ranks, N nodes,
 S = most slots on one rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,19 +25,22 @@ from hpcmoe.parallel.placement import Placement, replica_split
 @dataclass(frozen=True)
 class PlacementTables:
     """A placement compiled for one source rank; built once, read by every layer."""
+
     source_rank: int
-    candidates: torch.Tensor      # [E, C] slots this source may use for expert e (padded by repeating the first)
+    candidates: torch.Tensor  # [E, C] slots this source may use for expert e (padded by repeating the first)
     num_candidates: torch.Tensor  # [E] real entries of candidates[e]
-    single: bool                  # every expert has one candidate: no round robin needed
-    slot_rank: torch.Tensor       # [P] rank hosting each slot (non-decreasing)
-    slot_local: torch.Tensor      # [P] position of the slot among its rank's slots
-    rank_first_slot: torch.Tensor  # [R + 1] rank r hosts slots rank_first_slot[r] .. rank_first_slot[r + 1] - 1
-    slot_node: torch.Tensor       # [P] node of each slot's rank
-    gateway: tuple[int, ...]      # [N] the rank of each node that receives this source's tokens (two-stage)
+    single: bool  # every expert has one candidate: no round robin needed
+    slot_rank: torch.Tensor  # [P] rank hosting each slot (non-decreasing)
+    slot_local: torch.Tensor  # [P] position of the slot among its rank's slots
+    rank_first_slot: (
+        torch.Tensor
+    )  # [R + 1] rank r hosts slots rank_first_slot[r] .. rank_first_slot[r + 1] - 1
+    slot_node: torch.Tensor  # [P] node of each slot's rank
+    gateway: tuple[int, ...]  # [N] the rank of each node that receives this source's tokens (two-stage)
     slots_per_rank: tuple[int, ...]  # [R] how many slots each rank hosts
-    max_slots_per_rank: int       # S
-    slot_is_rank: bool            # slot p is on rank p (one per rank): counts per slot are counts per rank
-    tp: int = 1                   # ranks per expert group (slot_rank names the leader)
+    max_slots_per_rank: int  # S
+    slot_is_rank: bool  # slot p is on rank p (one per rank): counts per slot are counts per rank
+    tp: int = 1  # ranks per expert group (slot_rank names the leader)
 
     def served_slots(self, rank: int) -> int:
         """How many slots `rank` computes: its own, or with expert groups its leader's (a share of each)."""
@@ -84,17 +88,27 @@ def compile_placement(placement: Placement, source_rank: int, node_of_rank, devi
     nodes = max(node_of_rank) + 1
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)
     return PlacementTables(
-        source_rank=source_rank, candidates=as_tensor(padded), num_candidates=as_tensor(list(map(len, candidates))),
-        single=width == 1, slot_rank=as_tensor(placement.slot_rank), slot_local=as_tensor(local),
-        rank_first_slot=as_tensor(first), slot_node=as_tensor([node_of_rank[r] for r in placement.slot_rank]),
+        source_rank=source_rank,
+        candidates=as_tensor(padded),
+        num_candidates=as_tensor(list(map(len, candidates))),
+        single=width == 1,
+        slot_rank=as_tensor(placement.slot_rank),
+        slot_local=as_tensor(local),
+        rank_first_slot=as_tensor(first),
+        slot_node=as_tensor([node_of_rank[r] for r in placement.slot_rank]),
         gateway=tuple(gateway(source_rank, b, node_of_rank) for b in range(nodes)),
-        slots_per_rank=tuple(per_rank), max_slots_per_rank=max(max(per_rank), 1),
-        slot_is_rank=list(placement.slot_rank) == list(range(ranks)), tp=placement.tp)
+        slots_per_rank=tuple(per_rank),
+        max_slots_per_rank=max(max(per_rank), 1),
+        slot_is_rank=list(placement.slot_rank) == list(range(ranks)),
+        tp=placement.tp,
+    )
 
 
 def count(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     """keys: [m] int64 in [0, num_keys) -> [num_keys] how many of each (bincount without its host read)."""
-    return torch.zeros(num_keys, dtype=torch.int64, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
+    return torch.zeros(num_keys, dtype=torch.int64, device=keys.device).scatter_add_(
+        0, keys, torch.ones_like(keys)
+    )
 
 
 def occurrence(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -132,12 +146,13 @@ def apply_capacity(slots: torch.Tensor, capacity_factor: float, num_slots: int) 
 @dataclass(frozen=True)
 class DispatchPlan:
     """How this rank's token slots (token, k-th choice) travel to physical expert slots."""
-    order: torch.Tensor         # [m] flat (token, choice) entries sent, sorted by slot, so by destination rank
+
+    order: torch.Tensor  # [m] flat (token, choice) entries sent, sorted by slot, so by destination rank
     source_token: torch.Tensor  # [m] token row of each sorted entry
-    slot_counts: torch.Tensor   # [P] int64 token slots sent to each physical slot
-    rank_counts: torch.Tensor   # [R] int64 token slots sent to each rank (rows of its message)
-    send_counts: torch.Tensor   # [R, S] slot_counts laid out per destination: what the counts exchange sends
-    slots: torch.Tensor         # [n, k] physical slot of each choice, -1 where it is not sent
+    slot_counts: torch.Tensor  # [P] int64 token slots sent to each physical slot
+    rank_counts: torch.Tensor  # [R] int64 token slots sent to each rank (rows of its message)
+    send_counts: torch.Tensor  # [R, S] slot_counts laid out per destination: what the counts exchange sends
+    slots: torch.Tensor  # [n, k] physical slot of each choice, -1 where it is not sent
 
 
 def plan_from_slots(slots: torch.Tensor, tables: PlacementTables, sent_all: bool = False) -> DispatchPlan:
@@ -161,7 +176,9 @@ def plan_from_slots(slots: torch.Tensor, tables: PlacementTables, sent_all: bool
         send_counts[tables.slot_rank * tables.max_slots_per_rank + tables.slot_local] = slot_counts
         send_counts = send_counts.view(tables.num_ranks, tables.max_slots_per_rank)
     k = max(slots.shape[1], 1)
-    return DispatchPlan(order, torch.div(order, k, rounding_mode="floor"), slot_counts, rank_counts, send_counts, slots)
+    return DispatchPlan(
+        order, torch.div(order, k, rounding_mode="floor"), slot_counts, rank_counts, send_counts, slots
+    )
 
 
 def make_plan(expert_ids: torch.Tensor, tables: PlacementTables) -> DispatchPlan:
@@ -187,8 +204,9 @@ def combine_tokens(plan: DispatchPlan, returned: torch.Tensor, weights: torch.Te
         weights[~sent] = 0.0
     if not len(returned):
         return returned.new_zeros(n, returned.shape[1])
-    return F.embedding_bag(position.view(n, k), returned, per_sample_weights=weights.reshape(n, k).to(returned.dtype),
-                           mode="sum")
+    return F.embedding_bag(
+        position.view(n, k), returned, per_sample_weights=weights.reshape(n, k).to(returned.dtype), mode="sum"
+    )
 
 
 def expert_major(counts) -> np.ndarray:
@@ -196,21 +214,23 @@ def expert_major(counts) -> np.ndarray:
     for slot 0, 1, ..., then source 1's) -> [T] the received positions in slot-major order (slot 0's
     rows from source 0, 1, ..., then slot 1's), so that each local expert runs once on one block."""
     counts = np.asarray(counts, np.int64)
-    received_at = (np.cumsum(counts.reshape(-1)) - counts.reshape(-1)).reshape(counts.shape)   # [G, S]
-    sizes, starts = counts.T.reshape(-1), received_at.T.reshape(-1)                            # slot-major
+    received_at = (np.cumsum(counts.reshape(-1)) - counts.reshape(-1)).reshape(counts.shape)  # [G, S]
+    sizes, starts = counts.T.reshape(-1), received_at.T.reshape(-1)  # slot-major
     placed_at = np.cumsum(sizes) - sizes
     return np.repeat(starts - placed_at, sizes) + np.arange(int(sizes.sum()))
 
 
 # ---------------------------------------------------------------- two-stage: per-node groups
 
+
 @dataclass(frozen=True)
 class NodeGroups:
     """This source's tokens grouped by destination node: a token appears once per node it has a choice on."""
-    tokens: torch.Tensor       # [t] token rows, sorted by node then token
-    node_counts: list[int]     # [N] rows for each node (read to the host: the exchange's one host read)
-    slots: torch.Tensor        # [t, k] the row's slots on that node, -1 elsewhere
-    weights: torch.Tensor      # [t, k] the row's weights on that node, 0 elsewhere
+
+    tokens: torch.Tensor  # [t] token rows, sorted by node then token
+    node_counts: list[int]  # [N] rows for each node (read to the host: the exchange's one host read)
+    slots: torch.Tensor  # [t, k] the row's slots on that node, -1 elsewhere
+    weights: torch.Tensor  # [t, k] the row's weights on that node, 0 elsewhere
 
 
 def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTables) -> NodeGroups:
@@ -219,20 +239,25 @@ def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTab
     slot_node = tables.slot_node[slots.clamp(min=0)].masked_fill(slots < 0, nodes)  # [n, k]; nodes = not sent
     present = torch.zeros(n, nodes + 1, dtype=torch.bool, device=slots.device)
     present.scatter_(1, slot_node, True)
-    present = present[:, :nodes].T.reshape(-1)                                     # [N * n], node-major
+    present = present[:, :nodes].T.reshape(-1)  # [N * n], node-major
     counts = present.view(nodes, n).sum(1).cpu().tolist()
-    pairs = torch.argsort((~present).to(torch.int8), stable=True)[:sum(counts)]   # the present (node, token)s in order
+    pairs = torch.argsort((~present).to(torch.int8), stable=True)[
+        : sum(counts)
+    ]  # the present (node, token)s in order
     node, token = torch.div(pairs, n, rounding_mode="floor"), pairs % n
     here = slot_node[token] == node[:, None]
-    return NodeGroups(token, counts, torch.where(here, slots[token], -1), torch.where(here, weights[token], 0.0))
+    return NodeGroups(
+        token, counts, torch.where(here, slots[token], -1), torch.where(here, weights[token], 0.0)
+    )
 
 
 def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows [t, H], slots [t, k] int64, weights [t, k] -> one uint8 message, row by row."""
     parts = [rows.contiguous(), slots.contiguous(), weights.float().contiguous()]
     # reshape(-1) first: a [t, 1] tensor may keep a stride of 0 that a dtype view refuses (top_k 1)
-    return torch.cat([p.reshape(-1).view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts],
-                     dim=1)
+    return torch.cat(
+        [p.reshape(-1).view(torch.uint8).view(len(rows), p.shape[1] * p.element_size()) for p in parts], dim=1
+    )
 
 
 def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
@@ -240,7 +265,9 @@ def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
     item = torch.empty(0, dtype=dtype).element_size()
     data = data.view(-1, hidden * item + 12 * k)
     rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)
-    as_type = lambda t, dtype, width: t.contiguous().reshape(-1).view(dtype).view(len(data), width)  # as pack_rows
+    as_type = lambda t, dtype, width: (
+        t.contiguous().reshape(-1).view(dtype).view(len(data), width)
+    )  # as pack_rows
     return as_type(rows, dtype, hidden), as_type(slots, torch.int64, k), as_type(weights, torch.float32, k)
 
 
@@ -249,8 +276,9 @@ def packed_row_bytes(hidden: int, dtype, k: int) -> int:
     return hidden * torch.empty(0, dtype=dtype).element_size() + 12 * k
 
 
-def internode_bytes(slots: torch.Tensor, tables: PlacementTables, node_of_rank, row_bytes: int,
-                    two_stage: bool) -> int:
+def internode_bytes(
+    slots: torch.Tensor, tables: PlacementTables, node_of_rank, row_bytes: int, two_stage: bool
+) -> int:
     """Bytes a source puts on inter-node links for one layer: flat sends every (token, choice) on
     another node; two-stage sends each token once per other node, with k slots and weights."""
     me, k = node_of_rank[tables.source_rank], slots.shape[1]

@@ -3,6 +3,7 @@
 Like torchtitan's ParallelDims: a frozen dataclass whose errors name every factor, buildable and
 testable without MPI.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ from typing import Optional
 from hpcmoe.config import Config
 from hpcmoe.parallel import placement as placements
 
-
 PLACEMENTS = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
 
 
@@ -19,29 +19,41 @@ PLACEMENTS = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
 class ParallelLayout:
     world_size: int
     num_experts: int
-    placement_mode: str                 # as configured: one of PLACEMENTS
-    experts_per_rank: Optional[int]     # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
-    expert_tp: int = 1                  # ranks per expert group: experts are placed on world_size / expert_tp groups
+    placement_mode: str  # as configured: one of PLACEMENTS
+    experts_per_rank: Optional[
+        int
+    ]  # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
+    expert_tp: int = 1  # ranks per expert group: experts are placed on world_size / expert_tp groups
 
     def __post_init__(self):
         if self.world_size % self.expert_tp:
-            raise ValueError(f"world size ({self.world_size}) must be a multiple of parallel.expert_tp "
-                             f"({self.expert_tp}): each expert group has {self.expert_tp} ranks")
+            raise ValueError(
+                f"world size ({self.world_size}) must be a multiple of parallel.expert_tp "
+                f"({self.expert_tp}): each expert group has {self.expert_tp} ranks"
+            )
         e, k, mode = self.num_experts, self.experts_per_rank, self.mode
         w, ranks = self.groups, self.groups_name
         if mode == "one_per_rank" and e != w:
             raise ValueError(f"parallel.placement=one_per_rank needs model.num_experts ({e}) == {ranks}")
         if mode == "topology_aware" and e > w:
-            raise ValueError(f"parallel.placement=topology_aware puts at most one expert on a rank: it needs "
-                             f"model.num_experts ({e}) <= {ranks}")
+            raise ValueError(
+                f"parallel.placement=topology_aware puts at most one expert on a rank: it needs "
+                f"model.num_experts ({e}) <= {ranks}"
+            )
         if mode == "packed" and w > e and k is None:
-            raise ValueError(f"parallel.placement=packed with {ranks} > model.num_experts ({e}) leaves "
-                             f"ranks without experts; use parallel.placement=replicated (or auto)")
+            raise ValueError(
+                f"parallel.placement=packed with {ranks} > model.num_experts ({e}) leaves "
+                f"ranks without experts; use parallel.placement=replicated (or auto)"
+            )
         if k is not None and mode in ("one_per_rank", "topology_aware"):
-            raise ValueError(f"parallel.experts_per_rank applies to packed and replicated placement, "
-                             f"not parallel.placement={mode}")
+            raise ValueError(
+                f"parallel.experts_per_rank applies to packed and replicated placement, "
+                f"not parallel.placement={mode}"
+            )
         if mode in ("packed", "replicated"):
-            self.placement((0,) * self.world_size)  # raises with the numbers when k x ranks cannot hold the experts
+            self.placement(
+                (0,) * self.world_size
+            )  # raises with the numbers when k x ranks cannot hold the experts
 
     @property
     def groups(self) -> int:
@@ -60,25 +72,46 @@ class ParallelLayout:
         for name in ("fail_rank", "stall_rank"):
             value = getattr(r, name)
             if value is not None and not 0 <= value < world_size:
-                raise ValueError(f"run.{name}: {value} must be between 0 and world size - 1 ({world_size - 1})")
+                raise ValueError(
+                    f"run.{name}: {value} must be between 0 and world size - 1 ({world_size - 1})"
+                )
         for i, kill in enumerate(r.kill or []):
             if not 0 <= kill.rank < world_size:
-                raise ValueError(f"run.kill[{i}].rank: {kill.rank} must be between 0 and world size - 1 ({world_size - 1})")
+                raise ValueError(
+                    f"run.kill[{i}].rank: {kill.rank} must be between 0 and world size - 1 ({world_size - 1})"
+                )
         if p.layout == "ma":
             if p.attention_ranks + p.moe_ranks != world_size:
-                raise ValueError(f"world size ({world_size}) must equal parallel.attention_ranks "
-                                 f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})")
-            return MALayout(world_size, config.model.num_experts, p.attention_ranks, p.moe_ranks,
-                            p.attention_replicas, p.attention_standby)
+                raise ValueError(
+                    f"world size ({world_size}) must equal parallel.attention_ranks "
+                    f"({p.attention_ranks}) + parallel.moe_ranks ({p.moe_ranks})"
+                )
+            return MALayout(
+                world_size,
+                config.model.num_experts,
+                p.attention_ranks,
+                p.moe_ranks,
+                p.attention_replicas,
+                p.attention_standby,
+            )
         if p.expert_tp > 1 and p.ranks_per_node is not None and p.ranks_per_node % p.expert_tp:
-            raise ValueError(f"parallel.ranks_per_node ({p.ranks_per_node}) must be a multiple of parallel.expert_tp "
-                             f"({p.expert_tp}): an expert group's ranks share a node")
-        layout = cls(world_size=world_size, num_experts=config.model.num_experts, placement_mode=p.placement,
-                     experts_per_rank=p.experts_per_rank, expert_tp=p.expert_tp)
+            raise ValueError(
+                f"parallel.ranks_per_node ({p.ranks_per_node}) must be a multiple of parallel.expert_tp "
+                f"({p.expert_tp}): an expert group's ranks share a node"
+            )
+        layout = cls(
+            world_size=world_size,
+            num_experts=config.model.num_experts,
+            placement_mode=p.placement,
+            experts_per_rank=p.experts_per_rank,
+            expert_tp=p.expert_tp,
+        )
         if p.rebalance is not None:
             if p.rebalance.window_steps > config.steps:
-                raise ValueError(f"parallel.rebalance.window_steps ({p.rebalance.window_steps}) must be <= the run's "
-                                 f"steps ({config.steps}, the largest max_new_tokens)")
+                raise ValueError(
+                    f"parallel.rebalance.window_steps ({p.rebalance.window_steps}) must be <= the run's "
+                    f"steps ({config.steps}, the largest max_new_tokens)"
+                )
             layout.check_spare_slots()
         return layout
 
@@ -90,10 +123,12 @@ class ParallelLayout:
         if slots > e and placement.mode != "topology_aware":
             return
         per = max(len(placement.slots_of_rank(p)) for p in range(places))
-        raise ValueError(f"parallel.rebalance needs spare expert slots, but placement {placement.mode} has {per} "
-                         f"slot(s) per {'rank' if self.expert_tp == 1 else 'expert group'} x {places} = {slots} for "
-                         f"model.num_experts ({e}); use parallel.placement=replicated with parallel.experts_per_rank "
-                         f"k, k x {places} > {e}")
+        raise ValueError(
+            f"parallel.rebalance needs spare expert slots, but placement {placement.mode} has {per} "
+            f"slot(s) per {'rank' if self.expert_tp == 1 else 'expert group'} x {places} = {slots} for "
+            f"model.num_experts ({e}); use parallel.placement=replicated with parallel.experts_per_rank "
+            f"k, k x {places} > {e}"
+        )
 
     @property
     def mode(self) -> str:
@@ -112,18 +147,23 @@ class ParallelLayout:
         if t == 1:
             return self.place(tuple(node_of_rank), routing)
         for first in range(0, self.world_size, t):
-            nodes = sorted(set(node_of_rank[first:first + t]))
+            nodes = sorted(set(node_of_rank[first : first + t]))
             if len(nodes) > 1:
-                raise ValueError(f"parallel.expert_tp ({t}): expert group {first // t} (ranks {first}..{first + t - 1}) "
-                                 f"spans nodes {nodes}; ranks per node must be a multiple of {t}")
+                raise ValueError(
+                    f"parallel.expert_tp ({t}): expert group {first // t} (ranks {first}..{first + t - 1}) "
+                    f"spans nodes {nodes}; ranks per node must be a multiple of {t}"
+                )
         return self.place(tuple(node_of_rank[::t]), routing).on_groups(t)
 
     def place(self, node_of_rank: tuple[int, ...], routing) -> placements.Placement:
         """The placement over `groups` places (ranks, or expert groups), node_of_rank: [groups]."""
         e, w, mode = self.num_experts, self.groups, self.mode
         nodes = max(node_of_rank) + 1
-        tokens_from_node, load = (placements.load_from_routing(routing, list(node_of_rank)) if routing is not None
-                                  else ([[1.0] * e for _ in range(nodes)], None))
+        tokens_from_node, load = (
+            placements.load_from_routing(routing, list(node_of_rank))
+            if routing is not None
+            else ([[1.0] * e for _ in range(nodes)], None)
+        )
         if mode == "one_per_rank":
             return placements.one_per_rank(e, w)
         if mode == "packed":
@@ -138,6 +178,7 @@ class MALayout:
     """Attention/MoE separation: world ranks 0..A-1 attend (R groups of A/R), the M others hold experts.
     shards: per group, per head shard (its primary rank, its standby or -1); built from the counts
     (the second half of each group mirrors the first with standbys), or given by `survivors`."""
+
     world_size: int
     num_experts: int
     attention_ranks: int
@@ -151,8 +192,10 @@ class MALayout:
         if not self.shards:
             size = self.attention_ranks // self.replicas
             half = size // 2 if self.standby else size
-            shards = tuple(tuple((first + i, first + i + half if self.standby else -1) for i in range(half))
-                           for first in range(0, self.attention_ranks, size))
+            shards = tuple(
+                tuple((first + i, first + i + half if self.standby else -1) for i in range(half))
+                for first in range(0, self.attention_ranks, size)
+            )
             object.__setattr__(self, "shards", shards)
 
     def group_of(self, rank: int) -> int:
@@ -187,8 +230,9 @@ class MALayout:
     def placement(self, node_of_rank=None, routing=None) -> placements.Placement:
         """Experts packed over the MoE ranks (E/M each, uneven when they do not divide)."""
         moe = placements.packed(self.num_experts, self.moe_ranks)
-        return placements.Placement(moe.slot_expert, tuple(r + self.attention_ranks for r in moe.slot_rank),
-                                    self.world_size, "packed")
+        return placements.Placement(
+            moe.slot_expert, tuple(r + self.attention_ranks for r in moe.slot_rank), self.world_size, "packed"
+        )
 
     def survivors(self, kept: list[int]) -> "MALayout":
         """The layout of the ranks `kept` (ascending, this layout's ranks), numbered 0.. in that order: a
@@ -197,17 +241,32 @@ class MALayout:
         new = {r: i for i, r in enumerate(kept)}
         shards = []
         for g, group in enumerate(self.shards):
-            left = [(new[p], new.get(s, -1)) if p in new else (new[s], -1) for p, s in group if p in new or s in new]
+            left = [
+                (new[p], new.get(s, -1)) if p in new else (new[s], -1)
+                for p, s in group
+                if p in new or s in new
+            ]
             if not left:
-                raise ValueError(f"attention group {g} (ranks {', '.join(map(str, self.group_ranks(group[0][0])))}) "
-                                 f"has no surviving rank")
+                raise ValueError(
+                    f"attention group {g} (ranks {', '.join(map(str, self.group_ranks(group[0][0])))}) "
+                    f"has no surviving rank"
+                )
             shards.append(tuple(left))
         attention = sum(r < self.attention_ranks for r in kept)
         if attention == len(kept):
-            raise ValueError(f"every MoE rank ({self.attention_ranks}..{self.world_size - 1}) is dead: experts "
-                             f"{', '.join(map(str, range(self.num_experts)))} have nowhere to go")
-        return MALayout(len(kept), self.num_experts, attention, len(kept) - attention, self.replicas,
-                        self.standby, tuple(shards))
+            raise ValueError(
+                f"every MoE rank ({self.attention_ranks}..{self.world_size - 1}) is dead: experts "
+                f"{', '.join(map(str, range(self.num_experts)))} have nowhere to go"
+            )
+        return MALayout(
+            len(kept),
+            self.num_experts,
+            attention,
+            len(kept) - attention,
+            self.replicas,
+            self.standby,
+            tuple(shards),
+        )
 
 
 @dataclass
@@ -217,6 +276,7 @@ class ExpertSchedule:
     runs once on every source's rows; per_source: point-to-point messages, experts run on each
     source's rows as they arrive (the seeds' layer pipelining with partial batches); auto: per_source
     in a prefill, per_layer in decode."""
+
     setting: str = "per_source"
     prefill: bool = True
 

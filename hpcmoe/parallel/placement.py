@@ -6,6 +6,7 @@ sorting tokens by slot also groups them by destination rank (EPLB's phy2log / lo
 With tensor parallelism inside experts (`tp` > 1) a slot lives on a group of `tp` consecutive
 ranks, each holding 1/tp of the expert; `slot_rank` then names the group's first rank (its leader).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -18,11 +19,12 @@ import numpy as np
 @dataclass(frozen=True)
 class Placement:
     """slot_expert: [slots], logical expert per slot; slot_rank: [slots], its rank (sorted)."""
+
     slot_expert: tuple[int, ...]
     slot_rank: tuple[int, ...]
     num_ranks: int
     mode: str
-    tp: int = 1    # ranks per expert group; slot_rank holds each group's leader
+    tp: int = 1  # ranks per expert group; slot_rank holds each group's leader
 
     def __post_init__(self):
         assert len(self.slot_expert) == len(self.slot_rank)
@@ -35,12 +37,18 @@ class Placement:
 
     def grouped(self) -> "Placement":
         """This placement over its expert groups: one place per group (the inverse of on_groups)."""
-        return Placement(self.slot_expert, tuple(r // self.tp for r in self.slot_rank), self.num_ranks // self.tp,
-                         self.mode)
+        return Placement(
+            self.slot_expert,
+            tuple(r // self.tp for r in self.slot_rank),
+            self.num_ranks // self.tp,
+            self.mode,
+        )
 
     def on_groups(self, tp: int) -> "Placement":
         """This placement over num_ranks expert groups, spread over num_ranks x tp ranks."""
-        return Placement(self.slot_expert, tuple(r * tp for r in self.slot_rank), self.num_ranks * tp, self.mode, tp)
+        return Placement(
+            self.slot_expert, tuple(r * tp for r in self.slot_rank), self.num_ranks * tp, self.mode, tp
+        )
 
     @property
     def num_experts(self) -> int:
@@ -66,7 +74,9 @@ class Placement:
         return [[self.slot_rank[p] for p in slots] for slots in self.expert_slots()]
 
 
-def on_survivors(placement: Placement, kept: list[int], hosts: list[int], capacity: int) -> tuple[Placement, list[int]]:
+def on_survivors(
+    placement: Placement, kept: list[int], hosts: list[int], capacity: int
+) -> tuple[Placement, list[int]]:
     """The placement after ranks died. kept: [survivors] their ranks in `placement`, ascending, the
     new rank i being kept[i]; hosts: the new ranks that may hold experts. Each survivor keeps its
     slots (an expert with a surviving replica is served by it); an expert that lost every replica
@@ -80,9 +90,13 @@ def on_survivors(placement: Placement, kept: list[int], hosts: list[int], capaci
     for e in lost:
         room = [h for h in hosts if slots[h] < capacity]
         if not room:
-            dead = sorted(r for r in set(placement.slot_rank) if r not in new and e in placement.experts_of_rank(r))
-            raise ValueError(f"expert {e} lost every replica (rank(s) {', '.join(map(str, dead))}) and no survivor has "
-                             f"room for it ({capacity} expert slots each, run.rebuild_slots more than the placement's)")
+            dead = sorted(
+                r for r in set(placement.slot_rank) if r not in new and e in placement.experts_of_rank(r)
+            )
+            raise ValueError(
+                f"expert {e} lost every replica (rank(s) {', '.join(map(str, dead))}) and no survivor has "
+                f"room for it ({capacity} expert slots each, run.rebuild_slots more than the placement's)"
+            )
         host = min(room, key=lambda h: (slots[h], h))
         pairs.append((host, e))
         slots[host] += 1
@@ -106,14 +120,19 @@ def packed(num_experts: int, num_ranks: int, experts_per_rank: int | None = None
     if experts_per_rank is None:
         if num_experts < num_ranks:
             raise ValueError(f"packed placement needs num_experts ({num_experts}) >= ranks ({num_ranks})")
-        ranks = [r for r in range(num_ranks)
-                 for _ in range(r * num_experts // num_ranks, (r + 1) * num_experts // num_ranks)]
+        ranks = [
+            r
+            for r in range(num_ranks)
+            for _ in range(r * num_experts // num_ranks, (r + 1) * num_experts // num_ranks)
+        ]
     else:
         needed = -(-num_experts // experts_per_rank)
         if needed > num_ranks:
-            raise ValueError(f"packed placement with experts_per_rank ({experts_per_rank}) needs "
-                             f"ceil(num_experts ({num_experts}) / {experts_per_rank}) = {needed} ranks, "
-                             f"have {num_ranks}")
+            raise ValueError(
+                f"packed placement with experts_per_rank ({experts_per_rank}) needs "
+                f"ceil(num_experts ({num_experts}) / {experts_per_rank}) = {needed} ranks, "
+                f"have {num_ranks}"
+            )
         ranks = [e // experts_per_rank for e in range(num_experts)]
     return Placement(tuple(range(num_experts)), tuple(ranks), num_ranks, "packed")
 
@@ -125,21 +144,27 @@ def _num_nodes(tokens_from_node: list[list[float]], node_of_rank: list[int]) -> 
     if missing:
         raise ValueError(f"node_of_rank names {nodes} nodes but nodes {missing} have no rank")
     if len(tokens_from_node) != nodes:
-        raise ValueError(f"tokens_from_node has {len(tokens_from_node)} rows, node_of_rank names {nodes} nodes")
+        raise ValueError(
+            f"tokens_from_node has {len(tokens_from_node)} rows, node_of_rank names {nodes} nodes"
+        )
     return nodes
 
 
 def placement_of(table, places: int, tp: int = 1) -> Placement:
     """A /placement (or /placement_history) table [expert, replica] of ranks (-1 pads) -> the
     Placement over expert groups (ranks without expert_tp)."""
-    pairs = sorted((int(rank) // tp, expert) for expert, ranks in enumerate(table) for rank in ranks if rank >= 0)
+    pairs = sorted(
+        (int(rank) // tp, expert) for expert, ranks in enumerate(table) for rank in ranks if rank >= 0
+    )
     return Placement(tuple(e for _, e in pairs), tuple(p for p, _ in pairs), places, "table")
 
 
 def _split_tokens(placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]):
     """Yield (src_node, expert, dst_rank, tokens): a node's tokens for e split evenly over its candidates."""
     if len(node_of_rank) != placement.num_ranks:
-        raise ValueError(f"node_of_rank has {len(node_of_rank)} entries, placement has {placement.num_ranks} ranks")
+        raise ValueError(
+            f"node_of_rank has {len(node_of_rank)} entries, placement has {placement.num_ranks} ranks"
+        )
     expert_ranks = placement.expert_ranks()
     for a in range(_num_nodes(tokens_from_node, node_of_rank)):
         for e, tokens in enumerate(tokens_from_node[a]):
@@ -178,7 +203,9 @@ def _assign_replicas(counts: list[int], load: list[float], num_ranks: int, slots
             r = _least_loaded_without(room, hosted, e)
             if r is None:  # every rank with room holds e: move some f off a full rank onto one
                 r = _make_room(hosted, rank_load, counts, load, e, min(room))
-                room = [(rank_load[q], q) for q in range(num_ranks) if len(hosted[q]) < slots_per_rank and q != r]
+                room = [
+                    (rank_load[q], q) for q in range(num_ranks) if len(hosted[q]) < slots_per_rank and q != r
+                ]
                 heapq.heapify(room)
             hosted[r].append(e)
             rank_load[r] += share
@@ -268,8 +295,9 @@ def replica_split(expert_ranks_of_e: list[int], source_rank: int, node_of_rank: 
     return local or list(expert_ranks_of_e)
 
 
-def replicated(num_experts: int, num_ranks: int, slots_per_rank: int,
-               load: list[float] | None = None) -> Placement:
+def replicated(
+    num_experts: int, num_ranks: int, slots_per_rank: int, load: list[float] | None = None
+) -> Placement:
     """EPLB-style: extra slots replicate the hottest experts, replicas balanced over ranks.
 
     load: [experts] expected tokens per expert (None = uniform). Every rank gets exactly
@@ -277,11 +305,15 @@ def replicated(num_experts: int, num_ranks: int, slots_per_rank: int,
     """
     slots = slots_per_rank * num_ranks
     if slots < num_experts:
-        raise ValueError(f"replicated placement needs slots_per_rank ({slots_per_rank}) x ranks ({num_ranks}) "
-                         f">= num_experts ({num_experts})")
+        raise ValueError(
+            f"replicated placement needs slots_per_rank ({slots_per_rank}) x ranks ({num_ranks}) "
+            f">= num_experts ({num_experts})"
+        )
     if slots_per_rank > num_experts:
-        raise ValueError(f"replicated placement needs slots_per_rank ({slots_per_rank}) <= num_experts "
-                         f"({num_experts}): a rank holds each expert at most once")
+        raise ValueError(
+            f"replicated placement needs slots_per_rank ({slots_per_rank}) <= num_experts "
+            f"({num_experts}): a rank holds each expert at most once"
+        )
     load = [1.0] * num_experts if load is None else [float(x) for x in load]
     if len(load) != num_experts:
         raise ValueError(f"load has {len(load)} entries, num_experts is {num_experts}")
@@ -300,8 +332,9 @@ def round_robin(num_experts: int, num_ranks: int) -> Placement:
     return Placement(tuple(range(num_experts)), tuple(range(num_experts)), num_ranks, "round_robin")
 
 
-def link_loads(placement: Placement, tokens_from_node: list[list[float]],
-               node_of_rank: list[int]) -> dict[tuple[int, int], float]:
+def link_loads(
+    placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]
+) -> dict[tuple[int, int], float]:
     """{(src_node, dst_node): tokens crossing}, for every pair of distinct nodes.
 
     tokens_from_node: [nodes][experts], tokens each node sends to each expert; node_of_rank:
@@ -315,13 +348,16 @@ def link_loads(placement: Placement, tokens_from_node: list[list[float]],
     return loads
 
 
-def max_link_load(placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]) -> float:
+def max_link_load(
+    placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]
+) -> float:
     """Largest link_loads value (0.0 with a single node): the cost topology_aware minimises."""
     return max(link_loads(placement, tokens_from_node, node_of_rank).values(), default=0.0)
 
 
-def expected_rank_load(placement: Placement, tokens_from_node: list[list[float]],
-                       node_of_rank: list[int]) -> list[float]:
+def expected_rank_load(
+    placement: Placement, tokens_from_node: list[list[float]], node_of_rank: list[int]
+) -> list[float]:
     """[ranks] expected tokens each rank's experts receive.
 
     tokens_from_node: [nodes][experts]. The dispatcher gives the i-th token of source rank s
@@ -363,8 +399,11 @@ def topology_aware(tokens_from_node: list[list[float]], node_of_rank: list[int])
     links = np.zeros((nodes, nodes))
     for e in sorted(range(experts), key=lambda e: (-traffic[:, e].sum(), e)):
         col_max = [_column_max(links[:, c], c) for c in range(nodes)]
-        options = [(max([_column_max(links[:, b] + traffic[:, e], b)] + col_max[:b] + col_max[b + 1:]),
-                    -free[b], b) for b in range(nodes) if free[b] > 0]
+        options = [
+            (max([_column_max(links[:, b] + traffic[:, e], b)] + col_max[:b] + col_max[b + 1 :]), -free[b], b)
+            for b in range(nodes)
+            if free[b] > 0
+        ]
         b = min(options)[2]
         node_of_expert[e], free[b] = b, free[b] - 1
         links[:, b] += traffic[:, e]
@@ -385,7 +424,9 @@ def load_from_routing(routing: np.ndarray, node_of_rank: list[int]) -> tuple[lis
     """
     routing = np.asarray(routing)
     if routing.ndim != 4:
-        raise ValueError(f"routing needs 4 axes [steps, moe_layers, source_ranks, experts], got {routing.ndim}")
+        raise ValueError(
+            f"routing needs 4 axes [steps, moe_layers, source_ranks, experts], got {routing.ndim}"
+        )
     per_source = routing.sum(axis=(0, 1)).astype(float)
     sources, nodes = per_source.shape[0], max(node_of_rank) + 1
     if sources == len(node_of_rank):

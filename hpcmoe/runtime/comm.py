@@ -11,6 +11,7 @@ cluster: a message between ranks of different (possibly emulated) nodes is deliv
 than its send time + latency + bytes / bandwidth, and a rank's inter-node messages queue one
 after another on its link. The delivery time travels in an 8-byte header; waiting for it sleeps.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcmoe.runtime.device import DONE
 from hpcmoe.runtime import fault
+from hpcmoe.runtime.device import DONE
 from hpcmoe.runtime.fault import track
 from hpcmoe.runtime.tags import tag_for  # noqa: F401 (the exchanges' tags, imported from here too)
 
@@ -34,6 +35,7 @@ HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
 @dataclass(frozen=True)
 class Where:
     """Where a rank is waiting: printed by diagnostics."""
+
     step: int = -1
     layer: int = -1
     micro_batch: int = 0
@@ -41,8 +43,10 @@ class Where:
     peers: tuple[int, ...] = ()
 
     def __str__(self):
-        return (f"step {self.step} layer {self.layer} micro_batch {self.micro_batch} "
-                f"phase {self.phase} for rank {','.join(map(str, self.peers)) or '-'}")
+        return (
+            f"step {self.step} layer {self.layer} micro_batch {self.micro_batch} "
+            f"phase {self.phase} for rank {','.join(map(str, self.peers)) or '-'}"
+        )
 
     def waiting_for(self, phase: str, peers) -> "Where":
         return Where(self.step, self.layer, self.micro_batch, phase, tuple(sorted(peers)))
@@ -52,17 +56,22 @@ class Where:
 class Pending:
     """What a coroutine waits for: poll() is None until it can resume, then the value to send in
     (polling twice gives the same answer); where() names only the peers still missing."""
+
     poll: Callable[[], Any]
     where: Callable[[], Where]
     polled: Callable[[], bool] = lambda: False  # MPI moves these bytes only while polled: yield, don't sleep
 
 
-SPIN = False        # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
-POLL_BY_YIELDING = True  # a core per rank: waits that MPI progresses only while polled yield instead of sleeping
-WATCHDOG_S = None   # run.timeout_s: a wait longer than this names itself and aborts the job
+SPIN = False  # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
+POLL_BY_YIELDING = (
+    True  # a core per rank: waits that MPI progresses only while polled yield instead of sleeping
+)
+WATCHDOG_S = None  # run.timeout_s: a wait longer than this names itself and aborts the job
 
 
-def wait_until(done: Callable[[], bool], where, polled: Callable[[], bool] = lambda: False, timer=None) -> None:
+def wait_until(
+    done: Callable[[], bool], where, polled: Callable[[], bool] = lambda: False, timer=None
+) -> None:
     """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms).
 
     timer: a wait that is not over at once is a row of its own, named by where's phase (a `*_wait`):
@@ -104,7 +113,7 @@ def watchdog(where: Where, waited: float) -> None:
     """One line naming this rank, where it waits and for whom; then the whole job ends."""
     sys.stderr.write(f"rank {MPI.COMM_WORLD.Get_rank()}: watchdog: waited {waited:.1f} s in {where}\n")
     sys.stderr.flush()
-    time.sleep(0.2)   # the launcher forwards the line before its abort kills the job (once lost under load)
+    time.sleep(0.2)  # the launcher forwards the line before its abort kills the job (once lost under load)
     MPI.COMM_WORLD.Abort(3)
 
 
@@ -135,6 +144,7 @@ def as_bytes(t: torch.Tensor):
 @dataclass
 class Link:
     """This rank's outgoing inter-node link: emulated when bandwidth_gbps is set."""
+
     node_of_rank: tuple[int, ...]
     bandwidth_gbps: Optional[float] = None
     latency_us: float = 0.0
@@ -217,13 +227,17 @@ class Receives:
     def all_in(self, where: Where, phase: str) -> Pending:
         """Pending until every message is in."""
         everyone = set(self.received)
-        return Pending(lambda: True if len(self.arrived()) == len(everyone) else None,
-                       lambda: where.waiting_for(phase, everyone - self.arrived() - {self.me}))
+        return Pending(
+            lambda: True if len(self.arrived()) == len(everyone) else None,
+            lambda: where.waiting_for(phase, everyone - self.arrived() - {self.me}),
+        )
 
     def any_in(self, peers: set, where: Where, phase: str) -> Pending:
         """Pending until one of `peers` is in; resumes with the set of those that are."""
-        return Pending(lambda: (self.arrived() & peers) or None,
-                       lambda: where.waiting_for(phase, peers - self.arrived() - {self.me}))
+        return Pending(
+            lambda: (self.arrived() & peers) or None,
+            lambda: where.waiting_for(phase, peers - self.arrived() - {self.me}),
+        )
 
 
 @dataclass
@@ -234,11 +248,12 @@ class Sender:
     kernels that produced the data): with a CUDA-aware MPI the device buffer is sent then; with
     `staging` the data is first copied to pinned host memory on the copy stream, and the send is
     posted once that copy's event has completed, checked in test() (never a blocking synchronize)."""
+
     comm: object
     link: Link
-    staging: object = None         # device.Staging, or None
-    streams: object = None         # device.Streams of a GPU (gates sends on compute events), or None
-    queued: list = field(default_factory=list)     # (peer, tag, payload, event, pinned, header)
+    staging: object = None  # device.Staging, or None
+    streams: object = None  # device.Streams of a GPU (gates sends on compute events), or None
+    queued: list = field(default_factory=list)  # (peer, tag, payload, event, pinned, header)
     in_flight: list = field(default_factory=list)  # (request, payload kept alive, pinned buffer or None)
     bytes_sent: int = 0
     background: Any = None  # with progress(): other traffic moved on whenever this rank tests or waits
@@ -274,7 +289,11 @@ class Sender:
         self.post_ready()  # at once if its event has already completed
 
     def pinned(self, nbytes: int) -> torch.Tensor:
-        return self.staging.pool.take(nbytes) if self.staging is not None else torch.empty(nbytes, dtype=torch.uint8)
+        return (
+            self.staging.pool.take(nbytes)
+            if self.staging is not None
+            else torch.empty(nbytes, dtype=torch.uint8)
+        )
 
     def post(self, peer: int, tag: int, payload, pinned, header: int) -> None:
         if header:  # the delivery time is stamped when the message leaves, as the link queues it
@@ -323,10 +342,16 @@ class Sender:
         a peer that answered has received); timer: a wait is a row of where's phase."""
         if buffer.numel() and (self.in_flight or self.queued) and buffer.device.type == "cpu":
             memory = as_bytes(buffer)
-            reading = lambda: [r for r, b, _ in self.in_flight if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)]
+            reading = lambda: [
+                r
+                for r, b, _ in self.in_flight
+                if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)
+            ]
             wait_until(lambda: all_done(reading()), where, timer=timer)
         elif self.queued:  # a device buffer: its copies to the host (or its gated sends) must be out
-            wait_until(lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where, timer=timer)
+            wait_until(
+                lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where, timer=timer
+            )
 
 
 def tested(requests: list, tests: int = 64) -> bool:
@@ -372,12 +397,25 @@ class CountsGroup:
         received = np.empty_like(send)
         request = self.comm.Ialltoall(send, received)
         keep = (send, received)  # alive until the request completes
-        return received, Pending(lambda: True if request.Test() and keep else None,
-                                 lambda: where.waiting_for(phase, self.behind(number)))
+        return received, Pending(
+            lambda: True if request.Test() and keep else None,
+            lambda: where.waiting_for(phase, self.behind(number)),
+        )
 
-    def rows(self, send: torch.Tensor, send_counts: np.ndarray, send_starts: np.ndarray, recv: torch.Tensor,
-             recv_counts: np.ndarray, recv_starts: np.ndarray, link: Link, where: Where, phase: str,
-             staging=None, streams=None):
+    def rows(
+        self,
+        send: torch.Tensor,
+        send_counts: np.ndarray,
+        send_starts: np.ndarray,
+        recv: torch.Tensor,
+        recv_counts: np.ndarray,
+        recv_starts: np.ndarray,
+        link: Link,
+        where: Where,
+        phase: str,
+        staging=None,
+        streams=None,
+    ):
         """Generator: one non-blocking Ialltoallv of rows. send, recv: [*, W] contiguous tensors of one
         row width; counts and starts [G] in rows, entry i for member i (in member order; this rank's
         own share included). Whatever the number of members, the host makes one or two MPI calls.
@@ -407,15 +445,22 @@ class CountsGroup:
                 ready = streams.copy_after(ready, send_buffer, byte_view(send))
             yield Pending(lambda: True if ready.query() else None, lambda: where.waiting_for("send_wait", ()))
         number = self.count_posted()
-        requests.append(self.comm.Ialltoallv([as_bytes(send_buffer), (send_counts, send_starts), row],  # counts in rows:
-                                             [as_bytes(recv_buffer), (recv_counts, recv_starts), row]))  # no int overflow
+        requests.append(
+            self.comm.Ialltoallv(
+                [as_bytes(send_buffer), (send_counts, send_starts), row],  # counts in rows:
+                [as_bytes(recv_buffer), (recv_counts, recv_starts), row],
+            )
+        )  # no int overflow
         keep = (send_buffer, recv_buffer, stamps_in)  # alive until the requests complete
         due = lambda: 0.0 if stamps_in is None else stamps_in[far & (recv_counts > 0)].max(initial=0.0)
         arrived = []  # [True] once every request is complete (then only an emulated delivery time is awaited)
         landed = lambda: bool(arrived) or (tested(requests) and keep and not arrived.append(True))
         in_and_due = lambda: landed() and time.monotonic() >= due()
-        yield Pending(lambda: True if in_and_due() else None, lambda: where.waiting_for(phase, self.behind(number)),
-                      polled=lambda: not arrived)
+        yield Pending(
+            lambda: True if in_and_due() else None,
+            lambda: where.waiting_for(phase, self.behind(number)),
+            polled=lambda: not arrived,
+        )
         if staging is not None:
             copied = streams.copy_after(DONE, byte_view(recv).view(-1), recv_buffer)
             streams.compute_waits(copied)
@@ -431,7 +476,9 @@ class CountsGroup:
             self.step, self.finished = at.step, 0
         if self.finished == index:
             return None
-        return Pending(lambda: True if self.finished == index else None, lambda: at.waiting_for("dispatch_wait", ()))
+        return Pending(
+            lambda: True if self.finished == index else None, lambda: at.waiting_for("dispatch_wait", ())
+        )
 
     def done_turn(self) -> None:
         self.finished += 1
@@ -457,7 +504,10 @@ class CountsGroup:
         late = []
         for member, rank in enumerate(self.ranks):
             value = np.zeros(1, np.int64)
-            request, start = self.window.Rget([value, MPI.INT64_T], member, target=(0, 1, MPI.INT64_T)), time.monotonic()
+            request, start = (
+                self.window.Rget([value, MPI.INT64_T], member, target=(0, 1, MPI.INT64_T)),
+                time.monotonic(),
+            )
             while not request.Test() and time.monotonic() - start < patience_s:
                 time.sleep(1e-4)
             if value[0] < number:

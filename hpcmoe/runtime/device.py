@@ -5,6 +5,7 @@ One code path for CPU and GPU: torch's generic `torch.Stream`, `torch.Event` and
 on a GPU; on the CPU an event is complete when it is recorded (CPU work is synchronous) and MPI reads
 the tensors' own memory, so nothing is staged and nothing waits.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,8 +19,10 @@ def device_kind(requested: str) -> str:
     (every rank sees the same, so every rank gives the same error)."""
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
-        raise ValueError(f"run.device: cuda, but torch sees no GPU (torch {torch.__version__}, CUDA build "
-                         f"{torch.version.cuda or 'none'}); use run.device: cpu or auto")
+        raise ValueError(
+            f"run.device: cuda, but torch sees no GPU (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}); use run.device: cpu or auto"
+        )
     return "cuda" if requested != "cpu" and available else "cpu"
 
 
@@ -49,8 +52,11 @@ def mpi_symbol(name: str):
     libmpi privately, so its symbols are not global)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libmpi" in line and line.rstrip().endswith(".so")
-                     or "libmpi.so" in line}
+            paths = {
+                line.split()[-1]
+                for line in f
+                if "libmpi" in line and line.rstrip().endswith(".so") or "libmpi.so" in line
+            }
     except OSError:
         return None
     for path in sorted(p for p in paths if p.startswith("/")):
@@ -77,6 +83,7 @@ DONE = Done()
 @dataclass
 class Streams:
     """The compute stream (the current one) and a copy stream of a device, and events on them."""
+
     device: torch.device
     copy: object = None
 
@@ -121,9 +128,10 @@ class PinnedPool:
     """Page-locked host buffers for staging, reused across layers and steps: take() hands out a free
     buffer of at least n bytes (or a new one); give(buffer, after) takes it back, free again once the
     event `after` (the copy that read it) has completed and the caller's MPI call is done."""
+
     pin: bool = True
-    returned: list = field(default_factory=list)   # (buffer, event it waits for)
-    allocated: int = 0                              # buffers ever made (reuse keeps this small)
+    returned: list = field(default_factory=list)  # (buffer, event it waits for)
+    allocated: int = 0  # buffers ever made (reuse keeps this small)
 
     def take(self, nbytes: int) -> torch.Tensor:
         for i, (buffer, after) in enumerate(self.returned):
@@ -143,6 +151,7 @@ class Staging:
     device: device-to-host copies on the copy stream after an event on the compute stream, and the
     send posted only when the copy's event has completed; receives land in pinned memory and go to
     the device on the copy stream, the compute stream waiting on that copy's event."""
+
     streams: Streams
     pool: PinnedPool
 

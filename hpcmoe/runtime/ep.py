@@ -5,6 +5,7 @@ A step splits the rank's requests into `run.micro_batches` micro-batches (in dec
 keep `run.decode_micro_batch_min` requests each); each is a generator
 that computes and yields what it waits for, and the scheduler resumes whichever can go on.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,16 +14,16 @@ from dataclasses import dataclass
 import torch
 
 import hpcmoe.runtime.comm
-from hpcmoe.runtime import moe_layer
-from hpcmoe.model.attention import StepInputs
-from hpcmoe.runtime.comm import BufferPool, Link, Sender, Where
-from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
 from hpcmoe.config import Config
+from hpcmoe.model.attention import StepInputs
+from hpcmoe.model.transformer import Transformer, build_model
 from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
-from hpcmoe.model.transformer import Transformer, build_model
-from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.parallel.placement import Placement
+from hpcmoe.runtime import moe_layer
+from hpcmoe.runtime.comm import BufferPool, Link, Sender, Where
+from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
+from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.scheduler import run_concurrently
 from hpcmoe.runtime.topology import Topology, available_cores
 
@@ -32,24 +33,40 @@ def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sen
     the MPI cannot read the device; sets the process's wait policy."""
     p = config.parallel
     hpcmoe.runtime.comm.SPIN = p.wait == "spin"  # one policy per process
-    hpcmoe.runtime.comm.POLL_BY_YIELDING = topo.host_size <= available_cores()  # else a yield may not let others run
+    hpcmoe.runtime.comm.POLL_BY_YIELDING = (
+        topo.host_size <= available_cores()
+    )  # else a yield may not let others run
     hpcmoe.runtime.comm.WATCHDOG_S = config.run.timeout_s
-    link = Link(topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0)
+    link = Link(
+        topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0
+    )
     if device.type == "cpu":
         return Sender(topo.world, link)
     cuda_aware = mpi_reads_device_memory(p.cuda_aware_mpi, device)
     return Sender(topo.world, link, staging_for(device, cuda_aware), Streams(device))
 
 
-def build_exchange(config: Config, topo: Topology, placement: Placement, timer, members: list[int], sender: Sender,
-                   stall=lambda step: None, device=torch.device("cpu")) -> ExchangeContext | None:
+def build_exchange(
+    config: Config,
+    topo: Topology,
+    placement: Placement,
+    timer,
+    members: list[int],
+    sender: Sender,
+    stall=lambda step: None,
+    device=torch.device("cpu"),
+) -> ExchangeContext | None:
     """The exchange context of this rank among `members` (world ranks); collective over the world
     (every rank calls it, members or not). None on a rank that exchanges nothing."""
     from mpi4py import MPI
+
     p, rank = config.parallel, topo.rank
     micro_batches = config.run.micro_batches
-    comm = topo.world if len(members) == topo.size else \
-        topo.world.Split(0 if rank in members else MPI.UNDEFINED, key=rank)
+    comm = (
+        topo.world
+        if len(members) == topo.size
+        else topo.world.Split(0 if rank in members else MPI.UNDEFINED, key=rank)
+    )
     if rank not in members:
         return None
     group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
@@ -60,18 +77,30 @@ def build_exchange(config: Config, topo: Topology, placement: Placement, timer, 
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
         node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
     return ExchangeContext(
-        rank=rank, world=topo.world, sender=sender, link=sender.link,
-        tables=compile_placement(placement, rank, topo.node_of_rank, device), group=group, node_group=node_group,
-        timer=timer, micro_batches=micro_batches, first_moe_layer=config.model.dense_layers,
-        capacity_factor=p.capacity_factor, pool=BufferPool(device), before_dispatch=stall,
-        tp_forward=p.expert_tp_dispatch == "leader", schedule=ExpertSchedule(p.expert_schedule))
+        rank=rank,
+        world=topo.world,
+        sender=sender,
+        link=sender.link,
+        tables=compile_placement(placement, rank, topo.node_of_rank, device),
+        group=group,
+        node_group=node_group,
+        timer=timer,
+        micro_batches=micro_batches,
+        first_moe_layer=config.model.dense_layers,
+        capacity_factor=p.capacity_factor,
+        pool=BufferPool(device),
+        before_dispatch=stall,
+        tp_forward=p.expert_tp_dispatch == "leader",
+        schedule=ExpertSchedule(p.expert_schedule),
+    )
 
 
 @dataclass
 class Stall:
     """run.stall_rank: this rank sleeps (far past the watchdog) before its first dispatch of step
     run.stall_at_step."""
-    seconds: float       # 0: never
+
+    seconds: float  # 0: never
     step: int = 0
     slept: bool = False
 
@@ -85,15 +114,27 @@ class Messaging:
     """What every rank engine uses to exchange tokens (composed into the ep and ma engines): its
     sender, the exchange context among `members` and the micro-batch schedule that drives a step."""
 
-    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, members: list[int], device,
-                 data_parallel: int):
+    def __init__(
+        self,
+        config: Config,
+        topo: Topology,
+        placement: Placement,
+        timer,
+        members: list[int],
+        device,
+        data_parallel: int,
+    ):
         """data_parallel: how many ranks (or attention groups) split the requests."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
         self.decode_min = config.run.decode_micro_batch_min
-        self.requests_per_rank = min(requests_per_rank(len(config.requests), data_parallel),
-                                     config.run.max_batch or len(config.requests))
+        self.requests_per_rank = min(
+            requests_per_rank(len(config.requests), data_parallel),
+            config.run.max_batch or len(config.requests),
+        )
         self.sender = messaging(config, topo, device)
-        stall = Stall(4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step)
+        stall = Stall(
+            4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step
+        )
         self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
         self.exchange = moe_layer.exchange_for(config.parallel.dispatch)
 
@@ -106,8 +147,15 @@ class Messaging:
         the rank's requests."""
         count = self.step_micro_batches(prefill)
         blocks = [request_range(inputs.tokens.shape[0], count, i) for i in range(count)]
-        return [body(i, inputs.rows(r.start, r.stop), [[c.rows(r.start, r.stop) for c in layer] for layer in cache],
-                     stats) for i, r in enumerate(blocks)]
+        return [
+            body(
+                i,
+                inputs.rows(r.start, r.stop),
+                [[c.rows(r.start, r.stop) for c in layer] for layer in cache],
+                stats,
+            )
+            for i, r in enumerate(blocks)
+        ]
 
     def run_step(self, generators: list, step: int, prefill: bool) -> list:
         """Drive this step's generators (a prefill or a decode step), then wait for this rank's sends."""
@@ -138,19 +186,32 @@ def maybe_fail(config: Config, rank: int, step: int, layer: int) -> None:
 class EPEngine:
     """One rank of the ep layout: the model with this rank's experts, its block of requests."""
 
-    def __init__(self, config: Config, topo: Topology, placement: Placement, timer, load=None,
-                 device=torch.device("cpu")):
+    def __init__(
+        self,
+        config: Config,
+        topo: Topology,
+        placement: Placement,
+        timer,
+        load=None,
+        device=torch.device("cpu"),
+    ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank = topo.rank
-        self.model: Transformer = build_model(config.model, placement.experts_of_rank(self.rank), load, device,
-                                              expert_shard=(self.rank % placement.tp, placement.tp))
+        self.model: Transformer = build_model(
+            config.model,
+            placement.experts_of_rank(self.rank),
+            load,
+            device,
+            expert_shard=(self.rank % placement.tp, placement.tp),
+        )
         self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device, topo.size)
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
-        self.reports = True                  # whether this rank's tokens go into the run file
-        self.step, self.prefill = 0, True    # set by the generate loop before each step
+        self.reports = True  # whether this rank's tokens go into the run file
+        self.step, self.prefill = 0, True  # set by the generate loop before each step
         self.rebalancer = None
         if config.parallel.rebalance is not None:
             from hpcmoe.runtime.rebalance import Rebalancer
+
             self.rebalancer = Rebalancer(config, topo, self, placement, timer)
 
     def requests(self, batch: int) -> range:
@@ -175,7 +236,9 @@ class EPEngine:
         Its decoding rows and its prefilling rows run attention apart (StepInputs.parts) and share
         every other phase."""
         phase, model, step = self.timer.phase, self.model, self.step
-        parts = [(inputs.rows(a, b), [[c.rows(a, b) for c in layer] for layer in cache]) for a, b in inputs.parts()]
+        parts = [
+            (inputs.rows(a, b), [[c.rows(a, b) for c in layer] for layer in cache]) for a, b in inputs.parts()
+        ]
         with phase("embed", step, micro_batch=mb):
             xs = [model.embed_tokens(part.tokens) for part, _ in parts]
         for layer, block in enumerate(model.layers):

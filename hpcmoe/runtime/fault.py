@@ -10,14 +10,16 @@ or, when they cannot go on, writes a partial file (NAME.partial.h5, `/metrics/fa
 died where) that `hpcmoe run ... --resume` continues. MPI finalization is skipped after a failure
 (it can hang).
 """
+
 from __future__ import annotations
 
 import os
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
-EXIT_RANK_FAILED = 4       # the survivors of a dead rank could not go on (a partial file, unless the writers died)
-COMMUNICATORS: list = []   # every communicator a run waits on, revoked after a failure
+EXIT_RANK_FAILED = 4  # the survivors of a dead rank could not go on (a partial file, unless the writers died)
+COMMUNICATORS: list = []  # every communicator a run waits on, revoked after a failure
 
 
 RECOVERED = [False]  # this process went on after a dead rank: skip MPI finalization at the end
@@ -33,6 +35,7 @@ def maybe_die(step: int, layer: int, phase: str) -> None:
     gives the time on the run's clock, from which recovery is measured (the survivors learn of the
     death only later: that detection latency is part of the recovery a user sees)."""
     from hpcmoe.config import LAYER_KILL_PHASES
+
     if KILL and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in KILL:
         at = f" at {CLOCK[0]():.6f} s on the run's clock" if CLOCK[0] is not None else ""
         sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
@@ -43,16 +46,23 @@ def maybe_die(step: int, layer: int, phase: str) -> None:
 def killed_at(stderr: str) -> list[float]:
     """The run-clock times of the kill lines (maybe_die) in a job's stderr, in order."""
     import re
-    return [float(t) for t in re.findall(r"hpcmoe: killed \(run\.kill\) .* at ([0-9.]+) s on the run's clock", stderr)]
+
+    return [
+        float(t)
+        for t in re.findall(r"hpcmoe: killed \(run\.kill\) .* at ([0-9.]+) s on the run's clock", stderr)
+    ]
 
 
 def check_mpi() -> str | None:
     """None when this MPI survives a dead rank (ULFM enabled), else why not."""
     from mpi4py import MPI
+
     version = " ".join(MPI.Get_library_version().splitlines()[0].split())
     if "Open MPI" not in version:
-        return (f"run.fault_tolerance needs an MPI with ULFM, this is {version}: run `make ft` and launch with "
-                f".venv-ft/bin/mpirun --with-ft ulfm -n N .venv-ft/bin/hpcmoe run ...")
+        return (
+            f"run.fault_tolerance needs an MPI with ULFM, this is {version}: run `make ft` and launch with "
+            f".venv-ft/bin/mpirun --with-ft ulfm -n N .venv-ft/bin/hpcmoe run ..."
+        )
     if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true"):
         return f"run.fault_tolerance needs ULFM enabled at launch: mpirun --with-ft ulfm ... ({version})"
     return None
@@ -71,29 +81,39 @@ def is_failure(error: BaseException) -> bool:
     (Open MPI's bcast of a pickled object): the run's messages are well formed, so under fault
     tolerance these are a dead peer too. Recovery checks that someone did die (engine.recover)."""
     from mpi4py import MPI
-    classes = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS, MPI.ERR_PENDING, MPI.ERR_OTHER,
-               getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED)}
+
+    classes = {
+        MPI.ERR_PROC_FAILED,
+        MPI.ERR_REVOKED,
+        MPI.ERR_IN_STATUS,
+        MPI.ERR_PENDING,
+        MPI.ERR_OTHER,
+        getattr(MPI, "ERR_PROC_FAILED_PENDING", MPI.ERR_PROC_FAILED),
+    }
     return isinstance(error, MPI.Exception) and error.Get_error_class() in classes
 
 
 @dataclass
 class RankFailed(Exception):
     """Raised out of the step loop when a wait met a failure."""
+
     step: int
-    where: object            # comm.Where of the wait that saw it (or None)
-    detected_at: float       # seconds on the run's clock
+    where: object  # comm.Where of the wait that saw it (or None)
+    detected_at: float  # seconds on the run's clock
 
 
 @dataclass(frozen=True)
 class Survivors:
     """After a recovery: the original world rank of each current rank; records and traffic are
     widened back to the original ranks (the dead ones' entries empty) so the run file keeps its axes."""
+
     world_ranks: tuple[int, ...]
     world_size: int
 
     def widen_traffic(self, traffic):
         """[moe_layers, current ranks] -> [moe_layers, original ranks]."""
         import numpy as np
+
         wide = np.zeros((traffic.shape[0], self.world_size), traffic.dtype)
         wide[:, list(self.world_ranks)] = traffic
         return wide
@@ -126,18 +146,21 @@ def survive(world):
     during that agreement is one more failure to survive, engine.recover).
     -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
     from mpi4py import MPI
+
     for comm in COMMUNICATORS + [world]:
         try:
             comm.Revoke()
         except MPI.Exception:
             pass  # already revoked, or freed
     shrunk = world.Shrink()
-    survivors = MPI.Group.Translate_ranks(shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group())
+    survivors = MPI.Group.Translate_ranks(
+        shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group()
+    )
     dead = sorted(set(range(world.Get_size())) - set(survivors))
     return shrunk, dead, list(survivors)
 
 
-def leave(code: int) -> "NoReturn":
+def leave(code: int) -> NoReturn:
     """Exit without MPI finalization (after a failure it can hang)."""
     sys.stdout.flush()
     sys.stderr.flush()

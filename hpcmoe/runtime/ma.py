@@ -13,21 +13,21 @@ every (layer, micro-batch) exchange as its tokens arrive. Sums go through point-
 in a fixed order, so every group rank holds bit-identical states and picks the same tokens, and
 interleaved micro-batches cannot mismatch collectives.
 """
+
 from __future__ import annotations
 
 import torch
 
 from hpcmoe.model.attention import StepInputs, split_heads
-from hpcmoe.runtime.comm import Receives, Where
-from hpcmoe.runtime.tags import Kind, tag_for
-from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
-from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.model.transformer import build_experts, build_model
+from hpcmoe.parallel.layout import MALayout, request_range
+from hpcmoe.runtime.comm import Receives, Where
+from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
 from hpcmoe.runtime.moe_layer import StepStats
-
-
+from hpcmoe.runtime.tags import Kind, tag_for
 
 # ---------------------------------------------------------------- the seed's hierarchical reduction
+
 
 def reduction_plan(group: list[int], node_of_rank) -> tuple[list[list[int]], int]:
     """-> (the group's ranks per node, in node order, each in rank order; the number of chunks C).
@@ -54,7 +54,7 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     others = [r for r in mine if r != ctx.rank]
     flat, result = x.reshape(-1), torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     bounds = [request_range(flat.numel(), chunks, j) for j in range(chunks)]
-    piece = lambda t, j: t[bounds[j].start:bounds[j].stop]
+    piece = lambda t, j: t[bounds[j].start : bounds[j].stop]
     owned_by = lambda members, r: [j for j in range(chunks) if members[j % len(members)] == r]
     size = lambda js: sum(len(bounds[j]) for j in js)
 
@@ -63,14 +63,15 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
 
     def split(t, js):  # the inverse: chunk j -> its part of t
         starts = [size(js[:k]) for k in range(len(js))]
-        return {j: t[start:start + len(bounds[j])] for j, start in zip(js, starts)}
+        return {j: t[start : start + len(bounds[j])] for j, start in zip(js, starts)}
 
     def receive(buffers: dict, kind: int) -> Receives:
         return ctx.sender.receives(buffers, tag(kind))
 
     def summing(operands: int):  # the phase of adding `operands` partials of this rank's chunks
-        return ctx.timer.phase("reduce", at.step, at.layer, at.micro_batch,
-                               nbytes=operands * size(owned) * x.element_size())
+        return ctx.timer.phase(
+            "reduce", at.step, at.layer, at.micro_batch, nbytes=operands * size(owned) * x.element_size()
+        )
 
     owned = owned_by(mine, ctx.rank)
     # 1. reduce-scatter inside the node
@@ -92,8 +93,11 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
                 shared_with.setdefault(members[j % len(members)], []).append(j)
     across = receive({peer: flat.new_empty(size(js)) for peer, js in shared_with.items()}, Kind.ACROSS_NODES)
     for peer, js in shared_with.items():
-        ctx.sender.send(peer, node_sum[js[0]] if len(js) == 1 else torch.cat([node_sum[j] for j in js]),
-                        tag(Kind.ACROSS_NODES))
+        ctx.sender.send(
+            peer,
+            node_sum[js[0]] if len(js) == 1 else torch.cat([node_sum[j] for j in js]),
+            tag(Kind.ACROSS_NODES),
+        )
     yield across.all_in(at, "reduce_wait")
     from_peer = {peer: split(across.received[peer], js) for peer, js in shared_with.items()}
     with summing(len(nodes)):
@@ -104,8 +108,10 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
                 total.copy_(value) if n == 0 else total.add_(value)
     # 3. all-gather inside the node: one chunk lands straight in the result
     theirs = {r: owned_by(mine, r) for r in others}
-    back = receive({r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js))
-                    for r, js in theirs.items()}, Kind.GATHER_BACK)
+    back = receive(
+        {r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js)) for r, js in theirs.items()},
+        Kind.GATHER_BACK,
+    )
     for r in others:
         ctx.sender.send(r, joined(result, owned), tag(Kind.GATHER_BACK))
     yield back.all_in(at, "reduce_wait")
@@ -118,8 +124,18 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
 
 # ---------------------------------------------------------------- gathers inside a group
 
-def all_gather_rows(ctx, rows, senders: list[int], group: list[int], counts: list[int], like: torch.Tensor,
-                    tag, at: Where, kind: int = Kind.GATHER):
+
+def all_gather_rows(
+    ctx,
+    rows,
+    senders: list[int],
+    group: list[int],
+    counts: list[int],
+    like: torch.Tensor,
+    tag,
+    at: Where,
+    kind: int = Kind.GATHER,
+):
     """Generator: each sender's rows [counts[i], W] -> all of them in sender order on every group rank
     (a standby sends nothing and receives everything); like: a tensor of the rows' width, dtype, device."""
     everything = like.new_empty(sum(counts), like.shape[-1])
@@ -151,10 +167,13 @@ def greedy_over_slices(best: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the two roles
 
+
 class AttentionEngine:
     """An attention rank: its group's requests, its share of the query heads and of the vocabulary."""
 
-    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+    def __init__(
+        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+    ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill = topo.rank, 0, True
         self.layout, self.group = layout, layout.group_ranks(self.rank)
@@ -163,10 +182,19 @@ class AttentionEngine:
         self.shard = self.primaries.index(self.twin if self.standby else self.rank)
         m = config.model
         self.heads = split_heads(m.heads, len(self.primaries))[self.shard]
-        self.vocab_slices = [request_range(m.vocab, len(self.primaries), i) for i in range(len(self.primaries))]
+        self.vocab_slices = [
+            request_range(m.vocab, len(self.primaries), i) for i in range(len(self.primaries))
+        ]
         self.model = build_model(m, [], load, device, heads=self.heads, vocab=self.vocab_slices[self.shard])
-        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device, layout.replicas)
-        self.comm, self.sender, self.link, self.ctx = topo.world, self.net.sender, self.net.sender.link, self.net.ctx
+        self.net = Messaging(
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+        )
+        self.comm, self.sender, self.link, self.ctx = (
+            topo.world,
+            self.net.sender,
+            self.net.sender.link,
+            self.net.ctx,
+        )
         self.reports = self.rank == self.group[0]  # one rank per group reports the group's tokens
         sampling = config.run.sampling
         # every logit is gathered only to be saved or sampled from
@@ -197,7 +225,10 @@ class AttentionEngine:
         where = lambda layer: Where(step, layer, mb)
         with phase("embed", step, micro_batch=mb):
             x = model.embed_tokens(inputs.tokens)
-        slices = [request_range(int(inputs.lengths.sum()), len(self.primaries), i) for i in range(len(self.primaries))]
+        slices = [
+            request_range(int(inputs.lengths.sum()), len(self.primaries), i)
+            for i in range(len(self.primaries))
+        ]
         mine = slices[self.shard]
         for layer, (block, layer_cache) in enumerate(zip(model.layers, cache)):
             maybe_fail(self.config, self.rank, step, layer)
@@ -213,7 +244,7 @@ class AttentionEngine:
             self.timer.add("reduce_comm", step, layer, mb, posted)
             with phase("attention", step, layer, mb):
                 x = x + total.to(x.dtype)
-                h = inputs.flat(block.post_attention_layernorm(x))[mine.start:mine.stop]
+                h = inputs.flat(block.post_attention_layernorm(x))[mine.start : mine.stop]
             out = None
             if block.is_moe and not self.standby:
                 out = yield from self.net.exchange(self.ctx, block.mlp, where(layer), h, stats)
@@ -221,27 +252,46 @@ class AttentionEngine:
                 with phase("mlp", step, layer, mb):
                     out = block.mlp(h)
             posted = self.timer.mark()
-            everything = yield from all_gather_rows(self, out, self.primaries, self.group, [len(s) for s in slices],
-                                                    x, tag(layer), where(layer))
+            everything = yield from all_gather_rows(
+                self, out, self.primaries, self.group, [len(s) for s in slices], x, tag(layer), where(layer)
+            )
             self.timer.add("gather_comm", step, layer, mb, posted)
             with phase("gather", step, layer, mb, nbytes=everything.numel() * everything.element_size()):
                 inputs.add_flat(x, everything)
         with phase("lm_head", step, micro_batch=mb):
-            local = model.logits(x, inputs)                         # [b_mb, this rank's vocabulary slice]
-            best, index = local.max(dim=-1)                         # the lowest index among equal maxima
-            pair = torch.stack([best.double(), (index + model.vocab.start).double()], dim=-1)  # exact in float64
+            local = model.logits(x, inputs)  # [b_mb, this rank's vocabulary slice]
+            best, index = local.max(dim=-1)  # the lowest index among equal maxima
+            pair = torch.stack(
+                [best.double(), (index + model.vocab.start).double()], dim=-1
+            )  # exact in float64
         done = len(model.layers)
         b = len(local)
-        pairs = yield from all_gather_rows(self, pair.reshape(1, -1), self.primaries, self.group,
-                                           [1] * len(self.primaries), pair.reshape(1, -1), tag(done), where(done),
-                                           Kind.CHOICE)
+        pairs = yield from all_gather_rows(
+            self,
+            pair.reshape(1, -1),
+            self.primaries,
+            self.group,
+            [1] * len(self.primaries),
+            pair.reshape(1, -1),
+            tag(done),
+            where(done),
+            Kind.CHOICE,
+        )
         pairs = pairs.view(len(self.primaries), b, 2)
         chosen = greedy_over_slices(pairs[..., 0], pairs[..., 1].long())
         if not self.whole_logits:
             return chosen, None
-        columns = yield from all_gather_rows(self, local.t().contiguous(), self.primaries, self.group,
-                                             [len(v) for v in self.vocab_slices], local.new_empty(0, b), tag(done),
-                                             where(done), Kind.LOGITS)
+        columns = yield from all_gather_rows(
+            self,
+            local.t().contiguous(),
+            self.primaries,
+            self.group,
+            [len(v) for v in self.vocab_slices],
+            local.new_empty(0, b),
+            tag(done),
+            where(done),
+            Kind.LOGITS,
+        )
         return chosen, columns.t()
 
     def close(self) -> None:
@@ -252,11 +302,15 @@ class MoEEngine:
     """A MoE rank: only its experts; no requests; serves every (MoE layer, micro-batch) exchange of a
     step as tokens arrive."""
 
-    def __init__(self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+    def __init__(
+        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+    ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
         self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
-        self.net = Messaging(config, topo, placement, timer, exchange_members(layout), device, layout.replicas)
+        self.net = Messaging(
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+        )
 
     def requests(self, batch: int) -> range:
         return range(0)
@@ -271,9 +325,11 @@ class MoEEngine:
     def forward(self, inputs: StepInputs, cache, stats: StepStats):
         m = self.config.model
         nothing = torch.empty(0, m.hidden, dtype=getattr(torch, m.dtype_name), device=self.device)
-        generators = [self.net.exchange(self.net.ctx, moe, Where(self.step, m.dense_layers + i, mb), nothing, stats)
-                      for i, moe in enumerate(self.model.moe_layers())
-                      for mb in range(self.net.step_micro_batches(self.prefill))]
+        generators = [
+            self.net.exchange(self.net.ctx, moe, Where(self.step, m.dense_layers + i, mb), nothing, stats)
+            for i, moe in enumerate(self.model.moe_layers())
+            for mb in range(self.net.step_micro_batches(self.prefill))
+        ]
         self.net.run_step(generators, self.step, self.prefill)
         return torch.empty(0, dtype=torch.int64), torch.empty(0, m.vocab)
 

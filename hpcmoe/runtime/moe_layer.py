@@ -10,6 +10,7 @@ posted right behind it, so decode pays no extra round trip; a receiver posts its
 the counts are in, and only for the peers that send. Experts start on each source's rows as
 they arrive and answer at once. The engine and the exchange meet through `ExchangeContext`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,34 +19,50 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
-from hpcmoe.runtime.tags import Kind, tag_for
-from hpcmoe.parallel.dispatch import (DispatchPlan, PlacementTables, apply_capacity, choose_slots, combine_tokens, count,
-                             expert_major, node_groups, pack_rows, packed_row_bytes, plan_from_slots, unpack_rows)
-from hpcmoe.runtime.fault import maybe_die
+from hpcmoe.parallel.dispatch import (
+    DispatchPlan,
+    PlacementTables,
+    apply_capacity,
+    choose_slots,
+    combine_tokens,
+    count,
+    expert_major,
+    node_groups,
+    pack_rows,
+    packed_row_bytes,
+    plan_from_slots,
+    unpack_rows,
+)
 from hpcmoe.parallel.layout import ExpertSchedule
-
+from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
+from hpcmoe.runtime.fault import maybe_die
+from hpcmoe.runtime.tags import Kind, tag_for
 
 
 @dataclass
 class StepStats:
     """What one step's exchanges saw on this rank."""
+
     routing: torch.Tensor  # [moe_layers, experts] token slots this rank sent to each expert
-    traffic: np.ndarray    # [moe_layers, ranks] payload bytes this rank sent to each rank
+    traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
     dropped: torch.Tensor  # [] token slots over capacity (parallel.capacity_factor)
 
     @classmethod
     def zeros(cls, moe_layers: int, experts: int, ranks: int, device=None) -> "StepStats":
-        return cls(torch.zeros(moe_layers, experts, dtype=torch.int64, device=device),
-                   np.zeros((moe_layers, ranks), np.int64), torch.zeros((), dtype=torch.int64, device=device))
+        return cls(
+            torch.zeros(moe_layers, experts, dtype=torch.int64, device=device),
+            np.zeros((moe_layers, ranks), np.int64),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
 
 
 @dataclass(frozen=True)
 class ExchangeGroup:
     """The ranks one kind of exchange runs among, and its counts collective per micro-batch slot."""
-    ranks: tuple[int, ...]            # world ranks, ascending
-    counts: tuple[CountsGroup, ...]   # [micro_batches]
-    member_host: np.ndarray           # [R] bool, True for the group's ranks
+
+    ranks: tuple[int, ...]  # world ranks, ascending
+    counts: tuple[CountsGroup, ...]  # [micro_batches]
+    member_host: np.ndarray  # [R] bool, True for the group's ranks
 
     @classmethod
     def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
@@ -97,20 +114,21 @@ class ExchangeGroup:
 @dataclass(frozen=True)
 class ExchangeContext:
     """What a MoE layer's exchange needs from its rank, and nothing else."""
-    rank: int                         # world rank
-    world: object                     # the communicator of every point-to-point message
+
+    rank: int  # world rank
+    world: object  # the communicator of every point-to-point message
     sender: Sender
     link: Link
-    tables: PlacementTables           # the placement compiled for this rank
-    group: ExchangeGroup              # the ranks tokens travel among (stage 1 of two_stage)
+    tables: PlacementTables  # the placement compiled for this rank
+    group: ExchangeGroup  # the ranks tokens travel among (stage 1 of two_stage)
     node_group: Optional[ExchangeGroup]  # two_stage: this node's ranks (stage 2)
     timer: object
     micro_batches: int
-    first_moe_layer: int              # layer index of MoE layer 0 (model.dense_layers)
+    first_moe_layer: int  # layer index of MoE layer 0 (model.dense_layers)
     capacity_factor: Optional[float]
     pool: BufferPool
-    before_dispatch: Callable[[int], None] = lambda step: None   # run.stall_rank
-    tp_forward: bool = False          # expert groups: rows go to the leader, which forwards (else to every member)
+    before_dispatch: Callable[[int], None] = lambda step: None  # run.stall_rank
+    tp_forward: bool = False  # expert groups: rows go to the leader, which forwards (else to every member)
     schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
     # bytes of one row of a [rows, W] tensor on the wire (the simulator's rows are narrower than the model's)
     row_bytes: Callable[[torch.Tensor], int] = lambda rows: rows.shape[1] * rows.element_size()
@@ -139,8 +157,16 @@ def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStat
     return slots, weights
 
 
-def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torch.Tensor, group: ExchangeGroup,
-                       at: Where, stats: StepStats, buffers: str = ""):
+def dispatch_and_serve(
+    ctx: ExchangeContext,
+    moe,
+    plan: DispatchPlan,
+    rows: torch.Tensor,
+    group: ExchangeGroup,
+    at: Where,
+    stats: StepStats,
+    buffers: str = "",
+):
     """Generator: send `rows` (gathered in plan order) to the experts' ranks in `group`, serve what
     arrives here with this rank's experts, and return the answers [m, H] in plan order.
 
@@ -151,26 +177,36 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
     step, layer, mb = at.step, at.layer, at.micro_batch
     phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
     tp = ctx.tables.tp
-    replies = 1 if tp == 1 or ctx.tp_forward else tp   # answers per row: one, or one partial per member
-    dispatch_tag, returns_tag = (tag_for(kind, layer, mb, ctx.micro_batches) for kind in (Kind.DISPATCH, Kind.RETURNS))
+    replies = 1 if tp == 1 or ctx.tp_forward else tp  # answers per row: one, or one partial per member
+    dispatch_tag, returns_tag = (
+        tag_for(kind, layer, mb, ctx.micro_batches) for kind in (Kind.DISPATCH, Kind.RETURNS)
+    )
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = ctx.timer.mark()
     with phase("dispatch_post", step, layer, mb, rows=len(plan.order)):
-        send_counts, destinations, first, sizes = group.destinations(plan, tp, replies > 1)  # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * ctx.row_bytes(rows)
+        send_counts, destinations, first, sizes = group.destinations(
+            plan, tp, replies > 1
+        )  # the one host read
+        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * ctx.row_bytes(
+            rows
+        )
         span = dict(zip(destinations, zip(first, sizes)))
-        part = lambda t, r: t[span[r][0]:span[r][0] + span[r][1]]
+        part = lambda t, r: t[span[r][0] : span[r][0] + span[r][1]]
         outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
         sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
         torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
         answers = ctx.pool.get(key("answers"), replies * len(plan.order), hidden, rows.dtype)
-        answers = answers.view(replies, len(plan.order), hidden)       # member j's partials in answers[j]
+        answers = answers.view(replies, len(plan.order), hidden)  # member j's partials in answers[j]
     if group.ranks == (me,):  # alone in the group: no counts, no messages
         with phase("experts", step, layer, mb):
-            return moe.run_experts(outgoing, send_counts[0, :ctx.tables.served_slots(me)].tolist(), answers[0])
+            return moe.run_experts(
+                outgoing, send_counts[0, : ctx.tables.served_slots(me)].tolist(), answers[0]
+            )
     with phase("dispatch_post", step, layer, mb):
         own = part(outgoing, me) if me in span else None
-        incoming = CountedIncoming(ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted)
+        incoming = CountedIncoming(
+            ctx, group, send_counts, own, outgoing, at, dispatch_tag, key("incoming"), posted
+        )
         returns = ctx.receives({r: part(answers[r % replies], r) for r in destinations}, returns_tag)
         for r in destinations:
             if r != me:
@@ -193,8 +229,16 @@ def dispatch_and_serve(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         return sum_partials(answers)
 
 
-def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torch.Tensor, group: ExchangeGroup,
-                       at: Where, stats: StepStats, buffers: str = ""):
+def exchange_per_layer(
+    ctx: ExchangeContext,
+    moe,
+    plan: DispatchPlan,
+    rows: torch.Tensor,
+    group: ExchangeGroup,
+    at: Where,
+    stats: StepStats,
+    buffers: str = "",
+):
     """Generator, expert_schedule per_layer: the counts, then the rows in one Ialltoallv on the
     micro-batch slot's communicator; this rank runs each local expert once on all its rows and
     answers every source in one Ialltoallv back -> the answers [m, H] in plan order. With expert
@@ -208,19 +252,22 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         yield wait
     posted = ctx.timer.mark()
     with phase("dispatch_post", step, layer, mb, rows=sent):
-        send_counts, rows_to, first = group.shares(plan, tp)   # the one host read
+        send_counts, rows_to, first = group.shares(plan, tp)  # the one host read
         stats.traffic[layer - ctx.first_moe_layer, list(group.ranks)] += rows_to * ctx.row_bytes(rows)
         outgoing = ctx.pool.get(key("send"), sent, hidden, rows.dtype)
         torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
         counts, counts_in = slot.post(send_counts, at)
     yield counts_in
     ctx.timer.add("counts_comm", step, layer, mb, posted)
-    slots = counts[:, :ctx.tables.served_slots(me)]                      # [G, my slots] from each member
+    slots = counts[:, : ctx.tables.served_slots(me)]  # [G, my slots] from each member
     rows_from = slots.sum(1)
     from_first = np.cumsum(rows_from) - rows_from
     incoming = ctx.pool.get(key("incoming"), int(rows_from.sum()), hidden, rows.dtype)
+
     def exchange(*buffers_counts_and_firsts, wait: str):
-        return slot.rows(*buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams)
+        return slot.rows(
+            *buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams
+        )
 
     maybe_die(step, layer, "dispatch")
     yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
@@ -231,7 +278,7 @@ def exchange_per_layer(ctx: ExchangeContext, moe, plan: DispatchPlan, rows: torc
         with phase("experts", step, layer, mb):
             run_once(moe, incoming, slots, served)
     maybe_die(step, layer, "combine")
-    answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)   # member j's partials at j % tp
+    answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)  # member j's partials at j % tp
     back_first = np.asarray(group.ranks) % tp * sent + first
     yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, wait="combine_wait")
     slot.done_turn()
@@ -259,20 +306,29 @@ def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, a
     arrive and answer at once; its own rows' answers land in `own_answers`."""
     me = ctx.rank
     yield from incoming.start()
-    maybe_die(at.step, at.layer, "experts")   # the counts are in: serving (also when nothing comes)
+    maybe_die(at.step, at.layer, "experts")  # the counts are in: serving (also when nothing comes)
     while not incoming.finished():
         arrived = yield incoming.pending()
         for source in sorted(arrived):
             with ctx.timer.phase("experts", at.step, at.layer, at.micro_batch):
-                out = moe.run_experts(incoming.rows(source), incoming.slot_counts(source),
-                                      own_answers if source == me else None)
+                out = moe.run_experts(
+                    incoming.rows(source), incoming.slot_counts(source), own_answers if source == me else None
+                )
                 if source != me:
                     ctx.sender.send(source, out, returns_tag)
             incoming.served.add(source)
 
 
-def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where,
-                   returns_tag: int, key, stats: StepStats):
+def serve_in_group(
+    ctx: ExchangeContext,
+    moe,
+    incoming: "CountedIncoming",
+    own_answers,
+    at: Where,
+    returns_tag: int,
+    key,
+    stats: StepStats,
+):
     """Generator, expert groups with a forwarding leader. The leader waits for every source, forwards
     all their rows to its members in one message each, computes its share, sums the members' partials
     in member order and answers each source; a member computes its share of what the leader forwarded
@@ -300,7 +356,9 @@ def serve_in_group(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_a
             run_once(moe, rows, incoming.slots, partials[0])
         else:
             for source in incoming.sources:
-                moe.run_experts(incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source))
+                moe.run_experts(
+                    incoming.rows(source), incoming.slot_counts(source), incoming.segment(partials[0], source)
+                )
     if me != leader:
         sender.send(leader, partials[0], tag(Kind.TP_PARTIAL))
         return
@@ -333,10 +391,28 @@ class CountedIncoming:
     closed by a non-blocking barrier (Hoefler's NBX): equal at 8 ranks, slower at 16 and 32
     (docs/PERFORMANCE.md), so only this design is kept."""
 
-    def __init__(self, ctx: ExchangeContext, group: ExchangeGroup, send_counts: np.ndarray, own, like: torch.Tensor,
-                 at: Where, tag: int, key, posted: float):
+    def __init__(
+        self,
+        ctx: ExchangeContext,
+        group: ExchangeGroup,
+        send_counts: np.ndarray,
+        own,
+        like: torch.Tensor,
+        at: Where,
+        tag: int,
+        key,
+        posted: float,
+    ):
         """own: this rank's rows for itself (or None); like: a tensor of the rows' width and dtype."""
-        self.ctx, self.group, self.own, self.at, self.tag, self.key, self.posted = ctx, group, own, at, tag, key, posted
+        self.ctx, self.group, self.own, self.at, self.tag, self.key, self.posted = (
+            ctx,
+            group,
+            own,
+            at,
+            tag,
+            key,
+            posted,
+        )
         self.hidden, self.dtype = like.shape[1], like.dtype
         self.counts, self.counts_in = group.counts[at.micro_batch].post(send_counts, at)
         self.served: set[int] = set()
@@ -347,18 +423,22 @@ class CountedIncoming:
         ctx, me, at = self.ctx, self.ctx.rank, self.at
         yield self.counts_in
         ctx.timer.add("counts_comm", at.step, at.layer, at.micro_batch, self.posted)
-        self.slots = self.counts[:, :ctx.tables.served_slots(me)]         # [G, my slots] from each member
+        self.slots = self.counts[:, : ctx.tables.served_slots(me)]  # [G, my slots] from each member
         rows_from = self.slots.sum(1)
         self.sources = {self.group.ranks[i]: i for i in np.flatnonzero(rows_from)}
         self.starts = np.cumsum(np.concatenate([[0], rows_from]))
         self.buffer = ctx.pool.get(self.key, int(self.starts[-1]), self.hidden, self.dtype)
         tp = ctx.tables.tp
         if tp > 1 and ctx.tp_forward:
-            ctx.sender.settle(self.buffer, at.waiting_for("send_wait", ()), ctx.timer)  # the leader forwarded it last time
+            ctx.sender.settle(
+                self.buffer, at.waiting_for("send_wait", ()), ctx.timer
+            )  # the leader forwarded it last time
             if me % tp:  # a member: everything comes from the leader
                 self.from_leader = True
-                self.receives = ctx.receives({me - me % tp: self.buffer},
-                                             tag_for(Kind.TP_FORWARD, at.layer, at.micro_batch, ctx.micro_batches))
+                self.receives = ctx.receives(
+                    {me - me % tp: self.buffer},
+                    tag_for(Kind.TP_FORWARD, at.layer, at.micro_batch, ctx.micro_batches),
+                )
                 return
         self.receives = ctx.receives({s: self.segment(self.buffer, s) for s in self.sources}, self.tag)
         if me in self.sources:
@@ -370,7 +450,7 @@ class CountedIncoming:
     def segment(self, t: torch.Tensor, source: int) -> torch.Tensor:
         """The rows of `t` (laid out like the receive buffer) that belong to `source`."""
         i = self.group.ranks.index(source)
-        return t[self.starts[i]:self.starts[i + 1]]
+        return t[self.starts[i] : self.starts[i + 1]]
 
     def finished(self) -> bool:
         return len(self.served) == len(self.sources)
@@ -392,7 +472,9 @@ def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats
     """Generator: h [n, H] -> [n, H] weighted expert outputs plus shared experts, in token order."""
     slots, weights = route(ctx, moe, at, h, stats)
     plan = plan_from_slots(slots, ctx.tables, sent_all=ctx.capacity_factor is None)
-    with ctx.timer.phase("shared_experts", at.step, at.layer, at.micro_batch):  # computed while the tokens travel
+    with ctx.timer.phase(
+        "shared_experts", at.step, at.layer, at.micro_batch
+    ):  # computed while the tokens travel
         shared = moe.shared(h)
     returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.group, at, stats)
     with ctx.timer.phase("combine", at.step, at.layer, at.micro_batch, tokens=len(h)):
@@ -408,7 +490,6 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
     key = lambda purpose: ("gateway", purpose, mb, layer % 2)
     slots, weights = route(ctx, moe, at, h, stats)
     k, hidden, row_bytes = slots.shape[1], h.shape[1], packed_row_bytes(h.shape[1], h.dtype, slots.shape[1])
-    posted = ctx.timer.mark()
     # stage 1: one message per destination node, to that node's gateway for this rank
     with phase("dispatch_post", step, layer, mb) as work:
         groups = node_groups(slots, weights, tables)
@@ -419,41 +500,49 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
         for node, count in enumerate(node_counts):
             send[tables.gateway[node], 0] = count
         counts, counts_in = ctx.group.counts[mb].post(send, at)
-        packed = pack_rows(h[groups.tokens], groups.slots, groups.weights)   # [t, row_bytes] uint8
+        packed = pack_rows(h[groups.tokens], groups.slots, groups.weights)  # [t, row_bytes] uint8
         returns_buffer = ctx.pool.get(key("returns"), len(groups.tokens), hidden, h.dtype)
         active = [node for node, count in enumerate(node_counts) if count]
-        node_part = lambda t, node: t[node_ends[node]:node_ends[node + 1]]
-        returns = ctx.receives({tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(Kind.GATEWAY_RETURNS))
+        node_part = lambda t, node: t[node_ends[node] : node_ends[node + 1]]
+        returns = ctx.receives(
+            {tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(Kind.GATEWAY_RETURNS)
+        )
         for node in active:
-            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[node] * ctx.row_bytes(packed)
+            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[
+                node
+            ] * ctx.row_bytes(packed)
             if tables.gateway[node] != me:
                 sender.send(tables.gateway[node], node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
         shared = moe.shared(h)
     yield counts_in
     members = np.flatnonzero(counts[:, 0])
-    served = [ctx.group.ranks[i] for i in members]   # the sources this rank is gateway for, in rank order
+    served = [ctx.group.ranks[i] for i in members]  # the sources this rank is gateway for, in rank order
     starts = np.cumsum(np.concatenate([[0], counts[members, 0]]))
     incoming_buffer = ctx.pool.get(key("incoming"), int(starts[-1]), row_bytes, torch.uint8)
-    incoming = ctx.receives({s: incoming_buffer[starts[i]:starts[i + 1]] for i, s in enumerate(served)},
-                            tag(Kind.GATEWAY_DISPATCH))
+    incoming = ctx.receives(
+        {s: incoming_buffer[starts[i] : starts[i + 1]] for i, s in enumerate(served)},
+        tag(Kind.GATEWAY_DISPATCH),
+    )
     if me in served:
         sender.send(me, node_part(packed, tables.gateway.index(me)), tag(Kind.GATEWAY_DISPATCH), incoming)
     yield incoming.all_in(at, "dispatch_wait")
     # stage 2: the gateway forwards its tokens to the experts of its own node
-    with phase("gateway", step, layer, mb, rows=len(incoming_buffer), row_bytes=ctx.row_bytes(incoming_buffer)):
+    with phase(
+        "gateway", step, layer, mb, rows=len(incoming_buffer), row_bytes=ctx.row_bytes(incoming_buffer)
+    ):
         rows, gate_slots, gate_weights = unpack_rows(incoming_buffer, hidden, h.dtype, k)
         plan = plan_from_slots(gate_slots, tables)
     answered = yield from dispatch_and_serve(ctx, moe, plan, rows, ctx.node_group, at, stats, buffers="node")
     with phase("gateway", step, layer, mb, rows=len(rows), row_bytes=ctx.row_bytes(rows)):
         partial = combine_tokens(plan, answered, gate_weights)  # this node's share of each token
         for i, source in enumerate(served):
-            sender.send(source, partial[starts[i]:starts[i + 1]], tag(Kind.GATEWAY_RETURNS), returns)
+            sender.send(source, partial[starts[i] : starts[i + 1]], tag(Kind.GATEWAY_RETURNS), returns)
     yield returns.all_in(at, "combine_wait")
     with phase("combine", step, layer, mb, tokens=len(h)):
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for node in active:  # node order: the same sum on every run
-            tokens = groups.tokens[node_ends[node]:node_ends[node + 1]]
+            tokens = groups.tokens[node_ends[node] : node_ends[node + 1]]
             out[tokens] += node_part(returns_buffer, node).float()
         routed = out.to(h.dtype)
         return routed if shared is None else routed + shared

@@ -16,6 +16,7 @@ same decisions without a leader:
 5. switch: at every boundary while moving, a non-blocking vote "my moves are done", read at the
    next boundary; when everyone was done, every rank switches to the new weights and tables there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,24 +29,24 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
-from hpcmoe.runtime import tags
 from hpcmoe.parallel.dispatch import compile_placement
-from hpcmoe.runtime.fault import track
 from hpcmoe.parallel.placement import Placement, expected_rank_load, replicated
-
+from hpcmoe.runtime import tags
+from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
+from hpcmoe.runtime.fault import track
 
 
 @dataclass
 class Switch:
     """One row of /placement_history: a placement that took effect during the run."""
-    step: int                # the first step run on it
-    decided_at_step: int     # its moves started after this step
-    placement: Placement     # rank level (with expert_tp: each group's leader)
-    bytes_moved: int         # expert weight bytes sent between ranks, all ranks together
+
+    step: int  # the first step run on it
+    decided_at_step: int  # its moves started after this step
+    placement: Placement  # rank level (with expert_tp: each group's leader)
+    bytes_moved: int  # expert weight bytes sent between ranks, all ranks together
     predicted_before: float  # rank load max/mean of the old placement on the window's load
-    predicted: float         # ... of the new one
-    digest: str = ""         # parallel.rebalance.checksums: this rank's expert weights after the switch
+    predicted: float  # ... of the new one
+    digest: str = ""  # parallel.rebalance.checksums: this rank's expert weights after the switch
 
 
 def imbalance(placement: Placement, tokens_from_node: np.ndarray, node_of_place: list[int]) -> float:
@@ -81,15 +82,26 @@ class Mover:
     messages never queue behind a long weight transfer. Weights travel through host memory (device
     weights are copied to the host to send, and from it once received), whatever the MPI."""
 
-    def __init__(self, comm, sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]],
-                 chunk_bytes: int, in_flight: int):
+    def __init__(
+        self,
+        comm,
+        sends: list[tuple[int, torch.Tensor]],
+        receives: list[tuple[int, torch.Tensor]],
+        chunk_bytes: int,
+        in_flight: int,
+    ):
         self.comm, self.in_flight = comm, in_flight
         chunks = lambda t: [as_bytes(c) for c in byte_view(t.cpu()).split(chunk_bytes)]
         self.queue = deque((peer, chunk) for peer, t in sends for chunk in chunks(t))
-        self.landing = [(t, torch.empty(t.numel() * t.element_size(), dtype=torch.uint8) if t.device.type != "cpu"
-                         else t) for _, t in receives]   # (target, where it is received)
-        self.receives = [comm.Irecv([chunk, MPI.BYTE], source=peer, tag=tags.MOVE)
-                         for (peer, _), (_, host) in zip(receives, self.landing) for chunk in chunks(host)]
+        self.landing = [
+            (t, torch.empty(t.numel() * t.element_size(), dtype=torch.uint8) if t.device.type != "cpu" else t)
+            for _, t in receives
+        ]  # (target, where it is received)
+        self.receives = [
+            comm.Irecv([chunk, MPI.BYTE], source=peer, tag=tags.MOVE)
+            for (peer, _), (_, host) in zip(receives, self.landing)
+            for chunk in chunks(host)
+        ]
         self.sending: list = []
 
     def progress(self) -> None:
@@ -115,12 +127,12 @@ class Rebalancer:
         self.settings, self.topo, self.engine, self.timer = config.parallel.rebalance, topo, engine, timer
         self.steps = config.steps
         self.tp = placement.tp
-        self.placement = placement.grouped()                       # over expert groups (ranks without expert_tp)
-        self.node_of_place = list(topo.node_of_rank[::self.tp])
+        self.placement = placement.grouped()  # over expert groups (ranks without expert_tp)
+        self.node_of_place = list(topo.node_of_rank[:: self.tp])
         self.comm = track(topo.world.Dup())
         self.window: deque = deque(maxlen=self.settings.window_steps)
-        self.summing = self.voting = None                            # (request, buffers) in flight
-        self.moving = None                                           # (Mover, new MoE layers, Switch)
+        self.summing = self.voting = None  # (request, buffers) in flight
+        self.moving = None  # (Mover, new MoE layers, Switch)
         self.history: list[Switch] = []
 
     # ------------------------------------------------------------ the boundary after each step
@@ -136,11 +148,19 @@ class Rebalancer:
             elif self.summing is not None:
                 self.decide(step)
             # the next sum, every every_steps steps while nothing moves; none that could not switch before the end
-            if self.moving is None and self.summing is None and (step + 1) % self.settings.every_steps == 0 and \
-                    step + 4 <= self.steps:
+            if (
+                self.moving is None
+                and self.summing is None
+                and (step + 1) % self.settings.every_steps == 0
+                and step + 4 <= self.steps
+            ):
                 window = np.sum(self.window, axis=0)
                 total = np.empty_like(window)
-                self.summing = (self.comm.Iallreduce(window, total, op=MPI.SUM), total, window)  # buffers kept alive
+                self.summing = (
+                    self.comm.Iallreduce(window, total, op=MPI.SUM),
+                    total,
+                    window,
+                )  # buffers kept alive
 
     def decide(self, step: int) -> None:
         request, total, _ = self.summing
@@ -148,13 +168,21 @@ class Rebalancer:
         self.summing = None
         tokens = total.astype(float)
         new = propose(self.placement, tokens, self.node_of_place)
-        before, after = imbalance(self.placement, tokens, self.node_of_place), imbalance(new, tokens, self.node_of_place)
-        if (new.slot_expert, new.slot_rank) == (self.placement.slot_expert, self.placement.slot_rank) or \
-                after >= before or before - after < self.settings.min_gain * before:
+        before, after = (
+            imbalance(self.placement, tokens, self.node_of_place),
+            imbalance(new, tokens, self.node_of_place),
+        )
+        if (
+            (new.slot_expert, new.slot_rank) == (self.placement.slot_expert, self.placement.slot_rank)
+            or after >= before
+            or before - after < self.settings.min_gain * before
+        ):
             return
         self.start_moves(new, Switch(-1, step, self.on_ranks(new), 0, before, after))
-        self.say(f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2 ** 20:.1f} MiB of expert "
-                 f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})")
+        self.say(
+            f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2**20:.1f} MiB of expert "
+            f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})"
+        )
         self.vote(step)  # the first vote at once: small moves are done by the next boundary
 
     def vote(self, step: int) -> None:
@@ -179,6 +207,7 @@ class Rebalancer:
     def start_moves(self, new: Placement, switch: Switch) -> None:
         """New expert slots beside the old ones; copy what stays, post what moves."""
         from hpcmoe.model.transformer import MoE, materialize, parameter_bytes
+
         engine, rank, tp = self.engine, self.topo.rank, self.tp
         me, member = rank // tp, rank % tp
         cfg = engine.config.model
@@ -201,8 +230,12 @@ class Rebalancer:
                     sends += [(target * tp + member, t.data) for t in old.expert_tensors(expert)]
                 if target == me:
                     receives += [(source * tp + member, t.data) for t in layer.expert_tensors(expert)]
-        switch.bytes_moved = len(moves) * (parameter_bytes(cfg, 1)[1] - parameter_bytes(cfg, 0)[1])  # whole experts
-        mover = Mover(self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight)
+        switch.bytes_moved = len(moves) * (
+            parameter_bytes(cfg, 1)[1] - parameter_bytes(cfg, 0)[1]
+        )  # whole experts
+        mover = Mover(
+            self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight
+        )
         self.moving = (mover, new_layers, switch, new)
         engine.sender.background = mover
         mover.progress()

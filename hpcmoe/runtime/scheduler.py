@@ -11,13 +11,14 @@ The order of that work is `passes`, written once: the engine drives it with real
 (`run_concurrently`), the simulator with its clock (sim.schedule.concurrently), so a change to the
 order here changes both.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 from hpcmoe.runtime.comm import Pending, Sender, wait_until  # noqa: F401 (Pending: what the generators yield)
 
-PASSED = "passed"     # yielded after every pass over the coroutines: the rank tests its sends (MPI progress)
+PASSED = "passed"  # yielded after every pass over the coroutines: the rank tests its sends (MPI progress)
 RESUMING = "resuming"  # yielded before a coroutine that waited is resumed (the host work of resuming it)
 
 
@@ -69,9 +70,12 @@ def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list
             return finished.value
         if command is PASSED:
             sender.test()
-        elif isinstance(command, list):   # idle: wait for the first that can go on
+        elif isinstance(command, list):  # idle: wait for the first that can go on
             where = command[0].where()
             with timer.phase(where.phase, step, where.layer, where.micro_batch):
                 # sender.test() while idle too: queued sends (and background moves) go on
-                wait_until(lambda: sender.test() or any(p.poll() is not None for p in command),
-                           command[0].where, polled=lambda: any(p.polled() for p in command))
+                wait_until(
+                    lambda: sender.test() or any(p.poll() is not None for p in command),
+                    command[0].where,
+                    polled=lambda: any(p.polled() for p in command),
+                )

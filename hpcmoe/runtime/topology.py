@@ -4,6 +4,7 @@ One function owns the MPI lifecycle (PyFR's mpiutil): an uncaught exception on a
 prints that rank and its traceback, then aborts the whole job non-zero, so no peer is left
 blocked. Everything hierarchical reads the communicators built here.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 STOP_REQUESTED = [False]  # set by SIGUSR1 or SIGTERM at any time; the ranks agree on it at step boundaries
 
@@ -38,24 +41,28 @@ def keep_freed_memory() -> None:
     in the heap, fragmented, and raised the peak by 0.8 GiB on DeepSeek-V3 shapes (5.41 against
     4.61 GiB). No-op where glibc is absent."""
     import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameters
-    libc.mallopt(m_mmap_max, 0)             # large blocks from the heap too, not from mmap (unmapped on free)
-    libc.mallopt(m_trim_threshold, 2 ** 62)  # never trim the heap's top
+    libc.mallopt(m_mmap_max, 0)  # large blocks from the heap too, not from mmap (unmapped on free)
+    libc.mallopt(m_trim_threshold, 2**62)  # never trim the heap's top
 
 
 def init_mpi():
     """Initialize MPI, listen for SIGUSR1 and install the abort-on-exception hook; returns COMM_WORLD."""
     from mpi4py import MPI  # importing initializes MPI
+
     world = MPI.COMM_WORLD
     listen_for_stop()  # first thing: a signal during start-up must not be lost
 
     def abort_on_exception(kind, value, tb):
         text = "".join(traceback.format_exception(kind, value, tb))
-        sys.stderr.write(f"hpcmoe: rank {world.Get_rank()}: unhandled {kind.__name__}, aborting the job\n{text}")
+        sys.stderr.write(
+            f"hpcmoe: rank {world.Get_rank()}: unhandled {kind.__name__}, aborting the job\n{text}"
+        )
         sys.stderr.flush()
         sys.stdout.flush()
         # the launcher forwards our pipes asynchronously and stops reading once the abort reaches it:
@@ -70,14 +77,15 @@ def init_mpi():
 @dataclass
 class Topology:
     """This rank's place in the machine: world, node and node-leader communicators."""
+
     world: "MPI.Comm"
-    node: "MPI.Comm"        # ranks of my (possibly emulated) node
+    node: "MPI.Comm"  # ranks of my (possibly emulated) node
     leaders: Optional["MPI.Comm"]  # rank 0 of every node; None on the other ranks
     node_index: int
     num_nodes: int
     node_sizes: tuple[int, ...]
-    host_size: int          # ranks sharing this rank's real machine (they share its cores and GPUs)
-    host_rank: int          # this rank's position among them (picks its GPU)
+    host_size: int  # ranks sharing this rank's real machine (they share its cores and GPUs)
+    host_rank: int  # this rank's position among them (picks its GPU)
     node_of_rank: tuple[int, ...]  # [world ranks] node index of every rank
 
     @property
@@ -96,6 +104,7 @@ class Topology:
 def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
     """Node comm from shared memory, or blocks of `ranks_per_node` consecutive ranks when given."""
     from mpi4py import MPI
+
     rank = world.Get_rank()
     host = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     node = world.Split(color=rank // ranks_per_node, key=rank) if ranks_per_node else host
@@ -107,8 +116,17 @@ def build_topology(world, ranks_per_node: Optional[int]) -> Topology:
     sizes = dict(world.allgather((leader_rank, node.Get_size())))
     leader_ranks = sorted(sizes)
     node_of_rank = tuple(leader_ranks.index(r) for r in world.allgather(leader_rank))
-    return Topology(world, node, leaders, leader_ranks.index(leader_rank), len(leader_ranks),
-                    tuple(sizes[r] for r in leader_ranks), host.Get_size(), host.Get_rank(), node_of_rank)
+    return Topology(
+        world,
+        node,
+        leaders,
+        leader_ranks.index(leader_rank),
+        len(leader_ranks),
+        tuple(sizes[r] for r in leader_ranks),
+        host.Get_size(),
+        host.Get_rank(),
+        node_of_rank,
+    )
 
 
 def available_cores() -> int:
@@ -136,7 +154,7 @@ def available_memory() -> int:
             fields = dict(line.split(":", 1) for line in f)
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return 2 ** 62
+        return 2**62
 
 
 def available_memory_per_rank() -> int:

@@ -6,6 +6,7 @@ the same tokens at any rank count, layout or micro-batch count).
 Pure Python and torch on the host: no MPI. Everything here is checked on every rank before any
 communicator exists, so a bad prompt file fails with one line naming the file and line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,13 +21,16 @@ import numpy as np
 def check_positions(where: str, prompt: int, new_tokens: int, max_positions: int | None) -> None:
     """A prompt of `prompt` tokens and `new_tokens` more fit in the model's positions (model.max_positions)."""
     if max_positions is not None and prompt + new_tokens > max_positions:
-        raise ValueError(f"{where}: prompt of {prompt} tokens + {new_tokens} new tokens exceeds the model's "
-                         f"{max_positions} positions (model.max_positions)")
+        raise ValueError(
+            f"{where}: prompt of {prompt} tokens + {new_tokens} new tokens exceeds the model's "
+            f"{max_positions} positions (model.max_positions)"
+        )
 
 
 def synthetic_prompts(run, vocab: int) -> list[list[int]]:
     """Seeded random prompts, lengths uniform in [prompt_len_min, prompt_len]; same on every rank."""
     import random
+
     rng = random.Random(run.seed)
     shortest = run.prompt_len if run.prompt_len_min is None else run.prompt_len_min
     lengths = [rng.randint(shortest, run.prompt_len) for _ in range(run.batch)]
@@ -38,7 +42,7 @@ class Request:
     id: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-    prompt: str | None = None   # the prompt's text, when it came as text
+    prompt: str | None = None  # the prompt's text, when it came as text
 
 
 class RequestList:
@@ -67,8 +71,14 @@ class PromptFile:
     line starts, its prompt length and token limit) and the file's sha256; a request is read again
     from its line when the run admits it, so a million prompts cost megabytes, not gigabytes."""
 
-    def __init__(self, path: str, checkpoint: str | None, default_new_tokens: int, max_positions: int | None,
-                 vocab: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        checkpoint: str | None,
+        default_new_tokens: int,
+        max_positions: int | None,
+        vocab: int | None = None,
+    ):
         self.path, self.checkpoint, self.default_new_tokens = path, checkpoint, default_new_tokens
         self.max_positions, self.vocab = max_positions, vocab
         offsets, lengths, limits, seen = [], [], [], set()
@@ -115,8 +125,10 @@ class PromptFile:
             raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
         unknown = set(item) - {"id", "prompt", "prompt_ids", "max_new_tokens"}
         if unknown:
-            raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}; expected id, prompt or prompt_ids, "
-                             f"max_new_tokens")
+            raise ValueError(
+                f"{where}: unknown field {sorted(unknown)[0]!r}; expected id, prompt or prompt_ids, "
+                f"max_new_tokens"
+            )
         if "id" not in item:
             raise ValueError(f"{where}: missing field 'id'")
         request_id = str(item["id"])
@@ -129,13 +141,16 @@ class PromptFile:
                 raise ValueError(f"{where}: 'prompt' must be a string")
             found = tokenizer_path(self.checkpoint)
             if found is None:
-                raise ValueError(f"{where}: a text prompt needs a tokenizer: model.checkpoint "
-                                 f"{'has no tokenizer.json' if self.checkpoint else 'is not set'}; give prompt_ids")
+                raise ValueError(
+                    f"{where}: a text prompt needs a tokenizer: model.checkpoint "
+                    f"{'has no tokenizer.json' if self.checkpoint else 'is not set'}; give prompt_ids"
+                )
             ids = load_tokenizer(found).encode(item["prompt"]).ids if item["prompt"] else []
         else:
             ids = item["prompt_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                    for t in ids):
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+            ):
                 raise ValueError(f"{where}: 'prompt_ids' must be a list of token ids (integers >= 0)")
         if not ids:
             raise ValueError(f"{where}: empty prompt")
@@ -157,6 +172,7 @@ def tokenizer_path(checkpoint: str | None) -> str | None:
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer.json through the `tokenizers` library (no network, no transformers)."""
     from tokenizers import Tokenizer
+
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # a file the library cannot read: one line, not a traceback
@@ -169,8 +185,14 @@ def requests_of(config):
     r, m = config.run, config.model
     if r.prompts is not None:
         stat = os.stat(r.prompts) if os.path.exists(r.prompts) else None
-        return prompt_file(r.prompts, stat and (stat.st_size, stat.st_mtime_ns), m.checkpoint, r.max_new_tokens,
-                           m.max_positions, m.vocab)
+        return prompt_file(
+            r.prompts,
+            stat and (stat.st_size, stat.st_mtime_ns),
+            m.checkpoint,
+            r.max_new_tokens,
+            m.max_positions,
+            m.vocab,
+        )
     prompts = [list(p) for p in r.prompt_ids] if r.prompt_ids is not None else synthetic_prompts(r, m.vocab)
     return RequestList([Request(str(i), tuple(p), r.max_new_tokens) for i, p in enumerate(prompts)])
 
@@ -192,20 +214,29 @@ def decode(checkpoint: str | None, ids) -> str | None:
 def eos_ids(checkpoint: str | None) -> tuple[int, ...]:
     """The checkpoint's end-of-sequence token id(s): generation_config.json, else config.json."""
     from hpcmoe.model.checkpoint import read_config
-    names = [name for name in ("generation_config.json", "config.json")
-             if checkpoint and os.path.exists(os.path.join(checkpoint, name))]
+
+    names = [
+        name
+        for name in ("generation_config.json", "config.json")
+        if checkpoint and os.path.exists(os.path.join(checkpoint, name))
+    ]
     for name in names:
         value = read_config(checkpoint, name).get("eos_token_id")
         ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ValueError(f"model.checkpoint: {os.path.join(checkpoint, name)}: eos_token_id is {value!r}; "
-                             f"expected a token id or a list of them (integers >= 0)")
+        if value is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise ValueError(
+                f"model.checkpoint: {os.path.join(checkpoint, name)}: eos_token_id is {value!r}; "
+                f"expected a token id or a list of them (integers >= 0)"
+            )
         if value is not None:
             return tuple(ids)
     return ()
 
 
 # ---------------------------------------------------------------- choosing the next token
+
 
 def choose(logits: np.ndarray, request_ids: list[str], positions: list[int], sampling) -> np.ndarray:
     """logits: [b, vocab] float32 on the host -> [b] token ids. Greedy (the largest logit, ties to the
@@ -216,7 +247,9 @@ def choose(logits: np.ndarray, request_ids: list[str], positions: list[int], sam
     if sampling is None or sampling.temperature == 0 or len(logits) == 0:
         return logits.argmax(axis=-1)
     chosen = np.empty(len(logits), dtype=np.int64)
-    for row, (scores, request_id, position) in enumerate(zip(logits.astype(np.float64), request_ids, positions)):
+    for row, (scores, request_id, position) in enumerate(
+        zip(logits.astype(np.float64), request_ids, positions)
+    ):
         scores = scores / sampling.temperature
         keep = np.ones(len(scores), dtype=bool)
         if sampling.top_k:
@@ -226,7 +259,7 @@ def choose(logits: np.ndarray, request_ids: list[str], positions: list[int], sam
             order = np.argsort(-np.where(keep, scores, -np.inf), kind="stable")
             probs = np.exp(scores[order] - scores[order[0]]) * keep[order]
             probs /= probs.sum()
-            before = np.cumsum(probs) - probs            # probability of the more likely tokens
+            before = np.cumsum(probs) - probs  # probability of the more likely tokens
             keep[order[before >= sampling.top_p]] = False  # the most likely token always stays
         noise = gumbel(sampling.seed, request_id, position, len(scores))
         chosen[row] = int(np.argmax(np.where(keep, scores + noise, -np.inf)))
@@ -241,26 +274,36 @@ def gumbel(seed: int, request_id: str, position: int, size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- resuming a stopped run
 
+
 @dataclass
 class Done:
     """What a run has done: which requests ended, and the tokens of those it stopped on the way
     (they go on from there: a resumed run, or the survivors after a dead rank)."""
-    finished: np.ndarray                 # [requests] bool
-    partial: dict[int, list[int]]        # request index -> the tokens it had made
+
+    finished: np.ndarray  # [requests] bool
+    partial: dict[int, list[int]]  # request index -> the tokens it had made
 
 
 @dataclass(frozen=True)
 class Resume:
     """What a partial run file holds: the steps it ran, the requests it finished or stopped."""
+
     path: str
-    step: int                    # steps done: the resumed run starts here
+    step: int  # steps done: the resumed run starts here
     done: Done
-    routing: np.ndarray          # [step, moe_layers, ranks, experts]
-    traffic: np.ndarray          # [step, moe_layers, ranks, ranks]
+    routing: np.ndarray  # [step, moe_layers, ranks, experts]
+    traffic: np.ndarray  # [step, moe_layers, ranks, ranks]
 
 
-TESTING_KEYS = ("output.", "run.fail_", "run.stall_", "run.signal_", "run.kill", "run.fault_tolerance",
-                "run.rebuild_slots")
+TESTING_KEYS = (
+    "output.",
+    "run.fail_",
+    "run.stall_",
+    "run.signal_",
+    "run.kill",
+    "run.fault_tolerance",
+    "run.rebuild_slots",
+)
 
 
 def flat_settings(settings: dict, prefix: str = "") -> dict:
@@ -285,33 +328,48 @@ def checkpoint_sha256(checkpoint: str | None) -> str:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
-        if name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"):
+        if name in (
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "model.safetensors.index.json",
+        ):
             with open(path, "rb") as f:
                 digest.update(name.encode() + f.read())
         elif name.endswith(".safetensors"):
             with open(path, "rb") as f:
                 head = f.read(8)
                 size = int.from_bytes(head, "little") if len(head) == 8 else 0
-                digest.update(name.encode() + head + f.read(min(size, 100 * 2 ** 20))
-                              + str(os.path.getsize(path)).encode())
+                digest.update(
+                    name.encode()
+                    + head
+                    + f.read(min(size, 100 * 2**20))
+                    + str(os.path.getsize(path)).encode()
+                )
     return digest.hexdigest()
 
 
 def run_identity(config) -> dict:
     """Root attributes that tie a run file to its inputs (checked by --resume)."""
-    return {"prompts_sha256": config.requests.sha256, "checkpoint_sha256": checkpoint_sha256(config.model.checkpoint)}
+    return {
+        "prompts_sha256": config.requests.sha256,
+        "checkpoint_sha256": checkpoint_sha256(config.model.checkpoint),
+    }
 
 
 def saved_settings(text, where: str) -> dict:
     """A run file's `config` attribute -> its mapping of sections; ValueError in one line otherwise."""
     import yaml
+
     try:
         settings = yaml.safe_load(text)
     except yaml.YAMLError:
         settings = None
     if not isinstance(settings, dict):
-        raise ValueError(f"{where}: its config attribute is not a YAML mapping of sections (not written by "
-                         f"hpcmoe run?): it cannot be resumed")
+        raise ValueError(
+            f"{where}: its config attribute is not a YAML mapping of sections (not written by "
+            f"hpcmoe run?): it cannot be resumed"
+        )
     return settings
 
 
@@ -320,19 +378,27 @@ def read_partial(path: str, config, world_size: int) -> Resume:
     it ran: device and dtype resolved). Each mismatch is one line naming it."""
     import h5py
     import yaml
+
     where = f"--resume {path}"
     try:
         with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("complete", False):
                 raise ValueError(f"{where}: not a partial run file (it is complete)")
-            missing = [name for name in ("complete", "config", "world_size", "prompts_sha256", "checkpoint_sha256")
-                       if name not in f.attrs] + [f"/{name}" for name in ("requests", "routing", "traffic")
-                                                  if name not in f]
-            missing += [f"/requests/{field}" for field in ("index", "finish_reason", "completion_ids")
-                        if "requests" in f and field not in f["requests"]]
+            missing = [
+                name
+                for name in ("complete", "config", "world_size", "prompts_sha256", "checkpoint_sha256")
+                if name not in f.attrs
+            ] + [f"/{name}" for name in ("requests", "routing", "traffic") if name not in f]
+            missing += [
+                f"/requests/{field}"
+                for field in ("index", "finish_reason", "completion_ids")
+                if "requests" in f and field not in f["requests"]
+            ]
             if missing:
-                raise ValueError(f"{where}: the file lacks {', '.join(missing)} (written by an older hpcmoe, or "
-                                 f"not by hpcmoe run): it cannot be resumed")
+                raise ValueError(
+                    f"{where}: the file lacks {', '.join(missing)} (written by an older hpcmoe, or "
+                    f"not by hpcmoe run): it cannot be resumed"
+                )
             theirs = flat_settings(saved_settings(f.attrs["config"], where))
             identity = {name: f.attrs[name] for name in ("prompts_sha256", "checkpoint_sha256")}
             # stopped by a signal: its steps and stopped requests go on; killed (a NAME.h5.tmp): the
@@ -346,7 +412,9 @@ def read_partial(path: str, config, world_size: int) -> Resume:
             finished = np.zeros(len(config.requests), bool)
             ended = indices[reasons != b"stop"]
             if len(ended) and ended.max() >= len(finished):
-                raise ValueError(f"{where}: it holds request {ended.max()} but the prompts have {len(finished)}")
+                raise ValueError(
+                    f"{where}: it holds request {ended.max()} but the prompts have {len(finished)}"
+                )
             finished[ended] = True
             resume = Resume(path, step, Done(finished, partial), f["routing"][:step], f["traffic"][:step])
     except OSError as e:
@@ -358,11 +426,15 @@ def read_partial(path: str, config, world_size: int) -> Resume:
         raise ValueError(f"{where}: that run had another config: {shown}")
     now = run_identity(config)
     if identity["prompts_sha256"] != now["prompts_sha256"]:
-        raise ValueError(f"{where}: the prompts changed since that run ({config.run.prompts or 'run.prompt_ids'}: "
-                         f"sha256 {now['prompts_sha256'][:12]}, that run's {identity['prompts_sha256'][:12]})")
+        raise ValueError(
+            f"{where}: the prompts changed since that run ({config.run.prompts or 'run.prompt_ids'}: "
+            f"sha256 {now['prompts_sha256'][:12]}, that run's {identity['prompts_sha256'][:12]})"
+        )
     if identity["checkpoint_sha256"] != now["checkpoint_sha256"]:
-        raise ValueError(f"{where}: the checkpoint changed since that run ({config.model.checkpoint}: its config, "
-                         f"tokenizer or safetensors headers differ)")
+        raise ValueError(
+            f"{where}: the checkpoint changed since that run ({config.model.checkpoint}: its config, "
+            f"tokenizer or safetensors headers differ)"
+        )
     if ranks != world_size:  # the statistics' rank axes must line up
         raise ValueError(f"{where}: that run had {ranks} ranks, this one has {world_size}")
     return resume

@@ -12,19 +12,34 @@ the elementwise rate. Expert calls follow MoE.run_experts: small groups as two
 batched GEMMs over every hosted expert, else one GEMM chain per hit expert; FP8 experts are
 dequantized per call into the model dtype (1 byte read, then written and read in that dtype).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from hpcmoe.sim.machine import Machine
 from hpcmoe.model.transformer import MoE
+from hpcmoe.sim.machine import Machine
 
 # phases whose fixed cost runs between the model's weight reads (machine.fixed_factor scales them);
 # the step's record, the file append and MPI posting run apart from them. The factor is fitted on
 # the first five (calibrate.SCALED_PHASES) and taken to hold for the exchange's phases too.
-AMONG_WEIGHTS = ("embed", "attention", "mlp", "route", "shared_experts", "dispatch_post", "experts", "combine",
-                 "gateway", "reduce", "gather", "lm_head")
-ELEMENTWISE_PASSES = 12  # norms, rotary, cache writes, residual adds around one attention: passes over [rows, H]
+AMONG_WEIGHTS = (
+    "embed",
+    "attention",
+    "mlp",
+    "route",
+    "shared_experts",
+    "dispatch_post",
+    "experts",
+    "combine",
+    "gateway",
+    "reduce",
+    "gather",
+    "lm_head",
+)
+ELEMENTWISE_PASSES = (
+    12  # norms, rotary, cache writes, residual adds around one attention: passes over [rows, H]
+)
 
 
 class Costs:
@@ -39,11 +54,15 @@ class Costs:
         self.item = 2 if model.dtype_name == "bfloat16" else 4
         self.rate = machine.gemm_flops[model.dtype_name]
         self.decode_weights = machine.gemm_decode_bytes_per_s[model.dtype_name]
-        self.decode_factors = {kernel: machine.decode_rate_factors(weights_per_cache, kernel)
-                               for kernel in ("linear", "grouped")}
+        self.decode_factors = {
+            kernel: machine.decode_rate_factors(weights_per_cache, kernel) for kernel in ("linear", "grouped")
+        }
         self.attention_rate = machine.attention_flops[model.dtype_name]
         scale = machine.fixed_factor(weights_per_cache)
-        self.fixed = {phase: seconds * (scale if phase in AMONG_WEIGHTS else 1.0) for phase, seconds in machine.fixed.items()}
+        self.fixed = {
+            phase: seconds * (scale if phase in AMONG_WEIGHTS else 1.0)
+            for phase, seconds in machine.fixed.items()
+        }
         # bytes per weight an expert call reads: FP8 (MXFP4: 4.25 bits) is read, written in the model
         # dtype, read again
         quantized = 1 if model.fp8_block else 4.25 / 8 if model.mxfp4 else 0
@@ -72,26 +91,48 @@ class Costs:
         H = m.hidden
         if m.attention == "gqa":
             d, width = m.head_dim, (heads + 2 * kv_heads) * m.head_dim
-            projections = self.gemm(rows, 2 * rows * H * width, H * width * item) + \
-                self.gemm(rows, 2 * rows * heads * d * H, heads * d * H * item)
+            projections = self.gemm(rows, 2 * rows * H * width, H * width * item) + self.gemm(
+                rows, 2 * rows * heads * d * H, heads * d * H * item
+            )
             score_flops, cache_bytes = 4 * b * heads * t * s * d, b * s * 2 * kv_heads * d * item
         else:
-            r, nope, rope, v, q_rank = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.q_lora_rank
+            r, nope, rope, v, q_rank = (
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim,
+                m.q_lora_rank,
+            )
             query = heads * (nope + rope)
-            projections = (self.gemm(rows, 2 * rows * H * q_rank, H * q_rank * item) +
-                           self.gemm(rows, 2 * rows * q_rank * query, q_rank * query * item)) if q_rank else \
-                self.gemm(rows, 2 * rows * H * query, H * query * item)
+            projections = (
+                (
+                    self.gemm(rows, 2 * rows * H * q_rank, H * q_rank * item)
+                    + self.gemm(rows, 2 * rows * q_rank * query, q_rank * query * item)
+                )
+                if q_rank
+                else self.gemm(rows, 2 * rows * H * query, H * query * item)
+            )
             projections += self.gemm(rows, 2 * rows * H * (r + rope), H * (r + rope) * item)
             projections += self.gemm(rows, 2 * rows * heads * v * H, heads * v * H * item)
-            up = heads * (nope + v) * r                     # the key/value up-projection
+            up = heads * (nope + v) * r  # the key/value up-projection
             if t == 1:  # absorbed into the query and the output: attention over the latent
                 projections += self.gemm(b, 2 * b * up, up * item)
                 score_flops, cache_bytes = 2 * b * heads * s * (2 * r + rope), b * s * (r + rope) * item
-            else:       # keys and values built for every visible position
-                projections += self.gemm(b * s, 2 * b * s * up, up * item) + self.activations(b * s * heads * (nope + v) * item)
-                score_flops, cache_bytes = 2 * b * heads * t * s * (nope + rope + v), b * s * (r + rope) * item
+            else:  # keys and values built for every visible position
+                projections += self.gemm(b * s, 2 * b * s * up, up * item) + self.activations(
+                    b * s * heads * (nope + v) * item
+                )
+                score_flops, cache_bytes = (
+                    2 * b * heads * t * s * (nope + rope + v),
+                    b * s * (r + rope) * item,
+                )
         scores = max(score_flops / self.attention_rate, cache_bytes / self.machine.attention_bytes_per_s)
-        return float(self.fixed["attention"] + projections + scores + self.activations(ELEMENTWISE_PASSES * rows * H * item))
+        return float(
+            self.fixed["attention"]
+            + projections
+            + scores
+            + self.activations(ELEMENTWISE_PASSES * rows * H * item)
+        )
 
     def residual(self, b: int, t: int) -> float:
         """ma: the group's summed attention added to the residual stream, then the post-attention norm."""
@@ -109,7 +150,10 @@ class Costs:
         """Router GEMM (float32 for the sigmoid router, as the engine keeps it), top-k, slot choice."""
         m = self.m
         item = 4 if m.router == "sigmoid" else self.item
-        return float(self.fixed["route"] + self.gemm(n, 2 * n * m.hidden * m.num_experts, m.num_experts * m.hidden * item))
+        return float(
+            self.fixed["route"]
+            + self.gemm(n, 2 * n * m.hidden * m.num_experts, m.num_experts * m.hidden * item)
+        )
 
     def shared_experts(self, n: int) -> float:
         """The phase runs in every MoE layer; without shared experts it only asks for them."""
@@ -117,7 +161,9 @@ class Costs:
         if not m.shared_experts:
             return float(self.fixed["shared_experts"])
         inner = m.expert_hidden * m.shared_experts
-        return float(self.fixed["mlp"] + self.gemm(n, 6 * n * m.hidden * inner, 3 * m.hidden * inner * self.item))
+        return float(
+            self.fixed["mlp"] + self.gemm(n, 6 * n * m.hidden * inner, 3 * m.hidden * inner * self.item)
+        )
 
     def dispatch_post(self, rows: int) -> float:
         """The host read of the counts and the gather of `rows` sent rows into one buffer."""
@@ -128,7 +174,9 @@ class Costs:
         `partial_rows` members' partial rows summed in float32 (moe_layer.sum_partials)."""
         m = self.m
         weighted = (tokens * m.top_k + 2 * tokens) * self.item
-        return float(self.fixed["combine"] + self.activations((weighted + partial_rows * (self.item + 8)) * m.hidden))
+        return float(
+            self.fixed["combine"] + self.activations((weighted + partial_rows * (self.item + 8)) * m.hidden)
+        )
 
     def gateway(self, rows: int, row_bytes: int) -> float:
         """A two_stage gateway phase over `rows` packed rows (unpack and plan, or partial combine)."""
@@ -159,7 +207,15 @@ class Costs:
         slots, H, inner = counts.shape[1], self.m.hidden, self.m.expert_hidden / self.expert_tp
         per_expert = 3 * H * inner
         most, hit = counts.max(1, initial=0), (counts > 0).sum(1)
-        grouped = (slots >= 2) & (not (self.m.fp8_block or self.m.mxfp4)) & (hit > 0) & (most <= MoE.GROUPED_ROWS) & (2 * hit >= slots)
+        grouped = (
+            (slots >= 2)
+            & (not (self.m.fp8_block or self.m.mxfp4))
+            & (hit > 0)
+            & (most <= MoE.GROUPED_ROWS)
+            & (2 * hit >= slots)
+        )
         batched = self.gemm(most, 2 * per_expert * slots * most, slots * per_expert * self.item, "grouped")
-        chains = np.where(counts > 0, self.gemm(counts, 2 * per_expert * counts, per_expert * self.expert_item), 0.0)
+        chains = np.where(
+            counts > 0, self.gemm(counts, 2 * per_expert * counts, per_expert * self.expert_item), 0.0
+        )
         return self.fixed["experts"] + np.where(grouped, batched, chains.sum(1))

@@ -8,6 +8,7 @@
 - queue: messages leaving one after another on one link; poll_time: when comm.wait_until's sleeps
   see something that is there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,28 +16,30 @@ from typing import Callable, Optional
 
 import numpy as np
 
-FIRST_PAUSE_S, LONGEST_PAUSE_S = 20e-6, 1e-3   # comm.wait_until's sleeps (tests/test_simulate.py checks them)
+FIRST_PAUSE_S, LONGEST_PAUSE_S = 20e-6, 1e-3  # comm.wait_until's sleeps (tests/test_simulate.py checks them)
 
 
 # ---------------------------------------------------------------- what a rank's coroutines yield
+
 
 @dataclass
 class Work:
     """Compute on the rank: `seconds`, or an array of parts run back to back; `then(ends)` is called
     at the end with each part's end time (sends posted as they were made)."""
+
     seconds: object
-    phase: Optional[str] = None   # a /timings row when set
+    phase: Optional[str] = None  # a /timings row when set
     layer: int = -1
     mb: int = 0
     then: Optional[Callable] = None
 
 
-PROGRESS = "progress"   # yielded after each scheduler pass: the rank tests its requests (MPI progress)
+PROGRESS = "progress"  # yielded after each scheduler pass: the rank tests its requests (MPI progress)
 
 
 @dataclass
 class Wait:
-    on: object                    # a Cond, AllFrom or AnyFrom: its .time is None until known
+    on: object  # a Cond, AllFrom or AnyFrom: its .time is None until known
     phase: str
     layer: int = -1
     mb: int = 0
@@ -52,11 +55,12 @@ class Cond:
 @dataclass
 class Collective:
     """A non-blocking collective: who has posted, when each member made progress after the last post."""
+
     members: tuple
-    conds: dict                          # member -> Cond: when it completes there
+    conds: dict  # member -> Cond: when it completes there
     posted: set = field(default_factory=set)
     progress: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)   # what its members contributed (sim.net.SimCounts)
+    data: dict = field(default_factory=dict)  # what its members contributed (sim.net.SimCounts)
 
 
 class Mail:
@@ -67,7 +71,7 @@ class Mail:
         self.times = np.full((ranks, ranks), np.nan)
         self.got = np.zeros(ranks, np.int64)
         self.sent: dict = {}
-        self.counts = None                # [sources, destinations, S] the counts each source announced
+        self.counts = None  # [sources, destinations, S] the counts each source announced
         self.watchers: dict[int, set] = {}
 
     def announce(self, source: int, send_counts: np.ndarray) -> None:
@@ -80,6 +84,7 @@ class Mail:
 @dataclass
 class AllFrom:
     """Every one of `count` messages to `dst` is in: the latest delivery, once all are sent."""
+
     mail: Mail
     dst: int
     count: int
@@ -88,12 +93,15 @@ class AllFrom:
     def time(self):
         if self.count == 0:
             return -np.inf
-        return float(np.nanmax(self.mail.times[:, self.dst])) if self.mail.got[self.dst] >= self.count else None
+        return (
+            float(np.nanmax(self.mail.times[:, self.dst])) if self.mail.got[self.dst] >= self.count else None
+        )
 
 
 @dataclass
 class AnyFrom:
     """The first of the messages from `sources` to `dst` to be in (among those sent so far)."""
+
     mail: Mail
     dst: int
     sources: list
@@ -107,6 +115,7 @@ class AnyFrom:
 @dataclass
 class Latest:
     """The later of two conditions: known once both are."""
+
     first: object
     second: object
 
@@ -120,7 +129,9 @@ def queue(free_at: float, sent: np.ndarray, durations: np.ndarray):
     """Messages leaving one after another on one link: -> (when each has left, when the link is free).
     end_i = max(sent_i, end_{i-1}) + duration_i, as a running maximum (no loop)."""
     ends_if_back_to_back = np.cumsum(durations)
-    ends = ends_if_back_to_back + np.maximum.accumulate(np.maximum(sent - (ends_if_back_to_back - durations), free_at))
+    ends = ends_if_back_to_back + np.maximum.accumulate(
+        np.maximum(sent - (ends_if_back_to_back - durations), free_at)
+    )
     return ends, (float(ends[-1]) if len(ends) else free_at)
 
 

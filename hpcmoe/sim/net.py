@@ -17,6 +17,7 @@ simulation against stand-ins for what they touch of MPI and of the model.
 Rows are 8 bytes wide, so they cost nothing to move here; their bytes on the wire are the
 model's (`row_bytes`: hidden x item; two_stage's packed rows hold their k slots and weights too).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,29 +28,33 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from hpcmoe.sim import routing as sim_routing
-from hpcmoe.runtime.comm import BufferPool, Link, Pending, Where
 from hpcmoe.parallel.dispatch import packed_row_bytes
 from hpcmoe.parallel.layout import ExpertSchedule
+from hpcmoe.runtime.comm import BufferPool, Link, Pending, Where
 from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup
+from hpcmoe.sim import routing as sim_routing
 from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait, Work
 
-ALREADY = Cond()        # a wait on something this rank already holds
+ALREADY = Cond()  # a wait on something this rank already holds
 ALREADY.time = -np.inf
 
 
 @dataclass
 class SimPending(Pending):
     """A Pending the simulation can wait for: `wait` names the condition and its phase."""
+
     wait: Any = None
 
 
 def pending(poll, where: Where, phase: str, on) -> SimPending:
-    return SimPending(poll, lambda: where.waiting_for(phase, ()), wait=Wait(on, phase, where.layer, where.micro_batch))
+    return SimPending(
+        poll, lambda: where.waiting_for(phase, ()), wait=Wait(on, phase, where.layer, where.micro_batch)
+    )
 
 
 class Marker:
     """A point in a rank's code: its time is known once the part it follows has run."""
+
     time: Optional[float] = None
 
 
@@ -60,8 +65,8 @@ class Ledger:
     def __init__(self, sim, rank: int):
         self.sim, self.rank = sim, rank
         self.parts: list[float] = []
-        self.after: list = []      # (part index, callback(time), whether others see it at once: a collective)
-        self.outbox: list = []     # (part index, mail key, destinations, bytes of each)
+        self.after: list = []  # (part index, callback(time), whether others see it at once: a collective)
+        self.outbox: list = []  # (part index, mail key, destinations, bytes of each)
 
     def charge(self, seconds: float) -> None:
         self.parts.append(float(seconds))
@@ -107,7 +112,9 @@ class Ledger:
         for last in sorted(set(by_end) | {len(parts) - 1}):
             callbacks, sends = by_end.get(last, ([], []))
             sends = [(index - first, key, to, nbytes) for index, key, to, nbytes in sends]
-            works.append(Work(parts[first:last + 1], then=lambda ends, c=callbacks, m=sends: self.happen(ends, c, m)))
+            works.append(
+                Work(parts[first : last + 1], then=lambda ends, c=callbacks, m=sends: self.happen(ends, c, m))
+            )
             first = last + 1
         return works
 
@@ -121,11 +128,17 @@ class Ledger:
         """The messages, each at the end of its part: one call per kind, in posting order."""
         by_key: dict = {}
         for index, key, destinations, nbytes in sends:
-            by_key.setdefault(key, []).append((np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index]))
+            by_key.setdefault(key, []).append(
+                (np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index])
+            )
         for key, messages in by_key.items():
-            self.sim.send(key, self.rank, np.concatenate([d for d, _, _ in messages]),
-                          np.concatenate([b for _, b, _ in messages]),
-                          np.concatenate([np.full(len(d), sent) for d, _, sent in messages]))
+            self.sim.send(
+                key,
+                self.rank,
+                np.concatenate([d for d, _, _ in messages]),
+                np.concatenate([b for _, b, _ in messages]),
+                np.concatenate([np.full(len(d), sent) for d, _, sent in messages]),
+            )
 
 
 class SimTimer:
@@ -161,7 +174,7 @@ class CostedMoE:
 
     def __init__(self, net: "SimNet", rank: int, layer: int):
         self.sim, self.rank, self.layer, self.ledger = net.sim, rank, layer, net.ledgers[rank]
-        self.seconds = net.expert_seconds   # run_experts' cost by its counts, shared by the ranks
+        self.seconds = net.expert_seconds  # run_experts' cost by its counts, shared by the ranks
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.ledger.charge(self.sim.costs.route(len(h)))
@@ -172,7 +185,9 @@ class CostedMoE:
         self.ledger.charge(self.sim.costs.shared_experts(len(h)))
         return None
 
-    def run_experts(self, rows: torch.Tensor, counts: list[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run_experts(
+        self, rows: torch.Tensor, counts: list[int], out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         key = tuple(counts)
         if key not in self.seconds:
             self.seconds[key] = float(self.sim.costs.experts(np.array([counts]))[0])
@@ -188,7 +203,7 @@ class SimReceives:
         self.key = ("message", net.sim.step_of[rank], tag)
         self.mail = net.sim.mail(self.key)
         self.expected = [peer for peer, buffer in buffers.items() if buffer.numel() and peer != rank]
-        self.missing = np.array(self.expected, np.int64)   # expected peers not yet in
+        self.missing = np.array(self.expected, np.int64)  # expected peers not yet in
         self.done.update(peer for peer, buffer in buffers.items() if not buffer.numel())
         for _ in self.expected:
             net.ledgers[rank].charge(net.sim.costs.fixed["message"])
@@ -207,8 +222,12 @@ class SimReceives:
         self.done.add(self.me)
 
     def all_in(self, where: Where, phase: str) -> SimPending:
-        return pending(lambda: True if len(self.arrived()) == len(self.received) else None, where, phase,
-                       AllFrom(self.mail, self.me, len(self.expected)))
+        return pending(
+            lambda: True if len(self.arrived()) == len(self.received) else None,
+            where,
+            phase,
+            AllFrom(self.mail, self.me, len(self.expected)),
+        )
 
     def any_in(self, peers: set, where: Where, phase: str) -> SimPending:
         held = self.done & peers
@@ -218,6 +237,7 @@ class SimReceives:
 
 class SimSender:
     """comm.Sender: each send costs a message on the rank and leaves at the end of that part."""
+
     staging = streams = None
 
     def __init__(self, net: "SimNet", rank: int):
@@ -269,7 +289,7 @@ class SimCounts:
         """send: [G, S] -> (received [G, S], filled once complete; SimPending)."""
         _, entry = self.join("counts", where)
         table = entry.data.setdefault("sent", np.zeros((len(self.ranks), *send.shape), send.dtype))
-        table[self.index] = send                       # [G, G, S]: row i what member i sent
+        table[self.index] = send  # [G, G, S]: row i what member i sent
         received, cond = np.empty_like(send), entry.conds[self.rank]
 
         def poll():
@@ -277,11 +297,23 @@ class SimCounts:
                 return None
             received[:] = table[:, self.index]
             return True
+
         return received, pending(poll, where, phase, cond)
 
-    def rows(self, send: torch.Tensor, send_counts: np.ndarray, send_starts: np.ndarray, recv: torch.Tensor,
-             recv_counts: np.ndarray, recv_starts: np.ndarray, link, where: Where, phase: str, staging=None,
-             streams=None):
+    def rows(
+        self,
+        send: torch.Tensor,
+        send_counts: np.ndarray,
+        send_starts: np.ndarray,
+        recv: torch.Tensor,
+        recv_counts: np.ndarray,
+        recv_starts: np.ndarray,
+        link,
+        where: Where,
+        phase: str,
+        staging=None,
+        streams=None,
+    ):
         """Generator: one Ialltoallv of rows: a message to each member it sends to, complete once they
         are in and, as a collective, once every member has posted it and made progress. The rows'
         values are not moved: nothing the schedule does depends on them (the counts and two_stage's
@@ -290,8 +322,10 @@ class SimCounts:
         to = np.flatnonzero(send_counts)
         to = to[to != self.index]
         self.ledger.send(key, np.asarray(self.ranks)[to], send_counts[to] * self.net.row_bytes(send))
-        rows_in = AllFrom(self.sim.mail(key), self.rank, int(np.count_nonzero(recv_counts)) - bool(recv_counts[self.index]))
-        done = Latest(rows_in, entry.conds[self.rank])     # the rows are in and the collective complete here
+        rows_in = AllFrom(
+            self.sim.mail(key), self.rank, int(np.count_nonzero(recv_counts)) - bool(recv_counts[self.index])
+        )
+        done = Latest(rows_in, entry.conds[self.rank])  # the rows are in and the collective complete here
         yield pending(lambda: True if self.sim.passed(done) else None, where, phase, done)
 
     def turn(self, at: Where, index: int) -> Optional[SimPending]:
@@ -310,6 +344,7 @@ class SimCounts:
         def release(time: float) -> None:
             cond.time = time
             self.sim.notify(cond.watchers)
+
         self.ledger.then(release)
 
     def close(self) -> None:
@@ -323,7 +358,7 @@ class SimNet:
         m = sim.config.model
         self.sim, self.dtype = sim, getattr(torch, m.dtype_name)
         self.ledgers = [Ledger(sim, rank) for rank in range(sim.ranks)]
-        self.payloads: dict = {}    # (mail key, source, destination) -> the message's tensor
+        self.payloads: dict = {}  # (mail key, source, destination) -> the message's tensor
         plain, packed = m.hidden * sim.costs.item, packed_row_bytes(m.hidden, self.dtype, m.top_k)
         self.row_bytes = lambda rows: packed if rows.dtype == torch.uint8 else plain
         self.senders = [SimSender(self, rank) for rank in range(sim.ranks)]
@@ -339,8 +374,12 @@ class SimNet:
 
     def role(self, rank: int) -> SimpleNamespace:
         """What ma's sums and gathers use of an AttentionEngine (`ctx`)."""
-        return SimpleNamespace(rank=rank, topo=SimpleNamespace(node_of_rank=self.sim.node_of_rank),
-                               sender=self.senders[rank], timer=self.timers[rank])
+        return SimpleNamespace(
+            rank=rank,
+            topo=SimpleNamespace(node_of_rank=self.sim.node_of_rank),
+            sender=self.senders[rank],
+            timer=self.timers[rank],
+        )
 
     def context(self, rank: int, members: tuple) -> ExchangeContext:
         """The rank's ExchangeContext among `members`, as ep.build_exchange makes it."""
@@ -353,16 +392,30 @@ class SimNet:
                 member[list(ranks)] = True
                 counts = tuple(SimCounts(self, rank, ranks, (name, mb)) for mb in range(micro_batches))
                 return ExchangeGroup(tuple(ranks), counts, member)
+
             node = sim.node_of_rank[rank]
-            node_group = group(tuple(r for r in members if sim.node_of_rank[r] == node), f"node {node}") \
-                if p.dispatch == "two_stage" else None
+            node_group = (
+                group(tuple(r for r in members if sim.node_of_rank[r] == node), f"node {node}")
+                if p.dispatch == "two_stage"
+                else None
+            )
             self.contexts[rank] = ExchangeContext(
-                rank=rank, world=None, sender=self.senders[rank], link=Link(sim.node_of_rank),
-                tables=sim.tables[rank], group=group(members, "exchange"), node_group=node_group,
-                timer=self.timers[rank], micro_batches=micro_batches, first_moe_layer=sim.config.model.dense_layers,
-                capacity_factor=p.capacity_factor, pool=BufferPool(), tp_forward=p.expert_tp_dispatch == "leader",
+                rank=rank,
+                world=None,
+                sender=self.senders[rank],
+                link=Link(sim.node_of_rank),
+                tables=sim.tables[rank],
+                group=group(members, "exchange"),
+                node_group=node_group,
+                timer=self.timers[rank],
+                micro_batches=micro_batches,
+                first_moe_layer=sim.config.model.dense_layers,
+                capacity_factor=p.capacity_factor,
+                pool=BufferPool(),
+                tp_forward=p.expert_tp_dispatch == "leader",
                 schedule=ExpertSchedule(p.expert_schedule),
-                row_bytes=self.row_bytes)
+                row_bytes=self.row_bytes,
+            )
         return self.contexts[rank]
 
     def moe(self, rank: int, layer: int) -> CostedMoE:

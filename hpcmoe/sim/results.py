@@ -2,22 +2,36 @@
 (hpcmoe.runfile.output), with root attrs `simulated: true` and `machine`, /generated all -1 (no tokens are
 computed), /generated_lengths the tokens each request would make, and the memory plan of
 `hpcmoe plan` against the machine's memory instead of a measured peak RSS."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from hpcmoe.runfile.output import (TIMING_DTYPE, RunWriter, busy_and_idle, compute_metrics, rank_load_imbalance,
-                           rank_loads, request_metrics, run_attrs, step_imbalance)
+from hpcmoe.runfile.output import (
+    TIMING_DTYPE,
+    RunWriter,
+    busy_and_idle,
+    compute_metrics,
+    rank_load_imbalance,
+    rank_loads,
+    request_metrics,
+    run_attrs,
+    step_imbalance,
+)
 
 
 def metrics_and_file(sim, output: str | None) -> dict:
     """-> the run's metrics (as engine.finish computes them, from the simulated clock); writes `output`."""
     from hpcmoe.parallel.plan import rank_memory
+
     config, ranks = sim.config, sim.ranks
     requests = config.requests
     made = [sum(r.max_new_tokens > step for r in requests) for step in range(config.steps)]
-    metrics, spans = compute_metrics(np.array(sim.token_times), sum(len(r.prompt_ids) for r in requests),
-                                     np.array([count for count in made if count]))
+    metrics, spans = compute_metrics(
+        np.array(sim.token_times),
+        sum(len(r.prompt_ids) for r in requests),
+        np.array([count for count in made if count]),
+    )
     timings = np.array(sim.rows, dtype=TIMING_DTYPE)
     per_rank = busy_and_idle(timings, ranks)
     metrics["idle_fraction"] = float(per_rank["idle_fraction_per_rank"].mean())
@@ -32,10 +46,20 @@ def metrics_and_file(sim, output: str | None) -> dict:
     # the start-up and model load are not simulated: NaN, not a figure that looks measured
     metrics.update(wall_s=metrics["total_s"], load_s=float("nan"), wall_with_load_s=float("nan"))
     times, limits = np.array(sim.token_times), requests.max_new_tokens  # every request in the first batch
-    metrics.update(request_metrics(np.full(len(limits), times[0]), times[np.minimum(limits, len(times)) - 1], limits,
-                                   metrics["total_s"]))
-    table = np.array([ranks + [-1] * (max(map(len, sim.placement.expert_ranks())) - len(ranks))
-                      for ranks in sim.placement.expert_ranks()])
+    metrics.update(
+        request_metrics(
+            np.full(len(limits), times[0]),
+            times[np.minimum(limits, len(times)) - 1],
+            limits,
+            metrics["total_s"],
+        )
+    )
+    table = np.array(
+        [
+            ranks + [-1] * (max(map(len, sim.placement.expert_ranks())) - len(ranks))
+            for ranks in sim.placement.expert_ranks()
+        ]
+    )
     loads = rank_loads(sim.routing_counts, [(0, table)], list(sim.node_of_rank), sim.placement.tp)
     metrics["rank_load_max_over_mean"] = rank_load_imbalance(loads)
     metrics["rank_load_max_over_mean_per_step"] = step_imbalance(loads)
@@ -54,15 +78,30 @@ def metrics_and_file(sim, output: str | None) -> dict:
 def write_run_file(sim, path: str, metrics: dict, spans, per_rank: dict, timings: np.ndarray) -> None:
     config, m, ranks = sim.config, sim.config.model, sim.ranks
     nodes = max(sim.node_of_rank) + 1
-    attrs = {**run_attrs(config, sim.node_of_rank, max(sim.node_of_rank.count(n) for n in range(nodes)),
-                         sim.machine.device, f"simulated {sim.machine.name}", len(config.requests)),
-             "simulated": True, "machine": sim.machine.name}
+    attrs = {
+        **run_attrs(
+            config,
+            sim.node_of_rank,
+            max(sim.node_of_rank.count(n) for n in range(nodes)),
+            sim.machine.device,
+            f"simulated {sim.machine.name}",
+            len(config.requests),
+        ),
+        "simulated": True,
+        "machine": sim.machine.name,
+    }
     if sim.context is not None:
         attrs["steady_decode_context"] = sim.context
-    writer = RunWriter(path, attrs, config.requests, config.steps, m.vocab, m.moe_layers, ranks, m.num_experts, False)
+    writer = RunWriter(
+        path, attrs, config.requests, config.steps, m.vocab, m.moe_layers, ranks, m.num_experts, False
+    )
     try:
-        source = f"routing of {config.parallel.placement_from}" if config.parallel.placement_from else "uniform"
-        writer.write_placement(sim.placement.expert_ranks(), m.moe_layers, sim.placement.mode, source, sim.placement.tp)
+        source = (
+            f"routing of {config.parallel.placement_from}" if config.parallel.placement_from else "uniform"
+        )
+        writer.write_placement(
+            sim.placement.expert_ranks(), m.moe_layers, sim.placement.mode, source, sim.placement.tp
+        )
         for step in range(config.steps):
             writer.append_step(step, sim.routing_counts[step], sim.traffic[step])
         writer.append_timings(timings)

@@ -8,19 +8,20 @@ records) and Wait (what the engine's coroutine yields a Pending for), and post m
 collectives where the engine posts them. The requests of a rank and micro-batch, head split and
 reduction plan come from the engine's own code; only time is modelled.
 """
+
 from __future__ import annotations
 
 import torch
 
-from hpcmoe.runtime import moe_layer
 from hpcmoe.model.attention import kv_heads_for, split_heads
-from hpcmoe.runtime.comm import Where
-from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.parallel.layout import request_range, requests_per_rank, step_micro_batches
+from hpcmoe.runtime import moe_layer
+from hpcmoe.runtime.comm import Where
 from hpcmoe.runtime.moe_layer import StepStats
 from hpcmoe.runtime.scheduler import PASSED, RESUMING, passes
-from hpcmoe.sim.net import charged
+from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.sim.events import PROGRESS, AllFrom, Wait, Work
+from hpcmoe.sim.net import charged
 
 RECORD_BYTES = 4096  # a step's record to rank 0 (tokens, routing, timing rows), pickled
 
@@ -29,14 +30,23 @@ def concurrently(sim, generators: list):
     """scheduler.passes, the engine's own loop, on the simulation's clock: a coroutine can go on once
     what it waits for has happened by now; resuming one costs fixed.resume; each pass ends in a test
     of the sends (PROGRESS); when none can go on the rank waits for the first of them."""
-    loop = passes(generators, lambda wait: True if sim.passed(wait.on) else None,
-                  lambda command: isinstance(command, Work))
+    loop = passes(
+        generators,
+        lambda wait: True if sim.passed(wait.on) else None,
+        lambda command: isinstance(command, Work),
+    )
     while True:
         try:
             command = next(loop)
         except StopIteration as finished:
             return finished.value
-        yield Work(sim.costs.fixed["resume"]) if command is RESUMING else PROGRESS if command is PASSED else command
+        yield (
+            Work(sim.costs.fixed["resume"])
+            if command is RESUMING
+            else PROGRESS
+            if command is PASSED
+            else command
+        )
 
 
 def rank_main(sim, rank: int):
@@ -50,6 +60,7 @@ def rank_main(sim, rank: int):
         mine = layout.group_requests(len(requests), rank) if layout.is_attention(rank) else range(0)
     if sim.is_ma:
         from hpcmoe.runtime.ma import exchange_members
+
         members = tuple(exchange_members(layout))
     else:
         members = tuple(range(sim.ranks))
@@ -59,34 +70,45 @@ def rank_main(sim, rank: int):
         if rank == 0:
             sim.forget(step)
         stats = StepStats.zeros(m.moe_layers, m.num_experts, sim.ranks)
-        if rank in members:   # as Messaging.run_step sets it
+        if rank in members:  # as Messaging.run_step sets it
             sim.net.context(rank, members).schedule.prefill = prefill_step(sim, step)
         started = sim.now
         alive = [i for i in mine if requests[i].max_new_tokens > step]
-        if sim.context is None:   # the engine's run: a prefill, then one token per step
+        if sim.context is None:  # the engine's run: a prefill, then one token per step
             new = [len(requests[i].prompt_ids) if step == 0 else 1 for i in alive]
             cached = [0 if step == 0 else len(requests[i].prompt_ids) + step - 1 for i in alive]
-        else:                     # steady decode: every request already holds `context` positions
+        else:  # steady decode: every request already holds `context` positions
             new, cached = [1] * len(alive), [sim.context + step] * len(alive)
         yield Work(costs.fixed["step"] + (costs.fixed["first_step"] if step == 0 else 0.0))
         data_parallel = layout.replicas if sim.is_ma else sim.ranks
-        micro_batches = step_micro_batches(config.run.micro_batches, config.run.decode_micro_batch_min,
-                                           requests_per_rank(len(requests), data_parallel), prefill_step(sim, step))
+        micro_batches = step_micro_batches(
+            config.run.micro_batches,
+            config.run.decode_micro_batch_min,
+            requests_per_rank(len(requests), data_parallel),
+            prefill_step(sim, step),
+        )
         if sim.is_ma and not layout.is_attention(rank):
-            generators = [exchange(sim, rank, Where(step, layer, mb), 0, members, stats)
-                          for layer in range(m.dense_layers, m.num_layers) for mb in range(micro_batches)]
+            generators = [
+                exchange(sim, rank, Where(step, layer, mb), 0, members, stats)
+                for layer in range(m.dense_layers, m.num_layers)
+                for mb in range(micro_batches)
+            ]
         else:
             blocks = [request_range(len(alive), micro_batches, i) for i in range(micro_batches)]
-            part = lambda values, block: values[block.start:block.stop]
+            part = lambda values, block: values[block.start : block.stop]
             body = ma_micro_batch if sim.is_ma else ep_micro_batch
-            generators = [body(sim, rank, step, mb, part(new, block), part(cached, block), members, stats)
-                          for mb, block in enumerate(blocks)]
+            generators = [
+                body(sim, rank, step, mb, part(new, block), part(cached, block), members, stats)
+                for mb, block in enumerate(blocks)
+            ]
         yield from concurrently(sim, generators)
         sim.routing_counts[step, :, rank] = stats.routing.numpy()
         sim.traffic[step, :, rank] = stats.traffic
         sim.dropped += int(stats.dropped)
         sim.row(rank, "step", -1, 0, started, sim.now)
-        vote = yield from finish_step(sim, rank, step, sum(r.max_new_tokens > step for r in requests) > 0, vote)
+        vote = yield from finish_step(
+            sim, rank, step, sum(r.max_new_tokens > step for r in requests) > 0, vote
+        )
 
 
 def finish_step(sim, rank: int, step: int, made_tokens: bool, vote):
@@ -98,10 +120,12 @@ def finish_step(sim, rank: int, step: int, made_tokens: bool, vote):
         yield Wait(AllFrom(sim.mail(("record", step)), 0, ranks - 1), "record_wait")
         yield Work(fixed["record"] * (ranks - 1))
         if made_tokens:
-            sim.token_times.append(sim.now)   # rank 0 holds this step's tokens
+            sim.token_times.append(sim.now)  # rank 0 holds this step's tokens
         yield Work(fixed["output"])
     else:
-        yield Work(fixed["output"], then=lambda ends: sim.send(("record", step), rank, [0], RECORD_BYTES, ends[-1]))
+        yield Work(
+            fixed["output"], then=lambda ends: sim.send(("record", step), rank, [0], RECORD_BYTES, ends[-1])
+        )
     sim.row(rank, "output", -1, 0, started, sim.now)
     if step + 1 >= sim.config.steps:
         return None
@@ -119,7 +143,9 @@ def padded(new: list, cached: list) -> tuple[int, int, int, int]:
     return len(new), max(new, default=1), max(ends, default=1), sum(new)
 
 
-def ep_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats):
+def ep_micro_batch(
+    sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats
+):
     """ep.EPEngine.forward_micro_batch: embed, every layer's attention then MLP or MoE exchange, LM head."""
     costs, m = sim.costs, sim.config.model
     b, t, s, n = padded(new, cached)
@@ -138,8 +164,11 @@ def exchange(sim, rank: int, at: Where, n: int, members: tuple, stats: StepStats
     `members`, on the simulated clock (sim.net)."""
     net = sim.net
     run = moe_layer.exchange_for(sim.config.parallel.dispatch)
-    return (yield from charged(net, rank, run(net.context(rank, members), net.moe(rank, at.layer), at, net.tokens(n),
-                                                 stats)))
+    return (
+        yield from charged(
+            net, rank, run(net.context(rank, members), net.moe(rank, at.layer), at, net.tokens(n), stats)
+        )
+    )
 
 
 def prefill_step(sim, step: int) -> bool:
@@ -149,12 +178,16 @@ def prefill_step(sim, step: int) -> bool:
 
 # ---------------------------------------------------------------- attention/MoE separation
 
-def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats):
+
+def ma_micro_batch(
+    sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats
+):
     """ma.AttentionEngine.forward_micro_batch: this rank's heads, the group's hierarchical sum, its
     slice of the tokens through the MoE ranks, the group's all-gather; its vocabulary slice and the
     (max, index) all-gather that picks the token. The sums and gathers are ma's own functions, on
     tensors of the engine's shapes that hold no data (device meta)."""
     from hpcmoe.runtime import ma
+
     costs, m, layout, net = sim.costs, sim.config.model, sim.layout, sim.net
     role = net.role(rank)
     primaries = layout.primaries(rank)
@@ -180,19 +213,47 @@ def ma_micro_batch(sim, rank: int, step: int, mb: int, new: list, cached: list, 
         else:
             yield Work(costs.mlp(len(slices[shard])), "mlp", layer, mb)
         posted = sim.now
-        everything = yield from charged(net, rank, ma.all_gather_rows(
-            role, empty(len(slices[shard]), m.hidden), primaries, group, [len(x) for x in slices], empty(0, m.hidden),
-            tag(layer), at))
+        everything = yield from charged(
+            net,
+            rank,
+            ma.all_gather_rows(
+                role,
+                empty(len(slices[shard]), m.hidden),
+                primaries,
+                group,
+                [len(x) for x in slices],
+                empty(0, m.hidden),
+                tag(layer),
+                at,
+            ),
+        )
         sim.row(rank, "gather_comm", layer, mb, posted, sim.now)
         yield Work(costs.gather(everything.numel() * everything.element_size()), "gather", layer, mb)
     vocab = [request_range(m.vocab, shards, i) for i in range(shards)]
     yield Work(costs.lm_head(b, len(vocab[shard])), "lm_head", -1, mb)
     done = Where(step, m.num_layers, mb)
     pairs = empty(1, 2 * b, dtype=torch.float64)
-    yield from charged(net, rank, ma.all_gather_rows(role, pairs, primaries, group, [1] * shards, pairs,
-                                                     tag(done.layer), done, Kind.CHOICE))
+    yield from charged(
+        net,
+        rank,
+        ma.all_gather_rows(
+            role, pairs, primaries, group, [1] * shards, pairs, tag(done.layer), done, Kind.CHOICE
+        ),
+    )
     if sim.config.output.save_logits:
         columns = empty(len(vocab[shard]), b, dtype=torch.float32)
-        yield from charged(net, rank, ma.all_gather_rows(role, columns, primaries, group, [len(v) for v in vocab],
-                                                         empty(0, b, dtype=torch.float32), tag(done.layer), done,
-                                                         Kind.LOGITS))
+        yield from charged(
+            net,
+            rank,
+            ma.all_gather_rows(
+                role,
+                columns,
+                primaries,
+                group,
+                [len(v) for v in vocab],
+                empty(0, b, dtype=torch.float32),
+                tag(done.layer),
+                done,
+                Kind.LOGITS,
+            ),
+        )

@@ -20,28 +20,38 @@ hierarchical sum); sim/routing.py draws the routing; sim/results.py makes the me
 file; sim/events.py holds what ranks yield and wait on; this file holds the event loop, the ranks'
 compute, their links and the collectives, and the command.
 """
+
 from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
 from hpcmoe.config import Config
-from hpcmoe.sim.costs import Costs
 from hpcmoe.parallel import dispatch
 from hpcmoe.parallel.layout import MALayout, ParallelLayout
 from hpcmoe.runtime import tags
-from hpcmoe.sim.events import (FIRST_PAUSE_S, LONGEST_PAUSE_S, PROGRESS, AllFrom, AnyFrom, Collective, Cond,  # noqa: F401
-                                 Latest, Mail, Wait, Work, poll_time, queue)
+from hpcmoe.sim.costs import Costs
+from hpcmoe.sim.events import (
+    PROGRESS,
+    Collective,
+    Cond,  # noqa: F401
+    Latest,
+    Mail,
+    Work,
+    poll_time,
+    queue,
+)
 from hpcmoe.sim.machine import Machine
 
 
 @dataclass
 class Driver:
     """One rank: its top generator, whether it computes (and what), what it waits for."""
+
     rank: int
     host: int
     gen: object = None
@@ -53,7 +63,7 @@ class Driver:
     work_start: float = 0.0
     remaining: float = 0.0
     slice_start: float = 0.0
-    spinning: bool = False        # waits while holding its core (parallel.wait=spin, more ranks than cores)
+    spinning: bool = False  # waits while holding its core (parallel.wait=spin, more ranks than cores)
     ready: Optional[float] = None  # a spinning wait: when what it waits for is there (None: not known yet)
 
 
@@ -71,6 +81,7 @@ def check_one_batch(config: Config, layout, ranks: int, memory_per_rank: float) 
     batching continuous, run.prefill_chunk all of their prompt tokens: ValueError (one line, naming
     the setting) otherwise, rather than a simulation of another schedule."""
     from hpcmoe.parallel.plan import default_max_batch
+
     r, requests = config.run, config.requests
     is_ma = isinstance(layout, MALayout)
     held = r.max_batch or default_max_batch(config, ranks, memory_per_rank)
@@ -79,15 +90,21 @@ def check_one_batch(config: Config, layout, ranks: int, memory_per_rank: float) 
             continue
         mine = layout.group_requests(len(requests), rank) if is_ma else range(rank, len(requests), ranks)
         if len(mine) > held:
-            limit = f"run.max_batch={held}" if r.max_batch else f"run.max_batch unset: {held}, what memory allows"
-            raise ValueError(f"hpcmoe simulate starts every request of a rank at once: rank {rank} holds {len(mine)} "
-                             f"requests and the engine would start {held} ({limit}); continuous batching is not "
-                             f"simulated (use --steady-decode, or more ranks)")
+            limit = (
+                f"run.max_batch={held}" if r.max_batch else f"run.max_batch unset: {held}, what memory allows"
+            )
+            raise ValueError(
+                f"hpcmoe simulate starts every request of a rank at once: rank {rank} holds {len(mine)} "
+                f"requests and the engine would start {held} ({limit}); continuous batching is not "
+                f"simulated (use --steady-decode, or more ranks)"
+            )
         prompt = sum(len(requests[i].prompt_ids) for i in mine)
         if r.batching == "continuous" and prompt > r.prefill_chunk:
-            raise ValueError(f"hpcmoe simulate prefills a rank's prompts in the first step: rank {rank}'s {prompt} "
-                             f"prompt tokens take more than one step at run.prefill_chunk={r.prefill_chunk}; set "
-                             f"run.prefill_chunk >= {prompt} or run.batching=static (or use --steady-decode)")
+            raise ValueError(
+                f"hpcmoe simulate prefills a rank's prompts in the first step: rank {rank}'s {prompt} "
+                f"prompt tokens take more than one step at run.prefill_chunk={r.prefill_chunk}; set "
+                f"run.prefill_chunk >= {prompt} or run.batching=static (or use --steady-decode)"
+            )
 
 
 def weights_per_cache(config: Config, machine: Machine, layout, tables: list, host_of_rank: list) -> float:
@@ -95,11 +112,14 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
     every weight but the routed experts, and its expert slots; ma: its attention shard, or its
     slots). A cpu's ranks share their host's last-level cache; a GPU's, its own."""
     from hpcmoe.model.attention import split_heads
-    from hpcmoe.parallel.layout import request_range
     from hpcmoe.model.transformer import attention_shard_bytes, parameter_bytes
+    from hpcmoe.parallel.layout import request_range
+
     m = config.model
     base = parameter_bytes(m, 0)[1]
-    per_slot = (parameter_bytes(m, 1)[1] - base) / config.parallel.expert_tp   # a member holds its share of each
+    per_slot = (
+        parameter_bytes(m, 1)[1] - base
+    ) / config.parallel.expert_tp  # a member holds its share of each
     shards: dict = {}
 
     def rank_bytes(rank: int) -> float:
@@ -110,7 +130,9 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
             return slots
         count = len(layout.primaries(rank))
         if count not in shards:
-            shards[count] = attention_shard_bytes(m, split_heads(m.heads, count)[0], request_range(m.vocab, count, 0))[0]
+            shards[count] = attention_shard_bytes(
+                m, split_heads(m.heads, count)[0], request_range(m.vocab, count, 0)
+            )[0]
         return shards[count]
 
     per_host: dict = {}
@@ -123,20 +145,39 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
 class Simulation:
     """The event loop, the ranks, their links and mail; `run()` -> the rank-0 token times."""
 
-    def __init__(self, config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
-                 context: Optional[int] = None, one_batch: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        machine: Machine,
+        ranks: int,
+        routing: Optional[np.ndarray] = None,
+        context: Optional[int] = None,
+        one_batch: bool = True,
+    ):
         p = config.parallel
-        unsupported = [name for name, on in (("parallel.rebalance", p.rebalance is not None),
-                                             ("parallel.attention_standby", p.attention_standby)) if on]
+        unsupported = [
+            name
+            for name, on in (
+                ("parallel.rebalance", p.rebalance is not None),
+                ("parallel.attention_standby", p.attention_standby),
+            )
+            if on
+        ]
         if unsupported:
             raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
         micro_batches, layers = config.run.micro_batches, config.model.num_layers
-        if tags.KINDS * micro_batches * (layers + 1) > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE:   # tags.tag_for's range
-            raise ValueError(f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
-                             f"{micro_batches} over {layers} layers: use fewer micro-batches")
+        if (
+            tags.KINDS * micro_batches * (layers + 1) > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE
+        ):  # tags.tag_for's range
+            raise ValueError(
+                f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
+                f"{micro_batches} over {layers} layers: use fewer micro-batches"
+            )
         if p.layout == "ma" and "auto" in (p.attention_ranks, p.moe_ranks):
-            raise ValueError("hpcmoe simulate needs parallel.attention_ranks and moe_ranks set "
-                             "(`hpcmoe predict propose --machine` ranks the splits with the simulator)")
+            raise ValueError(
+                "hpcmoe simulate needs parallel.attention_ranks and moe_ranks set "
+                "(`hpcmoe predict propose --machine` ranks the splits with the simulator)"
+            )
         self.config = config = config.on_device(machine.device)
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
@@ -144,32 +185,41 @@ class Simulation:
         self.host_of_rank = [0] * ranks if machine.one_box else list(self.node_of_rank)
         self.ranks_on_host = {h: self.host_of_rank.count(h) for h in set(self.host_of_rank)}
         # a GPU's memory is its rank's; a cpu host's is shared by its ranks
-        self.memory_per_rank = machine.memory_bytes / (1 if machine.device == "cuda" else max(self.ranks_on_host.values()))
+        self.memory_per_rank = machine.memory_bytes / (
+            1 if machine.device == "cuda" else max(self.ranks_on_host.values())
+        )
         if context is None and one_batch:
             check_one_batch(config, self.layout, ranks, self.memory_per_rank)
         # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
-        self.poll_by_yielding = max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
+        self.poll_by_yielding = (
+            max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
+        )
         placed_by = None
         if p.placement_from:
             from hpcmoe.runfile.output import read_routing
+
             placed_by = read_routing(p.placement_from, config.model.num_experts)
         self.placement = self.layout.placement(self.node_of_rank, placed_by)
         self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
-        self.costs = Costs(config.model, machine, weights_per_cache(config, machine, self.layout, self.tables,
-                                                                     self.host_of_rank), p.expert_tp)
+        self.costs = Costs(
+            config.model,
+            machine,
+            weights_per_cache(config, machine, self.layout, self.tables, self.host_of_rank),
+            p.expert_tp,
+        )
         self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
         self.now, self.events, self.order = 0.0, [], itertools.count()
         self.mails: dict = {}
         self.collectives: dict = {}
         self.awaiting_progress: dict = {}  # rank -> collectives waiting for its next MPI call
-        self.holders: dict = {}          # host -> {rank: end of its slice}: the ranks on its cores
-        self.lines: dict = {}            # host -> ranks waiting for a core, first in line first
+        self.holders: dict = {}  # host -> {rank: end of its slice}: the ranks on its cores
+        self.lines: dict = {}  # host -> ranks waiting for a core, first in line first
         self.rows: list = []
-        self.routes: dict = {}           # sim.routing's experts, drawn once per key
+        self.routes: dict = {}  # sim.routing's experts, drawn once per key
         m, steps = config.model, config.steps
         self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
         self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
-        self.dropped = 0   # token slots over capacity, summed over ranks, steps and layers
+        self.dropped = 0  # token slots over capacity, summed over ranks, steps and layers
         self.token_times: list[float] = []
         self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
         # the queues messages take, out of and into each rank: its own inside a node; across nodes
@@ -183,8 +233,10 @@ class Simulation:
             self.ports["inter"] = self.hosts * machine.nics_per_node + index_on_host % machine.nics_per_node
         self.free_out = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
         self.free_in = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
-        self.free_out["emulated"] = np.zeros(ranks)   # parallel.link: each rank's own, queued at the sender only
-        self.step_of = [0] * ranks       # each rank's current step (for its wait rows)
+        self.free_out["emulated"] = np.zeros(
+            ranks
+        )  # parallel.link: each rank's own, queued at the sender only
+        self.step_of = [0] * ranks  # each rank's current step (for its wait rows)
         self.is_ma = isinstance(self.layout, MALayout)
         # synthetic routing without drift: the same law in every layer and step (drawn once per rank and n)
         self.same_law = routing is None and not (config.model.router_skew and config.run.skew_drift)
@@ -195,9 +247,10 @@ class Simulation:
         heapq.heappush(self.events, (time, next(self.order), action, args))
 
     def run(self) -> list[float]:
-        from hpcmoe.sim.schedule import rank_main
         from hpcmoe.progress import Progress
         from hpcmoe.sim.net import SimNet
+        from hpcmoe.sim.schedule import rank_main
+
         self.net = SimNet(self)
         for driver in self.drivers:
             driver.gen = rank_main(self, driver.rank)
@@ -231,7 +284,7 @@ class Simulation:
             driver.waiting, driver.idle_since = waits, self.now
             for w in waits:
                 self.watch(w.on, driver)
-            if self.spins_on_shared_cores(driver):   # it keeps testing: its core stays busy
+            if self.spins_on_shared_cores(driver):  # it keeps testing: its core stays busy
                 driver.spinning, driver.ready = True, None
                 self.start_work(driver, Work(float("inf")))
             else:
@@ -248,11 +301,14 @@ class Simulation:
             on.mail.watchers.setdefault(on.dst, set()).add(driver.rank)
 
     def spins_on_shared_cores(self, driver: Driver) -> bool:
-        return self.config.parallel.wait == "spin" and self.ranks_on_host[driver.host] > self.machine.units_per_node
+        return (
+            self.config.parallel.wait == "spin"
+            and self.ranks_on_host[driver.host] > self.machine.units_per_node
+        )
 
     def plan_wake(self, driver: Driver) -> None:
         known = [w.on.time for w in driver.waiting if w.on.time is not None]
-        if driver.spinning:   # it goes on once it holds its core at or after `ready` (run_slice)
+        if driver.spinning:  # it goes on once it holds its core at or after `ready` (run_slice)
             if known:
                 driver.ready = max(min(known), self.now)
                 if driver.rank in self.holders.get(driver.host, {}):
@@ -261,8 +317,11 @@ class Simulation:
         driver.version += 1
         if known:
             ready = max(min(known), self.now)
-            wake = ready if self.config.parallel.wait == "spin" else \
-                poll_time(driver.idle_since, ready, self.machine.sleep_overshoot_s)
+            wake = (
+                ready
+                if self.config.parallel.wait == "spin"
+                else poll_time(driver.idle_since, ready, self.machine.sleep_overshoot_s)
+            )
             self.at(max(wake, self.now), self.wake, driver, driver.version)
 
     def notify(self, ranks) -> None:
@@ -279,16 +338,23 @@ class Simulation:
         driver.waiting = None
         self.resume(driver)
 
-    def row(self, rank: int, phase: str, layer: int, mb: int, start: float, end: float, step: int = None) -> None:
-        self.rows.append((rank, layer, mb, self.step_of[rank] if step is None else step, phase.encode(), start, end))
+    def row(
+        self, rank: int, phase: str, layer: int, mb: int, start: float, end: float, step: int = None
+    ) -> None:
+        self.rows.append(
+            (rank, layer, mb, self.step_of[rank] if step is None else step, phase.encode(), start, end)
+        )
 
     # ------------------------------------------------------------ compute: ranks share their host's units
 
     def slower(self, rank: int) -> float:
         """The factor on the rank's costed work now (1: as costed): longer in the first step (first
         calls, fresh memory) and on a node shared with other ranks (shared caches)."""
-        return 1.0 + (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0) + \
-            (self.machine.shared_node_slowdown if self.ranks_on_host[self.host_of_rank[rank]] > 1 else 0.0)
+        return (
+            1.0
+            + (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0)
+            + (self.machine.shared_node_slowdown if self.ranks_on_host[self.host_of_rank[rank]] > 1 else 0.0)
+        )
 
     def passed(self, on) -> bool:
         """Whether a condition's time (Cond, AllFrom, AnyFrom, Latest) is known and not later than now."""
@@ -307,7 +373,12 @@ class Simulation:
         if slower != 1.0:
             parts = parts * slower
             work.seconds = parts
-        driver.busy, driver.work, driver.work_start, driver.remaining = True, work, self.now, float(parts.sum())
+        driver.busy, driver.work, driver.work_start, driver.remaining = (
+            True,
+            work,
+            self.now,
+            float(parts.sum()),
+        )
         host = driver.host
         if self.has_unit(driver.rank):
             self.at(self.now + driver.remaining, self.finish_work, driver)
@@ -315,7 +386,7 @@ class Simulation:
         holders = self.holders.setdefault(host, {})
         if driver.rank not in holders:
             if len(holders) >= self.machine.units_per_node:
-                self.lines.setdefault(host, []).insert(0, driver)   # just woke: first in line
+                self.lines.setdefault(host, []).insert(0, driver)  # just woke: first in line
                 return
             holders[driver.rank] = self.now + self.machine.quantum_s
         self.run_slice(driver)
@@ -324,7 +395,7 @@ class Simulation:
         """The rank holds a core until its slice ends: run its work until then."""
         driver.version += 1
         driver.slice_start = self.now
-        if driver.spinning:   # spins until what it waits for is there
+        if driver.spinning:  # spins until what it waits for is there
             driver.remaining = float("inf") if driver.ready is None else max(0.0, driver.ready - self.now)
         slice_end = self.holders[driver.host][driver.rank]
         if self.now + driver.remaining <= slice_end:
@@ -339,7 +410,7 @@ class Simulation:
         host, line = driver.host, self.lines.get(driver.host, [])
         if finished:
             return self.finish_work(driver)
-        if line:   # the quantum is over and others wait: to the back of the line
+        if line:  # the quantum is over and others wait: to the back of the line
             del self.holders[host][driver.rank]
             line.append(driver)
             self.hand_over(host)
@@ -361,7 +432,7 @@ class Simulation:
             self.run_slice(driver)
 
     def finish_work(self, driver: Driver) -> None:
-        if driver.spinning:   # what it spun for is there: the wait's row, then on
+        if driver.spinning:  # what it spun for is there: the wait's row, then on
             driver.busy, driver.spinning = False, False
             first = driver.waiting[0]
             self.row(driver.rank, first.phase, first.layer, first.mb, driver.idle_since, self.now)
@@ -409,7 +480,7 @@ class Simulation:
                 if len(np.unique(into)) == len(into):
                     got = np.maximum(ends, free_in[into] + durations)
                     free_in[into] = got
-                else:   # ranks of one node behind one card: one after another
+                else:  # ranks of one node behind one card: one after another
                     got = np.empty(len(into))
                     for i, (card, end, duration) in enumerate(zip(into, ends, durations)):
                         free_in[card] = got[i] = max(end, free_in[card] + duration)
@@ -418,14 +489,19 @@ class Simulation:
             delivered += 2 * nbytes / m.host_link_bytes_per_s
         emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)
         if emulated.any():  # comm.Link: stamped when posted, queued behind this rank's earlier messages
-            ends, self.free_out["emulated"][src] = queue(self.free_out["emulated"][src], sent[emulated],
-                                                        nbytes[emulated] * 8 / (p.link.bandwidth_gbps * 1e9))
+            ends, self.free_out["emulated"][src] = queue(
+                self.free_out["emulated"][src],
+                sent[emulated],
+                nbytes[emulated] * 8 / (p.link.bandwidth_gbps * 1e9),
+            )
             delivered[emulated] = np.maximum(delivered[emulated], ends + p.link.latency_us * 1e-6)
         box = self.mail(key)
         box.times[src, dsts] = delivered
         box.got[dsts] += 1
         if box.watchers:
-            self.notify({rank for d in dsts[np.isin(dsts, list(box.watchers))].tolist() for rank in box.watchers[d]})
+            self.notify(
+                {rank for d in dsts[np.isin(dsts, list(box.watchers))].tolist() for rank in box.watchers[d]}
+            )
 
     def collective(self, key, members, rank: int, polled: bool = False) -> Cond:
         """This rank posts a non-blocking collective among `members` now; -> when it completes here.
@@ -443,10 +519,15 @@ class Simulation:
                 driver = self.drivers[member]
                 if member == rank:
                     continue
-                if driver.waiting is not None:   # asleep in wait_until: its next poll (at once where it spins,
-                    spins = self.config.parallel.wait == "spin" or (polled and self.poll_by_yielding)  # or yields)
-                    entry.progress[member] = self.now if spins else \
-                        poll_time(driver.idle_since, self.now, self.machine.sleep_overshoot_s)
+                if driver.waiting is not None:  # asleep in wait_until: its next poll (at once where it spins,
+                    spins = self.config.parallel.wait == "spin" or (
+                        polled and self.poll_by_yielding
+                    )  # or yields)
+                    entry.progress[member] = (
+                        self.now
+                        if spins
+                        else poll_time(driver.idle_since, self.now, self.machine.sleep_overshoot_s)
+                    )
                 else:
                     self.awaiting_progress.setdefault(member, []).append(entry)
             self.complete(entry)
@@ -470,7 +551,13 @@ class Simulation:
         order = sorted(entry.progress.values())
         latency = self.machine.collective_seconds(len(entry.members))
         for member, cond in entry.conds.items():
-            others = order[-1] if entry.progress[member] != order[-1] else order[-2] if len(order) > 1 else order[-1]
+            others = (
+                order[-1]
+                if entry.progress[member] != order[-1]
+                else order[-2]
+                if len(order) > 1
+                else order[-1]
+            )
             cond.time = others + latency
             self.notify(cond.watchers)
 
@@ -481,8 +568,15 @@ class Simulation:
                 del table[key]
 
 
-def simulate(config: Config, machine: Machine, ranks: int, routing: Optional[np.ndarray] = None,
-             output: Optional[str] = None, context: Optional[int] = None, one_batch: bool = True) -> dict:
+def simulate(
+    config: Config,
+    machine: Machine,
+    ranks: int,
+    routing: Optional[np.ndarray] = None,
+    output: Optional[str] = None,
+    context: Optional[int] = None,
+    one_batch: bool = True,
+) -> dict:
     """Simulate the run of `config` on `ranks` ranks of `machine` -> metrics; with `output`, a run
     file in the schema of `hpcmoe run` (root attrs simulated, machine; /generated all -1).
     context: steady decode instead of the run (no prefill; every step a decode step of every request
@@ -490,18 +584,27 @@ def simulate(config: Config, machine: Machine, ranks: int, routing: Optional[np.
     one_batch=False: simulate every request from the first step even where the engine would batch
     them in turns (check_one_batch refuses that otherwise)."""
     from hpcmoe.sim.results import metrics_and_file
+
     sim = Simulation(config, machine, ranks, routing, context, one_batch)
     sim.run()
     return metrics_and_file(sim, output)
 
 
-def command(config_path: str, settings: list[str], machine_path: str, ranks: int, routing_path: str | None,
-            output: str | None, context: int | None = None) -> dict:
+def command(
+    config_path: str,
+    settings: list[str],
+    machine_path: str,
+    ranks: int,
+    routing_path: str | None,
+    output: str | None,
+    context: int | None = None,
+) -> dict:
     """`hpcmoe simulate`: load and check everything (ValueError: one line naming what is wrong), simulate,
     print what `hpcmoe run` prints."""
     from hpcmoe.config import load_config
-    from hpcmoe.sim.machine import load_machine
     from hpcmoe.runfile.output import read_routing
+    from hpcmoe.sim.machine import load_machine
+
     config = load_config(config_path, settings)
     machine = load_machine(machine_path)
     if ranks < 1:
@@ -516,13 +619,17 @@ def command(config_path: str, settings: list[str], machine_path: str, ranks: int
         raise ValueError(f"--steady-decode: expected a context length >= 0, got {context}")
     metrics = simulate(config, machine, ranks, routing, output, context)
     nodes = max(node_of_ranks(config, machine, ranks)) + 1
-    print(f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {config.parallel.layout}, "
-          f"{len(config.requests)} requests, {sum(len(r.prompt_ids) for r in config.requests)} prompt tokens, "
-          f"up to {config.steps} new tokens each; {metrics['planned_max_rank_bytes'] / 2 ** 30:.1f} GiB on the "
-          f"fullest rank ({'fits' if metrics['fits_machine_memory'] else 'does NOT fit'} the machine's memory)")
-    print(f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | prefill "
-          f"{metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
-          f"tps {metrics['tps']:.0f} tok/s (simulated)")
+    print(
+        f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {config.parallel.layout}, "
+        f"{len(config.requests)} requests, {sum(len(r.prompt_ids) for r in config.requests)} prompt tokens, "
+        f"up to {config.steps} new tokens each; {metrics['planned_max_rank_bytes'] / 2**30:.1f} GiB on the "
+        f"fullest rank ({'fits' if metrics['fits_machine_memory'] else 'does NOT fit'} the machine's memory)"
+    )
+    print(
+        f"TTFT {metrics['ttft_ms']:.2f} ms | TPOT {metrics['tpot_ms']:.2f} ms | prefill "
+        f"{metrics['prefill_tokens_per_s']:.0f} tok/s | decode {metrics['decode_tokens_per_s']:.0f} tok/s | "
+        f"tps {metrics['tps']:.0f} tok/s (simulated)"
+    )
     if output:
         print(f"wrote {output}")
     return metrics
