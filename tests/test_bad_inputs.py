@@ -144,14 +144,14 @@ def test_calibrate_out_into_a_missing_directory(tmp_path):
         ),
         (
             "model: {preset: debug, dense_layers: 0}",
-            "model.dense_layers: expected an integer >= 1 (calibration times a dense layer's MLP), got 0; use a model "
-            "such as inputs/debug.yaml",
+            "model.dense_layers: expected an integer >= 1 (calibration times a dense layer's MLP), got 0; "
+            "use a model such as inputs/debug.yaml",
         ),
         (
             "run: {prompt_ids: [[1, 2, 3]], stop_at_eos: true}",
             "run.stop_at_eos needs an end-of-sequence id: a model.checkpoint with eos_token_id in its "
-            "generation_config.json or config.json; model.preset debug (random weights) has none (set run.stop_at_eos: "
-            "false)",
+            "generation_config.json or config.json; model.preset debug (random weights) has none (set "
+            "run.stop_at_eos: false)",
         ),
     ],
 )
@@ -189,53 +189,61 @@ def test_calibrate_refuses_a_config_it_cannot_run(tmp_path, section, message):
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, beta_fast: abc}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "beta_fast: abc}"
             ],
             "model.rope_scaling.beta_fast: expected a number >= 0, got 'abc'",
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, beta_slow: -1}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "beta_slow: -1}"
             ],
             "model.rope_scaling.beta_slow: expected a number >= 0, got -1",
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, mscale: .nan}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "mscale: .nan}"
             ],
             "model.rope_scaling.mscale: expected a number >= 0, got nan",
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, mscale_all_dim: x}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "mscale_all_dim: x}"
             ],
             "model.rope_scaling.mscale_all_dim: expected a number >= 0, got 'x'",
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, attention_factor: 0}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "attention_factor: 0}"
             ],
             "model.rope_scaling.attention_factor: expected a number > 0, got 0",
         ),
         (
             [
-                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, truncate: 1}"
+                "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+                "truncate: 1}"
             ],
             "model.rope_scaling.truncate: expected true or false, got 1",
         ),
         (
             ["run.stop_at_eos=true"],
             "run.stop_at_eos needs an end-of-sequence id: a model.checkpoint with eos_token_id in its "
-            "generation_config.json or config.json; model.preset debug (random weights) has none (set run.stop_at_eos: "
-            "false)",
+            "generation_config.json or config.json; model.preset debug (random weights) has none (set "
+            "run.stop_at_eos: false)",
         ),
         (
             ["model.max_positions=30"],  # the synthetic workload: prompts up to 24 tokens, 16 new tokens each
-            "run.prompt_len: prompt of 24 tokens + 16 new tokens exceeds the model's 30 positions (model.max_positions)",
+            "run.prompt_len: prompt of 24 tokens + 16 new tokens exceeds the model's 30 positions "
+            "(model.max_positions)",
         ),
         (
             ["model.max_positions=20", "run.prompt_ids=[[1, 2], [1, 2, 3, 4, 5], [7]]"],
-            "run.prompt_ids[1]: prompt of 5 tokens + 16 new tokens exceeds the model's 20 positions (model.max_positions)",
+            "run.prompt_ids[1]: prompt of 5 tokens + 16 new tokens exceeds the model's 20 positions "
+            "(model.max_positions)",
         ),
         (["model.max_positions=0"], "model.max_positions: expected an integer >= 1, got 0"),
     ],
@@ -255,7 +263,8 @@ def test_config_key_refused_in_one_line(tmp_path, settings, message):
         ["model.max_positions=21", "run.prompt_ids=[[1, 2], [1, 2, 3, 4, 5]]"],
         ["run.stop_at_eos=false"],
         [
-            "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, beta_fast: 0, "
+            "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 16, "
+            "beta_fast: 0, "
             "beta_slow: 1.5, mscale: 0.707, mscale_all_dim: 1, attention_factor: 1.1, truncate: false}"
         ],
         ["model.fp8_block=[16, 32]", "parallel.expert_tp=2"],

@@ -351,7 +351,8 @@ SIGNAL_AT = 8  # stops after step 10: two requests have ended, one is part way, 
 
 @pytest.fixture(scope="module")
 def stopped(tiny, tmp_path_factory):
-    """The reference's run (its own copies of the checkpoint and prompt file) stopped by SIGUSR1 at step SIGNAL_AT."""
+    """The reference's run (its own copies of the checkpoint and prompt file) stopped by SIGUSR1 at step
+    SIGNAL_AT."""
     directory = tmp_path_factory.mktemp("stopped")
     checkpoint, prompts = directory / "checkpoint", directory / "prompts.jsonl"
     shutil.copytree(tiny.directory, checkpoint)

@@ -1,4 +1,5 @@
-"""The benchmark figures of hpcmoe.analysis.bench, each where it must read badly (pure: no MPI, no engine run).
+"""The benchmark figures of hpcmoe.analysis.bench, each where it must read badly (pure: no MPI, no engine
+run).
 
 - wire_hidden: against the fastest schedule without the link, so a schedule slower with and without
   the link cannot read well; clamped to [0, 1] with the unclamped value and its parts beside it.

@@ -299,7 +299,8 @@ MA_LAYOUTS = {  # attention/MoE separation: ranks, settings
 @pytest.mark.parametrize("layout", sorted(MA_LAYOUTS))
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_attention_moe_separation_equals_transformers(checkpoints, tmp_path, name, layout):
-    """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM head.
+    """Heads split 2+1+1 (3+1; Mixtral: a kv head read by two ranks), MLA among them, vocabulary split LM
+    head.
     MiniMax-M2's q/k norm spans every head: ma refuses it, one line for the job."""
     ranks, parallel = MA_LAYOUTS[layout]
     if name == "minimax_m2":
@@ -382,7 +383,8 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     experts = build_experts(m, [1, 4], tensor_loader(directory, index, reads))
     names = [n for n, _ in experts.named_parameters()]
     assert names and all(".mlp.experts.1." in n or ".mlp.experts.4." in n for n in names)
-    # two experts x gate/up/down (x weight, bias; MXFP4: blocks, exponents, bias) x MoE layers: no router, no attention;
+    # two experts x gate/up/down (x weight, bias; MXFP4: blocks, exponents, bias) x MoE layers: no router, no
+    # attention;
     # a gpt-oss expert is a slice of stacked tensors, each stacked slab read once for gate and up together
     per_projection = {"gpt_oss": 2, "gpt_oss_mxfp4": 3}.get(name, 1)
     assert len(names) == 2 * 3 * per_projection * m.moe_layers
@@ -724,7 +726,8 @@ MALFORMED = {  # (variant, breakage) -> (edit of the copied checkpoint, the mess
         lambda d: edit_tensor(
             d, "model.layers.0.mlp.experts.gate_up_proj_blocks", lambda t: t[..., :15].clone()
         ),
-        "tensor model.layers.0.mlp.experts.gate_up_proj_blocks has shape [8, 128, 2, 15], expected [8, 128, 2, 16]",
+        "tensor model.layers.0.mlp.experts.gate_up_proj_blocks has shape [8, 128, 2, 15], expected [8, 128, "
+        "2, 16]",
     ),
     ("gpt_oss_mxfp4", "scales_dtype"): (
         lambda d: edit_tensor(d, "model.layers.1.mlp.experts.down_proj_scales", lambda t: t.float()),

@@ -55,11 +55,13 @@ COMMANDS = {
         "parallel.moe_ranks=1]",
         None,
     ),
-    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4,6 --batch 4,16 --prompt-len 16,64 --output runs/predict": (
+    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4,6 --batch 4,16 --prompt-len 16,64 --output "
+    "runs/predict": (
         "here::predict_collect_train_propose",
         None,
     ),
-    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4 --batch 8 --prompt-len 32 --output runs/other": (
+    "hpcmoe predict collect inputs/bench_predict.yaml --ranks 4 --batch 8 --prompt-len 32 --output "
+    "runs/other": (
         "here::predict_collect_train_propose",
         None,
     ),
@@ -89,7 +91,8 @@ COMMANDS = {
     ),
     ".venv-ft/bin/mpirun --with-ft ulfm -n 6 .venv-ft/bin/hpcmoe run inputs/debug.yaml "
     "--set run.fault_tolerance=true --set model.num_experts=3": (FT, None),
-    "hpcmoe plan inputs/debug.yaml --set model.preset=deepseek-v3 --set run.batch=64 --set run.prompt_len=1024 "
+    "hpcmoe plan inputs/debug.yaml --set model.preset=deepseek-v3 --set run.batch=64 --set "
+    "run.prompt_len=1024 "
     "--ranks 256 --device-memory 64 --json plan.json": (
         "tests/test_plan.py::test_the_deepseek_v3_preset_plans_in_seconds_without_memory",
         None,
@@ -113,7 +116,8 @@ COMMANDS = {
         "tests/test_bench_smoke.py::test_bench_batching_tool_at_tiny_size",
         None,
     ),
-    "python tools/bench_batching.py --prompts 20000 --ranks 4 --max-batch 64 --out docs/bench/batching.json": (
+    "python tools/bench_batching.py --prompts 20000 --ranks 4 --max-batch 64 --out "
+    "docs/bench/batching.json": (
         "tests/test_bench_smoke.py::test_bench_batching_tool_at_tiny_size",
         None,
     ),
@@ -125,11 +129,13 @@ COMMANDS = {
     "mpiexec -n 4 hpcmoe bench skew inputs/bench_ep.yaml --set model.router_skew=4": (f"{BENCH}[skew]", None),
     "mpiexec -n 4 hpcmoe bench wait inputs/bench_ep.yaml": (f"{BENCH}[wait]", None),
     "mpiexec -n 4 hpcmoe bench ma inputs/bench_ma.yaml": (f"{BENCH}[ma]", None),
-    "mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 10 --latency-us 20": (
+    "mpiexec -n 4 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 2 --link-gbps 10 "
+    "--latency-us 20": (
         f"{BENCH}[reduce]",
         None,
     ),
-    "mpiexec -n 16 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 4 --link-gbps 10 --latency-us 20 "
+    "mpiexec -n 16 hpcmoe bench reduce --tokens 256 --hidden 4096 --ranks-per-node 4 --link-gbps 10 "
+    "--latency-us 20 "
     "--reps 5": (f"{BENCH}[reduce]", None),
     "python tools/bench_predict.py": (
         "here::predict_collect_train_propose",

@@ -154,7 +154,8 @@ def test_fp8_checkpoint_in_expert_groups_equals_transformers(fp8_checkpoint, tmp
         (
             8,
             ["parallel.expert_tp=2", "parallel.placement=one_per_rank", "model.num_experts=8"],
-            r"one_per_rank needs model.num_experts \(8\) == expert groups \(world size 8 / parallel.expert_tp 2 = 4\)",
+            r"one_per_rank needs model.num_experts \(8\) == expert groups \(world size 8 / "
+            r"parallel.expert_tp 2 = 4\)",
         ),
         (4, ["parallel.expert_tp=3"], r"parallel.expert_tp \(3\) must divide model.expert_hidden \(128\)"),
         (

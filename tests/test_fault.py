@@ -151,7 +151,8 @@ def kill_setting(kills) -> str:
 
 
 def test_fault_tolerance_needs_an_mpi_with_ulfm(tmp_path):
-    """The default MPI (MPICH) is fail-stop: one clear error for the job (printed once), exit 2 on every rank, no file."""
+    """The default MPI (MPICH) is fail-stop: one clear error for the job (printed once), exit 2 on every
+    rank, no file."""
     result = run_job(2, tmp_path / "out.h5", "run.fault_tolerance=true")
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
     assert result.returncode == 2 and len(lines) == 1, result.stderr

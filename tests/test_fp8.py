@@ -24,7 +24,8 @@ BLOCK = [16, 16]
 
 
 def dequantized(directory: str) -> dict:
-    """The checkpoint's tensors with every FP8 weight times its block scales, in float32 (the oracle's own code)."""
+    """The checkpoint's tensors with every FP8 weight times its block scales, in float32 (the oracle's own
+    code)."""
     from safetensors.torch import load_file
 
     tensors = load_file(os.path.join(directory, "model.safetensors"))
@@ -90,7 +91,8 @@ def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
     [
         (
             "shape",
-            "tensor model.layers.1.mlp.experts.3.up_proj.weight_scale_inv has shape [1, 8] (F32), expected [2, 4]",
+            "tensor model.layers.1.mlp.experts.3.up_proj.weight_scale_inv has shape [1, 8] (F32), expected "
+            "[2, 4]",
         ),
         ("missing", "tensor model.layers.2.self_attn.kv_b_proj.weight_scale_inv (the scales of FP8"),
         ("block", "weight_block_size [16]: expected two positive integers"),

@@ -53,7 +53,8 @@ def test_two_ranks_sharing_the_gpu_equal_one(tmp_path, settings):
 
 
 def test_attention_moe_separation_sharing_the_gpu_equals_one_rank(tmp_path):
-    """ma 2+1 on one GPU over 2 emulated nodes: head slices, vocabulary split, hierarchical sum on the device."""
+    """ma 2+1 on one GPU over 2 emulated nodes: head slices, vocabulary split, hierarchical sum on the
+    device."""
     alone = run_job(1, tmp_path / "alone.h5", *ON_GPU, timeout=300)
     ma = run_job(
         3,

@@ -1,5 +1,6 @@
 """Whole jobs under `timeout 120 mpiexec -n K python -m hpcmoe run ...`: equality with the 1-rank
-run, the run file's schema, clear errors (one line per job, exit 2 on every rank), and a failing rank ending the job."""
+run, the run file's schema, clear errors (one line per job, exit 2 on every rank), and a failing rank ending
+the job."""
 
 import os
 import subprocess
@@ -166,7 +167,8 @@ def test_zero_traffic_peers_and_empty_ranks_equal_one_rank(tmp_path_factory):
 
 
 def test_attention_standby_pairs_agree_bit_for_bit(tmp_path_factory):
-    """2 primaries + their 2 standbys + 1 MoE rank: same tokens, each standby's KV cache equals its primary's."""
+    """2 primaries + their 2 standbys + 1 MoE rank: same tokens, each standby's KV cache equals its
+    primary's."""
     path = finished_run(
         tmp_path_factory,
         5,
@@ -333,7 +335,8 @@ def test_bfloat16_run_sends_half_the_bytes_and_stays_close_to_float32(tmp_path_f
         ),
         (
             ["parallel.layout=ma", "parallel.attention_ranks=auto", "parallel.moe_ranks=auto"],
-            "hpcmoe: error: parallel.attention_ranks: auto needs parallel.predictor: PATH, a machine file (every split "
+            "hpcmoe: error: parallel.attention_ranks: auto needs parallel.predictor: PATH, a machine file "
+            "(every split "
             "simulated on it",
         ),
         (

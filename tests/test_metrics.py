@@ -107,7 +107,8 @@ def test_a_slow_writer_shows_in_tpot(tmp_path, monkeypatch):
     assert slow["tpot_ms"] >= normal["tpot_ms"] + 180  # each decode interval holds one slow append
 
 
-# ---------------------------------------------------------------- rank load: expert-hosting ranks, per layer and step
+# ---------------------------------------------------------------- rank load: expert-hosting ranks, per layer
+# and step
 
 
 def one_expert_per_rank(experts: int):

@@ -177,7 +177,8 @@ def test_a_balanced_load_or_an_unchanged_placement_moves_nothing():
         (
             4,
             [],
-            r"parallel.rebalance needs spare expert slots, but placement one_per_rank has 1 slot\(s\) per rank x 4 "
+            r"parallel.rebalance needs spare expert slots, but placement one_per_rank has 1 slot\(s\) per "
+            r"rank x 4 "
             r"= 4 for model.num_experts \(4\)",
         ),
         (2, ["parallel.placement=packed"], r"placement packed has 2 slot\(s\) per rank x 2 = 4"),

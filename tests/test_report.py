@@ -48,7 +48,8 @@ def report(*args):
 
 
 def parse(stdout: str) -> dict[str, dict]:
-    """{run path: {(section, key): value}} from the `key: value` lines; sections are unindented `...:` lines."""
+    """{run path: {(section, key): value}} from the `key: value` lines; sections are unindented `...:`
+    lines."""
     parsed = {}
     for block in stdout.strip().split("\n\n"):
         lines = block.splitlines()

@@ -45,7 +45,8 @@ def test_experts_once_equal_experts_per_source():
     torch.testing.assert_close(once, torch.cat(per_source), atol=1e-5, rtol=1e-5)
 
 
-SCHEDULES = [  # (ranks, workload, settings): packed, replicas, two_stage, micro-batches, a link, expert groups, ma
+# (ranks, workload, settings): packed, replicas, two_stage, micro-batches, a link, expert groups, ma
+SCHEDULES = [
     (
         4,
         "eight_experts",

@@ -608,7 +608,8 @@ def test_the_cache_figures_are_written_and_read_back(tmp_path):
     )
 
 
-# ---------------------------------------------------------------- one scheduler for the engine and the simulator
+# ---------------------------------------------------------------- one scheduler for the engine and the
+# simulator
 
 
 def test_a_change_to_the_schedulers_order_changes_the_engine_and_the_simulation_alike(monkeypatch):
@@ -669,7 +670,8 @@ def test_a_change_to_the_engines_exchange_changes_the_simulation(monkeypatch):
     costly = machine({"experts": 100, "message": 5})
 
     def early_experts(rows) -> int:
-        """experts rows that start before the last dispatch_wait of their (rank, step, layer, micro-batch) ends"""
+        """experts rows that start before the last dispatch_wait of their (rank, step, layer, micro-batch)
+        ends"""
         last = {}
         for rank, layer, mb, step, phase, _start, end in rows:
             if phase == b"dispatch_wait":

@@ -300,6 +300,6 @@ def test_resuming_with_another_config_names_the_differing_keys(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcmoe: error:")]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert (
-        "that run had another config: model.num_experts (4 there, 8 here), run.max_new_tokens (16 there, 12 here)"
-        in lines[0]
+        "that run had another config: model.num_experts (4 there, 8 here), run.max_new_tokens (16 there, 12 "
+        "here)" in lines[0]
     )
