@@ -453,7 +453,7 @@ class FakeWorld:
 def test_one_line_per_job_and_a_line_for_each_rank_that_differs(capsys):
     """256 ranks failing alike: rank 0 prints one line, with no rank list; ranks 7 and 9-11 failing
     differently: their line names them; the other ranks print nothing; every rank exits 2."""
-    from hpcmoe.cli import agree
+    from hpcmoe.commands.errors import agree
 
     problems = ["run.batch: expected an integer >= 1, got -1"] * 256
     for rank, printed in ((0, 1), (5, 0)):
