@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The test suite: serial tests (pure functions and whole jobs that launch mpiexec themselves),
-# then the in-process MPI tests under mpiexec -n 2 and -n 4. Every mpiexec runs under timeout.
+# The test suite: the formatter and linter (ruff.toml), then serial tests (pure functions and whole
+# jobs that launch mpiexec themselves), then the in-process MPI tests under mpiexec -n 2 and -n 4.
+# Every mpiexec runs under timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
+echo "== ruff: format check and lint (rules in ruff.toml)"
+ruff format --check .
+ruff check .
 python -m pytest -q -rs --durations=15 tests "$@"
 for ranks in 2 4; do
   echo "== in-process MPI tests on $ranks ranks"
