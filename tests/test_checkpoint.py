@@ -98,8 +98,9 @@ def transformers_greedy(model, prompts, steps):
 
 def load_local(directory, *settings):
     from hpcmoe.config import load_config
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     config = load_config(None, [f"model.checkpoint={directory}", *settings])
     index = check_tensors(directory, expected_tensors(config.model))
@@ -173,7 +174,7 @@ def test_each_family_with_expert_groups_and_two_stage_dispatch(checkpoints, tmp_
 
 
 def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
-    from hpcmoe.model.attention import StepInputs
+    from hpcmoe.model.step import StepInputs
 
     config, model = load_local(checkpoints["deepseek_v3"][0])
     attention = model.layers[1].self_attn
@@ -191,8 +192,8 @@ def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
 
 
 def test_latent_cache_holds_only_the_latent_and_the_rope_key(checkpoints):
-    from hpcmoe.model.attention import MLAttention
-    from hpcmoe.model.transformer import cache_bytes_per_token
+    from hpcmoe.model.mla import MLAttention
+    from hpcmoe.model.sizes import cache_bytes_per_token
 
     config, model = load_local(checkpoints["deepseek_v3"][0])
     m = config.model
@@ -326,8 +327,9 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     hosting experts 1 and 4: their tensors (names and shapes), their values (slices of the whole
     model's), and the bytes read from the checkpoint (exactly the bytes of what they hold)."""
     from hpcmoe.model.attention import split_heads
+    from hpcmoe.model.build import build_experts, build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_experts, build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from hpcmoe.parallel.layout import request_range
 
     directory = checkpoints[name][0]
@@ -416,7 +418,7 @@ def rewrite_header(path, edit):
 def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
     from hpcmoe.config import load_config
     from hpcmoe.model.checkpoint import check_tensors
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     expected = expected_tensors(load_config(None, [f"model.checkpoint={directory}"]).model)
@@ -431,7 +433,7 @@ def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
 def test_a_file_truncated_after_its_header_was_checked_is_a_short_read(checkpoints, tmp_path):
     from hpcmoe.config import load_config
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     config = load_config(None, [f"model.checkpoint={directory}"])
@@ -610,7 +612,8 @@ def test_gpt_oss_sliding_window_matters_exactly_where_a_query_passes_its_edge(ch
 
 def test_gpt_oss_sinks_change_the_result(checkpoints):
     """A zero sink and a large sink differ; a sink far below every score is no sink at all."""
-    from hpcmoe.model.attention import GQAttention, StepInputs
+    from hpcmoe.model.attention import GQAttention
+    from hpcmoe.model.step import StepInputs
 
     _, model = load_local(checkpoints["gpt_oss"][0])
     attention = model.layers[1].self_attn
@@ -762,8 +765,9 @@ def test_each_family_with_eos_joins_and_experts_moving_equals_transformers(check
     moving: the oracle's tokens, cut after each request's first EOS; each rank's experts after the
     switch hash as a fresh read of the checkpoint of what it hosts. (Slots per rank: counts where the
     tiny models' routing leaves the rebalancer a gain; a run without a switch fails the test.)"""
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from hpcmoe.runtime.rebalance import expert_digest
 
     source, tokens, logits = checkpoints[name]

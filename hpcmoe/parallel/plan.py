@@ -19,7 +19,7 @@ class ModelSizes:
     routed experts, of one expert in every MoE layer, of an attention shard (per shard count)."""
 
     def __init__(self, config: Config):
-        from hpcmoe.model.transformer import parameter_bytes, parameter_count
+        from hpcmoe.model.sizes import parameter_bytes, parameter_count
 
         self.config, self.requests = config, config.requests
         self.parameters = parameter_count(config.model)
@@ -31,7 +31,7 @@ class ModelSizes:
     def attention(self, shards: int) -> tuple[int, int]:
         """(weight bytes, KV cache bytes per token) of the largest of `shards` attention shards."""
         from hpcmoe.model.attention import split_heads
-        from hpcmoe.model.transformer import attention_shard_bytes
+        from hpcmoe.model.sizes import attention_shard_bytes
 
         m = self.config.model
         if shards not in self.shards:
@@ -45,7 +45,7 @@ def build_temporary_bytes(m) -> int:
     """The largest temporary of a rank's build: a whole tensor in float32 (the seeded init makes each
     whole, then keeps its slice in the model's dtype; a checkpoint's tensor may be converted through
     float32 too). Measured on DeepSeek-V3 shapes: the embedding's 0.86 GiB on top of the weights."""
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     return 4 * max(int(np.prod(shape)) for shape in expected_tensors(m).values())
 
@@ -62,7 +62,7 @@ def rank_memory(
     (the layout is validated first: a rank count that does not fit raises). max_batch: requests live
     at once per attention-holding rank (default run.max_batch, else all); runtime: the process
     itself (the interpreter, torch, MPI: measured by the caller)."""
-    from hpcmoe.model.transformer import cache_bytes_per_token
+    from hpcmoe.model.sizes import cache_bytes_per_token
 
     sizes = sizes or ModelSizes(config)
     m, r, requests = config.model, config.run, sizes.requests

@@ -206,7 +206,9 @@ class Rebalancer:
 
     def start_moves(self, new: Placement, switch: Switch) -> None:
         """New expert slots beside the old ones; copy what stays, post what moves."""
-        from hpcmoe.model.transformer import MoE, materialize, parameter_bytes
+        from hpcmoe.model.build import materialize
+        from hpcmoe.model.moe import MoE
+        from hpcmoe.model.sizes import parameter_bytes
 
         engine, rank, tp = self.engine, self.topo.rank, self.tp
         me, member = rank // tp, rank % tp
