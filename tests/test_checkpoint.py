@@ -261,7 +261,7 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
 def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path):
     """mlp_only_layers and decoder_sparse_step: a dense prefix is read as dense_layers; dense layers
     after a MoE layer are one error naming both fields."""
-    from hpcmoe.model.checkpoint import model_fields
+    from hpcmoe.model.families import model_fields
 
     directory = tmp_path / "qwen3"
     shutil.copytree(checkpoints["qwen3_moe"][0], directory)
@@ -281,7 +281,7 @@ def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path
 
 def test_kimi_k2_is_read_as_deepseek_v3(checkpoints, tmp_path):
     """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's architecture: the same fields."""
-    from hpcmoe.model.checkpoint import model_fields
+    from hpcmoe.model.families import model_fields
 
     directory = tmp_path / "kimi"
     shutil.copytree(checkpoints["deepseek_v3"][0], directory)
@@ -483,7 +483,7 @@ def negative_shape(header):
     ],
 )
 def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, edit, message):
-    from hpcmoe.model.checkpoint import read_header
+    from hpcmoe.model.headers import read_header
 
     _, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     rewrite_header(path, edit)
@@ -496,7 +496,7 @@ def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, 
 
 
 def test_check_header_accepts_empty_tensors_and_metadata():
-    from hpcmoe.model.checkpoint import check_header
+    from hpcmoe.model.headers import check_header
 
     header = {
         "__metadata__": {"format": "pt"},
@@ -516,7 +516,7 @@ def test_check_header_accepts_empty_tensors_and_metadata():
 def test_a_header_length_beyond_the_file_is_refused(tmp_path, header_length):
     import struct
 
-    from hpcmoe.model.checkpoint import read_header
+    from hpcmoe.model.headers import read_header
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", header_length) + b"{}" * 10)
@@ -890,7 +890,7 @@ def test_each_family_survives_a_killed_rank_with_the_same_tokens(ft_venv, checkp
 def test_make_tiny_checkpoint_writes_mxfp4_and_its_twin(tmp_path):
     """`tools/make_tiny_checkpoint.py gpt_oss DIR --mxfp4 --twin TWIN`: MXFP4 experts as published
     (uint8 blocks and exponents, quantization_config mxfp4) and a float32 twin of the same weights."""
-    from hpcmoe.model.checkpoint import tensor_index
+    from hpcmoe.model.headers import tensor_index
 
     tool = os.path.join(ROOT, "tools", "make_tiny_checkpoint.py")
     made = subprocess.run(

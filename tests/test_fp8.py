@@ -155,7 +155,7 @@ def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, h
     from make_tiny_checkpoint import block_quantize
 
     from hpcmoe.model import fp8
-    from hpcmoe.model.checkpoint import dequantize
+    from hpcmoe.model.fp8 import dequantize
     from hpcmoe.model.mlp import MLP
 
     if chunk is not None:

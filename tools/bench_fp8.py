@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from make_tiny_checkpoint import block_quantize  # noqa: E402
 
 from hpcmoe.model import fp8  # noqa: E402
-from hpcmoe.model.checkpoint import dequantize  # noqa: E402
+from hpcmoe.model.fp8 import dequantize  # noqa: E402
 from hpcmoe.model.mlp import MLP  # noqa: E402
 
 SHAPES = {  # name -> (hidden, expert_hidden, FP8 block)

@@ -118,9 +118,7 @@ class MLP(nn.Module):
         with these values chunk by chunk: hpcmoe/model/fp8.py)."""
         if self.mxfp4:
             return mxfp4.dequantize(projection.weight_blocks, projection.weight_scales, dtype)
-        from hpcmoe.model.checkpoint import dequantize
-
-        return dequantize(projection.weight, projection.weight_scale_inv, self.fp8_block).to(dtype)
+        return fp8.dequantize(projection.weight, projection.weight_scale_inv, self.fp8_block).to(dtype)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
