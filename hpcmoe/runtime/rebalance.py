@@ -30,7 +30,8 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.parallel.dispatch import compile_placement
-from hpcmoe.parallel.placement import Placement, expected_rank_load, replicated
+from hpcmoe.parallel.placement import Placement, replicated
+from hpcmoe.parallel.traffic import expected_rank_load
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
 from hpcmoe.runtime.fault import track
