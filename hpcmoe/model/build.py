@@ -49,9 +49,8 @@ def init_seeded(model: nn.Module, cfg: ModelConfig) -> None:
                 param.fill_(1.0)
                 continue
             shape = shapes.get(name, tuple(param.shape))
-            if (
-                param.dtype == torch.uint8
-            ):  # MXFP4 experts: random 4-bit values, exponents for a std of columns ** -0.5
+            # MXFP4 experts: random 4-bit values, exponents for a std of columns ** -0.5
+            if param.dtype == torch.uint8:
                 whole = seeded_mxfp4(name, shape, cfg.seed)
             else:
                 std = 1.0 if name == "embed_tokens.weight" else shape[-1] ** -0.5
@@ -98,10 +97,8 @@ def build(make, cfg: ModelConfig, load, device):
         slices = model.weight_slices()
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if param.dtype in (
-                    torch.float8_e4m3fn,
-                    torch.uint8,
-                ):  # as stored: FP8, MXFP4 blocks and exponents
+                # as stored: FP8, MXFP4 blocks and exponents
+                if param.dtype in (torch.float8_e4m3fn, torch.uint8):
                     param.copy_(load(name, slices.get(name), raw=True))
                 else:
                     param.copy_(load(name, slices.get(name)))

@@ -22,9 +22,8 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.skew_shift = (
-            0  # run.skew_drift: router_skew favours experts shift, shift + 1, ... instead of 0, 1, ...
-        )
+        # run.skew_drift: router_skew favours experts shift, shift + 1, ... instead of 0, 1, ...
+        self.skew_shift = 0
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden))
         self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
         if cfg.router == "sigmoid":
@@ -94,20 +93,17 @@ class MoE(nn.Module):
                 cfg.hidden, cfg.expert_hidden * cfg.shared_experts, activation=activation
             )
         self.activation = activation
-        self.stacked: tuple | None = (
-            None  # ([E, 2I, H], [E, H, I], [E, 2I] or None, [E, H] or None) once allocated
-        )
+        # ([E, 2I, H], [E, H, I], [E, 2I] or None, [E, H] or None) once allocated
+        self.stacked: tuple | None = None
 
     def allocate(self, device, dtype) -> None:
         """Storage before the weights are read: the hosted experts' weights as views of two stacked
         tensors, so that small groups of rows (decode) run as two batched GEMMs for all experts."""
         experts = list(self.experts.values())
-        if (
-            self.fp8_block or self.mxfp4
-        ):  # routed experts as stored: no fused or stacked layout, dequantized per expert
-            for mlp in (
-                experts if self.fp8_block else []
-            ):  # (MXFP4's uint8 tensors: materialize's generic pass)
+        # routed experts as stored: no fused or stacked layout, dequantized per expert
+        if self.fp8_block or self.mxfp4:
+            # (MXFP4's uint8 tensors: materialize's generic pass)
+            for mlp in experts if self.fp8_block else []:
                 mlp.allocate_fp8(device)
             experts = []
         for mlp in experts + ([self.shared_experts] if hasattr(self, "shared_experts") else []):

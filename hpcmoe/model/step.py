@@ -32,9 +32,8 @@ class StepInputs:
     valid: torch.Tensor  # [b, t] bool, False on padding
     dense: bool = False  # every position valid (decode, equal prompts): no masking of rows needed
     lengths: torch.Tensor = None  # [b] new tokens per request (host), to advance the cache positions
-    valid_index: torch.Tensor = (
-        None  # [valid positions] flat index of each valid position (no per-layer mask)
-    )
+    # [valid positions] flat index of each valid position (no per-layer mask)
+    valid_index: torch.Tensor = None
     cached: torch.Tensor = None  # [b] positions already in the cache (host)
     rotations: dict = field(default_factory=dict, compare=False)  # (Rope, dtype) -> (cos, sin), once per step
 
