@@ -595,7 +595,7 @@ def resolve_model(section: dict) -> dict:
             )
         if not isinstance(checkpoint, str):
             raise ValueError(f"model.checkpoint: expected a directory path, got {checkpoint!r}")
-        from hpcmoe.model.checkpoint import model_fields
+        from hpcmoe.model.families import model_fields
 
         return {**model_fields(checkpoint), **section}
     if preset is None:

@@ -98,8 +98,9 @@ def transformers_greedy(model, prompts, steps):
 
 def load_local(directory, *settings):
     from hpcmoe.config import load_config
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     config = load_config(None, [f"model.checkpoint={directory}", *settings])
     index = check_tensors(directory, expected_tensors(config.model))
@@ -173,7 +174,7 @@ def test_each_family_with_expert_groups_and_two_stage_dispatch(checkpoints, tmp_
 
 
 def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
-    from hpcmoe.model.attention import StepInputs
+    from hpcmoe.model.step import StepInputs
 
     config, model = load_local(checkpoints["deepseek_v3"][0])
     attention = model.layers[1].self_attn
@@ -191,8 +192,8 @@ def test_absorbed_mla_decode_equals_the_expanded_computation(checkpoints):
 
 
 def test_latent_cache_holds_only_the_latent_and_the_rope_key(checkpoints):
-    from hpcmoe.model.attention import MLAttention
-    from hpcmoe.model.transformer import cache_bytes_per_token
+    from hpcmoe.model.mla import MLAttention
+    from hpcmoe.model.sizes import cache_bytes_per_token
 
     config, model = load_local(checkpoints["deepseek_v3"][0])
     m = config.model
@@ -260,7 +261,7 @@ def test_bad_checkpoints_fail_clearly_on_every_rank(checkpoints, tmp_path, break
 def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path):
     """mlp_only_layers and decoder_sparse_step: a dense prefix is read as dense_layers; dense layers
     after a MoE layer are one error naming both fields."""
-    from hpcmoe.model.checkpoint import model_fields
+    from hpcmoe.model.families import model_fields
 
     directory = tmp_path / "qwen3"
     shutil.copytree(checkpoints["qwen3_moe"][0], directory)
@@ -280,7 +281,7 @@ def test_qwen3_dense_layers_run_only_before_the_moe_layers(checkpoints, tmp_path
 
 def test_kimi_k2_is_read_as_deepseek_v3(checkpoints, tmp_path):
     """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's architecture: the same fields."""
-    from hpcmoe.model.checkpoint import model_fields
+    from hpcmoe.model.families import model_fields
 
     directory = tmp_path / "kimi"
     shutil.copytree(checkpoints["deepseek_v3"][0], directory)
@@ -327,8 +328,9 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
     hosting experts 1 and 4: their tensors (names and shapes), their values (slices of the whole
     model's), and the bytes read from the checkpoint (exactly the bytes of what they hold)."""
     from hpcmoe.model.attention import split_heads
+    from hpcmoe.model.build import build_experts, build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_experts, build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from hpcmoe.parallel.layout import request_range
 
     directory = checkpoints[name][0]
@@ -418,7 +420,7 @@ def rewrite_header(path, edit):
 def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
     from hpcmoe.config import load_config
     from hpcmoe.model.checkpoint import check_tensors
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     expected = expected_tensors(load_config(None, [f"model.checkpoint={directory}"]).model)
@@ -433,7 +435,7 @@ def test_a_truncated_file_is_refused_before_any_read(checkpoints, tmp_path):
 def test_a_file_truncated_after_its_header_was_checked_is_a_short_read(checkpoints, tmp_path):
     from hpcmoe.config import load_config
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     directory, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     config = load_config(None, [f"model.checkpoint={directory}"])
@@ -483,7 +485,7 @@ def negative_shape(header):
     ],
 )
 def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, edit, message):
-    from hpcmoe.model.checkpoint import read_header
+    from hpcmoe.model.headers import read_header
 
     _, path = copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
     rewrite_header(path, edit)
@@ -496,7 +498,7 @@ def test_a_bad_header_entry_is_refused_naming_the_tensor(checkpoints, tmp_path, 
 
 
 def test_check_header_accepts_empty_tensors_and_metadata():
-    from hpcmoe.model.checkpoint import check_header
+    from hpcmoe.model.headers import check_header
 
     header = {
         "__metadata__": {"format": "pt"},
@@ -516,7 +518,7 @@ def test_check_header_accepts_empty_tensors_and_metadata():
 def test_a_header_length_beyond_the_file_is_refused(tmp_path, header_length):
     import struct
 
-    from hpcmoe.model.checkpoint import read_header
+    from hpcmoe.model.headers import read_header
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", header_length) + b"{}" * 10)
@@ -612,7 +614,8 @@ def test_gpt_oss_sliding_window_matters_exactly_where_a_query_passes_its_edge(ch
 
 def test_gpt_oss_sinks_change_the_result(checkpoints):
     """A zero sink and a large sink differ; a sink far below every score is no sink at all."""
-    from hpcmoe.model.attention import GQAttention, StepInputs
+    from hpcmoe.model.attention import GQAttention
+    from hpcmoe.model.step import StepInputs
 
     _, model = load_local(checkpoints["gpt_oss"][0])
     attention = model.layers[1].self_attn
@@ -765,8 +768,9 @@ def test_each_family_with_eos_joins_and_experts_moving_equals_transformers(check
     moving: the oracle's tokens, cut after each request's first EOS; each rank's experts after the
     switch hash as a fresh read of the checkpoint of what it hosts. (Slots per rank: counts where the
     tiny models' routing leaves the rebalancer a gain; a run without a switch fails the test.)"""
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from hpcmoe.runtime.rebalance import expert_digest
 
     source, tokens, logits = checkpoints[name]
@@ -889,7 +893,7 @@ def test_each_family_survives_a_killed_rank_with_the_same_tokens(ft_venv, checkp
 def test_make_tiny_checkpoint_writes_mxfp4_and_its_twin(tmp_path):
     """`tools/make_tiny_checkpoint.py gpt_oss DIR --mxfp4 --twin TWIN`: MXFP4 experts as published
     (uint8 blocks and exponents, quantization_config mxfp4) and a float32 twin of the same weights."""
-    from hpcmoe.model.checkpoint import tensor_index
+    from hpcmoe.model.headers import tensor_index
 
     tool = os.path.join(ROOT, "tools", "make_tiny_checkpoint.py")
     made = subprocess.run(

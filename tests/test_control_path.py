@@ -18,14 +18,8 @@ from hpcmoe.parallel.dispatch import (
     node_groups,
     plan_from_slots,
 )
-from hpcmoe.parallel.placement import (
-    Placement,
-    one_per_rank,
-    packed,
-    replica_split,
-    replicated,
-    topology_aware,
-)
+from hpcmoe.parallel.placement import Placement, one_per_rank, packed, replica_split, replicated
+from hpcmoe.parallel.traffic import topology_aware
 
 # ---------------------------------------------------------------- the reference: plain loops
 

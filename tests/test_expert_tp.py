@@ -91,8 +91,9 @@ def test_expert_groups_are_bit_identical_from_run_to_run(tmp_path, ranks, settin
 def test_each_member_holds_and_reads_a_slice_of_each_expert(checkpoints):  # noqa: F811
     """Rank 1 of groups of 2 (tiny DeepSeek-V3 checkpoint): the second half of gate/up's rows and of
     down's columns of its group's experts, equal to the whole model's, and only those bytes read."""
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from tests.test_checkpoint import load_local
 
     directory = checkpoints["deepseek_v3"][0]
@@ -114,8 +115,9 @@ def test_each_member_holds_and_reads_a_slice_of_each_expert(checkpoints):  # noq
 
 
 def test_fp8_members_read_their_blocks_as_stored(fp8_checkpoint):  # noqa: F811
+    from hpcmoe.model.build import build_model
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_model, expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     directory = fp8_checkpoint[0]
     m = load_config(None, [f"model.checkpoint={directory}"]).model

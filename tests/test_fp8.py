@@ -66,8 +66,9 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(fp8_check
 
 def test_routed_experts_stay_one_byte_per_weight(fp8_checkpoint):
     from hpcmoe.config import load_config
+    from hpcmoe.model.build import build_experts
     from hpcmoe.model.checkpoint import check_tensors, tensor_loader
-    from hpcmoe.model.transformer import build_experts, expected_tensors, parameter_bytes
+    from hpcmoe.model.sizes import expected_tensors, parameter_bytes
 
     directory = fp8_checkpoint[0]
     m = load_config(None, [f"model.checkpoint={directory}"]).model
@@ -156,8 +157,8 @@ def test_fp8_expert_computes_with_exactly_its_dequantized_weights(monkeypatch, h
     from make_tiny_checkpoint import block_quantize
 
     from hpcmoe.model import fp8
-    from hpcmoe.model.checkpoint import dequantize
-    from hpcmoe.model.transformer import MLP
+    from hpcmoe.model.fp8 import dequantize
+    from hpcmoe.model.mlp import MLP
 
     if chunk is not None:
         monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)

@@ -104,7 +104,7 @@ def test_fp8_experts_on_the_gpu():
     import torch.nn.functional as F
 
     from hpcmoe.model import fp8
-    from hpcmoe.model.checkpoint import dequantize
+    from hpcmoe.model.fp8 import dequantize
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_tiny_checkpoint import block_quantize

@@ -5,8 +5,10 @@ import torch
 
 from hpcmoe.config import load_config
 from hpcmoe.model.attention import kv_heads_for, split_heads
+from hpcmoe.model.build import build_model
 from hpcmoe.model.router import score_gap
-from hpcmoe.model.transformer import StepInputs, build_model, forward_local, generate_local
+from hpcmoe.model.step import StepInputs
+from hpcmoe.model.transformer import forward_local, generate_local
 from tests.conftest import DEBUG_CONFIG, WORKLOADS
 
 torch.set_num_threads(1)

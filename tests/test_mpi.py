@@ -29,7 +29,8 @@ def setup_run(comm, *settings, output="unused.h5"):
 def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
 
-    from hpcmoe.model.transformer import build_model, moe_local
+    from hpcmoe.model.build import build_model
+    from hpcmoe.model.moe import moe_local
     from hpcmoe.runfile.output import Timer
     from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import EPEngine

@@ -11,15 +11,17 @@ from hpcmoe.parallel.layout import ParallelLayout, request_range
 from hpcmoe.parallel.placement import (
     Placement,
     _assign_replicas,
-    expected_rank_load,
-    link_loads,
-    load_from_routing,
-    max_link_load,
     one_per_rank,
     packed,
     replica_split,
     replicated,
     round_robin,
+)
+from hpcmoe.parallel.traffic import (
+    expected_rank_load,
+    link_loads,
+    load_from_routing,
+    max_link_load,
     topology_aware,
 )
 from tests.conftest import DEBUG_CONFIG

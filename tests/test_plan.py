@@ -29,7 +29,7 @@ def held_bytes(module) -> int:
 )
 def test_plan_weights_equal_the_built_model(ranks, settings):
     from hpcmoe.model.attention import split_heads
-    from hpcmoe.model.transformer import build_experts, build_model
+    from hpcmoe.model.build import build_experts, build_model
     from hpcmoe.parallel.layout import ParallelLayout, request_range
     from hpcmoe.parallel.plan import rank_memory
 

@@ -56,7 +56,7 @@ def reference(tmp_path_factory, experts: int):
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_rebalancing_under_drift_equals_one_rank_and_moves_weights_bit_for_bit(tmp_path_factory, name):
-    from hpcmoe.model.transformer import build_model
+    from hpcmoe.model.build import build_model
 
     ranks, settings = JOBS[name]
     path = tmp_path_factory.mktemp("rebalance") / f"{name}.h5"

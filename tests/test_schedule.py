@@ -29,7 +29,7 @@ def test_expert_major_reads_each_slot_from_every_source_in_order():
 def test_experts_once_equal_experts_per_source():
     """run_once on a source-major buffer gives, row for row, what one call per source gives."""
     from hpcmoe.config import load_config
-    from hpcmoe.model.transformer import build_model
+    from hpcmoe.model.build import build_model
     from hpcmoe.runtime.moe_layer import run_once
 
     config = load_config(DEBUG_CONFIG, ["model.num_experts=8", "model.dtype=float32"])

@@ -557,7 +557,7 @@ def test_fixed_costs_among_the_weights_grow_with_the_working_set_by_hand():
 def test_the_working_set_is_what_the_ranks_sharing_a_cache_hold():
     """ep on one box: every rank holds all but the routed experts, and its share of the experts;
     one cpu cache for them all. A GPU's ranks: its own. ma: attention shards and expert slots."""
-    from hpcmoe.model.transformer import parameter_bytes
+    from hpcmoe.model.sizes import parameter_bytes
     from hpcmoe.sim.simulate import weights_per_cache
 
     config = load_config(DEBUG_CONFIG, [])

@@ -3,7 +3,7 @@
     python tools/bench_fp8.py [--threads 1] [--reps 5] [--bf16] [--model] [--out docs/bench/fp8_decode.json]
     python tools/bench_fp8.py --shapes h1024_i4096 --rows 1 32 --chunks 65536 524288 2097152   # tune the chunk
 
-One expert (hpcmoe.model.transformer.MLP) per shape, its weights block-quantized once ([128, 128] as DeepSeek-V3
+One expert (hpcmoe.model.mlp.MLP) per shape, its weights block-quantized once ([128, 128] as DeepSeek-V3
 ships; [16, 16] as tests/test_fp8.py for the debug shape), the float32 twin holds exactly those weights dequantized (bfloat16: the twin rounded). Calls
 of 1..32 rows (decode) and 512 rows (prefill) of each variant run interleaved, the order rotating
 each repetition; a repetition runs every expert of a pool whose weights exceed the caches several
@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from make_tiny_checkpoint import block_quantize  # noqa: E402
 
 from hpcmoe.model import fp8  # noqa: E402
-from hpcmoe.model.checkpoint import dequantize  # noqa: E402
-from hpcmoe.model.transformer import MLP  # noqa: E402
+from hpcmoe.model.fp8 import dequantize  # noqa: E402
+from hpcmoe.model.mlp import MLP  # noqa: E402
 
 SHAPES = {  # name -> (hidden, expert_hidden, FP8 block)
     "debug": (64, 128, [16, 16]),  # inputs/debug.yaml (preset debug), the tests' block

@@ -288,7 +288,7 @@ def expert_time(timings: np.ndarray, placement: np.ndarray, config) -> dict:
     median over layers and steps), against reading the weights of the experts on the rank that holds
     most once, at the memory bandwidth `hpcmoe calibrate` measured here (machines/this_box.yaml).
     placement: the run's /placement [moe_layers, experts, replicas]."""
-    from hpcmoe.model.transformer import parameter_bytes
+    from hpcmoe.model.sizes import parameter_bytes
     from hpcmoe.sim.machine import load_machine
 
     rows = timings[(timings["phase"] == b"experts") & (timings["step"] > 0)]
@@ -936,7 +936,7 @@ def bench_experts(
     import torch.nn.functional as F
 
     from hpcmoe.config import ModelConfig
-    from hpcmoe.model.transformer import MoE
+    from hpcmoe.model.moe import MoE
     from hpcmoe.runtime.device import choose_device, device_kind
 
     device = choose_device(device_kind(device_name), 0)

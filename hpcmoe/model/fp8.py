@@ -66,6 +66,22 @@ class Scratch:
 SCRATCH = Scratch()
 
 
+def dequantize(weight, scale, block: list[int], offset: int = 0, dim: int = 0):
+    """weight [r, c] float8 -> float32 W = weight x scale of its block; scale [ceil(r / b0), ceil(c / b1)]
+    (of a part of the weight that starts `offset` rows or columns into its first block along `dim`)."""
+    rows, columns = weight.shape
+    if (
+        offset == 0
+        and (rows % block[0], columns % block[1]) == (0, 0)
+        and tuple(scale.shape) == (rows // block[0], columns // block[1])
+    ):  # whole blocks: scaled in place
+        blocks = weight.to(torch.float32).view(rows // block[0], block[0], columns // block[1], block[1])
+        return blocks.mul_(scale[:, None, :, None]).view(rows, columns)
+    expanded = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    expanded = expanded.narrow(dim, offset, weight.shape[dim])
+    return weight.float() * expanded[: weight.shape[0], : weight.shape[1]]
+
+
 def scaled(scale: torch.Tensor, name: str) -> torch.Tensor:
     """The block scales times 2**8 (the float16 trick's offset), in a scratch buffer."""
     return torch.mul(scale, UNSCALE, out=SCRATCH.get(name, tuple(scale.shape), torch.float32, scale.device))

@@ -32,7 +32,8 @@ def pair_table(dtype: torch.dtype, device) -> torch.Tensor:
 def dequantize(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """blocks [rows, columns / 32, 16] uint8, scales [rows, columns / 32] uint8 -> [rows, columns] in `dtype`."""
+    """blocks [rows, columns / 32, 16] uint8, scales [rows, columns / 32] uint8
+    -> [rows, columns] in `dtype`."""
     rows, groups, _ = blocks.shape
     values = pair_table(dtype, blocks.device)[blocks.long()]  # [rows, groups, 16, 2]
     powers = torch.exp2(scales.to(torch.float32) - EXPONENT_BIAS).to(dtype)  # exact: a power of two

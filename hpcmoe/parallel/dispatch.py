@@ -261,7 +261,8 @@ def pack_rows(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) ->
 
 
 def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
-    """The inverse of pack_rows (several messages back to back) -> (rows [m, H], slots [m, k], weights [m, k])."""
+    """The inverse of pack_rows (several messages back to back)
+    -> (rows [m, H], slots [m, k], weights [m, k])."""
     item = torch.empty(0, dtype=dtype).element_size()
     data = data.view(-1, hidden * item + 12 * k)
     rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)

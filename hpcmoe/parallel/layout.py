@@ -11,6 +11,7 @@ from typing import Optional
 
 from hpcmoe.config import Config
 from hpcmoe.parallel import placement as placements
+from hpcmoe.parallel import traffic
 
 PLACEMENTS = ("auto", "packed", "one_per_rank", "replicated", "topology_aware")
 
@@ -64,7 +65,10 @@ class ParallelLayout:
     def groups_name(self) -> str:
         if self.expert_tp == 1:
             return f"world size ({self.world_size})"
-        return f"expert groups (world size {self.world_size} / parallel.expert_tp {self.expert_tp} = {self.groups})"
+        return (
+            f"expert groups (world size {self.world_size} / parallel.expert_tp {self.expert_tp} = "
+            f"{self.groups})"
+        )
 
     @classmethod
     def from_config(cls, config: Config, world_size: int):
@@ -160,7 +164,7 @@ class ParallelLayout:
         e, w, mode = self.num_experts, self.groups, self.mode
         nodes = max(node_of_rank) + 1
         tokens_from_node, load = (
-            placements.load_from_routing(routing, list(node_of_rank))
+            traffic.load_from_routing(routing, list(node_of_rank))
             if routing is not None
             else ([[1.0] * e for _ in range(nodes)], None)
         )
@@ -170,7 +174,7 @@ class ParallelLayout:
             return placements.packed(e, w, self.experts_per_rank)
         if mode == "replicated":
             return placements.replicated(e, w, self.experts_per_rank or -(-e // w), load)
-        return placements.topology_aware(tokens_from_node, list(node_of_rank))
+        return traffic.topology_aware(tokens_from_node, list(node_of_rank))
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ the start-up check of `hpcmoe run` uses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from hpcmoe.config import Config
+from hpcmoe.config import Config, ModelConfig, RunConfig
 from hpcmoe.parallel.layout import MALayout, ParallelLayout, request_range
 
 
@@ -19,7 +21,7 @@ class ModelSizes:
     routed experts, of one expert in every MoE layer, of an attention shard (per shard count)."""
 
     def __init__(self, config: Config):
-        from hpcmoe.model.transformer import parameter_bytes, parameter_count
+        from hpcmoe.model.sizes import parameter_bytes, parameter_count
 
         self.config, self.requests = config, config.requests
         self.parameters = parameter_count(config.model)
@@ -31,7 +33,7 @@ class ModelSizes:
     def attention(self, shards: int) -> tuple[int, int]:
         """(weight bytes, KV cache bytes per token) of the largest of `shards` attention shards."""
         from hpcmoe.model.attention import split_heads
-        from hpcmoe.model.transformer import attention_shard_bytes
+        from hpcmoe.model.sizes import attention_shard_bytes
 
         m = self.config.model
         if shards not in self.shards:
@@ -45,9 +47,55 @@ def build_temporary_bytes(m) -> int:
     """The largest temporary of a rank's build: a whole tensor in float32 (the seeded init makes each
     whole, then keeps its slice in the model's dtype; a checkpoint's tensor may be converted through
     float32 too). Measured on DeepSeek-V3 shapes: the embedding's 0.86 GiB on top of the weights."""
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
 
     return 4 * max(int(np.prod(shape)) for shape in expected_tensors(m).values())
+
+
+@dataclass(frozen=True)
+class FullestStep:
+    """What a rank's KV cache, buffers and activations grow with: the model's widths, the run's
+    batching, the requests' prompts (`longest`: the longest prompt plus its new tokens) and the
+    requests live at once per attention-holding rank."""
+
+    m: ModelConfig
+    r: RunConfig
+    prompts: np.ndarray
+    longest: int
+    itemsize: int
+    max_batch: int
+
+    @classmethod
+    def of(cls, config: Config, requests, max_batch: int) -> "FullestStep":
+        prompts = requests.prompt_lengths
+        longest = int((prompts + requests.max_new_tokens).max())
+        itemsize = 2 if config.model.dtype_name == "bfloat16" else 4
+        return cls(config.model, config.run, prompts, longest, itemsize, max_batch)
+
+    def largest_block(self, parts: int) -> tuple[int, int]:
+        """(live requests, tokens fed) of the fullest step of a rank among `parts` that split the requests."""
+        prompts, r = self.prompts, self.r
+        # the requests go round-robin (rank r: r, r + parts, ...); past one each, a rank has at most one
+        share = np.sort(prompts[0::parts])[::-1] if parts <= len(prompts) else prompts.max(keepdims=True)
+        rows = min(self.max_batch, len(share))
+        fed = int(share[:rows].sum())
+        return rows, fed if r.batching == "static" else min(fed, rows - 1 + r.prefill_chunk)
+
+    def activations(self, rows: int, fed: int, heads: int) -> int:
+        """One step's padded tensors and attention scores."""
+        m, r, prompts = self.m, self.r, self.prompts
+        width = int(prompts.max()) if r.batching == "static" else min(int(prompts.max()), r.prefill_chunk)
+        return (
+            rows * width * (16 * m.hidden * self.itemsize + 3 * heads * self.longest * 4) + fed * m.vocab * 4
+        )
+
+    def expert_activations(self, slots: int) -> int:
+        """The experts' inputs, gate, up and outputs of the slots a rank receives."""
+        return 4 * slots * (self.m.hidden + self.m.expert_hidden) * self.itemsize
+
+    def exchange_buffers(self, tokens: int) -> int:
+        """Send and receive buffers of one exchange, k slots per token."""
+        return 2 * tokens * self.m.top_k * self.m.hidden * self.itemsize
 
 
 def rank_memory(
@@ -62,78 +110,17 @@ def rank_memory(
     (the layout is validated first: a rank count that does not fit raises). max_batch: requests live
     at once per attention-holding rank (default run.max_batch, else all); runtime: the process
     itself (the interpreter, torch, MPI: measured by the caller)."""
-    from hpcmoe.model.transformer import cache_bytes_per_token
-
     sizes = sizes or ModelSizes(config)
-    m, r, requests = config.model, config.run, sizes.requests
-    max_batch = max_batch or r.max_batch or len(requests)
+    max_batch = max_batch or config.run.max_batch or len(sizes.requests)
     layout = ParallelLayout.from_config(config, ranks)
-    prompts = requests.prompt_lengths
-    longest = int((prompts + requests.max_new_tokens).max())
-    itemsize = 2 if m.dtype_name == "bfloat16" else 4
+    step = FullestStep.of(config, sizes.requests, max_batch)
     placement = layout.placement((0,) * ranks)
     moe_ranks = range(layout.attention_ranks, ranks) if isinstance(layout, MALayout) else range(ranks)
     experts = max(len(placement.experts_of_rank(r)) for r in moe_ranks)
-
-    def largest_block(
-        parts: int,
-    ) -> tuple[int, int]:  # (live requests, tokens fed) of the fullest step of a rank
-        # the requests go round-robin (rank r: r, r + parts, ...); past one each, a rank has at most one
-        share = np.sort(prompts[0::parts])[::-1] if parts <= len(prompts) else prompts.max(keepdims=True)
-        rows = min(max_batch, len(share))
-        fed = int(share[:rows].sum())
-        return rows, fed if r.batching == "static" else min(fed, rows - 1 + r.prefill_chunk)
-
-    def activations(rows: int, fed: int, heads: int) -> int:  # one step's padded tensors and attention scores
-        width = int(prompts.max()) if r.batching == "static" else min(int(prompts.max()), r.prefill_chunk)
-        return rows * width * (16 * m.hidden * itemsize + 3 * heads * longest * 4) + fed * m.vocab * 4
-
-    def expert_activations(
-        slots: int,
-    ) -> int:  # the experts' inputs, gate, up and outputs of the slots a rank receives
-        return 4 * slots * (m.hidden + m.expert_hidden) * itemsize
-
-    def exchange_buffers(tokens: int) -> int:  # send and receive buffers of one exchange, k slots per token
-        return 2 * tokens * m.top_k * m.hidden * itemsize
-
-    roles = {}
     if isinstance(layout, MALayout):
-        shards = len(layout.primaries(0))
-        weights, per_token = sizes.attention(shards)
-        served, tokens = largest_block(layout.replicas)
-        roles["attention"] = {
-            "ranks": layout.attention_ranks,
-            "weights": weights,
-            "kv_cache": served * longest * per_token,
-            "buffers": exchange_buffers(-(-tokens // shards)) + 2 * tokens * m.hidden * 4,
-            "activations": activations(served, tokens, -(-m.heads // shards)),
-        }
-        routed = tokens * layout.replicas
-        roles["moe"] = {
-            "ranks": layout.moe_ranks,
-            "weights": experts * sizes.per_expert,
-            "kv_cache": 0,
-            "buffers": exchange_buffers(-(-routed // layout.moe_ranks)),
-            "experts_per_rank": experts,
-            "activations": expert_activations(-(-routed * m.top_k // layout.moe_ranks)),
-        }
+        roles = separated_roles(layout, sizes, step, experts)
     else:
-        served, tokens = largest_block(ranks)
-        tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
-        # expert groups: answers come back as tp partials (members) or the leader holds tp of them
-        buffers = exchange_buffers(tokens) * (1 + tp) // 2 if tp > 1 else exchange_buffers(tokens)
-        if config.parallel.rebalance is not None:  # new expert slots beside the old while weights move
-            buffers += experts * sizes.per_expert // tp
-        roles["ep"] = {
-            "ranks": ranks,
-            "weights": sizes.base + experts * sizes.per_expert // tp,
-            "kv_cache": served * longest * cache_bytes_per_token(m),
-            "buffers": buffers,
-            "activations": activations(served, tokens, m.heads)
-            + expert_activations(-(-tokens * ranks * m.top_k * experts // m.num_experts) // tp),
-            "experts_per_rank": experts,
-            "expert_tp": tp,
-        }
+        roles = {"ep": ep_role(config, layout, ranks, sizes, step, experts)}
     for role in roles.values():
         # the build's temporary is gone before the KV cache, buffers and activations exist: the larger counts
         role["runtime"], role["build"] = runtime, sizes.build
@@ -146,6 +133,58 @@ def rank_memory(
         "total_weight_bytes": sizes.whole,
         "roles": roles,
         "max_rank_bytes": max(r["total"] for r in roles.values()),
+    }
+
+
+def separated_roles(layout: MALayout, sizes: ModelSizes, step: FullestStep, experts: int) -> dict:
+    """Attention/MoE separation: the largest attention rank (a head shard of its group, the group's
+    requests) and the largest MoE rank (`experts` experts, the routed slots of every group)."""
+    m = step.m
+    shards = len(layout.primaries(0))
+    weights, per_token = sizes.attention(shards)
+    served, tokens = step.largest_block(layout.replicas)
+    attention = {
+        "ranks": layout.attention_ranks,
+        "weights": weights,
+        "kv_cache": served * step.longest * per_token,
+        "buffers": step.exchange_buffers(-(-tokens // shards)) + 2 * tokens * m.hidden * 4,
+        "activations": step.activations(served, tokens, -(-m.heads // shards)),
+    }
+    routed = tokens * layout.replicas
+    moe = {
+        "ranks": layout.moe_ranks,
+        "weights": experts * sizes.per_expert,
+        "kv_cache": 0,
+        "buffers": step.exchange_buffers(-(-routed // layout.moe_ranks)),
+        "experts_per_rank": experts,
+        "activations": step.expert_activations(-(-routed * m.top_k // layout.moe_ranks)),
+    }
+    return {"attention": attention, "moe": moe}
+
+
+def ep_role(
+    config: Config, layout: ParallelLayout, ranks: int, sizes: ModelSizes, step: FullestStep, experts: int
+) -> dict:
+    """Expert parallelism: the largest rank, which attends for its requests and serves `experts`
+    experts (1/expert_tp of each)."""
+    from hpcmoe.model.sizes import cache_bytes_per_token
+
+    m = step.m
+    served, tokens = step.largest_block(ranks)
+    tp = layout.expert_tp  # each rank holds 1/tp of each of its group's experts
+    # expert groups: answers come back as tp partials (members) or the leader holds tp of them
+    buffers = step.exchange_buffers(tokens) * (1 + tp) // 2 if tp > 1 else step.exchange_buffers(tokens)
+    if config.parallel.rebalance is not None:  # new expert slots beside the old while weights move
+        buffers += experts * sizes.per_expert // tp
+    return {
+        "ranks": ranks,
+        "weights": sizes.base + experts * sizes.per_expert // tp,
+        "kv_cache": served * step.longest * cache_bytes_per_token(m),
+        "buffers": buffers,
+        "activations": step.activations(served, tokens, m.heads)
+        + step.expert_activations(-(-tokens * ranks * m.top_k * experts // m.num_experts) // tp),
+        "experts_per_rank": experts,
+        "expert_tp": tp,
     }
 
 
@@ -250,7 +289,8 @@ def smallest_fit(
 
 
 def expert_tp_fits_model(m, tp: int) -> bool:
-    """Whether experts split into `tp` slices (whole FP8 blocks with an FP8 checkpoint, whole MXFP4 blocks)."""
+    """Whether experts split into `tp` slices (whole FP8 blocks with an FP8 checkpoint, whole MXFP4
+    blocks)."""
     from hpcmoe.config import MXFP4_BLOCK
 
     inner = m.expert_hidden // tp if m.expert_hidden % tp == 0 else 0
@@ -272,7 +312,8 @@ def describe(result: dict) -> str:
     gib = human_bytes
     lines = [
         f"hpcmoe plan: {result['ranks']} ranks, layout {result['layout']}, {result['dtype']}; whole model "
-        f"{result['total_parameters'] / 1e9:.1f} B parameters in {gib(result['total_weight_bytes'])}; up to {result['max_batch']} live requests per "
+        f"{result['total_parameters'] / 1e9:.1f} B parameters in {gib(result['total_weight_bytes'])}; "
+        f"up to {result['max_batch']} live requests per "
         f"attention-holding rank (run.max_batch)"
     ]
     for name, role in result["roles"].items():

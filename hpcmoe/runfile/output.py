@@ -273,7 +273,8 @@ def rank_loads(routing: np.ndarray, in_force: list, node_of_rank: list[int], tp:
     split over replicas as the dispatcher splits them. A place that hosts no expert in the table in
     force (an attention rank of ma, a spare) is NaN: it is not a rank that could be loaded. The
     receiver of the payload, not the wire: two_stage's gateways forward, they do not compute."""
-    from hpcmoe.parallel.placement import placement_of, rank_load_shares
+    from hpcmoe.parallel.placement import placement_of
+    from hpcmoe.parallel.traffic import rank_load_shares
 
     steps, layers, _, experts = routing.shape
     places, nodes = len(node_of_rank) // tp, list(node_of_rank)[::tp]
@@ -563,7 +564,7 @@ class RunWriter:
         parallel.rebalance.checksums is off). The observed rank load max/mean is measured from
         /routing over the steps the placement ran, split over its replicas as the dispatcher splits
         them (NaN when it ran none)."""
-        from hpcmoe.parallel.placement import load_from_routing
+        from hpcmoe.parallel.traffic import load_from_routing
         from hpcmoe.runtime.rebalance import imbalance
 
         experts, ranks = self.file["routing"].shape[-1], self.file["traffic"].shape[-1]

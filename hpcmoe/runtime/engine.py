@@ -21,8 +21,8 @@ import torch
 
 import hpcmoe
 from hpcmoe.config import LAYER_KILL_PHASES, Config
-from hpcmoe.model.attention import StepInputs
-from hpcmoe.model.transformer import rotate_skew
+from hpcmoe.model.moe import rotate_skew
+from hpcmoe.model.step import StepInputs
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import process_bytes, rank_estimates

@@ -15,8 +15,9 @@ import torch
 
 import hpcmoe.runtime.comm
 from hpcmoe.config import Config
-from hpcmoe.model.attention import StepInputs
-from hpcmoe.model.transformer import Transformer, build_model
+from hpcmoe.model.build import build_model
+from hpcmoe.model.step import StepInputs
+from hpcmoe.model.transformer import Transformer
 from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
 from hpcmoe.parallel.placement import Placement

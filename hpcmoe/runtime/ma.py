@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from hpcmoe.model.attention import StepInputs, split_heads
-from hpcmoe.model.transformer import build_experts, build_model
+from hpcmoe.model.attention import split_heads
+from hpcmoe.model.build import build_experts, build_model
+from hpcmoe.model.step import StepInputs
 from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.runtime.comm import Receives, Where
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats

@@ -30,7 +30,8 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.parallel.dispatch import compile_placement
-from hpcmoe.parallel.placement import Placement, expected_rank_load, replicated
+from hpcmoe.parallel.placement import Placement, replicated
+from hpcmoe.parallel.traffic import expected_rank_load
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
 from hpcmoe.runtime.fault import track
@@ -206,7 +207,9 @@ class Rebalancer:
 
     def start_moves(self, new: Placement, switch: Switch) -> None:
         """New expert slots beside the old ones; copy what stays, post what moves."""
-        from hpcmoe.model.transformer import MoE, materialize, parameter_bytes
+        from hpcmoe.model.build import materialize
+        from hpcmoe.model.moe import MoE
+        from hpcmoe.model.sizes import parameter_bytes
 
         engine, rank, tp = self.engine, self.topo.rank, self.tp
         me, member = rank // tp, rank % tp

@@ -12,7 +12,7 @@ def check_model(config, layout, is_root: bool):
     """Check the checkpoint's tensors (headers only), size run.max_batch when it is not set, and
     check that each rank's share fits in memory (hpcmoe.parallel.plan: the same numbers as `hpcmoe plan`, with
     this process's own memory). Returns (the checkpoint loader or None, max_batch)."""
-    from hpcmoe.model.transformer import expected_tensors
+    from hpcmoe.model.sizes import expected_tensors
     from hpcmoe.parallel.plan import ModelSizes, default_max_batch, human_bytes, process_bytes, rank_memory
     from hpcmoe.runtime.topology import available_memory_per_rank
 

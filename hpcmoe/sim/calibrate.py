@@ -183,7 +183,8 @@ def elementwise_rate() -> float:
     from torch.profiler import ProfilerActivity, profile
 
     from hpcmoe.config import load_config
-    from hpcmoe.model.attention import GQAttention, RMSNorm, StepInputs
+    from hpcmoe.model.attention import GQAttention, RMSNorm
+    from hpcmoe.model.step import StepInputs
     from hpcmoe.sim.costs import ELEMENTWISE_PASSES
 
     m = (
@@ -361,7 +362,7 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
     """Each phase's fixed cost: its mean call on this machine, a rank alone (-n 1), minus the modelled
     math of that call; what exchanging adds from the -n 2 runs. -> (fixed_us, shared_node_slowdown:
     how much longer the same calls take at -n 2, both cores busy, the median over SAME_WORK)."""
-    from hpcmoe.model.transformer import parameter_bytes
+    from hpcmoe.model.sizes import parameter_bytes
     from hpcmoe.sim.costs import Costs
     from hpcmoe.sim.machine import PHASES, machine_from
 
@@ -395,7 +396,7 @@ def fixed_costs(kernels: dict, links: dict, one: dict, two: dict, config) -> tup
 
 def two_rank_weights(m) -> int:
     """Weight bytes two ep ranks of this box read each step: all but the experts twice, the experts once."""
-    from hpcmoe.model.transformer import parameter_bytes
+    from hpcmoe.model.sizes import parameter_bytes
 
     whole, base = parameter_bytes(m, 0)
     return whole + base

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcmoe.model.transformer import MoE
+from hpcmoe.model.moe import MoE
 from hpcmoe.sim.machine import Machine
 
 # phases whose fixed cost runs between the model's weight reads (machine.fixed_factor scales them);

@@ -112,7 +112,7 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
     every weight but the routed experts, and its expert slots; ma: its attention shard, or its
     slots). A cpu's ranks share their host's last-level cache; a GPU's, its own."""
     from hpcmoe.model.attention import split_heads
-    from hpcmoe.model.transformer import attention_shard_bytes, parameter_bytes
+    from hpcmoe.model.sizes import attention_shard_bytes, parameter_bytes
     from hpcmoe.parallel.layout import request_range
 
     m = config.model
