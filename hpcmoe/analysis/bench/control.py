@@ -54,6 +54,54 @@ def per_layer_host(group, plan, tables) -> None:
     MPI.Request.Waitall(requests)
 
 
+def control_placement(experts: int, count: int):
+    """The placement of experts on count ranks: packed when experts > ranks, one per rank when equal,
+    replicated when fewer."""
+    from hpcmoe.parallel.placement import one_per_rank, packed, replicated
+
+    return (
+        packed(experts, count)
+        if experts > count
+        else one_per_rank(experts, count)
+        if experts == count
+        else replicated(experts, count, 1)
+    )
+
+
+def timed_control(expert_ids, weights, tables, group, reps: int) -> dict[str, list[float]]:
+    """Milliseconds per call of one source rank's control paths, reps rounds after a warm-up: the flat
+    dispatch's host work, two-stage's first stage, and the per_source and per_layer exchanges' host
+    work. expert_ids, weights: [tokens, top_k]."""
+    from hpcmoe.parallel.dispatch import choose_slots, node_groups, plan_from_slots
+
+    flat_ms, two_stage_ms, per_source_ms, per_layer_ms = [], [], [], []
+    for rep in range(reps + 1):
+        start = time.perf_counter()
+        for _ in range(20):  # what a rank's host does before any byte moves: slots, plan, counts, peers
+            group.destinations(plan_from_slots(choose_slots(expert_ids, tables), tables))
+        middle = time.perf_counter()
+        for _ in range(20):
+            node_groups(choose_slots(expert_ids, tables), weights, tables)  # reads its counts to the host
+        end = time.perf_counter()
+        for _ in range(20):
+            per_source_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables))
+        after_per_source = time.perf_counter()
+        for _ in range(20):
+            per_layer_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables), tables)
+        after_per_layer = time.perf_counter()
+        if rep:
+            flat_ms.append((middle - start) / 20 * 1e3)
+            two_stage_ms.append((end - middle) / 20 * 1e3)
+            per_source_ms.append((after_per_source - end) / 20 * 1e3)
+            per_layer_ms.append((after_per_layer - after_per_source) / 20 * 1e3)
+    return {
+        "flat_ms": flat_ms,
+        "two_stage_stage1_ms": two_stage_ms,
+        "per_source_exchange_ms": per_source_ms,
+        "per_layer_exchange_ms": per_layer_ms,
+    }
+
+
 def bench_control(
     ranks: list[int], experts: int, top_k: int, tokens: int, ranks_per_node: int, reps: int, out: str | None
 ):
@@ -61,8 +109,7 @@ def bench_control(
     (placement: packed when experts > ranks, one per rank when equal, replicated when fewer)."""
     import torch
 
-    from hpcmoe.parallel.dispatch import choose_slots, compile_placement, node_groups, plan_from_slots
-    from hpcmoe.parallel.placement import one_per_rank, packed, replicated
+    from hpcmoe.parallel.dispatch import compile_placement
     from hpcmoe.runtime.moe_layer import ExchangeGroup
 
     generator = torch.Generator().manual_seed(0)
@@ -70,43 +117,12 @@ def bench_control(
     weights = torch.full(expert_ids.shape, 1.0 / top_k)
     rows, modes = {}, {}
     for count in ranks:
-        placement = (
-            packed(experts, count)
-            if experts > count
-            else one_per_rank(experts, count)
-            if experts == count
-            else replicated(experts, count, 1)
-        )
+        placement = control_placement(experts, count)
         node_of_rank = [r // ranks_per_node for r in range(count)]
         source = count // 2 + 1  # not rank 0: the replica choice offsets by the source rank
         tables = compile_placement(placement, source, node_of_rank)
         group = ExchangeGroup(tuple(range(count)), (), np.ones(count, bool))
-        flat_ms, two_stage_ms, per_source_ms, per_layer_ms = [], [], [], []
-        for rep in range(reps + 1):
-            start = time.perf_counter()
-            for _ in range(20):  # what a rank's host does before any byte moves: slots, plan, counts, peers
-                group.destinations(plan_from_slots(choose_slots(expert_ids, tables), tables))
-            middle = time.perf_counter()
-            for _ in range(20):
-                node_groups(choose_slots(expert_ids, tables), weights, tables)  # reads its counts to the host
-            end = time.perf_counter()
-            for _ in range(20):
-                per_source_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables))
-            after_per_source = time.perf_counter()
-            for _ in range(20):
-                per_layer_host(group, plan_from_slots(choose_slots(expert_ids, tables), tables), tables)
-            after_per_layer = time.perf_counter()
-            if rep:
-                flat_ms.append((middle - start) / 20 * 1e3)
-                two_stage_ms.append((end - middle) / 20 * 1e3)
-                per_source_ms.append((after_per_source - end) / 20 * 1e3)
-                per_layer_ms.append((after_per_layer - after_per_source) / 20 * 1e3)
-        rows[f"ranks_{count}"] = {
-            "flat_ms": flat_ms,
-            "two_stage_stage1_ms": two_stage_ms,
-            "per_source_exchange_ms": per_source_ms,
-            "per_layer_exchange_ms": per_layer_ms,
-        }
+        rows[f"ranks_{count}"] = timed_control(expert_ids, weights, tables, group, reps)
         modes[count] = placement.mode
     meta = {
         "what": f"control path per MoE layer and micro-batch: {experts} experts, top-{top_k}, "

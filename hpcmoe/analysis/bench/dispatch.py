@@ -28,19 +28,70 @@ class IdentityMoE:
         return None
 
 
-def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None):
-    """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts): `ours` is
-    the per_layer exchange (decode's default), `ours_per_source` the point-to-point one."""
+def routed_tokens(tokens: int, hidden: int, dtype: str, experts: int, top_k: int, rank: int):
+    """This rank's tokens h [tokens, hidden] in dtype and the ids of top_k distinct experts for each,
+    ids [tokens, top_k], drawn from one generator seeded by the rank."""
     import torch
-    from mpi4py import MPI
 
-    from hpcmoe.config import load_config
+    generator = torch.Generator().manual_seed(rank)
+    h = torch.randn(tokens, hidden, generator=generator).to(getattr(torch, dtype))
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    return h, ids
+
+
+def engine_exchange(config, topo, size: int, rank: int, moe, h):
+    """The engine's exchange of one MoE layer, one expert per rank -> (exchange, close):
+    exchange(schedule) dispatches h and combines the answers (schedule: per_layer or per_source)."""
     from hpcmoe.parallel.placement import one_per_rank
     from hpcmoe.runfile.output import Timer
     from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import build_exchange, messaging
     from hpcmoe.runtime.moe_layer import StepStats, flat
     from hpcmoe.runtime.scheduler import run_concurrently
+
+    timer, sender = Timer(rank, 0.0), messaging(config, topo)
+    ctx = build_exchange(config, topo, one_per_rank(size, size), timer, list(range(size)), sender)
+    calls = [0]
+
+    def exchange(schedule: str):
+        stats = StepStats.zeros(1, size, size)
+        ctx.schedule.setting, ctx.schedule.prefill = schedule, False
+        calls[0] += 1  # each call a step of one MoE layer: the collectives' order is the calls' order
+        run_concurrently([flat(ctx, moe, Where(calls[0], 0, 0), h, stats)], timer, 0, sender)
+        sender.wait(Where())
+        timer.take()
+
+    return exchange, ctx.close
+
+
+def raw_alltoallv(world, rows, send_counts: np.ndarray) -> None:
+    """The same exchange by hand: rows [n, hidden] sorted by destination, send_counts [ranks] bytes to
+    each; the counts (Alltoall), then the rows out and the same bytes back (two Alltoallv)."""
+    import torch
+    from mpi4py import MPI
+
+    recv_counts = np.empty(world.Get_size(), np.int64)
+    world.Alltoall(send_counts, recv_counts)
+    send = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
+    received = np.empty(recv_counts.sum(), np.uint8)
+    world.Alltoallv(
+        [send, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE],
+        [received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
+    )
+    back = np.empty_like(send)
+    world.Alltoallv(
+        [received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
+        [back, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE],
+    )
+
+
+def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None):
+    """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts): `ours`
+    is the per_layer exchange (decode's default), `ours_per_source` the point-to-point one."""
+    import torch
+    from mpi4py import MPI
+
+    from hpcmoe.config import load_config
     from hpcmoe.runtime.topology import build_topology
 
     world = MPI.COMM_WORLD
@@ -55,53 +106,22 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
         ],
     )
     topo = build_topology(world, None)
-    generator = torch.Generator().manual_seed(rank)
-    h = torch.randn(tokens, hidden, generator=generator).to(getattr(torch, dtype))
-    ids = torch.stack(
-        [torch.randperm(size, generator=generator)[: config.model.top_k] for _ in range(tokens)]
-    )
+    h, ids = routed_tokens(tokens, hidden, dtype, size, config.model.top_k, rank)
     moe = IdentityMoE(ids, torch.full(ids.shape, 1.0 / ids.shape[1]))
-    timer, sender = Timer(rank, 0.0), messaging(config, topo)
-    ctx = build_exchange(config, topo, one_per_rank(size, size), timer, list(range(size)), sender)
-    calls = [0]
-
-    def exchange(schedule: str):
-        stats = StepStats.zeros(1, size, size)
-        ctx.schedule.setting, ctx.schedule.prefill = schedule, False
-        calls[0] += 1  # each call a step of one MoE layer: the collectives' order is the calls' order
-        run_concurrently([flat(ctx, moe, Where(calls[0], 0, 0), h, stats)], timer, 0, sender)
-        sender.wait(Where())
-        timer.take()
-
+    exchange, close = engine_exchange(config, topo, size, rank, moe, h)
     dest = ids.flatten().sort(stable=True)
     rows = h[dest.indices // ids.shape[1]]
     send_counts = np.bincount(dest.values.numpy(), minlength=size) * hidden * h.element_size()
-
-    def raw():
-        recv_counts = np.empty(size, np.int64)
-        world.Alltoall(send_counts, recv_counts)
-        send = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
-        received = np.empty(recv_counts.sum(), np.uint8)
-        world.Alltoallv(
-            [send, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE],
-            [received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
-        )
-        back = np.empty_like(send)
-        world.Alltoallv(
-            [received, (recv_counts, np.cumsum(recv_counts) - recv_counts), MPI.BYTE],
-            [back, (send_counts, np.cumsum(send_counts) - send_counts), MPI.BYTE],
-        )
-
     samples = time_interleaved(
         world,
         {
             "ours": lambda: exchange("per_layer"),
-            "raw_alltoallv": raw,
+            "raw_alltoallv": lambda: raw_alltoallv(world, rows, send_counts),
             "ours_per_source": lambda: exchange("per_source"),
         },
         reps,
     )
-    ctx.close()
+    close()
     if rank == 0:
         meta = {
             "what": f"dispatch+combine of {tokens} tokens/rank x top-{config.model.top_k}, hidden {hidden}, "

@@ -64,6 +64,54 @@ class CountingSender:
         self.sender.send(peer, data, tag, own)
 
 
+def through_link(world, topo, link, x, algorithm, counted: dict, name: str):
+    """-> fn() that sums x [tokens, hidden] over every rank with algorithm (leader_sum or
+    hierarchical_sum) through the emulated link, and leaves in counted[name] the bytes this rank sent
+    to other nodes."""
+    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runtime.comm import Sender, Where, tag_for
+    from hpcmoe.runtime.scheduler import run_concurrently
+
+    tag = lambda kind: tag_for(kind, 0, 0, 1)
+    sender = CountingSender(Sender(world, link), topo.node_of_rank)
+    ctx = SimpleNamespace(
+        comm=world, sender=sender, link=link, topo=topo, rank=topo.rank, timer=Timer(0, 0.0)
+    )
+
+    def run():
+        sender.internode_bytes = 0
+        run_concurrently(
+            [algorithm(ctx, x, list(range(topo.size)), tag, Where(0, 0, 0))],
+            Timer(0, 0.0),
+            0,
+            sender.sender,
+        )
+        sender.sender.wait(Where())
+        counted[name] = sender.internode_bytes
+
+    return run
+
+
+def reduce_meta(world, topo, x, reps: int, bandwidth_gbps: float | None, latency_us: float) -> dict:
+    """What the reduce benchmark summed, over what, for its table and JSON."""
+    tokens, hidden = x.shape
+    link_text = (
+        f"emulated link {bandwidth_gbps} Gbit/s + {latency_us} us" if bandwidth_gbps else "no emulated link"
+    )
+    return {
+        "what": f"sum of [{tokens}, {hidden}] float32 over {world.Get_size()} ranks on "
+        f"{topo.num_nodes} nodes, {link_text} (flat_allreduce: real MPI, no emulation)",
+        "ranks": world.Get_size(),
+        "reps": reps,
+        "oversubscribed": oversubscribed(world),
+        "flat_allreduce_bytes_per_rank_bandwidth_optimal": 2
+        * x.numel()
+        * 4
+        * (world.Get_size() - 1)
+        / world.Get_size(),
+    }
+
+
 def bench_reduce(
     tokens: int,
     hidden: int,
@@ -80,37 +128,15 @@ def bench_reduce(
     import torch
     from mpi4py import MPI
 
-    from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
+    from hpcmoe.runtime.comm import Link
     from hpcmoe.runtime.ma import hierarchical_sum
-    from hpcmoe.runtime.scheduler import run_concurrently
     from hpcmoe.runtime.topology import build_topology
 
     world = MPI.COMM_WORLD
     topo = build_topology(world, ranks_per_node)
     link = Link(topo.node_of_rank, bandwidth_gbps, latency_us)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(topo.rank))
-    tag = lambda kind: tag_for(kind, 0, 0, 1)
     counted = {}
-
-    def through_link(name, algorithm):
-        sender = CountingSender(Sender(world, link), topo.node_of_rank)
-        ctx = SimpleNamespace(
-            comm=world, sender=sender, link=link, topo=topo, rank=topo.rank, timer=Timer(0, 0.0)
-        )
-
-        def run():
-            sender.internode_bytes = 0
-            run_concurrently(
-                [algorithm(ctx, x, list(range(topo.size)), tag, Where(0, 0, 0))],
-                Timer(0, 0.0),
-                0,
-                sender.sender,
-            )
-            sender.sender.wait(Where())
-            counted[name] = sender.internode_bytes
-
-        return run
 
     def flat():
         world.Allreduce(x.numpy(), np.empty_like(x.numpy()), op=MPI.SUM)
@@ -119,31 +145,15 @@ def bench_reduce(
         world,
         {
             "flat_allreduce": flat,
-            "leader_sum": through_link("leader_sum", leader_sum),
-            "hierarchical": through_link("hierarchical", hierarchical_sum),
+            "leader_sum": through_link(world, topo, link, x, leader_sum, counted, "leader_sum"),
+            "hierarchical": through_link(world, topo, link, x, hierarchical_sum, counted, "hierarchical"),
         },
         reps,
     )
     for name in ("leader_sum", "hierarchical"):
         samples[name]["internode_bytes_per_rank"] = [world.allreduce(counted[name], op=MPI.MAX)]
     if world.Get_rank() == 0:
-        link_text = (
-            f"emulated link {bandwidth_gbps} Gbit/s + {latency_us} us"
-            if bandwidth_gbps
-            else "no emulated link"
-        )
-        meta = {
-            "what": f"sum of [{tokens}, {hidden}] float32 over {world.Get_size()} ranks on "
-            f"{topo.num_nodes} nodes, {link_text} (flat_allreduce: real MPI, no emulation)",
-            "ranks": world.Get_size(),
-            "reps": reps,
-            "oversubscribed": oversubscribed(world),
-            "flat_allreduce_bytes_per_rank_bandwidth_optimal": 2
-            * x.numel()
-            * 4
-            * (world.Get_size() - 1)
-            / world.Get_size(),
-        }
+        meta = reduce_meta(world, topo, x, reps, bandwidth_gbps, latency_us)
         return report(
             "reduce",
             samples,

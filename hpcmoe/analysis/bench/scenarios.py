@@ -120,16 +120,65 @@ def check_scenario(name: str, config_path: str, settings: list[str], world_size:
             ) from None
 
 
+class EngineRuns:
+    """Engine runs of one scenario's variants: the config and --set overrides they share, and the
+    topology, built at the first run and kept."""
+
+    def __init__(self, world, config_path: str, settings: list[str]):
+        self.world, self.config_path, self.settings, self.topo = world, config_path, settings, None
+
+    def run(self, extra: list[str], path: str):
+        """One engine run with a variant's overrides, its run file at path -> (config, metrics)."""
+        from hpcmoe.config import load_config
+        from hpcmoe.parallel.layout import ParallelLayout
+        from hpcmoe.runtime.device import choose_device, device_kind
+        from hpcmoe.runtime.engine import run
+        from hpcmoe.runtime.topology import build_topology
+
+        # static batching: every request in the first step, as the earlier numbers were taken (--set wins)
+        config = load_config(
+            self.config_path, ["run.batching=static"] + self.settings + extra + [f"output.path={path}"]
+        )
+        self.topo = self.topo or build_topology(self.world, config.parallel.ranks_per_node)
+        device = choose_device(device_kind(config.run.device), self.topo.host_rank)
+        layout = ParallelLayout.from_config(config, self.world.Get_size())
+        return config, run(config, self.topo, layout, device=device)
+
+
+def with_observed(runs: EngineRuns, variants: dict, directory: str) -> dict:
+    """The variants with OBSERVED in their settings replaced by the file of a first run of the baseline
+    (placed by what a baseline run observed); as they are when none names it."""
+    if not any(OBSERVED in s for extra in variants.values() for s in extra):
+        return variants
+    observed = os.path.join(directory, "observed.h5")
+    runs.run(next(iter(variants.values())), observed)
+    return {v: [s.replace(OBSERVED, observed) for s in extra] for v, extra in variants.items()}
+
+
+def variant_sample(
+    name: str, runs: EngineRuns, variant: str, extra: list[str], directory: str, keep: bool
+) -> dict:
+    """One variant's run (the overlap scenario's also without the link) -> its figures when kept (rank 0,
+    after the warm-up round), else {}."""
+    path = os.path.join(directory, f"{variant}.h5")
+    config, metrics = runs.run(extra, path)
+    if name == "overlap":
+        _, without_link = runs.run(
+            extra + ["parallel.link=null"], os.path.join(directory, f"{variant}_nolink.h5")
+        )
+    if not keep:
+        return {}
+    sample = run_sample(path, config, metrics, runs.topo)
+    if name == "overlap":
+        sample["ttft_nolink_ms"] = without_link["ttft_ms"]
+        sample["wire_ms"] = 1e3 * sample.pop("prefill_wire_s")
+    return sample
+
+
 def run_scenario(name: str, config_path: str, settings: list[str], reps: int, out: str | None):
     """Engine runs of each variant, interleaved; metrics read back from each run file. The overlap
     benchmark also runs each variant without the link and reports wire_hidden (overlap_figures)."""
     from mpi4py import MPI
-
-    from hpcmoe.config import load_config
-    from hpcmoe.parallel.layout import ParallelLayout
-    from hpcmoe.runtime.device import choose_device, device_kind
-    from hpcmoe.runtime.engine import run
-    from hpcmoe.runtime.topology import build_topology
 
     what, goal, variants = SCENARIOS[name]
     world = MPI.COMM_WORLD
@@ -137,39 +186,13 @@ def run_scenario(name: str, config_path: str, settings: list[str], reps: int, ou
         tempfile.mkdtemp(prefix=f"hpcmoe-bench-{name}-") if world.Get_rank() == 0 else None
     )
     rows = {v: {} for v in variants}
-    topo = None
-
-    def one_run(extra: list[str], path: str):
-        nonlocal topo
-        # static batching: every request in the first step, as the earlier numbers were taken (--set wins)
-        config = load_config(
-            config_path, ["run.batching=static"] + settings + extra + [f"output.path={path}"]
-        )
-        topo = topo or build_topology(world, config.parallel.ranks_per_node)
-        device = choose_device(device_kind(config.run.device), topo.host_rank)
-        return config, run(config, topo, ParallelLayout.from_config(config, world.Get_size()), device=device)
-
-    if any(
-        OBSERVED in s for extra in variants.values() for s in extra
-    ):  # placed by what a baseline run observed
-        observed = os.path.join(directory, "observed.h5")
-        one_run(next(iter(variants.values())), observed)
-        variants = {v: [s.replace(OBSERVED, observed) for s in extra] for v, extra in variants.items()}
+    runs = EngineRuns(world, config_path, settings)
+    variants = with_observed(runs, variants, directory)
     for rep in range(reps + 1):  # the first round warms up and is not recorded
         for variant, extra in variants.items():
-            path = os.path.join(directory, f"{variant}.h5")
-            config, metrics = one_run(extra, path)
-            if name == "overlap":
-                _, without_link = one_run(
-                    extra + ["parallel.link=null"], os.path.join(directory, f"{variant}_nolink.h5")
-                )
-            if world.Get_rank() == 0 and rep:
-                sample = run_sample(path, config, metrics, topo)
-                if name == "overlap":
-                    sample["ttft_nolink_ms"] = without_link["ttft_ms"]
-                    sample["wire_ms"] = 1e3 * sample.pop("prefill_wire_s")
-                for k, v in sample.items():
-                    rows[variant].setdefault(k, []).append(v)
+            keep = world.Get_rank() == 0 and rep > 0
+            for k, v in variant_sample(name, runs, variant, extra, directory, keep).items():
+                rows[variant].setdefault(k, []).append(v)
     if world.Get_rank() == 0:
         meta = {
             "what": what,

@@ -24,11 +24,16 @@ def time_interleaved(world, variants: dict, reps: int) -> dict:
     return samples
 
 
-def synchronized_seconds(fn, device, reps: int) -> list[float]:
-    """Wall seconds of fn() per call, the device drained before and after each (one warm-up call)."""
+def drainer(device):
+    """-> fn() that waits for the device's queued work (nothing to wait for on the CPU)."""
     import torch
 
-    sync = (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
+    return (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
+
+
+def synchronized_seconds(fn, device, reps: int) -> list[float]:
+    """Wall seconds of fn() per call, the device drained before and after each (one warm-up call)."""
+    sync = drainer(device)
     fn()
     seconds = []
     for _ in range(reps):
