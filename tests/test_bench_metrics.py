@@ -11,14 +11,14 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcmoe.analysis.bench import (
+from hpcmoe.analysis.bench.figures import (
     moving_cost,
     moving_tps_ratio,
     overlap_figures,
-    report,
     wire_hidden,
     wire_hidden_raw,
 )
+from hpcmoe.analysis.bench.results import report
 
 
 def test_a_schedule_slower_with_and_without_the_link_reads_badly():

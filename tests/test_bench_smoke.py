@@ -169,8 +169,8 @@ CASES = {
 }
 TRANSFORMERS_FAMILIES = ("mixtral", "deepseek_v3")  # tools/bench_all.sh runs both
 
-# What every engine scenario stores for each variant (hpcmoe.analysis.bench.run_sample), and the variants
-# whose names docs/PERFORMANCE.md's tables show: baseline first.
+# What every engine scenario stores for each variant (hpcmoe.analysis.bench.figures.run_sample), and the
+# variants whose names docs/PERFORMANCE.md's tables show: baseline first.
 SAMPLE_KEYS = {
     "ttft_ms",
     "tpot_ms",

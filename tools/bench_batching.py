@@ -190,21 +190,59 @@ def kill_case(args, common: list[str]) -> dict:
     }
 
 
-def resume_case(args, checkpoint: str) -> dict:
-    """A checkpoint run with text prompts, stopped by SIGTERM to mpiexec a second after its file
-    appears, then resumed (greedy, sampled): equal to the uninterrupted run?"""
+def text_prompts(directory: str, count: int) -> str:
+    """count requests of the tiny corpus's lines, of 4 to 43 new tokens each, as a JSONL file in
+    directory -> its path."""
     texts = [
         line.strip() for line in open(os.path.join(ROOT, "tests", "data", "tiny_corpus.txt")) if line.strip()
     ]
-    jsonl = os.path.join(args.dir, "texts.jsonl")
+    jsonl = os.path.join(directory, "texts.jsonl")
     with open(jsonl, "w") as f:
-        for i in range(args.resume_prompts):
+        for i in range(count):
             f.write(
                 json.dumps(
                     {"id": f"t{i}", "prompt": texts[i % len(texts)], "max_new_tokens": 4 + (i * 7) % 40}
                 )
                 + "\n"
             )
+    return jsonl
+
+
+def stopped_run(ranks: int, settings: list[str], stopped: str, directory: str, timeout: int) -> int:
+    """`mpiexec -n RANKS hpcmoe run` stopped by SIGTERM to mpiexec a second after its file appears ->
+    mpiexec's exit code."""
+    command = [
+        os.path.join(BIN, "mpiexec"),
+        "-n",
+        str(ranks),
+        os.path.join(BIN, "hpcmoe"),
+        "run",
+        os.path.join(directory, "empty.yaml"),
+        "--output",
+        stopped,
+        "--overwrite",
+    ]
+    for item in settings:
+        command += ["--set", item]
+    job = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    while not os.path.exists(stopped + ".tmp") and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    job.send_signal(15)  # SIGTERM, as scancel or a time limit sends it
+    job.communicate(timeout=timeout)
+    return job.returncode
+
+
+def resume_case(args, checkpoint: str) -> dict:
+    """A checkpoint run with text prompts, stopped by SIGTERM to mpiexec a second after its file
+    appears, then resumed (greedy, sampled): equal to the uninterrupted run?"""
+    jsonl = text_prompts(args.dir, args.resume_prompts)
     out = {}
     for name, extra in (("greedy", []), ("sampled", ["run.sampling={temperature: 0.8, top_k: 50, seed: 3}"])):
         settings = [
@@ -220,31 +258,7 @@ def resume_case(args, checkpoint: str) -> dict:
             if os.path.exists(stale):
                 os.remove(stale)
         run(args.ranks, settings, whole, args.timeout)
-        command = [
-            os.path.join(BIN, "mpiexec"),
-            "-n",
-            str(args.ranks),
-            os.path.join(BIN, "hpcmoe"),
-            "run",
-            os.path.join(args.dir, "empty.yaml"),
-            "--output",
-            stopped,
-            "--overwrite",
-        ]
-        for item in settings:
-            command += ["--set", item]
-        job = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        while not os.path.exists(stopped + ".tmp") and job.poll() is None:
-            time.sleep(0.05)
-        time.sleep(1.0)
-        job.send_signal(15)  # SIGTERM, as scancel or a time limit sends it
-        job.communicate(timeout=args.timeout)
+        stopped_rc = stopped_run(args.ranks, settings, stopped, args.dir, args.timeout)
         second = (
             run(args.ranks, settings, stopped, args.timeout, resume=partial)
             if os.path.exists(partial)
@@ -253,7 +267,7 @@ def resume_case(args, checkpoint: str) -> dict:
         with h5py.File(whole, "r") as a, h5py.File(stopped, "r") as b:
             same = bool(np.array_equal(a["generated"][:], b["generated"][:]))
             out[name] = {
-                "stopped_rc": job.returncode,
+                "stopped_rc": stopped_rc,
                 "resumed_rc": second and second["rc"],
                 "equal_to_uninterrupted": same,
                 "requests": int(len(a["generated"])),

@@ -1,10 +1,11 @@
 """FP8 routed experts (DeepSeek-V3 block scales) against float32 and bfloat16 on the same shapes, one process.
 
     python tools/bench_fp8.py [--threads 1] [--reps 5] [--bf16] [--model] [--out docs/bench/fp8_decode.json]
-    python tools/bench_fp8.py --shapes h1024_i4096 --rows 1 32 --chunks 65536 524288 2097152   # tune the chunk
+    python tools/bench_fp8.py --shapes h1024_i4096 --rows 1 32 --chunks 65536 524288 2097152  # the chunk
 
-One expert (hpcmoe.model.mlp.MLP) per shape, its weights block-quantized once ([128, 128] as DeepSeek-V3
-ships; [16, 16] as tests/test_fp8.py for the debug shape), the float32 twin holds exactly those weights dequantized (bfloat16: the twin rounded). Calls
+One expert (hpcmoe.model.mlp.MLP) per shape, its weights block-quantized once ([128, 128] as
+DeepSeek-V3 ships; [16, 16] as tests/test_fp8.py for the debug shape), the float32 twin holds exactly
+those weights dequantized (bfloat16: the twin rounded). Calls
 of 1..32 rows (decode) and 512 rows (prefill) of each variant run interleaved, the order rotating
 each repetition; a repetition runs every expert of a pool whose weights exceed the caches several
 times over (--cold-mib per variant), so weights come from memory as in a whole model; medians.
@@ -92,6 +93,72 @@ def expert_bytes(hidden: int, inner: int, itemsize: float) -> float:
     return 3 * hidden * inner * itemsize
 
 
+def variant_calls(x32, x16, out32, out16, args) -> dict:
+    """variant -> fn(expert) on these rows [rows, hidden] (float32, bfloat16) into out32 or out16:
+    float32, bfloat16, fp8_before, fp8 (fp8_c<chunk> for each --chunks value when several) and with
+    --bf16 fp8_bf16. An expert is make_expert's (FP8, float32 twin, bfloat16 twin)."""
+    variants = {
+        "float32": lambda e: e[1](x32, out=out32),
+        "bfloat16": lambda e: e[2](x16, out=out16),
+        "fp8_before": lambda e: fp8_before(e[0], x32, out32),
+    }
+    for chunk in args.chunks:
+        variants["fp8" if len(args.chunks) == 1 else f"fp8_c{chunk}"] = (
+            lambda c: lambda e: (setattr(fp8, "CHUNK_ELEMENTS", c), e[0](x32, out=out32))
+        )(chunk)
+    fp8.CHUNK_ELEMENTS = args.chunks[0]
+    if args.bf16:
+        variants["fp8_bf16"] = lambda e: e[0](x16, out=out16)  # bfloat16 compute: against bfloat16
+    return variants
+
+
+def output_checks(variants: dict, expert, x32, x16, out32, out16) -> dict:
+    """Each fp8 variant's output on one expert against its twin's: bitwise equal, largest difference."""
+    references = {torch.float32: expert[1](x32), torch.bfloat16: expert[2](x16)}
+    checks = {}
+    for variant in [v for v in variants if v.startswith("fp8")]:
+        out = out16 if variant == "fp8_bf16" else out32
+        variants[variant](expert)
+        reference = references[out.dtype]
+        checks[variant] = dict(
+            bitwise_equal=bool(torch.equal(out, reference)),
+            max_abs_diff=float((out.float() - reference.float()).abs().max()),
+        )
+    return checks
+
+
+def interleaved_ms(variants: dict, pool: list, reps: int) -> dict[str, float]:
+    """Median milliseconds per expert call of each variant over the pool, the variants' order rotating
+    each repetition (the first warms up)."""
+    times = {v: [] for v in variants}
+    order = list(variants)
+    for rep in range(reps + 1):  # the first round warms up
+        for variant in order[rep % len(order) :] + order[: rep % len(order)]:
+            start = time.perf_counter()
+            for expert in pool:
+                variants[variant](expert)
+            if rep:
+                times[variant].append((time.perf_counter() - start) / len(pool) * 1e3)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def print_row(name: str, rows: int, result: dict) -> None:
+    ms, checks = result["ms"], result["checks"]
+    ratios = " ".join(f"{v}/fp32={r:.2f}" for v, r in result["ratio_to_float32"].items())
+    if "fp8_bf16" in ms:
+        ratios += f" fp8_bf16/bf16={result['ratio_fp8_bf16_to_bfloat16']:.2f}"
+    print(
+        f"{name:18s} rows {rows:4d} | "
+        + " ".join(f"{v} {t:8.3f}" for v, t in ms.items())
+        + f" ms | {ratios}"
+        + " | "
+        + " ".join(
+            f"{v}: {'bitwise' if c['bitwise_equal'] else c['max_abs_diff']}" for v, c in checks.items()
+        ),
+        flush=True,
+    )
+
+
 def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
     hidden, inner, block = SHAPES[name]
     count = min(MAX_EXPERTS, max(1, -(-args.cold_mib * 2**20 // int(expert_bytes(hidden, inner, 1)))))
@@ -103,39 +170,10 @@ def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
         x32 = torch.randn(rows, hidden, generator=generator)
         x16 = x32.bfloat16()
         out32, out16 = torch.empty(rows, hidden), torch.empty(rows, hidden, dtype=torch.bfloat16)
-        variants = {
-            "float32": lambda e: e[1](x32, out=out32),
-            "bfloat16": lambda e: e[2](x16, out=out16),
-            "fp8_before": lambda e: fp8_before(e[0], x32, out32),
-        }
-        for chunk in args.chunks:
-            variants["fp8" if len(args.chunks) == 1 else f"fp8_c{chunk}"] = (
-                lambda c: lambda e: (setattr(fp8, "CHUNK_ELEMENTS", c), e[0](x32, out=out32))
-            )(chunk)
-        fp8.CHUNK_ELEMENTS = args.chunks[0]
-        if args.bf16:
-            variants["fp8_bf16"] = lambda e: e[0](x16, out=out16)  # bfloat16 compute: against bfloat16
-        references = {torch.float32: pool[0][1](x32), torch.bfloat16: pool[0][2](x16)}
-        checks = {}
-        for variant in [v for v in variants if v.startswith("fp8")]:
-            out = out16 if variant == "fp8_bf16" else out32
-            variants[variant](pool[0])
-            reference = references[out.dtype]
-            checks[variant] = dict(
-                bitwise_equal=bool(torch.equal(out, reference)),
-                max_abs_diff=float((out.float() - reference.float()).abs().max()),
-            )
+        variants = variant_calls(x32, x16, out32, out16, args)
+        checks = output_checks(variants, pool[0], x32, x16, out32, out16)
         reps = args.reps if rows <= 32 else max(3, args.reps // 2)
-        times = {v: [] for v in variants}
-        order = list(variants)
-        for rep in range(reps + 1):  # the first round warms up
-            for variant in order[rep % len(order) :] + order[: rep % len(order)]:
-                start = time.perf_counter()
-                for expert in pool:
-                    variants[variant](expert)
-                if rep:
-                    times[variant].append((time.perf_counter() - start) / len(pool) * 1e3)
-        ms = {v: statistics.median(t) for v, t in times.items()}
+        ms = interleaved_ms(variants, pool, reps)
         result = dict(
             shape=name,
             hidden=hidden,
@@ -151,19 +189,7 @@ def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
         if "fp8_bf16" in ms:
             result["ratio_fp8_bf16_to_bfloat16"] = ms["fp8_bf16"] / ms["bfloat16"]
         results.append(result)
-        ratios = " ".join(f"{v}/fp32={r:.2f}" for v, r in result["ratio_to_float32"].items())
-        if "fp8_bf16" in ms:
-            ratios += f" fp8_bf16/bf16={result['ratio_fp8_bf16_to_bfloat16']:.2f}"
-        print(
-            f"{name:18s} rows {rows:4d} | "
-            + " ".join(f"{v} {t:8.3f}" for v, t in ms.items())
-            + f" ms | {ratios}"
-            + " | "
-            + " ".join(
-                f"{v}: {'bitwise' if c['bitwise_equal'] else c['max_abs_diff']}" for v, c in checks.items()
-            ),
-            flush=True,
-        )
+        print_row(name, rows, result)
     return results
 
 
@@ -171,7 +197,8 @@ def bench_shape(name: str, rows_list: list[int], args) -> list[dict]:
 
 
 def write_dequantized(directory: str, twin: str) -> None:
-    """The checkpoint with every FP8 weight times its block scales, in float32, without quantization_config."""
+    """The checkpoint with every FP8 weight times its block scales, in float32, without
+    quantization_config."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(os.path.join(directory, "model.safetensors"))
@@ -210,6 +237,55 @@ MODEL = dict(
 )
 
 
+def write_job_config(path: str, checkpoint: str, prompts: list[list[int]], args) -> None:
+    """A 1-rank job's config on the checkpoint: the prompts, --model-steps new tokens each (all of
+    them) and --threads threads."""
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "model": {"checkpoint": checkpoint},
+                "parallel": {"threads": args.threads},  # else the rank takes every core
+                "run": {
+                    "prompt_ids": prompts,
+                    "max_new_tokens": args.model_steps,
+                    "stop_at_eos": False,
+                },
+            },
+            f,
+        )
+
+
+def job_command(mpiexec: str, config: str, output: str) -> list[str]:
+    """`mpiexec -n 1 python -m hpcmoe run CONFIG --output OUTPUT --overwrite`, under a 600 s timeout."""
+    run = [sys.executable, "-m", "hpcmoe", "run", config, "--output", output, "--overwrite"]
+    return ["timeout", "600", mpiexec, "-n", "1"] + run
+
+
+def model_summary(args, shape: dict, runs: dict, generated: dict) -> dict:
+    """The whole-model comparison from each kind's TPOT samples and last generated tokens; printed."""
+    tpot = {k: statistics.median(v) for k, v in runs.items()}
+    summary = dict(
+        checkpoint=dict(family="deepseek_v3", fp8_block=BLOCK, **shape),
+        threads=args.threads,
+        batch=args.model_batch,
+        prompt_len=32,
+        new_tokens=args.model_steps,
+        reps=args.model_reps,
+        tpot_ms=tpot,
+        tpot_samples_ms=runs,
+        ratio_fp8_to_float32=tpot["fp8"] / tpot["float32"],
+        tokens_equal=bool((generated["fp8"] == generated["float32"]).all()),
+    )
+    print(
+        f"whole model, 1 rank, {args.threads} thread(s) (batch {args.model_batch}, prompt 32, "
+        f"{args.model_steps} new tokens): "
+        f"TPOT fp8 {tpot['fp8']:.2f} ms, float32 {tpot['float32']:.2f} ms, "
+        f"ratio {summary['ratio_fp8_to_float32']:.2f}, tokens equal: {summary['tokens_equal']}",
+        flush=True,
+    )
+    return summary
+
+
 def whole_model(args) -> dict:
     import h5py
     import yaml
@@ -235,66 +311,20 @@ def whole_model(args) -> dict:
         for rep in range(args.model_reps):
             for kind in ("fp8", "float32") if rep % 2 == 0 else ("float32", "fp8"):
                 config, output = os.path.join(work, f"{kind}.yaml"), os.path.join(work, f"{kind}.h5")
-                with open(config, "w") as f:
-                    json.dump(
-                        {
-                            "model": {"checkpoint": quantized if kind == "fp8" else twin},
-                            "parallel": {"threads": args.threads},  # else the rank takes every core
-                            "run": {
-                                "prompt_ids": prompts,
-                                "max_new_tokens": args.model_steps,
-                                "stop_at_eos": False,
-                            },
-                        },
-                        f,
-                    )
-                command = [
-                    "timeout",
-                    "600",
-                    mpiexec,
-                    "-n",
-                    "1",
-                    sys.executable,
-                    "-m",
-                    "hpcmoe",
-                    "run",
-                    config,
-                    "--output",
-                    output,
-                    "--overwrite",
-                ]
+                write_job_config(config, quantized if kind == "fp8" else twin, prompts, args)
+                command = job_command(mpiexec, config, output)
                 result = subprocess.run(command, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
                     return {"failed": " ".join(command), "stderr": result.stderr[-2000:]}
                 with h5py.File(output, "r") as f:
                     runs[kind].append(float(f["metrics"].attrs["tpot_ms"]))
                     generated[kind] = f["generated"][:]
-        tpot = {k: statistics.median(v) for k, v in runs.items()}
-        summary = dict(
-            checkpoint=dict(family="deepseek_v3", fp8_block=BLOCK, **shape),
-            threads=args.threads,
-            batch=args.model_batch,
-            prompt_len=32,
-            new_tokens=args.model_steps,
-            reps=args.model_reps,
-            tpot_ms=tpot,
-            tpot_samples_ms=runs,
-            ratio_fp8_to_float32=tpot["fp8"] / tpot["float32"],
-            tokens_equal=bool((generated["fp8"] == generated["float32"]).all()),
-        )
-        print(
-            f"whole model, 1 rank, {args.threads} thread(s) (batch {args.model_batch}, prompt 32, "
-            f"{args.model_steps} new tokens): "
-            f"TPOT fp8 {tpot['fp8']:.2f} ms, float32 {tpot['float32']:.2f} ms, "
-            f"ratio {summary['ratio_fp8_to_float32']:.2f}, tokens equal: {summary['tokens_equal']}",
-            flush=True,
-        )
-        return summary
+        return model_summary(args, shape, runs, generated)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--shapes",
@@ -331,7 +361,11 @@ def main() -> None:
     parser.add_argument("--model-steps", type=int, default=16)
     parser.add_argument("--model-reps", type=int, default=6)
     parser.add_argument("--out", help="JSON file for the results (e.g. docs/bench/fp8_decode.json)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     default_chunk = fp8.CHUNK_ELEMENTS

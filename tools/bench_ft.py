@@ -78,7 +78,7 @@ def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedPro
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=6)
     parser.add_argument("--reps", type=int, default=5)
@@ -91,7 +91,12 @@ def main() -> None:
         sys.exit("--layout ma runs 2+2+1: --ranks 5")
     if not os.path.exists(f"{FT}/mpirun"):
         sys.exit("no .venv-ft: run `make ft` first")
-    work = tempfile.mkdtemp(prefix="hpcmoe-bench-ft-")
+    return args
+
+
+def failure_free(args, work: str):
+    """Runs with fault tolerance off and on, interleaved -> (medians of tps, tpot_ms and ttft_ms by
+    variant, the tokens the run without it generated)."""
     samples = {"off": [], "on": []}
     for rep in range(args.reps + 1):  # the first round warms up
         for variant in samples:
@@ -105,15 +110,25 @@ def main() -> None:
                 if variant == "off":
                     reference = f["generated"][:]
     median = {v: {k: float(np.median([s[k] for s in rows])) for k in rows[0]} for v, rows in samples.items()}
+    return median, reference
+
+
+def kill_point(i: int, layout: str, ranks: int, rng: random.Random) -> tuple[int, int, str]:
+    """The i-th kill's (rank, step, phase): phases in turn, the victim and step seeded."""
+    phase = ["dispatch", "combine", "record", "between_steps", "route", "experts", "stop_vote"][i % 7]
+    layered = phase in ("route", "dispatch", "experts", "combine")
+    victims = range(ranks) if layout == "ep" else [0, 2] if layered else range(4)
+    phase = "dispatch" if layout == "ma" and phase == "experts" else phase  # ma's experts: its one MoE rank
+    rank, step = rng.choice(list(victims)), rng.randint(2, 20)
+    return rank, step, phase
+
+
+def recoveries_after_kills(args, work: str, reference: np.ndarray) -> list[dict]:
+    """Runs where one rank kills itself at a seeded point: each recovery's times and whether the run
+    generated the failure-free tokens."""
     rng, recoveries = random.Random(3), []
     for i in range(args.kills):
-        phase = ["dispatch", "combine", "record", "between_steps", "route", "experts", "stop_vote"][i % 7]
-        layered = phase in ("route", "dispatch", "experts", "combine")
-        victims = range(args.ranks) if args.layout == "ep" else [0, 2] if layered else range(4)
-        phase = (
-            "dispatch" if args.layout == "ma" and phase == "experts" else phase
-        )  # ma's experts: its one MoE rank
-        rank, step = rng.choice(list(victims)), rng.randint(2, 20)
+        rank, step, phase = kill_point(i, args.layout, args.ranks, rng)
         path = os.path.join(work, f"kill{i}.h5")
         result = job(
             args.ranks,
@@ -134,6 +149,14 @@ def main() -> None:
                     "same_tokens": bool(np.array_equal(f["generated"][:], reference)),
                 }
             )
+    return recoveries
+
+
+def main() -> None:
+    args = parse_args()
+    work = tempfile.mkdtemp(prefix="hpcmoe-bench-ft-")
+    median, reference = failure_free(args, work)
+    recoveries = recoveries_after_kills(args, work, reference)
     result = {
         "benchmark": "fault_tolerance",
         "layout": args.layout,

@@ -148,8 +148,9 @@ def main() -> int:
             results[name] = measure(name, ranks, sets, workdir)
             r = results[name]
             print(
-                f"{name:18s} -n {ranks}: peak {max(r['peak_mib']):8.1f} MiB, estimate {max(r['estimate_mib']):8.1f} "
-                f"MiB, peak/estimate {r['peak_over_estimate_min']:.2f}..{r['peak_over_estimate_max']:.2f} "
+                f"{name:18s} -n {ranks}: peak {max(r['peak_mib']):8.1f} MiB, "
+                f"estimate {max(r['estimate_mib']):8.1f} MiB, "
+                f"peak/estimate {r['peak_over_estimate_min']:.2f}..{r['peak_over_estimate_max']:.2f} "
                 f"({'within' if r['within_goal'] else 'OVER'} {GOAL})",
                 flush=True,
             )

@@ -29,13 +29,53 @@ CONFIG = os.path.join(
 )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/bench/predict.json")
     parser.add_argument("--work", default="runs/predict")
     parser.add_argument("--epochs", type=int, default=3000)
     parser.add_argument("--reuse", action="store_true", help="keep run files already in --work")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measured_splits(runs: list[str], ranks: int) -> dict[str, float]:
+    """'attention:moe' -> the measured TPOT (ms) of each run file on that many ranks."""
+    measured = {}
+    for path in runs:
+        with h5py.File(path, "r") as f:
+            if f.attrs["world_size"] == ranks:
+                name = os.path.basename(path).split("_")
+                measured[f"{name[2][1:]}:{name[3][1:]}"] = float(f["metrics"].attrs["tpot_ms"])
+    return measured
+
+
+def proposals_against_measured(model, config, unseen: list[str], machine) -> dict:
+    """At 4, 6 and 8 ranks: the split the predictor proposes against the best measured one; printed."""
+    proposals = {}
+    for ranks in (4, 6, 8):
+        measured = measured_splits(unseen, ranks)
+        proposal = predict.propose(model, config, ranks, machine)
+        chosen = f"{proposal['attention_ranks']}:{proposal['moe_ranks']}"
+        best = min(measured, key=measured.get)
+        proposals[ranks] = {
+            "measured_tpot_ms": measured,
+            "proposed": chosen,
+            "best": best,
+            "proposed_over_best": measured[chosen] / measured[best],
+            "predicted_total_ms": proposal["options"],
+        }
+        print(
+            f"  {ranks} ranks: proposed {chosen} TPOT {measured[chosen]:.1f} ms, "
+            f"best {best} {measured[best]:.1f} ms "
+            f"-> {measured[chosen] / measured[best]:.2f}x  (all: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items()))
+            + ")"
+        )
+    return proposals
+
+
+def main() -> None:
+    args = parse_args()
     train_runs = predict.collect(
         CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8, reuse=args.reuse
     )
@@ -59,11 +99,11 @@ def main() -> None:
         "roofline": predict.relative_error(roofline, ty),
     }
     print(
-        f"error on {len(unseen)} unseen runs ({len(tx)} samples; trained on {len(train_runs)} runs, {len(x)} samples):"
+        f"error on {len(unseen)} unseen runs ({len(tx)} samples; "
+        f"trained on {len(train_runs)} runs, {len(x)} samples):"
     )
     for i, name in enumerate(predict.TARGETS):
         print(f"  {name:<13} predictor {errors['predictor'][i]:.3f}   roofline {errors['roofline'][i]:.3f}")
-    proposals = {}
     config = load_config(
         CONFIG,
         [
@@ -73,29 +113,7 @@ def main() -> None:
             "run.max_new_tokens=8",
         ],
     )
-    for ranks in (4, 6, 8):
-        measured = {}
-        for path in unseen:
-            with h5py.File(path, "r") as f:
-                if f.attrs["world_size"] == ranks:
-                    name = os.path.basename(path).split("_")
-                    measured[f"{name[2][1:]}:{name[3][1:]}"] = float(f["metrics"].attrs["tpot_ms"])
-        proposal = predict.propose(model, config, ranks, machine)
-        chosen = f"{proposal['attention_ranks']}:{proposal['moe_ranks']}"
-        best = min(measured, key=measured.get)
-        proposals[ranks] = {
-            "measured_tpot_ms": measured,
-            "proposed": chosen,
-            "best": best,
-            "proposed_over_best": measured[chosen] / measured[best],
-            "predicted_total_ms": proposal["options"],
-        }
-        print(
-            f"  {ranks} ranks: proposed {chosen} TPOT {measured[chosen]:.1f} ms, best {best} {measured[best]:.1f} ms "
-            f"-> {measured[chosen] / measured[best]:.2f}x  (all: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items()))
-            + ")"
-        )
+    proposals = proposals_against_measured(model, config, unseen, machine)
     result = {
         "benchmark": "predict",
         "goal": "proposed split's TPOT within 10% of the best measured split",

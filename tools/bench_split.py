@@ -73,6 +73,31 @@ def chosen(ranks: int, predictor: str) -> str:
     return f"{config.parallel.attention_ranks}:{config.parallel.moe_ranks}"
 
 
+def split_row(ranks: int, reps: int, choosers: dict, work: str) -> dict:
+    """Every split of ranks measured (best TPOT of reps runs each), and the split each chooser (the
+    simulator on a machine file, or a trained predictor) takes against the best."""
+    config = load_config(CONFIG, SETTINGS + ["parallel.attention_ranks=1", "parallel.moe_ranks=1"])
+    options = [f"{a}:{e}" for a, e in splits(config, ranks)]
+    runs = {split: [] for split in options}
+    for rep in range(reps):
+        for split in options:
+            attention, moe = map(int, split.split(":"))
+            runs[split].append(measure(ranks, attention, moe, os.path.join(work, f"{ranks}_{split}.h5")))
+            print(f"-n {ranks} {split} rep {rep}: TPOT {runs[split][-1]:.2f} ms", flush=True)
+    tpot = {split: min(times) for split, times in runs.items()}
+    best = min(tpot, key=tpot.get)
+    row = {"measured_tpot_ms": tpot, "runs_tpot_ms": runs, "best": best}
+    for name, predictor in choosers.items():
+        split = chosen(ranks, predictor)
+        row[name] = {"chosen": split, "chosen_over_best": tpot[split] / tpot[best]}
+        print(
+            f"-n {ranks}: best {best} ({tpot[best]:.2f} ms); {name} chose {split} "
+            f"({tpot[split]:.2f} ms, {tpot[split] / tpot[best]:.3f}x)",
+            flush=True,
+        )
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="4,6,8")
@@ -90,28 +115,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for ranks in map(int, args.ranks.split(",")):
-            config = load_config(CONFIG, SETTINGS + ["parallel.attention_ranks=1", "parallel.moe_ranks=1"])
-            options = [f"{a}:{e}" for a, e in splits(config, ranks)]
-            runs = {split: [] for split in options}
-            for rep in range(args.reps):
-                for split in options:
-                    attention, moe = map(int, split.split(":"))
-                    runs[split].append(
-                        measure(ranks, attention, moe, os.path.join(work, f"{ranks}_{split}.h5"))
-                    )
-                    print(f"-n {ranks} {split} rep {rep}: TPOT {runs[split][-1]:.2f} ms", flush=True)
-            tpot = {split: min(times) for split, times in runs.items()}
-            best = min(tpot, key=tpot.get)
-            row = {"measured_tpot_ms": tpot, "runs_tpot_ms": runs, "best": best}
-            for name, predictor in choosers.items():
-                split = chosen(ranks, predictor)
-                row[name] = {"chosen": split, "chosen_over_best": tpot[split] / tpot[best]}
-                print(
-                    f"-n {ranks}: best {best} ({tpot[best]:.2f} ms); {name} chose {split} "
-                    f"({tpot[split]:.2f} ms, {tpot[split] / tpot[best]:.3f}x)",
-                    flush=True,
-                )
-            results[str(ranks)] = row
+            results[str(ranks)] = split_row(ranks, args.reps, choosers, work)
     worst = {name: max(r[name]["chosen_over_best"] for r in results.values()) for name in choosers}
     print(
         "worst chosen / best: "

@@ -23,7 +23,8 @@ def header(*columns: str) -> None:
 for r in by_kind("control"):
     print(f"### control path ({r['file']}): {r['what']}\n")
     print(
-        "| ranks | flat ms | two-stage stage 1 ms | per_layer exchange ms | per_source exchange ms |\n|---|---|---|---|---|"
+        "| ranks | flat ms | two-stage stage 1 ms | per_layer exchange ms | per_source exchange ms |"
+        "\n|---|---|---|---|---|"
     )
     for variant, m in r["median"].items():
         exchanges = " | ".join(
@@ -36,7 +37,8 @@ for r in by_kind("control"):
 
 print("### dispatch + combine against raw Alltoallv (top-2; ours: per_layer, one collective each way)\n")
 print(
-    "| tokens per rank | ranks | hidden | dtype | ours ms | per_source ms | raw Alltoallv ms | ratio | per_source ratio | note |"
+    "| tokens per rank | ranks | hidden | dtype | ours ms | per_source ms | raw Alltoallv ms | ratio | "
+    "per_source ratio | note |"
 )
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in by_kind("dispatch"):
@@ -47,7 +49,8 @@ for r in by_kind("dispatch"):
     print(
         f"| {tokens} | {ranks[1:]} | {hidden[1:]} | {dtype} | {1e3 * ours:.2f} | "
         f"{'-' if per_source is None else f'{1e3 * per_source:.2f}'} | {1e3 * raw:.2f} | {ours / raw:.2f} | "
-        f"{'-' if per_source is None else f'{per_source / raw:.2f}'} | {'oversubscribed' if r['oversubscribed'] else ''} |"
+        f"{'-' if per_source is None else f'{per_source / raw:.2f}'} | "
+        f"{'oversubscribed' if r['oversubscribed'] else ''} |"
     )
 
 for r in by_kind("scale"):
@@ -56,22 +59,24 @@ for r in by_kind("scale"):
     print("|---|---|---|---|---|---|")
     for variant, m in r["median"].items():
         print(
-            f"| {variant.split('_')[1]} | {m['ttft_ms']:.1f} | {m['tpot_ms']:.1f} | {m['idle_fraction']:.3f} | "
-            f"{m['peak_rss_gib_max']:.3f} / {m['peak_rss_gib_mean']:.3f} | {r['equal_to_one_rank'][variant]} |"
+            f"| {variant.split('_')[1]} | {m['ttft_ms']:.1f} | {m['tpot_ms']:.1f} | {m['idle_fraction']:.3f} "
+            f"| {m['peak_rss_gib_max']:.3f} / {m['peak_rss_gib_mean']:.3f} "
+            f"| {r['equal_to_one_rank'][variant]} |"
         )
     print("\nTPOT ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["tpot_ratio"].items()))
 
 for r in by_kind("batching"):
     print(f"\n### batching ({r['file']}): `{r['command']}`\n")
     print(
-        "| batching | generated tok/s | run s | steps | TTFT ms | peak RSS MiB | estimate MiB | peak / estimate |"
+        "| batching | generated tok/s | run s | steps | TTFT ms | peak RSS MiB | estimate MiB "
+        "| peak / estimate |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for kind, m in r["runs"].items():
         print(
-            f"| {kind} | {m['generated_tokens_per_s']:.0f} | {m['total_s']:.1f} | {m['steps']} | {m['ttft_ms']:.0f} | "
-            f"{m['peak_rss_bytes_max'] / 2**20:.0f} | {m['estimate_bytes'] / 2**20:.0f} | "
-            f"{m['peak_over_estimate']:.2f} |"
+            f"| {kind} | {m['generated_tokens_per_s']:.0f} | {m['total_s']:.1f} | {m['steps']} | "
+            f"{m['ttft_ms']:.0f} | {m['peak_rss_bytes_max'] / 2**20:.0f} | "
+            f"{m['estimate_bytes'] / 2**20:.0f} | {m['peak_over_estimate']:.2f} |"
         )
     if "continuous_over_static_tokens_per_s" in r:
         print(f"\ncontinuous / static generated tokens/s: {r['continuous_over_static_tokens_per_s']:.2f}")
@@ -83,8 +88,8 @@ for r in by_kind("batching"):
         )
     for name, v in r.get("resume", {}).items():
         print(
-            f"resume after SIGTERM, {name}: resumed at step {v['resumed_at_step']} of {v['steps']}, equal to the "
-            f"uninterrupted run: {v['equal_to_uninterrupted']}"
+            f"resume after SIGTERM, {name}: resumed at step {v['resumed_at_step']} of {v['steps']}, "
+            f"equal to the uninterrupted run: {v['equal_to_uninterrupted']}"
         )
 
 for r in by_kind("reduce"):
@@ -93,7 +98,8 @@ for r in by_kind("reduce"):
     for variant, m in r["median"].items():
         nbytes = m.get("internode_bytes_per_rank")
         print(
-            f"| {variant} | {1e3 * m['seconds']:.2f} | {'n/a (real MPI)' if nbytes is None else f'{nbytes:.3g}'} | "
+            f"| {variant} | {1e3 * m['seconds']:.2f} | "
+            f"{'n/a (real MPI)' if nbytes is None else f'{nbytes:.3g}'} | "
             f"{r['ratio_to_leader_sum'][variant]['seconds']:.2f} |"
         )
 
@@ -107,7 +113,8 @@ for r in by_kind("predict"):
         e = r["error_on_unseen_runs"]
         print(f"| {target} | {e['predictor'][i]:.3f} | {e['roofline'][i]:.3f} |")
     print(
-        "\n| ranks | proposed | its TPOT ms | best measured | its TPOT ms | proposed / best | every split's TPOT ms |"
+        "\n| ranks | proposed | its TPOT ms | best measured | its TPOT ms | proposed / best "
+        "| every split's TPOT ms |"
     )
     print("|---|---|---|---|---|---|---|")
     for ranks, p in r["proposals"].items():
@@ -122,23 +129,23 @@ for r in by_kind("predict"):
 for r in by_kind("fault_tolerance"):
     layout = r.get("layout", "ep")
     print(
-        f"\n### fault tolerance ({r['file']}): `python tools/bench_ft.py --layout {layout} --ranks {r['ranks']}`, "
-        f"median of {r['reps']}\n"
+        f"\n### fault tolerance ({r['file']}): "
+        f"`python tools/bench_ft.py --layout {layout} --ranks {r['ranks']}`, median of {r['reps']}\n"
     )
     print("| run.fault_tolerance | tokens/s | TPOT ms | TTFT ms |\n|---|---|---|---|")
     for variant, m in r["median"].items():
         print(f"| {variant} | {m['tps']:.0f} | {m['tpot_ms']:.1f} | {m['ttft_ms']:.1f} |")
     print(
-        f"\ntokens/s on / off: {r['tps_on_over_off']:.3f}; recovery (detection to its step done again) after a "
-        f"SIGKILL at {len(r['recoveries'])} seeded points: median {r['recovery_ms_median']:.0f} ms, max "
-        f"{r['recovery_ms_max']:.0f} ms; same tokens in {sum(x['same_tokens'] for x in r['recoveries'])} of "
-        f"{len(r['recoveries'])}"
+        f"\ntokens/s on / off: {r['tps_on_over_off']:.3f}; recovery (detection to its step done again) "
+        f"after a SIGKILL at {len(r['recoveries'])} seeded points: "
+        f"median {r['recovery_ms_median']:.0f} ms, max {r['recovery_ms_max']:.0f} ms; "
+        f"same tokens in {sum(x['same_tokens'] for x in r['recoveries'])} of {len(r['recoveries'])}"
     )
     if "recovery_from_kill_ms_median" in r:  # measured from the kill since [4/7]
         print(
             f"recovery from the kill (the victim's last line) to its step done again: median "
-            f"{r['recovery_from_kill_ms_median']:.0f} ms, max {r['recovery_from_kill_ms_max']:.0f} ms; of it, "
-            f"detection: median {r['detection_ms_median']:.0f} ms, max {r['detection_ms_max']:.0f} ms "
+            f"{r['recovery_from_kill_ms_median']:.0f} ms, max {r['recovery_from_kill_ms_max']:.0f} ms; "
+            f"of it, detection: median {r['detection_ms_median']:.0f} ms, max {r['detection_ms_max']:.0f} ms "
             f"(phases {', '.join(sorted({x['phase'] for x in r['recoveries']}))})"
         )
 

@@ -124,8 +124,8 @@ def point(
     row["simulation_s"] = time.perf_counter() - started
     e = row[ways[0]]
     print(
-        f"  {ranks:4d} ranks {' '.join(s for s in settings if s not in V3)[:70]:<70} TPOT {e['tpot_ms']:9.2f} ms, "
-        f"{e['tokens_per_s_per_gpu']:8.1f} tok/s/GPU ("
+        f"  {ranks:4d} ranks {' '.join(s for s in settings if s not in V3)[:70]:<70} TPOT "
+        f"{e['tpot_ms']:9.2f} ms, {e['tokens_per_s_per_gpu']:8.1f} tok/s/GPU ("
         + ", ".join(f"{way} {row[way]['tpot_ms']:.2f}" for way in ways[1:])
         + f" ms) [{row['simulation_s']:.0f} s]",
         flush=True,

@@ -40,7 +40,8 @@ def validation() -> str:
         )
         settings = " ".join(row["settings"]).replace("parallel.", "").replace("run.", "") or "-"
         lines.append(
-            f"| {row['name']} | {row['ranks']} | `{settings}` | {' | '.join(cells)} | {row['drift']:.2f} | {spread:.2f} |"
+            f"| {row['name']} | {row['ranks']} | `{settings}` | {' | '.join(cells)} | {row['drift']:.2f} | "
+            f"{spread:.2f} |"
         )
     lines.append("")
     for kind, words in (("error", "as measured"), ("error_at_calibration_speed", "at calibration speed")):
@@ -72,7 +73,8 @@ def projections() -> str:
         ]
         for row in data["a"]["rows"]:
             out.append(
-                f"| {row['dtype']} | {row['ep']} | {row['placement']} | {'yes' if row['fits_memory'] else 'no'} "
+                f"| {row['dtype']} | {row['ep']} | {row['placement']} | "
+                f"{'yes' if row['fits_memory'] else 'no'} "
                 f"({row['planned_gib_per_rank']:.0f} GiB) | {ways(row)} | "
                 f"{ways(row, 'tokens_per_s_per_gpu')} |"
             )
@@ -97,21 +99,22 @@ def projections() -> str:
             )
         paper = data["b"]["paper"]
         out.append(
-            f"\nThe paper: TPOT {paper['tpot_ms']['ma 12:4']} ms (12:4) vs {paper['tpot_ms']['co-located']} ms "
-            f"(co-located); TPS {paper['tps']['ma 12:4']:,} vs {paper['tps']['co-located']:,}.\n"
+            f"\nThe paper: TPOT {paper['tpot_ms']['ma 12:4']} ms (12:4) "
+            f"vs {paper['tpot_ms']['co-located']} ms (co-located); "
+            f"TPS {paper['tps']['ma 12:4']:,} vs {paper['tps']['co-located']:,}.\n"
         )
     if "c" in data:
         row = data["c"]["rows"][0]
         out += [
-            "### (c) DeepSeek's decode deployment: EP 144 on 18 H800 nodes, FP8 experts, 96 requests per GPU, "
-            "context 4096",
+            "### (c) DeepSeek's decode deployment: EP 144 on 18 H800 nodes, FP8 experts, "
+            "96 requests per GPU, context 4096",
             "",
             "| | engine | no host costs | per_source |",
             "|---|---|---|---|",
             f"| TPOT ms | {ways(row, digits=1)} |",
             f"| output tokens/s per node | {ways(row, 'tokens_per_s_per_node', 0)} |",
-            f"\nPublished: about {data['c']['published']['tokens_per_s_per_node']:,} output tokens/s per node "
-            f"({data['c']['published']['tokens_per_s_per_user']} tokens/s per user); fits 80 GB: "
+            f"\nPublished: about {data['c']['published']['tokens_per_s_per_node']:,} output tokens/s "
+            f"per node ({data['c']['published']['tokens_per_s_per_user']} tokens/s per user); fits 80 GB: "
             f"{'yes' if row['fits_memory'] else 'no'} ({row['planned_gib_per_rank']:.0f} GiB per rank).\n",
         ]
     return "\n".join(out)
@@ -151,7 +154,8 @@ def splits_against_predict_runs() -> str:
         for name, tpot in proposal["measured_tpot_ms"].items():
             errors.append(simulated[name]["tpot_ms"] / tpot - 1)
             lines.append(
-                f"| {ranks} | {name} | {tpot:.1f} | {simulated[name]['tpot_ms']:.1f} | {100 * errors[-1]:+.0f}% |"
+                f"| {ranks} | {name} | {tpot:.1f} | {simulated[name]['tpot_ms']:.1f} | "
+                f"{100 * errors[-1]:+.0f}% |"
             )
         best = min(simulated, key=lambda name: simulated[name]["total_s"])
         picks.append(

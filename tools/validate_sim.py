@@ -16,7 +16,8 @@ built afresh: it is seeded) on prompts of real text through its tokenizer (tests
 they are simulated twice: with the routing recorded from real text (a -n 1 run of the same prompts:
 `hpcmoe simulate --routing`) and with the simulator's synthetic routing.
 
-    python tools/validate_sim.py [--machine machines/this_box.yaml] [--out docs/bench/simulation.json] [--reps 3]
+    python tools/validate_sim.py [--machine machines/this_box.yaml]
+        [--out docs/bench/simulation.json] [--reps 3]
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def validate(
     print(
         f"{name:<34} TTFT {row['ttft_ms']['measured_median']:8.2f} -> {row['ttft_ms']['predicted']:8.2f} ms "
         f"({100 * row['ttft_ms']['error']:+6.1f}%)   TPOT {row['tpot_ms']['measured_median']:7.2f} -> "
-        f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   drift {drift:.2f}: "
-        f"{100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
+        f"{row['tpot_ms']['predicted']:7.2f} ms ({100 * row['tpot_ms']['error']:+6.1f}%)   "
+        f"drift {drift:.2f}: {100 * row['ttft_ms']['error_at_calibration_speed']:+6.1f}% "
         f"{100 * row['tpot_ms']['error_at_calibration_speed']:+6.1f}%"
         + (
             f"   synthetic routing: TPOT {100 * row['tpot_ms']['error_synthetic_routing']:+6.1f}%"
@@ -262,9 +263,10 @@ def main() -> None:
             "tpot_median_abs": float(np.nanmedian([abs(r["tpot_ms"][kind]) for r in rows])),
         }
         print(
-            f"{kind}: median |error| {100 * summary[kind]['median_abs']:.1f}%, max {100 * summary[kind]['max_abs']:.1f}% "
-            f"(TTFT median {100 * summary[kind]['ttft_median_abs']:.1f}%, TPOT median "
-            f"{100 * summary[kind]['tpot_median_abs']:.1f}%)"
+            f"{kind}: median |error| {100 * summary[kind]['median_abs']:.1f}%, "
+            f"max {100 * summary[kind]['max_abs']:.1f}% "
+            f"(TTFT median {100 * summary[kind]['ttft_median_abs']:.1f}%, "
+            f"TPOT median {100 * summary[kind]['tpot_median_abs']:.1f}%)"
         )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
