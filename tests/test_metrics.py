@@ -223,7 +223,7 @@ def test_a_blocking_wait_is_a_row_of_its_own_and_an_instant_one_is_none():
     """wait_until with the run's timer (the rebalance boundary's votes, a send buffer's settle): a
     wait that is not over at once is a `*_wait` row inside the enclosing phase; one that is, none."""
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Where, wait_until
+    from hpcmoe.runtime.waits import Where, wait_until
 
     timer, polls = Timer(0, 0.0), iter([False, False, False, True])
     with timer.phase("rebalance", 3):

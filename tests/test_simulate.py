@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from hpcmoe.config import load_config
+from hpcmoe.sim.events import FIRST_PAUSE_S, LONGEST_PAUSE_S
 from hpcmoe.sim.machine import PHASES, machine_from
-from hpcmoe.sim.simulate import FIRST_PAUSE_S, LONGEST_PAUSE_S, Simulation, simulate
+from hpcmoe.sim.simulate import Simulation, simulate
 from tests.conftest import DEBUG_CONFIG, ROOT, run_job
 
 THIS_BOX = os.path.join(ROOT, "machines", "this_box.yaml")
@@ -145,12 +146,12 @@ def test_the_simulator_runs_the_engines_placement_and_plan(monkeypatch):
 
 
 def test_waits_poll_as_the_engine_does(monkeypatch):
-    """The simulator's model of comm.wait_until's sleeps: 20 us doubling to at most 1 ms."""
-    import hpcmoe.runtime.comm
+    """The simulator's model of waits.wait_until's sleeps: 20 us doubling to at most 1 ms."""
+    import hpcmoe.runtime.waits
 
     pauses = []
-    monkeypatch.setattr(hpcmoe.runtime.comm.time, "sleep", pauses.append)
-    hpcmoe.runtime.comm.wait_until(lambda: len(pauses) >= 9, "test")
+    monkeypatch.setattr(hpcmoe.runtime.waits.time, "sleep", pauses.append)
+    hpcmoe.runtime.waits.wait_until(lambda: len(pauses) >= 9, "test")
     expected = [min(FIRST_PAUSE_S * 2**i, LONGEST_PAUSE_S) for i in range(9)]
     assert pauses == pytest.approx(expected)
 

@@ -454,11 +454,11 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
     from hpcmoe.config import load_config
     from hpcmoe.parallel.placement import one_per_rank
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import build_exchange, messaging
     from hpcmoe.runtime.moe_layer import StepStats, flat
     from hpcmoe.runtime.scheduler import run_concurrently
     from hpcmoe.runtime.topology import build_topology
+    from hpcmoe.runtime.waits import Where
 
     world = MPI.COMM_WORLD
     size, rank = world.Get_size(), world.Get_rank()
@@ -606,10 +606,13 @@ def bench_reduce(
     from mpi4py import MPI
 
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
+    from hpcmoe.runtime.comm import Sender
+    from hpcmoe.runtime.link import Link
     from hpcmoe.runtime.ma import hierarchical_sum
     from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.tags import tag_for
     from hpcmoe.runtime.topology import build_topology
+    from hpcmoe.runtime.waits import Where
 
     world = MPI.COMM_WORLD
     topo = build_topology(world, ranks_per_node)

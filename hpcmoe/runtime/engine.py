@@ -39,7 +39,6 @@ from hpcmoe.runfile.output import (
     step_imbalance,
 )
 from hpcmoe.runtime import tags
-from hpcmoe.runtime.comm import Where, wait_all, wait_until
 from hpcmoe.runtime.fault import (
     CLOCK,
     KILL,
@@ -51,6 +50,7 @@ from hpcmoe.runtime.fault import (
     track,
 )
 from hpcmoe.runtime.topology import STOP_REQUESTED, Topology, keep_freed_memory, listen_for_stop
+from hpcmoe.runtime.waits import Where, wait_all, wait_until
 
 
 class RootGather:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-import hpcmoe.runtime.comm
+import hpcmoe.runtime.waits
 from hpcmoe.config import Config
 from hpcmoe.model.attention import StepInputs
 from hpcmoe.model.transformer import Transformer, build_model
@@ -21,22 +21,25 @@ from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.runtime import moe_layer
-from hpcmoe.runtime.comm import BufferPool, Link, Sender, Where
+from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.comm import Sender
 from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
+from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.scheduler import run_concurrently
 from hpcmoe.runtime.topology import Topology, available_cores
+from hpcmoe.runtime.waits import Where
 
 
 def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sender:
     """This rank's sender over its (possibly emulated) link, staging through pinned host memory when
     the MPI cannot read the device; sets the process's wait policy."""
     p = config.parallel
-    hpcmoe.runtime.comm.SPIN = p.wait == "spin"  # one policy per process
-    hpcmoe.runtime.comm.POLL_BY_YIELDING = (
+    hpcmoe.runtime.waits.SPIN = p.wait == "spin"  # one policy per process
+    hpcmoe.runtime.waits.POLL_BY_YIELDING = (
         topo.host_size <= available_cores()
     )  # else a yield may not let others run
-    hpcmoe.runtime.comm.WATCHDOG_S = config.run.timeout_s
+    hpcmoe.runtime.waits.WATCHDOG_S = config.run.timeout_s
     link = Link(
         topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0
     )

@@ -34,9 +34,13 @@ from hpcmoe.parallel.dispatch import (
     unpack_rows,
 )
 from hpcmoe.parallel.layout import ExpertSchedule
-from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
+from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.collectives import CountsGroup
+from hpcmoe.runtime.comm import Receives, Sender
 from hpcmoe.runtime.fault import maybe_die
+from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.tags import Kind, tag_for
+from hpcmoe.runtime.waits import Pending, Where
 
 
 @dataclass

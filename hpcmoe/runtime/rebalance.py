@@ -32,8 +32,9 @@ from mpi4py import MPI
 from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.placement import Placement, expected_rank_load, replicated
 from hpcmoe.runtime import tags
-from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
+from hpcmoe.runtime.buffers import as_bytes, byte_view
 from hpcmoe.runtime.fault import track
+from hpcmoe.runtime.waits import Where, all_done, wait_all, wait_until
 
 
 @dataclass

@@ -30,8 +30,10 @@ import torch
 
 from hpcmoe.parallel.dispatch import packed_row_bytes
 from hpcmoe.parallel.layout import ExpertSchedule
-from hpcmoe.runtime.comm import BufferPool, Link, Pending, Where
+from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup
+from hpcmoe.runtime.waits import Pending, Where
 from hpcmoe.sim import routing as sim_routing
 from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait, Work
 
