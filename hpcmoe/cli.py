@@ -490,9 +490,6 @@ def command_bench(args) -> int:
 
     torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
     if args.benchmark == "dispatch":
-        import hpcmoe.runtime.waits
-
-        hpcmoe.runtime.waits.SPIN = args.wait == "spin"
         bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out)
     elif args.benchmark == "reduce":
         bench.bench_reduce(

@@ -151,7 +151,7 @@ def test_waits_poll_as_the_engine_does(monkeypatch):
 
     pauses = []
     monkeypatch.setattr(hpcmoe.runtime.waits.time, "sleep", pauses.append)
-    hpcmoe.runtime.waits.wait_until(lambda: len(pauses) >= 9, "test")
+    hpcmoe.runtime.waits.wait_until(lambda: len(pauses) >= 9, "test", hpcmoe.runtime.waits.WaitPolicy())
     expected = [min(FIRST_PAUSE_S * 2**i, LONGEST_PAUSE_S) for i in range(9)]
     assert pauses == pytest.approx(expected)
 

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcmoe.runtime import fault
 from hpcmoe.runtime.buffers import as_bytes, byte_view
 from hpcmoe.runtime.device import DONE
 from hpcmoe.runtime.fault import track
 from hpcmoe.runtime.link import Link
-from hpcmoe.runtime.waits import Pending, Where, all_done
+from hpcmoe.runtime.waits import Pending, WaitPolicy, Where, all_done
 
 
 def tested(requests: list, tests: int = 64) -> bool:
@@ -44,15 +43,16 @@ class CountsGroup:
     under run.fault_tolerance: Open MPI's shared-memory RMA is not made to outlive a dead rank, so
     the watchdog then names no one inside a collective.)"""
 
-    def __init__(self, comm, ranks: tuple[int, ...]):
-        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
+    def __init__(self, comm, ranks: tuple[int, ...], policy: WaitPolicy):
+        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here.
+        policy: fault_tolerant keeps no RMA window."""
         self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
         self.comm_rank_world = self.ranks[self.comm.Get_rank()]
         self.row_types: dict[int, object] = {}  # row width in bytes -> a committed contiguous datatype
         self.far = None
         self.step, self.finished = -1, 0  # per_layer: exchanges of this step done here (see turn)
         self.window, self.posted = None, np.zeros(1, np.int64)
-        if not fault.ENABLED[0]:
+        if not policy.fault_tolerant:
             self.window = MPI.Win.Allocate(8, 8, comm=self.comm)
             self.posted = np.frombuffer(self.window.tomemory(), np.int64)
             self.posted[0] = 0

@@ -17,7 +17,7 @@ from mpi4py import MPI
 from hpcmoe.runtime.buffers import as_bytes, byte_view
 from hpcmoe.runtime.device import DONE
 from hpcmoe.runtime.link import HEADER, Link
-from hpcmoe.runtime.waits import Pending, Where, all_done, wait_until
+from hpcmoe.runtime.waits import Pending, WaitPolicy, Where, all_done, wait_until
 
 
 class Receives:
@@ -108,6 +108,7 @@ class Sender:
     link: Link
     staging: object = None  # device.Staging, or None
     streams: object = None  # device.Streams of a GPU (gates sends on compute events), or None
+    policy: WaitPolicy = WaitPolicy()  # how its waits wait (and every wait of the engine that owns it)
     queued: list = field(default_factory=list)  # (peer, tag, payload, event, pinned, header)
     in_flight: list = field(default_factory=list)  # (request, payload kept alive, pinned buffer or None)
     bytes_sent: int = 0
@@ -122,9 +123,7 @@ class Sender:
         """Isend `data` to `peer`; to this rank itself it is copied into `own` instead."""
         me = self.comm.Get_rank()
         if peer == me:
-            if data.numel():
-                own.received[me].copy_(data)
-            own.done.add(me)
+            send_to_self(own, me, data)
             return
         if data.numel() == 0:
             return  # the receiver knows the size is zero from an earlier counts exchange
@@ -191,7 +190,7 @@ class Sender:
         return not self.queued and not self.in_flight
 
     def wait(self, where: Where) -> None:
-        wait_until(self.idle, where)
+        wait_until(self.idle, where, self.policy)
 
     def settle(self, buffer: torch.Tensor, where: Where, timer=None) -> None:
         """Before `buffer` is written again: wait for the sends still reading it (done in practice:
@@ -203,8 +202,15 @@ class Sender:
                 for r, b, _ in self.in_flight
                 if isinstance(b, np.ndarray) and np.may_share_memory(b, memory)
             ]
-            wait_until(lambda: all_done(reading()), where, timer=timer)
+            wait_until(lambda: all_done(reading()), where, self.policy, timer=timer)
         elif self.queued:  # a device buffer: its copies to the host (or its gated sends) must be out
-            wait_until(
-                lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued), where, timer=timer
-            )
+            copied = lambda: self.test() or all(e.query() for _, _, _, e, _, _ in self.queued)
+            wait_until(copied, where, self.policy, timer=timer)
+
+
+def send_to_self(own, me: int, data: torch.Tensor) -> None:
+    """A send to this rank itself: `data` copied into `own`'s tensor for it, which is then in. own:
+    Receives, or the simulator's stand-in (any object with `received` and `done`)."""
+    if data.numel():
+        own.received[me].copy_(data)
+    own.done.add(me)

@@ -40,7 +40,7 @@ from hpcmoe.runtime.comm import Receives, Sender
 from hpcmoe.runtime.fault import maybe_die
 from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.tags import Kind, tag_for
-from hpcmoe.runtime.waits import Pending, Where
+from hpcmoe.runtime.waits import Pending, WaitPolicy, Where
 
 
 @dataclass
@@ -69,11 +69,12 @@ class ExchangeGroup:
     member_host: np.ndarray  # [R] bool, True for the group's ranks
 
     @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
+    def build(cls, comm, ranks, micro_batches: int, world_size: int, policy: WaitPolicy) -> "ExchangeGroup":
         """Collective over `comm`, whose members are exactly `ranks` in order."""
         member = np.zeros(world_size, bool)
         member[list(ranks)] = True
-        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), member)
+        counts = tuple(CountsGroup(comm, ranks, policy) for _ in range(micro_batches))
+        return cls(tuple(ranks), counts, member)
 
     def host_counts(self, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The plan's counts in one device-to-host copy -> (counts per slot of each rank [R, S], rows

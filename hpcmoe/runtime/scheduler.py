@@ -78,5 +78,6 @@ def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list
                 wait_until(
                     lambda: sender.test() or any(p.poll() is not None for p in command),
                     command[0].where,
+                    sender.policy,
                     polled=lambda: any(p.polled() for p in command),
                 )

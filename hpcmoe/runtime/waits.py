@@ -11,9 +11,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mpi4py import MPI
+
+from hpcmoe.runtime.topology import available_cores
+
+if TYPE_CHECKING:
+    from hpcmoe.config import Config
+    from hpcmoe.runtime.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,39 @@ class Pending:
     polled: Callable[[], bool] = lambda: False  # MPI moves these bytes only while polled: yield, don't sleep
 
 
-SPIN = False  # parallel.wait: spin keeps testing without sleeping (only sensible with a core per rank)
-POLL_BY_YIELDING = (
-    True  # a core per rank: waits that MPI progresses only while polled yield instead of sleeping
-)
-WATCHDOG_S = None  # run.timeout_s: a wait longer than this names itself and aborts the job
+@dataclass(frozen=True)
+class WaitPolicy:
+    """How a rank waits: given to whatever waits (wait_until, the sender, the collectives) rather than
+    set for the process, so that two engines, or an engine and a simulation, can wait differently in
+    one process. The defaults: sleep between tests, yield where polled, no watchdog."""
+
+    spin: bool = False  # parallel.wait spin: test without sleeping (only sensible with a core per rank)
+    poll_by_yielding: bool = True  # a core per rank: waits that MPI progresses only while polled yield
+    watchdog_s: Optional[float] = None  # run.timeout_s: a longer wait names itself and aborts the job
+    fault_tolerant: bool = False  # run.fault_tolerance: the collectives keep no RMA window (CountsGroup)
+
+    @classmethod
+    def for_run(cls, config: Config, core_per_rank: bool) -> "WaitPolicy":
+        """A run's policy, from parallel.wait, run.timeout_s and run.fault_tolerance; core_per_rank:
+        whether every rank sharing the host has a core of its own (else a yield may not let others run)."""
+        run = config.run
+        return cls(config.parallel.wait == "spin", core_per_rank, run.timeout_s, run.fault_tolerance)
+
+
+def wait_policy(config: Config, topo: Topology) -> WaitPolicy:
+    """This rank's policy in a run (the engine's one place that makes it)."""
+    return WaitPolicy.for_run(config, topo.host_size <= available_cores())
 
 
 def wait_until(
-    done: Callable[[], bool], where, polled: Callable[[], bool] = lambda: False, timer=None
+    done: Callable[[], bool],
+    where,
+    policy: WaitPolicy,
+    polled: Callable[[], bool] = lambda: False,
+    timer=None,
 ) -> None:
-    """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms).
+    """Poll `done()` until it is true, sleeping a little longer each time (at most 1 ms), or as
+    `policy` says: spinning, yielding, aborting the job past its watchdog.
 
     timer: a wait that is not over at once is a row of its own, named by where's phase (a `*_wait`):
     idle time, even when it happens inside a phase timed as work (rebalance, dispatch_post).
@@ -69,14 +97,14 @@ def wait_until(
     if timer is not None and not finished(done, where):
         at = where() if callable(where) else where
         with timer.phase(at.phase, at.step, at.layer, at.micro_batch):
-            return wait_until(done, where, polled)
+            return wait_until(done, where, policy, polled)
     pause, start = 20e-6, time.monotonic()
     while not finished(done, where):
-        if WATCHDOG_S is not None and time.monotonic() - start > WATCHDOG_S:
+        if policy.watchdog_s is not None and time.monotonic() - start > policy.watchdog_s:
             watchdog(where() if callable(where) else where, time.monotonic() - start)
-        if SPIN:
+        if policy.spin:
             continue
-        if polled() and POLL_BY_YIELDING:  # test again at once, giving way to any other runnable process
+        if polled() and policy.poll_by_yielding:  # test again at once, giving way to any other process
             os.sched_yield()
             pause = 20e-6
         else:
@@ -101,9 +129,9 @@ def watchdog(where: Where, waited: float) -> None:
     MPI.COMM_WORLD.Abort(3)
 
 
-def wait_all(requests: list, where: Where, timer=None) -> None:
+def wait_all(requests: list, where: Where, policy: WaitPolicy, timer=None) -> None:
     if requests:
-        wait_until(lambda: all_done(requests), where, timer=timer)
+        wait_until(lambda: all_done(requests), where, policy, timer=timer)
 
 
 def all_done(requests: list) -> bool:

@@ -31,9 +31,10 @@ import torch
 from hpcmoe.parallel.dispatch import packed_row_bytes
 from hpcmoe.parallel.layout import ExpertSchedule
 from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.comm import send_to_self
 from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup
-from hpcmoe.runtime.waits import Pending, Where
+from hpcmoe.runtime.waits import Pending, WaitPolicy, Where
 from hpcmoe.sim import routing as sim_routing
 from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait, Work
 
@@ -243,16 +244,14 @@ class SimSender:
     staging = streams = None
 
     def __init__(self, net: "SimNet", rank: int):
-        self.net, self.rank, self.ledger = net, rank, net.ledgers[rank]
+        self.net, self.rank, self.ledger, self.policy = net, rank, net.ledgers[rank], net.policy
 
     def receives(self, buffers: dict, tag: int) -> SimReceives:
         return SimReceives(self.net, self.rank, buffers, tag)
 
     def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[SimReceives] = None) -> None:
         if peer == self.rank:
-            if data.numel():
-                own.received[peer].copy_(data)
-            own.done.add(peer)
+            send_to_self(own, peer, data)
             return
         if data.numel() == 0:
             return
@@ -359,6 +358,7 @@ class SimNet:
     def __init__(self, sim):
         m = sim.config.model
         self.sim, self.dtype = sim, getattr(torch, m.dtype_name)
+        self.policy = WaitPolicy.for_run(sim.config, sim.poll_by_yielding)  # what comm.Sender carries
         self.ledgers = [Ledger(sim, rank) for rank in range(sim.ranks)]
         self.payloads: dict = {}  # (mail key, source, destination) -> the message's tensor
         plain, packed = m.hidden * sim.costs.item, packed_row_bytes(m.hidden, self.dtype, m.top_k)
