@@ -32,7 +32,8 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from hpcmoe.model.transformer import build_model, moe_local
     from hpcmoe.runfile.output import Timer
     from hpcmoe.runtime.ep import EPEngine
-    from hpcmoe.runtime.moe_layer import StepStats, flat
+    from hpcmoe.runtime.exchange_context import StepStats
+    from hpcmoe.runtime.moe_layer import flat
     from hpcmoe.runtime.scheduler import run_concurrently
     from hpcmoe.runtime.waits import Where
 

@@ -455,7 +455,8 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
     from hpcmoe.parallel.placement import one_per_rank
     from hpcmoe.runfile.output import Timer
     from hpcmoe.runtime.ep import build_exchange, messaging
-    from hpcmoe.runtime.moe_layer import StepStats, flat
+    from hpcmoe.runtime.exchange_context import StepStats
+    from hpcmoe.runtime.moe_layer import flat
     from hpcmoe.runtime.scheduler import run_concurrently
     from hpcmoe.runtime.topology import build_topology
     from hpcmoe.runtime.waits import Where
@@ -824,7 +825,7 @@ def bench_control(
 
     from hpcmoe.parallel.dispatch import choose_slots, compile_placement, node_groups, plan_from_slots
     from hpcmoe.parallel.placement import one_per_rank, packed, replicated
-    from hpcmoe.runtime.moe_layer import ExchangeGroup
+    from hpcmoe.runtime.exchange_context import ExchangeGroup
 
     generator = torch.Generator().manual_seed(0)
     expert_ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])

@@ -23,8 +23,8 @@ from hpcmoe.runtime import moe_layer
 from hpcmoe.runtime.buffers import BufferPool
 from hpcmoe.runtime.comm import Sender
 from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
+from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.link import Link
-from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.scheduler import run_concurrently
 from hpcmoe.runtime.topology import Topology
 from hpcmoe.runtime.waits import Where, wait_policy

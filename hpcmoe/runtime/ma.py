@@ -23,7 +23,7 @@ from hpcmoe.model.transformer import build_experts, build_model
 from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.runtime.comm import Receives
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
-from hpcmoe.runtime.moe_layer import StepStats
+from hpcmoe.runtime.exchange_context import StepStats
 from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.runtime.waits import Where
 

@@ -1,5 +1,5 @@
 """The engine's MoE exchange on the simulated clock: hpcmoe.runtime.moe_layer's own generators (flat,
-two_stage, dispatch_and_serve, serve, exchange_per_layer, with their ExchangeContext), run by the
+two_stage, dispatch_and_serve, serve; per_layer.exchange_per_layer; with their ExchangeContext), run by the
 simulation against stand-ins for what they touch of MPI and of the model.
 
 - SimSender, SimReceives, SimCounts: comm.py's sends, receives and collectives as messages and
@@ -32,8 +32,8 @@ from hpcmoe.parallel.dispatch import packed_row_bytes
 from hpcmoe.parallel.layout import ExpertSchedule
 from hpcmoe.runtime.buffers import BufferPool
 from hpcmoe.runtime.comm import send_to_self
+from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup
 from hpcmoe.runtime.link import Link
-from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup
 from hpcmoe.runtime.waits import Pending, WaitPolicy, Where
 from hpcmoe.sim import routing as sim_routing
 from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait, Work
