@@ -93,17 +93,8 @@ class CountsGroup:
         latest of them is due. On a GPU the rows are sent once the kernels that wrote them are done,
         through pinned host memory when the MPI cannot read the device (one copy each way)."""
         width = send.shape[1] * send.element_size()
-        row = self.row_types.get(width)
-        if row is None:
-            row = self.row_types[width] = MPI.BYTE.Create_contiguous(width).Commit()
-        requests, stamps_in = [], None
-        if link.bandwidth_gbps is not None:
-            far = self.far_from(link)
-            stamps_out, stamps_in = np.zeros(len(self.ranks)), np.zeros(len(self.ranks))
-            going = far & (send_counts > 0)
-            stamps_out[going] = link.delivery_times(send_counts[going] * width)
-            self.count_posted()
-            requests.append(self.comm.Ialltoall(stamps_out, stamps_in))
+        row = self.row_type(width)
+        requests, stamps = self.post_stamps(link, send_counts, width)
         send_buffer, recv_buffer = send, recv
         if send.device.type != "cpu":
             ready = streams.record()
@@ -119,8 +110,8 @@ class CountsGroup:
                 [as_bytes(recv_buffer), (recv_counts, recv_starts), row],
             )
         )  # no int overflow
-        keep = (send_buffer, recv_buffer, stamps_in)  # alive until the requests complete
-        due = lambda: 0.0 if stamps_in is None else stamps_in[far & (recv_counts > 0)].max(initial=0.0)
+        keep = (send_buffer, recv_buffer, stamps)  # alive until the requests complete
+        due = lambda: 0.0 if stamps is None else stamps[1][self.far & (recv_counts > 0)].max(initial=0.0)
         arrived = []  # [True] once every request is complete (then only an emulated delivery time is awaited)
         landed = lambda: bool(arrived) or (tested(requests) and keep and not arrived.append(True))
         in_and_due = lambda: landed() and time.monotonic() >= due()
@@ -134,6 +125,26 @@ class CountsGroup:
             streams.compute_waits(copied)
             staging.pool.give(recv_buffer, after=copied)
             staging.pool.give(send_buffer)
+
+    def row_type(self, width: int):
+        """A committed contiguous datatype of `width` bytes, one row (made once per width)."""
+        row = self.row_types.get(width)
+        if row is None:
+            row = self.row_types[width] = MPI.BYTE.Create_contiguous(width).Commit()
+        return row
+
+    def post_stamps(self, link: Link, send_counts: np.ndarray, width: int) -> tuple[list, Optional[tuple]]:
+        """On an emulated link, the delivery time of each inter-node share of rows [G] in an Ialltoall
+        posted before them (the link queues the shares in member order) -> ([its request], (stamps
+        sent [G], stamps received [G]), both alive until it completes); else ([], None)."""
+        if link.bandwidth_gbps is None:
+            return [], None
+        far = self.far_from(link)
+        stamps_out, stamps_in = np.zeros(len(self.ranks)), np.zeros(len(self.ranks))
+        going = far & (send_counts > 0)
+        stamps_out[going] = link.delivery_times(send_counts[going] * width)
+        self.count_posted()
+        return [self.comm.Ialltoall(stamps_out, stamps_in)], (stamps_out, stamps_in)
 
     def turn(self, at: Where, index: int) -> Optional[Pending]:
         """Collectives must be posted in the same order on every member. An exchange that posts

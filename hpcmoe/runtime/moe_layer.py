@@ -69,8 +69,7 @@ def dispatch_and_serve(
     if ctx.schedule.per_layer and group.ranks != (ctx.rank,) and not (ctx.tables.tp > 1 and ctx.tp_forward):
         return (yield from exchange_per_layer(ctx, moe, plan, rows, group, at, stats, buffers))
     step, layer, mb = at.step, at.layer, at.micro_batch
-    phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
-    tp = ctx.tables.tp
+    phase, sender, me, tp = ctx.timer.phase, ctx.sender, ctx.rank, ctx.tables.tp
     replies = 1 if tp == 1 or ctx.tp_forward else tp  # answers per row: one, or one partial per member
     dispatch_tag, returns_tag = (
         tag_for(kind, layer, mb, ctx.micro_batches) for kind in (Kind.DISPATCH, Kind.RETURNS)
@@ -78,19 +77,10 @@ def dispatch_and_serve(
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = ctx.timer.mark()
     with phase("dispatch_post", step, layer, mb, rows=len(plan.order)):
-        send_counts, destinations, first, sizes = group.destinations(
-            plan, tp, replies > 1
-        )  # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * ctx.row_bytes(
-            rows
+        send_counts, destinations, span, outgoing, answers = gather_by_destination(
+            ctx, plan, rows, group, at, stats, key, replies
         )
-        span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0] : span[r][0] + span[r][1]]
-        outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
-        sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
-        torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
-        answers = ctx.pool.get(key("answers"), replies * len(plan.order), hidden, rows.dtype)
-        answers = answers.view(replies, len(plan.order), hidden)  # member j's partials in answers[j]
     if group.ranks == (me,):  # alone in the group: no counts, no messages
         with phase("experts", step, layer, mb):
             return moe.run_experts(
@@ -121,6 +111,31 @@ def dispatch_and_serve(
         return answers[0]
     with phase("combine", step, layer, mb, partial_rows=answers.shape[0] * answers.shape[1]):
         return sum_partials(answers)
+
+
+def gather_by_destination(
+    ctx: ExchangeContext,
+    plan: DispatchPlan,
+    rows: torch.Tensor,
+    group: ExchangeGroup,
+    at: Where,
+    stats: StepStats,
+    key,
+    replies: int,
+):
+    """dispatch_post's host work: the one host read of the counts, the traffic statistics, the rows
+    gathered by destination into a reused buffer -> (counts to send [G, S], destination ranks,
+    {rank: (first row, rows)}, outgoing [m, H], answers [replies, m, H]: member j's partials in
+    answers[j])."""
+    hidden, m = rows.shape[1], len(plan.order)
+    send_counts, destinations, first, sizes = group.destinations(plan, ctx.tables.tp, replies > 1)
+    sent_bytes = np.array(sizes, np.int64) * ctx.row_bytes(rows)
+    stats.traffic[at.layer - ctx.first_moe_layer, destinations] += sent_bytes
+    outgoing = ctx.pool.get(key("send"), m, hidden, rows.dtype)
+    ctx.sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
+    torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
+    answers = ctx.pool.get(key("answers"), replies * m, hidden, rows.dtype).view(replies, m, hidden)
+    return send_counts, destinations, dict(zip(destinations, zip(first, sizes))), outgoing, answers
 
 
 def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where, returns_tag: int):
@@ -320,11 +335,10 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
             {tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(Kind.GATEWAY_RETURNS)
         )
         for node in active:
-            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[
-                node
-            ] * ctx.row_bytes(packed)
-            if tables.gateway[node] != me:
-                sender.send(tables.gateway[node], node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
+            gateway = tables.gateway[node]
+            stats.traffic[layer - ctx.first_moe_layer, gateway] += node_counts[node] * ctx.row_bytes(packed)
+            if gateway != me:
+                sender.send(gateway, node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
         shared = moe.shared(h)
     yield counts_in
@@ -352,12 +366,19 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
             sender.send(source, partial[starts[i] : starts[i + 1]], tag(Kind.GATEWAY_RETURNS), returns)
     yield returns.all_in(at, "combine_wait")
     with phase("combine", step, layer, mb, tokens=len(h)):
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for node in active:  # node order: the same sum on every run
-            tokens = groups.tokens[node_ends[node] : node_ends[node + 1]]
-            out[tokens] += node_part(returns_buffer, node).float()
-        routed = out.to(h.dtype)
+        routed = sum_node_shares(h, groups.tokens, active, node_ends, returns_buffer)
         return routed if shared is None else routed + shared
+
+
+def sum_node_shares(h: torch.Tensor, tokens, active: list, node_ends, shares: torch.Tensor) -> torch.Tensor:
+    """h: [n, H]; shares [t, H]: each active node's weighted share of its tokens (tokens [t], node
+    b's in node_ends[b]:node_ends[b + 1]) -> [n, H] their sum per token, in float32 and node order:
+    the same sum on every run."""
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for node in active:
+        span = slice(node_ends[node], node_ends[node + 1])
+        out[tokens[span]] += shares[span].float()
+    return out.to(h.dtype)
 
 
 def exchange_for(dispatch: str):
