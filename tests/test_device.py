@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcmoe.runtime.comm import Link, Receives, Sender
+from hpcmoe.runtime.comm import Receives, Sender
 from hpcmoe.runtime.device import PinnedPool, Staging, device_kind
+from hpcmoe.runtime.link import Link
 from tests.conftest import run_job
 
 

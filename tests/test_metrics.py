@@ -224,12 +224,12 @@ def test_a_blocking_wait_is_a_row_of_its_own_and_an_instant_one_is_none():
     """wait_until with the run's timer (the rebalance boundary's votes, a send buffer's settle): a
     wait that is not over at once is a `*_wait` row inside the enclosing phase; one that is, none."""
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Where, wait_until
+    from hpcmoe.runtime.waits import WaitPolicy, Where, wait_until
 
     timer, polls = Timer(0, 0.0), iter([False, False, False, True])
     with timer.phase("rebalance", 3):
-        wait_until(lambda: True, Where(3, -1, 0, "rebalance_wait"), timer=timer)
-        wait_until(lambda: next(polls), Where(3, -1, 0, "rebalance_wait"), timer=timer)
+        wait_until(lambda: True, Where(3, -1, 0, "rebalance_wait"), WaitPolicy(), timer=timer)
+        wait_until(lambda: next(polls), Where(3, -1, 0, "rebalance_wait"), WaitPolicy(), timer=timer)
     names = [row[4] for row in timer.rows]
     assert names == [b"rebalance_wait", b"rebalance"]
     wait, outer = timer.rows

@@ -32,10 +32,11 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from hpcmoe.model.build import build_model
     from hpcmoe.model.moe import moe_local
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import EPEngine
-    from hpcmoe.runtime.moe_layer import StepStats, flat
+    from hpcmoe.runtime.exchange_context import StepStats
+    from hpcmoe.runtime.moe_layer import flat
     from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.waits import Where
 
     config, topo, layout = setup_run(MPI.COMM_WORLD, "run.micro_batches=2", "run.decode_micro_batch_min=1")
     engine = EPEngine(config, topo, layout.placement(topo.node_of_rank), Timer(topo.rank, 0.0))
@@ -124,10 +125,13 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype, ranks_pe
     from mpi4py import MPI
 
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
+    from hpcmoe.runtime.comm import Sender
+    from hpcmoe.runtime.link import Link
     from hpcmoe.runtime.ma import hierarchical_sum
     from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.tags import tag_for
     from hpcmoe.runtime.topology import build_topology
+    from hpcmoe.runtime.waits import Where
 
     world = MPI.COMM_WORLD
     topo = build_topology(world, ranks_per_node)

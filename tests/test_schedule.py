@@ -30,7 +30,7 @@ def test_experts_once_equal_experts_per_source():
     """run_once on a source-major buffer gives, row for row, what one call per source gives."""
     from hpcmoe.config import load_config
     from hpcmoe.model.build import build_model
-    from hpcmoe.runtime.moe_layer import run_once
+    from hpcmoe.runtime.per_layer import run_once
 
     config = load_config(DEBUG_CONFIG, ["model.num_experts=8", "model.dtype=float32"])
     moe = next(b.mlp for b in build_model(config.model, [1, 4, 6]).layers if b.is_moe)

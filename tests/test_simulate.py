@@ -146,12 +146,12 @@ def test_the_simulator_runs_the_engines_placement_and_plan(monkeypatch):
 
 
 def test_waits_poll_as_the_engine_does(monkeypatch):
-    """The simulator's model of comm.wait_until's sleeps: 20 us doubling to at most 1 ms."""
-    import hpcmoe.runtime.comm
+    """The simulator's model of waits.wait_until's sleeps: 20 us doubling to at most 1 ms."""
+    import hpcmoe.runtime.waits
 
     pauses = []
-    monkeypatch.setattr(hpcmoe.runtime.comm.time, "sleep", pauses.append)
-    hpcmoe.runtime.comm.wait_until(lambda: len(pauses) >= 9, "test")
+    monkeypatch.setattr(hpcmoe.runtime.waits.time, "sleep", pauses.append)
+    hpcmoe.runtime.waits.wait_until(lambda: len(pauses) >= 9, "test", hpcmoe.runtime.waits.WaitPolicy())
     expected = [min(FIRST_PAUSE_S * 2**i, LONGEST_PAUSE_S) for i in range(9)]
     assert pauses == pytest.approx(expected)
 

@@ -117,10 +117,7 @@ def run_under_mpi(world, args) -> None:
         agree(world, problem)
     torch.set_num_threads(1 if args.benchmark != "transformers" else torch.get_num_threads())
     if args.benchmark == "dispatch":
-        import hpcmoe.runtime.comm
-
-        hpcmoe.runtime.comm.SPIN = args.wait == "spin"
-        bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out)
+        bench.bench_dispatch(args.tokens, args.hidden, args.dtype, args.top_k, args.reps, args.out, args.wait)
     elif args.benchmark == "reduce":
         bench.bench_reduce(
             args.tokens,

@@ -78,7 +78,7 @@ class Timer:
     @contextmanager
     def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0, **work):
         """A row for the work inside. work: what the phase computes, in the shapes hpcmoe.sim.costs prices
-        (rows=, tokens=, row_bytes=), for the simulator's clock (sim.net.SimTimer); unused here. The
+        (rows=, tokens=, row_bytes=), for the simulator's clock (sim.ledger.SimTimer); unused here. The
         body may add to it (`as work`) what it learns inside."""
         on_device = (
             self.streams is not None and self.reference is not None and not name.endswith(("_wait", "_comm"))

@@ -39,7 +39,6 @@ from hpcmoe.runfile.output import (
     step_imbalance,
 )
 from hpcmoe.runtime import tags
-from hpcmoe.runtime.comm import Where, wait_all, wait_until
 from hpcmoe.runtime.fault import (
     CLOCK,
     KILL,
@@ -51,19 +50,21 @@ from hpcmoe.runtime.fault import (
     track,
 )
 from hpcmoe.runtime.topology import STOP_REQUESTED, Topology, keep_freed_memory, listen_for_stop
+from hpcmoe.runtime.waits import WaitPolicy, Where, wait_all, wait_policy, wait_until
 
 
 class RootGather:
     """Per-step records from every rank to rank 0 with Isend and matched probes (no collective)."""
 
-    def __init__(self, comm, timer: Timer):
-        self.comm, self.timer, self.pending = comm, timer, []
+    def __init__(self, comm, timer: Timer, policy: WaitPolicy):
+        self.comm, self.timer, self.pending, self.policy = comm, timer, [], policy
 
     def __call__(self, record, step: int):
         comm, where = self.comm, Where(step, -1, 0, "record_wait")
         if comm.Get_rank() != 0:
             with self.timer.phase("record_wait", step):
-                wait_all(self.pending, where)  # the previous record is out: one in flight at most
+                # the previous record is out: one in flight at most
+                wait_all(self.pending, where, self.policy)
             self.pending = [comm.isend(record, dest=0, tag=tags.RECORD)]
             return None
         records = [record]
@@ -77,12 +78,12 @@ class RootGather:
                         found = comm.improbe(source=source, tag=tags.RECORD)
                         return found is not None
 
-                    wait_until(arrived, where.waiting_for("record_wait", (source,)))
+                    wait_until(arrived, where.waiting_for("record_wait", (source,)), self.policy)
             records.append(found.recv())
         return records
 
     def close(self, step: int):
-        wait_all(self.pending, Where(step, -1, 0, "record_wait"))
+        wait_all(self.pending, Where(step, -1, 0, "record_wait"), self.policy)
 
 
 class StopSignal:
@@ -93,8 +94,8 @@ class StopSignal:
     meanwhile. Every rank reads the same result at the same boundary, so all stop after the same
     step, and no step waits for a vote in the common case."""
 
-    def __init__(self, world, timer: Timer):
-        self.comm, self.timer, self.request = track(world.Dup()), timer, None
+    def __init__(self, world, timer: Timer, policy: WaitPolicy):
+        self.comm, self.timer, self.request, self.policy = track(world.Dup()), timer, None, policy
         self.flags, self.anyone = np.zeros(2, dtype=int), np.zeros(2, dtype=int)
         self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi
@@ -123,7 +124,7 @@ class StopSignal:
     def finish_vote(self, step: int) -> None:
         if not self.request.Test():
             with self.timer.phase("stop_wait", step):
-                wait_all([self.request], Where(step, -1, 0, "stop_wait"))
+                wait_all([self.request], Where(step, -1, 0, "stop_wait"), self.policy)
         self.request = None
 
     def close(self, step: int):
@@ -276,8 +277,8 @@ class Mirror:
     same Made. When rank 0 dies, the deputy is the survivors' new rank 0: it opens the run file,
     writes the steps it holds and the run goes on (the writer role moves)."""
 
-    def __init__(self, comm, made: Made):
-        self.comm, self.made, self.pending = comm, made, []
+    def __init__(self, comm, made: Made, policy: WaitPolicy):
+        self.comm, self.made, self.pending, self.policy = comm, made, [], policy
         self.rank = comm.Get_rank() if comm.Get_size() > 1 else -1  # one rank: nothing to mirror
         if self.rank in (0, 1) and made.records is None:
             made.records = []
@@ -296,9 +297,9 @@ class Mirror:
     def close(self, done: int, step: int) -> None:
         where = Where(step, -1, 0, "record_wait")
         if self.rank == 0:
-            wait_all(self.pending, where)
+            wait_all(self.pending, where, self.policy)
         elif self.rank == 1:
-            wait_until(lambda: self.receive() or self.made.done >= done, where)
+            wait_until(lambda: self.receive() or self.made.done >= done, where, self.policy)
 
     def hand_over(self, comm) -> None:
         """After a recovery: rank 0's Made to the (maybe new) deputy, rank 1."""
@@ -356,7 +357,7 @@ def generate(
         None,
     )
     recovery = Recovery(config, topo, placement, source, device, max_batch, resume)
-    mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
+    mirror = Mirror(topo.world, made, wait_policy(config, topo)) if config.run.fault_tolerance else None
     given = writer
     engine_config = dataclasses.replace(config, run=dataclasses.replace(config.run, max_batch=max_batch))
     earlier = resume.done if resume is not None else None
@@ -366,14 +367,15 @@ def generate(
         while True:
             try:
                 if survivors is not None:  # after a recovery: the (maybe new) deputy mirrors rank 0
-                    mirror = Mirror(topo.world, made)
+                    mirror = Mirror(topo.world, made, wait_policy(config, topo))
                     mirror.hand_over(topo.world)
                 engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
                 keep_freed_memory()  # from here: the build's large temporaries went back to the kernel
                 new_rows = lambda n: engine.new_cache(n, longest)
                 cache = new_rows(0)
                 state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
-                gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
+                policy = wait_policy(config, topo)  # the engine's: this topology's
+                gather, stop = RootGather(topo.world, timer, policy), StopSignal(topo.world, timer, policy)
                 progress = Progress(len(requests), earlier) if topo.rank == 0 else None
                 if survivors is None:
                     if device.type != "cpu":

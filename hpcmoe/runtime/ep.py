@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-import hpcmoe.runtime.comm
 from hpcmoe.config import Config
 from hpcmoe.model.build import build_model
 from hpcmoe.model.step import StepInputs
@@ -22,29 +21,27 @@ from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.layout import ExpertSchedule, request_range, requests_per_rank, step_micro_batches
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.runtime import moe_layer
-from hpcmoe.runtime.comm import BufferPool, Link, Sender, Where
+from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.comm import Sender
 from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
-from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
+from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
+from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.scheduler import run_concurrently
-from hpcmoe.runtime.topology import Topology, available_cores
+from hpcmoe.runtime.topology import Topology
+from hpcmoe.runtime.waits import Where, wait_policy
 
 
 def messaging(config: Config, topo: Topology, device=torch.device("cpu")) -> Sender:
-    """This rank's sender over its (possibly emulated) link, staging through pinned host memory when
-    the MPI cannot read the device; sets the process's wait policy."""
-    p = config.parallel
-    hpcmoe.runtime.comm.SPIN = p.wait == "spin"  # one policy per process
-    hpcmoe.runtime.comm.POLL_BY_YIELDING = (
-        topo.host_size <= available_cores()
-    )  # else a yield may not let others run
-    hpcmoe.runtime.comm.WATCHDOG_S = config.run.timeout_s
+    """This rank's sender over its (possibly emulated) link, waiting by the run's wait policy, staging
+    through pinned host memory when the MPI cannot read the device."""
+    p, policy = config.parallel, wait_policy(config, topo)
     link = Link(
         topo.node_of_rank, p.link.bandwidth_gbps if p.link else None, p.link.latency_us if p.link else 0.0
     )
     if device.type == "cpu":
-        return Sender(topo.world, link)
+        return Sender(topo.world, link, policy=policy)
     cuda_aware = mpi_reads_device_memory(p.cuda_aware_mpi, device)
-    return Sender(topo.world, link, staging_for(device, cuda_aware), Streams(device))
+    return Sender(topo.world, link, staging_for(device, cuda_aware), Streams(device), policy)
 
 
 def build_exchange(
@@ -70,13 +67,13 @@ def build_exchange(
     )
     if rank not in members:
         return None
-    group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, sender.policy)
     if comm != topo.world:
         comm.Free()  # the groups hold duplicates
     node_group = None
     if p.dispatch == "two_stage":
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
-        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
+        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size, sender.policy)
     return ExchangeContext(
         rank=rank,
         world=topo.world,

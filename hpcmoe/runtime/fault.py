@@ -2,7 +2,7 @@
 
 With an MPI that implements ULFM (Open MPI 5 launched with `mpirun --with-ft ulfm`; `make ft`
 installs one with pip) errors return instead of aborting. Every wait of a run tests its requests
-(comm.wait_until), so the first survivor that meets the dead rank raises, and so does every
+(waits.wait_until), so the first survivor that meets the dead rank raises, and so does every
 survivor waiting on a communicator it revokes: each survivor revokes every communicator of the
 run (no one stays blocked), the world shrinks to the survivors and they agree on the step; the
 engine (engine.recover) then rebuilds the run among them and re-runs the steps not yet written,
@@ -98,7 +98,7 @@ class RankFailed(Exception):
     """Raised out of the step loop when a wait met a failure."""
 
     step: int
-    where: object  # comm.Where of the wait that saw it (or None)
+    where: object  # waits.Where of the wait that saw it (or None)
     detected_at: float  # seconds on the run's clock
 
 

@@ -22,10 +22,10 @@ from hpcmoe.model.attention import split_heads
 from hpcmoe.model.build import build_experts, build_model
 from hpcmoe.model.step import StepInputs
 from hpcmoe.parallel.layout import MALayout, request_range
-from hpcmoe.runtime.comm import Receives, Where
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
-from hpcmoe.runtime.moe_layer import StepStats
+from hpcmoe.runtime.exchange_context import StepStats
 from hpcmoe.runtime.tags import Kind, tag_for
+from hpcmoe.runtime.waits import Where
 
 # ---------------------------------------------------------------- the seed's hierarchical reduction
 
@@ -40,6 +40,34 @@ def reduction_plan(group: list[int], node_of_rank) -> tuple[list[list[int]], int
     return nodes, max(map(len, nodes))
 
 
+class Chunks:
+    """The summed tensor's C chunks (reduction_plan): chunk j is flat[bounds[j]], and belongs, in a node
+    of m ranks, to its (j mod m)-th rank."""
+
+    def __init__(self, numel: int, chunks: int):
+        self.bounds = [request_range(numel, chunks, j) for j in range(chunks)]
+
+    def piece(self, t: torch.Tensor, j: int) -> torch.Tensor:
+        return t[self.bounds[j].start : self.bounds[j].stop]
+
+    def size(self, js: list[int]) -> int:
+        return sum(len(self.bounds[j]) for j in js)
+
+    def owned_by(self, members: list[int], r: int) -> list[int]:
+        return [j for j in range(len(self.bounds)) if members[j % len(members)] == r]
+
+    def joined(self, t: torch.Tensor, js: list[int]) -> torch.Tensor:
+        """Chunks js of t as one tensor: a view for one chunk."""
+        if len(js) == 1:
+            return self.piece(t, js[0])
+        return torch.cat([self.piece(t, j) for j in js]) if js else t[:0]
+
+    def split(self, t: torch.Tensor, js: list[int]) -> dict[int, torch.Tensor]:
+        """The inverse of joined: chunk j -> its part of t."""
+        starts = [self.size(js[:k]) for k in range(len(js))]
+        return {j: t[start : start + len(self.bounds[j])] for j, start in zip(js, starts)}
+
+
 def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     """Generator: x [...] on every rank of `group` -> the sum over the group, bit-identical on all.
 
@@ -50,49 +78,38 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
     3. all-gather inside the node: each owner sends its chunks' totals to the other ranks of its node.
     Inter-node bytes per rank: (nodes - 1) x its chunks, not the whole tensor. A rank that owns one
     chunk (nodes of equal size) sends views and receives straight into the result: no extra copies."""
-    nodes, chunks = reduction_plan(group, ctx.topo.node_of_rank)
+    nodes, count = reduction_plan(group, ctx.topo.node_of_rank)
     mine = next(members for members in nodes if ctx.rank in members)
     others = [r for r in mine if r != ctx.rank]
     flat, result = x.reshape(-1), torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-    bounds = [request_range(flat.numel(), chunks, j) for j in range(chunks)]
-    piece = lambda t, j: t[bounds[j].start : bounds[j].stop]
-    owned_by = lambda members, r: [j for j in range(chunks) if members[j % len(members)] == r]
-    size = lambda js: sum(len(bounds[j]) for j in js)
-
-    def joined(t, js):  # chunks js of t as one tensor: a view for one chunk
-        return piece(t, js[0]) if len(js) == 1 else torch.cat([piece(t, j) for j in js]) if js else t[:0]
-
-    def split(t, js):  # the inverse: chunk j -> its part of t
-        starts = [size(js[:k]) for k in range(len(js))]
-        return {j: t[start : start + len(bounds[j])] for j, start in zip(js, starts)}
-
-    def receive(buffers: dict, kind: int) -> Receives:
-        return ctx.sender.receives(buffers, tag(kind))
+    chunks = Chunks(flat.numel(), count)
+    owned = chunks.owned_by(mine, ctx.rank)
+    receive = lambda buffers, kind: ctx.sender.receives(buffers, tag(kind))
 
     def summing(operands: int):  # the phase of adding `operands` partials of this rank's chunks
-        return ctx.timer.phase(
-            "reduce", at.step, at.layer, at.micro_batch, nbytes=operands * size(owned) * x.element_size()
-        )
+        nbytes = operands * chunks.size(owned) * x.element_size()
+        return ctx.timer.phase("reduce", at.step, at.layer, at.micro_batch, nbytes=nbytes)
 
-    owned = owned_by(mine, ctx.rank)
     # 1. reduce-scatter inside the node
-    parts = receive({r: flat.new_empty(size(owned)) for r in others}, Kind.SCATTER)
+    parts = receive({r: flat.new_empty(chunks.size(owned)) for r in others}, Kind.SCATTER)
     for r in others:
-        ctx.sender.send(r, joined(flat, owned_by(mine, r)), tag(Kind.SCATTER))
+        ctx.sender.send(r, chunks.joined(flat, chunks.owned_by(mine, r)), tag(Kind.SCATTER))
     yield parts.all_in(at, "reduce_wait")
     node_sum = None
     with summing(len(mine)):
         for r in mine:
-            part = joined(flat, owned) if r == ctx.rank else parts.received[r]
+            part = chunks.joined(flat, owned) if r == ctx.rank else parts.received[r]
             node_sum = part.clone() if node_sum is None else node_sum.add_(part)
-    node_sum = split(node_sum, owned)
+    node_sum = chunks.split(node_sum, owned)
     # 2. all-reduce of each owned chunk across nodes, with its owner in every other node
     shared_with: dict[int, list[int]] = {}  # owner in another node -> my chunks it owns there
     for members in nodes:
         if members is not mine:
             for j in owned:
                 shared_with.setdefault(members[j % len(members)], []).append(j)
-    across = receive({peer: flat.new_empty(size(js)) for peer, js in shared_with.items()}, Kind.ACROSS_NODES)
+    across = receive(
+        {peer: flat.new_empty(chunks.size(js)) for peer, js in shared_with.items()}, Kind.ACROSS_NODES
+    )
     for peer, js in shared_with.items():
         ctx.sender.send(
             peer,
@@ -100,27 +117,38 @@ def hierarchical_sum(ctx, x: torch.Tensor, group: list[int], tag, at: Where):
             tag(Kind.ACROSS_NODES),
         )
     yield across.all_in(at, "reduce_wait")
-    from_peer = {peer: split(across.received[peer], js) for peer, js in shared_with.items()}
+    from_peer = {peer: chunks.split(across.received[peer], js) for peer, js in shared_with.items()}
     with summing(len(nodes)):
         for j in owned:
-            total = piece(result, j)
+            total = chunks.piece(result, j)
             for n, members in enumerate(nodes):
                 value = node_sum[j] if members is mine else from_peer[members[j % len(members)]][j]
                 total.copy_(value) if n == 0 else total.add_(value)
     # 3. all-gather inside the node: one chunk lands straight in the result
-    theirs = {r: owned_by(mine, r) for r in others}
-    back = receive(
-        {r: piece(result, js[0]) if len(js) == 1 else result.new_empty(size(js)) for r, js in theirs.items()},
-        Kind.GATHER_BACK,
+    yield from gather_in_node(ctx, chunks, result, mine, owned, tag, at)
+    return result.view(x.shape)
+
+
+def gather_in_node(
+    ctx, chunks: Chunks, result: torch.Tensor, mine: list[int], owned: list[int], tag, at: Where
+):
+    """Generator, hierarchical_sum's step 3: this rank's chunks of `result` (owned) to the other ranks
+    of its node (mine), theirs from them into `result`; one chunk lands straight in it."""
+    theirs = {r: chunks.owned_by(mine, r) for r in mine if r != ctx.rank}
+    back = ctx.sender.receives(
+        {
+            r: chunks.piece(result, js[0]) if len(js) == 1 else result.new_empty(chunks.size(js))
+            for r, js in theirs.items()
+        },
+        tag(Kind.GATHER_BACK),
     )
-    for r in others:
-        ctx.sender.send(r, joined(result, owned), tag(Kind.GATHER_BACK))
+    for r in theirs:
+        ctx.sender.send(r, chunks.joined(result, owned), tag(Kind.GATHER_BACK))
     yield back.all_in(at, "reduce_wait")
     for r, js in theirs.items():
         if len(js) > 1:
-            for j, values in split(back.received[r], js).items():
-                piece(result, j).copy_(values)
-    return result.view(x.shape)
+            for j, values in chunks.split(back.received[r], js).items():
+                chunks.piece(result, j).copy_(values)
 
 
 # ---------------------------------------------------------------- gathers inside a group
@@ -219,8 +247,8 @@ class AttentionEngine:
         return chosen, torch.cat([x for _, x in results]) if self.whole_logits else None
 
     def forward_micro_batch(self, mb: int, inputs: StepInputs, cache, stats: StepStats):
-        """Generator: the group's micro-batch through every layer -> (tokens [b_mb], logits [b_mb, vocab] or None),
-        the same on all group ranks."""
+        """Generator: the group's micro-batch through every layer -> (tokens [b_mb], logits [b_mb, vocab]
+        or None), the same on all group ranks."""
         phase, model, step = self.timer.phase, self.model, self.step
         tag = lambda layer: lambda kind: tag_for(kind, layer, mb, self.net.micro_batches)
         where = lambda layer: Where(step, layer, mb)
@@ -259,40 +287,30 @@ class AttentionEngine:
             self.timer.add("gather_comm", step, layer, mb, posted)
             with phase("gather", step, layer, mb, nbytes=everything.numel() * everything.element_size()):
                 inputs.add_flat(x, everything)
-        with phase("lm_head", step, micro_batch=mb):
+        done = len(model.layers)
+        return (yield from self.choose_tokens(mb, x, inputs, tag(done), where(done)))
+
+    def choose_tokens(self, mb: int, x: torch.Tensor, inputs: StepInputs, tag, at: Where):
+        """Generator: the last hidden states -> (the group's greedy tokens [b_mb], the whole logits
+        [b_mb, vocab] when they are saved or sampled from, else None): each rank scores its vocabulary
+        slice and the group agrees on the largest logit, ties to the lowest index."""
+        model = self.model
+        with self.timer.phase("lm_head", self.step, micro_batch=mb):
             local = model.logits(x, inputs)  # [b_mb, this rank's vocabulary slice]
             best, index = local.max(dim=-1)  # the lowest index among equal maxima
-            pair = torch.stack(
-                [best.double(), (index + model.vocab.start).double()], dim=-1
-            )  # exact in float64
-        done = len(model.layers)
-        b = len(local)
-        pairs = yield from all_gather_rows(
-            self,
-            pair.reshape(1, -1),
-            self.primaries,
-            self.group,
-            [1] * len(self.primaries),
-            pair.reshape(1, -1),
-            tag(done),
-            where(done),
-            Kind.CHOICE,
+            # exact in float64
+            pair = torch.stack([best.double(), (index + model.vocab.start).double()], dim=-1)
+        b, ranks = len(local), len(self.primaries)
+        gather = lambda rows, counts, like, kind: all_gather_rows(
+            self, rows, self.primaries, self.group, counts, like, tag, at, kind
         )
-        pairs = pairs.view(len(self.primaries), b, 2)
+        pairs = yield from gather(pair.reshape(1, -1), [1] * ranks, pair.reshape(1, -1), Kind.CHOICE)
+        pairs = pairs.view(ranks, b, 2)
         chosen = greedy_over_slices(pairs[..., 0], pairs[..., 1].long())
         if not self.whole_logits:
             return chosen, None
-        columns = yield from all_gather_rows(
-            self,
-            local.t().contiguous(),
-            self.primaries,
-            self.group,
-            [len(v) for v in self.vocab_slices],
-            local.new_empty(0, b),
-            tag(done),
-            where(done),
-            Kind.LOGITS,
-        )
+        vocab = [len(v) for v in self.vocab_slices]
+        columns = yield from gather(local.t().contiguous(), vocab, local.new_empty(0, b), Kind.LOGITS)
         return chosen, columns.t()
 
     def close(self) -> None:

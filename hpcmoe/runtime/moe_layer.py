@@ -8,139 +8,33 @@
 Counts travel in one non-blocking Ialltoall per exchange (`CountsGroup`), with the payloads
 posted right behind it, so decode pays no extra round trip; a receiver posts its receives once
 the counts are in, and only for the peers that send. Experts start on each source's rows as
-they arrive and answer at once. The engine and the exchange meet through `ExchangeContext`.
+they arrive and answer at once (expert_schedule per_source; per_layer's collective exchange is in
+hpcmoe.runtime.per_layer). The engine and the exchange meet through `ExchangeContext`
+(hpcmoe.runtime.exchange_context).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from hpcmoe.parallel.dispatch import (
     DispatchPlan,
-    PlacementTables,
     apply_capacity,
     choose_slots,
     combine_tokens,
     count,
-    expert_major,
     node_groups,
     pack_rows,
     packed_row_bytes,
     plan_from_slots,
     unpack_rows,
 )
-from hpcmoe.parallel.layout import ExpertSchedule
-from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
+from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.fault import maybe_die
+from hpcmoe.runtime.per_layer import exchange_per_layer, run_once, sum_partials
 from hpcmoe.runtime.tags import Kind, tag_for
-
-
-@dataclass
-class StepStats:
-    """What one step's exchanges saw on this rank."""
-
-    routing: torch.Tensor  # [moe_layers, experts] token slots this rank sent to each expert
-    traffic: np.ndarray  # [moe_layers, ranks] payload bytes this rank sent to each rank
-    dropped: torch.Tensor  # [] token slots over capacity (parallel.capacity_factor)
-
-    @classmethod
-    def zeros(cls, moe_layers: int, experts: int, ranks: int, device=None) -> "StepStats":
-        return cls(
-            torch.zeros(moe_layers, experts, dtype=torch.int64, device=device),
-            np.zeros((moe_layers, ranks), np.int64),
-            torch.zeros((), dtype=torch.int64, device=device),
-        )
-
-
-@dataclass(frozen=True)
-class ExchangeGroup:
-    """The ranks one kind of exchange runs among, and its counts collective per micro-batch slot."""
-
-    ranks: tuple[int, ...]  # world ranks, ascending
-    counts: tuple[CountsGroup, ...]  # [micro_batches]
-    member_host: np.ndarray  # [R] bool, True for the group's ranks
-
-    @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
-        """Collective over `comm`, whose members are exactly `ranks` in order."""
-        member = np.zeros(world_size, bool)
-        member[list(ranks)] = True
-        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), member)
-
-    def host_counts(self, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The plan's counts in one device-to-host copy -> (counts per slot of each rank [R, S], rows
-        to each rank [R], first row of each in plan order [R])."""
-        host = torch.cat([plan.send_counts.reshape(-1), plan.rank_counts]).cpu().numpy()
-        ranks = len(self.member_host)
-        send, rank_counts = host[:-ranks].reshape(ranks, -1), host[-ranks:]
-        return send, rank_counts, np.cumsum(rank_counts) - rank_counts
-
-    def destinations(self, plan: DispatchPlan, tp: int = 1, fan_out: bool = True):
-        """The host's part of the control path: one device-to-host copy of the counts, then Python
-        work only per active peer -> (counts to send [G, S], destination ranks, first row of each
-        in plan order, rows for each). With expert groups (tp > 1) every member is sent the counts
-        of its group's slots (it computes a share of each); the rows go to every member (fan_out)
-        or to the group's leader only, which forwards them."""
-        send, rank_counts, starts = self.host_counts(plan)
-        ranks = len(self.member_host)
-        if tp > 1:
-            leader = np.arange(ranks) // tp * tp
-            send = send[leader]
-            if fan_out:
-                rank_counts, starts = rank_counts[leader], starts[leader]
-        if len(self.ranks) < ranks:
-            send = send[list(self.ranks)]
-        active = [r for r in np.flatnonzero(rank_counts) if self.member_host[r]]
-        return send, active, starts[active].tolist(), rank_counts[active].tolist()
-
-    def shares(self, plan: DispatchPlan, tp: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As `destinations`, for one collective, with no Python work per peer -> (counts to send
-        [G, S], rows to each member [G], first row of each in plan order [G]); with expert groups
-        every member gets its group's rows."""
-        send, rank_counts, starts = self.host_counts(plan)
-        members = np.asarray(self.ranks)
-        group_of = members - members % tp
-        return send[group_of], rank_counts[group_of], starts[group_of]
-
-    def close(self) -> None:
-        for group in self.counts:
-            group.close()
-
-
-@dataclass(frozen=True)
-class ExchangeContext:
-    """What a MoE layer's exchange needs from its rank, and nothing else."""
-
-    rank: int  # world rank
-    world: object  # the communicator of every point-to-point message
-    sender: Sender
-    link: Link
-    tables: PlacementTables  # the placement compiled for this rank
-    group: ExchangeGroup  # the ranks tokens travel among (stage 1 of two_stage)
-    node_group: Optional[ExchangeGroup]  # two_stage: this node's ranks (stage 2)
-    timer: object
-    micro_batches: int
-    first_moe_layer: int  # layer index of MoE layer 0 (model.dense_layers)
-    capacity_factor: Optional[float]
-    pool: BufferPool
-    before_dispatch: Callable[[int], None] = lambda step: None  # run.stall_rank
-    tp_forward: bool = False  # expert groups: rows go to the leader, which forwards (else to every member)
-    schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
-    # bytes of one row of a [rows, W] tensor on the wire (the simulator's rows are narrower than the model's)
-    row_bytes: Callable[[torch.Tensor], int] = lambda rows: rows.shape[1] * rows.element_size()
-
-    def receives(self, buffers: dict, tag: int) -> Receives:
-        """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
-        return self.sender.receives(buffers, tag)
-
-    def close(self) -> None:
-        self.group.close()
-        if self.node_group is not None:
-            self.node_group.close()
+from hpcmoe.runtime.waits import Pending, Where
 
 
 def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
@@ -175,8 +69,7 @@ def dispatch_and_serve(
     if ctx.schedule.per_layer and group.ranks != (ctx.rank,) and not (ctx.tables.tp > 1 and ctx.tp_forward):
         return (yield from exchange_per_layer(ctx, moe, plan, rows, group, at, stats, buffers))
     step, layer, mb = at.step, at.layer, at.micro_batch
-    phase, sender, me, hidden = ctx.timer.phase, ctx.sender, ctx.rank, rows.shape[1]
-    tp = ctx.tables.tp
+    phase, sender, me, tp = ctx.timer.phase, ctx.sender, ctx.rank, ctx.tables.tp
     replies = 1 if tp == 1 or ctx.tp_forward else tp  # answers per row: one, or one partial per member
     dispatch_tag, returns_tag = (
         tag_for(kind, layer, mb, ctx.micro_batches) for kind in (Kind.DISPATCH, Kind.RETURNS)
@@ -184,19 +77,10 @@ def dispatch_and_serve(
     key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
     posted = ctx.timer.mark()
     with phase("dispatch_post", step, layer, mb, rows=len(plan.order)):
-        send_counts, destinations, first, sizes = group.destinations(
-            plan, tp, replies > 1
-        )  # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, destinations] += np.array(sizes, np.int64) * ctx.row_bytes(
-            rows
+        send_counts, destinations, span, outgoing, answers = gather_by_destination(
+            ctx, plan, rows, group, at, stats, key, replies
         )
-        span = dict(zip(destinations, zip(first, sizes)))
         part = lambda t, r: t[span[r][0] : span[r][0] + span[r][1]]
-        outgoing = ctx.pool.get(key("send"), len(plan.order), hidden, rows.dtype)
-        sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
-        torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
-        answers = ctx.pool.get(key("answers"), replies * len(plan.order), hidden, rows.dtype)
-        answers = answers.view(replies, len(plan.order), hidden)  # member j's partials in answers[j]
     if group.ranks == (me,):  # alone in the group: no counts, no messages
         with phase("experts", step, layer, mb):
             return moe.run_experts(
@@ -229,76 +113,29 @@ def dispatch_and_serve(
         return sum_partials(answers)
 
 
-def exchange_per_layer(
+def gather_by_destination(
     ctx: ExchangeContext,
-    moe,
     plan: DispatchPlan,
     rows: torch.Tensor,
     group: ExchangeGroup,
     at: Where,
     stats: StepStats,
-    buffers: str = "",
+    key,
+    replies: int,
 ):
-    """Generator, expert_schedule per_layer: the counts, then the rows in one Ialltoallv on the
-    micro-batch slot's communicator; this rank runs each local expert once on all its rows and
-    answers every source in one Ialltoallv back -> the answers [m, H] in plan order. With expert
-    groups every member gets the group's rows and answers its partial sums, summed here."""
-    step, layer, mb = at.step, at.layer, at.micro_batch
-    phase, me, hidden, tp = ctx.timer.phase, ctx.rank, rows.shape[1], ctx.tables.tp
-    slot, sent = group.counts[mb], len(plan.order)
-    key = lambda purpose: (buffers, purpose, mb, layer % 2)  # a buffer is reused two layers later
-    wait = slot.turn(at, layer - ctx.first_moe_layer)
-    if wait is not None:
-        yield wait
-    posted = ctx.timer.mark()
-    with phase("dispatch_post", step, layer, mb, rows=sent):
-        send_counts, rows_to, first = group.shares(plan, tp)  # the one host read
-        stats.traffic[layer - ctx.first_moe_layer, list(group.ranks)] += rows_to * ctx.row_bytes(rows)
-        outgoing = ctx.pool.get(key("send"), sent, hidden, rows.dtype)
-        torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
-        counts, counts_in = slot.post(send_counts, at)
-    yield counts_in
-    ctx.timer.add("counts_comm", step, layer, mb, posted)
-    slots = counts[:, : ctx.tables.served_slots(me)]  # [G, my slots] from each member
-    rows_from = slots.sum(1)
-    from_first = np.cumsum(rows_from) - rows_from
-    incoming = ctx.pool.get(key("incoming"), int(rows_from.sum()), hidden, rows.dtype)
-
-    def exchange(*buffers_counts_and_firsts, wait: str):
-        return slot.rows(
-            *buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams
-        )
-
-    maybe_die(step, layer, "dispatch")
-    yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
-    ctx.timer.add("dispatch_comm", step, layer, mb, posted)
-    served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
-    maybe_die(step, layer, "experts")
-    if len(incoming):
-        with phase("experts", step, layer, mb):
-            run_once(moe, incoming, slots, served)
-    maybe_die(step, layer, "combine")
-    answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)  # member j's partials at j % tp
-    back_first = np.asarray(group.ranks) % tp * sent + first
-    yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, wait="combine_wait")
-    slot.done_turn()
-    ctx.timer.add("combine_comm", step, layer, mb, posted)
-    if tp == 1:
-        return answers
-    with phase("combine", step, layer, mb, partial_rows=tp * sent):
-        return sum_partials(answers.view(tp, sent, hidden))
-
-
-def run_once(moe, rows: torch.Tensor, counts: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """rows: [T, H] as received, source-major; counts: [G, S] rows from each source for each local
-    slot -> out [T, H], each local expert (or this rank's share of it) run once on all its rows."""
-    if counts.shape[1] <= 1 or counts.shape[0] <= 1:  # already grouped by expert
-        return moe.run_experts(rows, counts.sum(0).tolist(), out)
-    order = torch.from_numpy(expert_major(counts))
-    if rows.device.type != "cpu":  # queued behind the compute stream, no host synchronisation
-        order = order.pin_memory().to(rows.device, non_blocking=True)
-    answers = moe.run_experts(rows.index_select(0, order), counts.sum(0).tolist())
-    return out.index_copy_(0, order, answers)
+    """dispatch_post's host work: the one host read of the counts, the traffic statistics, the rows
+    gathered by destination into a reused buffer -> (counts to send [G, S], destination ranks,
+    {rank: (first row, rows)}, outgoing [m, H], answers [replies, m, H]: member j's partials in
+    answers[j])."""
+    hidden, m = rows.shape[1], len(plan.order)
+    send_counts, destinations, first, sizes = group.destinations(plan, ctx.tables.tp, replies > 1)
+    sent_bytes = np.array(sizes, np.int64) * ctx.row_bytes(rows)
+    stats.traffic[at.layer - ctx.first_moe_layer, destinations] += sent_bytes
+    outgoing = ctx.pool.get(key("send"), m, hidden, rows.dtype)
+    ctx.sender.settle(outgoing, at.waiting_for("send_wait", ()), ctx.timer)
+    torch.index_select(rows, 0, plan.source_token, out=outgoing)  # the one gather, ordered by destination
+    answers = ctx.pool.get(key("answers"), replies * m, hidden, rows.dtype).view(replies, m, hidden)
+    return send_counts, destinations, dict(zip(destinations, zip(first, sizes))), outgoing, answers
 
 
 def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, at: Where, returns_tag: int):
@@ -370,16 +207,6 @@ def serve_in_group(
                 own_answers.copy_(incoming.segment(summed, source))
             else:
                 sender.send(source, incoming.segment(summed, source), returns_tag)
-
-
-def sum_partials(partials: torch.Tensor) -> torch.Tensor:
-    """[T, m, H] partial outputs of an expert group's members -> [m, H]: summed in member order, in
-    float32, so every run and every arrival order gives the same bits. (In bfloat16 each partial was
-    rounded before the sum: T + 1 roundings where a whole expert has one.)"""
-    total = partials[0].to(torch.float32, copy=True)
-    for partial in partials[1:]:
-        total += partial
-    return total.to(partials.dtype)
 
 
 class CountedIncoming:
@@ -508,11 +335,10 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
             {tables.gateway[b]: node_part(returns_buffer, b) for b in active}, tag(Kind.GATEWAY_RETURNS)
         )
         for node in active:
-            stats.traffic[layer - ctx.first_moe_layer, tables.gateway[node]] += node_counts[
-                node
-            ] * ctx.row_bytes(packed)
-            if tables.gateway[node] != me:
-                sender.send(tables.gateway[node], node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
+            gateway = tables.gateway[node]
+            stats.traffic[layer - ctx.first_moe_layer, gateway] += node_counts[node] * ctx.row_bytes(packed)
+            if gateway != me:
+                sender.send(gateway, node_part(packed, node), tag(Kind.GATEWAY_DISPATCH))
     with phase("shared_experts", step, layer, mb):
         shared = moe.shared(h)
     yield counts_in
@@ -540,12 +366,19 @@ def two_stage(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: Step
             sender.send(source, partial[starts[i] : starts[i + 1]], tag(Kind.GATEWAY_RETURNS), returns)
     yield returns.all_in(at, "combine_wait")
     with phase("combine", step, layer, mb, tokens=len(h)):
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for node in active:  # node order: the same sum on every run
-            tokens = groups.tokens[node_ends[node] : node_ends[node + 1]]
-            out[tokens] += node_part(returns_buffer, node).float()
-        routed = out.to(h.dtype)
+        routed = sum_node_shares(h, groups.tokens, active, node_ends, returns_buffer)
         return routed if shared is None else routed + shared
+
+
+def sum_node_shares(h: torch.Tensor, tokens, active: list, node_ends, shares: torch.Tensor) -> torch.Tensor:
+    """h: [n, H]; shares [t, H]: each active node's weighted share of its tokens (tokens [t], node
+    b's in node_ends[b]:node_ends[b + 1]) -> [n, H] their sum per token, in float32 and node order:
+    the same sum on every run."""
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for node in active:
+        span = slice(node_ends[node], node_ends[node + 1])
+        out[tokens[span]] += shares[span].float()
+    return out.to(h.dtype)
 
 
 def exchange_for(dispatch: str):

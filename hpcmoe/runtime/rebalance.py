@@ -33,8 +33,9 @@ from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.placement import Placement, replicated
 from hpcmoe.parallel.traffic import expected_rank_load
 from hpcmoe.runtime import tags
-from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
+from hpcmoe.runtime.buffers import as_bytes, byte_view
 from hpcmoe.runtime.fault import track
+from hpcmoe.runtime.waits import Where, all_done, wait_all, wait_until
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Rebalancer:
     def __init__(self, config, topo, engine, placement: Placement, timer):
         self.settings, self.topo, self.engine, self.timer = config.parallel.rebalance, topo, engine, timer
         self.steps = config.steps
+        self.policy = engine.sender.policy  # the engine's waits
         self.tp = placement.tp
         self.placement = placement.grouped()  # over expert groups (ranks without expert_tp)
         self.node_of_place = list(topo.node_of_rank[:: self.tp])
@@ -165,7 +167,7 @@ class Rebalancer:
 
     def decide(self, step: int) -> None:
         request, total, _ = self.summing
-        wait_all([request], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
+        wait_all([request], Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer)
         self.summing = None
         tokens = total.astype(float)
         new = propose(self.placement, tokens, self.node_of_place)
@@ -191,7 +193,7 @@ class Rebalancer:
         mover, layers, switch, new = self.moving
         if self.voting is not None:
             request, everyone, _ = self.voting
-            wait_all([request], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
+            wait_all([request], Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer)
             self.voting = None
             if everyone[0]:
                 self.switch(step + 1, layers, switch, new)
@@ -267,9 +269,11 @@ class Rebalancer:
         """End of the run: finish what is in flight (every rank posted the same collectives), free."""
         for pending in (self.summing, self.voting):
             if pending is not None:
-                wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
+                wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer)
         if self.moving is not None:
-            wait_until(self.moving[0].done, Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
+            wait_until(
+                self.moving[0].done, Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer
+            )
             self.engine.sender.background = None
         self.comm.Free()
 

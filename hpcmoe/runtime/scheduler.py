@@ -4,7 +4,7 @@ A step's work is a list of generators (one per micro-batch on an ep or attention
 (MoE layer, micro-batch) on a MoE rank). Each computes until it needs a message, then yields a
 `Pending`; the scheduler resumes whichever can go on, so the exchange of one overlaps the compute
 of another, across layers, with no whole-batch barrier. When none can go on the rank is idle: it
-sleeps in comm.wait_until (the one place a rank waits) under a `*_wait` phase, which is what
+sleeps in waits.wait_until (the one place a rank waits) under a `*_wait` phase, which is what
 `idle_fraction` counts.
 
 The order of that work is `passes`, written once: the engine drives it with real waits
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hpcmoe.runtime.comm import Pending, Sender, wait_until  # noqa: F401 (Pending: what the generators yield)
+from hpcmoe.runtime.comm import Sender
+from hpcmoe.runtime.waits import Pending, wait_until  # noqa: F401 (Pending: what the generators yield)
 
 PASSED = "passed"  # yielded after every pass over the coroutines: the rank tests its sends (MPI progress)
 RESUMING = "resuming"  # yielded before a coroutine that waited is resumed (the host work of resuming it)
@@ -77,5 +78,6 @@ def run_concurrently(generators: list, timer, step: int, sender: Sender) -> list
                 wait_until(
                     lambda: sender.test() or any(p.poll() is not None for p in command),
                     command[0].where,
+                    sender.policy,
                     polled=lambda: any(p.polled() for p in command),
                 )

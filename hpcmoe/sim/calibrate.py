@@ -225,7 +225,8 @@ def probe(out: str) -> None:
     import torch
     from mpi4py import MPI
 
-    from hpcmoe.runtime.comm import Link, Receives, Sender
+    from hpcmoe.runtime.comm import Receives, Sender
+    from hpcmoe.runtime.link import Link
 
     world = MPI.COMM_WORLD
     me, peer = world.Get_rank(), 1 - world.Get_rank()

@@ -171,7 +171,7 @@ class Costs:
 
     def combine(self, tokens: int = 0, partial_rows: int = 0) -> float:
         """The tokens' k answers summed with their weights (one weighted gather-sum); with expert_tp,
-        `partial_rows` members' partial rows summed in float32 (moe_layer.sum_partials)."""
+        `partial_rows` members' partial rows summed in float32 (per_layer.sum_partials)."""
         m = self.m
         weighted = (tokens * m.top_k + 2 * tokens) * self.item
         return float(

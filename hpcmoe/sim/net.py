@@ -1,6 +1,7 @@
-"""The engine's MoE exchange on the simulated clock: hpcmoe.runtime.moe_layer's own generators (flat,
-two_stage, dispatch_and_serve, serve, exchange_per_layer, with their ExchangeContext), run by the
-simulation against stand-ins for what they touch of MPI and of the model.
+"""The engine's MoE exchange on the simulated clock: hpcmoe.runtime.moe_layer's own generators
+(flat, two_stage, dispatch_and_serve, serve; per_layer.exchange_per_layer; with their
+ExchangeContext), run by the simulation against stand-ins for what they touch of MPI and of the
+model.
 
 - SimSender, SimReceives, SimCounts: comm.py's sends, receives and collectives as messages and
   collectives of the simulation (delivered over its links; a collective completes as
@@ -8,11 +9,8 @@ simulation against stand-ins for what they touch of MPI and of the model.
   a gateway's slots) is what its peers sent.
 - CostedMoE: the model's part of an exchange (route, shared experts, experts), charged from the
   machine file by its shapes, with the simulation's routing (sim.routing).
-- SimTimer: the engine's timer. A rank's code runs inline between two yields, so what it computes is
-  charged to a ledger of parts; at each yield the ledger becomes Works run on the rank's core. A
-  send leaves, a collective is joined and a timing row ends at the end of the part it followed
-  (Ledger.works says how, with a unit per rank and with ranks time-sliced on shared units). A phase prices the shapes the
-  engine names in it (`timer.phase(name, ..., rows=...)`) with hpcmoe.sim.costs' method of that name.
+- SimTimer (sim.ledger): the engine's timer; what a rank computes between two yields is charged to
+  its Ledger, which the stand-ins charge too.
 
 Rows are 8 bytes wide, so they cost nothing to move here; their bytes on the wire are the
 model's (`row_bytes`: hidden x item; two_stage's packed rows hold their k slots and weights too).
@@ -20,7 +18,6 @@ model's (`row_bytes`: hidden x item; two_stage's packed rows hold their k slots 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -30,10 +27,14 @@ import torch
 
 from hpcmoe.parallel.dispatch import packed_row_bytes
 from hpcmoe.parallel.layout import ExpertSchedule
-from hpcmoe.runtime.comm import BufferPool, Link, Pending, Where
-from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup
+from hpcmoe.runtime.buffers import BufferPool
+from hpcmoe.runtime.comm import send_to_self
+from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup
+from hpcmoe.runtime.link import Link
+from hpcmoe.runtime.waits import Pending, WaitPolicy, Where
 from hpcmoe.sim import routing as sim_routing
-from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait, Work
+from hpcmoe.sim.events import AllFrom, AnyFrom, Cond, Latest, Wait
+from hpcmoe.sim.ledger import Ledger, SimTimer
 
 ALREADY = Cond()  # a wait on something this rank already holds
 ALREADY.time = -np.inf
@@ -50,122 +51,6 @@ def pending(poll, where: Where, phase: str, on) -> SimPending:
     return SimPending(
         poll, lambda: where.waiting_for(phase, ()), wait=Wait(on, phase, where.layer, where.micro_batch)
     )
-
-
-class Marker:
-    """A point in a rank's code: its time is known once the part it follows has run."""
-
-    time: Optional[float] = None
-
-
-class Ledger:
-    """A rank's compute since it last yielded, as parts run back to back, and what happens at their
-    ends: messages leave, collectives are joined, timing rows end (callbacks)."""
-
-    def __init__(self, sim, rank: int):
-        self.sim, self.rank = sim, rank
-        self.parts: list[float] = []
-        self.after: list = []  # (part index, callback(time), whether others see it at once: a collective)
-        self.outbox: list = []  # (part index, mail key, destinations, bytes of each)
-
-    def charge(self, seconds: float) -> None:
-        self.parts.append(float(seconds))
-
-    def then(self, callback, joins: bool = False) -> None:
-        """callback(time) at the end of the part charged last (now, when none is); joins: it posts to
-        a collective, which others see the moment it happens."""
-        if self.parts:
-            self.after.append((len(self.parts) - 1, callback, joins))
-        else:
-            callback(self.sim.now)
-
-    def send(self, key, destinations, nbytes) -> None:
-        """Messages posted at the end of the part charged last (sends always follow a charge)."""
-        self.outbox.append((len(self.parts) - 1, key, destinations, nbytes))
-
-    def works(self) -> list[Work]:
-        """-> everything charged since the last call, as Works.
-
-        With a unit of its own a rank runs its work the moment it starts, so every part's end is known
-        now: messages are posted and rows closed at once, at those times, and a Work ends only where a
-        collective is joined (the simulation sees it at its own time). A rank that shares its unit is
-        time-sliced: a Work ends wherever something happens, which happens when that Work ends."""
-        if not self.parts:
-            return []
-        parts, after, outbox = np.array(self.parts), self.after, self.outbox
-        self.parts, self.after, self.outbox = [], [], []
-        sim, own_unit = self.sim, self.sim.has_unit(self.rank)
-        if own_unit:
-            ends = sim.now + np.cumsum(parts * sim.slower(self.rank))
-            self.post(ends, outbox)
-            for index, callback, joins in after:
-                if not joins:
-                    callback(float(ends[index]))
-            after = [entry for entry in after if entry[2]]
-            outbox = []
-        by_end: dict = {}
-        for index, callback, _ in after:
-            by_end.setdefault(index, ([], []))[0].append(callback)
-        for entry in outbox:
-            by_end.setdefault(entry[0], ([], []))[1].append(entry)
-        works, first = [], 0
-        for last in sorted(set(by_end) | {len(parts) - 1}):
-            callbacks, sends = by_end.get(last, ([], []))
-            sends = [(index - first, key, to, nbytes) for index, key, to, nbytes in sends]
-            works.append(
-                Work(parts[first : last + 1], then=lambda ends, c=callbacks, m=sends: self.happen(ends, c, m))
-            )
-            first = last + 1
-        return works
-
-    def happen(self, ends: np.ndarray, callbacks: list, sends: list) -> None:
-        """At the end of a Work: its messages leave, then what happens at its end."""
-        self.post(ends, sends)
-        for callback in callbacks:
-            callback(float(ends[-1]))
-
-    def post(self, ends: np.ndarray, sends: list) -> None:
-        """The messages, each at the end of its part: one call per kind, in posting order."""
-        by_key: dict = {}
-        for index, key, destinations, nbytes in sends:
-            by_key.setdefault(key, []).append(
-                (np.atleast_1d(destinations), np.atleast_1d(nbytes), ends[index])
-            )
-        for key, messages in by_key.items():
-            self.sim.send(
-                key,
-                self.rank,
-                np.concatenate([d for d, _, _ in messages]),
-                np.concatenate([b for _, b, _ in messages]),
-                np.concatenate([np.full(len(d), sent) for d, _, sent in messages]),
-            )
-
-
-class SimTimer:
-    """output.Timer's interface on the simulated clock: rows go to the simulation's /timings."""
-
-    def __init__(self, net: "SimNet", rank: int):
-        self.sim, self.rank, self.ledger, self.costs = net.sim, rank, net.ledgers[rank], net.sim.costs
-
-    def mark(self) -> Marker:
-        marker = Marker()
-        self.ledger.then(lambda time: setattr(marker, "time", time))
-        return marker
-
-    @contextmanager
-    def phase(self, name: str, step: int, layer: int = -1, micro_batch: int = 0, **work):
-        """Shapes named on entry are charged first (the phase's work, then what its body posts);
-        shapes the body adds are charged when it ends."""
-        start, named = self.mark(), bool(work)
-        if named:
-            self.ledger.charge(getattr(self.costs, name)(**work))
-        yield work
-        if len(work) and not named:
-            self.ledger.charge(getattr(self.costs, name)(**work))
-        self.add(name, step, layer, micro_batch, start)
-
-    def add(self, name: str, step: int, layer: int, micro_batch: int, start: Marker) -> None:
-        self.ledger.then(lambda end: self.sim.row(self.rank, name, layer, micro_batch, start.time, end, step))
 
 
 class CostedMoE:
@@ -241,16 +126,14 @@ class SimSender:
     staging = streams = None
 
     def __init__(self, net: "SimNet", rank: int):
-        self.net, self.rank, self.ledger = net, rank, net.ledgers[rank]
+        self.net, self.rank, self.ledger, self.policy = net, rank, net.ledgers[rank], net.policy
 
     def receives(self, buffers: dict, tag: int) -> SimReceives:
         return SimReceives(self.net, self.rank, buffers, tag)
 
     def send(self, peer: int, data: torch.Tensor, tag: int, own: Optional[SimReceives] = None) -> None:
         if peer == self.rank:
-            if data.numel():
-                own.received[peer].copy_(data)
-            own.done.add(peer)
+            send_to_self(own, peer, data)
             return
         if data.numel() == 0:
             return
@@ -357,6 +240,7 @@ class SimNet:
     def __init__(self, sim):
         m = sim.config.model
         self.sim, self.dtype = sim, getattr(torch, m.dtype_name)
+        self.policy = WaitPolicy.for_run(sim.config, sim.poll_by_yielding)  # what comm.Sender carries
         self.ledgers = [Ledger(sim, rank) for rank in range(sim.ranks)]
         self.payloads: dict = {}  # (mail key, source, destination) -> the message's tensor
         plain, packed = m.hidden * sim.costs.item, packed_row_bytes(m.hidden, self.dtype, m.top_k)

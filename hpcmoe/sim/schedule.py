@@ -16,10 +16,10 @@ import torch
 from hpcmoe.model.attention import kv_heads_for, split_heads
 from hpcmoe.parallel.layout import request_range, requests_per_rank, step_micro_batches
 from hpcmoe.runtime import moe_layer
-from hpcmoe.runtime.comm import Where
-from hpcmoe.runtime.moe_layer import StepStats
+from hpcmoe.runtime.exchange_context import StepStats
 from hpcmoe.runtime.scheduler import PASSED, RESUMING, passes
 from hpcmoe.runtime.tags import Kind, tag_for
+from hpcmoe.runtime.waits import Where
 from hpcmoe.sim.events import PROGRESS, AllFrom, Wait, Work
 from hpcmoe.sim.net import charged
 

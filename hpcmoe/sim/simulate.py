@@ -190,7 +190,7 @@ class Simulation:
         )
         if context is None and one_batch:
             check_one_batch(config, self.layout, ranks, self.memory_per_rank)
-        # comm.POLL_BY_YIELDING: with a core (or GPU) per rank a collective's waits test again at once
+        # WaitPolicy.poll_by_yielding: with a core (or GPU) per rank a collective's waits test again at once
         self.poll_by_yielding = (
             max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
         )

@@ -110,7 +110,7 @@ def bench_control(
     import torch
 
     from hpcmoe.parallel.dispatch import compile_placement
-    from hpcmoe.runtime.moe_layer import ExchangeGroup
+    from hpcmoe.runtime.exchange_context import ExchangeGroup
 
     generator = torch.Generator().manual_seed(0)
     expert_ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])

@@ -44,10 +44,11 @@ def engine_exchange(config, topo, size: int, rank: int, moe, h):
     exchange(schedule) dispatches h and combines the answers (schedule: per_layer or per_source)."""
     from hpcmoe.parallel.placement import one_per_rank
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import build_exchange, messaging
-    from hpcmoe.runtime.moe_layer import StepStats, flat
+    from hpcmoe.runtime.exchange_context import StepStats
+    from hpcmoe.runtime.moe_layer import flat
     from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.waits import Where
 
     timer, sender = Timer(rank, 0.0), messaging(config, topo)
     ctx = build_exchange(config, topo, one_per_rank(size, size), timer, list(range(size)), sender)
@@ -85,9 +86,12 @@ def raw_alltoallv(world, rows, send_counts: np.ndarray) -> None:
     )
 
 
-def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None):
+def bench_dispatch(
+    tokens: int, hidden: int, dtype: str, top_k: int, reps: int, out: str | None, wait: str = "yield"
+):
     """Our dispatch + combine against two raw Alltoallv calls moving the same bytes (plus counts): `ours`
-    is the per_layer exchange (decode's default), `ours_per_source` the point-to-point one."""
+    is the per_layer exchange (decode's default), `ours_per_source` the point-to-point one; `wait` as
+    parallel.wait (yield or spin)."""
     import torch
     from mpi4py import MPI
 
@@ -103,6 +107,7 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
             f"model.num_experts={size}",
             f"model.top_k={min(top_k, size)}",
             "model.dense_layers=0",
+            f"parallel.wait={wait}",
         ],
     )
     topo = build_topology(world, None)

@@ -69,8 +69,10 @@ def through_link(world, topo, link, x, algorithm, counted: dict, name: str):
     hierarchical_sum) through the emulated link, and leaves in counted[name] the bytes this rank sent
     to other nodes."""
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.comm import Sender, Where, tag_for
+    from hpcmoe.runtime.comm import Sender
     from hpcmoe.runtime.scheduler import run_concurrently
+    from hpcmoe.runtime.tags import tag_for
+    from hpcmoe.runtime.waits import Where
 
     tag = lambda kind: tag_for(kind, 0, 0, 1)
     sender = CountingSender(Sender(world, link), topo.node_of_rank)
@@ -128,7 +130,7 @@ def bench_reduce(
     import torch
     from mpi4py import MPI
 
-    from hpcmoe.runtime.comm import Link
+    from hpcmoe.runtime.link import Link
     from hpcmoe.runtime.ma import hierarchical_sum
     from hpcmoe.runtime.topology import build_topology
 
