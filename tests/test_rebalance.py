@@ -16,7 +16,8 @@ import pytest
 from hpcmoe.config import load_config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement, replicated
-from hpcmoe.runtime.rebalance import expert_digest, imbalance, plan_moves
+from hpcmoe.parallel.rebalance import imbalance, plan_moves
+from hpcmoe.runtime.rebalance import expert_digest
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.test_report import report
 

@@ -5,7 +5,7 @@ installs one with pip) errors return instead of aborting. Every wait of a run te
 (comm.wait_until), so the first survivor that meets the dead rank raises, and so does every
 survivor waiting on a communicator it revokes: each survivor revokes every communicator of the
 run (no one stays blocked), the world shrinks to the survivors and they agree on the step; the
-engine (engine.recover) then rebuilds the run among them and re-runs the steps not yet written,
+engine (recovery.recover) then rebuilds the run among them and re-runs the steps not yet written,
 or, when they cannot go on, writes a partial file (NAME.partial.h5, `/metrics/failures` saying who
 died where) that `hpcmoe run ... --resume` continues. MPI finalization is skipped after a failure
 (it can hang).
@@ -79,7 +79,7 @@ def is_failure(error: BaseException) -> bool:
     shows up as where MPI does not name it: an error in one of several requests' statuses
     (ERR_IN_STATUS, ERR_PENDING), and ERR_OTHER from a collective whose peer died between its stages
     (Open MPI's bcast of a pickled object): the run's messages are well formed, so under fault
-    tolerance these are a dead peer too. Recovery checks that someone did die (engine.recover)."""
+    tolerance these are a dead peer too. Recovery checks that someone did die (recovery.recover)."""
     from mpi4py import MPI
 
     classes = {
@@ -143,7 +143,7 @@ def failure_rows(failures: list, step_times: dict) -> list:
 
 def survive(world):
     """Revoke everything and shrink to the survivors (the survivors then agree on the step: a death
-    during that agreement is one more failure to survive, engine.recover).
+    during that agreement is one more failure to survive, recovery.recover).
     -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
     from mpi4py import MPI
 
