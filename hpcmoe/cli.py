@@ -589,6 +589,9 @@ def command_run(args) -> int:
     from mpi4py import MPI
 
     max_batch = world.allreduce(max_batch, op=MPI.MIN)  # the same on every rank, whatever its node's memory
+    from hpcmoe.runtime.fault import FaultState, leave
+
+    fault = FaultState.of(config, topo.rank)
     metrics = run(
         config,
         topo,
@@ -598,6 +601,7 @@ def command_run(args) -> int:
         choose_device(config.run.device, topo.host_rank),
         resume,
         max_batch,
+        fault,
     )
     if topo.rank == 0 and "stopped_at_step" in metrics:
         print(
@@ -606,9 +610,7 @@ def command_run(args) -> int:
         )
     elif topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
-    from hpcmoe.runtime.fault import RECOVERED, leave
-
-    if RECOVERED[0]:
+    if fault.recovered:
         leave(0)  # MPI finalization can hang after a failure
     return 0
 

@@ -26,7 +26,6 @@ from mpi4py import MPI
 
 from hpcmoe.runtime import fault
 from hpcmoe.runtime.device import DONE
-from hpcmoe.runtime.fault import track
 from hpcmoe.runtime.tags import tag_for  # noqa: F401 (the exchanges' tags, imported from here too)
 
 HEADER = 8  # bytes: float64 delivery time, only on emulated inter-node messages
@@ -376,8 +375,9 @@ class CountsGroup:
     under run.fault_tolerance: Open MPI's shared-memory RMA is not made to outlive a dead rank, so
     the watchdog then names no one inside a collective.)"""
 
-    def __init__(self, comm, ranks: tuple[int, ...]):
-        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here."""
+    def __init__(self, comm, ranks: tuple[int, ...], track: Callable = lambda comm: comm):
+        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here,
+        and the duplicate given to track (the run's FaultState.track)."""
         self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
         self.comm_rank_world = self.ranks[self.comm.Get_rank()]
         self.row_types: dict[int, object] = {}  # row width in bytes -> a committed contiguous datatype

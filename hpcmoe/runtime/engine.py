@@ -16,14 +16,14 @@ import time
 import torch
 
 import hpcmoe
-from hpcmoe.config import LAYER_KILL_PHASES, Config
+from hpcmoe.config import Config
 from hpcmoe.model.transformer import rotate_skew
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import process_bytes
 from hpcmoe.runfile.output import Timer
 from hpcmoe.runtime.batch import Batch, Events, batch_of
-from hpcmoe.runtime.fault import CLOCK, KILL, RankFailed, failure_rows, is_failure, maybe_die
+from hpcmoe.runtime.fault import FaultState, RankFailed, failure_rows, is_failure
 from hpcmoe.runtime.hooks import Mirror, Progress, RootGather, StopSignal
 from hpcmoe.runtime.records import Made, peak_rss_bytes, write_step
 from hpcmoe.runtime.recovery import Recovery, building_failed, recover
@@ -40,24 +40,24 @@ def run(
     device: torch.device = torch.device("cpu"),
     resume=None,
     max_batch: int | None = None,
+    fault: FaultState | None = None,
 ) -> dict:
     """Generate for every request of the config on `device`; rank 0 writes the run file. Returns the
     metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from);
     resume: a partial run (hpcmoe.runtime.workload.Resume) to continue; max_batch: run.max_batch as the
-    start-up check resolved it (default: run.max_batch, else every request of a rank at once)."""
+    start-up check resolved it (default: run.max_batch, else every request of a rank at once); fault: the
+    run's FaultState (default: this rank's run.kill points), read after the run for `recovered`."""
     rank = topo.rank
     config = config.on_device(device.type)
     max_batch = max_batch or config.run.max_batch or len(config.requests)
-    KILL[:] = [
-        (k.step, k.layer if k.phase in LAYER_KILL_PHASES else -1, k.phase)
-        for k in config.run.kill or []
-        if k.rank == rank
-    ]
+    fault = fault if fault is not None else FaultState.of(config, rank)
     placement = layout.placement(topo.node_of_rank, routing)
     source = f"routing of {config.parallel.placement_from}" if routing is not None else "uniform"
     writer = open_writer(config, topo, device, placement, source, resume, max_batch) if rank == 0 else None
     try:
-        metrics = generate(config, topo, layout, placement, source, writer, load, device, resume, max_batch)
+        metrics = generate(
+            config, topo, layout, placement, source, writer, load, device, resume, max_batch, fault
+        )
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -65,14 +65,16 @@ def run(
     return metrics
 
 
-def build_engine(config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load, device):
+def build_engine(
+    config: Config, topo: Topology, layout, placement: Placement, timer: Timer, load, device, fault
+):
     if config.parallel.layout == "ma":
         from hpcmoe.runtime.ma import ma_engine
 
-        return ma_engine(config, topo, placement, timer, layout, load, device)
+        return ma_engine(config, topo, placement, timer, layout, load, device, fault)
     from hpcmoe.runtime.ep import EPEngine
 
-    return EPEngine(config, topo, placement, timer, load, device=device)
+    return EPEngine(config, topo, placement, timer, load, device=device, fault=fault)
 
 
 def generate(
@@ -86,6 +88,7 @@ def generate(
     device,
     resume=None,
     max_batch: int = 1,
+    fault: FaultState | None = None,
 ) -> dict:
     """Build this rank's engine and run every step; with run.fault_tolerance, after a dead rank the
     survivors rebuild everything among themselves and go on with the requests not finished."""
@@ -98,7 +101,8 @@ def generate(
         Made(first=resume.step if resume is not None else 0, runtime_bytes=process_bytes()),
         None,
     )
-    recovery = Recovery(config, topo, placement, source, device, max_batch, resume)
+    fault = fault if fault is not None else FaultState()
+    recovery = Recovery(config, topo, placement, source, device, max_batch, resume, fault)
     mirror = Mirror(topo.world, made) if config.run.fault_tolerance else None
     given = writer
     engine_config = dataclasses.replace(config, run=dataclasses.replace(config.run, max_batch=max_batch))
@@ -111,12 +115,12 @@ def generate(
                 if survivors is not None:  # after a recovery: the (maybe new) deputy mirrors rank 0
                     mirror = Mirror(topo.world, made)
                     mirror.hand_over(topo.world)
-                engine = build_engine(engine_config, topo, layout, placement, timer, load, device)
+                engine = build_engine(engine_config, topo, layout, placement, timer, load, device, fault)
                 keep_freed_memory()  # from here: the build's large temporaries went back to the kernel
                 new_rows = lambda n: engine.new_cache(n, longest)
                 cache = new_rows(0)
                 state = batch_of(config, engine, requests, new_rows, cache, max_batch, earlier)
-                gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer)
+                gather, stop = RootGather(topo.world, timer), StopSignal(topo.world, timer, fault)
                 progress = Progress(len(requests), earlier) if topo.rank == 0 else None
                 if survivors is None:
                     if device.type != "cpu":
@@ -126,9 +130,20 @@ def generate(
                     topo.world.Barrier()  # the common start: every timing row and TTFT count from here
                     timer.restart(time.perf_counter())
                     made.load_s = time.time() - hpcmoe.STARTED
-                    CLOCK[0] = timer.now
+                    fault.clock = timer.now
                 done = run_steps(
-                    config, engine, timer, state, gather, writer, progress, stop, made, survivors, mirror
+                    config,
+                    engine,
+                    timer,
+                    state,
+                    gather,
+                    writer,
+                    progress,
+                    stop,
+                    made,
+                    fault,
+                    survivors,
+                    mirror,
                 )
                 break
             except (RankFailed, MPI.Exception) as error:  # MPI.Exception: a death while the engine is built
@@ -154,6 +169,7 @@ def generate(
     )
     gather.close(done)
     engine.close()
+    fault.release()  # the run's communicators are freed
     if records is None:
         return {}
     if survivors is not None:
@@ -181,6 +197,7 @@ def run_steps(
     progress,
     stop,
     made: Made,
+    fault: FaultState,
     survivors=None,
     mirror=None,
 ) -> int:
@@ -230,7 +247,7 @@ def run_steps(
                 if survivors is not None:
                     traffic = survivors.widen_traffic(traffic)
                 record = (events, logits, (routing, traffic, int(stats.dropped)), timer.take())
-                maybe_die(step, -1, "record")
+                fault.maybe_die(step, -1, "record")
                 records = gather(record, step)
                 if records is not None:
                     if survivors is not None:
@@ -250,12 +267,12 @@ def run_steps(
             # the vote posted now is read at the next boundary (at once after the first step): so it
             # says whether this rank still has requests after the next step
             at_once = step - 1 == first
-            maybe_die(step - 1, -1, "stop_vote")
+            fault.maybe_die(step - 1, -1, "stop_vote")
             if stop.agreed(
                 step - 1, requests_left=state.busy if at_once else state.busy_after_next, at_once=at_once
             ):
                 return step
-            maybe_die(step - 1, -1, "between_steps")
+            fault.maybe_die(step - 1, -1, "between_steps")
     except Exception as error:  # noqa: BLE001 (a dead rank, under run.fault_tolerance: the survivors go on)
         if r.fault_tolerance and is_failure(error):
             raise RankFailed(engine.step, getattr(error, "where", None), timer.now()) from error

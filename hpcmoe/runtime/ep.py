@@ -23,6 +23,7 @@ from hpcmoe.parallel.placement import Placement
 from hpcmoe.runtime import moe_layer
 from hpcmoe.runtime.comm import BufferPool, Link, Sender, Where
 from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.moe_layer import ExchangeContext, ExchangeGroup, StepStats
 from hpcmoe.runtime.scheduler import run_concurrently
 from hpcmoe.runtime.topology import Topology, available_cores
@@ -55,9 +56,11 @@ def build_exchange(
     sender: Sender,
     stall=lambda step: None,
     device=torch.device("cpu"),
+    fault: FaultState | None = None,
 ) -> ExchangeContext | None:
     """The exchange context of this rank among `members` (world ranks); collective over the world
-    (every rank calls it, members or not). None on a rank that exchanges nothing."""
+    (every rank calls it, members or not). None on a rank that exchanges nothing. fault: the run's
+    kill points and tracked communicators (default: none)."""
     from mpi4py import MPI
 
     p, rank = config.parallel, topo.rank
@@ -69,13 +72,14 @@ def build_exchange(
     )
     if rank not in members:
         return None
-    group = ExchangeGroup.build(comm, members, micro_batches, topo.size)
+    fault = fault if fault is not None else FaultState()
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, fault.track)
     if comm != topo.world:
         comm.Free()  # the groups hold duplicates
     node_group = None
     if p.dispatch == "two_stage":
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
-        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size)
+        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size, fault.track)
     return ExchangeContext(
         rank=rank,
         world=topo.world,
@@ -92,6 +96,7 @@ def build_exchange(
         before_dispatch=stall,
         tp_forward=p.expert_tp_dispatch == "leader",
         schedule=ExpertSchedule(p.expert_schedule),
+        fault=fault,
     )
 
 
@@ -123,8 +128,9 @@ class Messaging:
         members: list[int],
         device,
         data_parallel: int,
+        fault: FaultState | None = None,
     ):
-        """data_parallel: how many ranks (or attention groups) split the requests."""
+        """data_parallel: how many ranks (or attention groups) split the requests; fault: the run's."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
         self.decode_min = config.run.decode_micro_batch_min
         self.requests_per_rank = min(
@@ -135,7 +141,7 @@ class Messaging:
         stall = Stall(
             4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step
         )
-        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device, fault)
         self.exchange = moe_layer.exchange_for(config.parallel.dispatch)
 
     def step_micro_batches(self, prefill: bool) -> int:
@@ -194,8 +200,10 @@ class EPEngine:
         timer,
         load=None,
         device=torch.device("cpu"),
+        fault: FaultState | None = None,
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
+        self.fault = fault if fault is not None else FaultState()
         self.rank = topo.rank
         self.model: Transformer = build_model(
             config.model,
@@ -204,7 +212,9 @@ class EPEngine:
             device,
             expert_shard=(self.rank % placement.tp, placement.tp),
         )
-        self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device, topo.size)
+        self.net = Messaging(
+            config, topo, placement, timer, list(range(topo.size)), device, topo.size, self.fault
+        )
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
         self.reports = True  # whether this rank's tokens go into the run file
         self.step, self.prefill = 0, True  # set by the generate loop before each step
@@ -212,7 +222,7 @@ class EPEngine:
         if config.parallel.rebalance is not None:
             from hpcmoe.runtime.rebalance import Rebalancer
 
-            self.rebalancer = Rebalancer(config, topo, self, placement, timer)
+            self.rebalancer = Rebalancer(config, topo, self, placement, timer, self.fault)
 
     def requests(self, batch: int) -> range:
         """The requests this rank computes: every size-th of the file, from its rank on."""

@@ -15,32 +15,77 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import NoReturn
+from dataclasses import dataclass, field
+from typing import Callable, NoReturn, Optional
 
 EXIT_RANK_FAILED = 4  # the survivors of a dead rank could not go on (a partial file, unless the writers died)
-COMMUNICATORS: list = []  # every communicator a run waits on, revoked after a failure
-
-
-RECOVERED = [False]  # this process went on after a dead rank: skip MPI finalization at the end
-KILL: list = []  # run.kill: the (step, layer, phase) points at which this rank kills itself (testing)
 ENABLED = [False]  # run.fault_tolerance is on in this process
 
 
-CLOCK: list = [None]  # the run's clock (seconds since the common start), for the kill line
+@dataclass
+class FaultState:
+    """One run's fault state on this rank: the points at which it kills itself (run.kill, testing),
+    the run's clock for the kill line, the communicators the run waits on (revoked after a failure,
+    released when the run recovers or ends), and whether it went on after a dead rank (then MPI
+    finalization is skipped)."""
 
+    kills: frozenset = frozenset()  # (step, layer or -1, phase)
+    clock: Optional[Callable[[], float]] = None  # seconds since the common start
+    communicators: list = field(default_factory=list)
+    recovered: bool = False
 
-def maybe_die(step: int, layer: int, phase: str) -> None:
-    """run.kill: a process failure as a real one looks, SIGKILL, at a configured point. Its last line
-    gives the time on the run's clock, from which recovery is measured (the survivors learn of the
-    death only later: that detection latency is part of the recovery a user sees)."""
-    from hpcmoe.config import LAYER_KILL_PHASES
+    @classmethod
+    def of(cls, config, rank: int) -> FaultState:
+        """This rank's kill points of config.run.kill (a layer counts only in the layer phases)."""
+        from hpcmoe.config import LAYER_KILL_PHASES
 
-    if KILL and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in KILL:
-        at = f" at {CLOCK[0]():.6f} s on the run's clock" if CLOCK[0] is not None else ""
-        sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), 9)
+        return cls(
+            frozenset(
+                (k.step, k.layer if k.phase in LAYER_KILL_PHASES else -1, k.phase)
+                for k in config.run.kill or []
+                if k.rank == rank
+            )
+        )
+
+    def maybe_die(self, step: int, layer: int, phase: str) -> None:
+        """run.kill: a process failure as a real one looks, SIGKILL, at a configured point. Its last
+        line gives the time on the run's clock, from which recovery is measured (the survivors learn
+        of the death only later: that detection latency is part of the recovery a user sees)."""
+        from hpcmoe.config import LAYER_KILL_PHASES
+
+        if self.kills and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in self.kills:
+            at = f" at {self.clock():.6f} s on the run's clock" if self.clock is not None else ""
+            sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), 9)
+
+    def track(self, comm):
+        """Remember a communicator the run waits on (to revoke it after a failure); returns it."""
+        self.communicators.append(comm)
+        return comm
+
+    def release(self) -> None:
+        """The run ended, or its communicators were revoked: nothing of it is waited on any more."""
+        self.communicators.clear()
+
+    def survive(self, world):
+        """Revoke everything and shrink to the survivors (the survivors then agree on the step: a
+        death during that agreement is one more failure to survive, recovery.recover).
+        -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
+        from mpi4py import MPI
+
+        for comm in self.communicators + [world]:
+            try:
+                comm.Revoke()
+            except MPI.Exception:
+                pass  # already revoked, or freed
+        self.release()
+        shrunk = world.Shrink()
+        survivors = MPI.Group.Translate_ranks(
+            shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group()
+        )
+        dead = sorted(set(range(world.Get_size())) - set(survivors))
+        return shrunk, dead, list(survivors)
 
 
 def killed_at(stderr: str) -> list[float]:
@@ -66,12 +111,6 @@ def check_mpi() -> str | None:
     if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true"):
         return f"run.fault_tolerance needs ULFM enabled at launch: mpirun --with-ft ulfm ... ({version})"
     return None
-
-
-def track(comm):
-    """Remember a communicator the run waits on (to revoke it after a failure); returns it."""
-    COMMUNICATORS.append(comm)
-    return comm
 
 
 def is_failure(error: BaseException) -> bool:
@@ -139,25 +178,6 @@ def failure_rows(failures: list, step_times: dict) -> list:
     """(rank, step, layer, phase, detected_at, _, action, step resumed at) -> /metrics/failures rows,
     recovered_at = when the resumed step was done again (NaN when it never was)."""
     return [row[:5] + (step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
-
-
-def survive(world):
-    """Revoke everything and shrink to the survivors (the survivors then agree on the step: a death
-    during that agreement is one more failure to survive, recovery.recover).
-    -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
-    from mpi4py import MPI
-
-    for comm in COMMUNICATORS + [world]:
-        try:
-            comm.Revoke()
-        except MPI.Exception:
-            pass  # already revoked, or freed
-    shrunk = world.Shrink()
-    survivors = MPI.Group.Translate_ranks(
-        shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group()
-    )
-    dead = sorted(set(range(world.Get_size())) - set(survivors))
-    return shrunk, dead, list(survivors)
 
 
 def leave(code: int) -> NoReturn:

@@ -15,7 +15,7 @@ import numpy as np
 from hpcmoe.runfile.output import RunWriter, Timer
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, wait_all, wait_until
-from hpcmoe.runtime.fault import track
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.records import Made
 from hpcmoe.runtime.topology import STOP_REQUESTED, listen_for_stop
 
@@ -60,8 +60,8 @@ class StopSignal:
     meanwhile. Every rank reads the same result at the same boundary, so all stop after the same
     step, and no step waits for a vote in the common case."""
 
-    def __init__(self, world, timer: Timer):
-        self.comm, self.timer, self.request = track(world.Dup()), timer, None
+    def __init__(self, world, timer: Timer, fault: FaultState):
+        self.comm, self.timer, self.request = fault.track(world.Dup()), timer, None
         self.flags, self.anyone = np.zeros(2, dtype=int), np.zeros(2, dtype=int)
         self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi

@@ -23,6 +23,7 @@ from hpcmoe.model.transformer import build_experts, build_model
 from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.runtime.comm import Receives, Where
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.moe_layer import StepStats
 from hpcmoe.runtime.tags import Kind, tag_for
 
@@ -172,7 +173,15 @@ class AttentionEngine:
     """An attention rank: its group's requests, its share of the query heads and of the vocabulary."""
 
     def __init__(
-        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+        self,
+        config,
+        topo,
+        placement,
+        timer,
+        layout: MALayout,
+        load=None,
+        device=torch.device("cpu"),
+        fault: FaultState | None = None,
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill = topo.rank, 0, True
@@ -187,7 +196,7 @@ class AttentionEngine:
         ]
         self.model = build_model(m, [], load, device, heads=self.heads, vocab=self.vocab_slices[self.shard])
         self.net = Messaging(
-            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas, fault
         )
         self.comm, self.sender, self.link, self.ctx = (
             topo.world,
@@ -303,13 +312,21 @@ class MoEEngine:
     step as tokens arrive."""
 
     def __init__(
-        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+        self,
+        config,
+        topo,
+        placement,
+        timer,
+        layout: MALayout,
+        load=None,
+        device=torch.device("cpu"),
+        fault: FaultState | None = None,
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
         self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
         self.net = Messaging(
-            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas, fault
         )
 
     def requests(self, batch: int) -> range:
@@ -342,6 +359,8 @@ def exchange_members(layout: MALayout) -> list[int]:
     return layout.all_primaries() + list(range(layout.attention_ranks, layout.world_size))
 
 
-def ma_engine(config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+def ma_engine(
+    config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu"), fault=None
+):
     cls = AttentionEngine if layout.is_attention(topo.rank) else MoEEngine
-    return cls(config, topo, placement, timer, layout, load, device)
+    return cls(config, topo, placement, timer, layout, load, device, fault)

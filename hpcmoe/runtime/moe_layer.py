@@ -35,7 +35,7 @@ from hpcmoe.parallel.dispatch import (
 )
 from hpcmoe.parallel.layout import ExpertSchedule
 from hpcmoe.runtime.comm import BufferPool, CountsGroup, Link, Pending, Receives, Sender, Where
-from hpcmoe.runtime.fault import maybe_die
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.tags import Kind, tag_for
 
 
@@ -65,11 +65,14 @@ class ExchangeGroup:
     member_host: np.ndarray  # [R] bool, True for the group's ranks
 
     @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int) -> "ExchangeGroup":
-        """Collective over `comm`, whose members are exactly `ranks` in order."""
+    def build(
+        cls, comm, ranks, micro_batches: int, world_size: int, track: Callable = lambda comm: comm
+    ) -> "ExchangeGroup":
+        """Collective over `comm`, whose members are exactly `ranks` in order; track: the run's
+        FaultState.track, given each communicator made."""
         member = np.zeros(world_size, bool)
         member[list(ranks)] = True
-        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks) for _ in range(micro_batches)), member)
+        return cls(tuple(ranks), tuple(CountsGroup(comm, ranks, track) for _ in range(micro_batches)), member)
 
     def host_counts(self, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The plan's counts in one device-to-host copy -> (counts per slot of each rank [R, S], rows
@@ -132,6 +135,7 @@ class ExchangeContext:
     schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
     # bytes of one row of a [rows, W] tensor on the wire (the simulator's rows are narrower than the model's)
     row_bytes: Callable[[torch.Tensor], int] = lambda rows: rows.shape[1] * rows.element_size()
+    fault: FaultState = field(default_factory=FaultState)  # the run's kill points (run.kill)
 
     def receives(self, buffers: dict, tag: int) -> Receives:
         """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""
@@ -145,7 +149,7 @@ class ExchangeContext:
 
 def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """h: [n, H] -> (slots [n, k], weights [n, k]), and this rank's routing statistics."""
-    maybe_die(at.step, at.layer, "route")
+    ctx.fault.maybe_die(at.step, at.layer, "route")
     ctx.before_dispatch(at.step)
     with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
         expert_ids, weights = moe.route(h)
@@ -211,7 +215,7 @@ def dispatch_and_serve(
         for r in destinations:
             if r != me:
                 sender.send(r, part(outgoing, r), dispatch_tag)
-    maybe_die(step, layer, "dispatch")
+    ctx.fault.maybe_die(step, layer, "dispatch")
     own_answers = part(answers[me % replies], me) if me in span else None
     if tp > 1 and ctx.tp_forward:
         yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key, stats)
@@ -220,7 +224,7 @@ def dispatch_and_serve(
     if me in span:
         returns.done.add(me)
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
-    maybe_die(step, layer, "combine")
+    ctx.fault.maybe_die(step, layer, "combine")
     yield returns.all_in(at, "combine_wait")
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     if replies == 1:
@@ -269,15 +273,15 @@ def exchange_per_layer(
             *buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams
         )
 
-    maybe_die(step, layer, "dispatch")
+    ctx.fault.maybe_die(step, layer, "dispatch")
     yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
-    maybe_die(step, layer, "experts")
+    ctx.fault.maybe_die(step, layer, "experts")
     if len(incoming):
         with phase("experts", step, layer, mb):
             run_once(moe, incoming, slots, served)
-    maybe_die(step, layer, "combine")
+    ctx.fault.maybe_die(step, layer, "combine")
     answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)  # member j's partials at j % tp
     back_first = np.asarray(group.ranks) % tp * sent + first
     yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, wait="combine_wait")
@@ -306,7 +310,8 @@ def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, a
     arrive and answer at once; its own rows' answers land in `own_answers`."""
     me = ctx.rank
     yield from incoming.start()
-    maybe_die(at.step, at.layer, "experts")  # the counts are in: serving (also when nothing comes)
+    # the counts are in: serving (also when nothing comes)
+    ctx.fault.maybe_die(at.step, at.layer, "experts")
     while not incoming.finished():
         arrived = yield incoming.pending()
         for source in sorted(arrived):
@@ -344,7 +349,7 @@ def serve_in_group(
     partials = ctx.pool.get(key("partials"), shares * len(rows), rows.shape[1], rows.dtype)
     partials = partials.view(shares, len(rows), rows.shape[1])
     sender.settle(partials, at.waiting_for("send_wait", ()), ctx.timer)
-    maybe_die(step, layer, "experts")
+    ctx.fault.maybe_die(step, layer, "experts")
     if me == leader:
         members = range(leader + 1, leader + tp)
         for member in members:

@@ -33,7 +33,6 @@ from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.rebalance import Switch, imbalance, plan_moves, propose
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
-from hpcmoe.runtime.fault import track
 
 
 class Mover:
@@ -83,13 +82,13 @@ class Mover:
 class Rebalancer:
     """One ep rank's part of online rebalancing (see the module docstring)."""
 
-    def __init__(self, config, topo, engine, placement: Placement, timer):
+    def __init__(self, config, topo, engine, placement: Placement, timer, fault):
         self.settings, self.topo, self.engine, self.timer = config.parallel.rebalance, topo, engine, timer
         self.steps = config.steps
         self.tp = placement.tp
         self.placement = placement.grouped()  # over expert groups (ranks without expert_tp)
         self.node_of_place = list(topo.node_of_rank[:: self.tp])
-        self.comm = track(topo.world.Dup())
+        self.comm = fault.track(topo.world.Dup())
         self.window: deque = deque(maxlen=self.settings.window_steps)
         self.summing = self.voting = None  # (request, buffers) in flight
         self.moving = None  # (Mover, new MoE layers, Switch)

@@ -18,7 +18,7 @@ from hpcmoe.config import Config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.runfile.output import RunWriter
-from hpcmoe.runtime.fault import RECOVERED, RankFailed, is_failure, maybe_die
+from hpcmoe.runtime.fault import FaultState, RankFailed, is_failure
 from hpcmoe.runtime.records import Made, peak_rss_bytes, write_step
 from hpcmoe.runtime.run_file import finish, open_writer
 from hpcmoe.runtime.topology import Topology
@@ -35,6 +35,7 @@ class Recovery:
     device: torch.device
     max_batch: int
     resume: object  # the partial run this one resumed, or None
+    fault: FaultState
     failures: list = field(default_factory=list)
 
     @property
@@ -77,7 +78,7 @@ def recover(
 
     from hpcmoe.parallel.layout import MALayout
     from hpcmoe.parallel.placement import on_survivors
-    from hpcmoe.runtime.fault import Survivors, survive
+    from hpcmoe.runtime.fault import Survivors
     from hpcmoe.runtime.topology import build_topology
 
     config, original = recovery.config, recovery.original
@@ -98,7 +99,7 @@ def recover(
     ]
     retrying = None
     while True:  # again when a rank dies during the recovery itself: survive among those left
-        shrunk, dead_here, kept_here = survive(world)
+        shrunk, dead_here, kept_here = recovery.fault.survive(world)
         if retrying is not None and not dead_here:  # an MPI error in the recovery, and no one else died
             raise retrying
         dead += [now[kept_now[r]] for r in dead_here]
@@ -109,7 +110,7 @@ def recover(
         )
         try:
             step = shrunk.allreduce(failed.step, op=MPI.MIN)  # the earliest step any survivor failed in
-            maybe_die(step, -1, "recovery")  # testing: a second death, after the shrink
+            recovery.fault.maybe_die(step, -1, "recovery")  # testing: a second death, after the shrink
             moved = kept_now[0] != 0
             if moved and made.records is not None and shrunk.Get_rank() == 0 and writer is None:
                 writer = take_over_writer(recovery, made, now[0])  # the writer died: its deputy takes over
@@ -148,7 +149,7 @@ def recover(
     rebuilt = f"; rebuilt expert {','.join(map(str, lost))}" if lost else ""
     writer_moved = f"; rank {kept[0]} writes" if moved else ""
     recovery.failures += row(f"continued on {shrunk.Get_size()} ranks{rebuilt}{writer_moved}")
-    RECOVERED[0] = True
+    recovery.fault.recovered = True
     if shrunk.Get_rank() == 0:
         sys.stderr.write(
             f"hpcmoe: rank(s) {', '.join(map(str, dead))} failed in step {step}: continuing on "
