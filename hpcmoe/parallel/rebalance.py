@@ -54,3 +54,25 @@ def plan_moves(old: Placement, new: Placement) -> list[tuple[int, int, int]]:
                 sources = holders[expert]
                 moves.append((expert, sources[(place + expert) % len(sources)], place))
     return moves
+
+
+def worth_moving(
+    current: Placement,
+    new: Placement,
+    tokens_from_node: np.ndarray,
+    node_of_place: list[int],
+    min_gain: float,
+) -> tuple[float, float] | None:
+    """-> (predicted rank load max/mean of the current placement, of the new one) when the new one is
+    worth its moves: it differs, and lowers the figure by at least min_gain of it; else None."""
+    before, after = (
+        imbalance(current, tokens_from_node, node_of_place),
+        imbalance(new, tokens_from_node, node_of_place),
+    )
+    if (
+        (new.slot_expert, new.slot_rank) == (current.slot_expert, current.slot_rank)
+        or after >= before
+        or before - after < min_gain * before
+    ):
+        return None
+    return before, after

@@ -16,19 +16,22 @@ from hpcmoe.config import Config
 from hpcmoe.model.attention import StepInputs
 
 
-def batch_of(config: Config, engine, requests, new_rows, cache, max_batch: int, earlier) -> "Batch":
+def batch_of(config: Config, engine, max_batch: int, earlier) -> "Batch":
     """This rank's Batch: the requests its engine serves (every attention group's in turn, in file
-    order), the checkpoint's end-of-sequence tokens when requests stop at them."""
+    order), the checkpoint's end-of-sequence tokens when requests stop at them; its cache rows as long
+    as the longest request."""
     from hpcmoe.runtime.workload import eos_ids
 
-    r = config.run
+    r, requests = config.run, config.requests
+    longest = int((requests.prompt_lengths + requests.max_new_tokens).max())
+    new_rows = lambda n: engine.new_cache(n, longest)
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
     return Batch(
         requests,
         engine.requests(len(requests)),
         eos_ids(config.model.checkpoint) if stop_at_eos else (),
         new_rows,
-        cache,
+        new_rows(0),
         r.batching,
         max_batch,
         r.prefill_chunk,

@@ -8,6 +8,7 @@ that computes and yields what it waits for, and the scheduler resumes whichever 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -223,6 +224,20 @@ class EPEngine:
             from hpcmoe.runtime.rebalance import Rebalancer
 
             self.rebalancer = Rebalancer(config, topo, self, placement, timer, self.fault)
+
+    def step_hooks(self) -> list:
+        """The rebalancer runs after each step (parallel.rebalance)."""
+        return [self.rebalancer] if self.rebalancer is not None else []
+
+    def placement_history(self) -> list:
+        return self.rebalancer.history if self.rebalancer is not None else []
+
+    def swap_experts(self, layers: list, tables) -> None:
+        """The rebalancer's switch: these MoE layers (one per MoE block, in order) and the placement
+        tables compiled for them serve from the next step on."""
+        for block, layer in zip((b for b in self.model.layers if b.is_moe), layers):
+            block.mlp.adopt(layer)
+        self.net.ctx = self.ctx = dataclasses.replace(self.ctx, tables=tables)
 
     def requests(self, batch: int) -> range:
         """The requests this rank computes: every size-th of the file, from its rank on."""

@@ -141,39 +141,6 @@ class RankFailed(Exception):
     detected_at: float  # seconds on the run's clock
 
 
-@dataclass(frozen=True)
-class Survivors:
-    """After a recovery: the original world rank of each current rank; records and traffic are
-    widened back to the original ranks (the dead ones' entries empty) so the run file keeps its axes."""
-
-    world_ranks: tuple[int, ...]
-    world_size: int
-
-    def widen_traffic(self, traffic):
-        """[moe_layers, current ranks] -> [moe_layers, original ranks]."""
-        import numpy as np
-
-        wide = np.zeros((traffic.shape[0], self.world_size), traffic.dtype)
-        wide[:, list(self.world_ranks)] = traffic
-        return wide
-
-    def widen_steps(self, records: list) -> list:
-        """A step's records (events, logits, (routing, traffic, dropped), timings) in current rank
-        order -> in original rank order, empty ones (no events) for the dead ranks."""
-        events, _, (routing, traffic, _), timings = records[0]
-        return self.widen(records, (type(events)(), None, (routing * 0, traffic * 0, 0), timings[:0]))
-
-    def widen_final(self, records: list) -> list:
-        """The end-of-run records ((peak RSS, cache digest, weight digests), None, None, timings)."""
-        return self.widen(records, ((0, "", []), None, None, records[0][3][:0]))
-
-    def widen(self, records: list, empty) -> list:
-        wide = [empty] * self.world_size
-        for rank, record in zip(self.world_ranks, records):
-            wide[rank] = record
-        return wide
-
-
 def failure_rows(failures: list, step_times: dict) -> list:
     """(rank, step, layer, phase, detected_at, _, action, step resumed at) -> /metrics/failures rows,
     recovered_at = when the resumed step was done again (NaN when it never was)."""

@@ -1,8 +1,10 @@
-"""The work done at every step boundary besides the step itself: the records gathered to rank 0,
-the stop vote, rank 0's progress line and the deputy's mirror of rank 0's records.
+"""The work done after every step, as hooks the step loop calls in order (steps.StepLoop): the
+records gathered to rank 0 and written, the deputy's mirror of them, rank 0's progress line (these
+three timed together as the step's output), and the stop vote; the ep engine adds its rebalancer.
 
-Each is a small object with its own communicator or pending requests, separate from the loop that
-calls it so that the loop reads as the step and the work after it.
+Each is a small object with its own communicator or pending requests, separate from the loop so that
+the loop reads as the step and the work after it. A hook has after_step(done: steps.StepDone), and
+may fill in what later hooks read (`done.record`, `done.written`, `done.stop`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,53 @@ import numpy as np
 
 from hpcmoe.runfile.output import RunWriter, Timer
 from hpcmoe.runtime import tags
+from hpcmoe.runtime.batch import Events
 from hpcmoe.runtime.comm import Where, wait_all, wait_until
 from hpcmoe.runtime.fault import FaultState
-from hpcmoe.runtime.records import Made
+from hpcmoe.runtime.records import Made, StepRecord, WrittenStep
+from hpcmoe.runtime.steps import StepDone
 from hpcmoe.runtime.topology import STOP_REQUESTED, listen_for_stop
+
+
+class Output:
+    """Hooks timed together as the step's `output` phase."""
+
+    def __init__(self, timer: Timer, hooks: list):
+        self.timer, self.hooks = timer, hooks
+
+    def after_step(self, done: StepDone) -> None:
+        with self.timer.phase("output", done.step):
+            for hook in self.hooks:
+                hook.after_step(done)
+
+
+class Records:
+    """This rank's record of the step to rank 0 (`done.record`), which writes every rank's and keeps
+    them in `made` (`done.written`); survivors (after a recovery) widen traffic and records to the
+    original ranks."""
+
+    def __init__(self, gather: RootGather, writer, made: Made, fault: FaultState, reports: bool, survivors):
+        self.gather, self.writer, self.made, self.fault = gather, writer, made, fault
+        self.reports, self.survivors, self.timer = reports, survivors, gather.timer
+
+    def after_step(self, done: StepDone) -> None:
+        events, logits = (done.events, done.logits) if self.reports else (Events(), None)
+        if self.reports and logits is not None:
+            logits = logits[done.rows]
+        stats = done.stats
+        traffic = stats.traffic if self.survivors is None else self.survivors.widen_traffic(stats.traffic)
+        routing = stats.routing.cpu().numpy()
+        done.record = StepRecord(events, logits, routing, traffic, int(stats.dropped), self.timer.take())
+        self.fault.maybe_die(done.step, -1, "record")
+        records = self.gather(done.record, done.step)
+        if records is None:
+            return
+        if self.survivors is not None:
+            records = self.survivors.widen(records)
+        done.written = WrittenStep(done.step, records, done.started_at, self.timer.now(), 0.0)
+        done.written.write(self.writer)
+        done.written.written_at = self.timer.now()
+        self.made.add(done.written)
 
 
 class RootGather:
@@ -62,6 +107,7 @@ class StopSignal:
 
     def __init__(self, world, timer: Timer, fault: FaultState):
         self.comm, self.timer, self.request = fault.track(world.Dup()), timer, None
+        self.fault = fault
         self.flags, self.anyone = np.zeros(2, dtype=int), np.zeros(2, dtype=int)
         self.signalled = False
         listen_for_stop()  # in-process callers did not go through init_mpi
@@ -82,6 +128,16 @@ class StopSignal:
             self.finish_vote(step)
             return self.decided()
         return False
+
+    def after_step(self, done: StepDone) -> None:
+        """The vote posted now is read at the next boundary (at once after the first step): so it says
+        whether this rank still has requests after the next step."""
+        batch = done.batch
+        self.fault.maybe_die(done.step, -1, "stop_vote")
+        requests_left = batch.busy if done.first else batch.busy_after_next
+        done.stop = self.agreed(done.step, requests_left=requests_left, at_once=done.first)
+        if not done.stop:
+            self.fault.maybe_die(done.step, -1, "between_steps")
 
     def decided(self) -> bool:
         self.signalled = bool(self.anyone[0])
@@ -106,12 +162,17 @@ class Progress:
 
     EVERY_S = 5.0
 
-    def __init__(self, total: int, earlier=None):
-        self.total, self.tty = total, sys.stderr.isatty()
+    def __init__(self, total: int, writer: RunWriter, made: Made, earlier=None):
+        self.total, self.tty, self.writer, self.made = total, sys.stderr.isatty(), writer, made
         self.before = int(earlier.finished.sum()) if earlier is not None else 0  # ended in an earlier run
         self.started, self.shown = time.monotonic(), 0.0
 
-    def update(self, step: int, writer: RunWriter, made: Made, last: bool = False) -> None:
+    def after_step(self, done: StepDone) -> None:
+        if done.written is not None:
+            self.update(done.step)
+
+    def update(self, step: int, last: bool = False) -> None:
+        writer, made = self.writer, self.made
         now = time.monotonic()
         if not last and now - self.shown < (0.5 if self.tty else self.EVERY_S):
             return
@@ -138,16 +199,22 @@ class Mirror:
         if self.rank in (0, 1) and made.records is None:
             made.records = []
 
-    def send(self, entry: tuple) -> None:
-        """Rank 0: (step, records, (started_at, held_at), written_at) to the deputy."""
+    def after_step(self, done: StepDone) -> None:
+        if done.written is not None:
+            self.send(done.written)
+        else:
+            self.receive()
+
+    def send(self, written: WrittenStep) -> None:
+        """Rank 0: the step it wrote to the deputy."""
         if self.rank == 0:
             self.pending = [request for request in self.pending if not request.Test()]
-            self.pending.append(self.comm.isend(entry, dest=1, tag=tags.MIRROR))
+            self.pending.append(self.comm.isend(written, dest=1, tag=tags.MIRROR))
 
     def receive(self) -> None:
         """The deputy: every entry that has arrived (never waits)."""
         while self.rank == 1 and (found := self.comm.improbe(source=0, tag=tags.MIRROR)) is not None:
-            self.made.add(*found.recv())
+            self.made.add(found.recv())
 
     def close(self, done: int, step: int) -> None:
         where = Where(step, -1, 0, "record_wait")

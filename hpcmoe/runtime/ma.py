@@ -212,6 +212,12 @@ class AttentionEngine:
     def requests(self, batch: int) -> range:
         return self.layout.group_requests(batch, self.rank)
 
+    def step_hooks(self) -> list:
+        return []
+
+    def placement_history(self) -> list:
+        return []
+
     def new_cache(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)
 
@@ -331,6 +337,12 @@ class MoEEngine:
 
     def requests(self, batch: int) -> range:
         return range(0)
+
+    def step_hooks(self) -> list:
+        return []
+
+    def placement_history(self) -> list:
+        return []
 
     def new_cache(self, batch: int, max_len: int):
         return []

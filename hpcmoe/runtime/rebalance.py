@@ -19,10 +19,10 @@ same decisions without a leader:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from hpcmoe.parallel.dispatch import compile_placement
 from hpcmoe.parallel.placement import Placement
-from hpcmoe.parallel.rebalance import Switch, imbalance, plan_moves, propose
+from hpcmoe.parallel.rebalance import Switch, plan_moves, propose, worth_moving
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, all_done, as_bytes, byte_view, wait_all, wait_until
 
@@ -79,6 +79,16 @@ class Mover:
         return not self.queue and not self.sending and not self.receives
 
 
+@dataclass
+class Moving:
+    """A rebalance in flight on this rank."""
+
+    mover: Mover
+    layers: list  # the new MoE layers (one per MoE block), filled as the moves land
+    switch: Switch  # its /placement_history row
+    placement: Placement  # the new placement over expert groups
+
+
 class Rebalancer:
     """One ep rank's part of online rebalancing (see the module docstring)."""
 
@@ -91,13 +101,15 @@ class Rebalancer:
         self.comm = fault.track(topo.world.Dup())
         self.window: deque = deque(maxlen=self.settings.window_steps)
         self.summing = self.voting = None  # (request, buffers) in flight
-        self.moving = None  # (Mover, new MoE layers, Switch)
+        self.moving: Moving | None = None
         self.history: list[Switch] = []
 
     # ------------------------------------------------------------ the boundary after each step
 
-    def after_step(self, step: int, routing: np.ndarray) -> None:
-        """routing: [moe_layers, experts] token slots this rank sent in `step`."""
+    def after_step(self, done) -> None:
+        """done: the step (steps.StepDone), with this rank's record: routing [moe_layers, experts], the
+        token slots it sent."""
+        step, routing = done.step, done.record.routing
         load = np.zeros((max(self.node_of_place) + 1, routing.shape[1]), np.int64)
         load[self.topo.node_of_rank[self.topo.rank]] = routing.sum(0)
         self.window.append(load)
@@ -128,34 +140,28 @@ class Rebalancer:
         self.summing = None
         tokens = total.astype(float)
         new = propose(self.placement, tokens, self.node_of_place)
-        before, after = (
-            imbalance(self.placement, tokens, self.node_of_place),
-            imbalance(new, tokens, self.node_of_place),
-        )
-        if (
-            (new.slot_expert, new.slot_rank) == (self.placement.slot_expert, self.placement.slot_rank)
-            or after >= before
-            or before - after < self.settings.min_gain * before
-        ):
+        gain = worth_moving(self.placement, new, tokens, self.node_of_place, self.settings.min_gain)
+        if gain is None:
             return
+        before, after = gain
         self.start_moves(new, Switch(-1, step, self.on_ranks(new), 0, before, after))
         self.say(
-            f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2**20:.1f} MiB of expert "
-            f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})"
+            f"rebalancing after step {step}: moving {self.moving.switch.bytes_moved / 2**20:.1f} MiB of "
+            f"expert weights (predicted rank load max/mean {before:.3f} -> {after:.3f})"
         )
         self.vote(step)  # the first vote at once: small moves are done by the next boundary
 
     def vote(self, step: int) -> None:
         """Read the vote posted one boundary earlier (switch when everyone was done); post this one's."""
-        mover, layers, switch, new = self.moving
+        moving = self.moving
         if self.voting is not None:
             request, everyone, _ = self.voting
             wait_all([request], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
             self.voting = None
             if everyone[0]:
-                self.switch(step + 1, layers, switch, new)
+                self.switch(step + 1, moving)
                 return
-        mine = np.array([int(mover.done())], np.int64)
+        mine = np.array([int(moving.mover.done())], np.int64)
         everyone = np.empty_like(mine)
         self.voting = (self.comm.Iallreduce(mine, everyone, op=MPI.MIN), everyone, mine)  # buffers kept alive
 
@@ -196,18 +202,16 @@ class Rebalancer:
         mover = Mover(
             self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight
         )
-        self.moving = (mover, new_layers, switch, new)
+        self.moving = Moving(mover, new_layers, switch, new)
         engine.sender.background = mover
         mover.progress()
 
-    def switch(self, step: int, layers, switch: Switch, new: Placement) -> None:
+    def switch(self, step: int, moving: Moving) -> None:
         """Every rank, at the same boundary: the new weights and tables from `step` on."""
-        engine = self.engine
-        for block, layer in zip((b for b in engine.model.layers if b.is_moe), layers):
-            block.mlp.adopt(layer)
-        self.placement = new
+        engine, switch = self.engine, moving.switch
+        self.placement = moving.placement
         tables = compile_placement(switch.placement, self.topo.rank, self.topo.node_of_rank, engine.device)
-        engine.net.ctx = engine.ctx = dataclasses.replace(engine.ctx, tables=tables)
+        engine.swap_experts(moving.layers, tables)
         engine.sender.background = None
         switch.step = step
         self.say(f"rebalanced: the new placement serves from step {step}")
@@ -226,7 +230,7 @@ class Rebalancer:
             if pending is not None:
                 wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
         if self.moving is not None:
-            wait_until(self.moving[0].done, Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
+            wait_until(self.moving.mover.done, Where(step, -1, 0, "rebalance_wait"), timer=self.timer)
             self.engine.sender.background = None
         self.comm.Free()
 
