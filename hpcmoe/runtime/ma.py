@@ -23,7 +23,6 @@ from hpcmoe.model.transformer import build_experts, build_model
 from hpcmoe.parallel.layout import MALayout, request_range
 from hpcmoe.runtime.comm import Receives, Where
 from hpcmoe.runtime.ep import Messaging, maybe_fail, new_stats
-from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.moe_layer import StepStats
 from hpcmoe.runtime.tags import Kind, tag_for
 
@@ -173,15 +172,7 @@ class AttentionEngine:
     """An attention rank: its group's requests, its share of the query heads and of the vocabulary."""
 
     def __init__(
-        self,
-        config,
-        topo,
-        placement,
-        timer,
-        layout: MALayout,
-        load=None,
-        device=torch.device("cpu"),
-        fault: FaultState | None = None,
+        self, config, topo, placement, timer, layout, load=None, device=torch.device("cpu"), fault=None
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill = topo.rank, 0, True
@@ -318,15 +309,7 @@ class MoEEngine:
     step as tokens arrive."""
 
     def __init__(
-        self,
-        config,
-        topo,
-        placement,
-        timer,
-        layout: MALayout,
-        load=None,
-        device=torch.device("cpu"),
-        fault: FaultState | None = None,
+        self, config, topo, placement, timer, layout, load=None, device=torch.device("cpu"), fault=None
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
