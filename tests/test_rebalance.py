@@ -16,7 +16,8 @@ import pytest
 from hpcmoe.config import load_config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement, replicated
-from hpcmoe.runtime.rebalance import expert_digest, imbalance, plan_moves
+from hpcmoe.parallel.rebalance import imbalance, plan_moves
+from hpcmoe.runtime.rebalance import expert_digest
 from tests.conftest import DEBUG_CONFIG, assert_same_run, read_run, run_job
 from tests.test_report import report
 
@@ -113,7 +114,7 @@ def decision(old: Placement, load: list[float], min_gain: float):
     placement and moves, or None when it keeps the placement."""
     from hpcmoe.config import RebalanceConfig
     from hpcmoe.runfile.output import Timer
-    from hpcmoe.runtime.rebalance import Rebalancer
+    from hpcmoe.runtime.rebalance import Moving, Rebalancer
 
     rebalancer = Rebalancer.__new__(Rebalancer)
     rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = (
@@ -127,7 +128,7 @@ def decision(old: Placement, load: list[float], min_gain: float):
     started = []
 
     def start_moves(new, switch):
-        rebalancer.moving = (None, None, switch, new)
+        rebalancer.moving = Moving(None, None, switch, new)
         started.append((switch, new, plan_moves(old, new)))
 
     rebalancer.start_moves, rebalancer.say, rebalancer.vote = (

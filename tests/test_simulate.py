@@ -722,7 +722,7 @@ def test_a_change_to_the_engines_exchange_changes_the_simulation(monkeypatch):
     ids=["max_batch", "prefill_chunk"],
 )
 def test_batching_the_simulator_does_not_model_is_refused_in_one_line(setting, message):
-    """The engine would start these requests in turns (engine.Batch); a simulation of them all at
+    """The engine would start these requests in turns (batch.Batch); a simulation of them all at
     once would be another schedule. Steady decode (no prefill, every request live) still runs."""
     config = load_config(DEBUG_CONFIG, [setting])
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -25,11 +25,10 @@ def command_run(args) -> int:
     if config.run.fault_tolerance:
         from mpi4py import MPI
 
-        from hpcmoe.runtime.fault import ENABLED, check_mpi
+        from hpcmoe.runtime.fault import check_mpi
 
         agree(world, check_mpi())
         world.Set_errhandler(MPI.ERRORS_RETURN)  # communicators made from it inherit it
-        ENABLED[0] = True
     try:
         config, layout, resume = planned(world, config, args.resume)
     except ValueError as e:
@@ -40,7 +39,7 @@ def command_run(args) -> int:
     except ValueError as e:
         problem = str(e)
     agree(world, problem)
-    metrics, topo = launch(world, config, layout, load, routing, resume, max_batch)
+    metrics, topo, fault = launch(world, config, layout, load, routing, resume, max_batch)
     if topo.rank == 0 and "stopped_at_step" in metrics:
         print(
             f"hpcmoe: stopped by signal at step {metrics['stopped_at_step']}: wrote {metrics['path']}",
@@ -48,9 +47,9 @@ def command_run(args) -> int:
         )
     elif topo.rank == 0:
         print(summary(config, topo, layout, metrics), flush=True)
-    from hpcmoe.runtime.fault import RECOVERED, leave
+    if fault.recovered:
+        from hpcmoe.runtime.fault import leave
 
-    if RECOVERED[0]:
         leave(0)  # MPI finalization can hang after a failure
     return 0
 
@@ -109,20 +108,23 @@ def checked_model(world, config, layout):
 
 
 def launch(world, config, layout, load, routing, resume, max_batch):
-    """The engine's run on this rank's device and threads -> (its metrics, the topology)."""
+    """The engine's run on this rank's device and threads -> (its metrics, the topology, the run's fault
+    state)."""
     import torch
     from mpi4py import MPI
 
     from hpcmoe.runtime.device import choose_device
     from hpcmoe.runtime.engine import run
+    from hpcmoe.runtime.fault import FaultState
     from hpcmoe.runtime.topology import build_topology, default_threads
 
     topo = build_topology(world, config.parallel.ranks_per_node)
     torch.set_num_threads(config.parallel.threads or default_threads(topo.host_size))
     max_batch = world.allreduce(max_batch, op=MPI.MIN)  # the same on every rank, whatever its node's memory
     device = choose_device(config.run.device, topo.host_rank)
-    metrics = run(config, topo, layout, load, routing, device, resume, max_batch)
-    return metrics, topo
+    fault = FaultState.of(config, topo.rank)
+    metrics = run(config, topo, layout, load, routing, device, resume, max_batch, fault)
+    return metrics, topo, fault
 
 
 def split_on_rank_0(world, config):

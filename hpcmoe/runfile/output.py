@@ -564,8 +564,8 @@ class RunWriter:
         parallel.rebalance.checksums is off). The observed rank load max/mean is measured from
         /routing over the steps the placement ran, split over its replicas as the dispatcher splits
         them (NaN when it ran none)."""
+        from hpcmoe.parallel.rebalance import imbalance
         from hpcmoe.parallel.traffic import load_from_routing
-        from hpcmoe.runtime.rebalance import imbalance
 
         experts, ranks = self.file["routing"].shape[-1], self.file["traffic"].shape[-1]
         dtype = np.dtype(
@@ -644,7 +644,7 @@ class RunWriter:
         self.held, self.written_at = 0, time.monotonic()
 
     def take_tokens(self, step: int, events: list, logits: list, started_at: float, held_at: float) -> None:
-        """The step's events of every rank (hpcmoe.runtime.engine.Events) and, with output.save_logits, the
+        """The step's events of every rank (hpcmoe.runtime.batch.Events) and, with output.save_logits, the
         logits of each token made ([tokens, vocab] per rank): rank 0 follows every live request and
         writes the ones that ended (flushed: on disk even if the job is killed next)."""
         ended = []

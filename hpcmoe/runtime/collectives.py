@@ -8,7 +8,7 @@ time out nor say whom it waits for. Non-blocking collectives are tested like rec
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -16,7 +16,6 @@ from mpi4py import MPI
 
 from hpcmoe.runtime.buffers import as_bytes, byte_view
 from hpcmoe.runtime.device import DONE
-from hpcmoe.runtime.fault import track
 from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.waits import Pending, WaitPolicy, Where, all_done
 
@@ -43,9 +42,10 @@ class CountsGroup:
     under run.fault_tolerance: Open MPI's shared-memory RMA is not made to outlive a dead rank, so
     the watchdog then names no one inside a collective.)"""
 
-    def __init__(self, comm, ranks: tuple[int, ...], policy: WaitPolicy):
-        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here.
-        policy: fault_tolerant keeps no RMA window."""
+    def __init__(self, comm, ranks: tuple[int, ...], policy: WaitPolicy, track: Callable = lambda comm: comm):
+        """comm: a communicator of exactly `ranks` (world ranks, in comm rank order); duplicated here,
+        and the duplicate given to track (the run's FaultState.track). policy: fault_tolerant keeps no
+        RMA window."""
         self.comm, self.ranks = track(comm.Dup()), tuple(ranks)
         self.comm_rank_world = self.ranks[self.comm.Get_rank()]
         self.row_types: dict[int, object] = {}  # row width in bytes -> a committed contiguous datatype

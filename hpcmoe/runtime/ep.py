@@ -8,6 +8,7 @@ that computes and yields what it waits for, and the scheduler resumes whichever 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from hpcmoe.runtime.buffers import BufferPool
 from hpcmoe.runtime.comm import Sender
 from hpcmoe.runtime.device import Streams, mpi_reads_device_memory, staging_for
 from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.scheduler import run_concurrently
 from hpcmoe.runtime.topology import Topology
@@ -53,9 +55,11 @@ def build_exchange(
     sender: Sender,
     stall=lambda step: None,
     device=torch.device("cpu"),
+    fault: FaultState | None = None,
 ) -> ExchangeContext | None:
     """The exchange context of this rank among `members` (world ranks); collective over the world
-    (every rank calls it, members or not). None on a rank that exchanges nothing."""
+    (every rank calls it, members or not). None on a rank that exchanges nothing. fault: the run's
+    kill points and tracked communicators (default: none)."""
     from mpi4py import MPI
 
     p, rank = config.parallel, topo.rank
@@ -67,13 +71,16 @@ def build_exchange(
     )
     if rank not in members:
         return None
-    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, sender.policy)
+    fault = fault if fault is not None else FaultState()
+    group = ExchangeGroup.build(comm, members, micro_batches, topo.size, sender.policy, fault.track)
     if comm != topo.world:
         comm.Free()  # the groups hold duplicates
     node_group = None
     if p.dispatch == "two_stage":
         node_ranks = [r for r in members if topo.node_of_rank[r] == topo.node_index]
-        node_group = ExchangeGroup.build(topo.node, node_ranks, micro_batches, topo.size, sender.policy)
+        node_group = ExchangeGroup.build(
+            topo.node, node_ranks, micro_batches, topo.size, sender.policy, fault.track
+        )
     return ExchangeContext(
         rank=rank,
         world=topo.world,
@@ -90,6 +97,7 @@ def build_exchange(
         before_dispatch=stall,
         tp_forward=p.expert_tp_dispatch == "leader",
         schedule=ExpertSchedule(p.expert_schedule),
+        fault=fault,
     )
 
 
@@ -121,8 +129,9 @@ class Messaging:
         members: list[int],
         device,
         data_parallel: int,
+        fault: FaultState | None = None,
     ):
-        """data_parallel: how many ranks (or attention groups) split the requests."""
+        """data_parallel: how many ranks (or attention groups) split the requests; fault: the run's."""
         self.timer, self.micro_batches = timer, config.run.micro_batches
         self.decode_min = config.run.decode_micro_batch_min
         self.requests_per_rank = min(
@@ -133,7 +142,7 @@ class Messaging:
         stall = Stall(
             4 * config.run.timeout_s if config.run.stall_rank == topo.rank else 0.0, config.run.stall_at_step
         )
-        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device)
+        self.ctx = build_exchange(config, topo, placement, timer, members, self.sender, stall, device, fault)
         self.exchange = moe_layer.exchange_for(config.parallel.dispatch)
 
     def step_micro_batches(self, prefill: bool) -> int:
@@ -192,8 +201,10 @@ class EPEngine:
         timer,
         load=None,
         device=torch.device("cpu"),
+        fault: FaultState | None = None,
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
+        self.fault = fault if fault is not None else FaultState()
         self.rank = topo.rank
         self.model: Transformer = build_model(
             config.model,
@@ -202,7 +213,9 @@ class EPEngine:
             device,
             expert_shard=(self.rank % placement.tp, placement.tp),
         )
-        self.net = Messaging(config, topo, placement, timer, list(range(topo.size)), device, topo.size)
+        self.net = Messaging(
+            config, topo, placement, timer, list(range(topo.size)), device, topo.size, self.fault
+        )
         self.sender, self.ctx, self.exchange = self.net.sender, self.net.ctx, self.net.exchange
         self.reports = True  # whether this rank's tokens go into the run file
         self.step, self.prefill = 0, True  # set by the generate loop before each step
@@ -210,7 +223,21 @@ class EPEngine:
         if config.parallel.rebalance is not None:
             from hpcmoe.runtime.rebalance import Rebalancer
 
-            self.rebalancer = Rebalancer(config, topo, self, placement, timer)
+            self.rebalancer = Rebalancer(config, topo, self, placement, timer, self.fault)
+
+    def step_hooks(self) -> list:
+        """The rebalancer runs after each step (parallel.rebalance)."""
+        return [self.rebalancer] if self.rebalancer is not None else []
+
+    def placement_history(self) -> list:
+        return self.rebalancer.history if self.rebalancer is not None else []
+
+    def swap_experts(self, layers: list, tables) -> None:
+        """The rebalancer's switch: these MoE layers (one per MoE block, in order) and the placement
+        tables compiled for them serve from the next step on."""
+        for block, layer in zip((b for b in self.model.layers if b.is_moe), layers):
+            block.mlp.adopt(layer)
+        self.net.ctx = self.ctx = dataclasses.replace(self.ctx, tables=tables)
 
     def requests(self, batch: int) -> range:
         """The requests this rank computes: every size-th of the file, from its rank on."""

@@ -17,6 +17,7 @@ from hpcmoe.parallel.layout import ExpertSchedule
 from hpcmoe.runtime.buffers import BufferPool
 from hpcmoe.runtime.collectives import CountsGroup
 from hpcmoe.runtime.comm import Receives, Sender
+from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.link import Link
 from hpcmoe.runtime.waits import WaitPolicy
 
@@ -47,11 +48,20 @@ class ExchangeGroup:
     member_host: np.ndarray  # [R] bool, True for the group's ranks
 
     @classmethod
-    def build(cls, comm, ranks, micro_batches: int, world_size: int, policy: WaitPolicy) -> "ExchangeGroup":
-        """Collective over `comm`, whose members are exactly `ranks` in order."""
+    def build(
+        cls,
+        comm,
+        ranks,
+        micro_batches: int,
+        world_size: int,
+        policy: WaitPolicy,
+        track: Callable = lambda c: c,
+    ) -> "ExchangeGroup":
+        """Collective over `comm`, whose members are exactly `ranks` in order; track: the run's
+        FaultState.track, given each communicator made."""
         member = np.zeros(world_size, bool)
         member[list(ranks)] = True
-        counts = tuple(CountsGroup(comm, ranks, policy) for _ in range(micro_batches))
+        counts = tuple(CountsGroup(comm, ranks, policy, track) for _ in range(micro_batches))
         return cls(tuple(ranks), counts, member)
 
     def host_counts(self, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,6 +125,7 @@ class ExchangeContext:
     schedule: ExpertSchedule = field(default_factory=ExpertSchedule)  # set per step by the engine
     # bytes of one row of a [rows, W] tensor on the wire (the simulator's rows are narrower than the model's)
     row_bytes: Callable[[torch.Tensor], int] = lambda rows: rows.shape[1] * rows.element_size()
+    fault: FaultState = field(default_factory=FaultState)  # the run's kill points (run.kill)
 
     def receives(self, buffers: dict, tag: int) -> Receives:
         """Receives of this rank's messages (staged through pinned memory where the MPI needs it)."""

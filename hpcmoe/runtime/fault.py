@@ -5,7 +5,7 @@ installs one with pip) errors return instead of aborting. Every wait of a run te
 (waits.wait_until), so the first survivor that meets the dead rank raises, and so does every
 survivor waiting on a communicator it revokes: each survivor revokes every communicator of the
 run (no one stays blocked), the world shrinks to the survivors and they agree on the step; the
-engine (engine.recover) then rebuilds the run among them and re-runs the steps not yet written,
+engine (recovery.recover) then rebuilds the run among them and re-runs the steps not yet written,
 or, when they cannot go on, writes a partial file (NAME.partial.h5, `/metrics/failures` saying who
 died where) that `hpcmoe run ... --resume` continues. MPI finalization is skipped after a failure
 (it can hang).
@@ -15,32 +15,76 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import NoReturn
+from dataclasses import dataclass, field
+from typing import Callable, NoReturn, Optional
 
 EXIT_RANK_FAILED = 4  # the survivors of a dead rank could not go on (a partial file, unless the writers died)
-COMMUNICATORS: list = []  # every communicator a run waits on, revoked after a failure
 
 
-RECOVERED = [False]  # this process went on after a dead rank: skip MPI finalization at the end
-KILL: list = []  # run.kill: the (step, layer, phase) points at which this rank kills itself (testing)
-ENABLED = [False]  # run.fault_tolerance is on in this process
+@dataclass
+class FaultState:
+    """One run's fault state on this rank: the points at which it kills itself (run.kill, testing),
+    the run's clock for the kill line, the communicators the run waits on (revoked after a failure,
+    released when the run recovers or ends), and whether it went on after a dead rank (then MPI
+    finalization is skipped)."""
 
+    kills: frozenset = frozenset()  # (step, layer or -1, phase)
+    clock: Optional[Callable[[], float]] = None  # seconds since the common start
+    communicators: list = field(default_factory=list)
+    recovered: bool = False
 
-CLOCK: list = [None]  # the run's clock (seconds since the common start), for the kill line
+    @classmethod
+    def of(cls, config, rank: int) -> FaultState:
+        """This rank's kill points of config.run.kill (a layer counts only in the layer phases)."""
+        from hpcmoe.config import LAYER_KILL_PHASES
 
+        return cls(
+            frozenset(
+                (k.step, k.layer if k.phase in LAYER_KILL_PHASES else -1, k.phase)
+                for k in config.run.kill or []
+                if k.rank == rank
+            )
+        )
 
-def maybe_die(step: int, layer: int, phase: str) -> None:
-    """run.kill: a process failure as a real one looks, SIGKILL, at a configured point. Its last line
-    gives the time on the run's clock, from which recovery is measured (the survivors learn of the
-    death only later: that detection latency is part of the recovery a user sees)."""
-    from hpcmoe.config import LAYER_KILL_PHASES
+    def maybe_die(self, step: int, layer: int, phase: str) -> None:
+        """run.kill: a process failure as a real one looks, SIGKILL, at a configured point. Its last
+        line gives the time on the run's clock, from which recovery is measured (the survivors learn
+        of the death only later: that detection latency is part of the recovery a user sees)."""
+        from hpcmoe.config import LAYER_KILL_PHASES
 
-    if KILL and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in KILL:
-        at = f" at {CLOCK[0]():.6f} s on the run's clock" if CLOCK[0] is not None else ""
-        sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), 9)
+        if self.kills and (step, layer if phase in LAYER_KILL_PHASES else -1, phase) in self.kills:
+            at = f" at {self.clock():.6f} s on the run's clock" if self.clock is not None else ""
+            sys.stderr.write(f"hpcmoe: killed (run.kill) in step {step} layer {layer} phase {phase}{at}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), 9)
+
+    def track(self, comm):
+        """Remember a communicator the run waits on (to revoke it after a failure); returns it."""
+        self.communicators.append(comm)
+        return comm
+
+    def release(self) -> None:
+        """The run ended, or its communicators were revoked: nothing of it is waited on any more."""
+        self.communicators.clear()
+
+    def survive(self, world):
+        """Revoke everything and shrink to the survivors (the survivors then agree on the step: a
+        death during that agreement is one more failure to survive, recovery.recover).
+        -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
+        from mpi4py import MPI
+
+        for comm in self.communicators + [world]:
+            try:
+                comm.Revoke()
+            except MPI.Exception:
+                pass  # already revoked, or freed
+        self.release()
+        shrunk = world.Shrink()
+        survivors = MPI.Group.Translate_ranks(
+            shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group()
+        )
+        dead = sorted(set(range(world.Get_size())) - set(survivors))
+        return shrunk, dead, list(survivors)
 
 
 def killed_at(stderr: str) -> list[float]:
@@ -68,18 +112,12 @@ def check_mpi() -> str | None:
     return None
 
 
-def track(comm):
-    """Remember a communicator the run waits on (to revoke it after a failure); returns it."""
-    COMMUNICATORS.append(comm)
-    return comm
-
-
 def is_failure(error: BaseException) -> bool:
     """A dead process, or a communicator another survivor revoked. Also the classes a dead peer
     shows up as where MPI does not name it: an error in one of several requests' statuses
     (ERR_IN_STATUS, ERR_PENDING), and ERR_OTHER from a collective whose peer died between its stages
     (Open MPI's bcast of a pickled object): the run's messages are well formed, so under fault
-    tolerance these are a dead peer too. Recovery checks that someone did die (engine.recover)."""
+    tolerance these are a dead peer too. Recovery checks that someone did die (recovery.recover)."""
     from mpi4py import MPI
 
     classes = {
@@ -102,62 +140,10 @@ class RankFailed(Exception):
     detected_at: float  # seconds on the run's clock
 
 
-@dataclass(frozen=True)
-class Survivors:
-    """After a recovery: the original world rank of each current rank; records and traffic are
-    widened back to the original ranks (the dead ones' entries empty) so the run file keeps its axes."""
-
-    world_ranks: tuple[int, ...]
-    world_size: int
-
-    def widen_traffic(self, traffic):
-        """[moe_layers, current ranks] -> [moe_layers, original ranks]."""
-        import numpy as np
-
-        wide = np.zeros((traffic.shape[0], self.world_size), traffic.dtype)
-        wide[:, list(self.world_ranks)] = traffic
-        return wide
-
-    def widen_steps(self, records: list) -> list:
-        """A step's records (events, logits, (routing, traffic, dropped), timings) in current rank
-        order -> in original rank order, empty ones (no events) for the dead ranks."""
-        events, _, (routing, traffic, _), timings = records[0]
-        return self.widen(records, (type(events)(), None, (routing * 0, traffic * 0, 0), timings[:0]))
-
-    def widen_final(self, records: list) -> list:
-        """The end-of-run records ((peak RSS, cache digest, weight digests), None, None, timings)."""
-        return self.widen(records, ((0, "", []), None, None, records[0][3][:0]))
-
-    def widen(self, records: list, empty) -> list:
-        wide = [empty] * self.world_size
-        for rank, record in zip(self.world_ranks, records):
-            wide[rank] = record
-        return wide
-
-
 def failure_rows(failures: list, step_times: dict) -> list:
     """(rank, step, layer, phase, detected_at, _, action, step resumed at) -> /metrics/failures rows,
     recovered_at = when the resumed step was done again (NaN when it never was)."""
     return [row[:5] + (step_times.get(row[7], float("nan")),) + row[6:7] for row in failures]
-
-
-def survive(world):
-    """Revoke everything and shrink to the survivors (the survivors then agree on the step: a death
-    during that agreement is one more failure to survive, engine.recover).
-    -> (survivors' communicator, dead world ranks, the survivors' world ranks)."""
-    from mpi4py import MPI
-
-    for comm in COMMUNICATORS + [world]:
-        try:
-            comm.Revoke()
-        except MPI.Exception:
-            pass  # already revoked, or freed
-    shrunk = world.Shrink()
-    survivors = MPI.Group.Translate_ranks(
-        shrunk.Get_group(), list(range(shrunk.Get_size())), world.Get_group()
-    )
-    dead = sorted(set(range(world.Get_size())) - set(survivors))
-    return shrunk, dead, list(survivors)
 
 
 def leave(code: int) -> NoReturn:

@@ -201,7 +201,7 @@ class AttentionEngine:
     """An attention rank: its group's requests, its share of the query heads and of the vocabulary."""
 
     def __init__(
-        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+        self, config, topo, placement, timer, layout, load=None, device=torch.device("cpu"), fault=None
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill = topo.rank, 0, True
@@ -216,7 +216,7 @@ class AttentionEngine:
         ]
         self.model = build_model(m, [], load, device, heads=self.heads, vocab=self.vocab_slices[self.shard])
         self.net = Messaging(
-            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas, fault
         )
         self.comm, self.sender, self.link, self.ctx = (
             topo.world,
@@ -231,6 +231,12 @@ class AttentionEngine:
 
     def requests(self, batch: int) -> range:
         return self.layout.group_requests(batch, self.rank)
+
+    def step_hooks(self) -> list:
+        return []
+
+    def placement_history(self) -> list:
+        return []
 
     def new_cache(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)
@@ -322,17 +328,23 @@ class MoEEngine:
     step as tokens arrive."""
 
     def __init__(
-        self, config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")
+        self, config, topo, placement, timer, layout, load=None, device=torch.device("cpu"), fault=None
     ):
         self.config, self.topo, self.timer, self.device = config, topo, timer, device
         self.rank, self.step, self.prefill, self.reports = topo.rank, 0, True, False
         self.model = build_experts(config.model, placement.experts_of_rank(self.rank), load, device)
         self.net = Messaging(
-            config, topo, placement, timer, exchange_members(layout), device, layout.replicas
+            config, topo, placement, timer, exchange_members(layout), device, layout.replicas, fault
         )
 
     def requests(self, batch: int) -> range:
         return range(0)
+
+    def step_hooks(self) -> list:
+        return []
+
+    def placement_history(self) -> list:
+        return []
 
     def new_cache(self, batch: int, max_len: int):
         return []
@@ -361,6 +373,8 @@ def exchange_members(layout: MALayout) -> list[int]:
     return layout.all_primaries() + list(range(layout.attention_ranks, layout.world_size))
 
 
-def ma_engine(config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu")):
+def ma_engine(
+    config, topo, placement, timer, layout: MALayout, load=None, device=torch.device("cpu"), fault=None
+):
     cls = AttentionEngine if layout.is_attention(topo.rank) else MoEEngine
-    return cls(config, topo, placement, timer, layout, load, device)
+    return cls(config, topo, placement, timer, layout, load, device, fault)

@@ -31,7 +31,6 @@ from hpcmoe.parallel.dispatch import (
     unpack_rows,
 )
 from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
-from hpcmoe.runtime.fault import maybe_die
 from hpcmoe.runtime.per_layer import exchange_per_layer, run_once, sum_partials
 from hpcmoe.runtime.tags import Kind, tag_for
 from hpcmoe.runtime.waits import Pending, Where
@@ -39,7 +38,7 @@ from hpcmoe.runtime.waits import Pending, Where
 
 def route(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats):
     """h: [n, H] -> (slots [n, k], weights [n, k]), and this rank's routing statistics."""
-    maybe_die(at.step, at.layer, "route")
+    ctx.fault.maybe_die(at.step, at.layer, "route")
     ctx.before_dispatch(at.step)
     with ctx.timer.phase("route", at.step, at.layer, at.micro_batch):
         expert_ids, weights = moe.route(h)
@@ -95,7 +94,7 @@ def dispatch_and_serve(
         for r in destinations:
             if r != me:
                 sender.send(r, part(outgoing, r), dispatch_tag)
-    maybe_die(step, layer, "dispatch")
+    ctx.fault.maybe_die(step, layer, "dispatch")
     own_answers = part(answers[me % replies], me) if me in span else None
     if tp > 1 and ctx.tp_forward:
         yield from serve_in_group(ctx, moe, incoming, own_answers, at, returns_tag, key, stats)
@@ -104,7 +103,7 @@ def dispatch_and_serve(
     if me in span:
         returns.done.add(me)
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
-    maybe_die(step, layer, "combine")
+    ctx.fault.maybe_die(step, layer, "combine")
     yield returns.all_in(at, "combine_wait")
     ctx.timer.add("combine_comm", step, layer, mb, posted)
     if replies == 1:
@@ -143,7 +142,8 @@ def serve(ctx: ExchangeContext, moe, incoming: "CountedIncoming", own_answers, a
     arrive and answer at once; its own rows' answers land in `own_answers`."""
     me = ctx.rank
     yield from incoming.start()
-    maybe_die(at.step, at.layer, "experts")  # the counts are in: serving (also when nothing comes)
+    # the counts are in: serving (also when nothing comes)
+    ctx.fault.maybe_die(at.step, at.layer, "experts")
     while not incoming.finished():
         arrived = yield incoming.pending()
         for source in sorted(arrived):
@@ -181,7 +181,7 @@ def serve_in_group(
     partials = ctx.pool.get(key("partials"), shares * len(rows), rows.shape[1], rows.dtype)
     partials = partials.view(shares, len(rows), rows.shape[1])
     sender.settle(partials, at.waiting_for("send_wait", ()), ctx.timer)
-    maybe_die(step, layer, "experts")
+    ctx.fault.maybe_die(step, layer, "experts")
     if me == leader:
         members = range(leader + 1, leader + tp)
         for member in members:

@@ -10,7 +10,6 @@ import torch
 
 from hpcmoe.parallel.dispatch import DispatchPlan, expert_major
 from hpcmoe.runtime.exchange_context import ExchangeContext, ExchangeGroup, StepStats
-from hpcmoe.runtime.fault import maybe_die
 from hpcmoe.runtime.waits import Where
 
 
@@ -54,15 +53,15 @@ def exchange_per_layer(
             *buffers_counts_and_firsts, ctx.link, at, wait, ctx.sender.staging, ctx.sender.streams
         )
 
-    maybe_die(step, layer, "dispatch")
+    ctx.fault.maybe_die(step, layer, "dispatch")
     yield from exchange(outgoing, rows_to, first, incoming, rows_from, from_first, wait="dispatch_wait")
     ctx.timer.add("dispatch_comm", step, layer, mb, posted)
     served = ctx.pool.get(key("served"), len(incoming), hidden, rows.dtype)
-    maybe_die(step, layer, "experts")
+    ctx.fault.maybe_die(step, layer, "experts")
     if len(incoming):
         with phase("experts", step, layer, mb):
             run_once(moe, incoming, slots, served)
-    maybe_die(step, layer, "combine")
+    ctx.fault.maybe_die(step, layer, "combine")
     answers = ctx.pool.get(key("answers"), tp * sent, hidden, rows.dtype)  # member j's partials at j % tp
     back_first = np.asarray(group.ranks) % tp * sent + first
     yield from exchange(served, rows_from, from_first, answers, rows_to, back_first, wait="combine_wait")

@@ -19,7 +19,6 @@ same decisions without a leader:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 from collections import deque
@@ -30,52 +29,11 @@ import torch
 from mpi4py import MPI
 
 from hpcmoe.parallel.dispatch import compile_placement
-from hpcmoe.parallel.placement import Placement, replicated
-from hpcmoe.parallel.traffic import expected_rank_load
+from hpcmoe.parallel.placement import Placement
+from hpcmoe.parallel.rebalance import Switch, plan_moves, propose, worth_moving
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.buffers import as_bytes, byte_view
-from hpcmoe.runtime.fault import track
 from hpcmoe.runtime.waits import Where, all_done, wait_all, wait_until
-
-
-@dataclass
-class Switch:
-    """One row of /placement_history: a placement that took effect during the run."""
-
-    step: int  # the first step run on it
-    decided_at_step: int  # its moves started after this step
-    placement: Placement  # rank level (with expert_tp: each group's leader)
-    bytes_moved: int  # expert weight bytes sent between ranks, all ranks together
-    predicted_before: float  # rank load max/mean of the old placement on the window's load
-    predicted: float  # ... of the new one
-    digest: str = ""  # parallel.rebalance.checksums: this rank's expert weights after the switch
-
-
-def imbalance(placement: Placement, tokens_from_node: np.ndarray, node_of_place: list[int]) -> float:
-    """Predicted max / mean of the load each place (rank or expert group) receives."""
-    load = np.array(expected_rank_load(placement, tokens_from_node.tolist(), node_of_place))
-    return float(load.max() / load.mean()) if load.mean() > 0 else 1.0
-
-
-def propose(current: Placement, tokens_from_node: np.ndarray, node_of_place: list[int]) -> Placement:
-    """The placement for this load (tokens_from_node: [nodes, experts]), replicated over the current
-    one's slots per place (the layout admits only placements with spare slots)."""
-    slots = max(len(current.slots_of_rank(p)) for p in range(current.num_ranks))
-    return replicated(current.num_experts, current.num_ranks, slots, tokens_from_node.sum(0).tolist())
-
-
-def plan_moves(old: Placement, new: Placement) -> list[tuple[int, int, int]]:
-    """-> [(expert, from place, to place)] for every expert a place gains, taken from one of its old
-    holders (chosen by destination + expert, which spreads the senders), in a fixed order."""
-    holders = old.expert_ranks()
-    moves = []
-    for place in range(new.num_ranks):
-        had = set(old.experts_of_rank(place))
-        for expert in new.experts_of_rank(place):
-            if expert not in had:
-                sources = holders[expert]
-                moves.append((expert, sources[(place + expert) % len(sources)], place))
-    return moves
 
 
 class Mover:
@@ -122,26 +80,38 @@ class Mover:
         return not self.queue and not self.sending and not self.receives
 
 
+@dataclass
+class Moving:
+    """A rebalance in flight on this rank."""
+
+    mover: Mover
+    layers: list  # the new MoE layers (one per MoE block), filled as the moves land
+    switch: Switch  # its /placement_history row
+    placement: Placement  # the new placement over expert groups
+
+
 class Rebalancer:
     """One ep rank's part of online rebalancing (see the module docstring)."""
 
-    def __init__(self, config, topo, engine, placement: Placement, timer):
+    def __init__(self, config, topo, engine, placement: Placement, timer, fault):
         self.settings, self.topo, self.engine, self.timer = config.parallel.rebalance, topo, engine, timer
         self.steps = config.steps
         self.policy = engine.sender.policy  # the engine's waits
         self.tp = placement.tp
         self.placement = placement.grouped()  # over expert groups (ranks without expert_tp)
         self.node_of_place = list(topo.node_of_rank[:: self.tp])
-        self.comm = track(topo.world.Dup())
+        self.comm = fault.track(topo.world.Dup())
         self.window: deque = deque(maxlen=self.settings.window_steps)
         self.summing = self.voting = None  # (request, buffers) in flight
-        self.moving = None  # (Mover, new MoE layers, Switch)
+        self.moving: Moving | None = None
         self.history: list[Switch] = []
 
     # ------------------------------------------------------------ the boundary after each step
 
-    def after_step(self, step: int, routing: np.ndarray) -> None:
-        """routing: [moe_layers, experts] token slots this rank sent in `step`."""
+    def after_step(self, done) -> None:
+        """done: the step (steps.StepDone), with this rank's record: routing [moe_layers, experts], the
+        token slots it sent."""
+        step, routing = done.step, done.record.routing
         load = np.zeros((max(self.node_of_place) + 1, routing.shape[1]), np.int64)
         load[self.topo.node_of_rank[self.topo.rank]] = routing.sum(0)
         self.window.append(load)
@@ -150,7 +120,8 @@ class Rebalancer:
                 self.vote(step)
             elif self.summing is not None:
                 self.decide(step)
-            # the next sum, every every_steps steps while nothing moves; none that could not switch before the end
+            # the next sum, every every_steps steps while nothing moves; none that could not switch
+            # before the end
             if (
                 self.moving is None
                 and self.summing is None
@@ -171,34 +142,28 @@ class Rebalancer:
         self.summing = None
         tokens = total.astype(float)
         new = propose(self.placement, tokens, self.node_of_place)
-        before, after = (
-            imbalance(self.placement, tokens, self.node_of_place),
-            imbalance(new, tokens, self.node_of_place),
-        )
-        if (
-            (new.slot_expert, new.slot_rank) == (self.placement.slot_expert, self.placement.slot_rank)
-            or after >= before
-            or before - after < self.settings.min_gain * before
-        ):
+        gain = worth_moving(self.placement, new, tokens, self.node_of_place, self.settings.min_gain)
+        if gain is None:
             return
+        before, after = gain
         self.start_moves(new, Switch(-1, step, self.on_ranks(new), 0, before, after))
         self.say(
-            f"rebalancing after step {step}: moving {self.moving[2].bytes_moved / 2**20:.1f} MiB of expert "
-            f"weights (predicted rank load max/mean {before:.3f} -> {after:.3f})"
+            f"rebalancing after step {step}: moving {self.moving.switch.bytes_moved / 2**20:.1f} MiB of "
+            f"expert weights (predicted rank load max/mean {before:.3f} -> {after:.3f})"
         )
         self.vote(step)  # the first vote at once: small moves are done by the next boundary
 
     def vote(self, step: int) -> None:
         """Read the vote posted one boundary earlier (switch when everyone was done); post this one's."""
-        mover, layers, switch, new = self.moving
+        moving = self.moving
         if self.voting is not None:
             request, everyone, _ = self.voting
             wait_all([request], Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer)
             self.voting = None
             if everyone[0]:
-                self.switch(step + 1, layers, switch, new)
+                self.switch(step + 1, moving)
                 return
-        mine = np.array([int(mover.done())], np.int64)
+        mine = np.array([int(moving.mover.done())], np.int64)
         everyone = np.empty_like(mine)
         self.voting = (self.comm.Iallreduce(mine, everyone, op=MPI.MIN), everyone, mine)  # buffers kept alive
 
@@ -241,18 +206,16 @@ class Rebalancer:
         mover = Mover(
             self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight
         )
-        self.moving = (mover, new_layers, switch, new)
+        self.moving = Moving(mover, new_layers, switch, new)
         engine.sender.background = mover
         mover.progress()
 
-    def switch(self, step: int, layers, switch: Switch, new: Placement) -> None:
+    def switch(self, step: int, moving: Moving) -> None:
         """Every rank, at the same boundary: the new weights and tables from `step` on."""
-        engine = self.engine
-        for block, layer in zip((b for b in engine.model.layers if b.is_moe), layers):
-            block.mlp.adopt(layer)
-        self.placement = new
+        engine, switch = self.engine, moving.switch
+        self.placement = moving.placement
         tables = compile_placement(switch.placement, self.topo.rank, self.topo.node_of_rank, engine.device)
-        engine.net.ctx = engine.ctx = dataclasses.replace(engine.ctx, tables=tables)
+        engine.swap_experts(moving.layers, tables)
         engine.sender.background = None
         switch.step = step
         self.say(f"rebalanced: the new placement serves from step {step}")
@@ -272,7 +235,7 @@ class Rebalancer:
                 wait_all([pending[0]], Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer)
         if self.moving is not None:
             wait_until(
-                self.moving[0].done, Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer
+                self.moving.mover.done, Where(step, -1, 0, "rebalance_wait"), self.policy, timer=self.timer
             )
             self.engine.sender.background = None
         self.comm.Free()

@@ -21,7 +21,7 @@ from hpcmoe.runfile.output import (
 
 
 def metrics_and_file(sim, output: str | None) -> dict:
-    """-> the run's metrics (as engine.finish computes them, from the simulated clock); writes `output`."""
+    """-> the run's metrics (as run_file.finish computes them, from the simulated clock); writes `output`."""
     from hpcmoe.parallel.plan import rank_memory
 
     config, ranks = sim.config, sim.ranks

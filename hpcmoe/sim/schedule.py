@@ -50,7 +50,7 @@ def concurrently(sim, generators: list):
 
 
 def rank_main(sim, rank: int):
-    """engine.run_steps for one rank: every step's micro-batches (or, on an ma MoE rank, every MoE
+    """steps.StepLoop for one rank: every step's micro-batches (or, on an ma MoE rank, every MoE
     layer's exchange), then the record to rank 0 and the stop vote."""
     config, costs, layout = sim.config, sim.costs, sim.layout
     requests, m = config.requests, config.model
@@ -112,8 +112,8 @@ def rank_main(sim, rank: int):
 
 
 def finish_step(sim, rank: int, step: int, made_tokens: bool, vote):
-    """engine.run_steps after the forward: the record to rank 0 (RootGather), which appends the step;
-    then StopSignal: the first boundary waits for its vote, later ones read the previous vote.
+    """steps.StepLoop after the forward: the record to rank 0 (hooks.Records), which appends the step;
+    then hooks.StopSignal: the first boundary waits for its vote, later ones read the previous vote.
     -> this boundary's vote (a collective's completion here), or None after the last step."""
     fixed, started, ranks = sim.costs.fixed, sim.now, sim.ranks
     if rank == 0:

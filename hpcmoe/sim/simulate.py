@@ -15,7 +15,7 @@ their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 
 The scheduler's loop (scheduler.passes) and every MoE layer's exchange (moe_layer.flat / two_stage
 and all they call: slot choice, capacity, plans, counts, serving, expert_schedule) are the engine's
 own code, run on the simulated clock against stand-ins for MPI and the model (sim/net.py). Around
-them, sim/schedule.py follows the engine's step (engine.run_steps, ep.EPEngine, ma's roles and
+them, sim/schedule.py follows the engine's step (steps.StepLoop, ep.EPEngine, ma's roles and
 hierarchical sum); sim/routing.py draws the routing; sim/results.py makes the metrics and the run
 file; sim/events.py holds what ranks yield and wait on; this file holds the event loop, the ranks'
 compute, their links and the collectives, and the command.
