@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from hpcmoe.config import load_config
+from hpcmoe.sim.events import FIRST_PAUSE_S, LONGEST_PAUSE_S
 from hpcmoe.sim.machine import PHASES, machine_from
-from hpcmoe.sim.simulate import FIRST_PAUSE_S, LONGEST_PAUSE_S, Simulation, simulate
+from hpcmoe.sim.simulate import Simulation, simulate
 from tests.conftest import DEBUG_CONFIG, ROOT, run_job
 
 THIS_BOX = os.path.join(ROOT, "machines", "this_box.yaml")
