@@ -528,7 +528,7 @@ def check_run(config) -> None:
     from hpcmoe.parallel.plan import human_bytes, rank_memory
     from hpcmoe.runtime.device import device_kind
     from hpcmoe.runtime.topology import available_memory
-    from hpcmoe.sim.simulate import check_one_batch
+    from hpcmoe.sim.checks import check_one_batch
 
     require(
         config.model.dense_layers >= 1,
