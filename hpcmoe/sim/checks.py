@@ -26,9 +26,8 @@ def check_simulable(config: Config) -> None:
     if unsupported:
         raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
     micro_batches, layers = config.run.micro_batches, config.model.num_layers
-    if (
-        tags.KINDS * micro_batches * (layers + 1) > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE
-    ):  # tags.tag_for's range
+    tags_in_use = tags.KINDS * micro_batches * (layers + 1)  # tags.tag_for's range
+    if tags_in_use > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE:
         raise ValueError(
             f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
             f"{micro_batches} over {layers} layers: use fewer micro-batches"

@@ -108,10 +108,9 @@ class Links:
                 driver = self.drivers[member]
                 if member == rank:
                     continue
-                if driver.waiting is not None:  # asleep in wait_until: its next poll (at once where it spins,
-                    spins = self.config.parallel.wait == "spin" or (
-                        polled and self.poll_by_yielding
-                    )  # or yields)
+                if driver.waiting is not None:  # asleep in wait_until: its next poll
+                    # (at once where it spins, or yields)
+                    spins = self.config.parallel.wait == "spin" or (polled and self.poll_by_yielding)
                     entry.progress[member] = (
                         self.now
                         if spins
@@ -134,7 +133,7 @@ class Links:
             entry.progress[driver.rank] = self.now
             self.complete(entry)
 
-    def complete(self, entry: "Collective") -> None:
+    def complete(self, entry: Collective) -> None:
         if len(entry.progress) < len(entry.members):
             return
         order = sorted(entry.progress.values())

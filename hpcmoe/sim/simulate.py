@@ -58,9 +58,7 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
 
     m = config.model
     base = parameter_bytes(m, 0)[1]
-    per_slot = (
-        parameter_bytes(m, 1)[1] - base
-    ) / config.parallel.expert_tp  # a member holds its share of each
+    per_slot = (parameter_bytes(m, 1)[1] - base) / config.parallel.expert_tp  # a member's share of each
     shards: dict = {}
 
     def rank_bytes(rank: int) -> float:
@@ -314,9 +312,9 @@ def command(
     if context is not None and context < 0:
         raise ValueError(f"--steady-decode: expected a context length >= 0, got {context}")
     metrics = simulate(config, machine, ranks, routing, output, context)
-    nodes = max(node_of_ranks(config, machine, ranks)) + 1
+    nodes, layout = max(node_of_ranks(config, machine, ranks)) + 1, config.parallel.layout
     print(
-        f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {config.parallel.layout}, "
+        f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {layout}, "
         f"{len(config.requests)} requests, {sum(len(r.prompt_ids) for r in config.requests)} prompt tokens, "
         f"up to {config.steps} new tokens each; {metrics['planned_max_rank_bytes'] / 2**30:.1f} GiB on the "
         f"fullest rank ({'fits' if metrics['fits_machine_memory'] else 'does NOT fit'} the machine's memory)"
