@@ -76,7 +76,8 @@ class Mail:
         self.watchers: dict[int, set] = {}
 
     def announce(self, source: int, send_counts: np.ndarray) -> None:
-        """send_counts: [R, S] rows from `source` to each rank's slots (what its counts collective carries)."""
+        """send_counts: [R, S] rows from `source` to each rank's slots (what its counts collective
+        carries)."""
         if self.counts is None:
             self.counts = np.zeros((len(self.got), *send_counts.shape), np.int32)
         self.counts[source] = send_counts
