@@ -489,8 +489,8 @@ def test_a_bad_optional_figure_is_one_clear_error(tmp_path):
 
 
 def test_calibration_keeps_the_median_of_its_repeats_and_writes_their_spread_and_date(tmp_path):
-    from hpcmoe.sim.calibrate import repeated
     from hpcmoe.sim.machine import load_machine, write_machine
+    from hpcmoe.sim.measure import repeated
 
     samples = iter(
         [

@@ -22,7 +22,7 @@ from hpcmoe.sim.machine import Machine
 
 # phases whose fixed cost runs between the model's weight reads (machine.fixed_factor scales them);
 # the step's record, the file append and MPI posting run apart from them. The factor is fitted on
-# the first five (calibrate.SCALED_PHASES) and taken to hold for the exchange's phases too.
+# the first five (fit.SCALED_PHASES) and taken to hold for the exchange's phases too.
 AMONG_WEIGHTS = (
     "embed",
     "attention",

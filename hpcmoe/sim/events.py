@@ -5,6 +5,7 @@
   Wait: a rank waits on a condition whose time becomes known: a collective's completion (Cond),
   every message of a kind in (AllFrom), the first of some (AnyFrom), the later of two (Latest).
 - Mail: the messages of one kind in one exchange (delivery time per source and destination).
+- Driver: one rank in the simulation: its top generator, its work and what it waits for.
 - queue: messages leaving one after another on one link; poll_time: when comm.wait_until's sleeps
   see something that is there.
 """
@@ -75,7 +76,8 @@ class Mail:
         self.watchers: dict[int, set] = {}
 
     def announce(self, source: int, send_counts: np.ndarray) -> None:
-        """send_counts: [R, S] rows from `source` to each rank's slots (what its counts collective carries)."""
+        """send_counts: [R, S] rows from `source` to each rank's slots (what its counts collective
+        carries)."""
         if self.counts is None:
             self.counts = np.zeros((len(self.got), *send_counts.shape), np.int32)
         self.counts[source] = send_counts
@@ -123,6 +125,28 @@ class Latest:
     def time(self):
         times = (self.first.time, self.second.time)
         return None if None in times else max(times)
+
+
+# ---------------------------------------------------------------- a rank, as the simulation drives it
+
+
+@dataclass
+class Driver:
+    """One rank: its top generator, whether it computes (and what), what it waits for."""
+
+    rank: int
+    host: int
+    gen: object = None
+    busy: bool = False
+    waiting: Optional[list] = None
+    idle_since: float = 0.0
+    version: int = 0
+    work: Optional[Work] = None
+    work_start: float = 0.0
+    remaining: float = 0.0
+    slice_start: float = 0.0
+    spinning: bool = False  # waits while holding its core (parallel.wait=spin, more ranks than cores)
+    ready: Optional[float] = None  # a spinning wait: when what it waits for is there (None: not known yet)
 
 
 def queue(free_at: float, sent: np.ndarray, durations: np.ndarray):

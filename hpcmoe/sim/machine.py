@@ -62,19 +62,23 @@ FIXED_MEANING = {
     "record": "rank 0, per step and other rank: receiving and unpickling its record",
 }
 FIGURES = {  # name -> what it is (the unit is in the name)
-    "compute_units_per_node": "cores (device cpu) or GPUs (device cuda) of a node: ranks beyond them share them",
+    "compute_units_per_node": "cores (device cpu) or GPUs (device cuda) of a node: ranks beyond them "
+    "share them",
     "device_memory_gb": "memory of one GPU (cuda) or of the whole node (cpu)",
     "gemm_tflops.float32": "float32 GEMM with many rows (prefill shapes): FLOP/s",
     "gemm_tflops.bfloat16": "bfloat16 GEMM with many rows (prefill shapes): FLOP/s",
-    "gemm_decode_gb_per_s.float32": "float32 GEMM with few rows (decode shapes): weight bytes streamed per second",
-    "gemm_decode_gb_per_s.bfloat16": "bfloat16 GEMM with few rows (decode shapes): weight bytes streamed per second",
+    "gemm_decode_gb_per_s.float32": "float32 GEMM with few rows (decode shapes): weight bytes streamed "
+    "per second",
+    "gemm_decode_gb_per_s.bfloat16": "bfloat16 GEMM with few rows (decode shapes): weight bytes streamed "
+    "per second",
     "decode_rows_below": "a GEMM with fewer rows than this is decode-shaped",
     "attention_tflops.float32": "attention scores and values (prefill), float32",
     "attention_tflops.bfloat16": "attention scores and values (prefill), bfloat16",
     "attention_gb_per_s": "KV cache read by decode attention",
     "memory_gb_per_s": "memory bandwidth (weights, copies)",
     "elementwise_gb_per_s": "elementwise kernels over activations (norms, rotary, residual adds, gathers)",
-    "host_link_gb_per_s": "GPU <-> host copies of an MPI that cannot read GPU memory (unused on a cpu machine)",
+    "host_link_gb_per_s": "GPU <-> host copies of an MPI that cannot read GPU memory (unused on a cpu "
+    "machine)",
     "mfu": "share of every TFLOP/s figure reached",
     "bandwidth_efficiency": "share of every GB/s figure reached",
     "intra_node.latency_us": "a message between ranks of one node",
@@ -83,18 +87,20 @@ FIGURES = {  # name -> what it is (the unit is in the name)
     "inter_node.gb_per_s": "one rank's outgoing bandwidth to other nodes (its share of the node's network)",
     "collective_latency_us": "one round of a small non-blocking collective (ceil(log2 ranks) rounds)",
     "sleep_overshoot_us": "time.sleep(t) returns after t plus this (timer slack): the engine's waits sleep",
-    "scheduler_quantum_us": "when ranks outnumber the units: how long one runs before a waiting one gets its unit",
-    "first_step_slowdown": "the first step's work takes this much longer (first calls on new shapes, fresh memory)",
-    "shared_node_slowdown": "work takes this much longer on a node where other ranks run too (shared caches and "
-    "memory bandwidth, the OS's other work); 0 for one rank per GPU",
+    "scheduler_quantum_us": "when ranks outnumber the units: how long one runs before a waiting one gets "
+    "its unit",
+    "first_step_slowdown": "the first step's work takes this much longer (first calls on new shapes, "
+    "fresh memory)",
+    "shared_node_slowdown": "work takes this much longer on a node where other ranks run too (shared "
+    "caches and memory bandwidth, the OS's other work); 0 for one rank per GPU",
     **{
         f"fixed_us.{phase}": f"engine cost outside the modelled math, {meaning}"
         for phase, meaning in FIXED_MEANING.items()
     },
 }
 OPTIONAL = {  # name -> what it is; absent: the default said
-    "inter_node.nics_per_node": "network cards of a node, shared by its ranks in turn (rank i uses card i mod "
-    "this; absent: one per rank, as DeepSeek's and the seeds' GPU nodes have)",
+    "inter_node.nics_per_node": "network cards of a node, shared by its ranks in turn (rank i uses card "
+    "i mod this; absent: one per rank, as DeepSeek's and the seeds' GPU nodes have)",
 }
 DECODE_RATES = "decode_rates"  # optional: {kernel: {rows: {MiB of weights read per step: rate factor}}}
 DECODE_KERNELS = {
@@ -106,13 +112,12 @@ DECODE_RATES_MEANING = (
     "sharing a cache read this many MiB of weights each step (measured in float32 and taken to "
     "hold for every dtype; interpolated on rows and log size, clamped at the ends; absent: 1)"
 )
-FIXED_SCALE = (
-    "fixed_by_working_set"  # optional: {MiB of weights read per step: multiplier of fixed_us among them}
-)
+# optional: {MiB of weights read per step: multiplier of fixed_us among them}
+FIXED_SCALE = "fixed_by_working_set"
 FIXED_SCALE_MEANING = (
-    "the fixed_us of the phases among the weights (costs.AMONG_WEIGHTS) times this when the ranks sharing a cache read this many MiB of weights "
-    "each step (the weights evict the engine's own code and data; fitted on the calibration runs; "
-    "interpolated on log size, clamped at the ends; absent: 1)"
+    "the fixed_us of the phases among the weights (costs.AMONG_WEIGHTS) times this when the ranks "
+    "sharing a cache read this many MiB of weights each step (the weights evict the engine's own code "
+    "and data; fitted on the calibration runs; interpolated on log size, clamped at the ends; absent: 1)"
 )
 RATIOS = ("mfu", "bandwidth_efficiency")
 RATES = (
@@ -192,7 +197,8 @@ def figure(raw: dict, name: str):
 
 
 def check(raw, where: str) -> None:
-    """Every figure present, a number, not negative (rates > 0, ratios in (0, 1]); ValueError naming the first bad one."""
+    """Every figure present, a number, not negative (rates > 0, ratios in (0, 1]); ValueError naming
+    the first bad one."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping of figures, got {type(raw).__name__}")
     if raw.get("device") not in ("cpu", "cuda"):

@@ -183,9 +183,9 @@ def ma_micro_batch(
     sim, rank: int, step: int, mb: int, new: list, cached: list, members: tuple, stats: StepStats
 ):
     """ma.AttentionEngine.forward_micro_batch: this rank's heads, the group's hierarchical sum, its
-    slice of the tokens through the MoE ranks, the group's all-gather; its vocabulary slice and the
-    (max, index) all-gather that picks the token. The sums and gathers are ma's own functions, on
-    tensors of the engine's shapes that hold no data (device meta)."""
+    slice of the tokens through the MoE ranks, the group's all-gather; then the token's choice
+    (ma_lm_head). The sums and gathers are ma's own functions, on tensors of the engine's shapes
+    that hold no data (device meta)."""
     from hpcmoe.runtime import ma
 
     costs, m, layout, net = sim.costs, sim.config.model, sim.layout, sim.net
@@ -197,14 +197,13 @@ def ma_micro_batch(
     b, t, s, n = padded(new, cached)
     slices = [request_range(n, shards, i) for i in range(shards)]
     group = layout.group_ranks(rank)
-    empty = lambda *shape, dtype=net.dtype: torch.empty(*shape, dtype=dtype, device="meta")
     tag = lambda layer: lambda kind: tag_for(kind, layer, mb, sim.config.run.micro_batches)
     yield Work(costs.embed(b, t), "embed", -1, mb)
     for layer in range(m.num_layers):
         at = Where(step, layer, mb)
         yield Work(costs.attention(b, t, s, len(heads), kv), "attention", layer, mb)
         posted = sim.now
-        partial = empty(b, t, m.hidden, dtype=torch.float32)
+        partial = meta(b, t, m.hidden, dtype=torch.float32)
         yield from charged(net, rank, ma.hierarchical_sum(role, partial, primaries, tag(layer), at))
         sim.row(rank, "reduce_comm", layer, mb, posted, sim.now)
         yield Work(costs.residual(b, t), "attention", layer, mb)
@@ -218,30 +217,39 @@ def ma_micro_batch(
             rank,
             ma.all_gather_rows(
                 role,
-                empty(len(slices[shard]), m.hidden),
+                meta(len(slices[shard]), m.hidden, dtype=net.dtype),
                 primaries,
                 group,
                 [len(x) for x in slices],
-                empty(0, m.hidden),
+                meta(0, m.hidden, dtype=net.dtype),
                 tag(layer),
                 at,
             ),
         )
         sim.row(rank, "gather_comm", layer, mb, posted, sim.now)
         yield Work(costs.gather(everything.numel() * everything.element_size()), "gather", layer, mb)
+    yield from ma_lm_head(sim, rank, Where(step, m.num_layers, mb), b, tag(m.num_layers))
+
+
+def ma_lm_head(sim, rank: int, done: Where, b: int, tag):
+    """The end of ma.AttentionEngine.forward_micro_batch: the LM head on this rank's vocabulary
+    slice, the group's (max, index) all-gather that picks the token, and the logits' all-gather
+    when output.save_logits keeps them."""
+    from hpcmoe.runtime import ma
+
+    net, m = sim.net, sim.config.model
+    role, primaries, group = net.role(rank), sim.layout.primaries(rank), sim.layout.group_ranks(rank)
+    shard, shards = primaries.index(rank), len(primaries)
     vocab = [request_range(m.vocab, shards, i) for i in range(shards)]
-    yield Work(costs.lm_head(b, len(vocab[shard])), "lm_head", -1, mb)
-    done = Where(step, m.num_layers, mb)
-    pairs = empty(1, 2 * b, dtype=torch.float64)
+    yield Work(sim.costs.lm_head(b, len(vocab[shard])), "lm_head", -1, done.micro_batch)
+    pairs = meta(1, 2 * b, dtype=torch.float64)
     yield from charged(
         net,
         rank,
-        ma.all_gather_rows(
-            role, pairs, primaries, group, [1] * shards, pairs, tag(done.layer), done, Kind.CHOICE
-        ),
+        ma.all_gather_rows(role, pairs, primaries, group, [1] * shards, pairs, tag, done, Kind.CHOICE),
     )
     if sim.config.output.save_logits:
-        columns = empty(len(vocab[shard]), b, dtype=torch.float32)
+        columns = meta(len(vocab[shard]), b, dtype=torch.float32)
         yield from charged(
             net,
             rank,
@@ -251,9 +259,15 @@ def ma_micro_batch(
                 primaries,
                 group,
                 [len(v) for v in vocab],
-                empty(0, b, dtype=torch.float32),
-                tag(done.layer),
+                meta(0, b, dtype=torch.float32),
+                tag,
                 done,
                 Kind.LOGITS,
             ),
         )
+
+
+def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of the engine's shape and dtype that holds no data (ma's sums and gathers read only
+    shapes here)."""
+    return torch.empty(*shape, dtype=dtype, device="meta")

@@ -3,29 +3,29 @@ as a discrete-event simulation, written as a run file that `hpcmoe report` reads
 
 What is the engine's, imported and called (not written again here): the layout and placement
 (ParallelLayout.from_config(...).placement), the compiled placement tables, slot choice, capacity
-and the dispatch plan (hpcmoe.parallel.dispatch), the two_stage gateways and node groups, the requests of
-each rank and micro-batch (request_range, MALayout's groups), ma's head split and reduction plan,
-and the router functions that turn scores into experts. What is modelled: each phase's cost
-(hpcmoe.sim.costs on a hpcmoe.sim.machine file), ranks as compute resources (time-sliced like an OS does
-when a node has more ranks than cores or GPUs; a rank that spins while it waits keeps its core), each rank's outgoing links as queues (latency +
-bytes / bandwidth, one message after another, as comm.Link), collectives that move on only when
-their members call into MPI, and the engine's waits (comm.wait_until: sleeps of 20 us doubling to
-1 ms, each a little longer than asked).
+and the dispatch plan (hpcmoe.parallel.dispatch), the two_stage gateways and node groups, the
+requests of each rank and micro-batch (request_range, MALayout's groups), ma's head split and
+reduction plan, and the router functions that turn scores into experts. What is modelled: each
+phase's cost (hpcmoe.sim.costs on a hpcmoe.sim.machine file), ranks as compute resources
+(sim/cores.py: time-sliced like an OS does when a node has more ranks than cores or GPUs; a rank
+that spins while it waits keeps its core), each rank's outgoing links as queues and collectives that
+move on only when their members call into MPI (sim/links.py: latency + bytes / bandwidth, one
+message after another, as comm.Link), and the engine's waits (comm.wait_until: sleeps of 20 us
+doubling to 1 ms, each a little longer than asked).
 
 The scheduler's loop (scheduler.passes) and every MoE layer's exchange (moe_layer.flat / two_stage
 and all they call: slot choice, capacity, plans, counts, serving, expert_schedule) are the engine's
 own code, run on the simulated clock against stand-ins for MPI and the model (sim/net.py). Around
 them, sim/schedule.py follows the engine's step (steps.StepLoop, ep.EPEngine, ma's roles and
 hierarchical sum); sim/routing.py draws the routing; sim/results.py makes the metrics and the run
-file; sim/events.py holds what ranks yield and wait on; this file holds the event loop, the ranks'
-compute, their links and the collectives, and the command.
+file; sim/events.py holds what ranks yield and wait on; sim/checks.py what the simulator refuses.
+This file holds the Simulation's state and set-up, its event loop, and the command.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -33,38 +33,12 @@ import numpy as np
 from hpcmoe.config import Config
 from hpcmoe.parallel import dispatch
 from hpcmoe.parallel.layout import MALayout, ParallelLayout
-from hpcmoe.runtime import tags
+from hpcmoe.sim.checks import check_one_batch, check_simulable
+from hpcmoe.sim.cores import Cores
 from hpcmoe.sim.costs import Costs
-from hpcmoe.sim.events import (
-    PROGRESS,
-    Collective,
-    Cond,  # noqa: F401
-    Latest,
-    Mail,
-    Work,
-    poll_time,
-    queue,
-)
+from hpcmoe.sim.events import PROGRESS, Cond, Driver, Latest, Work, poll_time
+from hpcmoe.sim.links import Links
 from hpcmoe.sim.machine import Machine
-
-
-@dataclass
-class Driver:
-    """One rank: its top generator, whether it computes (and what), what it waits for."""
-
-    rank: int
-    host: int
-    gen: object = None
-    busy: bool = False
-    waiting: Optional[list] = None
-    idle_since: float = 0.0
-    version: int = 0
-    work: Optional[Work] = None
-    work_start: float = 0.0
-    remaining: float = 0.0
-    slice_start: float = 0.0
-    spinning: bool = False  # waits while holding its core (parallel.wait=spin, more ranks than cores)
-    ready: Optional[float] = None  # a spinning wait: when what it waits for is there (None: not known yet)
 
 
 def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ...]:
@@ -72,39 +46,6 @@ def node_of_ranks(config: Config, machine: Machine, ranks: int) -> tuple[int, ..
     one node on a one-box machine, else nodes as large as the machine's."""
     size = config.parallel.ranks_per_node or (ranks if machine.one_box else machine.units_per_node)
     return tuple(r // size for r in range(ranks))
-
-
-def check_one_batch(config: Config, layout, ranks: int, memory_per_rank: float) -> None:
-    """The simulator starts every request of a rank in the first step, its whole prompt in that step's
-    prefill. The engine's Batch does the same only where run.max_batch (unset: what the start-up
-    check allows in `memory_per_rank`, plan.default_max_batch) holds all of a rank's requests and,
-    batching continuous, run.prefill_chunk all of their prompt tokens: ValueError (one line, naming
-    the setting) otherwise, rather than a simulation of another schedule."""
-    from hpcmoe.parallel.plan import default_max_batch
-
-    r, requests = config.run, config.requests
-    is_ma = isinstance(layout, MALayout)
-    held = r.max_batch or default_max_batch(config, ranks, memory_per_rank)
-    for rank in range(ranks):
-        if is_ma and not layout.is_attention(rank):
-            continue
-        mine = layout.group_requests(len(requests), rank) if is_ma else range(rank, len(requests), ranks)
-        if len(mine) > held:
-            limit = (
-                f"run.max_batch={held}" if r.max_batch else f"run.max_batch unset: {held}, what memory allows"
-            )
-            raise ValueError(
-                f"hpcmoe simulate starts every request of a rank at once: rank {rank} holds {len(mine)} "
-                f"requests and the engine would start {held} ({limit}); continuous batching is not "
-                f"simulated (use --steady-decode, or more ranks)"
-            )
-        prompt = sum(len(requests[i].prompt_ids) for i in mine)
-        if r.batching == "continuous" and prompt > r.prefill_chunk:
-            raise ValueError(
-                f"hpcmoe simulate prefills a rank's prompts in the first step: rank {rank}'s {prompt} "
-                f"prompt tokens take more than one step at run.prefill_chunk={r.prefill_chunk}; set "
-                f"run.prefill_chunk >= {prompt} or run.batching=static (or use --steady-decode)"
-            )
 
 
 def weights_per_cache(config: Config, machine: Machine, layout, tables: list, host_of_rank: list) -> float:
@@ -117,9 +58,7 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
 
     m = config.model
     base = parameter_bytes(m, 0)[1]
-    per_slot = (
-        parameter_bytes(m, 1)[1] - base
-    ) / config.parallel.expert_tp  # a member holds its share of each
+    per_slot = (parameter_bytes(m, 1)[1] - base) / config.parallel.expert_tp  # a member's share of each
     shards: dict = {}
 
     def rank_bytes(rank: int) -> float:
@@ -142,8 +81,9 @@ def weights_per_cache(config: Config, machine: Machine, layout, tables: list, ho
     return max(sum(values) / len(values) * sharers(len(values)) for values in per_host.values())
 
 
-class Simulation:
-    """The event loop, the ranks, their links and mail; `run()` -> the rank-0 token times."""
+class Simulation(Cores, Links):
+    """The event loop, the ranks, their cores (sim.cores), links and collectives (sim.links);
+    `run()` -> the rank-0 token times."""
 
     def __init__(
         self,
@@ -154,30 +94,7 @@ class Simulation:
         context: Optional[int] = None,
         one_batch: bool = True,
     ):
-        p = config.parallel
-        unsupported = [
-            name
-            for name, on in (
-                ("parallel.rebalance", p.rebalance is not None),
-                ("parallel.attention_standby", p.attention_standby),
-            )
-            if on
-        ]
-        if unsupported:
-            raise ValueError(f"hpcmoe simulate does not model {unsupported[0]}")
-        micro_batches, layers = config.run.micro_batches, config.model.num_layers
-        if (
-            tags.KINDS * micro_batches * (layers + 1) > tags.LAST_EXCHANGE - tags.FIRST_EXCHANGE
-        ):  # tags.tag_for's range
-            raise ValueError(
-                f"hpcmoe simulate tells messages apart by their tags, which repeat at run.micro_batches="
-                f"{micro_batches} over {layers} layers: use fewer micro-batches"
-            )
-        if p.layout == "ma" and "auto" in (p.attention_ranks, p.moe_ranks):
-            raise ValueError(
-                "hpcmoe simulate needs parallel.attention_ranks and moe_ranks set "
-                "(`hpcmoe predict propose --machine` ranks the splits with the simulator)"
-            )
+        check_simulable(config)
         self.config = config = config.on_device(machine.device)
         self.machine, self.ranks, self.recorded, self.context = machine, ranks, routing, context
         self.layout = ParallelLayout.from_config(config, ranks)
@@ -194,6 +111,20 @@ class Simulation:
         self.poll_by_yielding = (
             max(self.node_of_rank.count(n) for n in set(self.node_of_rank)) <= machine.units_per_node
         )
+        self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
+        self.is_ma = isinstance(self.layout, MALayout)
+        self.place_experts()
+        self.now, self.events, self.order = 0.0, [], itertools.count()
+        self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
+        self.step_of = [0] * ranks  # each rank's current step (for its wait rows)
+        self.set_up_cores()
+        self.set_up_links()
+        self.set_up_records()
+
+    def place_experts(self) -> None:
+        """The engine's placement (from parallel.placement_from's routing when set), its compiled
+        tables, and the costs of each phase with the weights the ranks sharing a cache read."""
+        config, p, ranks = self.config, self.config.parallel, self.ranks
         placed_by = None
         if p.placement_from:
             from hpcmoe.runfile.output import read_routing
@@ -203,43 +134,23 @@ class Simulation:
         self.tables = [dispatch.compile_placement(self.placement, r, self.node_of_rank) for r in range(ranks)]
         self.costs = Costs(
             config.model,
-            machine,
-            weights_per_cache(config, machine, self.layout, self.tables, self.host_of_rank),
+            self.machine,
+            weights_per_cache(config, self.machine, self.layout, self.tables, self.host_of_rank),
             p.expert_tp,
         )
-        self.hosts, self.nodes = np.array(self.host_of_rank), np.array(self.node_of_rank)
-        self.now, self.events, self.order = 0.0, [], itertools.count()
-        self.mails: dict = {}
-        self.collectives: dict = {}
-        self.awaiting_progress: dict = {}  # rank -> collectives waiting for its next MPI call
-        self.holders: dict = {}  # host -> {rank: end of its slice}: the ranks on its cores
-        self.lines: dict = {}  # host -> ranks waiting for a core, first in line first
+
+    def set_up_records(self) -> None:
+        """What the run file is made from (sim.results): timing rows, routing, traffic, drops, the
+        token times; and the routes drawn so far (sim.routing)."""
+        m, steps, ranks = self.config.model, self.config.steps, self.ranks
         self.rows: list = []
         self.routes: dict = {}  # sim.routing's experts, drawn once per key
-        m, steps = config.model, config.steps
         self.routing_counts = np.zeros((steps, m.moe_layers, ranks, m.num_experts), np.int64)
         self.traffic = np.zeros((steps, m.moe_layers, ranks, ranks), np.int64)
         self.dropped = 0  # token slots over capacity, summed over ranks, steps and layers
         self.token_times: list[float] = []
-        self.drivers = [Driver(r, self.host_of_rank[r]) for r in range(ranks)]
-        # the queues messages take, out of and into each rank: its own inside a node; across nodes
-        # its node's network card, one per rank unless the machine file has inter_node.nics_per_node
-        self.ports = {"intra": np.arange(ranks), "inter": np.arange(ranks)}
-        if machine.nics_per_node:
-            index_on_host = np.zeros(ranks, np.int64)
-            for host in set(self.host_of_rank):
-                on_host = np.flatnonzero(self.hosts == host)
-                index_on_host[on_host] = np.arange(len(on_host))
-            self.ports["inter"] = self.hosts * machine.nics_per_node + index_on_host % machine.nics_per_node
-        self.free_out = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
-        self.free_in = {link: np.zeros(int(ports.max()) + 1) for link, ports in self.ports.items()}
-        self.free_out["emulated"] = np.zeros(
-            ranks
-        )  # parallel.link: each rank's own, queued at the sender only
-        self.step_of = [0] * ranks  # each rank's current step (for its wait rows)
-        self.is_ma = isinstance(self.layout, MALayout)
         # synthetic routing without drift: the same law in every layer and step (drawn once per rank and n)
-        self.same_law = routing is None and not (config.model.router_skew and config.run.skew_drift)
+        self.same_law = self.recorded is None and not (m.router_skew and self.config.run.skew_drift)
 
     # ------------------------------------------------------------ the event loop
 
@@ -346,226 +257,9 @@ class Simulation:
         )
 
     # ------------------------------------------------------------ compute: ranks share their host's units
-
-    def slower(self, rank: int) -> float:
-        """The factor on the rank's costed work now (1: as costed): longer in the first step (first
-        calls, fresh memory) and on a node shared with other ranks (shared caches)."""
-        return (
-            1.0
-            + (self.machine.first_step_slowdown if self.step_of[rank] == 0 else 0.0)
-            + (self.machine.shared_node_slowdown if self.ranks_on_host[self.host_of_rank[rank]] > 1 else 0.0)
-        )
-
     def passed(self, on) -> bool:
         """Whether a condition's time (Cond, AllFrom, AnyFrom, Latest) is known and not later than now."""
         return on.time is not None and on.time <= self.now
-
-    def has_unit(self, rank: int) -> bool:
-        """Whether the rank has a core (or GPU) of its own: its work runs the moment it is started."""
-        return self.ranks_on_host[self.host_of_rank[rank]] <= self.machine.units_per_node
-
-    def start_work(self, driver: Driver, work: Work) -> None:
-        """Run `work` on the rank: at once when its host has a unit per rank; otherwise the host's
-        units are time-sliced as an OS scheduler does: a rank keeps its core for a quantum, then goes
-        behind the ranks waiting for one; a rank coming back from a wait goes first in that line."""
-        parts = np.atleast_1d(np.asarray(work.seconds, float))
-        slower = self.slower(driver.rank)
-        if slower != 1.0:
-            parts = parts * slower
-            work.seconds = parts
-        driver.busy, driver.work, driver.work_start, driver.remaining = (
-            True,
-            work,
-            self.now,
-            float(parts.sum()),
-        )
-        host = driver.host
-        if self.has_unit(driver.rank):
-            self.at(self.now + driver.remaining, self.finish_work, driver)
-            return
-        holders = self.holders.setdefault(host, {})
-        if driver.rank not in holders:
-            if len(holders) >= self.machine.units_per_node:
-                self.lines.setdefault(host, []).insert(0, driver)  # just woke: first in line
-                return
-            holders[driver.rank] = self.now + self.machine.quantum_s
-        self.run_slice(driver)
-
-    def run_slice(self, driver: Driver) -> None:
-        """The rank holds a core until its slice ends: run its work until then."""
-        driver.version += 1
-        driver.slice_start = self.now
-        if driver.spinning:  # spins until what it waits for is there
-            driver.remaining = float("inf") if driver.ready is None else max(0.0, driver.ready - self.now)
-        slice_end = self.holders[driver.host][driver.rank]
-        if self.now + driver.remaining <= slice_end:
-            self.at(self.now + driver.remaining, self.slice_done, driver, driver.version, True)
-        else:
-            self.at(slice_end, self.slice_done, driver, driver.version, False)
-
-    def slice_done(self, driver: Driver, version: int, finished: bool) -> None:
-        if version != driver.version:
-            return
-        driver.remaining -= self.now - driver.slice_start
-        host, line = driver.host, self.lines.get(driver.host, [])
-        if finished:
-            return self.finish_work(driver)
-        if line:  # the quantum is over and others wait: to the back of the line
-            del self.holders[host][driver.rank]
-            line.append(driver)
-            self.hand_over(host)
-        else:
-            self.holders[host][driver.rank] = self.now + self.machine.quantum_s
-            self.run_slice(driver)
-
-    def release(self, driver: Driver) -> None:
-        """The rank waits or is done: its core goes to the first in line."""
-        holders = self.holders.get(driver.host, {})
-        if holders.pop(driver.rank, None) is not None:
-            self.hand_over(driver.host)
-
-    def hand_over(self, host: int) -> None:
-        line = self.lines.get(host, [])
-        while line and len(self.holders[host]) < self.machine.units_per_node:
-            driver = line.pop(0)
-            self.holders[host][driver.rank] = self.now + self.machine.quantum_s
-            self.run_slice(driver)
-
-    def finish_work(self, driver: Driver) -> None:
-        if driver.spinning:  # what it spun for is there: the wait's row, then on
-            driver.busy, driver.spinning = False, False
-            first = driver.waiting[0]
-            self.row(driver.rank, first.phase, first.layer, first.mb, driver.idle_since, self.now)
-            driver.waiting = None
-            return self.resume(driver)
-        work, start = driver.work, driver.work_start
-        parts = np.atleast_1d(np.asarray(work.seconds, float))
-        total = parts.sum()
-        ends = start + (self.now - start) * (np.cumsum(parts) / total if total > 0 else np.ones(len(parts)))
-        if work.phase is not None:
-            self.row(driver.rank, work.phase, work.layer, work.mb, start, self.now)
-        driver.busy = False
-        if work.then is not None:
-            work.then(ends)
-        self.resume(driver)
-
-    # ------------------------------------------------------------ messages and collectives
-
-    def mail(self, key) -> Mail:
-        if key not in self.mails:
-            self.mails[key] = Mail(self.ranks)
-        return self.mails[key]
-
-    def send(self, key, src: int, dsts, nbytes, sent) -> None:
-        """Post messages src -> dsts (ascending, as the engine posts them) of nbytes each, left at
-        `sent` (scalar or per message): delivered after the physical link (intra or inter node), the
-        emulated parallel.link when it separates the two, and staging through host memory on a GPU
-        whose MPI cannot read device memory."""
-        dsts = np.asarray(dsts, np.int64)
-        if not len(dsts):
-            return
-        nbytes = np.broadcast_to(np.asarray(nbytes, float), dsts.shape)
-        sent = np.broadcast_to(np.asarray(sent, float), dsts.shape).astype(float)
-        m, p = self.machine, self.config.parallel
-        delivered = np.empty(len(dsts))
-        same_host = self.hosts[dsts] == self.hosts[src]
-        for link, mask in (("intra", same_host), ("inter", ~same_host)):
-            if mask.any():
-                latency, bandwidth = m.intra if link == "intra" else m.inter
-                durations, port = nbytes[mask] / bandwidth, self.ports[link][src]
-                ends, self.free_out[link][port] = queue(self.free_out[link][port], sent[mask], durations)
-                # the receiving end takes one message at a time too: many senders into one rank (or
-                # one shared card) queue there, after the last byte has left its sender
-                into, free_in = self.ports[link][dsts[mask]], self.free_in[link]
-                if len(np.unique(into)) == len(into):
-                    got = np.maximum(ends, free_in[into] + durations)
-                    free_in[into] = got
-                else:  # ranks of one node behind one card: one after another
-                    got = np.empty(len(into))
-                    for i, (card, end, duration) in enumerate(zip(into, ends, durations)):
-                        free_in[card] = got[i] = max(end, free_in[card] + duration)
-                delivered[mask] = got + latency
-        if m.device == "cuda" and p.cuda_aware_mpi is False:
-            delivered += 2 * nbytes / m.host_link_bytes_per_s
-        emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)
-        if emulated.any():  # comm.Link: stamped when posted, queued behind this rank's earlier messages
-            ends, self.free_out["emulated"][src] = queue(
-                self.free_out["emulated"][src],
-                sent[emulated],
-                nbytes[emulated] * 8 / (p.link.bandwidth_gbps * 1e9),
-            )
-            delivered[emulated] = np.maximum(delivered[emulated], ends + p.link.latency_us * 1e-6)
-        box = self.mail(key)
-        box.times[src, dsts] = delivered
-        box.got[dsts] += 1
-        if box.watchers:
-            self.notify(
-                {rank for d in dsts[np.isin(dsts, list(box.watchers))].tolist() for rank in box.watchers[d]}
-            )
-
-    def collective(self, key, members, rank: int, polled: bool = False) -> Cond:
-        """This rank posts a non-blocking collective among `members` now; -> when it completes here.
-
-        MPI moves a collective on only inside MPI calls: after the last member posts, every other
-        member must make progress once (its next test: a pass of its scheduler, or a poll while it
-        waits); a member's part completes a latency after all the *others* have, and it sees that at
-        its own next test. (Measured here: a member that posts last and computes right away keeps the
-        others waiting until it next tests, up to a millisecond and more.)"""
-        entry = self.joining(key, members)
-        entry.posted.add(rank)
-        if len(entry.posted) == len(entry.members):
-            entry.progress[rank] = self.now
-            for member in entry.members:
-                driver = self.drivers[member]
-                if member == rank:
-                    continue
-                if driver.waiting is not None:  # asleep in wait_until: its next poll (at once where it spins,
-                    spins = self.config.parallel.wait == "spin" or (
-                        polled and self.poll_by_yielding
-                    )  # or yields)
-                    entry.progress[member] = (
-                        self.now
-                        if spins
-                        else poll_time(driver.idle_since, self.now, self.machine.sleep_overshoot_s)
-                    )
-                else:
-                    self.awaiting_progress.setdefault(member, []).append(entry)
-            self.complete(entry)
-        return entry.conds[rank]
-
-    def joining(self, key, members) -> Collective:
-        """The collective `key` among `members` (made by the first to ask)."""
-        if key not in self.collectives:
-            self.collectives[key] = Collective(tuple(members), {m: Cond() for m in members})
-        return self.collectives[key]
-
-    def progressed(self, driver: Driver) -> None:
-        """The rank calls into MPI now (a scheduler pass, or the first test of a wait)."""
-        for entry in self.awaiting_progress.pop(driver.rank, []):
-            entry.progress[driver.rank] = self.now
-            self.complete(entry)
-
-    def complete(self, entry: "Collective") -> None:
-        if len(entry.progress) < len(entry.members):
-            return
-        order = sorted(entry.progress.values())
-        latency = self.machine.collective_seconds(len(entry.members))
-        for member, cond in entry.conds.items():
-            others = (
-                order[-1]
-                if entry.progress[member] != order[-1]
-                else order[-2]
-                if len(order) > 1
-                else order[-1]
-            )
-            cond.time = others + latency
-            self.notify(cond.watchers)
-
-    def forget(self, step: int) -> None:
-        """Mail and collectives of steps long done (no rank is more than a step behind another)."""
-        for table in (self.mails, self.collectives):
-            for key in [k for k in table if k[1] < step - 2]:
-                del table[key]
 
 
 def simulate(
@@ -618,9 +312,9 @@ def command(
     if context is not None and context < 0:
         raise ValueError(f"--steady-decode: expected a context length >= 0, got {context}")
     metrics = simulate(config, machine, ranks, routing, output, context)
-    nodes = max(node_of_ranks(config, machine, ranks)) + 1
+    nodes, layout = max(node_of_ranks(config, machine, ranks)) + 1, config.parallel.layout
     print(
-        f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {config.parallel.layout}, "
+        f"hpcmoe simulate: {ranks} ranks on {nodes} node(s) of {machine.name}, layout {layout}, "
         f"{len(config.requests)} requests, {sum(len(r.prompt_ids) for r in config.requests)} prompt tokens, "
         f"up to {config.steps} new tokens each; {metrics['planned_max_rank_bytes'] / 2**30:.1f} GiB on the "
         f"fullest rank ({'fits' if metrics['fits_machine_memory'] else 'does NOT fit'} the machine's memory)"
