@@ -287,7 +287,7 @@ def check_plan_args(args) -> None:
     """plan's flags, before any config is read: one line naming the flag and its range."""
     import math
 
-    from hpcmoe.runfile.output import check_new_output, check_output_path
+    from hpcmoe.runfile.paths import check_new_output, check_output_path
 
     require(args.ranks >= 1, f"--ranks: expected an integer >= 1, got {args.ranks}")
     require(
@@ -330,7 +330,7 @@ def command_plan(args) -> int:
 
 def command_predict(args) -> int:
     from hpcmoe.analysis import predict
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
 
     if args.action == "train":
         try:
@@ -410,7 +410,7 @@ BENCH_COUNTS = (
 def check_bench(args) -> None:
     """A benchmark's arguments and config, before MPI: ValueError naming the bad one."""
     from hpcmoe.analysis import bench
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
     from hpcmoe.runtime.device import device_kind
 
     check_new_output(args.out, args.overwrite, "--output")
@@ -514,7 +514,7 @@ def command_bench(args) -> int:
 
 
 def command_run(args) -> int:
-    from hpcmoe.runfile.output import check_new_output, check_output_path
+    from hpcmoe.runfile.paths import check_new_output, check_output_path
 
     try:
         config = load_config(args.config, args.set)
@@ -572,7 +572,7 @@ def command_run(args) -> int:
         load, max_batch = check_model(config, layout, world.Get_rank() == 0)
         routing = None
         if config.parallel.placement_from:
-            from hpcmoe.runfile.output import read_routing
+            from hpcmoe.runfile.loads import read_routing
 
             routing = read_routing(config.parallel.placement_from, config.model.num_experts)
     except ValueError as e:
@@ -707,7 +707,7 @@ def main(argv=None) -> int:
     if sys.stdout is sys.__stdout__ and sys.stdout is not None:  # the process's own, not a test's capture
         sys.stdout = ReaderMayLeave(sys.stdout)
     args = parse_args(argv)
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
 
     if args.command == "run":
         return command_run(args)
@@ -740,7 +740,7 @@ def main(argv=None) -> int:
             fail(str(e))
         return 0
     if args.command == "export":
-        from hpcmoe.runfile.output import export_jsonl
+        from hpcmoe.runfile.export import export_jsonl
 
         try:
             check_new_output(args.jsonl, args.overwrite, "--output")

@@ -30,7 +30,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
     from mpi4py import MPI
 
     from hpcmoe.model.transformer import build_model, moe_local
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import EPEngine
     from hpcmoe.runtime.moe_layer import StepStats, flat
@@ -122,7 +122,7 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype, ranks_pe
 
     from mpi4py import MPI
 
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
     from hpcmoe.runtime.ma import hierarchical_sum
     from hpcmoe.runtime.scheduler import run_concurrently

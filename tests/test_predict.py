@@ -13,7 +13,7 @@ import yaml
 
 from hpcmoe.analysis import predict
 from hpcmoe.config import load_config
-from hpcmoe.runfile.output import TIMING_DTYPE
+from hpcmoe.runfile.schema import TIMING_DTYPE
 from tests.conftest import DEBUG_CONFIG, ROOT
 
 MACHINE = {"memory_bandwidth": 10.0, "peak_gflops": 50.0}

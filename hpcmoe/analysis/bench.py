@@ -453,7 +453,7 @@ def bench_dispatch(tokens: int, hidden: int, dtype: str, top_k: int, reps: int, 
 
     from hpcmoe.config import load_config
     from hpcmoe.parallel.placement import one_per_rank
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Where
     from hpcmoe.runtime.ep import build_exchange, messaging
     from hpcmoe.runtime.moe_layer import StepStats, flat
@@ -605,7 +605,7 @@ def bench_reduce(
     import torch
     from mpi4py import MPI
 
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Link, Sender, Where, tag_for
     from hpcmoe.runtime.ma import hierarchical_sum
     from hpcmoe.runtime.scheduler import run_concurrently

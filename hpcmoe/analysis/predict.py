@@ -28,7 +28,7 @@ from torch import nn
 
 from hpcmoe.config import build_config
 from hpcmoe.model.attention import split_heads
-from hpcmoe.runfile.output import is_compute, length, union
+from hpcmoe.runfile.metrics import is_compute, length, union
 
 FEATURES = ("sequence_length", "context_length", "hidden_size", "active_experts", "memory_bandwidth")
 TARGETS = ("attention_ms", "moe_ms")

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import yaml
 
-from hpcmoe.runfile.output import is_comm, is_compute, is_wait, length, union
+from hpcmoe.runfile.metrics import is_comm, is_compute, is_wait, length, union
 
 DATASETS = ("generated", "prompt_lengths", "routing", "traffic", "placement", "timings", "metrics")
 METRICS = (
@@ -532,8 +532,8 @@ def plot_traffic(run: dict, path: str) -> None:
 def rank_load_over_steps(run: dict) -> np.ndarray:
     """[steps, places] token slots each rank (expert group) receives per step: the step's /routing on
     the placement in force (the initial one, then each switch's from its step), split over replicas
-    as the dispatcher splits them (output.rank_loads, summed over MoE layers; 0 where no expert)."""
-    from hpcmoe.runfile.output import rank_loads
+    as the dispatcher splits them (loads.rank_loads, summed over MoE layers; 0 where no expert)."""
+    from hpcmoe.runfile.loads import rank_loads
 
     in_force = [(0, run["placement"][0])] + list(run["switches"])
     loads = rank_loads(
@@ -711,7 +711,7 @@ def main(
 ) -> int:
     """Print the summary of each run, write the figures (--json, --csv) and the plots, print their
     paths. Existing files are refused before any work unless `overwrite`."""
-    from hpcmoe.runfile.output import check_new_output, check_output_path
+    from hpcmoe.runfile.paths import check_new_output, check_output_path
 
     for path, flag in ((json_path, "--json"), (csv_path, "--csv")):
         if path:

@@ -26,18 +26,11 @@ from hpcmoe.model.transformer import rotate_skew
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import process_bytes, rank_estimates
-from hpcmoe.runfile.output import (
-    RunWriter,
-    Timer,
-    busy_and_idle,
-    compute_metrics,
-    file_loads,
-    previous_imbalance,
-    rank_load_imbalance,
-    request_metrics,
-    run_attrs,
-    step_imbalance,
-)
+from hpcmoe.runfile.loads import file_loads, previous_imbalance, rank_load_imbalance, step_imbalance
+from hpcmoe.runfile.metrics import busy_and_idle, compute_metrics, request_metrics
+from hpcmoe.runfile.schema import run_attrs
+from hpcmoe.runfile.timer import Timer
+from hpcmoe.runfile.writer import RunWriter
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.comm import Where, wait_all, wait_until
 from hpcmoe.runtime.fault import (
