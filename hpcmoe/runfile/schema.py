@@ -90,46 +90,34 @@ def array(file, name: str, axes: list[str], **attrs_and_args):
     return dataset
 
 
-def open_step_datasets(
-    file,
-    requests: int,
-    width: int,
-    vocab: int,
-    moe_layers: int,
-    num_ranks: int,
-    num_experts: int,
-    save_logits: bool,
-) -> None:
-    """With output.save_logits, /logits [request, new_token, vocab] (NaN until written); the datasets
-    a run appends to step by step: /routing, /traffic, /timings (empty, resizable)."""
-    if save_logits:
+def open_logits(file, requests: int, width: int, vocab: int) -> None:
+    """/logits [request, new_token, vocab] of output.save_logits, NaN until written."""
+    array(
+        file,
+        "logits",
+        shape=(requests, width, vocab),
+        dtype=np.float32,
+        chunks=(1, 1, vocab),
+        fillvalue=np.nan,
+        axes=["request", "new_token", "vocab"],
+    )
+
+
+def open_step_datasets(file, moe_layers: int, num_ranks: int, num_experts: int) -> None:
+    """The datasets a run appends to step by step, empty and resizable: /routing, /traffic, /timings."""
+    for name, last, axes, units in (
+        ("routing", num_experts, ["step", "moe_layer", "source_rank", "expert"], "token slots"),
+        ("traffic", num_ranks, ["step", "moe_layer", "src_rank", "dst_rank"], "bytes (dispatch payload)"),
+    ):
         array(
             file,
-            "logits",
-            shape=(requests, width, vocab),
-            dtype=np.float32,
-            chunks=(1, 1, vocab),
-            fillvalue=np.nan,
-            axes=["request", "new_token", "vocab"],
+            name,
+            shape=(0, moe_layers, num_ranks, last),
+            maxshape=(None, moe_layers, num_ranks, last),
+            dtype=np.int64,
+            axes=axes,
+            units=units,
         )
-    array(
-        file,
-        "routing",
-        shape=(0, moe_layers, num_ranks, num_experts),
-        maxshape=(None, moe_layers, num_ranks, num_experts),
-        dtype=np.int64,
-        axes=["step", "moe_layer", "source_rank", "expert"],
-        units="token slots",
-    )
-    array(
-        file,
-        "traffic",
-        shape=(0, moe_layers, num_ranks, num_ranks),
-        maxshape=(None, moe_layers, num_ranks, num_ranks),
-        dtype=np.int64,
-        axes=["step", "moe_layer", "src_rank", "dst_rank"],
-        units="bytes (dispatch payload)",
-    )
     array(
         file,
         "timings",
@@ -171,30 +159,21 @@ def open_request_arrays(file, n: int, prompt_lengths: np.ndarray, width: int, ha
 
     longest = int(prompt_lengths.max())
     strings = h5py.string_dtype("utf-8")
+    padded = lambda name, columns, axis: array(  # [request, axis] token ids, -1 padded
+        file,
+        name,
+        shape=(n, columns),
+        dtype=np.int64,
+        fillvalue=-1,
+        padding=-1,
+        chunks=(min(n, 1024), columns),
+        axes=["request", axis],
+        compression="gzip",
+    )
     ids = array(file, "request_ids", shape=(n,), dtype=strings, axes=["request"])
-    prompts = array(
-        file,
-        "prompt_ids",
-        shape=(n, longest),
-        dtype=np.int64,
-        fillvalue=-1,
-        padding=-1,
-        chunks=(min(n, 1024), longest),
-        axes=["request", "position"],
-        compression="gzip",
-    )
+    prompts = padded("prompt_ids", longest, "position")
     array(file, "prompt_lengths", data=prompt_lengths, axes=["request"])
-    generated = array(
-        file,
-        "generated",
-        shape=(n, width),
-        dtype=np.int64,
-        fillvalue=-1,
-        padding=-1,
-        chunks=(min(n, 1024), width),
-        axes=["request", "new_token"],
-        compression="gzip",
-    )
+    generated = padded("generated", width, "new_token")
     lengths = array(file, "generated_lengths", shape=(n,), dtype=np.int64, axes=["request"], units="tokens")
     texts = array(file, "generated_text", shape=(n,), dtype=strings, axes=["request"]) if has_text else None
     return ids, prompts, generated, lengths, texts

@@ -62,17 +62,7 @@ class Timer:
         finally:
             if on_device:
                 self.timed.append((len(self.rows), begin, self.event()))
-            self.rows.append(
-                (
-                    self.rank,
-                    layer,
-                    micro_batch,
-                    step,
-                    name.encode(),
-                    start - self.t0,
-                    time.perf_counter() - self.t0,
-                )
-            )
+            self.add(name, step, layer, micro_batch, start)
 
     def add(self, name: str, step: int, layer: int, micro_batch: int, start: float) -> None:
         """A row from `start` (a perf_counter value) until now: for spans that no `with` encloses."""

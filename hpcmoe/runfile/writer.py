@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from hpcmoe.runfile.requests import RequestRows
-from hpcmoe.runfile.schema import FAILURE_DTYPE, array, now, open_step_datasets
+from hpcmoe.runfile.schema import FAILURE_DTYPE, array, now, open_logits, open_step_datasets
 
 
 class RunWriter(RequestRows):
@@ -45,9 +45,9 @@ class RunWriter(RequestRows):
         self.file = h5py.File(self.tmp, "w")
         self.file.attrs.update({**attrs, "started": now(), "complete": False})
         self.width = width
-        open_step_datasets(
-            self.file, len(requests), width, vocab, moe_layers, num_ranks, num_experts, save_logits
-        )
+        if save_logits:
+            open_logits(self.file, len(requests), width, vocab)
+        open_step_datasets(self.file, moe_layers, num_ranks, num_experts)
         self.open_requests()
         self.pending, self.timing_rows, self.held, self.written_at = [], [], 0, time.monotonic()
         self.steps = 0
