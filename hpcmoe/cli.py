@@ -329,7 +329,7 @@ def command_plan(args) -> int:
 
 
 def command_predict(args) -> int:
-    from hpcmoe.analysis import predict
+    from hpcmoe.analysis import ma_split, predict
     from hpcmoe.runfile.paths import check_new_output
 
     if args.action == "train":
@@ -340,9 +340,11 @@ def command_predict(args) -> int:
             fail(str(e))
         return 0
     if args.action == "collect":
+        from hpcmoe.analysis.collect import collect
+
         numbers = lambda text: [int(x) for x in text.split(",") if x]
         try:
-            written = predict.collect(
+            written = collect(
                 args.config,
                 args.set,
                 args.out,
@@ -357,7 +359,7 @@ def command_predict(args) -> int:
         print(f"hpcmoe predict collect: {len(written)} run files in {args.out}")
         return 0 if written else 1
     if args.machine:  # the config is the one positional argument
-        from hpcmoe.analysis.predict import simulate_splits as propose
+        from hpcmoe.analysis.ma_split import simulate_splits as propose
 
         try:
             proposal = propose(
@@ -378,7 +380,7 @@ def command_predict(args) -> int:
     try:
         config = load_config(args.config, args.set)
         model, machine = predict.load(args.predictor)
-        proposal = predict.propose(
+        proposal = ma_split.propose(
             model, config, args.ranks, machine, args.threshold
         )  # no split fits: one line
     except ValueError as e:
@@ -616,7 +618,7 @@ def command_run(args) -> int:
 def split_on_rank_0(world, config):
     """parallel.attention_ranks: auto: rank 0 chooses the split (simulating every split, or asking a
     trained predictor) and says why; every rank takes its choice, or its error."""
-    from hpcmoe.analysis.predict import choose_split
+    from hpcmoe.analysis.ma_split import choose_split
     from hpcmoe.config import validate
 
     chosen = None

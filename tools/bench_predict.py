@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpcmoe.analysis import predict  # noqa: E402
+from hpcmoe.analysis import collect, ma_split, predict, run_samples  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 
 CONFIG = os.path.join(
@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3000)
     parser.add_argument("--reuse", action="store_true", help="keep run files already in --work")
     args = parser.parse_args()
-    train_runs = predict.collect(
+    train_runs = collect.collect(
         CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8, reuse=args.reuse
     )
     target = {"batch": 8, "prompt_len": 32}
-    unseen = predict.collect(
+    unseen = collect.collect(
         CONFIG,
         [],
         os.path.join(args.work, "unseen"),
@@ -50,10 +50,10 @@ def main() -> None:
         8,
         reuse=args.reuse,
     )
-    machine = predict.machine_profile()
-    x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in train_runs)))
+    machine = run_samples.machine_profile()
+    x, y, _ = map(np.concatenate, zip(*(run_samples.samples_from_run(r, machine) for r in train_runs)))
     model = predict.train(x, y, args.epochs)
-    tx, ty, roofline = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in unseen)))
+    tx, ty, roofline = map(np.concatenate, zip(*(run_samples.samples_from_run(r, machine) for r in unseen)))
     errors = {
         "predictor": predict.relative_error(model.predict_ms(tx), ty),
         "roofline": predict.relative_error(roofline, ty),
@@ -61,7 +61,7 @@ def main() -> None:
     print(
         f"error on {len(unseen)} unseen runs ({len(tx)} samples; trained on {len(train_runs)} runs, {len(x)} samples):"
     )
-    for i, name in enumerate(predict.TARGETS):
+    for i, name in enumerate(run_samples.TARGETS):
         print(f"  {name:<13} predictor {errors['predictor'][i]:.3f}   roofline {errors['roofline'][i]:.3f}")
     proposals = {}
     config = load_config(
@@ -80,7 +80,7 @@ def main() -> None:
                 if f.attrs["world_size"] == ranks:
                     name = os.path.basename(path).split("_")
                     measured[f"{name[2][1:]}:{name[3][1:]}"] = float(f["metrics"].attrs["tpot_ms"])
-        proposal = predict.propose(model, config, ranks, machine)
+        proposal = ma_split.propose(model, config, ranks, machine)
         chosen = f"{proposal['attention_ranks']}:{proposal['moe_ranks']}"
         best = min(measured, key=measured.get)
         proposals[ranks] = {
@@ -105,7 +105,7 @@ def main() -> None:
         "train_samples": len(x),
         "unseen_samples": len(tx),
         "error_on_unseen_runs": errors,
-        "targets": list(predict.TARGETS),
+        "targets": list(run_samples.TARGETS),
         "proposals": proposals,
         "machine": machine,
     }
