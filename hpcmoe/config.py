@@ -879,7 +879,7 @@ def validate_ma(m: ModelConfig, p: ParallelConfig) -> None:
             f"file (`hpcmoe calibrate --output {p.predictor}` for a .yaml) or "
             f"a predictor (`hpcmoe predict train RUN.h5 ... --out {p.predictor}`)",
         )
-        return  # the rest is checked once the predictor has chosen (hpcmoe.analysis.predict.choose_split)
+        return  # the rest is checked once the predictor has chosen (hpcmoe.analysis.ma_split.choose_split)
     for name, value in (("attention_ranks", a), ("moe_ranks", e)):
         require(
             value is None or isinstance(value, int),

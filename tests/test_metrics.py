@@ -93,7 +93,7 @@ def run_in_process(path, *settings):
 
 
 def test_a_slow_writer_shows_in_tpot(tmp_path, monkeypatch):
-    from hpcmoe.runfile.output import RunWriter
+    from hpcmoe.runfile.writer import RunWriter
 
     normal = run_in_process(tmp_path / "normal.h5")
     append = RunWriter.append_step
@@ -122,7 +122,7 @@ def test_rank_load_counts_only_the_ranks_that_host_experts():
     the only expert host: balanced (1.0), where a mean over all four ranks read 4.0."""
     import numpy as np
 
-    from hpcmoe.runfile.output import rank_load_imbalance, rank_loads, step_imbalance
+    from hpcmoe.runfile.loads import rank_load_imbalance, rank_loads, step_imbalance
 
     routing = np.full((2, 2, 4, 4), 5)  # [steps, moe_layers, sources, experts]
     table = np.array([[3], [3], [3], [3]])
@@ -136,7 +136,7 @@ def test_rank_load_per_layer_sees_layers_that_load_different_ranks():
     as unbalanced as 2 ranks can be (2.0). Summing the layers first read 1.0, perfect balance."""
     import numpy as np
 
-    from hpcmoe.runfile.output import rank_load_imbalance, rank_loads, step_imbalance
+    from hpcmoe.runfile.loads import rank_load_imbalance, rank_loads, step_imbalance
 
     routing = np.zeros((1, 2, 2, 2), np.int64)
     routing[0, 0, :, 0] = 10
@@ -152,7 +152,7 @@ def test_rank_load_splits_replicas_and_follows_a_placement_switch():
     placement in force puts expert 1 on rank 0 only and leaves ranks 1 and 2 without experts."""
     import numpy as np
 
-    from hpcmoe.runfile.output import rank_loads
+    from hpcmoe.runfile.loads import rank_loads
 
     routing = np.zeros((2, 1, 3, 2), np.int64)
     routing[:, 0, :, 0] = 4
@@ -196,7 +196,7 @@ def test_two_stage_gateways_forwarding_is_not_load(tmp_path):
 def timing_rows(*rows):
     import numpy as np
 
-    from hpcmoe.runfile.output import TIMING_DTYPE
+    from hpcmoe.runfile.schema import TIMING_DTYPE
 
     return np.array(
         [(0, -1, 0, 0, phase.encode(), start, end) for phase, start, end in rows], dtype=TIMING_DTYPE
@@ -206,7 +206,7 @@ def timing_rows(*rows):
 def test_a_wait_inside_a_phase_timed_as_work_is_idle():
     """A rank 80% of whose loop is a rebalance boundary spent waiting on the others' vote (and a send
     buffer's settle inside dispatch_post): idle, not busy. Timed as work, it read busy 1.0, idle 0."""
-    from hpcmoe.runfile.output import busy_and_idle
+    from hpcmoe.runfile.metrics import busy_and_idle
 
     rows = timing_rows(
         ("attention", 0.0, 0.1),
@@ -223,7 +223,7 @@ def test_a_wait_inside_a_phase_timed_as_work_is_idle():
 def test_a_blocking_wait_is_a_row_of_its_own_and_an_instant_one_is_none():
     """wait_until with the run's timer (the rebalance boundary's votes, a send buffer's settle): a
     wait that is not over at once is a `*_wait` row inside the enclosing phase; one that is, none."""
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.waits import WaitPolicy, Where, wait_until
 
     timer, polls = Timer(0, 0.0), iter([False, False, False, True])

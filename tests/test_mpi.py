@@ -31,7 +31,7 @@ def test_moe_layer_over_mpi_equals_all_experts_in_one_process():
 
     from hpcmoe.model.build import build_model
     from hpcmoe.model.moe import moe_local
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.ep import EPEngine
     from hpcmoe.runtime.exchange_context import StepStats
     from hpcmoe.runtime.moe_layer import flat
@@ -124,7 +124,7 @@ def test_hierarchical_sum_equals_flat_allreduce_on_unequal_nodes(dtype, ranks_pe
 
     from mpi4py import MPI
 
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Sender
     from hpcmoe.runtime.link import Link
     from hpcmoe.runtime.ma import hierarchical_sum

@@ -113,7 +113,7 @@ def decision(old: Placement, load: list[float], min_gain: float):
     """Rebalancer.decide on one node's summed load, without MPI: -> the Switch it starts and its
     placement and moves, or None when it keeps the placement."""
     from hpcmoe.config import RebalanceConfig
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.rebalance import Moving, Rebalancer
 
     rebalancer = Rebalancer.__new__(Rebalancer)
@@ -244,7 +244,7 @@ def test_a_rank_lost_while_weights_move_ends_the_job_without_a_complete_file(tmp
 def test_the_per_step_rank_load_reads_badly_where_the_whole_run_figure_flatters():
     """All of each step's load on one rank, a different rank each step: over the run every rank
     received the same (whole-run max/mean 1.0); every single step was as unbalanced as it gets (4.0)."""
-    from hpcmoe.runfile.output import rank_load_imbalance, step_imbalance
+    from hpcmoe.runfile.loads import rank_load_imbalance, step_imbalance
 
     loads = np.zeros((4, 1, 4))  # [steps, moe_layers, places]
     for step in range(4):

@@ -334,7 +334,7 @@ def test_figures_of_bounded_size_at_scale(big, tmp_path, name):
 
 
 def test_rows_are_nodes_past_64_ranks_and_roles_are_not_mixed():
-    from hpcmoe.analysis.report import groups
+    from hpcmoe.analysis.plots import groups
 
     for layout, world in (("ep", 16), ("ep", 256), ("ep", 1024), ("ma", 256)):
         run = {
@@ -355,18 +355,18 @@ def test_rows_are_nodes_past_64_ranks_and_roles_are_not_mixed():
 
 def drawn(path, ranks=None, nodes=None, step=None) -> dict:
     """{plot name: figure} of one run, drawn in this process."""
-    from hpcmoe.analysis import report as module
+    from hpcmoe.analysis import plots, report
 
-    run = module.load(str(path))
-    module.choose(run, ranks, nodes, step)
+    run = report.load(str(path))
+    report.choose(run, ranks, nodes, step)
     figures = {}
-    original = module.save
+    original = plots.save
     try:
-        module.save = lambda fig, path: figures.__setitem__(path, fig)
+        plots.save = lambda fig, path: figures.__setitem__(path, fig)
         for name in ("timeline", "expert_load", "traffic"):
-            getattr(module, f"plot_{name}")(run, name)
+            getattr(plots, f"plot_{name}")(run, name)
     finally:
-        module.save = original
+        plots.save = original
     return figures
 
 

@@ -15,7 +15,7 @@ def test_request_figures_by_hand():
     """Three requests: TTFT 0.1, 0.1, 1.0 s; end to end 1.1, 0.3, 1.0 s; 11, 3 and 1 tokens. ITL is
     (1.1 - 0.1) / 10 = 0.1 s and (0.3 - 0.1) / 2 = 0.1 s (the one-token request has none); p99 sits
     near the slow request, p50 does not; 15 tokens and 3 requests over a 2 s run."""
-    from hpcmoe.runfile.output import request_metrics
+    from hpcmoe.runfile.metrics import request_metrics
 
     m = request_metrics(np.array([0.1, 0.1, 1.0]), np.array([1.1, 0.3, 1.0]), np.array([11, 3, 1]), 2.0)
     assert m["output_tokens_per_s"] == m["generated_tokens_per_s"] == 7.5 and m["requests_per_s"] == 1.5

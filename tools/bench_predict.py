@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpcmoe.analysis import predict  # noqa: E402
+from hpcmoe.analysis import collect, ma_split, predict, run_samples  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 
 CONFIG = os.path.join(
@@ -54,7 +54,7 @@ def proposals_against_measured(model, config, unseen: list[str], machine) -> dic
     proposals = {}
     for ranks in (4, 6, 8):
         measured = measured_splits(unseen, ranks)
-        proposal = predict.propose(model, config, ranks, machine)
+        proposal = ma_split.propose(model, config, ranks, machine)
         chosen = f"{proposal['attention_ranks']}:{proposal['moe_ranks']}"
         best = min(measured, key=measured.get)
         proposals[ranks] = {
@@ -76,11 +76,11 @@ def proposals_against_measured(model, config, unseen: list[str], machine) -> dic
 
 def main() -> None:
     args = parse_args()
-    train_runs = predict.collect(
+    train_runs = collect.collect(
         CONFIG, [], os.path.join(args.work, "train"), [4, 6], [4, 16], [16, 64], 8, reuse=args.reuse
     )
     target = {"batch": 8, "prompt_len": 32}
-    unseen = predict.collect(
+    unseen = collect.collect(
         CONFIG,
         [],
         os.path.join(args.work, "unseen"),
@@ -90,10 +90,10 @@ def main() -> None:
         8,
         reuse=args.reuse,
     )
-    machine = predict.machine_profile()
-    x, y, _ = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in train_runs)))
+    machine = run_samples.machine_profile()
+    x, y, _ = map(np.concatenate, zip(*(run_samples.samples_from_run(r, machine) for r in train_runs)))
     model = predict.train(x, y, args.epochs)
-    tx, ty, roofline = map(np.concatenate, zip(*(predict.samples_from_run(r, machine) for r in unseen)))
+    tx, ty, roofline = map(np.concatenate, zip(*(run_samples.samples_from_run(r, machine) for r in unseen)))
     errors = {
         "predictor": predict.relative_error(model.predict_ms(tx), ty),
         "roofline": predict.relative_error(roofline, ty),
@@ -102,7 +102,7 @@ def main() -> None:
         f"error on {len(unseen)} unseen runs ({len(tx)} samples; "
         f"trained on {len(train_runs)} runs, {len(x)} samples):"
     )
-    for i, name in enumerate(predict.TARGETS):
+    for i, name in enumerate(run_samples.TARGETS):
         print(f"  {name:<13} predictor {errors['predictor'][i]:.3f}   roofline {errors['roofline'][i]:.3f}")
     config = load_config(
         CONFIG,
@@ -123,7 +123,7 @@ def main() -> None:
         "train_samples": len(x),
         "unseen_samples": len(tx),
         "error_on_unseen_runs": errors,
-        "targets": list(predict.TARGETS),
+        "targets": list(run_samples.TARGETS),
         "proposals": proposals,
         "machine": machine,
     }

@@ -3,10 +3,10 @@
     python tools/bench_split.py --output docs/bench/split.json          # 4, 6 and 8 ranks (about 10 min)
     python tools/bench_split.py --ranks 4 --reps 1 --output /tmp/s.json   # one rank count
 
-For each rank count every split the model allows (hpcmoe.analysis.predict.splits) is run `--reps` times,
+For each rank count every split the model allows (hpcmoe.analysis.ma_split.splits) is run `--reps` times,
 interleaved (split A, B, C, then again), on inputs/bench_predict.yaml; a split's TPOT is the faster
 of its runs (this box's slow spells only ever add). The simulator's choice (`parallel.predictor` a
-machine file: hpcmoe.analysis.predict.simulate_splits) and, with `--predictor`, a trained predictor's are each
+machine file: hpcmoe.analysis.ma_split.simulate_splits) and, with `--predictor`, a trained predictor's are each
 scored as their split's measured TPOT over the best split's. None of these runs is a calibration run
 of the machine file (hpcmoe.sim.calibrate.CALIBRATION_RUNS: the debug model) nor, for the trained
 predictor, one it was fitted on unless you trained it on them.
@@ -27,7 +27,7 @@ import h5py
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from hpcmoe.analysis.predict import choose_split, splits  # noqa: E402
+from hpcmoe.analysis.ma_split import choose_split, splits  # noqa: E402
 from hpcmoe.config import load_config  # noqa: E402
 
 CONFIG = os.path.join(HERE, "inputs", "bench_predict.yaml")

@@ -127,7 +127,7 @@ def splits_against_predict_runs() -> str:
     import sys
 
     sys.path.insert(0, ROOT)
-    from hpcmoe.analysis.predict import splits
+    from hpcmoe.analysis.ma_split import splits
     from hpcmoe.config import load_config
     from hpcmoe.sim.machine import load_machine
     from hpcmoe.sim.simulate import simulate

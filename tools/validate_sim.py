@@ -35,7 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hpcmoe.config import load_config  # noqa: E402
-from hpcmoe.runfile.output import read_routing  # noqa: E402
+from hpcmoe.runfile.loads import read_routing  # noqa: E402
 from hpcmoe.sim.calibrate import CALIBRATION_RUNS, mpi_command, same_configuration  # noqa: E402
 from hpcmoe.sim.machine import load_machine  # noqa: E402
 from hpcmoe.sim.simulate import simulate  # noqa: E402

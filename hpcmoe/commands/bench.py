@@ -25,7 +25,7 @@ BENCH_COUNTS = (
 def check_bench(args) -> None:
     """A benchmark's arguments and config, before MPI: ValueError naming the bad one."""
     from hpcmoe.analysis import bench
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
     from hpcmoe.runtime.device import device_kind
 
     check_new_output(args.out, args.overwrite, "--output")

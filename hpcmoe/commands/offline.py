@@ -15,7 +15,7 @@ def check_plan_args(args) -> None:
     """plan's flags, before any config is read: one line naming the flag and its range."""
     import math
 
-    from hpcmoe.runfile.output import check_new_output, check_output_path
+    from hpcmoe.runfile.paths import check_new_output, check_output_path
 
     require(args.ranks >= 1, f"--ranks: expected an integer >= 1, got {args.ranks}")
     require(
@@ -68,7 +68,7 @@ def command_predict(args) -> int:
 
 def predict_train(args) -> int:
     from hpcmoe.analysis import predict
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
 
     try:
         check_new_output(args.out, args.overwrite, "--output")
@@ -79,11 +79,11 @@ def predict_train(args) -> int:
 
 
 def predict_collect(args) -> int:
-    from hpcmoe.analysis import predict
+    from hpcmoe.analysis.collect import collect
 
     numbers = lambda text: [int(x) for x in text.split(",") if x]
     try:
-        written = predict.collect(
+        written = collect(
             args.config,
             args.set,
             args.out,
@@ -100,7 +100,7 @@ def predict_collect(args) -> int:
 
 
 def propose_by_simulation(args) -> int:
-    from hpcmoe.analysis.predict import simulate_splits
+    from hpcmoe.analysis.ma_split import simulate_splits
 
     try:
         config = load_config(args.config or args.predictor, args.set)
@@ -119,16 +119,15 @@ def propose_by_simulation(args) -> int:
 
 
 def propose_by_predictor(args) -> int:
-    from hpcmoe.analysis import predict
+    from hpcmoe.analysis import ma_split, predict
 
     if args.config is None:
         fail("predict propose: give a predictor file and a config, or --machine MACHINE.yaml and a config")
     try:
         config = load_config(args.config, args.set)
         model, machine = predict.load(args.predictor)
-        proposal = predict.propose(
-            model, config, args.ranks, machine, args.threshold
-        )  # no split fits: one line
+        # no split fits: one line
+        proposal = ma_split.propose(model, config, args.ranks, machine, args.threshold)
     except ValueError as e:
         fail(str(e))
     print(
@@ -142,7 +141,7 @@ def propose_by_predictor(args) -> int:
 
 
 def command_calibrate(args) -> int:
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
     from hpcmoe.sim.calibrate import calibrate, check_inputs
 
     try:
@@ -156,7 +155,7 @@ def command_calibrate(args) -> int:
 
 
 def command_simulate(args) -> int:
-    from hpcmoe.runfile.output import check_new_output
+    from hpcmoe.runfile.paths import check_new_output
     from hpcmoe.sim.simulate import command
 
     try:
@@ -170,7 +169,8 @@ def command_simulate(args) -> int:
 
 
 def command_export(args) -> int:
-    from hpcmoe.runfile.output import check_new_output, export_jsonl
+    from hpcmoe.runfile.export import export_jsonl
+    from hpcmoe.runfile.paths import check_new_output
 
     try:
         check_new_output(args.jsonl, args.overwrite, "--output")

@@ -56,7 +56,7 @@ def command_run(args) -> int:
 
 def checked_config(args):
     """The config with --set and --output applied, its output path and its prompts checked (before MPI)."""
-    from hpcmoe.runfile.output import check_new_output, check_output_path
+    from hpcmoe.runfile.paths import check_new_output, check_output_path
 
     config = load_config(args.config, args.set)
     if args.output:
@@ -101,7 +101,7 @@ def checked_model(world, config, layout):
     load, max_batch = check_model(config, layout, world.Get_rank() == 0)
     routing = None
     if config.parallel.placement_from:
-        from hpcmoe.runfile.output import read_routing
+        from hpcmoe.runfile.loads import read_routing
 
         routing = read_routing(config.parallel.placement_from, config.model.num_experts)
     return config, load, max_batch, routing
@@ -130,7 +130,7 @@ def launch(world, config, layout, load, routing, resume, max_batch):
 def split_on_rank_0(world, config):
     """parallel.attention_ranks: auto: rank 0 chooses the split (simulating every split, or asking a
     trained predictor) and says why; every rank takes its choice, or its error."""
-    from hpcmoe.analysis.predict import choose_split
+    from hpcmoe.analysis.ma_split import choose_split
     from hpcmoe.config import validate
 
     chosen = None

@@ -22,7 +22,7 @@ from hpcmoe.config import Config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import process_bytes
-from hpcmoe.runfile.output import Timer
+from hpcmoe.runfile.timer import Timer
 from hpcmoe.runtime.batch import Batch, batch_of
 from hpcmoe.runtime.fault import FaultState, RankFailed, failure_rows
 from hpcmoe.runtime.hooks import Mirror, Output, Progress, Records, RootGather, StopSignal

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from hpcmoe.runfile.output import RunWriter, Timer
+from hpcmoe.runfile.timer import Timer
+from hpcmoe.runfile.writer import RunWriter
 from hpcmoe.runtime import tags
 from hpcmoe.runtime.batch import Events
 from hpcmoe.runtime.fault import FaultState

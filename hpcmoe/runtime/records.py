@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from hpcmoe.runfile.output import RunWriter
+from hpcmoe.runfile.writer import RunWriter
 from hpcmoe.runtime.batch import Events
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from hpcmoe.config import Config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
-from hpcmoe.runfile.output import RunWriter
+from hpcmoe.runfile.writer import RunWriter
 from hpcmoe.runtime.fault import EXIT_RANK_FAILED, RankFailed, failure_rows, is_failure, leave
 from hpcmoe.runtime.records import FinalRecord, Made, peak_rss_bytes
 from hpcmoe.runtime.run_file import Ended, RunStart, finish, open_writer

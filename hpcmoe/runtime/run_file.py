@@ -16,17 +16,10 @@ from hpcmoe.config import Config
 from hpcmoe.parallel.layout import ParallelLayout
 from hpcmoe.parallel.placement import Placement
 from hpcmoe.parallel.plan import rank_estimates
-from hpcmoe.runfile.output import (
-    RunWriter,
-    busy_and_idle,
-    compute_metrics,
-    file_loads,
-    previous_imbalance,
-    rank_load_imbalance,
-    request_metrics,
-    run_attrs,
-    step_imbalance,
-)
+from hpcmoe.runfile.loads import file_loads, previous_imbalance, rank_load_imbalance, step_imbalance
+from hpcmoe.runfile.metrics import busy_and_idle, compute_metrics, request_metrics
+from hpcmoe.runfile.schema import run_attrs
+from hpcmoe.runfile.writer import RunWriter
 from hpcmoe.runtime.fault import FaultState
 from hpcmoe.runtime.records import Made
 from hpcmoe.runtime.topology import Topology

@@ -95,7 +95,7 @@ def check_inputs(out: str, config_path: str) -> None:
     """Before anything is measured: `out` can be written and the config's calibration runs can run;
     ValueError in one line naming the problem otherwise."""
     from hpcmoe.config import load_config
-    from hpcmoe.runfile.output import check_output_path
+    from hpcmoe.runfile.paths import check_output_path
 
     check_output_path(out, "calibrate --out", "machines/this_box.yaml", create=False)
     for settings in (CALIBRATION_RUN, CALIBRATION_RUN + WIDE):

@@ -1,5 +1,5 @@
 """A simulation's metrics and run file: the same schema and the same metric functions as `hpcmoe run`
-(hpcmoe.runfile.output), with root attrs `simulated: true` and `machine`, /generated all -1 (no tokens are
+(hpcmoe.runfile), with root attrs `simulated: true` and `machine`, /generated all -1 (no tokens are
 computed), /generated_lengths the tokens each request would make, and the memory plan of
 `hpcmoe plan` against the machine's memory instead of a measured peak RSS."""
 
@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcmoe.runfile.output import (
-    TIMING_DTYPE,
-    RunWriter,
-    busy_and_idle,
-    compute_metrics,
-    rank_load_imbalance,
-    rank_loads,
-    request_metrics,
-    run_attrs,
-    step_imbalance,
-)
+from hpcmoe.runfile.loads import rank_load_imbalance, rank_loads, step_imbalance
+from hpcmoe.runfile.metrics import busy_and_idle, compute_metrics, request_metrics
+from hpcmoe.runfile.schema import TIMING_DTYPE, run_attrs
+from hpcmoe.runfile.writer import RunWriter
 
 
 def metrics_and_file(sim, output: str | None) -> dict:

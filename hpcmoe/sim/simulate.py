@@ -127,7 +127,7 @@ class Simulation(Cores, Links):
         config, p, ranks = self.config, self.config.parallel, self.ranks
         placed_by = None
         if p.placement_from:
-            from hpcmoe.runfile.output import read_routing
+            from hpcmoe.runfile.loads import read_routing
 
             placed_by = read_routing(p.placement_from, config.model.num_experts)
         self.placement = self.layout.placement(self.node_of_rank, placed_by)
@@ -296,7 +296,7 @@ def command(
     """`hpcmoe simulate`: load and check everything (ValueError: one line naming what is wrong), simulate,
     print what `hpcmoe run` prints."""
     from hpcmoe.config import load_config
-    from hpcmoe.runfile.output import read_routing
+    from hpcmoe.runfile.loads import read_routing
     from hpcmoe.sim.machine import load_machine
 
     config = load_config(config_path, settings)

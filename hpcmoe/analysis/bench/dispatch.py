@@ -43,7 +43,7 @@ def engine_exchange(config, topo, size: int, rank: int, moe, h):
     """The engine's exchange of one MoE layer, one expert per rank -> (exchange, close):
     exchange(schedule) dispatches h and combines the answers (schedule: per_layer or per_source)."""
     from hpcmoe.parallel.placement import one_per_rank
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.ep import build_exchange, messaging
     from hpcmoe.runtime.exchange_context import StepStats
     from hpcmoe.runtime.moe_layer import flat

@@ -68,7 +68,7 @@ def through_link(world, topo, link, x, algorithm, counted: dict, name: str):
     """-> fn() that sums x [tokens, hidden] over every rank with algorithm (leader_sum or
     hierarchical_sum) through the emulated link, and leaves in counted[name] the bytes this rank sent
     to other nodes."""
-    from hpcmoe.runfile.output import Timer
+    from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.comm import Sender
     from hpcmoe.runtime.scheduler import run_concurrently
     from hpcmoe.runtime.tags import tag_for
