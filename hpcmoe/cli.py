@@ -555,7 +555,7 @@ def command_run(args) -> int:
             )
         if args.resume:
             from hpcmoe.runtime.device import device_kind
-            from hpcmoe.runtime.workload import read_partial
+            from hpcmoe.runtime.resume import read_partial
 
             resume = read_partial(
                 args.resume, config.on_device(device_kind(config.run.device)), world.Get_size()

@@ -497,8 +497,8 @@ class Config:
 
     @functools.cached_property
     def requests(self):
-        """The run's requests (hpcmoe.runtime.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
-        from hpcmoe.runtime.workload import requests_of
+        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
+        from hpcmoe.workload import requests_of
 
         return requests_of(self)
 
@@ -1084,8 +1084,8 @@ def validate(config: Config) -> None:
 
 def validate_positions(m: ModelConfig, r: RunConfig) -> None:
     """The longest of run.prompt_ids, or the synthetic workload's run.prompt_len, plus run.max_new_tokens
-    within model.max_positions (a prompt file is checked line by line: hpcmoe.runtime.workload.PromptFile)."""
-    from hpcmoe.runtime.workload import check_positions
+    within model.max_positions (a prompt file is checked line by line: hpcmoe.workload.PromptFile)."""
+    from hpcmoe.workload import check_positions
 
     if r.prompts is not None:
         return
@@ -1101,7 +1101,7 @@ def validate_stop_at_eos(m: ModelConfig, r: RunConfig) -> None:
     when there is one); the checkpoint's files that name it are read (and checked) here."""
     if r.stop_at_eos is False or not (r.stop_at_eos or m.checkpoint):
         return
-    from hpcmoe.runtime.workload import eos_ids
+    from hpcmoe.workload import eos_ids
 
     source = (
         f"model.checkpoint {m.checkpoint}" if m.checkpoint else f"model.preset {m.preset} (random weights)"

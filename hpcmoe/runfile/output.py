@@ -403,7 +403,7 @@ def run_attrs(
     config, node_of_rank, ranks_per_node: int, device: str, device_name: str, max_batch: int = 0
 ) -> dict:
     """The run file's root attributes (a real run's and a simulated one's)."""
-    from hpcmoe.runtime.workload import run_identity
+    from hpcmoe.workload import run_identity
 
     return {
         **run_identity(config),
@@ -677,7 +677,7 @@ class RunWriter:
 
     def write_ended(self, ended: list, step: int, held_at: float) -> None:
         """Append rows to /requests: (request index, finish reason, its live record) each."""
-        from hpcmoe.runtime.workload import decode
+        from hpcmoe.workload import decode
 
         columns = {name: [] for name in self.REQUEST_FIELDS}
         for index, reason, live in ended:
@@ -720,7 +720,7 @@ class RunWriter:
 
     def done(self):
         """What this run has done so far (hpcmoe.runtime.workload.Done): to share after a recovery."""
-        from hpcmoe.runtime.workload import Done
+        from hpcmoe.workload import Done
 
         return Done(self.finished.copy(), {index: list(live["tokens"]) for index, live in self.live.items()})
 
@@ -784,7 +784,7 @@ class RunWriter:
         lengths = self.array(
             "generated_lengths", shape=(n,), dtype=np.int64, axes=["request"], units="tokens"
         )
-        from hpcmoe.runtime.workload import tokenizer_path
+        from hpcmoe.workload import tokenizer_path
 
         has_text = tokenizer_path(self.checkpoint) is not None
         texts = (
@@ -882,7 +882,7 @@ def export_jsonl(path: str, out: str) -> tuple[int, str]:
         if "requests" not in f:
             raise ValueError(f"{path}: no /requests group (not a run file of hpcmoe run, or an older one)")
         rows = {name: f["requests"][name][:] for name in f["requests"]}
-        from hpcmoe.runtime.workload import tokenizer_path
+        from hpcmoe.workload import tokenizer_path
 
         tokenizer = tokenizer_path(_checkpoint_of(f)) is not None
         note = (

@@ -441,7 +441,7 @@ def building_failed(config: Config, error, made: Made, timer) -> RankFailed:
 def batch_of(config: Config, engine, requests, new_rows, cache, max_batch: int, earlier) -> "Batch":
     """This rank's Batch: the requests its engine serves (every attention group's in turn, in file
     order), the checkpoint's end-of-sequence tokens when requests stop at them."""
-    from hpcmoe.runtime.workload import eos_ids
+    from hpcmoe.workload import eos_ids
 
     r = config.run
     stop_at_eos = r.stop_at_eos if r.stop_at_eos is not None else bool(config.model.checkpoint)
@@ -818,7 +818,7 @@ def run_steps(
     (or after a recovery), from the step the run stopped at. Rank 0 keeps what the steps made in
     `made` and writes each request as it ends; survivors (after a recovery) widen the records to
     the original ranks. -> the steps done."""
-    from hpcmoe.runtime.workload import choose
+    from hpcmoe.workload import choose
 
     r = config.run
     sampling = r.sampling if r.sampling is not None and r.sampling.temperature > 0 else None
