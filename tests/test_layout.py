@@ -11,6 +11,7 @@ LOWER = {
     "model": {"runtime", "sim", "analysis"},
     "parallel": {"runtime", "sim", "analysis"},
     "runtime": {"sim", "analysis"},
+    "config": {"runtime", "runfile", "sim", "analysis"},  # read by every layer, model and parallel too
     "workload": {"config", "runtime", "runfile", "sim", "analysis"},  # below the config that reads it
 }  # a layer -> the layers it must not import
 
@@ -54,7 +55,7 @@ def import_graph() -> dict:
 
 
 def layer(module: str) -> str:
-    """hpcmoe.sim.net -> sim; the package hpcmoe.sim -> sim; top-level modules (cli, config, progress) -> ""."""
+    """hpcmoe.sim.net -> sim; the package hpcmoe.sim -> sim; top-level modules (cli, progress) -> ""."""
     parts = module.split(".")
     return parts[1] if len(parts) > 2 or os.path.isdir(os.path.join(PACKAGE, parts[-1])) else ""
 
@@ -90,7 +91,7 @@ def test_no_module_imports_itself_through_others():
 
 
 def test_every_package_says_what_it_owns():
-    for name in ("model", "parallel", "workload", "runtime", "runfile", "sim", "analysis"):
+    for name in ("config", "model", "parallel", "workload", "runtime", "runfile", "sim", "analysis"):
         with open(os.path.join(PACKAGE, name, "__init__.py")) as f:
             doc = ast.get_docstring(ast.parse(f.read()))
         assert doc and len(doc.split()) >= 15, name
