@@ -11,6 +11,38 @@ from hpcmoe.config.schema import DTYPES, MXFP4_BLOCK, ROPE_SCALING_KEYS, ModelCo
 
 
 def validate_model(m: ModelConfig) -> None:
+    """The model section: its shape, routing, numbers, gpt-oss's features, positions, quantized experts
+    and YaRN."""
+    validate_shape(m)
+    validate_routing(m)
+    require(
+        m.dtype is None or m.dtype in DTYPES,
+        f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}",
+    )
+    require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
+    for name in ("rope_theta", "routed_scaling_factor", "swiglu_alpha"):
+        require(getattr(m, name) > 0, f"model.{name}: expected a number > 0, got {getattr(m, name)}")
+    require(
+        0 < m.partial_rotary_factor <= 1,
+        f"model.partial_rotary_factor: expected a number in (0, 1], got {m.partial_rotary_factor}",
+    )
+    validate_gpt_oss_fields(m)
+    require(
+        m.max_positions is None or m.max_positions >= 1,
+        f"model.max_positions: expected an integer >= 1, got {m.max_positions}",
+    )
+    require(
+        m.fp8_block is None or (len(m.fp8_block) == 2 and min(m.fp8_block) >= 1),
+        f"model.fp8_block: expected two integers >= 1 (the scale block's rows and columns), "
+        f"got {m.fp8_block}",
+    )
+    if m.rope_scaling is not None:
+        validate_rope_scaling(m.rope_scaling)
+
+
+def validate_shape(m: ModelConfig) -> None:
+    """The transformer's sizes, its attention and router kinds, query heads over key/value heads and
+    rotary pairs."""
     positive = [
         "vocab",
         "hidden",
@@ -56,6 +88,11 @@ def validate_model(m: ModelConfig) -> None:
         f"model.{'qk_rope_head_dim' if m.attention == 'mla' else 'head_dim'}: {rotary} "
         f"must be even (RoPE rotates pairs)",
     )
+
+
+def validate_routing(m: ModelConfig) -> None:
+    """Group-limited routing (DeepSeek's sigmoid router): groups that divide the experts, and enough
+    experts in the groups a token may use for its top-k."""
     require(
         m.n_group >= 1 and m.num_experts % m.n_group == 0,
         f"model.n_group: {m.n_group} must divide model.num_experts ({m.num_experts})",
@@ -73,28 +110,6 @@ def validate_model(m: ModelConfig) -> None:
         m.router == "sigmoid" or m.n_group == 1,
         "model.n_group: group-limited routing needs model.router: sigmoid",
     )
-    require(
-        m.dtype is None or m.dtype in DTYPES,
-        f"model.dtype: {m.dtype!r} is not supported; expected one of {', '.join(DTYPES)}",
-    )
-    require(m.norm_eps > 0, f"model.norm_eps: expected a number > 0, got {m.norm_eps}")
-    for name in ("rope_theta", "routed_scaling_factor", "swiglu_alpha"):
-        require(getattr(m, name) > 0, f"model.{name}: expected a number > 0, got {getattr(m, name)}")
-    require(
-        0 < m.partial_rotary_factor <= 1,
-        f"model.partial_rotary_factor: expected a number in (0, 1], got {m.partial_rotary_factor}",
-    )
-    validate_gpt_oss_fields(m)
-    require(
-        m.max_positions is None or m.max_positions >= 1,
-        f"model.max_positions: expected an integer >= 1, got {m.max_positions}",
-    )
-    require(
-        m.fp8_block is None or (len(m.fp8_block) == 2 and min(m.fp8_block) >= 1),
-        f"model.fp8_block: expected two integers >= 1 (the scale block's rows and columns), got {m.fp8_block}",
-    )
-    if m.rope_scaling is not None:
-        validate_rope_scaling(m.rope_scaling)
 
 
 ROPE_SCALING_NUMBERS = {
@@ -169,8 +184,8 @@ def validate_gpt_oss_fields(m: ModelConfig) -> None:
     require(not m.router_bias or m.router == "softmax", "model.router_bias: only with model.router: softmax")
     require(
         not m.fp8_block or not (m.expert_bias or m.swiglu_limit),
-        "model.fp8_block: FP8 experts run plain SwiGLU without biases; model.expert_bias and model.swiglu_limit "
-        "need unquantized or MXFP4 experts",
+        "model.fp8_block: FP8 experts run plain SwiGLU without biases; model.expert_bias and "
+        "model.swiglu_limit need unquantized or MXFP4 experts",
     )
     if m.mxfp4:
         require(not m.fp8_block, "model.mxfp4 and model.fp8_block: an expert is stored one way, not both")

@@ -249,7 +249,8 @@ class Config:
 
     @functools.cached_property
     def requests(self):
-        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens), made once per config."""
+        """The run's requests (hpcmoe.workload.Request: id, prompt ids, max_new_tokens), made once per
+        config."""
         return requests_of(self)
 
     @property

@@ -27,48 +27,65 @@ def read_partial(path: str, config, world_size: int) -> Resume:
     """The partial file of an earlier run of the same config, prompts and checkpoint (the config as
     it ran: device and dtype resolved). Each mismatch is one line naming it."""
     import h5py
-    import yaml
 
     where = f"--resume {path}"
     try:
         with h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("complete", False):
-                raise ValueError(f"{where}: not a partial run file (it is complete)")
-            missing = [
-                name
-                for name in ("complete", "config", "world_size", "prompts_sha256", "checkpoint_sha256")
-                if name not in f.attrs
-            ] + [f"/{name}" for name in ("requests", "routing", "traffic") if name not in f]
-            missing += [
-                f"/requests/{field}"
-                for field in ("index", "finish_reason", "completion_ids")
-                if "requests" in f and field not in f["requests"]
-            ]
-            if missing:
-                raise ValueError(
-                    f"{where}: the file lacks {', '.join(missing)} (written by an older hpcmoe, or "
-                    f"not by hpcmoe run): it cannot be resumed"
-                )
+            check_resumable(f, where)
             theirs = flat_settings(saved_settings(f.attrs["config"], where))
             identity = {name: f.attrs[name] for name in ("prompts_sha256", "checkpoint_sha256")}
-            # stopped by a signal: its steps and stopped requests go on; killed (a NAME.h5.tmp): the
-            # requests it had finished are kept, the others start again, and so do the steps' statistics
-            step = int(f.attrs["stopped_at_step"]) if "stopped_at_step" in f.attrs else 0
             ranks = int(f.attrs["world_size"])
-            rows = f["requests"]
-            reasons, indices = rows["finish_reason"][:], rows["index"][:]
-            stopped = np.flatnonzero(reasons == b"stop")
-            partial = {int(indices[i]): [int(t) for t in rows["completion_ids"][i]] for i in stopped}
-            finished = np.zeros(len(config.requests), bool)
-            ended = indices[reasons != b"stop"]
-            if len(ended) and ended.max() >= len(finished):
-                raise ValueError(
-                    f"{where}: it holds request {ended.max()} but the prompts have {len(finished)}"
-                )
-            finished[ended] = True
-            resume = Resume(path, step, Done(finished, partial), f["routing"][:step], f["traffic"][:step])
+            resume = partial_state(f, path, where, len(config.requests))
     except OSError as e:
         raise ValueError(f"{where}: cannot read it ({e})") from None
+    check_same_run(where, config, theirs, identity)
+    if ranks != world_size:  # the statistics' rank axes must line up
+        raise ValueError(f"{where}: that run had {ranks} ranks, this one has {world_size}")
+    return resume
+
+
+def check_resumable(f, where: str) -> None:
+    """An open run file is partial and holds every attribute and dataset a resumed run reads."""
+    if f.attrs.get("complete", False):
+        raise ValueError(f"{where}: not a partial run file (it is complete)")
+    missing = [
+        name
+        for name in ("complete", "config", "world_size", "prompts_sha256", "checkpoint_sha256")
+        if name not in f.attrs
+    ] + [f"/{name}" for name in ("requests", "routing", "traffic") if name not in f]
+    missing += [
+        f"/requests/{field}"
+        for field in ("index", "finish_reason", "completion_ids")
+        if "requests" in f and field not in f["requests"]
+    ]
+    if missing:
+        raise ValueError(
+            f"{where}: the file lacks {', '.join(missing)} (written by an older hpcmoe, or "
+            f"not by hpcmoe run): it cannot be resumed"
+        )
+
+
+def partial_state(f, path: str, where: str, requests: int) -> Resume:
+    """What the open run file's run had done, for a run of `requests` requests."""
+    # stopped by a signal: its steps and stopped requests go on; killed (a NAME.h5.tmp): the
+    # requests it had finished are kept, the others start again, and so do the steps' statistics
+    step = int(f.attrs["stopped_at_step"]) if "stopped_at_step" in f.attrs else 0
+    rows = f["requests"]
+    reasons, indices = rows["finish_reason"][:], rows["index"][:]
+    stopped = np.flatnonzero(reasons == b"stop")
+    partial = {int(indices[i]): [int(t) for t in rows["completion_ids"][i]] for i in stopped}
+    finished = np.zeros(requests, bool)
+    ended = indices[reasons != b"stop"]
+    if len(ended) and ended.max() >= len(finished):
+        raise ValueError(f"{where}: it holds request {ended.max()} but the prompts have {len(finished)}")
+    finished[ended] = True
+    return Resume(path, step, Done(finished, partial), f["routing"][:step], f["traffic"][:step])
+
+
+def check_same_run(where: str, config, theirs: dict, identity: dict) -> None:
+    """The earlier run's settings (flat_settings) and identity (run_identity) are this config's."""
+    import yaml
+
     mine = flat_settings(yaml.safe_load(config.to_yaml()))
     differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if differing:
@@ -85,6 +102,3 @@ def read_partial(path: str, config, world_size: int) -> Resume:
             f"{where}: the checkpoint changed since that run ({config.model.checkpoint}: its config, "
             f"tokenizer or safetensors headers differ)"
         )
-    if ranks != world_size:  # the statistics' rank axes must line up
-        raise ValueError(f"{where}: that run had {ranks} ranks, this one has {world_size}")
-    return resume

@@ -18,7 +18,8 @@ from hpcmoe.workload.tokenizer import load_tokenizer, tokenizer_path
 
 
 def check_positions(where: str, prompt: int, new_tokens: int, max_positions: int | None) -> None:
-    """A prompt of `prompt` tokens and `new_tokens` more fit in the model's positions (model.max_positions)."""
+    """A prompt of `prompt` tokens and `new_tokens` more fit in the model's positions
+    (model.max_positions)."""
     if max_positions is not None and prompt + new_tokens > max_positions:
         raise ValueError(
             f"{where}: prompt of {prompt} tokens + {new_tokens} new tokens exceeds the model's "
