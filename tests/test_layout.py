@@ -2,6 +2,7 @@
 modules, every import counted, at the top of a module or inside a function."""
 
 import ast
+import importlib
 import os
 
 from tests.conftest import ROOT
@@ -11,6 +12,9 @@ LOWER = {
     "model": {"runtime", "sim", "analysis"},
     "parallel": {"runtime", "sim", "analysis"},
     "runtime": {"sim", "analysis"},
+    "runfile": {"runtime", "sim", "analysis"},  # the engine writes the file; the file knows no engine
+    "config": {"runtime", "runfile", "sim", "analysis"},  # read by every layer, model and parallel too
+    "workload": {"config", "runtime", "runfile", "sim", "analysis"},  # below the config that reads it
 }  # a layer -> the layers it must not import
 
 
@@ -53,7 +57,7 @@ def import_graph() -> dict:
 
 
 def layer(module: str) -> str:
-    """hpcmoe.sim.net -> sim; the package hpcmoe.sim -> sim; top-level modules (cli, config, progress) -> ""."""
+    """hpcmoe.sim.net -> sim; the package hpcmoe.sim -> sim; top-level modules (cli, progress) -> ""."""
     parts = module.split(".")
     return parts[1] if len(parts) > 2 or os.path.isdir(os.path.join(PACKAGE, parts[-1])) else ""
 
@@ -76,6 +80,21 @@ def test_lower_layers_do_not_import_higher_ones():
     assert not wrong, "\n".join(wrong)
 
 
+def test_only_the_command_line_reaches_the_commands():
+    """hpcmoe/commands/ is the top: cli.py calls it (by name, from its COMMANDS table); nothing imports it."""
+    from hpcmoe.cli import COMMANDS
+
+    wrong = [
+        f"{module} imports {name}"
+        for module, names in import_graph().items()
+        for name in names
+        if layer(name) == "commands" and layer(module) != "commands"
+    ]
+    assert not wrong, "\n".join(wrong)
+    for module, function in COMMANDS.values():
+        assert callable(getattr(importlib.import_module(f"hpcmoe.commands.{module}"), function))
+
+
 def test_no_module_imports_itself_through_others():
     graph, cycles = import_graph(), []
 
@@ -92,7 +111,17 @@ def test_no_module_imports_itself_through_others():
 
 
 def test_every_package_says_what_it_owns():
-    for name in ("model", "parallel", "runtime", "runfile", "sim", "analysis"):
+    for name in (
+        "config",
+        "model",
+        "parallel",
+        "workload",
+        "runtime",
+        "runfile",
+        "sim",
+        "analysis",
+        "commands",
+    ):
         with open(os.path.join(PACKAGE, name, "__init__.py")) as f:
             doc = ast.get_docstring(ast.parse(f.read()))
         assert doc and len(doc.split()) >= 15, name

@@ -272,7 +272,7 @@ REQUIRED_COVERAGE = (
 
 
 def test_every_schema_key_rejects_bad_values_naming_the_key():
-    """Generated from the config dataclasses: a key added to hpcmoe/config.py is fuzzed here at once,
+    """Generated from the config dataclasses: a key added to hpcmoe/config/schema.py is fuzzed here at once,
     and fails this test until it rejects a value of the wrong type, one out of range (or is listed in
     ANY_VALUE with the reason) and an unknown key beside it (sections), each in one line naming it."""
     cases = fuzz_cases()

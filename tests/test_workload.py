@@ -178,7 +178,7 @@ def test_choice_rules_on_constructed_logits():
     (seed, request id, step)."""
     from types import SimpleNamespace
 
-    from hpcmoe.runtime.workload import choose
+    from hpcmoe.workload import choose
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 400, dtype=np.float32))
     ids = [str(i) for i in range(400)]

@@ -86,7 +86,7 @@ SHOWN_REQUESTS, SHOWN_CHARACTERS = 3, 120
 def samples(f, checkpoint) -> list[tuple[str, str, str]]:
     """(request id, prompt, completion) of the first requests: text through the checkpoint's
     tokenizer when it has one, else token ids."""
-    from hpcmoe.runtime.workload import decode
+    from hpcmoe.workload import decode
 
     ids = (
         [x.decode() for x in f["request_ids"][:SHOWN_REQUESTS]]

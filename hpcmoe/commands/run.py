@@ -85,7 +85,7 @@ def planned(world, config, resume_from: str | None):
             f"{config.output.path}): move it aside first"
         )
     from hpcmoe.runtime.device import device_kind
-    from hpcmoe.runtime.workload import read_partial
+    from hpcmoe.runtime.resume import read_partial
 
     resume = read_partial(resume_from, config.on_device(device_kind(config.run.device)), world.Get_size())
     return config, layout, resume

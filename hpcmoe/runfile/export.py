@@ -23,7 +23,7 @@ def export_jsonl(path: str, out: str) -> tuple[int, str]:
         if "requests" not in f:
             raise ValueError(f"{path}: no /requests group (not a run file of hpcmoe run, or an older one)")
         rows = {name: f["requests"][name][:] for name in f["requests"]}
-        from hpcmoe.runtime.workload import tokenizer_path
+        from hpcmoe.workload import tokenizer_path
 
         tokenizer = tokenizer_path(_checkpoint_of(f)) is not None
         note = (

@@ -76,7 +76,7 @@ class RequestRows:
 
     def write_ended(self, ended: list, step: int, held_at: float) -> None:
         """Append rows to /requests: (request index, finish reason, its live record) each."""
-        from hpcmoe.runtime.workload import decode
+        from hpcmoe.workload import decode
 
         columns = {name: [] for name in REQUEST_FIELDS}
         for index, reason, live in ended:
@@ -118,8 +118,8 @@ class RequestRows:
             )
 
     def done(self):
-        """What this run has done so far (hpcmoe.runtime.workload.Done): to share after a recovery."""
-        from hpcmoe.runtime.workload import Done
+        """What this run has done so far (hpcmoe.workload.Done): to share after a recovery."""
+        from hpcmoe.workload import Done
 
         return Done(self.finished.copy(), {index: list(live["tokens"]) for index, live in self.live.items()})
 
@@ -154,7 +154,7 @@ class RequestRows:
         rows = self.file["requests"]
         order = np.argsort(rows["index"][:], kind="stable")
         where = dict(zip(rows["index"][:][order].tolist(), order.tolist()))
-        from hpcmoe.runtime.workload import tokenizer_path
+        from hpcmoe.workload import tokenizer_path
 
         has_text = tokenizer_path(self.checkpoint) is not None
         arrays = open_request_arrays(

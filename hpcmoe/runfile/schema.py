@@ -63,7 +63,7 @@ def run_attrs(
     config, node_of_rank, ranks_per_node: int, device: str, device_name: str, max_batch: int = 0
 ) -> dict:
     """The run file's root attributes (a real run's and a simulated one's)."""
-    from hpcmoe.runtime.workload import run_identity
+    from hpcmoe.workload import run_identity
 
     return {
         **run_identity(config),

@@ -36,7 +36,7 @@ class RunWriter(RequestRows):
         save_logits: bool,
         checkpoint: str | None = None,
     ):
-        """requests: the run's requests (hpcmoe.runtime.workload: len, [i], prompt_lengths); width: the most
+        """requests: the run's requests (hpcmoe.workload: len, [i], prompt_lengths); width: the most
         tokens a request may make."""
         import h5py
 

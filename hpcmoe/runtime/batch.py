@@ -20,7 +20,7 @@ def batch_of(config: Config, engine, max_batch: int, earlier) -> "Batch":
     """This rank's Batch: the requests its engine serves (every attention group's in turn, in file
     order), the checkpoint's end-of-sequence tokens when requests stop at them; its cache rows as long
     as the longest request."""
-    from hpcmoe.runtime.workload import eos_ids
+    from hpcmoe.workload import eos_ids
 
     r, requests = config.run, config.requests
     longest = int((requests.prompt_lengths + requests.max_new_tokens).max())

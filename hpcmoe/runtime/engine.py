@@ -47,7 +47,7 @@ def run(
 ) -> dict:
     """Generate for every request of the config on `device`; rank 0 writes the run file. Returns the
     metrics. routing: an earlier run's /routing to place experts by (parallel.placement_from);
-    resume: a partial run (hpcmoe.runtime.workload.Resume) to continue; max_batch: run.max_batch as the
+    resume: a partial run (hpcmoe.runtime.resume.Resume) to continue; max_batch: run.max_batch as the
     start-up check resolved it (default: run.max_batch, else every request of a rank at once); fault: the
     run's FaultState (default: this rank's run.kill points), read after the run for `recovered`."""
     config = config.on_device(device.type)

@@ -37,9 +37,9 @@ def check_model(config, layout, is_root: bool):
             for name, r in memory["roles"].items()
         )
         print(
-            f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; {len(config.requests)} "
-            f"requests, up to {max_batch} live per rank ({config.run.batching} batching); {roles}; "
-            f"{human_bytes(available)} available per rank",
+            f"hpcmoe: model {human_bytes(memory['total_weight_bytes'])} in {m.dtype_name}; "
+            f"{len(config.requests)} requests, up to {max_batch} live per rank ({config.run.batching} "
+            f"batching); {roles}; {human_bytes(available)} available per rank",
             file=sys.stderr,
             flush=True,
         )
@@ -53,8 +53,8 @@ def check_model(config, layout, is_root: bool):
         )
     if needed * (1 + MEMORY_MARGIN) > available and is_root:
         print(
-            f"hpcmoe: warning: the estimate leaves less than {MEMORY_MARGIN:.0%} of the available memory free "
-            f"(measured peaks run up to {MEMORY_MARGIN:.0%} above it: tools/bench_memory.py)",
+            f"hpcmoe: warning: the estimate leaves less than {MEMORY_MARGIN:.0%} of the available memory "
+            f"free (measured peaks run up to {MEMORY_MARGIN:.0%} above it: tools/bench_memory.py)",
             file=sys.stderr,
             flush=True,
         )

@@ -116,7 +116,7 @@ class StepLoop:
         if (
             self.sampling is not None
         ):  # every logit: drawn on the host, the same on every rank that holds them
-            from hpcmoe.runtime.workload import choose
+            from hpcmoe.workload import choose
 
             logits = logits.cpu()
             chosen = choose(logits.numpy(), [row.id for row in batch.rows], batch.positions(), self.sampling)
