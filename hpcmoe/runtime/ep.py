@@ -251,7 +251,8 @@ class EPEngine:
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs, cache, stats: StepStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step for this rank's requests: [b, t] tokens -> (greedy tokens [b], logits [b, vocab] float32)."""
+        """One step for this rank's requests: [b, t] tokens -> (greedy tokens [b], logits [b, vocab]
+        float32)."""
         generators = self.net.step_coroutines(inputs, cache, self.prefill, self.forward_micro_batch, stats)
         logits = torch.cat(self.net.run_step(generators, self.step, self.prefill))
         return logits.argmax(dim=-1), logits
