@@ -6,11 +6,10 @@
 For each rank count every split the model allows (hpcmoe.analysis.ma_split.splits) is run `--reps` times,
 interleaved (split A, B, C, then again), on inputs/bench_predict.yaml; a split's TPOT is the faster
 of its runs (this box's slow spells only ever add). The simulator's choice (`parallel.predictor` a
-machine file: hpcmoe.analysis.ma_split.simulate_splits) and, with `--predictor`, a trained predictor's are
-each
-scored as their split's measured TPOT over the best split's. None of these runs is a calibration run
-of the machine file (hpcmoe.sim.calibrate.CALIBRATION_RUNS: the debug model) nor, for the trained
-predictor, one it was fitted on unless you trained it on them.
+machine file: hpcmoe.analysis.ma_split.simulate_splits) and, with `--predictor`, a trained
+predictor's are each scored as their split's measured TPOT over the best split's. None of these
+runs is a calibration run of the machine file (hpcmoe.sim.calibrate.CALIBRATION_RUNS: the debug
+model) nor, for the trained predictor, one it was fitted on unless you trained it on them.
 Goal ([6/7]): the chosen split within 10% of the best measured TPOT at 4, 6 and 8 ranks.
 """
 
