@@ -58,3 +58,27 @@ def test_a_runs_fault_state_is_its_own():
     assert one.track(comm) is comm and one.communicators == [comm] and other.communicators == []
     one.release()
     assert one.communicators == []
+
+
+def test_two_wait_policies_in_one_process_wait_each_their_own_way(monkeypatch):
+    """The policy is given to each wait, not set for the process: a spinning wait and a sleeping one
+    alternate in one process, each as its own policy says (the sleeping one would read spin if the
+    policy were a process global set by the last engine built)."""
+    import time
+
+    from hpcmoe.runtime.waits import WaitPolicy, Where, wait_until
+
+    sleeps = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: sleeps.append(seconds))
+
+    def after(tests: int):
+        left = iter(range(tests, -1, -1))
+        return lambda: next(left) == 0
+
+    spinning, sleeping = WaitPolicy(spin=True), WaitPolicy()
+    for _ in range(2):
+        wait_until(after(5), Where(phase="spin"), spinning)
+        assert sleeps == []
+        wait_until(after(5), Where(phase="sleep"), sleeping)
+        assert len(sleeps) == 5 and sleeps[0] == 20e-6 and sleeps[-1] == 320e-6
+        sleeps.clear()

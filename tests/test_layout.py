@@ -125,3 +125,22 @@ def test_every_package_says_what_it_owns():
         with open(os.path.join(PACKAGE, name, "__init__.py")) as f:
             doc = ast.get_docstring(ast.parse(f.read()))
         assert doc and len(doc.split()) >= 15, name
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60  # lines of at most 110 characters: ruff (ruff.toml)
+
+
+def test_rooms_a_person_can_read():
+    """No module of hpcmoe over 400 lines, no function over 60 (decorators not counted)."""
+    long_modules, long_functions = [], []
+    for module, path in modules().items():
+        with open(path) as f:
+            text = f.read()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{module}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{module}.{node.name}: {length} lines")
+    assert not long_modules and not long_functions, "\n".join(long_modules + long_functions)
