@@ -115,6 +115,7 @@ def decision(old: Placement, load: list[float], min_gain: float):
     from hpcmoe.config import RebalanceConfig
     from hpcmoe.runfile.timer import Timer
     from hpcmoe.runtime.rebalance import Moving, Rebalancer
+    from hpcmoe.runtime.waits import WaitPolicy
 
     rebalancer = Rebalancer.__new__(Rebalancer)
     rebalancer.settings, rebalancer.placement, rebalancer.node_of_place, rebalancer.tp = (
@@ -125,6 +126,7 @@ def decision(old: Placement, load: list[float], min_gain: float):
     )
     rebalancer.summing = (Finished(), np.array([load]), None)
     rebalancer.timer = Timer(0, 0.0)  # the boundary's waits are timed (none here: the sum is in)
+    rebalancer.policy = WaitPolicy()
     started = []
 
     def start_moves(new, switch):
