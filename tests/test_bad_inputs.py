@@ -86,9 +86,8 @@ def test_plan_of_16384_ranks_finishes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     planned = json.loads(out.read_text())
-    assert (
-        planned["ranks"] == 16384 and planned["roles"]["ep"]["experts_per_rank"] == 1
-    )  # 4 experts, replicated
+    # 4 experts, replicated
+    assert planned["ranks"] == 16384 and planned["roles"]["ep"]["experts_per_rank"] == 1
     assert planned["fits"] and planned["smallest_ranks_that_fit"] == 1
 
 

@@ -166,10 +166,11 @@ def tiny(tmp_path_factory):
     lengths = (tokens >= 0).sum(1)
     reasons = [b"eos" if tokens[i, n - 1] == eos else b"length" for i, n in enumerate(lengths)]
     assert b"eos" in reasons and reasons.count(b"length") >= 4, reasons
+    # one ends at eos, early, after other tokens
     assert any(r == b"eos" and 2 <= n < limit for r, n, limit in zip(reasons, lengths, limits)), (
         eos,
         tokens,
-    )  # one ends at eos, early, after other tokens
+    )
     prompts = directory / "prompts.jsonl"
     write_prompts(prompts, PROMPTS)
     return SimpleNamespace(

@@ -25,11 +25,12 @@ from make_tiny_checkpoint import make  # noqa: E402
 
 torch.set_num_threads(1)
 CHECKPOINT_TOLERANCE = 1e-4  # float32; observed differences are ~5e-6
+# 3 requests: fewer than 4 ranks
 PROMPTS = [
     [1, 5, 9, 200, 7],
     [3, 3],
     [100, 101, 102, 103, 104, 105, 106, 9],
-]  # 3 requests: fewer than 4 ranks
+]
 STEPS = 6
 # Every variant the issue names: experts > ranks (8 on 2 and 4), experts not divisible by ranks
 # (6 on 4), n_group > 1 with a random correction bias, no q low-rank projection, shared experts,
@@ -377,9 +378,8 @@ def test_each_role_holds_and_reads_only_its_own_tensors(checkpoints, name):
         full = dict(whole.named_parameters())[n]
         part = slices.get(n)
         assert torch.equal(p, full.narrow(part[0], part[1], part[2] - part[1]) if part else full), n
-    nbytes = lambda tensors: sum(
-        p.numel() * p.element_size() for p in tensors
-    )  # float32 (and uint8), as stored
+    # float32 (and uint8), as stored
+    nbytes = lambda tensors: sum(p.numel() * p.element_size() for p in tensors)
     assert sum(end - start for _, start, end in reads) == nbytes(held.values())
     reads.clear()
     experts = build_experts(m, [1, 4], tensor_loader(directory, index, reads))

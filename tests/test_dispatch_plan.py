@@ -95,13 +95,14 @@ def test_dispatch_and_combine_round_trip_equals_direct_computation():
 def test_bytes_crossing_nodes_match_a_hand_count_and_deduplication_lowers_them():
     # 2 nodes x 2 ranks, one expert per rank: experts 0, 1 on node 0; experts 2, 3 on node 1
     placement, nodes = one_per_rank(4, 4), (0, 0, 1, 1)
+    # all on node 0: nothing crosses
     slots = torch.tensor(
         [
             [2, 3],  # both choices on node 1: flat sends 2 rows, two-stage 1
             [0, 2],  # one on each node: 1 row either way
             [0, 1],
         ]
-    )  # all on node 0: nothing crosses
+    )
     row = 64 * 4
     assert internode_bytes(slots, tables_of(placement, 0, nodes), nodes, row, two_stage=False) == 3 * row
     assert internode_bytes(slots, tables_of(placement, 0, nodes), nodes, row, two_stage=True) == 2 * (

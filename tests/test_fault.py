@@ -27,13 +27,14 @@ from tests.test_report import report
 
 FT = os.path.join(ROOT, ".venv-ft", "bin")
 WORKLOAD = ["model.num_experts=3", "run.max_new_tokens=8"]  # 6 ranks: 3 experts x 2 replicas
+# 2+2 attention (primary + standby) + 1 MoE rank
 MA = [
     "parallel.layout=ma",
     "parallel.attention_ranks=4",
     "parallel.moe_ranks=1",
     "parallel.attention_replicas=2",
     "parallel.attention_standby=true",
-]  # 2+2 attention (primary + standby) + 1 MoE rank
+]
 ROOT_ENV = {
     k: "1"
     for k in (
@@ -184,9 +185,8 @@ def test_a_killed_rank_is_survived_with_the_same_tokens(ft_venv, tmp_path_factor
     latest = step + (phase in ("record", "stop_vote", "between_steps"))
     assert all(step <= row["step"] <= latest for row in rows), rows
     for row in rows:
-        assert (
-            row["recovered_at"] > row["detected_at"] >= killed[0] - 0.05
-        )  # no death is seen before it happens
+        # no death is seen before it happens
+        assert row["recovered_at"] > row["detected_at"] >= killed[0] - 0.05
         assert row["action"].decode().startswith(f"continued on {ranks - len(kills)} ranks")
 
 

@@ -8,6 +8,7 @@ import os
 from tests.conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "hpcmoe")
+# a layer -> the layers it must not import
 LOWER = {
     "model": {"runtime", "sim", "analysis"},
     "parallel": {"runtime", "sim", "analysis"},
@@ -15,7 +16,7 @@ LOWER = {
     "runfile": {"runtime", "sim", "analysis"},  # the engine writes the file; the file knows no engine
     "config": {"runtime", "runfile", "sim", "analysis"},  # read by every layer, model and parallel too
     "workload": {"config", "runtime", "runfile", "sim", "analysis"},  # below the config that reads it
-}  # a layer -> the layers it must not import
+}
 
 
 def modules() -> dict:

@@ -58,9 +58,8 @@ def test_one_micro_batch_over_a_slow_link_hides_little_of_the_wire(tmp_path):
     assert result.returncode == 0, result.stderr
     median = json.loads(out.read_text())["median"]
     one, four = median["micro_batches_1"], median["micro_batches_4"]
-    assert one["wire_ms"] > 20 and one["wire_ms"] == pytest.approx(
-        four["wire_ms"]
-    )  # the same bytes either way
+    # the same bytes either way
+    assert one["wire_ms"] > 20 and one["wire_ms"] == pytest.approx(four["wire_ms"])
     assert one["wire_hidden"] < 0.3, one
     assert 0 <= four["wire_hidden"] <= 1 and 0 <= one["wire_hidden"] <= 1  # clamped; the raw parts beside it
     assert four["wire_hidden"] == pytest.approx(min(1, max(0, four["wire_hidden_raw"])))

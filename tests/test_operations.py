@@ -137,10 +137,11 @@ CONTEXTS = {  # valid configs a bad value is tried in: some keys are read only b
     "mla": {"model": {"preset": "deepseek-v3"}},
     "ma": {"parallel": {"layout": "ma", "attention_ranks": 3, "moe_ranks": 3}},
 }
+# the smallest valid ones
 SECTION_BASE = {
     "parallel.link": {"bandwidth_gbps": 1.0},
     "run.kill": [{"rank": 1}],
-}  # the smallest valid ones
+}
 ANY_VALUE = {  # keys where the out-of-range candidates below are valid, and why
     "model.seed": "any integer seeds the weights",
     "run.seed": "any integer seeds the workload",
@@ -151,13 +152,14 @@ ANY_VALUE = {  # keys where the out-of-range candidates below are valid, and why
     "parallel.predictor": "read only with an auto split, which needs a trained predictor file",
 }
 CANDIDATES = ["nonsense", -7, 2.5, True, None, [-7], ["nonsense"], {"nonsense": 1}]
+# bad wherever their type fits, unless ANY_VALUE
 OUT_OF_RANGE = (
     "nonsense",
     -7,
     [-7],
     ["nonsense"],
     {"nonsense": 1},
-)  # bad wherever their type fits, unless ANY_VALUE
+)
 
 
 def schema_keys(cls=Config, prefix=""):

@@ -49,10 +49,11 @@ def test_plan_weights_equal_the_built_model(ranks, settings):
         assert memory["roles"]["moe"]["weights"] == held_bytes(
             build_experts(m, placement.experts_of_rank(fullest))
         )
+        # what the engine makes
         cache = attention.new_cache(
             len(layout.group_requests(len(config.prompts), 0)),
             max(map(len, config.prompts)) + config.run.max_new_tokens,
-        )  # what the engine makes
+        )
         assert memory["roles"]["attention"]["kv_cache"] == sum(
             c.data.numel() * 4 for layer in cache for c in layer
         )
@@ -94,9 +95,8 @@ def test_the_deepseek_v3_preset_plans_in_seconds_without_memory(tmp_path):
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < max(
-        before, 2**20
-    )  # under 1 GiB (KiB units)
+    # under 1 GiB (KiB units)
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < max(before, 2**20)
     plan = json.loads(out.read_text())
     assert plan["fits"] and plan["total_weight_bytes"] > 1.3e12 and plan["max_rank_bytes"] < 64 * 2**30
     assert plan["roles"]["ep"]["experts_per_rank"] == 1 and 1 < plan["smallest_ranks_that_fit"] < 256
@@ -139,6 +139,5 @@ def test_a_published_preset_counts_its_published_parameters(preset, published):
     result = plan(load_config(None, [f"model.preset={preset}", "run.batch=1", "run.prompt_len=8"]), 64, 80e9)
     assert abs(result["total_parameters"] / published - 1) < 0.02, result["total_parameters"]
     bits = 8 * result["total_weight_bytes"] / result["total_parameters"]
-    assert 4.25 < bits < 5.5 if preset.startswith("gpt-oss") else bits == 16, (
-        bits
-    )  # (attention, embeddings: 16)
+    # (attention, embeddings: 16)
+    assert 4.25 < bits < 5.5 if preset.startswith("gpt-oss") else bits == 16, bits

@@ -92,14 +92,14 @@ def test_roofline_is_flops_over_peak_plus_weight_bytes_over_bandwidth(tmp_path):
         return 1e3 * (flops / 50e9 + weight_bytes / 10e9)
 
     attention_bytes, expert_bytes = 4 * 12288 * 3, 4 * 24576 * 2
+    # rank 0, decode
     expected = [
         [ms(2 * 8 * 12288 * 3, attention_bytes), ms(2 * 16 * 24576 * 2, expert_bytes)],  # rank 0, prefill
         [ms(2 * 1 * 12288 * 3, attention_bytes), ms(2 * 2 * 24576 * 2, expert_bytes)],
-    ]  # rank 0, decode
+    ]
     np.testing.assert_allclose(roofline[:2], expected, rtol=1e-12)
-    assert roofline[0, 0] == pytest.approx(
-        0.02654208
-    )  # 11.8 us of math + 14.7 us of weights, written out once
+    # 11.8 us of math + 14.7 us of weights, written out once
+    assert roofline[0, 0] == pytest.approx(0.02654208)
 
 
 class LawPredictor:

@@ -211,9 +211,8 @@ def test_bad_rebalance_settings_name_the_numbers(ranks, settings, message):
 SLOW_MOVES = (
     "parallel.rebalance={every_steps: 2, window_steps: 2, min_gain: 0, chunk_kib: 1, chunks_in_flight: 1}"
 )
-COLD_START = [
-    "model.router_skew=-4"
-]  # the hot experts are 3 and 2, which the uniform placement replicates last
+# the hot experts are 3 and 2, which the uniform placement replicates last
+COLD_START = ["model.router_skew=-4"]
 
 
 @pytest.mark.parametrize(

@@ -299,6 +299,7 @@ def tiled(source, path, times: int):
 def big(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report_big")
     ep256 = simulated(folder / "ep256.h5", 256)
+    # one group's 32 prompts (557 tokens) in one step
     return {
         "ep256": ep256,
         "ep1024": tiled(ep256, folder / "ep1024.h5", 4),
@@ -312,7 +313,7 @@ def big(tmp_path_factory):
             "model.num_experts=224",
             "run.prefill_chunk=1024",
         ),
-    }  # one group's 32 prompts (557 tokens) in one step
+    }
 
 
 @pytest.mark.parametrize("name", ["ep256", "ep1024", "ma256"])
@@ -327,9 +328,8 @@ def test_figures_of_bounded_size_at_scale(big, tmp_path, name):
         assert max(Image.open(path).size) <= 4000, path
     lines = result.stdout.splitlines()
     experts = [line for line in lines if line.startswith("  expert ")]
-    assert len(experts) == 16 and lines[lines.index(experts[-1]) + 1].startswith(
-        "  ... "
-    )  # not one per expert
+    # not one per expert
+    assert len(experts) == 16 and lines[lines.index(experts[-1]) + 1].startswith("  ... ")
     assert "  replicas per expert: 1: " in result.stdout
 
 

@@ -75,9 +75,8 @@ def test_one_rank_is_the_sum_of_its_fixed_costs():
     per_moe_layer = 40 + 3 + 20 + 90 + 15
     forward = 10 + 3 * 300 + 70 + 2 * per_moe_layer + 60  # embed, attention x 3, dense MLP, MoE x 2, LM head
     assert metrics["ttft_ms"] == pytest.approx(1e-3 * (5000 + 100 + forward), abs=1e-6)
-    assert metrics["tpot_ms"] == pytest.approx(
-        1e-3 * (200 + 100 + forward), abs=1e-6
-    )  # output, then the next step
+    # output, then the next step
+    assert metrics["tpot_ms"] == pytest.approx(1e-3 * (200 + 100 + forward), abs=1e-6)
 
 
 def test_two_ranks_over_a_link_take_the_bytes_over_the_bandwidth():
@@ -100,9 +99,8 @@ def test_two_ranks_over_a_link_take_the_bytes_over_the_bandwidth():
         ],
     )
     metrics = simulate(config, machine_from(machine()), 2)
-    message = (
-        prompt * 64 * 4 * 8 / (gbps * 1e9) + latency_us * 1e-6
-    )  # 8 tokens x hidden 64 x float32, one way
+    # 8 tokens x hidden 64 x float32, one way
+    message = prompt * 64 * 4 * 8 / (gbps * 1e9) + latency_us * 1e-6
     record = 4096 * 8 / (gbps * 1e9) + latency_us * 1e-6
     assert metrics["ttft_ms"] == pytest.approx(1e3 * (2 * 2 * message + record), rel=1e-9)
 
@@ -249,9 +247,8 @@ def test_the_simulated_file_has_the_run_schema_and_report_reads_it(measured_and_
             assert g[name].dtype == f[name].dtype and list(g[name].attrs["axes"]) == list(
                 f[name].attrs["axes"]
             ), name
-            assert name == "timings" or g[name].shape == f[name].shape, (
-                name
-            )  # rows: as many as there are phases
+            # rows: as many as there are phases
+            assert name == "timings" or g[name].shape == f[name].shape, name
         assert (g["generated"][:] == -1).all() and (g["prompt_ids"][:] == f["prompt_ids"][:]).all()
         assert (
             g["routing"][:].sum(axis=(2, 3)) == f["routing"][:].sum(axis=(2, 3))
@@ -263,9 +260,8 @@ def test_the_simulated_file_has_the_run_schema_and_report_reads_it(measured_and_
             "memory_estimate_bytes",
             "peak_over_estimate",
         }
-        assert set(f["metrics"].attrs) - measured_only <= set(
-            g["metrics"].attrs
-        )  # this process's memory: real only
+        # this process's memory: real only
+        assert set(f["metrics"].attrs) - measured_only <= set(g["metrics"].attrs)
         phases = set(g["timings"]["phase"])
         assert {
             b"attention",
@@ -530,9 +526,8 @@ def test_a_decode_gemm_streams_at_the_rate_of_its_rows_and_working_set_by_hand()
     weights = 1e6
     assert costs.gemm(5, 0, weights) == pytest.approx(weights / (0.9375 * 10e9), rel=1e-12)
     assert costs.gemm(1, 0, weights) == pytest.approx(weights / (1.25 * 10e9), rel=1e-12)
-    assert Costs(model, machine_from(raw), 1 * MIB).gemm(1, 0, weights) == pytest.approx(
-        weights / 20e9
-    )  # clamped
+    # clamped
+    assert Costs(model, machine_from(raw), 1 * MIB).gemm(1, 0, weights) == pytest.approx(weights / 20e9)
     assert Costs(model, machine_from(raw), 16 * MIB).gemm(5, 0, weights, "grouped") == pytest.approx(
         weights / 10e9
     )

@@ -20,11 +20,12 @@ from tests.conftest import ROOT, run_job
 SLURM_LOCAL = os.path.join(ROOT, "tools", "slurm-local.sh")
 VENV_BIN = os.path.dirname(sys.executable)  # the venv running the tests has hpcmoe and mpiexec
 NTASKS = 4
+# 4 ranks as 2 nodes of 2
 SMALL = [
     "run.max_new_tokens=2",
     "model.num_experts=4",
     "parallel.ranks_per_node=2",
-]  # 4 ranks as 2 nodes of 2
+]
 MA_SMALL = SMALL + ["parallel.attention_ranks=3", "parallel.moe_ranks=1", "model.heads=8"]
 
 

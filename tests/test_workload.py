@@ -57,9 +57,8 @@ def workloads(tmp_path_factory):
             made = greedy(model, prompt, limit, eos)
             tokens[i, : len(made)] = made
         lengths = (tokens >= 0).sum(1)
-        assert lengths[0] == 3 and lengths[2] <= 2 and lengths.max() == STEPS, (
-            lengths
-        )  # some end early, some not
+        # some end early, some not
+        assert lengths[0] == 3 and lengths[2] <= 2 and lengths.max() == STEPS, lengths
         jsonl = os.path.join(directory, "prompts.jsonl")
         with open(jsonl, "w") as f:
             for i, (text, limit) in enumerate(zip(TEXTS, limits)):
@@ -192,6 +191,7 @@ def test_choice_rules_on_constructed_logits():
     assert set(draw(top_p=0.7)) == {0, 1} and set(draw(top_p=0.5)) == {0}
     free = draw()
     assert set(free) == {0, 1, 2, 3} and abs((free == 0).mean() - 0.5) < 0.1
+    # order of the batch does not matter
     np.testing.assert_array_equal(
         choose(
             logits[::-1],
@@ -200,7 +200,7 @@ def test_choice_rules_on_constructed_logits():
             SimpleNamespace(temperature=1.0, top_k=None, top_p=None, seed=0),
         )[::-1],
         free,
-    )  # order of the batch does not matter
+    )
     assert choose(logits, ids, [3] * len(ids), None).tolist() == [0] * 400
 
 
@@ -277,9 +277,8 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_tokens(tmp_path, uninterrupt
     partial = tmp_path / "run.partial.h5"
     with h5py.File(partial) as f:
         done = int(f.attrs["stopped_at_step"])
-        assert done == (
-            1 if k == 0 else k + 2
-        )  # the prefill's vote is waited for; later ones are read a step late
+        # the prefill's vote is waited for; later ones are read a step late
+        assert done == (1 if k == 0 else k + 2)
         np.testing.assert_array_equal(f["generated"][:, :done], uninterrupted[kind][:, :done])
     resumed = run_job(2, tmp_path / "resumed.h5", *settings, args=["--resume", str(partial)])
     assert resumed.returncode == 0, resumed.stderr

@@ -52,6 +52,7 @@ ENV = {
 
 def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedProcess:
     settings = (MA if LAYOUT[0] == "ma" else []) + settings
+    # the benchmark reuses its own files
     command = [
         "timeout",
         "300",
@@ -69,7 +70,7 @@ def job(ranks: int, output: str, settings: list[str]) -> subprocess.CompletedPro
         "--output",
         output,
         "--overwrite",
-    ]  # the benchmark reuses its own files
+    ]
     for setting in WORKLOAD + settings:
         command += ["--set", setting]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV)

@@ -33,6 +33,7 @@ def launch(ranks: int, experts: int, output: str, tokens: int, extra: list[str])
         "output.save_logits=false",
         *extra,
     ]
+    # the benchmark reuses its own files
     command = [
         "timeout",
         "1800",
@@ -47,7 +48,7 @@ def launch(ranks: int, experts: int, output: str, tokens: int, extra: list[str])
         "--output",
         output,
         "--overwrite",
-    ]  # the benchmark reuses its own files
+    ]
     for setting in settings:
         command += ["--set", setting]
     result = subprocess.run(

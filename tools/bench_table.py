@@ -10,9 +10,8 @@ results = [
     json.load(open(path)) | {"file": os.path.basename(path)}
     for path in sorted(glob.glob(f"{directory}/*.json"))
 ]
-by_kind = lambda kind: [
-    r for r in results if r.get("benchmark") == kind
-]  # projections etc. have their own docs
+# projections etc. have their own docs
+by_kind = lambda kind: [r for r in results if r.get("benchmark") == kind]
 
 
 def header(*columns: str) -> None:

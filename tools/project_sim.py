@@ -64,17 +64,19 @@ def without_host_costs(name: str, **changes):
     return machine(name, **changes, **{f"fixed_us.{phase}": 0.0 for phase in PHASES})
 
 
+# way -> settings
 WAYS = {
     "engine": [],
     "no_host_costs": [],
     "per_source": ["parallel.expert_schedule=per_source"],
-}  # way -> settings
+}
+# (a)
 SWEEP = {
     "ep": (16, 32, 64, 128, 256),
     "dtype": ("bfloat16", "fp8"),
     "ways": tuple(WAYS),
     "packed": True,
-}  # (a)
+}
 
 
 DONE: dict = {}  # points already simulated (this file's "points"): a rerun goes on where it stopped
@@ -175,9 +177,8 @@ def deepseek_on_h100() -> dict:
                     ),
                 }
             )
-        if SWEEP[
-            "packed"
-        ]:  # a placement against another: the engine's schedule only (per_source here takes 20 min)
+        # a placement against another: the engine's schedule only (per_source here takes 20 min)
+        if SWEEP["packed"]:
             rows.append(
                 {
                     "dtype": dtype,
@@ -280,9 +281,8 @@ def deepseek_on_h800() -> dict:
     )
     row = point(settings, 144, "h800", 4096)
     for way in WAYS:
-        row[way]["tokens_per_s_per_node"] = (
-            row[way]["decode_tokens_per_s"] / 18
-        )  # (a stored point: already set)
+        # (a stored point: already set)
+        row[way]["tokens_per_s_per_node"] = row[way]["decode_tokens_per_s"] / 18
     return {"rows": [row], "published": {"tokens_per_s_per_node": 14800, "tokens_per_s_per_user": "20-22"}}
 
 

@@ -60,9 +60,8 @@ def propose(model, config, ranks: int, machine: dict, threshold: float = 0.05) -
         predicted = model.predict_ms(split_features(config, attention, moe, machine).reshape(-1, 5)).reshape(
             2, 2, 2
         )
-        sides = [
-            (predicted[phase, 0, 0], predicted[phase, 1, 1]) for phase in range(2)
-        ]  # (attention, MoE) ms
+        # (attention, MoE) ms
+        sides = [(predicted[phase, 0, 0], predicted[phase, 1, 1]) for phase in range(2)]
         step = [step_ms(a, e, attention, moe, machine.get("cores", ranks)) for a, e in sides]
         total = step[0] + (config.run.max_new_tokens - 1) * step[1]
         options.append((total, attention, moe, *sides[1]))

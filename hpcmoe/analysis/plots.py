@@ -322,9 +322,8 @@ def plot_rank_load(run: dict, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     image = top.imshow(share.T, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
-    fig.colorbar(
-        image, ax=[top, bottom], label="share of the step's token slots"
-    )  # both panels keep one width
+    # both panels keep one width
+    fig.colorbar(image, ax=[top, bottom], label="share of the step's token slots")
     top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("rank" if int(run["placement_attrs"].get("expert_tp", 1)) == 1 else "expert group")
     bottom.plot(range(len(load)), load.max(1) / np.maximum(load.mean(1), 1e-12), marker="o")

@@ -46,9 +46,8 @@ def train(features: np.ndarray, targets: np.ndarray, epochs: int = 3000, seed: i
     )
     logs = torch.log1p(x)
     model.mean.copy_(logs.mean(0))
-    model.std.copy_(
-        logs.std(0).clamp(min=1e-3)
-    )  # a constant feature (one machine's bandwidth) stays harmless
+    # a constant feature (one machine's bandwidth) stays harmless
+    model.std.copy_(logs.std(0).clamp(min=1e-3))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         optimizer.zero_grad()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hpcmoe.commands.errors import agree, fail
 from hpcmoe.config import load_config, require
 
+# bench flags that count something: >= 1
 BENCH_COUNTS = (
     "tokens",
     "hidden",
@@ -19,7 +20,7 @@ BENCH_COUNTS = (
     "prompt_len",
     "steps",
     "ranks_per_node",
-)  # bench flags that count something: >= 1
+)
 
 
 def check_bench(args) -> None:

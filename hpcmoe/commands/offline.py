@@ -107,13 +107,13 @@ def propose_by_simulation(args) -> int:
         proposal = simulate_splits(config, args.ranks, args.machine, args.threshold)
     except ValueError as e:
         fail(str(e))
-    print(
-        f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
-        f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, simulated on "
-        f"{proposal['machine']}: generation {proposal['predicted_total_ms']:.1f} ms, TPOT "
+    say_proposal(
+        args.ranks,
+        proposal,
+        f"simulated on {proposal['machine']}: generation {proposal['predicted_total_ms']:.1f} ms, TPOT "
         f"{proposal['predicted_tpot_ms']:.2f} ms, "
         f"busy attention {proposal['busy_fraction_attention']:.2f} vs "
-        f"MoE {proposal['busy_fraction_moe']:.2f}" + (" -> rebalance" if proposal["rebalance"] else "")
+        f"MoE {proposal['busy_fraction_moe']:.2f}",
     )
     return 0
 
@@ -130,14 +130,22 @@ def propose_by_predictor(args) -> int:
         proposal = ma_split.propose(model, config, args.ranks, machine, args.threshold)
     except ValueError as e:
         fail(str(e))
-    print(
-        f"hpcmoe predict: {args.ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
-        f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, predicted "
-        f"{proposal['predicted_attention_ms']:.2f} ms attention vs "
-        f"{proposal['predicted_moe_ms']:.2f} ms MoE, "
-        f"mismatch {proposal['mismatch']:.3f}" + (" -> rebalance" if proposal["rebalance"] else "")
+    say_proposal(
+        args.ranks,
+        proposal,
+        f"predicted {proposal['predicted_attention_ms']:.2f} ms attention vs "
+        f"{proposal['predicted_moe_ms']:.2f} ms MoE, mismatch {proposal['mismatch']:.3f}",
     )
     return 0
+
+
+def say_proposal(ranks: int, proposal: dict, why: str) -> None:
+    """`hpcmoe predict: N ranks -> attention A : MoE M, heads per attention rank [...], WHY`."""
+    print(
+        f"hpcmoe predict: {ranks} ranks -> attention {proposal['attention_ranks']} : MoE "
+        f"{proposal['moe_ranks']}, heads per attention rank {proposal['heads_per_rank']}, {why}"
+        + (" -> rebalance" if proposal["rebalance"] else "")
+    )
 
 
 def command_calibrate(args) -> int:

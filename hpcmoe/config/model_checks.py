@@ -112,6 +112,7 @@ def validate_routing(m: ModelConfig) -> None:
     )
 
 
+# against 0
 ROPE_SCALING_NUMBERS = {
     "factor": ">",
     "original_max_position_embeddings": ">",
@@ -120,7 +121,7 @@ ROPE_SCALING_NUMBERS = {
     "beta_slow": ">=",
     "mscale": ">=",
     "mscale_all_dim": ">=",
-}  # against 0
+}
 
 
 def validate_rope_scaling(scaling: dict) -> None:

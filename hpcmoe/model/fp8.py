@@ -70,11 +70,12 @@ def dequantize(weight, scale, block: list[int], offset: int = 0, dim: int = 0):
     """weight [r, c] float8 -> float32 W = weight x scale of its block; scale [ceil(r / b0), ceil(c / b1)]
     (of a part of the weight that starts `offset` rows or columns into its first block along `dim`)."""
     rows, columns = weight.shape
+    # whole blocks: scaled in place
     if (
         offset == 0
         and (rows % block[0], columns % block[1]) == (0, 0)
         and tuple(scale.shape) == (rows // block[0], columns // block[1])
-    ):  # whole blocks: scaled in place
+    ):
         blocks = weight.to(torch.float32).view(rows // block[0], block[0], columns // block[1], block[1])
         return blocks.mul_(scale[:, None, :, None]).view(rows, columns)
     expanded = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
@@ -156,9 +157,8 @@ def mlp_dequantized(
         torch.mul(F.silu(both[:, :n], inplace=True), both[:, n:], out=act[:, start:stop])
 
     rows = chunk_rows(inner, block[0], hidden) if cpu else hidden
-    direct = out.is_contiguous() and (
-        m == 1 or rows >= hidden
-    )  # GEMMs straight into out: one row, or one chunk
+    # GEMMs straight into out: one row, or one chunk
+    direct = out.is_contiguous() and (m == 1 or rows >= hidden)
     for start in range(0, hidden, rows):
         stop = min(hidden, start + rows)
         n = stop - start
@@ -249,7 +249,6 @@ def mlp(x: torch.Tensor, gate, up, down, block: list[int], out: torch.Tensor | N
         try:
             return mlp_scaled_mm(x, gate, up, down, out)
         except (RuntimeError, ValueError, NotImplementedError, TypeError):
-            SCALED_MM_FAILED.add(
-                x.device
-            )  # not on this device (or this torch): the dequantized path from now on
+            # not on this device (or this torch): the dequantized path from now on
+            SCALED_MM_FAILED.add(x.device)
     return mlp_dequantized(x, gate, up, down, block, out)

@@ -123,12 +123,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [m, H] (or [..., H]) -> [m, H], written into `out` when given."""
         if self.gate_proj.weight is not None and self.gate_proj.weight.dtype == torch.float8_e4m3fn:
+            # as stored: hpcmoe/model/fp8.py, in x's dtype
             y = fp8.mlp(
                 x.reshape(-1, x.shape[-1]),
                 *((p.weight, p.weight_scale_inv) for p in (self.gate_proj, self.up_proj, self.down_proj)),
                 self.fp8_block,
                 out,
-            )  # as stored: hpcmoe/model/fp8.py, in x's dtype
+            )
             return y if out is not None else y.view(*x.shape[:-1], y.shape[-1])
         if self.mxfp4:  # as stored, turned into x's dtype for this call
             gate_up = torch.cat([self.dequantized(p, x.dtype) for p in (self.gate_proj, self.up_proj)])

@@ -32,9 +32,8 @@ class PlacementTables:
     single: bool  # every expert has one candidate: no round robin needed
     slot_rank: torch.Tensor  # [P] rank hosting each slot (non-decreasing)
     slot_local: torch.Tensor  # [P] position of the slot among its rank's slots
-    rank_first_slot: (
-        torch.Tensor
-    )  # [R + 1] rank r hosts slots rank_first_slot[r] .. rank_first_slot[r + 1] - 1
+    # [R + 1] rank r hosts slots rank_first_slot[r] .. rank_first_slot[r + 1] - 1
+    rank_first_slot: torch.Tensor
     slot_node: torch.Tensor  # [P] node of each slot's rank
     gateway: tuple[int, ...]  # [N] the rank of each node that receives this source's tokens (two-stage)
     slots_per_rank: tuple[int, ...]  # [R] how many slots each rank hosts
@@ -241,9 +240,8 @@ def node_groups(slots: torch.Tensor, weights: torch.Tensor, tables: PlacementTab
     present.scatter_(1, slot_node, True)
     present = present[:, :nodes].T.reshape(-1)  # [N * n], node-major
     counts = present.view(nodes, n).sum(1).cpu().tolist()
-    pairs = torch.argsort((~present).to(torch.int8), stable=True)[
-        : sum(counts)
-    ]  # the present (node, token)s in order
+    # the present (node, token)s in order
+    pairs = torch.argsort((~present).to(torch.int8), stable=True)[: sum(counts)]
     node, token = torch.div(pairs, n, rounding_mode="floor"), pairs % n
     here = slot_node[token] == node[:, None]
     return NodeGroups(
@@ -266,9 +264,8 @@ def unpack_rows(data: torch.Tensor, hidden: int, dtype, k: int):
     item = torch.empty(0, dtype=dtype).element_size()
     data = data.view(-1, hidden * item + 12 * k)
     rows, slots, weights = data.split([hidden * item, 8 * k, 4 * k], dim=1)
-    as_type = lambda t, dtype, width: (
-        t.contiguous().reshape(-1).view(dtype).view(len(data), width)
-    )  # as pack_rows
+    # as pack_rows
+    as_type = lambda t, dtype, width: t.contiguous().reshape(-1).view(dtype).view(len(data), width)
     return as_type(rows, dtype, hidden), as_type(slots, torch.int64, k), as_type(weights, torch.float32, k)
 
 

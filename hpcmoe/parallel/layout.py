@@ -21,9 +21,8 @@ class ParallelLayout:
     world_size: int
     num_experts: int
     placement_mode: str  # as configured: one of PLACEMENTS
-    experts_per_rank: Optional[
-        int
-    ]  # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
+    # packed: k per rank on the first ceil(E/k) ranks; replicated: slots per rank
+    experts_per_rank: Optional[int]
     expert_tp: int = 1  # ranks per expert group: experts are placed on world_size / expert_tp groups
 
     def __post_init__(self):
@@ -52,9 +51,8 @@ class ParallelLayout:
                 f"not parallel.placement={mode}"
             )
         if mode in ("packed", "replicated"):
-            self.placement(
-                (0,) * self.world_size
-            )  # raises with the numbers when k x ranks cannot hold the experts
+            # raises with the numbers when k x ranks cannot hold the experts
+            self.placement((0,) * self.world_size)
 
     @property
     def groups(self) -> int:

@@ -211,9 +211,8 @@ def default_max_batch(
 
     sizes = sizes or ModelSizes(config)
     layout = ParallelLayout.from_config(config, ranks)
-    groups = (
-        layout.replicas if isinstance(layout, MALayout) else ranks
-    )  # ranks or groups that split the requests
+    # ranks or groups that split the requests
+    groups = layout.replicas if isinstance(layout, MALayout) else ranks
     low, high = 1, min(MAX_BATCH_CAP, requests_per_rank(len(sizes.requests), groups))
     fits = lambda b: rank_memory(config, ranks, sizes, b, runtime)["max_rank_bytes"] <= 0.8 * memory_bytes
     while low < high:  # the largest that fits

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hpcmoe.config import Config
-from hpcmoe.model.attention import StepInputs
+from hpcmoe.model.step import StepInputs
 
 
 def batch_of(config: Config, engine, max_batch: int, earlier) -> "Batch":

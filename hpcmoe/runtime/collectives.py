@@ -104,12 +104,13 @@ class CountsGroup:
                 ready = streams.copy_after(ready, send_buffer, byte_view(send))
             yield Pending(lambda: True if ready.query() else None, lambda: where.waiting_for("send_wait", ()))
         number = self.count_posted()
+        # no int overflow
         requests.append(
             self.comm.Ialltoallv(
                 [as_bytes(send_buffer), (send_counts, send_starts), row],  # counts in rows:
                 [as_bytes(recv_buffer), (recv_counts, recv_starts), row],
             )
-        )  # no int overflow
+        )
         keep = (send_buffer, recv_buffer, stamps)  # alive until the requests complete
         due = lambda: 0.0 if stamps is None else stamps[1][self.far & (recv_counts > 0)].max(initial=0.0)
         arrived = []  # [True] once every request is complete (then only an emulated delivery time is awaited)

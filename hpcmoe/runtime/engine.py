@@ -85,9 +85,8 @@ def generate(start: RunStart, writer) -> dict:
     from hpcmoe.runtime.device import Streams
 
     resume = start.resume
-    timer = Timer(
-        start.topo.rank, time.perf_counter(), Streams(start.device)
-    )  # rows keep the original world rank
+    # rows keep the original world rank
+    timer = Timer(start.topo.rank, time.perf_counter(), Streams(start.device))
     made = Made(first=resume.step if resume is not None else 0, runtime_bytes=process_bytes())
     recovery, earlier = Recovery(start), resume.done if resume is not None else None
     ranks = Ranks(start.topo, start.layout, start.placement, writer, earlier)
@@ -188,9 +187,8 @@ class Stepping:
 def start_together(start: RunStart, timer, made: Made) -> None:
     """The common start: every timing row and TTFT count from here."""
     if start.device.type != "cpu":
-        torch.accelerator.synchronize(
-            start.device
-        )  # the model and cache are in place before the clock starts
+        # the model and cache are in place before the clock starts
+        torch.accelerator.synchronize(start.device)
     start.topo.world.Barrier()
     timer.restart(time.perf_counter())
     made.load_s = time.time() - hpcmoe.STARTED

@@ -257,9 +257,8 @@ class CountedIncoming:
         self.buffer = ctx.pool.get(self.key, int(self.starts[-1]), self.hidden, self.dtype)
         tp = ctx.tables.tp
         if tp > 1 and ctx.tp_forward:
-            ctx.sender.settle(
-                self.buffer, at.waiting_for("send_wait", ()), ctx.timer
-            )  # the leader forwarded it last time
+            # the leader forwarded it last time
+            ctx.sender.settle(self.buffer, at.waiting_for("send_wait", ()), ctx.timer)
             if me % tp:  # a member: everything comes from the leader
                 self.from_leader = True
                 self.receives = ctx.receives(
@@ -299,9 +298,8 @@ def flat(ctx: ExchangeContext, moe, at: Where, h: torch.Tensor, stats: StepStats
     """Generator: h [n, H] -> [n, H] weighted expert outputs plus shared experts, in token order."""
     slots, weights = route(ctx, moe, at, h, stats)
     plan = plan_from_slots(slots, ctx.tables, sent_all=ctx.capacity_factor is None)
-    with ctx.timer.phase(
-        "shared_experts", at.step, at.layer, at.micro_batch
-    ):  # computed while the tokens travel
+    # computed while the tokens travel
+    with ctx.timer.phase("shared_experts", at.step, at.layer, at.micro_batch):
         shared = moe.shared(h)
     returned = yield from dispatch_and_serve(ctx, moe, plan, h, ctx.group, at, stats)
     with ctx.timer.phase("combine", at.step, at.layer, at.micro_batch, tokens=len(h)):

@@ -53,10 +53,11 @@ class Mover:
         self.comm, self.in_flight = comm, in_flight
         chunks = lambda t: [as_bytes(c) for c in byte_view(t.cpu()).split(chunk_bytes)]
         self.queue = deque((peer, chunk) for peer, t in sends for chunk in chunks(t))
+        # (target, where it is received)
         self.landing = [
             (t, torch.empty(t.numel() * t.element_size(), dtype=torch.uint8) if t.device.type != "cpu" else t)
             for _, t in receives
-        ]  # (target, where it is received)
+        ]
         self.receives = [
             comm.Irecv([chunk, MPI.BYTE], source=peer, tag=tags.MOVE)
             for (peer, _), (_, host) in zip(receives, self.landing)
@@ -130,11 +131,12 @@ class Rebalancer:
             ):
                 window = np.sum(self.window, axis=0)
                 total = np.empty_like(window)
+                # buffers kept alive
                 self.summing = (
                     self.comm.Iallreduce(window, total, op=MPI.SUM),
                     total,
                     window,
-                )  # buffers kept alive
+                )
 
     def decide(self, step: int) -> None:
         request, total, _ = self.summing
@@ -200,9 +202,8 @@ class Rebalancer:
                     sends += [(target * tp + member, t.data) for t in old.expert_tensors(expert)]
                 if target == me:
                     receives += [(source * tp + member, t.data) for t in layer.expert_tensors(expert)]
-        switch.bytes_moved = len(moves) * (
-            parameter_bytes(cfg, 1)[1] - parameter_bytes(cfg, 0)[1]
-        )  # whole experts
+        # whole experts
+        switch.bytes_moved = len(moves) * (parameter_bytes(cfg, 1)[1] - parameter_bytes(cfg, 0)[1])
         mover = Mover(
             self.comm, sends, receives, 1024 * self.settings.chunk_kib, self.settings.chunks_in_flight
         )

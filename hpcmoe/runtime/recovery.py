@@ -156,9 +156,8 @@ def agree(recovery: Recovery, ranks: Ranks, timer, made: Made, failed: RankFaile
         agreed = Agreed(shrunk, now, dead, kept_now, writer, failed.step)
         root = shrunk.Get_rank() == 0
         try:
-            agreed.step = shrunk.allreduce(
-                failed.step, op=MPI.MIN
-            )  # the earliest step any survivor failed in
+            # the earliest step any survivor failed in
+            agreed.step = shrunk.allreduce(failed.step, op=MPI.MIN)
             fault.maybe_die(agreed.step, -1, "recovery")  # testing: a second death, after the shrink
             if agreed.moved and made.records is not None and root and writer is None:
                 writer = agreed.writer = take_over_writer(recovery, made, now[0])  # the writer died

@@ -139,9 +139,8 @@ def token_metrics(config: Config, writer: RunWriter, made: Made, done: int) -> t
         )
     )
     first_tokens = writer.file["requests/first_token_at"][:]
-    if (
-        len(first_tokens) and first_tokens.max() > first_tokens.min()
-    ):  # prompts were prefilled all through the run
+    # prompts were prefilled all through the run
+    if len(first_tokens) and first_tokens.max() > first_tokens.min():
         metrics["prefill_tokens_per_s"] = prompt_tokens / metrics["total_s"]
     return metrics, spans
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from hpcmoe.config import Config
-from hpcmoe.model.attention import StepInputs
 from hpcmoe.model.moe import rotate_skew
+from hpcmoe.model.step import StepInputs
 from hpcmoe.runtime.batch import Batch, Events
+from hpcmoe.runtime.exchange_context import StepStats
 from hpcmoe.runtime.fault import RankFailed, is_failure
-from hpcmoe.runtime.moe_layer import StepStats
 from hpcmoe.runtime.topology import Topology
 
 
@@ -113,9 +113,8 @@ class StepLoop:
         with self.timer.phase("step", step):
             inputs, admitted = batch.inputs(engine.device)
             chosen, logits = engine.forward(inputs, batch.cache, stats)
-        if (
-            self.sampling is not None
-        ):  # every logit: drawn on the host, the same on every rank that holds them
+        # every logit: drawn on the host, the same on every rank that holds them
+        if self.sampling is not None:
             from hpcmoe.workload import choose
 
             logits = logits.cpu()

@@ -39,6 +39,7 @@ import tempfile
 import time
 
 CALIBRATION_RUN = ["run.max_new_tokens=12", "parallel.threads=1"]  # on inputs/debug.yaml
+# a second size, for the first step's warm-up
 WIDE = [
     "model.hidden=256",
     "model.head_dim=32",
@@ -47,7 +48,7 @@ WIDE = [
     "run.batch=8",
     "run.prompt_len=64",
     "run.prompt_len_min=64",
-]  # a second size, for the first step's warm-up
+]
 REPEATS = 3
 # the engine runs the fit is made on, by kind: (ranks, settings on the calibrated config). Validation
 # (tools/validate_sim.py) must use configurations outside these: same_configuration tells.

@@ -38,19 +38,19 @@ def phase_means(paths: list[str]) -> dict:
         calls.setdefault("dispatch_post", []).extend(exchange.values())
         calls.setdefault("output_rank0", []).extend(output.values())
     means = {name: float(np.mean(values)) for name, values in calls.items()}
-    means["ttft"] = float(
-        np.median(calls["ttft"])
-    )  # one sample a run, warm-up included: one slow run must not decide
+    # one sample a run, warm-up included: one slow run must not decide
+    means["ttft"] = float(np.median(calls["ttft"]))
     return means
 
 
+# phases whose calls cost about the same at -n 1 and -n 2
 SAME_WORK = (
     "embed",
     "route",
     "lm_head",
     "mlp",
     "shared_experts",
-)  # phases whose calls cost about the same at -n 1 and -n 2
+)
 
 
 SCALED_PHASES = ("embed", "attention", "mlp", "route", "lm_head")  # a rank's own work, every step
@@ -180,10 +180,8 @@ def fit_step_costs(raw: dict, config, one: dict, two: dict, wide_config, wide: d
     raw["fixed_us"]["step"] = max(
         0.0, 1e6 * one["step"] - 1e3 * simulate(config, machine_from(raw), 1)["tpot_ms"]
     )
-    low, high = (
-        0.0,
-        1e6 * two["step"],
-    )  # resume: the -n 2 runs' mean decode step (bisection; TPOT grows with it)
+    # resume: the -n 2 runs' mean decode step (bisection; TPOT grows with it)
+    low, high = 0.0, 1e6 * two["step"]
     for _ in range(30):
         raw["fixed_us"]["resume"] = (low + high) / 2
         if simulate(config, machine_from(raw), 2)["tpot_ms"] < 1e3 * two["step"]:
@@ -191,10 +189,8 @@ def fit_step_costs(raw: dict, config, one: dict, two: dict, wide_config, wide: d
         else:
             high = raw["fixed_us"]["resume"]
     small, large = (1e-3 * simulate(c, machine_from(raw), 2)["ttft_ms"] for c in (config, wide_config))
-    slowdown = max(
-        0.0, wide["ttft"] / large - 1
-    )  # the wide model's first step: mostly work, so a share of it
+    # the wide model's first step: mostly work, so a share of it
+    slowdown = max(0.0, wide["ttft"] / large - 1)
     raw["first_step_slowdown"] = slowdown
-    raw["fixed_us"]["first_step"] = max(
-        0.0, 1e6 * (two["ttft"] - small * (1 + slowdown))
-    )  # the debug model's rest
+    # the debug model's rest
+    raw["fixed_us"]["first_step"] = max(0.0, 1e6 * (two["ttft"] - small * (1 + slowdown)))

@@ -120,6 +120,7 @@ FIXED_SCALE_MEANING = (
     "and data; fitted on the calibration runs; interpolated on log size, clamped at the ends; absent: 1)"
 )
 RATIOS = ("mfu", "bandwidth_efficiency")
+# > 0, not just >= 0
 RATES = (
     "tflops",
     "gb_per_s",
@@ -127,7 +128,7 @@ RATES = (
     "decode_rows_below",
     "memory_gb",
     "quantum",
-)  # > 0, not just >= 0
+)
 
 
 @dataclass(frozen=True)

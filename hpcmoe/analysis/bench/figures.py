@@ -121,10 +121,11 @@ def critical_wire_seconds(
     nodes = np.asarray(node_of_rank)
     crossing = traffic * (nodes[:, None] != nodes[None, :])  # [layers, src, dst]
     seconds = lambda sent: np.where(sent > 0, sent * 8 / (bandwidth_gbps * 1e9) + latency_us * 1e-6, 0.0)
+    # per layer: by sender, by expert rank
     out_going, coming_back = (
         crossing.sum(axis=2),
         crossing.sum(axis=1),
-    )  # per layer: by sender, by expert rank
+    )
     return float(seconds(out_going).max(axis=1).sum() + seconds(coming_back).max(axis=1).sum())
 
 

@@ -102,9 +102,8 @@ def bench_transformers(
     topo = build_topology(MPI.COMM_SELF, None)
     layout = ParallelLayout.from_config(config, 1)
     config = config.on_device(device.type)
-    load, max_batch = check_model(
-        config, layout, False
-    )  # the checkpoint's weights, as `hpcmoe run` loads them
+    # the checkpoint's weights, as `hpcmoe run` loads them
+    load, max_batch = check_model(config, layout, False)
     samples = {"transformers": {}, "hpcmoe": {}}
 
     def add(variant, key, value):
