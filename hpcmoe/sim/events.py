@@ -6,7 +6,7 @@
   every message of a kind in (AllFrom), the first of some (AnyFrom), the later of two (Latest).
 - Mail: the messages of one kind in one exchange (delivery time per source and destination).
 - Driver: one rank in the simulation: its top generator, its work and what it waits for.
-- queue: messages leaving one after another on one link; poll_time: when comm.wait_until's sleeps
+- queue: messages leaving one after another on one link; poll_time: when waits.wait_until's sleeps
   see something that is there.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-FIRST_PAUSE_S, LONGEST_PAUSE_S = 20e-6, 1e-3  # comm.wait_until's sleeps (tests/test_simulate.py checks them)
+FIRST_PAUSE_S, LONGEST_PAUSE_S = 20e-6, 1e-3  # waits.wait_until's sleeps (tests/test_simulate.py checks them)
 
 
 # ---------------------------------------------------------------- what a rank's coroutines yield
@@ -160,7 +160,7 @@ def queue(free_at: float, sent: np.ndarray, durations: np.ndarray):
 
 
 def poll_time(since: float, ready: float, overshoot: float) -> float:
-    """When comm.wait_until, waiting since `since`, sees something ready at `ready`: it tests, then
+    """When waits.wait_until, waiting since `since`, sees something ready at `ready`: it tests, then
     sleeps 20 us, 40 us, ... at most 1 ms between tests, each sleep `overshoot` longer than asked."""
     t, pause = since, FIRST_PAUSE_S
     while t < ready:

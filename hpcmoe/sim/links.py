@@ -2,7 +2,7 @@
 collectives complete.
 
 Each rank's outgoing links are queues (latency + bytes / bandwidth, one message after another, as
-comm.Link), and so is each receiving end (many senders into one rank, or one shared network card,
+link.Link), and so is each receiving end (many senders into one rank, or one shared network card,
 take their turns); a GPU whose MPI cannot read device memory stages through the host; the emulated
 parallel.link queues at the sender. A collective moves on only when its members call into MPI.
 Separate from the event loop (hpcmoe.sim.simulate) and the ranks' cores (hpcmoe.sim.cores): this is
@@ -77,7 +77,7 @@ class Links:
         if m.device == "cuda" and p.cuda_aware_mpi is False:
             delivered += 2 * nbytes / m.host_link_bytes_per_s
         emulated = (self.nodes[dsts] != self.nodes[src]) & (p.link is not None)
-        if emulated.any():  # comm.Link: stamped when posted, queued behind this rank's earlier messages
+        if emulated.any():  # link.Link: stamped when posted, queued behind this rank's earlier messages
             ends, self.free_out["emulated"][src] = queue(
                 self.free_out["emulated"][src],
                 sent[emulated],

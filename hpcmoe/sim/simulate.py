@@ -10,7 +10,7 @@ phase's cost (hpcmoe.sim.costs on a hpcmoe.sim.machine file), ranks as compute r
 (sim/cores.py: time-sliced like an OS does when a node has more ranks than cores or GPUs; a rank
 that spins while it waits keeps its core), each rank's outgoing links as queues and collectives that
 move on only when their members call into MPI (sim/links.py: latency + bytes / bandwidth, one
-message after another, as comm.Link), and the engine's waits (comm.wait_until: sleeps of 20 us
+message after another, as link.Link), and the engine's waits (waits.wait_until: sleeps of 20 us
 doubling to 1 ms, each a little longer than asked).
 
 The scheduler's loop (scheduler.passes) and every MoE layer's exchange (moe_layer.flat / two_stage
